@@ -1,0 +1,485 @@
+"""``kernels.flex_attention``: the Triton kernels behind one autograd function.
+
+CUDA tensors run compiled kernels; CPU tensors run the same kernels under the
+Triton interpreter. The output has the query's dtype and follows the query's
+memory layout; the LSE (natural log) and the row maximum are float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+import triton
+
+from . import _runtime
+from .mods import ModProgram, as_mask_mod, as_score_mod, compile_mods
+
+__all__ = ["flex_attention", "Options", "parse_kernel_options", "DTYPES"]
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# --------------------------------------------------------------------------
+# kernel options (SPEC section 5)
+
+_TILE_KEYS = {
+    "fwd": ("BLOCK_M", "BLOCK_N"),
+    "bwd": ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"),
+}
+_LAUNCH_KEYS = ("num_warps", "num_stages")
+_FLAG_KEYS = (
+    "PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS",
+    "FORCE_USE_FLEX_ATTENTION", "OUTPUT_LOGSUMEXP",
+)
+_INT_KEYS = ("SPLIT_KV",)
+
+
+def _known_keys() -> set:
+    keys = set(_FLAG_KEYS) | set(_INT_KEYS)
+    for phase, tiles in _TILE_KEYS.items():
+        for k in tiles + _LAUNCH_KEYS:
+            keys |= {k, f"{phase}_{k}"}
+    return keys
+
+
+@dataclass(frozen=True)
+class Launch:
+    tiles: dict  # e.g. {"BLOCK_M": 128, "BLOCK_N": 64}
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class Options:
+    fwd: Launch
+    bwd: Launch
+    prescale: bool = False
+    rows_safe: bool = False
+    contiguous: bool = False
+    force_flex: bool = False
+    output_lse: bool = True
+    split_kv: Optional[int] = None
+
+
+# Default tiles by (architecture, dtype, padded head dim): forward
+# (BLOCK_M, BLOCK_N, warps, stages), backward (BLOCK_M1, BLOCK_N1, BLOCK_M2,
+# BLOCK_N2, warps, stages). The interpreter runs each tile as numpy work, so
+# large tiles are fastest there. Missing entries fall back to the arch's
+# ``None`` head-dim row. Tiles are then shrunk by ``_fit_tile`` to divide the
+# sparse block sizes.
+_CONFIGS = {
+    ("sm90", None): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 2)),
+    ("sm90", torch.bfloat16, 64): ((128, 128, 4, 3), (64, 64, 64, 64, 4, 3)),
+    ("sm90", torch.float16, 64): ((128, 128, 4, 3), (64, 64, 64, 64, 4, 3)),
+    ("sm90", torch.bfloat16, 128): ((128, 64, 8, 3), (64, 128, 128, 64, 8, 2)),
+    ("sm90", torch.float16, 128): ((128, 64, 8, 3), (64, 128, 128, 64, 8, 2)),
+    ("sm90", torch.float32, 64): ((128, 32, 4, 3), (32, 32, 32, 32, 4, 1)),
+    ("sm90", torch.float32, 128): ((64, 32, 4, 3), (32, 32, 32, 32, 4, 1)),
+    ("sm90", torch.float32, 256): ((32, 32, 4, 2), (16, 16, 16, 16, 4, 1)),
+    ("sm80", None): ((64, 64, 4, 2), (32, 64, 64, 32, 4, 2)),
+    ("sm80", torch.float32, 128): ((32, 32, 4, 2), (16, 16, 16, 16, 4, 1)),
+    ("interp", None): ((128, 128, 1, 1), (128, 128, 128, 128, 1, 1)),
+}
+
+
+def _arch(device: torch.device, interpret: bool) -> str:
+    if interpret:
+        return "interp"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major >= 9 else "sm80"
+
+
+def _default_config(arch: str, dtype, head_pad: int):
+    return _CONFIGS.get((arch, dtype, head_pad)) or _CONFIGS[(arch, None)]
+
+
+def _fit_tile(tile: int, sparse: int) -> int:
+    """The largest power of two <= tile that divides the sparse block size."""
+    while tile > 16 and (sparse % tile != 0 or tile > sparse):
+        tile //= 2
+    return tile
+
+
+def _check_bool(opts: dict, key: str) -> bool:
+    val = opts.get(key, None)
+    if val is None:
+        return False
+    if not isinstance(val, (bool, int)) or val not in (0, 1, True, False):
+        raise ValueError(f"Expected kernel_options[{key!r}] to be a bool, got {val!r}.")
+    return bool(val)
+
+
+def _check_pow2(key: str, val, minimum: int = 16) -> int:
+    if isinstance(val, bool) or not isinstance(val, int) or val < minimum or val & (val - 1):
+        raise ValueError(
+            f"Expected kernel_options[{key!r}] to be a power of two >= {minimum}, got {val!r}."
+        )
+    return val
+
+
+def parse_kernel_options(
+    kernel_options: Optional[dict], *, dtype, head_dim: int, q_block: int, kv_block: int,
+    device: torch.device, interpret: bool,
+) -> Options:
+    """Validate ``kernel_options`` (PyTorch's names) and fill in the defaults."""
+    opts = dict(kernel_options or {})
+    if kernel_options is not None and not isinstance(kernel_options, dict):
+        raise TypeError(f"Expected kernel_options to be a dict or None, got {type(kernel_options).__name__}.")
+    unknown = sorted(set(opts) - _known_keys())
+    if unknown:
+        raise ValueError(
+            f"Unknown kernel_options {unknown}. Known: {sorted(_known_keys())}."
+        )
+    for sparse, name in ((q_block, "Q_BLOCK"), (kv_block, "KV_BLOCK")):
+        if sparse % 16:
+            raise ValueError(
+                f"Expected the block mask's {name} to be a multiple of 16 for the kernels "
+                f"(tl.dot tiles are at least 16), got {sparse}. Rebuild it with BLOCK_SIZE=16 or more."
+            )
+    head_pad = max(16, triton.next_power_of_2(head_dim))
+    fwd_default, bwd_default = _default_config(_arch(device, interpret), dtype, head_pad)
+    launches = {}
+    for phase, default in (("fwd", fwd_default), ("bwd", bwd_default)):
+        names = _TILE_KEYS[phase]
+        tiles = {}
+        for k, name in enumerate(names):
+            sparse = q_block if "M" in name else kv_block
+            given = opts.get(f"{phase}_{name}", opts.get(name))
+            if given is None:
+                tiles[name] = _fit_tile(default[k], sparse)
+            else:
+                tile = _check_pow2(name, given)
+                if sparse % tile:
+                    axis = "Q_BLOCK" if "M" in name else "KV_BLOCK"
+                    raise ValueError(
+                        f"Expected kernel_options[{name!r}]={tile} to divide the block mask's "
+                        f"{axis}={sparse}. Use a tile of {_fit_tile(tile, sparse)} or rebuild the "
+                        f"block mask with a BLOCK_SIZE that is a multiple of {tile}."
+                    )
+                tiles[name] = tile
+        warps = opts.get(f"{phase}_num_warps", opts.get("num_warps", default[-2]))
+        stages = opts.get(f"{phase}_num_stages", opts.get("num_stages", default[-1]))
+        if isinstance(warps, bool) or not isinstance(warps, int) or warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"Expected num_warps in (1, 2, 4, 8, 16), got {warps!r}.")
+        if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 8:
+            raise ValueError(f"Expected num_stages between 1 and 8, got {stages!r}.")
+        launches[phase] = Launch(tiles, warps, stages)
+    split = opts.get("SPLIT_KV")
+    if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
+        raise ValueError(f"Expected kernel_options['SPLIT_KV'] to be a positive int, got {split!r}.")
+    return Options(
+        fwd=launches["fwd"],
+        bwd=launches["bwd"],
+        prescale=_check_bool(opts, "PRESCALE_QK"),
+        rows_safe=_check_bool(opts, "ROWS_GUARANTEED_SAFE"),
+        contiguous=_check_bool(opts, "BLOCKS_ARE_CONTIGUOUS"),
+        force_flex=_check_bool(opts, "FORCE_USE_FLEX_ATTENTION"),
+        output_lse=opts.get("OUTPUT_LOGSUMEXP", True) is not False,
+        split_kv=split,
+    )
+
+
+# --------------------------------------------------------------------------
+# input validation (the kernels' own: they import nothing from the oracle)
+
+
+def _validate(query, key, value, scale, enable_gqa):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"Expected {name} to be a torch.Tensor, got {type(t).__name__}.")
+        if t.dim() != 4:
+            raise ValueError(
+                f"Expected {name} to have 4 dimensions [batch, heads, seq_len, head_dim], got shape {tuple(t.shape)}."
+            )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            f"Expected query, key and value to share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}."
+        )
+    if query.dtype not in DTYPES:
+        raise TypeError(
+            f"Expected float16, bfloat16 or float32 inputs for the kernels, got {query.dtype}. "
+            f"For float64 use oracle.flex_attention."
+        )
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            f"Expected query, key and value on one device, got {query.device}, {key.device}, {value.device}."
+        )
+    if query.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"Expected CPU or CUDA tensors, got device {query.device}.")
+    B, Hq, L, E = query.shape
+    Bk, Hkv, S, Ek = key.shape
+    if tuple(value.shape[:3]) != (Bk, Hkv, S):
+        raise ValueError(
+            f"Expected value of shape [{Bk}, {Hkv}, {S}, Ev] to match key {tuple(key.shape)}, got {tuple(value.shape)}."
+        )
+    if E != Ek:
+        raise ValueError(f"Expected query and key to share the head dim E, got query E={E}, key E={Ek}.")
+    if Bk not in (B, 1):
+        raise ValueError(f"Expected the key/value batch to be B={B} or 1, got Bk={Bk}.")
+    if min(query.shape) == 0 or min(key.shape) == 0 or value.shape[3] == 0:
+        raise ValueError(f"Expected non-empty inputs, got query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}.")
+    if enable_gqa:
+        if Hq % Hkv:
+            raise ValueError(f"Expected Hq % Hkv == 0 for enable_gqa=True, got Hq={Hq}, Hkv={Hkv}.")
+    elif Hq != Hkv:
+        raise ValueError(
+            f"Expected Hq == Hkv with enable_gqa=False, got Hq={Hq}, Hkv={Hkv}. Pass enable_gqa=True for GQA."
+        )
+    if scale is not None:
+        if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, (int, float)):
+            raise TypeError(f"Expected scale to be a Python float or None, got {type(scale).__name__}.")
+        if not math.isfinite(scale):
+            raise ValueError(f"Expected a finite scale, got scale={scale}. Pass None for 1/sqrt(E).")
+
+
+# --------------------------------------------------------------------------
+# block-sparse metadata
+
+
+@dataclass
+class Sparse:
+    """Block lists as contiguous int32 tensors ``[MB, MH, rows(, cols)]``."""
+
+    q_block: int
+    kv_block: int
+    kv_num: torch.Tensor
+    kv_idx: torch.Tensor
+    full_kv_num: Optional[torch.Tensor]
+    full_kv_idx: Optional[torch.Tensor]
+    q_num: torch.Tensor
+    q_idx: torch.Tensor
+    full_q_num: Optional[torch.Tensor]
+    full_q_idx: Optional[torch.Tensor]
+
+    @property
+    def has_full(self) -> bool:
+        return self.full_kv_num is not None
+
+
+def _transpose_lists(num: torch.Tensor, idx: torch.Tensor, n_cols: int):
+    """kv-side lists [MB, MH, nQ] / [MB, MH, nQ, nKV] to q-side [MB, MH, nKV] / [MB, MH, nKV, nQ]."""
+    MB, MH, nQ = num.shape
+    valid = torch.arange(idx.shape[-1], device=idx.device) < num[..., None].long()
+    dense = torch.zeros(MB, MH, nQ, n_cols, dtype=torch.bool, device=idx.device)
+    rows = torch.nonzero(valid, as_tuple=True)
+    dense[rows[0], rows[1], rows[2], idx.long()[valid]] = True
+    dense_t = dense.transpose(-1, -2)  # [MB, MH, nKV, nQ]
+    q_num = dense_t.sum(-1).to(torch.int32)
+    # Listed q blocks first, in increasing order.
+    order = torch.argsort((~dense_t).to(torch.int8) * nQ + torch.arange(nQ, device=idx.device), dim=-1)
+    return q_num.contiguous(), order.to(torch.int32).contiguous()
+
+
+_FULL_CACHE: dict = {}
+
+
+def _dense_sparse(L: int, S: int, device) -> Sparse:
+    """No block mask: every tile full, one sparse block of 128 x 128."""
+    key = (L, S, str(device))
+    if key not in _FULL_CACHE:
+        nq, nk = triton.cdiv(L, 128), triton.cdiv(S, 128)
+        zeros_q = torch.zeros(1, 1, nq, dtype=torch.int32, device=device)
+        zeros_k = torch.zeros(1, 1, nk, dtype=torch.int32, device=device)
+        kv_idx = torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous()
+        q_idx = torch.arange(nq, dtype=torch.int32, device=device).expand(1, 1, nk, nq).contiguous()
+        _FULL_CACHE[key] = Sparse(
+            128, 128, zeros_q, torch.zeros_like(kv_idx), torch.full_like(zeros_q, nk), kv_idx,
+            zeros_k, torch.zeros_like(q_idx), torch.full_like(zeros_k, nq), q_idx,
+        )
+    return _FULL_CACHE[key]
+
+
+def _block_lists(block_mask, B: int, Hq: int, L: int, S: int, device) -> Sparse:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"Expected block_mask to be a BlockMask or None, got {type(block_mask).__name__}.")
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
+    if num.dim() != 3 or idx.dim() != 4:
+        raise ValueError(
+            f"Expected block_mask.kv_num_blocks [MB, MH, nQ] and kv_indices [MB, MH, nQ, nKV], "
+            f"got {tuple(num.shape)} and {tuple(idx.shape)}."
+        )
+    MB, MH, nQ, nKV = idx.shape
+    if MB not in (1, B) or MH not in (1, Hq):
+        raise ValueError(
+            f"Expected the block mask's batch/head sizes in (1, B={B}) / (1, Hq={Hq}), got {MB}, {MH}. "
+            f"Rebuild it with create_block_mask(mask_mod, B, H, ...)."
+        )
+    if nQ * q_block < L or nKV * kv_block < S:
+        raise ValueError(
+            f"Expected the block mask to cover Q_LEN={L}, KV_LEN={S}; it covers "
+            f"{nQ * q_block} x {nKV * kv_block}. Rebuild it with create_block_mask for these lengths."
+        )
+
+    def prep(n, i, field_name, n_cols):
+        """Contiguous int32 lists; counts within capacity, valid indices in range."""
+        n = n.to(device=device, dtype=torch.int32).contiguous()
+        i = i.to(device=device, dtype=torch.int32).contiguous()
+        cap = i.shape[-1]
+        if int(n.min()) < 0 or int(n.max()) > cap:
+            raise ValueError(
+                f"Expected block_mask.{field_name} in [0, {cap}], got values in "
+                f"[{int(n.min())}, {int(n.max())}]. The block mask is malformed; rebuild it."
+            )
+        valid = torch.arange(cap, device=device) < n[..., None]
+        listed = i[valid]
+        if listed.numel() and (int(listed.min()) < 0 or int(listed.max()) >= n_cols):
+            raise ValueError(
+                f"Expected the listed entries for block_mask.{field_name} in [0, {n_cols}), got "
+                f"values in [{int(listed.min())}, {int(listed.max())}]. The block mask is malformed."
+            )
+        return n, i
+
+    kv_num, kv_idx = prep(num, idx, "kv_num_blocks", nKV)
+    full_num = full_idx = None
+    if block_mask.full_kv_num_blocks is not None:
+        full_num, full_idx = prep(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, "full_kv_num_blocks", nKV)
+    if block_mask.q_num_blocks is not None:
+        q_num, q_idx = prep(block_mask.q_num_blocks, block_mask.q_indices, "q_num_blocks", nQ)
+    else:
+        q_num, q_idx = _transpose_lists(kv_num, kv_idx, nKV)
+    full_q_num = full_q_idx = None
+    if full_num is not None:
+        if block_mask.full_q_num_blocks is not None:
+            full_q_num, full_q_idx = prep(block_mask.full_q_num_blocks, block_mask.full_q_indices, "full_q_num_blocks", nQ)
+        else:
+            full_q_num, full_q_idx = _transpose_lists(full_num, full_idx, nKV)
+    return Sparse(q_block, kv_block, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx)
+
+
+# --------------------------------------------------------------------------
+# the plan and the autograd function
+
+
+@dataclass
+class Plan:
+    """Everything the kernels need besides the q, k, v tensors."""
+
+    B: int
+    Hq: int
+    Hkv: int
+    Bk: int
+    L: int
+    S: int
+    E: int
+    Ev: int
+    scale: float
+    program: ModProgram
+    sparse: Sparse
+    options: Options
+    interpret: bool
+    fp32_precision: str
+    return_max: bool = False
+    buffers: list = field(default_factory=list)  # detached, contiguous, on the device
+
+    @property
+    def G(self) -> int:
+        return self.Hq // self.Hkv
+
+    def module(self, name: str):
+        return _runtime.module(name, self.interpret)
+
+    def buffer_args(self, like: torch.Tensor) -> list:
+        dummy = like.new_empty(1)
+        return self.buffers + [dummy] * (4 - len(self.buffers))
+
+
+def _empty_like_layout(ref: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """An empty tensor of ``shape`` whose dimension order follows ``ref``'s strides."""
+    order = sorted(range(4), key=lambda d: (ref.stride(d), ref.shape[d]), reverse=True)
+    buf = torch.empty([shape[d] for d in order], dtype=dtype, device=ref.device)
+    inverse = [order.index(d) for d in range(4)]
+    return buf.permute(inverse)
+
+
+def use_decode(plan: Plan) -> bool:
+    """The seed's choice: short queries take the split-KV decode kernel."""
+    return plan.L < 128 and not plan.options.force_flex
+
+
+class _FlexFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, plan: Plan, *learnable):
+        if use_decode(plan):
+            out, lse, mx = plan.module("decode").run_decode(plan, query, key, value)
+        else:
+            out, lse, mx = plan.module("forward").run_forward(plan, query, key, value)
+        ctx.plan = plan
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.mark_non_differentiable(mx)
+        return out, lse, mx
+
+    @staticmethod
+    def backward(ctx, dout, dlse, dmax):
+        query, key, value, out, lse = ctx.saved_tensors
+        plan = ctx.plan
+        dq, dk, dv, dbufs = plan.module("backward").run_backward(
+            plan, query, key, value, out, lse, dout, dlse, need_buffer_grads=any(ctx.needs_input_grad[4:]),
+        )
+        return (dq, dk, dv, None, *dbufs)
+
+
+def flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    score_mod=None,
+    block_mask=None,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    kernel_options: Optional[dict] = None,
+    *,
+    return_max: bool = False,
+):
+    """Block-sparse FlexAttention in Triton (SPEC sections 2-5).
+
+    ``score_mod`` must be a ``kernels.mods`` score mod and ``block_mask.mask_mod``
+    a ``kernels.mods`` mask mod (or PyTorch's noop mask). Returns ``out``
+    ``[B, Hq, L, Ev]`` in the query's dtype, then ``lse`` ``[B, Hq, L]`` (natural
+    log, float32) if ``return_lse`` and the row max (float32) if ``return_max``.
+    Fully masked rows give 0 and -inf, and zero gradients.
+    """
+    _validate(query, key, value, scale, enable_gqa)
+    score = as_score_mod(score_mod)
+    B, Hq, L, E = query.shape
+    Bk, Hkv, S, _ = key.shape
+    Ev = value.shape[3]
+    device = query.device
+    interpret = _runtime.needs_interpreter(query) or _runtime.process_interprets()
+    if block_mask is None:
+        sparse, mask = _dense_sparse(L, S, device), None
+    else:
+        mask = as_mask_mod(block_mask.mask_mod, "block_mask.mask_mod")
+        sparse = _block_lists(block_mask, B, Hq, L, S, device)
+    options = parse_kernel_options(
+        kernel_options, dtype=query.dtype, head_dim=max(E, Ev), q_block=sparse.q_block,
+        kv_block=sparse.kv_block, device=device, interpret=interpret,
+    )
+    program = compile_mods(score, mask, interpret=interpret)
+    for t in program.buffers:
+        if t.device != device and t.requires_grad:
+            raise ValueError(
+                f"Expected the learnable tensor a mod holds to be on {device}, got {t.device}. "
+                f"Create the table on the inputs' device."
+            )
+    plan = Plan(
+        B=B, Hq=Hq, Hkv=Hkv, Bk=Bk, L=L, S=S, E=E, Ev=Ev,
+        scale=float(scale) if scale is not None else 1.0 / math.sqrt(E),
+        program=program, sparse=sparse, options=options, interpret=interpret,
+        fp32_precision="ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32",
+        return_max=return_max,
+        buffers=[t.detach().to(device).contiguous() for t in program.buffers],
+    )
+    learnable = [program.buffers[k] for k in program.learnable]
+    out, lse, mx = _FlexFunction.apply(query, key, value, plan, *learnable)
+    result = [out]
+    if return_lse:
+        result.append(lse)
+    if return_max:
+        result.append(mx)
+    return result[0] if len(result) == 1 else tuple(result)

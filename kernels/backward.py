@@ -1,0 +1,360 @@
+"""The block-sparse backward kernels.
+
+A pre-pass computes ``delta = rowsum(dO * O) - dlse`` (the LSE's own gradient
+enters here, SPEC section 4). Then two kernels:
+
+* dQ: one program per (query tile, batch x query head), walking the row's
+  kv-side block lists (partial with mask_mod, then full);
+* dK/dV: one program per (key tile, batch x kv head), looping over the G query
+  heads of its kv head and walking the column's q-side block lists. It also
+  scatters the gradients of learnable tensors read by the score mod, so that
+  each allowed element contributes exactly once.
+
+Probabilities are recomputed from the stored LSE (base 2 inside the kernels).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .forward import LN2, LOG2E, head_pad, load_tile, mma
+
+
+@triton.jit
+def dq_tiles(
+    dq, q, do, lse2, delta,
+    K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+    IDX, num_blocks,
+    off_z, off_h, m_mod, Q_LEN, KV_LEN, SM_SCALE,
+    B0, B1, B2, B3,
+    SCORE_FN: tl.constexpr, SCORE_BWD_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
+    IS_FULL: tl.constexpr,
+    QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Accumulate sum_j ds[i, j] * K[j] over the row's listed KV blocks (q, do stay in SRAM)."""
+    TILES: tl.constexpr = SPARSE_KV // BLOCK_N
+    offs_d = tl.arange(0, QK_PAD)
+    offs_v = tl.arange(0, V_PAD)
+    first = tl.load(IDX)
+    for blk in range(0, num_blocks):
+        if CONTIGUOUS:
+            kv_block = first + blk
+        else:
+            kv_block = tl.load(IDX + blk)
+        for t in range(0, TILES):
+            offs_n = kv_block * SPARSE_KV + t * BLOCK_N + tl.arange(0, BLOCK_N)
+            kT = load_tile(K, offs_d, offs_n, stride_kd, stride_kn, QK_DIM, KV_LEN,
+                           QK_DIM != QK_PAD, not KV_DIVISIBLE)
+            vT = load_tile(V, offs_v, offs_n, stride_vd, stride_vn, V_DIM, KV_LEN,
+                           V_DIM != V_PAD, not KV_DIVISIBLE)
+            n2 = offs_n[None, :]
+            if KV_DIVISIBLE:
+                n_mod = n2
+            else:
+                n_mod = n2 % KV_LEN
+            s = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST) * SM_SCALE
+            if HAS_SCORE:
+                t_nat = SCORE_FN(s, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+            else:
+                t_nat = s
+            keep = n2 < KV_LEN
+            if not IS_FULL:
+                keep = keep & MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+            p = tl.where(keep, tl.math.exp2(t_nat * LOG2E - lse2[:, None]), 0.0)
+            dp = mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
+            dt = p * (dp - delta[:, None])
+            if HAS_SCORE:
+                ds = SCORE_BWD_FN(s, dt, off_z, off_h, m_mod, n_mod, keep, B0, B1, B2, B3,
+                                  B0, B1, B2, B3, False)
+            else:
+                ds = dt
+            dq = mma(ds.to(K.dtype.element_ty), tl.trans(kT), dq, FP32_PRECISION, UPCAST)
+    return dq
+
+
+@triton.jit
+def dkdv_tiles(
+    dk, dv, k, v,
+    Q, DO, LSE, DELTA, stride_qm, stride_qd, stride_dom, stride_dod,
+    IDX, num_blocks,
+    off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
+    B0, B1, B2, B3, G0, G1, G2, G3,
+    SCORE_FN: tl.constexpr, SCORE_BWD_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
+    GRAD_BUFFERS: tl.constexpr, IS_FULL: tl.constexpr,
+    QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Accumulate dK and dV over one query head's listed Q blocks (k, v stay in SRAM).
+
+    Tiles are transposed: rows are keys ``[BLOCK_N]``, columns are queries ``[BLOCK_M]``.
+    """
+    TILES: tl.constexpr = SPARSE_Q // BLOCK_M
+    offs_d = tl.arange(0, QK_PAD)
+    offs_v = tl.arange(0, V_PAD)
+    first = tl.load(IDX)
+    for blk in range(0, num_blocks):
+        if CONTIGUOUS:
+            q_block = first + blk
+        else:
+            q_block = tl.load(IDX + blk)
+        for t in range(0, TILES):
+            offs_m = q_block * SPARSE_Q + t * BLOCK_M + tl.arange(0, BLOCK_M)
+            qT = load_tile(Q, offs_d, offs_m, stride_qd, stride_qm, QK_DIM, Q_LEN,
+                           QK_DIM != QK_PAD, not Q_DIVISIBLE)
+            do = load_tile(DO, offs_m, offs_v, stride_dom, stride_dod, Q_LEN, V_DIM,
+                           not Q_DIVISIBLE, V_DIM != V_PAD)
+            if Q_DIVISIBLE:
+                lse2 = tl.load(LSE + offs_m) * LOG2E
+                delta = tl.load(DELTA + offs_m)
+            else:
+                lse2 = tl.load(LSE + offs_m, mask=offs_m < Q_LEN, other=0.0) * LOG2E
+                delta = tl.load(DELTA + offs_m, mask=offs_m < Q_LEN, other=0.0)
+            # A fully masked row has lse = -inf and no allowed element: any finite shift gives p = 0.
+            lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+            m2 = offs_m[None, :]
+            if Q_DIVISIBLE:
+                m_mod = m2
+            else:
+                m_mod = m2 % Q_LEN
+            sT = mma(k, qT, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST) * SM_SCALE
+            if HAS_SCORE:
+                tT = SCORE_FN(sT, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+            else:
+                tT = sT
+            keep = (m2 < Q_LEN) & (offs_n[:, None] < KV_LEN)
+            if not IS_FULL:
+                keep = keep & MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+            pT = tl.where(keep, tl.math.exp2(tT * LOG2E - lse2[None, :]), 0.0)
+            dv = mma(pT.to(DO.dtype.element_ty), do, dv, FP32_PRECISION, UPCAST)
+            dpT = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
+            dtT = pT * (dpT - delta[None, :])
+            if HAS_SCORE:
+                dsT = SCORE_BWD_FN(sT, dtT, off_z, off_h, m_mod, n_mod, keep, B0, B1, B2, B3,
+                                   G0, G1, G2, G3, GRAD_BUFFERS)
+            else:
+                dsT = dtT
+            dk = mma(dsT.to(Q.dtype.element_ty), tl.trans(qT), dk, FP32_PRECISION, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,
+    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+    B0, B1, B2, B3,
+    stride_qz, stride_qh, stride_qm, stride_qd,
+    stride_kz, stride_kh, stride_kn, stride_kd,
+    stride_vz, stride_vh, stride_vn, stride_vd,
+    stride_doz, stride_doh, stride_dom, stride_dod,
+    stride_dqz, stride_dqh, stride_dqm, stride_dqd,
+    SM_SCALE, HQ, Q_LEN, KV_LEN, ZKV, SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, NUM_KV_SPARSE,
+    SCORE_FN: tl.constexpr, SCORE_BWD_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
+    HAS_FULL: tl.constexpr, G: tl.constexpr,
+    QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    off_z = pid_zh // HQ
+    off_h = pid_zh % HQ
+    off_zkv = off_z % ZKV
+    off_hkv = off_h // G
+    Q += off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+    DO += off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
+    K += off_zkv.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
+    V += off_zkv.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, QK_PAD)
+    offs_v = tl.arange(0, V_PAD)
+    q = load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, Q_LEN, QK_DIM, not Q_DIVISIBLE, QK_DIM != QK_PAD)
+    do = load_tile(DO, offs_m, offs_v, stride_dom, stride_dod, Q_LEN, V_DIM, not Q_DIVISIBLE, V_DIM != V_PAD)
+    stat = pid_zh.to(tl.int64) * Q_LEN + offs_m
+    lse2 = tl.load(LSE + stat, mask=offs_m < Q_LEN, other=0.0) * LOG2E
+    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+    delta = tl.load(DELTA + stat, mask=offs_m < Q_LEN, other=0.0)
+    if Q_DIVISIBLE:
+        m_mod = offs_m[:, None]
+    else:
+        m_mod = offs_m[:, None] % Q_LEN
+
+    q_block = (pid_m * BLOCK_M) // SPARSE_Q
+    row = ((off_z % SPARSE_Z) * SPARSE_H + off_h % SPARSE_H) * NUM_Q_SPARSE + q_block
+    dq = tl.zeros([BLOCK_M, QK_PAD], dtype=tl.float32)
+    dq = dq_tiles(
+        dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+        KV_IDX + row.to(tl.int64) * NUM_KV_SPARSE, tl.load(KV_NUM + row),
+        off_z, off_h, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
+        SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, False,
+        QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
+        KV_DIVISIBLE, CONTIGUOUS, FP32_PRECISION, UPCAST,
+    )
+    if HAS_FULL:
+        dq = dq_tiles(
+            dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+            FULL_IDX + row.to(tl.int64) * NUM_KV_SPARSE, tl.load(FULL_NUM + row),
+            off_z, off_h, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
+            SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, True,
+            QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
+            KV_DIVISIBLE, CONTIGUOUS, FP32_PRECISION, UPCAST,
+        )
+    dq = dq * SM_SCALE
+    ptrs = (DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
+            + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd)
+    tl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_DIM))
+
+
+@triton.jit
+def dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA,
+    Q_NUM, Q_IDX, FULL_NUM, FULL_IDX,
+    B0, B1, B2, B3, G0, G1, G2, G3,
+    stride_qz, stride_qh, stride_qm, stride_qd,
+    stride_kz, stride_kh, stride_kn, stride_kd,
+    stride_vz, stride_vh, stride_vn, stride_vd,
+    stride_doz, stride_doh, stride_dom, stride_dod,
+    stride_dkz, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvz, stride_dvh, stride_dvn, stride_dvd,
+    SM_SCALE, HQ, HKV, Q_LEN, KV_LEN, ZKV, SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, NUM_KV_SPARSE,
+    SCORE_FN: tl.constexpr, SCORE_BWD_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
+    GRAD_BUFFERS: tl.constexpr, HAS_FULL: tl.constexpr, G: tl.constexpr,
+    QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_zh = tl.program_id(1)  # (query batch, kv head)
+    off_z = pid_zh // HKV
+    off_hkv = pid_zh % HKV
+    off_zkv = off_z % ZKV
+    K += off_zkv.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
+    V += off_zkv.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, QK_PAD)
+    offs_v = tl.arange(0, V_PAD)
+    k = load_tile(K, offs_n, offs_d, stride_kn, stride_kd, KV_LEN, QK_DIM, not KV_DIVISIBLE, QK_DIM != QK_PAD)
+    v = load_tile(V, offs_n, offs_v, stride_vn, stride_vd, KV_LEN, V_DIM, not KV_DIVISIBLE, V_DIM != V_PAD)
+    if KV_DIVISIBLE:
+        n_mod = offs_n[:, None]
+    else:
+        n_mod = offs_n[:, None] % KV_LEN
+    kv_block = (pid_n * BLOCK_N) // SPARSE_KV
+
+    dk = tl.zeros([BLOCK_N, QK_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, V_PAD], dtype=tl.float32)
+    # k and v stay in SRAM while every query head of this kv head passes by.
+    for g in range(0, G):
+        off_h = off_hkv * G + g
+        q_ptr = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+        do_ptr = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
+        stat = (off_z * HQ + off_h).to(tl.int64) * Q_LEN
+        col = ((off_z % SPARSE_Z) * SPARSE_H + off_h % SPARSE_H) * NUM_KV_SPARSE + kv_block
+        dk, dv = dkdv_tiles(
+            dk, dv, k, v, q_ptr, do_ptr, LSE + stat, DELTA + stat,
+            stride_qm, stride_qd, stride_dom, stride_dod,
+            Q_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(Q_NUM + col),
+            off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
+            B0, B1, B2, B3, G0, G1, G2, G3,
+            SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, False,
+            QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
+            Q_DIVISIBLE, CONTIGUOUS, FP32_PRECISION, UPCAST,
+        )
+        if HAS_FULL:
+            dk, dv = dkdv_tiles(
+                dk, dv, k, v, q_ptr, do_ptr, LSE + stat, DELTA + stat,
+                stride_qm, stride_qd, stride_dom, stride_dod,
+                FULL_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(FULL_NUM + col),
+                off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
+                B0, B1, B2, B3, G0, G1, G2, G3,
+                SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, True,
+                QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
+                Q_DIVISIBLE, CONTIGUOUS, FP32_PRECISION, UPCAST,
+            )
+    dk = dk * SM_SCALE
+    n_ok = offs_n[:, None] < KV_LEN
+    dk_ptrs = (DK + off_z.to(tl.int64) * stride_dkz + off_hkv.to(tl.int64) * stride_dkh
+               + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_ok & (offs_d[None, :] < QK_DIM))
+    dv_ptrs = (DV + off_z.to(tl.int64) * stride_dvz + off_hkv.to(tl.int64) * stride_dvh
+               + offs_n[:, None] * stride_dvn + offs_v[None, :] * stride_dvd)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok & (offs_v[None, :] < V_DIM))
+
+
+def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_grads: bool):
+    """Gradients for q, k, v and the learnable tensors of the score mod (in slot order)."""
+    import torch
+
+    from .api import _empty_like_layout
+
+    B, Hq, Hkv, L, S, E, Ev = plan.B, plan.Hq, plan.Hkv, plan.L, plan.S, plan.E, plan.Ev
+    sp, opt, prog = plan.sparse, plan.options, plan.program
+    dev = query.device
+    if dout is None:
+        dout = torch.zeros_like(out)
+    # delta = rowsum(dO * O) - dlse: the LSE's gradient enters the backward only here.
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    lse = lse.contiguous()
+
+    dq = _empty_like_layout(query, (B, Hq, L, E), query.dtype)
+    # Bk == 1: each query batch writes its own float32 dK/dV, summed afterwards.
+    broadcast = plan.Bk == 1 and B > 1
+    if broadcast:
+        dk = torch.empty((B, Hkv, S, E), dtype=torch.float32, device=dev)
+        dv = torch.empty((B, Hkv, S, Ev), dtype=torch.float32, device=dev)
+    else:
+        dk = _empty_like_layout(key, (B, Hkv, S, E), key.dtype)
+        dv = _empty_like_layout(value, (B, Hkv, S, Ev), value.dtype)
+    grads = [torch.zeros(t.numel(), dtype=torch.float32, device=dev) if k in prog.learnable else None
+             for k, t in enumerate(plan.buffers)]
+    grad_args = [g if g is not None else lse for g in grads] + [lse] * (4 - len(grads))
+
+    MB, MH, nQ, nKV = sp.kv_idx.shape
+    common = dict(
+        SCORE_FN=prog.score_fn, SCORE_BWD_FN=prog.score_bwd_fn, MASK_FN=prog.mask_fn,
+        HAS_SCORE=prog.has_score, HAS_FULL=sp.has_full, G=plan.G,
+        QK_DIM=E, V_DIM=Ev, QK_PAD=head_pad(E), V_PAD=head_pad(Ev),
+        SPARSE_Q=sp.q_block, SPARSE_KV=sp.kv_block,
+        Q_DIVISIBLE=L % sp.q_block == 0, KV_DIVISIBLE=S % sp.kv_block == 0,
+        CONTIGUOUS=opt.contiguous, FP32_PRECISION=plan.fp32_precision, UPCAST=plan.interpret,
+        num_warps=opt.bwd.num_warps, num_stages=opt.bwd.num_stages,
+    )
+    tiles = opt.bwd.tiles
+    bufs = plan.buffer_args(query)
+
+    kv_full_num = sp.full_kv_num if sp.has_full else sp.kv_num
+    kv_full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
+    dq_kernel[(triton.cdiv(L, tiles["BLOCK_M2"]), B * Hq)](
+        query, key, value, dout, dq, lse, delta,
+        sp.kv_num, sp.kv_idx, kv_full_num, kv_full_idx, *bufs,
+        *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dq.stride(),
+        plan.scale, Hq, L, S, plan.Bk, MB, MH, sp.kv_idx.shape[-2], sp.kv_idx.shape[-1],
+        BLOCK_M=tiles["BLOCK_M2"], BLOCK_N=tiles["BLOCK_N2"], **common,
+    )
+    q_full_num = sp.full_q_num if sp.has_full else sp.q_num
+    q_full_idx = sp.full_q_idx if sp.has_full else sp.q_idx
+    dkdv_kernel[(triton.cdiv(S, tiles["BLOCK_N1"]), B * Hkv)](
+        query, key, value, dout, dk, dv, lse, delta,
+        sp.q_num, sp.q_idx, q_full_num, q_full_idx, *bufs, *grad_args,
+        *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
+        GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable),
+        BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **common,
+    )
+    if broadcast:
+        dk = dk.sum(0, keepdim=True).to(key.dtype)
+        dv = dv.sum(0, keepdim=True).to(value.dtype)
+    dbufs = [grads[k].view(plan.buffers[k].shape).to(plan.buffers[k].dtype) for k in prog.learnable]
+    return dq, dk, dv, dbufs

@@ -1,0 +1,240 @@
+"""The block-sparse forward kernel.
+
+One program per (query tile, batch x query head). The query tile stays in
+registers/SRAM; the kernel walks the row's partial KV blocks (score_mod and
+mask_mod) and then its full KV blocks (score_mod only), keeping an online
+softmax in base-2 units. Output is normalised at the end; the LSE is stored
+in natural log (float32), the row maximum likewise when asked for.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def load_tile(PTR, offs_r, offs_c, stride_r, stride_c, N_R, N_C, CHECK_R: tl.constexpr, CHECK_C: tl.constexpr):
+    """Load PTR[offs_r, offs_c] with zero padding past N_R rows / N_C columns."""
+    ptrs = PTR + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    if CHECK_R and CHECK_C:
+        return tl.load(ptrs, mask=(offs_r[:, None] < N_R) & (offs_c[None, :] < N_C), other=0.0)
+    elif CHECK_R:
+        return tl.load(ptrs, mask=offs_r[:, None] < N_R, other=0.0)
+    elif CHECK_C:
+        return tl.load(ptrs, mask=offs_c[None, :] < N_C, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def mma(a, b, acc, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with float32 accumulation.
+
+    UPCAST (the CPU interpreter) multiplies in float32: the interpreter's
+    bfloat16 dot is wrong, and products of 16-bit values are exact in float32.
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=FP32_PRECISION)
+
+
+@triton.jit
+def forward_tiles(
+    acc, l_i, m_i,
+    q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+    IDX, num_blocks,
+    off_z, off_h, offs_m, m_mod, Q_LEN, KV_LEN,
+    SM_SCALE,
+    B0, B1, B2, B3,
+    SCORE_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
+    IS_FULL: tl.constexpr,
+    QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr, ROWS_SAFE: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Fold the row's listed KV blocks into (acc, l_i, m_i); base-2 units throughout."""
+    TILES: tl.constexpr = SPARSE_KV // BLOCK_N
+    offs_d = tl.arange(0, QK_PAD)
+    offs_v = tl.arange(0, V_PAD)
+    first = tl.load(IDX)
+    for blk in range(0, num_blocks):
+        if CONTIGUOUS:
+            kv_block = first + blk
+        else:
+            kv_block = tl.load(IDX + blk)
+        for t in range(0, TILES):
+            start_n = kv_block * SPARSE_KV + t * BLOCK_N
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            # K is read transposed: [QK_PAD, BLOCK_N].
+            kT = load_tile(K, offs_d, offs_n, stride_kd, stride_kn, QK_DIM, KV_LEN,
+                           QK_DIM != QK_PAD, not KV_DIVISIBLE)
+            qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
+            n2 = offs_n[None, :]
+            if KV_DIVISIBLE:
+                n_mod = n2
+            else:
+                n_mod = n2 % KV_LEN  # keep mods' table reads in range
+            if PRESCALE:
+                if HAS_SCORE:
+                    s = SCORE_FN(qk * LN2, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
+                else:
+                    s = qk
+            else:
+                s = qk * SM_SCALE
+                if HAS_SCORE:
+                    s = SCORE_FN(s, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+                s = s * LOG2E
+            if not IS_FULL:
+                keep = MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+                if not KV_DIVISIBLE:
+                    keep = keep & (n2 < KV_LEN)
+                s = tl.where(keep, s, float("-inf"))
+            elif not KV_DIVISIBLE:
+                s = tl.where(n2 < KV_LEN, s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if ROWS_SAFE:
+                m_use = m_new
+            else:
+                # A row with nothing allowed so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = load_tile(V, offs_n, offs_v, stride_vn, stride_vd, KV_LEN, V_DIM,
+                          not KV_DIVISIBLE, V_DIM != V_PAD)
+            acc = mma(p.to(V.dtype.element_ty), v, acc * alpha[:, None], FP32_PRECISION, UPCAST)
+            m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def forward_kernel(
+    Q, K, V, OUT, LSE, MAX,
+    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+    B0, B1, B2, B3,
+    stride_qz, stride_qh, stride_qm, stride_qd,
+    stride_kz, stride_kh, stride_kn, stride_kd,
+    stride_vz, stride_vh, stride_vn, stride_vd,
+    stride_oz, stride_oh, stride_om, stride_od,
+    SM_SCALE, HQ, Q_LEN, KV_LEN, ZKV, SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, NUM_KV_SPARSE,
+    SCORE_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
+    HAS_FULL: tl.constexpr, G: tl.constexpr,
+    QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr,
+    ROWS_SAFE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr,
+    OUTPUT_LSE: tl.constexpr, OUTPUT_MAX: tl.constexpr,
+    FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    off_z = pid_zh // HQ
+    off_h = pid_zh % HQ
+    off_zkv = off_z % ZKV
+    off_hkv = off_h // G
+
+    Q += off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+    K += off_zkv.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
+    V += off_zkv.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, QK_PAD)
+    offs_v = tl.arange(0, V_PAD)
+    # q stays in SRAM for the whole row walk.
+    q = load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, Q_LEN, QK_DIM, not Q_DIVISIBLE, QK_DIM != QK_PAD)
+    if PRESCALE:
+        q = (q * (SM_SCALE * LOG2E)).to(Q.dtype.element_ty)
+    if Q_DIVISIBLE:
+        m_mod = offs_m[:, None]
+    else:
+        m_mod = offs_m[:, None] % Q_LEN
+
+    # The block-mask row of this query tile (b % MB, h % MH broadcast).
+    q_block = (pid_m * BLOCK_M) // SPARSE_Q
+    row = ((off_z % SPARSE_Z) * SPARSE_H + off_h % SPARSE_H) * NUM_Q_SPARSE + q_block
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, V_PAD], dtype=tl.float32)
+
+    acc, l_i, m_i = forward_tiles(
+        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+        KV_IDX + row.to(tl.int64) * NUM_KV_SPARSE, tl.load(KV_NUM + row),
+        off_z, off_h, offs_m, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
+        SCORE_FN, MASK_FN, HAS_SCORE, False,
+        QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
+        KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
+    )
+    if HAS_FULL:
+        acc, l_i, m_i = forward_tiles(
+            acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+            FULL_IDX + row.to(tl.int64) * NUM_KV_SPARSE, tl.load(FULL_NUM + row),
+            off_z, off_h, offs_m, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
+            SCORE_FN, MASK_FN, HAS_SCORE, True,
+            QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
+            KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
+        )
+
+    # A fully masked row has l = 0 and m = -inf: out = 0 and lse = -inf.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = (OUT + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
+              + offs_m[:, None] * stride_om + offs_v[None, :] * stride_od)
+    o_mask = (offs_m[:, None] < Q_LEN) & (offs_v[None, :] < V_DIM)
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
+    stat_offs = pid_zh.to(tl.int64) * Q_LEN + offs_m
+    if OUTPUT_LSE:
+        tl.store(LSE + stat_offs, (m_i + tl.math.log2(l_safe)) * LN2, mask=offs_m < Q_LEN)
+    if OUTPUT_MAX:
+        tl.store(MAX + stat_offs, m_i * LN2, mask=offs_m < Q_LEN)
+
+
+def head_pad(dim: int) -> int:
+    """Head dims that are not powers of two are padded (masked loads) to the next one."""
+    return max(16, triton.next_power_of_2(dim))
+
+
+def run_forward(plan, query, key, value):
+    """Launch the forward kernel: returns out (query's dtype and layout), lse and max (float32)."""
+    import torch
+
+    from .api import _empty_like_layout
+
+    B, Hq, L, Ev = plan.B, plan.Hq, plan.L, plan.Ev
+    sp, opt = plan.sparse, plan.options
+    out = _empty_like_layout(query, (B, Hq, L, Ev), query.dtype)
+    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=query.device)
+    # Without return_max the kernel gets lse as a never-written stand-in pointer;
+    # autograd must not see one tensor returned as two outputs, so mx is separate.
+    mx = torch.empty((B, Hq, L) if plan.return_max else (0,), dtype=torch.float32, device=query.device)
+    tiles = opt.fwd.tiles
+    grid = (triton.cdiv(L, tiles["BLOCK_M"]), B * Hq)
+    prog = plan.program
+    full_num = sp.full_kv_num if sp.has_full else sp.kv_num
+    full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
+    MB, MH, nQ, nKV = sp.kv_idx.shape
+    forward_kernel[grid](
+        query, key, value, out, lse, mx if plan.return_max else lse,
+        sp.kv_num, sp.kv_idx, full_num, full_idx,
+        *plan.buffer_args(query),
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+        plan.scale, Hq, L, plan.S, plan.Bk, MB, MH, nQ, nKV,
+        SCORE_FN=prog.score_fn, MASK_FN=prog.mask_fn, HAS_SCORE=prog.has_score,
+        HAS_FULL=sp.has_full, G=plan.G,
+        QK_DIM=plan.E, V_DIM=Ev, QK_PAD=head_pad(plan.E), V_PAD=head_pad(Ev),
+        BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"],
+        SPARSE_Q=sp.q_block, SPARSE_KV=sp.kv_block,
+        Q_DIVISIBLE=L % tiles["BLOCK_M"] == 0, KV_DIVISIBLE=plan.S % sp.kv_block == 0,
+        ROWS_SAFE=opt.rows_safe, CONTIGUOUS=opt.contiguous, PRESCALE=opt.prescale,
+        OUTPUT_LSE=True, OUTPUT_MAX=plan.return_max,
+        FP32_PRECISION=plan.fp32_precision, UPCAST=plan.interpret,
+        num_warps=opt.fwd.num_warps, num_stages=opt.fwd.num_stages,
+    )
+    return out, lse, mx

@@ -1,0 +1,1059 @@
+"""Mask and score mods that both the oracle and the kernels run.
+
+Each mod is an object that is callable with PyTorch FlexAttention's signature
+(``mask_mod(b, h, q_idx, kv_idx)`` or ``score_mod(score, b, h, q_idx, kv_idx)``),
+so the oracle and PyTorch's own ``flex_attention`` accept it, and that can emit
+the Triton code the kernels inline. Each has a readable ``name`` and a
+JSON-serialisable ``spec()``; ``from_spec`` rebuilds it, tensors included
+(bit-identical: tensors a mod holds are drawn from a seed on the CPU).
+
+Inside the generated Triton code the index arguments broadcast against each
+other (``m`` is ``[BLOCK_M, 1]``, ``n`` is ``[1, BLOCK_N]``, ``b`` and ``h`` are
+scalars or column vectors in the decode kernel) and are always in range: the
+kernels clamp them before calling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = [
+    "Mod", "MaskMod", "ScoreMod", "ModProgram", "compile_mods", "from_spec", "as_mask_mod",
+    "as_score_mod", "noop", "full", "causal", "sliding_window", "prefix_lm", "document",
+    "dilated_sliding_window", "chunked", "and_", "or_", "not_", "by_head", "by_batch",
+    "table_mask", "identity", "alibi", "relative_position", "tanh_softcap", "bias", "chain",
+    "MAX_BUFFERS",
+]
+
+# Captured tensors reach the kernels through this many pointer arguments.
+MAX_BUFFERS = 4
+
+
+# --------------------------------------------------------------------------
+# code generation
+
+
+class _Gen:
+    """Collects the statements of one generated Triton function."""
+
+    def __init__(self, buffers: list):
+        self.lines: list[str] = []
+        self.buffers = buffers  # shared by the mask and score functions of one program
+        self._n = 0
+
+    def tmp(self, expr: str) -> str:
+        self._n += 1
+        name = f"t{self._n}"
+        self.lines.append(f"{name} = {expr}")
+        return name
+
+    def stmt(self, line: str) -> None:
+        self.lines.append(line)
+
+    def buffer(self, tensor: torch.Tensor) -> str:
+        for k, t in enumerate(self.buffers):
+            if t is tensor:
+                return f"B{k}"
+        if len(self.buffers) == MAX_BUFFERS:
+            raise ValueError(
+                f"Expected at most {MAX_BUFFERS} captured tensors across the score and mask "
+                f"mods, got more. Combine tables into one tensor."
+            )
+        self.buffers.append(tensor)
+        return f"B{len(self.buffers) - 1}"
+
+    def load(self, tensor: torch.Tensor, *indices: str) -> str:
+        """A gather from a captured contiguous tensor; strides are baked into the code."""
+        name = self.buffer(tensor)
+        strides = _contiguous_strides(tensor.shape)
+        offset = " + ".join(f"({ix}) * {st}" for ix, st in zip(indices, strides))
+        return f"tl.load({name} + {offset})"
+
+
+def _contiguous_strides(shape) -> list[int]:
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= size
+    return strides[::-1]
+
+
+_BUF_ARGS = ", ".join(f"B{k}" for k in range(MAX_BUFFERS))
+_GRAD_ARGS = ", ".join(f"G{k}" for k in range(MAX_BUFFERS))
+
+
+def _function(name: str, args: str, body: list[str], ret: Optional[str]) -> str:
+    lines = ["@triton.jit", f"def {name}({args}):"]
+    lines += [f"    {line}" for line in body]
+    lines.append(f"    return {ret}" if ret is not None else "    return")
+    return "\n".join(lines)
+
+
+@dataclass
+class ModProgram:
+    """The generated Triton functions for one (score_mod, mask_mod) pair.
+
+    ``score_fn(score, b, h, m, n, B0..B3)``: the modified score (natural units).
+    ``score_bwd_fn(score, dt, b, h, m, n, valid, B0..B3, G0..G3, GRAD_BUFFERS)``:
+    returns the score gradient and, when ``GRAD_BUFFERS``, atomically adds the
+    gradients of learnable tensors into ``G*`` at the ``valid`` elements.
+    ``mask_fn(b, h, m, n, B0..B3)``: the boolean mask.
+    """
+
+    source: str
+    score_fn: object
+    score_bwd_fn: object
+    mask_fn: object
+    buffers: list  # contiguous tensors, in slot order
+    learnable: list  # slot indices whose tensor requires grad
+    has_score: bool
+    has_mask: bool
+
+
+_PROGRAMS: dict = {}
+
+
+def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"], *,
+                 interpret: bool = False) -> ModProgram:
+    """Generate (or fetch from the cache) the Triton functions for the two mods.
+
+    ``interpret`` asks for functions the Triton interpreter can call (CPU tensors).
+    """
+    buffers: list = []
+    mask_gen = _Gen(buffers)
+    mask_out = mask_mod._emit(mask_gen) if mask_mod is not None else "True"
+    fwd = _Gen(buffers)
+    chain_vals = []
+    s = "score"
+    mods = _flatten_chain(score_mod)
+    for mod in mods:
+        out = mod._emit(fwd, s)
+        chain_vals.append((mod, s, out))
+        s = out
+    score_out = s
+
+    # Backward: recompute forward values, then sweep the chain in reverse.
+    bwd = _Gen(buffers)
+    vals = []
+    s = "score"
+    for mod in mods:
+        out = mod._emit(bwd, s)
+        vals.append((mod, s, out))
+        s = out
+    grad = "dt"
+    for mod, s_in, out in reversed(vals):
+        mod._emit_buffer_grad(bwd, s_in, out, grad)
+        local = mod._emit_grad(bwd, s_in, out)
+        if local != "1.0":
+            grad = bwd.tmp(f"{grad} * {local}")
+
+    learnable = [k for k, t in enumerate(buffers) if t.requires_grad]
+    fns = [
+        _function("mask_fn", f"b, h, m, n, {_BUF_ARGS}", mask_gen.lines, mask_out),
+        _function("score_fn", f"score, b, h, m, n, {_BUF_ARGS}", fwd.lines, score_out),
+        _function(
+            "score_bwd_fn",
+            f"score, dt, b, h, m, n, valid, {_BUF_ARGS}, {_GRAD_ARGS}, GRAD_BUFFERS: tl.constexpr",
+            bwd.lines, grad,
+        ),
+    ]
+    source = "import triton\nimport triton.language as tl\n\n\n" + "\n\n\n".join(fns) + "\n"
+    module = _PROGRAMS.get((source, interpret))
+    if module is None:
+        module = _load_source(source, interpret)
+        _PROGRAMS[(source, interpret)] = module
+    return ModProgram(
+        source=source,
+        score_fn=module.score_fn,
+        score_bwd_fn=module.score_bwd_fn,
+        mask_fn=module.mask_fn,
+        buffers=buffers,
+        learnable=learnable,
+        has_score=bool(mods),
+        has_mask=mask_mod is not None,
+    )
+
+
+def _load_source(source: str, interpret: bool):
+    # Triton reads a jitted function's source through inspect, so the code
+    # must live in a real file. One file per program text; written atomically
+    # so parallel test workers never see half a file.
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    root = os.environ.get("FLEX_ORACLE_CACHE") or os.path.join(
+        tempfile.gettempdir(), f"flex_oracle_mods_{os.getuid() if hasattr(os, 'getuid') else 0}"
+    )
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, f"mods_{digest}.py")
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(dir=root, suffix=".py")
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    from ._runtime import interpreting, process_interprets
+
+    name = f"flex_oracle_generated_mods_{digest}_{'interp' if interpret else 'jit'}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    if interpret and not process_interprets():
+        with interpreting():
+            spec.loader.exec_module(module)
+    else:
+        spec.loader.exec_module(module)
+    return module
+
+
+def _flatten_chain(score_mod) -> list:
+    if score_mod is None:
+        return []
+    if isinstance(score_mod, _Chain):
+        out = []
+        for m in score_mod.mods:
+            out += _flatten_chain(m)
+        return out
+    if isinstance(score_mod, _Identity):
+        return []
+    return [score_mod]
+
+
+# --------------------------------------------------------------------------
+# base classes
+
+
+class Mod:
+    kind = ""  # "mask" or "score"
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        raise NotImplementedError
+
+    def tensors(self) -> list:
+        """Captured tensors, for moving and for gradients."""
+        return []
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def __str__(self) -> str:
+        return self.name
+
+    def to_json(self) -> str:
+        return json.dumps(self.spec(), sort_keys=True)
+
+
+class MaskMod(Mod):
+    kind = "mask"
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        raise NotImplementedError
+
+    def _emit(self, g: _Gen) -> str:
+        raise NotImplementedError
+
+    def __and__(self, other):
+        return and_(self, other)
+
+    def __or__(self, other):
+        return or_(self, other)
+
+    def __invert__(self):
+        return not_(self)
+
+
+class ScoreMod(Mod):
+    kind = "score"
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        raise NotImplementedError
+
+    def _emit(self, g: _Gen, s: str) -> str:
+        raise NotImplementedError
+
+    def _emit_grad(self, g: _Gen, s: str, out: str) -> str:
+        """d out / d s as an expression name, or "1.0"."""
+        return "1.0"
+
+    def _emit_buffer_grad(self, g: _Gen, s: str, out: str, grad: str) -> None:
+        """Statements adding d loss / d buffer, given grad = d loss / d out."""
+
+
+def as_mask_mod(obj, arg: str = "mask_mod") -> Optional[MaskMod]:
+    """Accept a MaskMod (or PyTorch's noop_mask / None); reject plain functions clearly."""
+    if obj is None or isinstance(obj, MaskMod):
+        return obj
+    if getattr(obj, "__name__", "") == "noop_mask" and "flex_attention" in getattr(obj, "__module__", ""):
+        return None
+    raise TypeError(
+        f"Expected {arg} to be a kernels.mods mask mod (e.g. mods.causal(), "
+        f"mods.sliding_window(256), mods.and_(...)), got {getattr(obj, '__name__', type(obj).__name__)!r}. "
+        f"The kernels inline each mod's Triton code, which a plain Python function does not carry; "
+        f"build the mask from kernels.mods, or compare your function with the oracle alone."
+    )
+
+
+def as_score_mod(obj, arg: str = "score_mod") -> Optional[ScoreMod]:
+    if obj is None or isinstance(obj, ScoreMod):
+        return obj
+    raise TypeError(
+        f"Expected {arg} to be a kernels.mods score mod (e.g. mods.alibi(slopes), "
+        f"mods.tanh_softcap(30.0), mods.bias(table, 'hqk')), got "
+        f"{getattr(obj, '__name__', type(obj).__name__)!r}. The kernels inline each mod's Triton "
+        f"code, which a plain Python function does not carry."
+    )
+
+
+def _device_of(*xs):
+    for x in xs:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------
+# tensors drawn from seeds, so that a case can be saved as JSON and replayed
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64, "int8": torch.int8, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass
+class _Table:
+    """A captured tensor and how to rebuild it."""
+
+    tensor: torch.Tensor
+    recipe: dict = field(default_factory=dict)
+
+    def spec(self) -> dict:
+        if self.recipe:
+            return dict(self.recipe, requires_grad=self.tensor.requires_grad)
+        # Not drawn from a seed: store the values (fine for the small tables mods hold).
+        return {
+            "values": self.tensor.detach().cpu().tolist(),
+            "dtype": _dtype_name(self.tensor.dtype),
+            "requires_grad": self.tensor.requires_grad,
+        }
+
+    @staticmethod
+    def from_spec(spec: dict, device) -> "_Table":
+        dtype = _DTYPES[spec["dtype"]]
+        if "values" in spec:
+            t = torch.tensor(spec["values"], dtype=dtype)
+            recipe = {}
+        else:
+            t = _draw(spec)
+            recipe = {k: v for k, v in spec.items() if k != "requires_grad"}
+        t = t.to(device)
+        if spec.get("requires_grad"):
+            t.requires_grad_(True)
+        return _Table(t, recipe)
+
+
+def _draw(recipe: dict) -> torch.Tensor:
+    """Draw a tensor on the CPU from a seed: same bits on every machine."""
+    gen = torch.Generator().manual_seed(int(recipe["seed"]))
+    shape = tuple(recipe["shape"])
+    dtype = _DTYPES[recipe["dtype"]]
+    kind = recipe["kind"]
+    if kind == "normal":
+        t = torch.randn(shape, generator=gen, dtype=torch.float32) * float(recipe.get("std", 1.0))
+        return t.to(dtype)
+    if kind == "uniform":
+        lo, hi = recipe.get("low", 0.0), recipe.get("high", 1.0)
+        return (torch.rand(shape, generator=gen, dtype=torch.float32) * (hi - lo) + lo).to(dtype)
+    if kind == "segments":
+        # Sorted document ids: ``count`` documents over ``shape[-1]`` positions.
+        n = shape[-1]
+        count = max(1, min(int(recipe["count"]), n))
+        cuts = torch.randperm(max(n - 1, 1), generator=gen)[: count - 1] + 1 if n > 1 else torch.tensor([], dtype=torch.long)
+        ids = torch.zeros(n, dtype=torch.long)
+        if len(cuts):
+            ids[torch.sort(cuts).values] = 1
+        return torch.cumsum(ids, 0).to(dtype).expand(shape).contiguous()
+    if kind == "bernoulli":
+        return (torch.rand(shape, generator=gen) < float(recipe["p"])).to(dtype)
+    raise ValueError(f"Unknown tensor recipe kind {kind!r}; expected normal, uniform, segments or bernoulli.")
+
+
+def seeded(kind: str, shape: Sequence[int], seed: int, dtype=torch.float32, device="cpu",
+           requires_grad: bool = False, **params) -> _Table:
+    recipe = {"kind": kind, "shape": list(shape), "seed": int(seed), "dtype": _dtype_name(dtype), **params}
+    t = _draw(recipe).to(device)
+    if requires_grad:
+        t.requires_grad_(True)
+    return _Table(t, recipe)
+
+
+def _as_table(x, arg: str, dtype=None) -> _Table:
+    if isinstance(x, _Table):
+        return x
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"Expected {arg} to be a torch.Tensor, got {type(x).__name__}.")
+    if dtype is not None and x.dtype != dtype and not (dtype == "int" and not x.is_floating_point()):
+        raise TypeError(f"Expected {arg} of dtype {dtype}, got {x.dtype}.")
+    if not x.is_contiguous():
+        if x.requires_grad:
+            raise ValueError(f"Expected a contiguous learnable {arg}; call .contiguous() on the leaf first.")
+        x = x.contiguous()
+    return _Table(x)
+
+
+# --------------------------------------------------------------------------
+# mask mods
+
+
+class _Full(MaskMod):
+    name = "full"
+
+    def spec(self):
+        return {"name": "full"}
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return torch.ones((), dtype=torch.bool, device=_device_of(b, h, q_idx, kv_idx))
+
+    def _emit(self, g):
+        return g.tmp("(m >= 0) & (n >= 0)")
+
+
+def full() -> MaskMod:
+    """Every pair allowed (PyTorch's noop mask)."""
+    return _Full()
+
+
+noop = full
+
+
+class _Causal(MaskMod):
+    name = "causal"
+
+    def spec(self):
+        return {"name": "causal"}
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def _emit(self, g):
+        return g.tmp("m >= n")
+
+
+def causal() -> MaskMod:
+    """Key j is allowed for query i when j <= i."""
+    return _Causal()
+
+
+@dataclass(frozen=True, repr=False)
+class _SlidingWindow(MaskMod):
+    window: int
+
+    @property
+    def name(self):
+        return f"sliding_window({self.window})"
+
+    def spec(self):
+        return {"name": "sliding_window", "window": self.window}
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= self.window)
+
+    def _emit(self, g):
+        return g.tmp(f"(m >= n) & (m - n <= {self.window})")
+
+
+def _check_int(value, arg: str, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Expected {arg} to be an int, got {type(value).__name__}.")
+    if value < low:
+        raise ValueError(f"Expected {arg} >= {low}, got {arg}={value}.")
+    return value
+
+
+def sliding_window(window: int) -> MaskMod:
+    """Causal attention to at most ``window`` previous positions (``0 <= i - j <= window``)."""
+    return _SlidingWindow(_check_int(window, "window"))
+
+
+@dataclass(frozen=True, repr=False)
+class _PrefixLM(MaskMod):
+    prefix: int
+
+    @property
+    def name(self):
+        return f"prefix_lm({self.prefix})"
+
+    def spec(self):
+        return {"name": "prefix_lm", "prefix": self.prefix}
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return (kv_idx < self.prefix) | (q_idx >= kv_idx)
+
+    def _emit(self, g):
+        return g.tmp(f"(n < {self.prefix}) | (m >= n)")
+
+
+def prefix_lm(prefix: int) -> MaskMod:
+    """Bidirectional over the first ``prefix`` keys, causal after."""
+    return _PrefixLM(_check_int(prefix, "prefix"))
+
+
+@dataclass(frozen=True, repr=False)
+class _DilatedSlidingWindow(MaskMod):
+    window: int
+    dilation: int
+
+    @property
+    def name(self):
+        return f"dilated_sliding_window({self.window}, {self.dilation})"
+
+    def spec(self):
+        return {"name": "dilated_sliding_window", "window": self.window, "dilation": self.dilation}
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        d = q_idx - kv_idx
+        return (d >= 0) & (d <= self.window) & (d % self.dilation == 0)
+
+    def _emit(self, g):
+        return g.tmp(f"(m >= n) & (m - n <= {self.window}) & ((m - n) % {self.dilation} == 0)")
+
+
+def dilated_sliding_window(window: int, dilation: int) -> MaskMod:
+    """Sliding window that keeps every ``dilation``-th key: ``0 <= i-j <= window``, ``(i-j) % dilation == 0``."""
+    return _DilatedSlidingWindow(_check_int(window, "window"), _check_int(dilation, "dilation", 1))
+
+
+@dataclass(frozen=True, repr=False)
+class _Chunked(MaskMod):
+    chunk: int
+
+    @property
+    def name(self):
+        return f"chunked({self.chunk})"
+
+    def spec(self):
+        return {"name": "chunked", "chunk": self.chunk}
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return (q_idx // self.chunk) == (kv_idx // self.chunk)
+
+    def _emit(self, g):
+        return g.tmp(f"(m // {self.chunk}) == (n // {self.chunk})")
+
+
+def chunked(chunk: int) -> MaskMod:
+    """Block-local attention: i and j in the same chunk of ``chunk`` positions."""
+    return _Chunked(_check_int(chunk, "chunk", 1))
+
+
+class _Document(MaskMod):
+    def __init__(self, q_ids: _Table, kv_ids: _Table, causal: bool):
+        self.q_ids, self.kv_ids, self.causal = q_ids, kv_ids, causal
+
+    @property
+    def name(self):
+        n = int(self.kv_ids.tensor.max().item()) + 1 if self.kv_ids.tensor.numel() else 0
+        return f"document({n} docs{', causal' if self.causal else ''})"
+
+    def spec(self):
+        return {"name": "document", "q_ids": self.q_ids.spec(), "kv_ids": self.kv_ids.spec(),
+                "causal": self.causal}
+
+    def tensors(self):
+        return [self.q_ids.tensor, self.kv_ids.tensor]
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        dev = _device_of(q_idx)
+        same = self.q_ids.tensor.to(dev)[q_idx] == self.kv_ids.tensor.to(dev)[kv_idx]
+        return same & (q_idx >= kv_idx) if self.causal else same
+
+    def _emit(self, g):
+        qd = g.load(self.q_ids.tensor, "m")
+        kd = g.load(self.kv_ids.tensor, "n")
+        expr = f"{qd} == {kd}"
+        if self.causal:
+            expr = f"({expr}) & (m >= n)"
+        return g.tmp(expr)
+
+
+def document(q_ids, kv_ids=None, *, causal: bool = False) -> MaskMod:
+    """Attend within a document: ``q_ids[i] == kv_ids[j]`` (1-D integer tensors, L and S long).
+
+    ``document.from_seed(length, count, seed)`` draws sorted ids for ``count`` documents.
+    """
+    q = _as_table(q_ids, "q_ids")
+    kv = q if kv_ids is None else _as_table(kv_ids, "kv_ids")
+    for t, arg in ((q, "q_ids"), (kv, "kv_ids")):
+        if t.tensor.dim() != 1 or t.tensor.is_floating_point():
+            raise ValueError(f"Expected {arg} to be a 1-D integer tensor, got {t.tensor.dtype} of shape {tuple(t.tensor.shape)}.")
+    return _Document(q, kv, causal)
+
+
+def _document_from_seed(length: int, count: int, seed: int, *, kv_length: Optional[int] = None,
+                        causal: bool = False, device="cpu") -> MaskMod:
+    q = seeded("segments", [length], seed, dtype=torch.int32, device=device, count=count)
+    kv = q if kv_length is None or kv_length == length else seeded(
+        "segments", [kv_length], seed, dtype=torch.int32, device=device, count=count)
+    return _Document(q, kv, causal)
+
+
+document.from_seed = _document_from_seed
+
+
+class _TableMask(MaskMod):
+    """A mask read from a captured boolean table indexed by (h, q, kv) (h modulo its size)."""
+
+    def __init__(self, table: _Table):
+        self.table = table
+
+    @property
+    def name(self):
+        t = self.table.tensor
+        return f"table_mask({tuple(t.shape)}, density {t.float().mean().item():.2f})"
+
+    def spec(self):
+        return {"name": "table_mask", "table": self.table.spec()}
+
+    def tensors(self):
+        return [self.table.tensor]
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        t = self.table.tensor.to(_device_of(q_idx))
+        return t[h % t.shape[0], q_idx, kv_idx] != 0
+
+    def _emit(self, g):
+        nh = self.table.tensor.shape[0]
+        return g.tmp(f"{g.load(self.table.tensor, f'h % {nh}', 'm', 'n')} != 0")
+
+
+def table_mask(table: torch.Tensor) -> MaskMod:
+    """Mask from a table ``[Ht, L, S]`` of 0/1 (int8/int32/bool stored as int8); head ``h`` reads ``h % Ht``."""
+    if not isinstance(table, (torch.Tensor, _Table)):
+        raise TypeError(f"Expected table to be a torch.Tensor, got {type(table).__name__}.")
+    t = table if isinstance(table, _Table) else _Table(table.to(torch.int8).contiguous())
+    if t.tensor.dim() != 3:
+        raise ValueError(f"Expected table of shape [H, L, S], got {tuple(t.tensor.shape)}.")
+    return _TableMask(t)
+
+
+def _table_mask_from_seed(heads: int, length: int, kv_length: int, density: float, seed: int,
+                          device="cpu") -> MaskMod:
+    return _TableMask(seeded("bernoulli", [heads, length, kv_length], seed, dtype=torch.int8,
+                             device=device, p=float(density)))
+
+
+table_mask.from_seed = _table_mask_from_seed
+
+
+class _Combine(MaskMod):
+    def __init__(self, op: str, mods: tuple):
+        self.op, self.mods = op, mods
+
+    @property
+    def name(self):
+        if self.op == "not":
+            return f"not_({self.mods[0].name})"
+        return f"{self.op}_({', '.join(m.name for m in self.mods)})"
+
+    def spec(self):
+        return {"name": self.op, "mods": [m.spec() for m in self.mods]}
+
+    def tensors(self):
+        return [t for m in self.mods for t in m.tensors()]
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        vals = [m(b, h, q_idx, kv_idx) for m in self.mods]
+        if self.op == "not":
+            return ~vals[0]
+        out = vals[0]
+        for v in vals[1:]:
+            out = (out & v) if self.op == "and" else (out | v)
+        return out
+
+    def _emit(self, g):
+        vals = [m._emit(g) for m in self.mods]
+        if self.op == "not":
+            return g.tmp(f"{vals[0]} == 0")
+        sym = " & " if self.op == "and" else " | "
+        return g.tmp(sym.join(f"({v})" for v in vals))
+
+
+def _check_masks(mods, fn):
+    if not mods:
+        raise ValueError(f"Expected at least one mask mod for {fn}, got none.")
+    for m in mods:
+        if not isinstance(m, MaskMod):
+            as_mask_mod(m, f"{fn} argument")
+    return tuple(mods)
+
+
+def and_(*mods: MaskMod) -> MaskMod:
+    """Allowed where every mod allows."""
+    return _Combine("and", _check_masks(mods, "and_"))
+
+
+def or_(*mods: MaskMod) -> MaskMod:
+    """Allowed where any mod allows."""
+    return _Combine("or", _check_masks(mods, "or_"))
+
+
+def not_(mod: MaskMod) -> MaskMod:
+    """Allowed where ``mod`` disallows."""
+    return _Combine("not", _check_masks((mod,), "not_"))
+
+
+class _Select(MaskMod):
+    """A different mask per head (``h % n``) or per batch (``b % n``)."""
+
+    def __init__(self, axis: str, mods: tuple):
+        self.axis, self.mods = axis, mods
+
+    @property
+    def name(self):
+        return f"by_{self.axis}({', '.join(m.name for m in self.mods)})"
+
+    def spec(self):
+        return {"name": f"by_{self.axis}", "mods": [m.spec() for m in self.mods]}
+
+    def tensors(self):
+        return [t for m in self.mods for t in m.tensors()]
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        sel = (h if self.axis == "head" else b) % len(self.mods)
+        out = None
+        for k in range(len(self.mods) - 1, -1, -1):
+            val = self.mods[k](b, h, q_idx, kv_idx)
+            out = val if out is None else torch.where(sel == k, val, out)
+        return out
+
+    def _emit(self, g):
+        var = "h" if self.axis == "head" else "b"
+        vals = [m._emit(g) for m in self.mods]
+        out = vals[-1]
+        for k in range(len(vals) - 2, -1, -1):
+            out = g.tmp(f"tl.where(({var} % {len(vals)}) == {k}, {vals[k]}, {out})")
+        return out
+
+
+def by_head(*mods: MaskMod) -> MaskMod:
+    """Head ``h`` uses ``mods[h % len(mods)]`` (a per-head block mask)."""
+    return _Select("head", _check_masks(mods, "by_head"))
+
+
+def by_batch(*mods: MaskMod) -> MaskMod:
+    """Batch ``b`` uses ``mods[b % len(mods)]`` (a per-batch block mask)."""
+    return _Select("batch", _check_masks(mods, "by_batch"))
+
+
+# --------------------------------------------------------------------------
+# score mods
+
+
+class _Identity(ScoreMod):
+    name = "identity"
+
+    def spec(self):
+        return {"name": "identity"}
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return score
+
+    def _emit(self, g, s):
+        return s
+
+
+def identity() -> ScoreMod:
+    return _Identity()
+
+
+class _Alibi(ScoreMod):
+    def __init__(self, slopes: _Table):
+        self.slopes = slopes
+
+    @property
+    def name(self):
+        return f"alibi({self.slopes.tensor.numel()} heads)"
+
+    def spec(self):
+        return {"name": "alibi", "slopes": self.slopes.spec()}
+
+    def tensors(self):
+        return [self.slopes.tensor]
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        slope = self.slopes.tensor.to(score.device)[h]
+        return score + slope * (kv_idx - q_idx)
+
+    def _emit(self, g, s):
+        slope = g.load(self.slopes.tensor, "h")
+        return g.tmp(f"{s} + {slope}.to(tl.float32) * (n - m).to(tl.float32)")
+
+
+def alibi(slopes) -> ScoreMod:
+    """ALiBi: ``score + slopes[h] * (j - i)``; ``alibi.standard(H)`` gives the paper's slopes."""
+    t = _as_table(slopes, "slopes")
+    if t.tensor.dim() != 1 or not t.tensor.is_floating_point():
+        raise ValueError(f"Expected slopes to be a 1-D float tensor [H], got {t.tensor.dtype} {tuple(t.tensor.shape)}.")
+    return _Alibi(t)
+
+
+def _alibi_standard(heads: int, device="cpu") -> ScoreMod:
+    slopes = torch.tensor([2.0 ** (-8.0 * (k + 1) / heads) for k in range(heads)], dtype=torch.float32)
+    return _Alibi(_Table(slopes.to(device)))
+
+
+alibi.standard = _alibi_standard
+
+
+class _RelativePosition(ScoreMod):
+    """``score + table[h, clamp(j - i, -R, R) + R]``, a learnable-or-fixed table ``[H, 2R+1]``."""
+
+    def __init__(self, table: _Table):
+        self.table = table
+
+    @property
+    def radius(self):
+        return (self.table.tensor.shape[1] - 1) // 2
+
+    @property
+    def name(self):
+        return f"relative_position(radius {self.radius})"
+
+    def spec(self):
+        return {"name": "relative_position", "table": self.table.spec()}
+
+    def tensors(self):
+        return [self.table.tensor]
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        r = self.radius
+        t = self.table.tensor.to(score.device)
+        return score + t[h, torch.clamp(kv_idx - q_idx, -r, r) + r]
+
+    def _index(self):
+        r = self.radius
+        return f"tl.minimum(tl.maximum(n - m, -{r}), {r}) + {r}"
+
+    def _emit(self, g, s):
+        val = g.load(self.table.tensor, "h", self._index())
+        return g.tmp(f"{s} + {val}.to(tl.float32)")
+
+    def _emit_buffer_grad(self, g, s, out, grad):
+        if self.table.tensor.requires_grad:
+            _emit_atomic(g, self.table.tensor, grad, ["h", self._index()])
+
+
+def relative_position(table) -> ScoreMod:
+    """Relative position bias from ``table [H, 2R+1]`` (learnable if it requires grad)."""
+    t = _as_table(table, "table")
+    if t.tensor.dim() != 2 or t.tensor.shape[1] % 2 != 1 or not t.tensor.is_floating_point():
+        raise ValueError(f"Expected table to be a float tensor [H, 2R+1], got {t.tensor.dtype} {tuple(t.tensor.shape)}.")
+    return _RelativePosition(t)
+
+
+def _emit_atomic(g: _Gen, tensor, grad: str, indices: list) -> None:
+    """Scatter-add ``grad`` into the learnable tensor's gradient slot at ``valid`` elements."""
+    name = g.buffer(tensor)
+    slot = name.replace("B", "G")
+    strides = _contiguous_strides(tensor.shape)
+    offset = " + ".join(f"({ix}) * {st}" for ix, st in zip(indices, strides))
+    g.stmt("if GRAD_BUFFERS:")
+    g.stmt(f"    ptrs_{slot} = {slot} + {offset} + (m * 0 + n * 0)")
+    g.stmt(f"    tl.atomic_add(ptrs_{slot}, tl.where(valid, {grad}, 0.0), mask=valid, sem='relaxed')")
+
+
+@dataclass(frozen=True, repr=False)
+class _TanhSoftcap(ScoreMod):
+    cap: float
+
+    @property
+    def name(self):
+        return f"tanh_softcap({self.cap:g})"
+
+    def spec(self):
+        return {"name": "tanh_softcap", "cap": self.cap}
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return self.cap * torch.tanh(score / self.cap)
+
+    def _emit(self, g, s):
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): exp2 only, no library call, exact at +-inf.
+        x = g.tmp(f"{s} * {2.0 / self.cap!r} * 1.4426950408889634")
+        th = g.tmp(f"1.0 - 2.0 / (tl.math.exp2({x}) + 1.0)")
+        return g.tmp(f"{self.cap!r} * {th}")
+
+    def _emit_grad(self, g, s, out):
+        th = g.tmp(f"{out} * {1.0 / self.cap!r}")
+        return g.tmp(f"1.0 - {th} * {th}")
+
+
+def tanh_softcap(cap: float) -> ScoreMod:
+    """``cap * tanh(score / cap)`` (Gemma-2 / Grok logit softcapping)."""
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+        raise ValueError(f"Expected cap to be a positive finite number, got cap={cap!r}.")
+    return _TanhSoftcap(float(cap))
+
+
+_BIAS_LAYOUTS = {
+    # layout: (index expressions, torch indexing)
+    "hqk": ("h", "m", "n"),
+    "bhq": ("b", "h", "m"),
+    "qk": ("m", "n"),
+    "h": ("h",),
+    "bh": ("b", "h"),
+}
+
+
+class _Bias(ScoreMod):
+    """``score + table[index]`` with the table indexed by a named layout."""
+
+    def __init__(self, table: _Table, layout: str):
+        self.table, self.layout = table, layout
+
+    @property
+    def name(self):
+        grad = ", learnable" if self.table.tensor.requires_grad else ""
+        return f"bias_{self.layout}({tuple(self.table.tensor.shape)}{grad})"
+
+    def spec(self):
+        return {"name": "bias", "layout": self.layout, "table": self.table.spec()}
+
+    def tensors(self):
+        return [self.table.tensor]
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        t = self.table.tensor
+        if t.device != score.device:
+            t = t.to(score.device)
+        names = {"b": b, "h": h, "m": q_idx, "n": kv_idx}
+        return score + t[tuple(names[c] for c in _BIAS_LAYOUTS[self.layout])]
+
+    def _emit(self, g, s):
+        val = g.load(self.table.tensor, *_BIAS_LAYOUTS[self.layout])
+        return g.tmp(f"{s} + {val}.to(tl.float32)")
+
+    def _emit_buffer_grad(self, g, s, out, grad):
+        if self.table.tensor.requires_grad:
+            _emit_atomic(g, self.table.tensor, grad, list(_BIAS_LAYOUTS[self.layout]))
+
+
+def bias(table, layout: str = "hqk") -> ScoreMod:
+    """Add a captured float table: layout ``"hqk"`` ``[H, L, S]``, ``"bhq"`` ``[B, H, L]``,
+    ``"qk"`` ``[L, S]``, ``"h"`` ``[H]``, ``"bh"`` ``[B, H]``. A table that requires grad is
+    learnable: the kernels return its exact gradient."""
+    if layout not in _BIAS_LAYOUTS:
+        raise ValueError(f"Expected layout in {sorted(_BIAS_LAYOUTS)}, got layout={layout!r}.")
+    t = _as_table(table, "table")
+    if not t.tensor.is_floating_point():
+        raise TypeError(f"Expected a floating-point bias table, got {t.tensor.dtype}.")
+    if t.tensor.dim() != len(layout):
+        raise ValueError(
+            f"Expected a {len(layout)}-D table for layout {layout!r}, got shape {tuple(t.tensor.shape)}."
+        )
+    return _Bias(t, layout)
+
+
+def _bias_from_seed(shape, seed: int, layout: str = "hqk", *, std: float = 1.0,
+                    requires_grad: bool = False, dtype=torch.float32, device="cpu") -> ScoreMod:
+    return bias(seeded("normal", shape, seed, dtype=dtype, device=device, std=std,
+                       requires_grad=requires_grad), layout)
+
+
+bias.from_seed = _bias_from_seed
+
+
+class _Chain(ScoreMod):
+    def __init__(self, mods: tuple):
+        self.mods = mods
+
+    @property
+    def name(self):
+        return " then ".join(m.name for m in self.mods)
+
+    def spec(self):
+        return {"name": "chain", "mods": [m.spec() for m in self.mods]}
+
+    def tensors(self):
+        return [t for m in self.mods for t in m.tensors()]
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        for m in self.mods:
+            score = m(score, b, h, q_idx, kv_idx)
+        return score
+
+    def _emit(self, g, s):  # compile_mods flattens chains; kept for completeness
+        for m in _flatten_chain(self):
+            s = m._emit(g, s)
+        return s
+
+
+def chain(*mods: ScoreMod) -> ScoreMod:
+    """Apply score mods left to right: ``chain(alibi(s), tanh_softcap(30))``."""
+    if not mods:
+        raise ValueError("Expected at least one score mod for chain, got none.")
+    for m in mods:
+        as_score_mod(m, "chain argument")
+    return _Chain(tuple(mods))
+
+
+# --------------------------------------------------------------------------
+# specs
+
+
+def from_spec(spec: dict, device="cpu") -> Mod:
+    """Rebuild a mod from ``mod.spec()`` (tensors redrawn from their seeds)."""
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(f"Expected a mod spec dict with a 'name', got {spec!r}.")
+    name = spec["name"]
+    tab = lambda key: _Table.from_spec(spec[key], device)  # noqa: E731
+    if name == "full":
+        return full()
+    if name == "causal":
+        return causal()
+    if name == "sliding_window":
+        return sliding_window(spec["window"])
+    if name == "prefix_lm":
+        return prefix_lm(spec["prefix"])
+    if name == "dilated_sliding_window":
+        return dilated_sliding_window(spec["window"], spec["dilation"])
+    if name == "chunked":
+        return chunked(spec["chunk"])
+    if name == "document":
+        q = tab("q_ids")
+        kv = q if spec["kv_ids"] == spec["q_ids"] else tab("kv_ids")
+        return _Document(q, kv, bool(spec.get("causal", False)))
+    if name == "table_mask":
+        return _TableMask(tab("table"))
+    if name in ("and", "or"):
+        return _Combine(name, tuple(from_spec(s, device) for s in spec["mods"]))
+    if name == "not":
+        return not_(from_spec(spec["mods"][0], device))
+    if name in ("by_head", "by_batch"):
+        return _Select(name[3:], tuple(from_spec(s, device) for s in spec["mods"]))
+    if name == "identity":
+        return identity()
+    if name == "alibi":
+        return _Alibi(tab("slopes"))
+    if name == "relative_position":
+        return _RelativePosition(tab("table"))
+    if name == "tanh_softcap":
+        return tanh_softcap(spec["cap"])
+    if name == "bias":
+        return _Bias(tab("table"), spec["layout"])
+    if name == "chain":
+        return chain(*(from_spec(s, device) for s in spec["mods"]))
+    raise ValueError(f"Unknown mod name {name!r} in spec.")
