@@ -74,3 +74,22 @@ def module(name: str, interpret: bool) -> types.ModuleType:
 
 def needs_interpreter(tensor) -> bool:
     return tensor.device.type == "cpu"
+
+
+_stages_that_fit: dict = {}
+
+
+def launch(kernel, grid, *args, num_stages: int, **kwargs):
+    """Launch ``kernel``; if its pipeline needs more shared memory than the GPU has, retry
+    with fewer stages (captured tables are pipelined too, so a score mod can tip a config over).
+    """
+    key = (id(kernel), tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, (int, str, bool)))))
+    stages = min(num_stages, _stages_that_fit.get(key, num_stages))
+    while True:
+        try:
+            return kernel[grid](*args, num_stages=stages, **kwargs)
+        except triton.runtime.errors.OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            _stages_that_fit[key] = stages

@@ -12,8 +12,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+from . import _runtime
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -220,7 +222,8 @@ def run_forward(plan, query, key, value):
     full_num = sp.full_kv_num if sp.has_full else sp.kv_num
     full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
     MB, MH, nQ, nKV = sp.kv_idx.shape
-    forward_kernel[grid](
+    _runtime.launch(
+        forward_kernel, grid,
         query, key, value, out, lse, mx if plan.return_max else lse,
         sp.kv_num, sp.kv_idx, full_num, full_idx,
         *plan.buffer_args(query),
