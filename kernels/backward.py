@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import _runtime
 
-from .forward import LN2, LOG2E, head_pad, load_tile, mma
+from .forward import LOG2E, cast, head_pad, load_tile, mma
 
 
 @triton.jit
@@ -74,7 +74,7 @@ def dq_tiles(
                                   B0, B1, B2, B3, False)
             else:
                 ds = dt
-            dq = mma(ds.to(K.dtype.element_ty), tl.trans(kT), dq, FP32_PRECISION, UPCAST)
+            dq = mma(cast(ds, K.dtype.element_ty, UPCAST), tl.trans(kT), dq, FP32_PRECISION, UPCAST)
     return dq
 
 
@@ -133,7 +133,7 @@ def dkdv_tiles(
             if not IS_FULL:
                 keep = keep & MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
             pT = tl.where(keep, tl.math.exp2(tT * LOG2E - lse2[None, :]), 0.0)
-            dv = mma(pT.to(DO.dtype.element_ty), do, dv, FP32_PRECISION, UPCAST)
+            dv = mma(cast(pT, DO.dtype.element_ty, UPCAST), do, dv, FP32_PRECISION, UPCAST)
             dpT = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
             dtT = pT * (dpT - delta[None, :])
             if HAS_SCORE:
@@ -141,7 +141,7 @@ def dkdv_tiles(
                                    G0, G1, G2, G3, GRAD_BUFFERS)
             else:
                 dsT = dtT
-            dk = mma(dsT.to(Q.dtype.element_ty), tl.trans(qT), dk, FP32_PRECISION, UPCAST)
+            dk = mma(cast(dsT, Q.dtype.element_ty, UPCAST), tl.trans(qT), dk, FP32_PRECISION, UPCAST)
     return dk, dv
 
 
@@ -211,7 +211,7 @@ def dq_kernel(
     dq = dq * SM_SCALE
     ptrs = (DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
             + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd)
-    tl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_DIM))
+    tl.store(ptrs, cast(dq, DQ.dtype.element_ty, UPCAST), mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_DIM))
 
 
 @triton.jit
@@ -286,10 +286,10 @@ def dkdv_kernel(
     n_ok = offs_n[:, None] < KV_LEN
     dk_ptrs = (DK + off_z.to(tl.int64) * stride_dkz + off_hkv.to(tl.int64) * stride_dkh
                + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_ok & (offs_d[None, :] < QK_DIM))
+    tl.store(dk_ptrs, cast(dk, DK.dtype.element_ty, UPCAST), mask=n_ok & (offs_d[None, :] < QK_DIM))
     dv_ptrs = (DV + off_z.to(tl.int64) * stride_dvz + off_hkv.to(tl.int64) * stride_dvh
                + offs_n[:, None] * stride_dvn + offs_v[None, :] * stride_dvd)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok & (offs_v[None, :] < V_DIM))
+    tl.store(dv_ptrs, cast(dv, DV.dtype.element_ty, UPCAST), mask=n_ok & (offs_v[None, :] < V_DIM))
 
 
 def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_grads: bool):

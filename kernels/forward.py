@@ -46,6 +46,20 @@ def mma(a, b, acc, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def cast(x, DT: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(DT) rounding to nearest even.
+
+    The interpreter (UPCAST) truncates float32 to bfloat16, which doubles the
+    rounding error and biases it; round the bits first so the cast is exact.
+    """
+    if UPCAST and DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DT)
+
+
+@triton.jit
 def forward_tiles(
     acc, l_i, m_i,
     q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -111,7 +125,7 @@ def forward_tiles(
             l_i = l_i * alpha + tl.sum(p, 1)
             v = load_tile(V, offs_n, offs_v, stride_vn, stride_vd, KV_LEN, V_DIM,
                           not KV_DIVISIBLE, V_DIM != V_PAD)
-            acc = mma(p.to(V.dtype.element_ty), v, acc * alpha[:, None], FP32_PRECISION, UPCAST)
+            acc = mma(cast(p, V.dtype.element_ty, UPCAST), v, acc * alpha[:, None], FP32_PRECISION, UPCAST)
             m_i = m_new
     return acc, l_i, m_i
 
@@ -152,7 +166,7 @@ def forward_kernel(
     # q stays in SRAM for the whole row walk.
     q = load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, Q_LEN, QK_DIM, not Q_DIVISIBLE, QK_DIM != QK_PAD)
     if PRESCALE:
-        q = (q * (SM_SCALE * LOG2E)).to(Q.dtype.element_ty)
+        q = cast(q * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
     if Q_DIVISIBLE:
         m_mod = offs_m[:, None]
     else:
@@ -190,7 +204,7 @@ def forward_kernel(
     o_ptrs = (OUT + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
               + offs_m[:, None] * stride_om + offs_v[None, :] * stride_od)
     o_mask = (offs_m[:, None] < Q_LEN) & (offs_v[None, :] < V_DIM)
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
+    tl.store(o_ptrs, cast(out, OUT.dtype.element_ty, UPCAST), mask=o_mask)
     stat_offs = pid_zh.to(tl.int64) * Q_LEN + offs_m
     if OUTPUT_LSE:
         tl.store(LSE + stat_offs, (m_i + tl.math.log2(l_safe)) * LN2, mask=offs_m < Q_LEN)

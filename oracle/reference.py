@@ -112,7 +112,9 @@ def emulate_flex_attention(
     return _attention(
         query, key, value, score_mod, block_mask, scale, enable_gqa,
         return_lse, kernel_options, semantics, return_max, chunk_size,
-        compute_dtype=compute, round_to=_rounder(dtype),
+        compute_dtype=compute,
+        round_to=None if dtype == torch.float64 else _Emulation(
+            dtype, bool((kernel_options or {}).get("PRESCALE_QK", False))),
     )
 
 
@@ -138,31 +140,92 @@ class _RoundBoth(torch.autograd.Function):
         return ctx.fn(grad), None
 
 
+class _RoundGrad(torch.autograd.Function):
+    """Identity forward; rounds the incoming gradient.
+
+    A kernel's backward rounds the score gradient ``ds`` to the input dtype
+    before the products ``ds @ K`` and ``ds^T @ Q``; the emulation must too, or
+    its dQ/dK baseline is more accurate than any honest kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        ctx.fn = fn
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.fn(grad), None
+
+
 def _round_tf32(x: torch.Tensor) -> torch.Tensor:
-    # Round-to-nearest-even to 10 explicit mantissa bits, as the tensor cores do
-    # (close enough: they truncate on some paths, which is no larger an error).
+    # Hopper's tensor cores read float32 operands as TF32 by dropping the low 13
+    # mantissa bits (truncation, measured on the H100: a round-to-nearest
+    # emulation needed tolerance factors of 23-61 against compiled kernels,
+    # truncation 3.9). Truncation is biased, so its error adds up along a sum.
     bits = x.contiguous().view(torch.int32)
-    lsb = (bits >> 13) & 1
-    rounded = (bits + 0xFFF + lsb) & ~0x1FFF
-    out = rounded.view(torch.float32)
+    out = (bits & ~0x1FFF).view(torch.float32)
     return torch.where(torch.isfinite(x), out, x)
 
 
-def _rounder(dtype: torch.dtype):
-    if dtype == torch.float64:
-        return None
-    if dtype == torch.float32:
-        if torch.get_float32_matmul_precision() == "highest":
-            return None
+class _DivideStored(torch.autograd.Function):
+    """``num / total`` whose backward uses the output as stored (rounded to the dtype).
 
-        def fn(x):
-            return _round_tf32(x.float())
-    else:
+    A kernel's backward computes ``delta = rowsum(dO * O)`` from the output it
+    stored, not from an exact one; the gradient of ``total`` here is exactly
+    that term, so the emulated dQ/dK carry the same error.
+    """
 
-        def fn(x):
-            return x.to(dtype).float()
+    @staticmethod
+    def forward(ctx, num, total, store):
+        out = num / total
+        ctx.save_for_backward(out, total)
+        ctx.store = store
+        return out
 
-    return lambda x: _RoundBoth.apply(x, fn)
+    @staticmethod
+    def backward(ctx, grad):
+        out, total = ctx.saved_tensors
+        grad_total = -(grad * ctx.store(out)).sum(-1, keepdim=True) / total
+        return grad / total, grad_total, None
+
+
+class _Emulation:
+    """Where an honest kernel in ``dtype`` rounds: matrix-product operands (TF32 for
+    float32 unless matmul precision is "highest"), the score gradient before its
+    products, the stored output, and with PRESCALE_QK the pre-scaled query."""
+
+    def __init__(self, dtype: torch.dtype, prescale: bool):
+        self.dtype = dtype
+        self.prescale = prescale
+        tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+        if dtype == torch.float32:
+            self._operand = (lambda x: _round_tf32(x.float())) if tf32 else None
+            self._store = lambda x: x
+        else:
+            self._operand = lambda x: x.to(dtype).float()
+            self._store = self._operand
+
+    def __call__(self, x):
+        return _RoundBoth.apply(x, self._operand) if self._operand else x
+
+    def grad(self, x):
+        return _RoundGrad.apply(x, self._operand) if self._operand else x
+
+    def divide(self, num, total):
+        return _DivideStored.apply(num, total, self._store)
+
+    def prescaled_query(self, q, scale):
+        """q as the kernel sees it with PRESCALE_QK: rounded after scaling by scale*log2(e).
+        Straight-through gradient: the kernels' backward does not pre-scale."""
+        if not self.prescale or self.dtype == torch.float32:
+            return q
+        c = scale * _LOG2E
+        rounded = (q * c).to(self.dtype).to(q.dtype) / c
+        return q + (rounded - q).detach()
+
+
+_LOG2E = 1.4426950408889634
 
 
 # --------------------------------------------------------------------------
@@ -242,7 +305,7 @@ def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, kerne
             f"Pass enable_gqa=True for grouped-query attention."
         )
     if scale is not None:
-        if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):
+        if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, (int, float)):
             raise TypeError(f"Expected scale to be a Python float or None, got {type(scale).__name__}.")
         if not math.isfinite(scale):
             raise ValueError(f"Expected a finite scale, got scale={scale}. Pass None for 1/sqrt(E).")
@@ -274,6 +337,8 @@ def _attention(
     rnd = round_to or (lambda x: x)
 
     q = rnd(query).to(compute_dtype)
+    if round_to is not None:
+        q = round_to.prescaled_query(q, scale)
     # Each query head sees its key/value head; memory O(S), never O(L x S).
     kv_head = torch.arange(Hq, device=query.device) // (Hq // Hkv)
     k = rnd(key).to(compute_dtype).index_select(1, kv_head).expand(B, Hq, S, -1)
@@ -324,6 +389,17 @@ def _indices(B, Hq, start, stop, S, device):
     return b, h, i, j
 
 
+def _broadcast(t: torch.Tensor, shape, name: str) -> torch.Tensor:
+    try:
+        return t.expand(shape)
+    except RuntimeError:
+        raise ValueError(
+            f"Expected {name} to return a tensor that broadcasts to the scores' shape "
+            f"[B, Hq, rows, S] = {list(shape)}, got shape {tuple(t.shape)}. Combine the index "
+            f"arguments elementwise (they broadcast against each other) instead of reshaping them."
+        ) from None
+
+
 def _allowed(mask_mod, tiles, b, h, i, j, shape):
     """The allowed relation of SPEC section 3 for one chunk of rows."""
     allowed = None
@@ -335,7 +411,7 @@ def _allowed(mask_mod, tiles, b, h, i, j, shape):
                 f"Expected mask_mod to return a bool tensor, got {got}. "
                 f"Return a comparison such as q_idx >= kv_idx, not a number."
             )
-        allowed = allowed.expand(shape)
+        allowed = _broadcast(allowed, shape, "mask_mod")
     if tiles is not None:
         partial, full, (q_block, kv_block) = tiles
         MB, MH = partial.shape[:2]
@@ -355,7 +431,10 @@ def _attend_chunk(q, k, v, start, scale, score_mod, mask_mod, tiles, rnd, comput
     b, h, i, j = _indices(B, Hq, start, start + C, S, q.device)
     shape = (B, Hq, C, S)
 
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if isinstance(rnd, _Emulation):
+        scores = rnd.grad(scores)
+    scores = scores * scale
     if score_mod is not None:
         modded = score_mod(scores, b, h, i, j)
         if not isinstance(modded, torch.Tensor) or not modded.is_floating_point():
@@ -363,7 +442,7 @@ def _attend_chunk(q, k, v, start, scale, score_mod, mask_mod, tiles, rnd, comput
                 f"Expected score_mod to return a floating-point tensor, got "
                 f"{modded.dtype if isinstance(modded, torch.Tensor) else type(modded).__name__}."
             )
-        scores = modded.to(compute_dtype).expand(shape)
+        scores = _broadcast(modded.to(compute_dtype), shape, "score_mod")
     allowed = _allowed(mask_mod, tiles, b, h, i, j, shape)
     neg_inf = torch.tensor(float("-inf"), dtype=compute_dtype, device=q.device)
     if allowed is not None:
@@ -378,5 +457,6 @@ def _attend_chunk(q, k, v, start, scale, score_mod, mask_mod, tiles, rnd, comput
     nonempty = total > 0
     safe_total = torch.where(nonempty, total, torch.ones_like(total))
     lse = torch.where(nonempty, shift + torch.log(safe_total), neg_inf)
-    out = torch.matmul(rnd(weights), v) / safe_total
+    num = torch.matmul(rnd(weights), v)
+    out = rnd.divide(num, safe_total) if isinstance(rnd, _Emulation) else num / safe_total
     return out, lse.squeeze(-1), row_max.squeeze(-1)

@@ -1,0 +1,105 @@
+"""Run an attention implementation and the oracle on the same inputs, and compare.
+
+``compare_with_oracle`` is the core property: out, LSE, max scores and every
+gradient (q, k, v and learnable tensors a score mod reads) of the system under
+test against the float64 truth, each through ``oracle.assert_close`` with the
+baseline of an honest emulation in the same dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+import oracle
+
+__all__ = ["Run", "run_attention", "compare_with_oracle", "oracle_run", "emulated_run"]
+
+
+@dataclass
+class Run:
+    """What one implementation produced: tensors by name (out, lse, max, dq, dk, dv, d<buffer>)."""
+
+    tensors: dict
+
+
+def _learnables(score_mod) -> list:
+    if score_mod is None or not hasattr(score_mod, "tensors"):
+        return []
+    return [t for t in score_mod.tensors() if t.requires_grad]
+
+
+def run_attention(
+    fn: Callable, query, key, value, *, score_mod=None, block_mask=None, scale=None,
+    enable_gqa=False, kernel_options=None, grad_out=None, grad_lse=None, want_max=False,
+    extra: Optional[dict] = None,
+) -> Run:
+    """Call ``fn`` with FlexAttention's signature (return_lse=True) and back-propagate
+    ``sum(out * grad_out) + sum(lse * grad_lse)`` (finite LSE entries only) when the
+    gradients are given."""
+    extra = dict(extra or {})
+    if want_max:
+        extra["return_max"] = True
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+                  return_lse=True, **extra)
+    if kernel_options is not None:
+        kwargs["kernel_options"] = kernel_options
+    result = fn(query, key, value, **kwargs)
+    out, lse = result[0], result[1]
+    tensors = {"out": out, "lse": lse}
+    if want_max:
+        tensors["max"] = result[2]
+    if grad_out is not None:
+        inputs = [query, key, value] + _learnables(score_mod)
+        finite = torch.isfinite(lse).detach()
+        loss = (out * grad_out.to(out.dtype)).sum()
+        if grad_lse is not None:
+            loss = loss + (torch.where(finite, lse, torch.zeros_like(lse)) * grad_lse.to(lse.dtype)).sum()
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        names = ["dq", "dk", "dv"] + [f"dbuffer{k}" for k in range(len(inputs) - 3)]
+        for name, g in zip(names, grads):
+            tensors[name] = g if g is not None else torch.zeros_like(inputs[names.index(name)])
+    return Run({k: v.detach() for k, v in tensors.items()})
+
+
+def _leaves(tensors, dtype):
+    """Fresh leaves in ``dtype``, so that gradients come back in it (not cast to the inputs' dtype)."""
+    return [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in tensors]
+
+
+def oracle_run(query, key, value, **kw) -> Run:
+    """The float64 truth for the same inputs (gradients in float64)."""
+    kw.pop("kernel_options", None)
+    q, k, v = _leaves((query, key, value), torch.float64)
+    return run_attention(oracle.flex_attention, q, k, v, **kw)
+
+
+def emulated_run(query, key, value, **kw) -> Run:
+    """An honest computation in the inputs' dtype (the error baseline), in float32.
+    ``kernel_options`` stay: PRESCALE_QK changes where an honest kernel rounds."""
+    extra = {"dtype": query.dtype}
+    q, k, v = _leaves((query, key, value), torch.float32 if query.dtype != torch.float64 else torch.float64)
+    return run_attention(oracle.emulate_flex_attention, q, k, v, extra=extra, **kw)
+
+
+def compare_with_oracle(
+    fn: Callable, query, key, value, *, score_mod=None, block_mask=None, scale=None,
+    enable_gqa=False, kernel_options=None, grad_out=None, grad_lse=None, want_max=False,
+    raise_on_failure: bool = True,
+):
+    """Run ``fn``, the oracle and the emulation; compare every tensor. Returns the
+    ``{name: CompareResult}`` mapping (and raises AssertionError on a mismatch by default)."""
+    __tracebackhide__ = True
+    kw = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+              kernel_options=kernel_options, grad_out=grad_out, grad_lse=grad_lse, want_max=want_max)
+    actual = run_attention(fn, query, key, value, **kw).tensors
+    # Gradients of captured float32 tables come back rounded to float32: a
+    # relative 6e-8, far below any kernel's error, so their upcast is the truth.
+    expected = {k: v.double() for k, v in oracle_run(query, key, value, **kw).tensors.items()}
+    baseline = emulated_run(query, key, value, **kw).tensors
+    if raise_on_failure:
+        oracle.assert_all_close(actual, expected, baseline)
+    return {name: oracle.compare(actual[name], expected[name], baseline=baseline[name], name=name)
+            for name in actual}

@@ -1,0 +1,301 @@
+"""Our Triton kernels against the float64 oracle: forward, backward, options, layouts.
+
+On the CPU the kernels run under the Triton interpreter, so sizes are small;
+the ``gpu`` tests at the end repeat the grid at realistic sizes on a GPU:
+
+    python -m pytest -m gpu -n 0 tests/test_kernels.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+
+import kernels
+from kernels import mods
+from properties.check import compare_with_oracle
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+DEVICE = "cpu"
+
+
+def _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, device, seed=0, Bk=None):
+    g = torch.Generator().manual_seed(seed)
+    Bk = Bk or B
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+    q, k, v = rnd(B, Hq, L, E), rnd(Bk, Hkv, S, E), rnd(Bk, Hkv, S, Ev)
+    do, dl = rnd(B, Hq, L, Ev), torch.randn(B, Hq, L, generator=g).to(device)
+    return [t.requires_grad_() for t in (q, k, v)], do, dl
+
+
+def check(B=1, Hq=2, Hkv=None, L=64, S=64, E=32, Ev=None, dtype=torch.float16, *, score_mod=None,
+          mask_mod=None, block_size=32, kernel_options=None, Bk=None, device=DEVICE, seed=0,
+          grads=True, mask_B=None, mask_H=None):
+    Hkv = Hkv or Hq
+    Ev = Ev or E
+    (q, k, v), do, dl = _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, device, seed, Bk)
+    bm = None
+    if mask_mod is not None:
+        bm = create_block_mask(mask_mod, B if mask_B is None else mask_B, Hq if mask_H is None else mask_H,
+                               L, S, device=device, BLOCK_SIZE=block_size)
+    return compare_with_oracle(
+        kernels.flex_attention, q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=Hq != Hkv,
+        kernel_options=kernel_options, grad_out=do if grads else None, grad_lse=dl if grads else None,
+        want_max=True,
+    )
+
+
+# --------------------------------------------------------------------------
+# shapes
+
+
+@pytest.mark.parametrize("L,S", [(1, 1), (1, 17), (17, 17), (127, 129), (128, 128), (129, 77), (300, 260)])
+def test_lengths(L, S):
+    check(L=L, S=S, mask_mod=mods.causal(), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("L", [17, 129])
+@pytest.mark.parametrize("G", [1, 2, 3, 4])
+def test_gqa_groups(G, L):
+    check(B=1, Hq=2 * G if G != 3 else 3, Hkv=2 if G != 3 else 1, L=L, S=70, mask_mod=mods.sliding_window(20),
+          dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("E,Ev", [(16, 16), (40, 24), (64, 64), (128, 128), (24, 72)])
+def test_head_dims(E, Ev):
+    check(L=130, S=96, E=E, Ev=Ev, mask_mod=mods.causal(), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("L", [5, 140])
+def test_broadcast_kv_batch(L):
+    check(B=3, Hq=4, Hkv=2, Bk=1, L=L, S=90, mask_mod=mods.causal(), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L", [9, 200])
+def test_dtypes(dtype, L):
+    check(B=2, Hq=2, L=L, S=150, E=64, dtype=dtype, mask_mod=mods.prefix_lm(40),
+          score_mod=mods.tanh_softcap(8.0))
+
+
+def test_no_block_mask():
+    check(L=150, S=170, dtype=torch.bfloat16, score_mod=mods.alibi.standard(2))
+
+
+# --------------------------------------------------------------------------
+# block masks and mods
+
+
+def test_per_head_block_mask():
+    check(B=2, Hq=3, L=160, S=160, mask_mod=mods.by_head(mods.causal(), mods.sliding_window(16), mods.chunked(48)))
+
+
+def test_per_batch_block_mask():
+    check(B=3, Hq=2, L=150, S=140, mask_mod=mods.by_batch(mods.causal(), mods.not_(mods.causal())))
+
+
+def test_broadcast_block_mask():
+    check(B=2, Hq=4, Hkv=2, L=140, S=140, mask_mod=mods.causal(), mask_B=1, mask_H=1)
+
+
+def test_fully_masked_rows():
+    mask = mods.table_mask.from_seed(2, 150, 140, 0.01, seed=3)  # most rows have no allowed key
+    results = check(B=1, Hq=2, L=150, S=140, mask_mod=mask, dtype=torch.bfloat16)
+    assert results["out"].ok
+
+
+def test_empty_mask():
+    check(L=140, S=100, mask_mod=mods.not_(mods.full()))
+
+
+MASK_MODS = [
+    mods.full(), mods.causal(), mods.sliding_window(33), mods.prefix_lm(50),
+    mods.document.from_seed(150, 4, seed=1), mods.document.from_seed(150, 3, seed=2, causal=True),
+    mods.dilated_sliding_window(60, 3), mods.chunked(40), mods.and_(mods.causal(), mods.chunked(64)),
+    mods.or_(mods.sliding_window(8), mods.prefix_lm(16)), mods.not_(mods.sliding_window(10)),
+    mods.table_mask.from_seed(1, 150, 150, 0.3, seed=5),
+]
+
+
+@pytest.mark.parametrize("mask_mod", MASK_MODS, ids=str)
+def test_mask_mods(mask_mod):
+    check(L=150, S=150, mask_mod=mask_mod, dtype=torch.float16)
+
+
+SCORE_MODS = [
+    mods.identity(), mods.alibi.standard(2), mods.tanh_softcap(5.0),
+    mods.relative_position(torch.randn(2, 21, generator=torch.Generator().manual_seed(0))),
+    mods.bias.from_seed([2, 130, 120], seed=1, layout="hqk"),
+    mods.bias.from_seed([2, 2, 130], seed=2, layout="bhq"),
+    mods.bias.from_seed([130, 120], seed=3, layout="qk"),
+    mods.chain(mods.alibi.standard(2), mods.tanh_softcap(4.0)),
+]
+
+
+@pytest.mark.parametrize("score_mod", SCORE_MODS, ids=str)
+def test_score_mods(score_mod):
+    check(B=2, L=130, S=120, score_mod=score_mod, mask_mod=mods.causal(), dtype=torch.bfloat16)
+
+
+LEARNABLE = [
+    lambda: mods.bias.from_seed([2, 130, 120], seed=1, layout="hqk", requires_grad=True),
+    lambda: mods.bias.from_seed([2, 2, 130], seed=2, layout="bhq", requires_grad=True),
+    lambda: mods.bias.from_seed([130, 120], seed=3, layout="qk", requires_grad=True),
+    lambda: mods.bias.from_seed([2], seed=4, layout="h", requires_grad=True),
+    lambda: mods.relative_position(torch.randn(2, 31).requires_grad_()),
+    lambda: mods.chain(mods.bias.from_seed([2, 2, 130], seed=2, layout="bhq", requires_grad=True),
+                       mods.tanh_softcap(3.0)),
+]
+
+
+@pytest.mark.parametrize("make", LEARNABLE, ids=["hqk", "bhq", "qk", "h", "relpos", "bias-then-softcap"])
+def test_learnable_bias_gradients(make):
+    results = check(B=2, L=130, S=120, score_mod=make(), mask_mod=mods.sliding_window(50), dtype=torch.float32)
+    assert "dbuffer0" in results
+
+
+# --------------------------------------------------------------------------
+# options
+
+
+OPTIONS = [
+    {"BLOCK_M": 16, "BLOCK_N": 32},
+    {"fwd_BLOCK_M": 32, "fwd_BLOCK_N": 16, "bwd_BLOCK_M1": 16, "bwd_BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16},
+    {"PRESCALE_QK": True},
+    {"ROWS_GUARANTEED_SAFE": True},
+    {"FORCE_USE_FLEX_ATTENTION": True},
+    {"OUTPUT_LOGSUMEXP": False},
+    {"num_warps": 2, "num_stages": 1},
+    {"SPLIT_KV": 3},
+]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("L", [20, 140])
+def test_kernel_options(opts, L):
+    check(L=L, S=150, kernel_options=opts, mask_mod=mods.causal() if "ROWS" in str(opts) else mods.sliding_window(40),
+          score_mod=mods.alibi.standard(2), dtype=torch.float16)
+
+
+def test_blocks_are_contiguous():
+    # Causal keeps every row's blocks consecutive, so the promise holds.
+    check(L=160, S=160, kernel_options={"BLOCKS_ARE_CONTIGUOUS": True}, mask_mod=mods.causal())
+
+
+# --------------------------------------------------------------------------
+# layouts
+
+
+def test_non_contiguous_inputs_and_output_layout():
+    g = torch.Generator().manual_seed(0)
+    # [B, L, H, E] storage viewed as [B, H, L, E], with a storage offset.
+    base = torch.randn(2, 140, 3, 40 + 8, generator=g).to(torch.float16)
+    q = base[..., 8:].transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 3, 40, 120, generator=g).to(torch.float16).transpose(-1, -2).requires_grad_()
+    v = torch.randn(2, 3, 120, 64, generator=g).to(torch.float16)[..., ::2].requires_grad_()
+    assert not q.is_contiguous() and not k.is_contiguous() and not v.is_contiguous()
+    out = kernels.flex_attention(q, k, v)
+    assert out.stride()[1] < out.stride()[2], "output should follow the query's [B, L, H, D] layout"
+    bm = create_block_mask(mods.causal(), 2, 3, 140, 120, device=DEVICE, BLOCK_SIZE=32)
+    do = torch.randn(2, 3, 140, 32, generator=g).to(torch.float16)
+    compare_with_oracle(kernels.flex_attention, q, k, v, block_mask=bm, grad_out=do, grad_lse=None)
+
+
+def test_deterministic_forward():
+    (q, k, v), _, _ = _inputs(1, 2, 2, 140, 130, 32, 32, torch.bfloat16, DEVICE)
+    bm = create_block_mask(mods.causal(), 1, 2, 140, 130, device=DEVICE, BLOCK_SIZE=32)
+    a = kernels.flex_attention(q, k, v, block_mask=bm, return_lse=True)
+    b = kernels.flex_attention(q, k, v, block_mask=bm, return_lse=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# --------------------------------------------------------------------------
+# errors
+
+
+def _qkv(dtype=torch.float16):
+    return [torch.randn(1, 2, 32, 16).to(dtype) for _ in range(3)]
+
+
+def test_plain_function_score_mod_is_rejected():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="kernels.mods score mod"):
+        kernels.flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s)
+
+
+def test_plain_function_mask_mod_is_rejected():
+    q, k, v = _qkv()
+    bm = create_block_mask(lambda b, h, i, j: i >= j, 1, 2, 32, 32, device=DEVICE, BLOCK_SIZE=16)
+    with pytest.raises(TypeError, match="kernels.mods mask mod"):
+        kernels.flex_attention(q, k, v, block_mask=bm)
+
+
+@pytest.mark.parametrize("opts,match", [
+    ({"BLOCK_Q": 16}, "Unknown kernel_options"),
+    ({"BLOCK_M": 24}, "power of two"),
+    ({"BLOCK_M": 64}, "divide the block mask's Q_BLOCK=32"),
+    ({"num_warps": 3}, "num_warps"),
+    ({"PRESCALE_QK": "yes"}, "PRESCALE_QK"),
+    ({"SPLIT_KV": 0}, "SPLIT_KV"),
+])
+def test_bad_options(opts, match):
+    q, k, v = _qkv()
+    bm = create_block_mask(mods.causal(), 1, 2, 32, 32, device=DEVICE, BLOCK_SIZE=32)
+    with pytest.raises(ValueError, match=match):
+        kernels.flex_attention(q, k, v, block_mask=bm, kernel_options=opts)
+
+
+def test_float64_is_rejected():
+    q, k, v = _qkv(torch.float64)
+    with pytest.raises(TypeError, match="oracle.flex_attention"):
+        kernels.flex_attention(q, k, v)
+
+
+def test_block_size_not_multiple_of_16():
+    q, k, v = _qkv()
+    bm = create_block_mask(mods.causal(), 1, 2, 32, 32, device=DEVICE, BLOCK_SIZE=8)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernels.flex_attention(q, k, v, block_mask=bm)
+
+
+def test_block_mask_too_short():
+    q, k, v = _qkv()
+    bm = create_block_mask(mods.causal(), 1, 2, 16, 16, device=DEVICE, BLOCK_SIZE=16)
+    with pytest.raises(ValueError, match="cover"):
+        kernels.flex_attention(q, k, v, block_mask=bm)
+
+
+# --------------------------------------------------------------------------
+# the same behaviours at realistic sizes, on a GPU
+
+
+GPU_CASES = [
+    dict(B=2, Hq=8, Hkv=2, L=1024, S=1024, E=128, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128),
+    dict(B=1, Hq=6, Hkv=2, L=1000, S=777, E=64, dtype=torch.float16, mask_mod=mods.sliding_window(256), block_size=128),
+    dict(B=2, Hq=4, Hkv=4, L=513, S=1025, E=40, Ev=24, dtype=torch.bfloat16, mask_mod=mods.prefix_lm(100), block_size=64),
+    dict(B=1, Hq=4, Hkv=4, L=2048, S=2048, E=64, dtype=torch.float16, block_size=128,
+         mask_mod=mods.document.from_seed(2048, 12, seed=0, device="cuda" if torch.cuda.is_available() else "cpu"),
+         score_mod=mods.alibi.standard(4, device="cuda" if torch.cuda.is_available() else "cpu")),
+    dict(B=2, Hq=4, Hkv=1, Bk=1, L=700, S=900, E=128, dtype=torch.bfloat16, mask_mod=mods.causal(),
+         score_mod=mods.tanh_softcap(20.0), block_size=128),
+    dict(B=1, Hq=8, Hkv=8, L=600, S=600, E=64, dtype=torch.float32, mask_mod=mods.by_head(mods.causal(), mods.chunked(128)),
+         block_size=128),
+    dict(B=2, Hq=32, Hkv=8, L=1, S=8192, E=128, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128),
+    dict(B=1, Hq=15, Hkv=5, L=77, S=4099, E=128, dtype=torch.float16, mask_mod=mods.sliding_window(1000), block_size=128),
+    dict(B=1, Hq=8, Hkv=2, L=77, S=77, E=64, dtype=torch.bfloat16, block_size=128,
+         kernel_options={"FORCE_USE_FLEX_ATTENTION": True}),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c['B']}x{c['Hq']}/{c['Hkv']}x{c['L']}x{c['S']}x{c['E']}-{str(c['dtype'])[6:]}")
+def test_gpu_cases(case):
+    case = dict(case)
+    if case.get("score_mod") is None and case["E"] == 128 and case["L"] > 1:
+        case["score_mod"] = mods.bias.from_seed([case["Hq"], case["L"], case["S"]], seed=1, requires_grad=True,
+                                                device="cuda")
+    check(device="cuda", **case)
