@@ -1,8 +1,8 @@
 """flex-oracle's Triton kernels for FlexAttention (forward, backward, decode).
 
 Without a CUDA device the whole process runs Triton's interpreter, so the
-kernels run on CPU tensors everywhere; with one, CPU tensors still run
-interpreted (see ``kernels._runtime``).
+kernels run on CPU tensors; with one, they are compiled for CUDA tensors
+(``TRITON_INTERPRET=1`` forces the interpreter; see ``kernels._runtime``).
 """
 
 import os

@@ -1,25 +1,18 @@
 """Where the Triton code runs: compiled for CUDA tensors, interpreted for CPU tensors.
 
-``triton.jit`` decides at decoration time whether a function is compiled or
-interpreted (``TRITON_INTERPRET``), and the two kinds cannot call each other.
-So the kernel modules are loaded twice when a process needs both: once as
-``kernels.forward`` etc. in the process's own mode, and once more, interpreted,
-as ``kernels._interpreted.forward`` (a synthetic package over the same files,
-so their relative imports resolve to interpreted siblings).
+``triton.jit`` decides when a function is defined whether it is compiled or
+interpreted (``TRITON_INTERPRET``), and so do Triton's own library functions
+(``tl.sum``, ``tl.max``), so one process runs one way. ``kernels`` sets
+``TRITON_INTERPRET=1`` on machines without CUDA; a process that compiles for a
+GPU takes CUDA tensors only, and says so for CPU ones.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import importlib.util
-import os
-import sys
-import types
 
 import triton
 
-_TRITON_MODULES = ("forward", "backward", "decode")
 _PACKAGE = __name__.rsplit(".", 1)[0]
 
 
@@ -28,52 +21,27 @@ def process_interprets() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-@contextlib.contextmanager
-def interpreting():
-    """Decorate with ``triton.jit`` in interpreter mode inside this block."""
-    knobs = triton.knobs.runtime
-    saved_env = os.environ.get("TRITON_INTERPRET")
-    saved = knobs.__dict__.get("interpret", None)
-    knobs.interpret = True
-    try:
-        yield
-    finally:
-        if saved is None:
-            knobs.__dict__.pop("interpret", None)
-        else:
-            knobs.__dict__["interpret"] = saved
-        if saved_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved_env
-
-
-_variants: dict = {}
-
-
-def module(name: str, interpret: bool) -> types.ModuleType:
-    """The Triton module ``name`` (forward, backward, decode) in the requested mode."""
-    if interpret == process_interprets():
-        return importlib.import_module(f"{_PACKAGE}.{name}")
-    if not interpret:
-        raise RuntimeError(
-            "This process runs Triton in interpreter mode (TRITON_INTERPRET=1), so CUDA tensors "
-            "cannot use compiled kernels. Unset TRITON_INTERPRET to run on the GPU."
+def check_device(tensor) -> bool:
+    """Whether ``tensor``'s kernels run interpreted; a clear error when this process cannot run them."""
+    interpret = process_interprets()
+    if tensor.device.type == "cpu" and not interpret:
+        raise ValueError(
+            "Expected CUDA tensors: this process compiles the kernels for the GPU. CPU tensors run "
+            "under the Triton interpreter, which must be chosen before any kernel is defined: run "
+            "the CPU work in a process started with TRITON_INTERPRET=1 (kernels sets it itself "
+            "on machines without CUDA)."
         )
-    key = f"{_PACKAGE}._interpreted"
-    if key not in _variants:
-        pkg = types.ModuleType(key)
-        pkg.__path__ = list(sys.modules[_PACKAGE].__path__)
-        sys.modules[key] = pkg
-        with interpreting():
-            for mod in _TRITON_MODULES:
-                importlib.import_module(f"{key}.{mod}")
-        _variants[key] = pkg
-    return sys.modules[f"{key}.{name}"]
+    if tensor.device.type == "cuda" and interpret:
+        raise ValueError(
+            "Expected CPU tensors: this process runs Triton in interpreter mode (TRITON_INTERPRET=1), "
+            "so CUDA tensors cannot use compiled kernels. Unset TRITON_INTERPRET to run on the GPU."
+        )
+    return interpret
 
 
-def needs_interpreter(tensor) -> bool:
-    return tensor.device.type == "cpu"
+def module(name: str):
+    """The Triton module ``name`` (forward, backward, decode)."""
+    return importlib.import_module(f"{_PACKAGE}.{name}")
 
 
 _stages_that_fit: dict = {}

@@ -381,7 +381,7 @@ class Plan:
         return self.Hq // self.Hkv
 
     def module(self, name: str):
-        return _runtime.module(name, self.interpret)
+        return _runtime.module(name)
 
     def buffer_args(self, like: torch.Tensor) -> list:
         dummy = like.new_empty(1)
@@ -408,6 +408,10 @@ class _FlexFunction(torch.autograd.Function):
             out, lse, mx = plan.module("decode").run_decode(plan, query, key, value)
         else:
             out, lse, mx = plan.module("forward").run_forward(plan, query, key, value)
+        if not plan.return_max:
+            # Never return one tensor as two outputs: autograd would route the
+            # LSE's gradient to the max slot.
+            mx = lse.new_empty(0)
         ctx.plan = plan
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.mark_non_differentiable(mx)
@@ -450,7 +454,7 @@ def flex_attention(
     Bk, Hkv, S, _ = key.shape
     Ev = value.shape[3]
     device = query.device
-    interpret = _runtime.needs_interpreter(query) or _runtime.process_interprets()
+    interpret = _runtime.check_device(query)
     if block_mask is None:
         sparse, mask = _dense_sparse(L, S, device), None
     else:

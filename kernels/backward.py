@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import _runtime
 
-from .forward import LOG2E, cast, head_pad, load_tile, mma
+from .forward import LOG2E, cast, head_pads, load_tile, mma
 
 
 @triton.jit
@@ -327,7 +327,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     common = dict(
         SCORE_FN=prog.score_fn, SCORE_BWD_FN=prog.score_bwd_fn, MASK_FN=prog.mask_fn,
         HAS_SCORE=prog.has_score, HAS_FULL=sp.has_full, G=plan.G,
-        QK_DIM=E, V_DIM=Ev, QK_PAD=head_pad(E), V_PAD=head_pad(Ev),
+        QK_DIM=E, V_DIM=Ev, QK_PAD=head_pads(E, Ev)[0], V_PAD=head_pads(E, Ev)[1],
         SPARSE_Q=sp.q_block, SPARSE_KV=sp.kv_block,
         Q_DIVISIBLE=L % sp.q_block == 0, KV_DIVISIBLE=S % sp.kv_block == 0,
         CONTIGUOUS=opt.contiguous, FP32_PRECISION=plan.fp32_precision, UPCAST=plan.interpret,

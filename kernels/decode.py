@@ -6,14 +6,23 @@ batch x KV head, split): the query rows of every query head in a GQA group are
 packed into one tile (packed row ``r`` of KV head ``hkv`` is query head
 ``hkv * G + r // L``, query index ``r % L``), so each key/value tile is read
 once for the whole group. Each split walks a contiguous range of key positions
-with an online softmax in base-2 units and writes its normalised partial
-output and base-2 LSE; a second kernel combines the splits through their LSEs.
+with an online softmax in base-2 units and writes its unnormalised partial
+output, row max and row sum; a second kernel merges the splits the way the
+online softmax merges tiles. With a single split the first kernel writes the
+result directly.
 
 The packed rows of one tile may belong to different heads and different sparse
 query blocks, so the block mask is read per row: the host expands the block
 lists into a dense membership table (0 = not listed, 1 = partial, 2 = full)
 and each row gathers its entry for the current KV block. A tile that no row
 lists is skipped.
+
+Kernel options: SPLIT_KV sets the number of splits (capped by the number of
+key tiles); PRESCALE_QK as in the forward kernel. Tiles come from this
+module's own table, not from BLOCK_M / BLOCK_N (those size the forward's
+query tiles). ROWS_GUARANTEED_SAFE is not used to drop the guard against rows
+with nothing allowed: it promises keys per row, not per split or per packed
+tile. BLOCKS_ARE_CONTIGUOUS has nothing to save here (no index lists are read).
 """
 
 from __future__ import annotations
@@ -22,14 +31,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import LN2, LOG2E, head_pad, load_tile, mma
+from . import _runtime
+from .forward import LN2, LOG2E, cast, head_pads, load_tile, mma
 
 NOT_LISTED, PARTIAL, FULL = 0, 1, 2
 
 
 @triton.jit
 def decode_split_kernel(
-    Q, K, V, MEMBER, OUT, LSE, MAX,
+    Q, K, V, MEMBER, OUT, LSE, MAX, SUM,
     B0, B1, B2, B3,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
@@ -44,11 +54,12 @@ def decode_split_kernel(
     KV_DIVISIBLE: tl.constexpr, PRESCALE: tl.constexpr, OUTPUT_MAX: tl.constexpr,
     FINAL: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """One split of one packed-row tile.
+    """One split of one tile of packed rows.
 
-    FINAL (a single split): write out in its dtype and lse / max in natural log.
-    Otherwise write float32 scratch: the normalised partial output, the base-2
-    LSE and the base-2 max of this split (-inf where the split allows nothing).
+    FINAL (a single split): write out in its dtype, lse and max in natural log.
+    Otherwise write float32 scratch for the combine: the unnormalised output
+    ``acc``, the base-2 row max ``m`` (MAX) and the row sum ``l`` (SUM) of this
+    split; a row that the split does not allow has acc = 0, m = -inf, l = 0.
     """
     pid_m = tl.program_id(0)
     pid_zh = tl.program_id(1)
@@ -72,7 +83,7 @@ def decode_split_kernel(
     # q stays in SRAM for the whole split.
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < QK_DIM), other=0.0)
     if PRESCALE:
-        q = (q * (SM_SCALE * LOG2E)).to(Q.dtype.element_ty)
+        q = cast(q * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
     K += off_zkv.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
     V += off_zkv.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
 
@@ -111,61 +122,64 @@ def decode_split_kernel(
                 if HAS_SCORE:
                     s = SCORE_FN(s, off_z, h_col, m_col, n_mod, B0, B1, B2, B3)
                 s = s * LOG2E
-            # Base-2 units from here on. Full rows skip mask_mod's verdict,
-            # partial rows take it, unlisted rows (and padding) allow nothing.
+            # Base-2 units from here on. Rows listing the block as full skip
+            # mask_mod's verdict, partial rows take it, unlisted rows (and
+            # padding) allow nothing.
             keep = MASK_FN(off_z, h_col, m_col, n_mod, B0, B1, B2, B3)
             member_col = member[:, None]
-            allowed = (member_col == 2) | ((member_col == 1) & keep)
+            allowed = (member_col == 2) | ((member_col == 1) & keep)  # FULL, PARTIAL
             if not KV_DIVISIBLE:
                 allowed = allowed & (n_row < KV_LEN)
             s = tl.where(allowed, s, float("-inf"))
 
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            # Rows of other heads may list nothing so far even when every row
-            # has keys overall (ROWS_GUARANTEED_SAFE does not hold per split or
-            # per packed tile): shift such rows by 0 so exp2 gives 0, not NaN.
+            # A row may have nothing allowed so far even under ROWS_GUARANTEED_SAFE
+            # (the promise covers whole rows, not one split or the blocks of
+            # another head packed in the tile): shift it by 0 so exp2 gives 0, not NaN.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_use)
             p = tl.math.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = load_tile(V, offs_n, offs_v, stride_vn, stride_vd, KV_LEN, V_DIM,
                           not KV_DIVISIBLE, V_DIM != V_PAD)
-            acc = mma(p.to(V.dtype.element_ty), v, acc * alpha[:, None], FP32_PRECISION, UPCAST)
+            acc = mma(cast(p, V.dtype.element_ty, UPCAST), v, acc * alpha[:, None], FP32_PRECISION, UPCAST)
             m_i = m_new
 
-    # A row with nothing allowed in this split has l = 0, m = -inf: out 0, lse -inf.
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse2 = m_i + tl.math.log2(l_safe)
     o_ptrs = (OUT + pid_t.to(tl.int64) * stride_ot + off_z.to(tl.int64) * stride_oz
               + offs_h[:, None].to(tl.int64) * stride_oh + offs_i[:, None].to(tl.int64) * stride_om
               + offs_v[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_v[None, :] < V_DIM))
+    o_mask = row_ok[:, None] & (offs_v[None, :] < V_DIM)
     # Statistics are [splits, B, Hq, L] contiguous.
     stat_offs = ((pid_t.to(tl.int64) * Z + off_z) * HQ + offs_h) * Q_LEN + offs_i
     if FINAL:
-        tl.store(LSE + stat_offs, lse2 * LN2, mask=row_ok)
+        # A fully masked row has l = 0 and m = -inf: out = 0 and lse = -inf.
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        tl.store(o_ptrs, cast(acc / l_safe[:, None], OUT.dtype.element_ty, UPCAST), mask=o_mask)
+        tl.store(LSE + stat_offs, (m_i + tl.math.log2(l_safe)) * LN2, mask=row_ok)
         if OUTPUT_MAX:
             tl.store(MAX + stat_offs, m_i * LN2, mask=row_ok)
     else:
-        tl.store(LSE + stat_offs, lse2, mask=row_ok)
-        if OUTPUT_MAX:
-            tl.store(MAX + stat_offs, m_i, mask=row_ok)
+        tl.store(o_ptrs, acc, mask=o_mask)
+        tl.store(MAX + stat_offs, m_i, mask=row_ok)
+        tl.store(SUM + stat_offs, l_i, mask=row_ok)
 
 
 @triton.jit
 def decode_combine_kernel(
-    PART_OUT, PART_LSE, PART_MAX, OUT, LSE, MAX,
+    PART_OUT, PART_MAX, PART_SUM, OUT, LSE, MAX,
     stride_ot, stride_oz, stride_oh, stride_om, stride_od,
     stride_fz, stride_fh, stride_fm, stride_fd,
     NUM_SPLITS, HQ, Q_LEN, ROWS,
     V_DIM: tl.constexpr, V_PAD: tl.constexpr, BLOCK_L: tl.constexpr, OUTPUT_MAX: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    """Merge the splits' partial outputs of BLOCK_L rows of one (b, h).
+    """Merge the splits of BLOCK_L rows of one (b, h), as the online softmax merges tiles.
 
-    Weights are exp2(lse_t - max_t lse_t): a split that allows nothing
-    (lse_t = -inf) gets weight 0 and a zero partial output, so it adds exactly
-    nothing; a row that no split allows keeps out = 0, lse = max = -inf.
+    Split t is rescaled by exp2(m_t - M) with M the largest m_t: the scores'
+    own maxima, not the splits' LSEs, so nothing is lost to rounding
+    log2(l_t) near a large LSE. A split that allows nothing (m_t = -inf) gets
+    factor 0 on a zero partial output, so it adds exactly nothing; a row that
+    no split allows keeps out = 0, lse = max = -inf.
     """
     pid_zh = tl.program_id(0)
     pid_l = tl.program_id(1)
@@ -178,38 +192,36 @@ def decode_combine_kernel(
     stat_offs = pid_zh.to(tl.int64) * Q_LEN + offs_l
     part_ptrs = (PART_OUT + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
                  + offs_l[:, None] * stride_om + offs_v[None, :] * stride_od)
-
-    lse_ptrs = PART_LSE + stat_offs
     max_ptrs = PART_MAX + stat_offs
+    sum_ptrs = PART_SUM + stat_offs
+
     m = tl.zeros([BLOCK_L], dtype=tl.float32) - float("inf")
-    mx = tl.zeros([BLOCK_L], dtype=tl.float32) - float("inf")
     den = tl.zeros([BLOCK_L], dtype=tl.float32)
     acc = tl.zeros([BLOCK_L, V_PAD], dtype=tl.float32)
-    for t in range(0, NUM_SPLITS):
-        lse_t = tl.load(lse_ptrs, mask=row_ok, other=float("-inf"))
-        o_t = tl.load(part_ptrs, mask=tile_ok, other=0.0)
-        m_new = tl.maximum(m, lse_t)
+    for _ in range(0, NUM_SPLITS):
+        m_t = tl.load(max_ptrs, mask=row_ok, other=float("-inf"))
+        l_t = tl.load(sum_ptrs, mask=row_ok, other=0.0)
+        acc_t = tl.load(part_ptrs, mask=tile_ok, other=0.0)
+        m_new = tl.maximum(m, m_t)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_use)
-        w = tl.math.exp2(lse_t - m_use)
-        den = den * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * o_t
+        beta = tl.math.exp2(m_t - m_use)
+        den = den * alpha + l_t * beta
+        acc = acc * alpha[:, None] + acc_t * beta[:, None]
         m = m_new
-        if OUTPUT_MAX:
-            mx = tl.maximum(mx, tl.load(max_ptrs, mask=row_ok, other=float("-inf")))
         # Pointers advance one split at a time (64-bit: the scratch may pass 2**31 elements).
         part_ptrs += stride_ot
-        lse_ptrs += ROWS
         max_ptrs += ROWS
+        sum_ptrs += ROWS
 
     den_safe = tl.where(den == 0.0, 1.0, den)
     out = acc / den_safe[:, None]
     f_ptrs = (OUT + off_z.to(tl.int64) * stride_fz + off_h.to(tl.int64) * stride_fh
               + offs_l[:, None] * stride_fm + offs_v[None, :] * stride_fd)
-    tl.store(f_ptrs, out.to(OUT.dtype.element_ty), mask=tile_ok)
+    tl.store(f_ptrs, cast(out, OUT.dtype.element_ty, UPCAST), mask=tile_ok)
     tl.store(LSE + stat_offs, (m + tl.math.log2(den_safe)) * LN2, mask=row_ok)
     if OUTPUT_MAX:
-        tl.store(MAX + stat_offs, mx * LN2, mask=row_ok)
+        tl.store(MAX + stat_offs, m * LN2, mask=row_ok)
 
 
 # Decode tiles by (architecture, dtype, padded head dim): (BLOCK_N, largest
@@ -236,18 +248,36 @@ def _decode_config(arch: str, dtype, pad: int):
 
 
 def membership(sparse) -> torch.Tensor:
-    """The block lists as a dense int8 table ``[MB, MH, nQ, nKV]``: 0 not listed, 1 partial, 2 full."""
-    MB, MH, nQ, nKV = sparse.kv_idx.shape
-    member = torch.zeros((MB, MH, nQ, nKV), dtype=torch.int8, device=sparse.kv_idx.device)
+    """The block lists as a dense int8 table ``[MB, MH, nQ, nKV]``: 0 not listed, 1 partial, 2 full.
+
+    Cached on the list tensors themselves (identity and version), so a block
+    mask reused over decoding steps is expanded once.
+    """
     lists = [(sparse.kv_num, sparse.kv_idx, PARTIAL)]
     if sparse.has_full:
         lists.append((sparse.full_kv_num, sparse.full_kv_idx, FULL))
+    tensors = [t for num, idx, _ in lists for t in (num, idx)]
+    key = tuple(id(t) for t in tensors)
+    versions = tuple(t._version for t in tensors)
+    hit = _MEMBERSHIP.get(key)
+    # The entry holds the tensors, so their ids cannot be reused while it lives.
+    if hit is not None and all(a is b for a, b in zip(hit[0], tensors)) and hit[1] == versions:
+        return hit[2]
+    MB, MH, nQ, nKV = sparse.kv_idx.shape
+    member = torch.zeros((MB, MH, nQ, nKV), dtype=torch.int8, device=sparse.kv_idx.device)
     for num, idx, kind in lists:
         listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
         # Entries past a row's count may hold anything: point them at block 0 with value 0.
         cols = torch.where(listed, idx.long(), 0)
         member.scatter_reduce_(-1, cols, listed.to(torch.int8) * kind, reduce="amax")
+    _MEMBERSHIP[key] = (tensors, versions, member)
+    while len(_MEMBERSHIP) > _MEMBERSHIP_SIZE:
+        _MEMBERSHIP.pop(next(iter(_MEMBERSHIP)))
     return member
+
+
+_MEMBERSHIP: dict = {}
+_MEMBERSHIP_SIZE = 16
 
 
 def _num_splits(plan, n_tiles: int, programs_per_split: int, device) -> int:
@@ -279,7 +309,8 @@ def run_decode(plan, query, key, value):
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=device)
     mx = torch.empty((B, Hq, L), dtype=torch.float32, device=device) if plan.return_max else lse
 
-    qk_pad, v_pad = head_pad(plan.E), head_pad(Ev)
+    # Padded head dims as the forward pads them (see head_pads: a Triton miscompile on sm_90).
+    qk_pad, v_pad = head_pads(plan.E, Ev)
     block_n, max_block_m, num_warps, num_stages = _decode_config(
         _arch(device, plan.interpret), query.dtype, max(qk_pad, v_pad))
     block_n = _fit_tile(block_n, sp.kv_block)
@@ -293,18 +324,20 @@ def run_decode(plan, query, key, value):
     final = splits == 1
 
     if final:
-        part_out, part_lse, part_max = out, lse, mx
+        part_out, part_lse, part_max, part_sum = out, lse, mx, lse
         part_strides = (0, *out.stride())
     else:
         part_out = torch.empty((splits, B, Hq, L, Ev), dtype=torch.float32, device=device)
-        part_lse = torch.empty((splits, B, Hq, L), dtype=torch.float32, device=device)
-        part_max = torch.empty_like(part_lse) if plan.return_max else part_lse
+        part_max = torch.empty((splits, B, Hq, L), dtype=torch.float32, device=device)
+        part_sum = torch.empty_like(part_max)
+        part_lse = part_max  # unused: the combine writes the LSE
         part_strides = part_out.stride()
 
     member = membership(sp)
     MB, MH, nQ, nKV = member.shape
-    decode_split_kernel[(m_tiles, B * Hkv, splits)](
-        query, key, value, member, part_out, part_lse, part_max,
+    _runtime.launch(
+        decode_split_kernel, (m_tiles, B * Hkv, splits),
+        query, key, value, member, part_out, part_lse, part_max, part_sum,
         *plan.buffer_args(query),
         *query.stride(), *key.stride(), *value.stride(), *part_strides,
         plan.scale, B, Hq, Hkv, L, S, plan.Bk, tiles_per_split * block_n,
@@ -319,10 +352,10 @@ def run_decode(plan, query, key, value):
     if not final:
         block_l = min(triton.next_power_of_2(L), 16)
         decode_combine_kernel[(B * Hq, triton.cdiv(L, block_l))](
-            part_out, part_lse, part_max, out, lse, mx,
+            part_out, part_max, part_sum, out, lse, mx,
             *part_out.stride(), *out.stride(),
             splits, Hq, L, B * Hq * L,
-            V_DIM=Ev, V_PAD=v_pad, BLOCK_L=block_l, OUTPUT_MAX=plan.return_max,
+            V_DIM=Ev, V_PAD=v_pad, BLOCK_L=block_l, OUTPUT_MAX=plan.return_max, UPCAST=plan.interpret,
             num_warps=4 if v_pad * block_l >= 2048 else 2,
         )
     return out, lse, mx

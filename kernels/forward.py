@@ -217,6 +217,21 @@ def head_pad(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
+def head_pads(E: int, Ev: int) -> tuple:
+    """(QK_PAD, V_PAD) for the tiles.
+
+    Measured on the H100 with Triton 3.6: bf16, 64 x 64 tiles, E=40 (padded to
+    64) with Ev=24 (padded to 32) gives a garbage output and, with one stage,
+    an illegal memory access, while E=40/Ev=40, E=64/Ev=24 and E=40/Ev=64 are
+    right, as is every case under the interpreter. Padding V to at least the
+    padded E whenever E itself is padded avoids that code path.
+    """
+    qk, v = head_pad(E), head_pad(Ev)
+    if qk != E:
+        v = max(v, qk)
+    return qk, v
+
+
 def run_forward(plan, query, key, value):
     """Launch the forward kernel: returns out (query's dtype and layout), lse and max (float32)."""
     import torch
@@ -245,7 +260,7 @@ def run_forward(plan, query, key, value):
         plan.scale, Hq, L, plan.S, plan.Bk, MB, MH, nQ, nKV,
         SCORE_FN=prog.score_fn, MASK_FN=prog.mask_fn, HAS_SCORE=prog.has_score,
         HAS_FULL=sp.has_full, G=plan.G,
-        QK_DIM=plan.E, V_DIM=Ev, QK_PAD=head_pad(plan.E), V_PAD=head_pad(Ev),
+        QK_DIM=plan.E, V_DIM=Ev, QK_PAD=head_pads(plan.E, Ev)[0], V_PAD=head_pads(plan.E, Ev)[1],
         BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"],
         SPARSE_Q=sp.q_block, SPARSE_KV=sp.kv_block,
         Q_DIVISIBLE=L % tiles["BLOCK_M"] == 0, KV_DIVISIBLE=plan.S % sp.kv_block == 0,

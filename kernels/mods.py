@@ -199,17 +199,11 @@ def _load_source(source: str, interpret: bool):
         with os.fdopen(fd, "w") as f:
             f.write(source)
         os.replace(tmp, path)
-    from ._runtime import interpreting, process_interprets
-
     name = f"flex_oracle_generated_mods_{digest}_{'interp' if interpret else 'jit'}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    if interpret and not process_interprets():
-        with interpreting():
-            spec.loader.exec_module(module)
-    else:
-        spec.loader.exec_module(module)
+    spec.loader.exec_module(module)
     return module
 
 

@@ -174,6 +174,7 @@ def compare(
     atol: float | None = None,
     index_names: Sequence[str] | None = None,
     rows_dim: int | Sequence[int] | None = None,
+    precision: torch.dtype | None = None,
 ) -> CompareResult:
     """Compare ``actual`` with the float64 truth ``expected``, without raising.
 
@@ -187,7 +188,11 @@ def compare(
     ``index_names`` label the dimensions in reports; by default ``(b, h, i, d)``
     for rank 4 (``j`` instead of ``i`` for ``dk`` / ``dv``), ``(b, h, i)`` for
     rank 3. Positions where ``expected`` is NaN or +-inf must hold the same
-    value in ``actual``; all others are compared by value.
+    value in ``actual``; all others are compared by value. ``precision`` is the
+    dtype whose constants (``TOLERANCES``, eps) apply, by default
+    ``actual.dtype``; a float32 result computed from 16-bit inputs (the
+    gradient of a float32 bias table, accumulated from bf16 products) is
+    judged by the inputs' dtype.
     """
     actual, expected, baseline = (t.detach() for t in (actual, expected, baseline))
     names = _index_names(name, expected.dim(), index_names)
@@ -217,7 +222,7 @@ def compare(
             f"{name}: expected a floating-point result, got {actual.dtype}.",
         )
 
-    dtype = actual.dtype
+    dtype = precision or actual.dtype
     tolerance = _tolerance(dtype, factor, atol)
     device = expected.device
     label = f"{name} ({_dtype_name(dtype)})"
@@ -318,12 +323,13 @@ def assert_close(
     atol: float | None = None,
     index_names: Sequence[str] | None = None,
     rows_dim: int | Sequence[int] | None = None,
+    precision: torch.dtype | None = None,
 ) -> None:
     """Raise ``AssertionError`` unless ``actual`` agrees with ``expected``; see `compare`."""
     __tracebackhide__ = True
     result = compare(
         actual, expected, baseline=baseline, name=name, factor=factor, atol=atol,
-        index_names=index_names, rows_dim=rows_dim,
+        index_names=index_names, rows_dim=rows_dim, precision=precision,
     )
     if not result.ok:
         raise AssertionError(result.message)
@@ -333,13 +339,16 @@ def assert_all_close(
     actual: Mapping[str, torch.Tensor | None],
     expected: Mapping[str, torch.Tensor | None],
     baseline: Mapping[str, torch.Tensor | None],
+    *,
+    precisions: Mapping[str, torch.dtype] | None = None,
     **options: Any,
 ) -> None:
     """Check every tensor of ``expected`` (``out``, ``lse``, ``dq``, ...) and report all failures at once.
 
     The keys of ``actual`` and ``expected`` must agree; a key whose value is
     ``None`` in both (a gradient that was not asked for) is skipped.
-    ``options`` (``factor``, ``atol``) apply to every tensor.
+    ``options`` (``factor``, ``atol``) apply to every tensor; ``precisions``
+    gives some keys their ``precision`` (see `compare`).
     """
     __tracebackhide__ = True
     failures = []
@@ -360,7 +369,8 @@ def assert_all_close(
             continue
         if baseline.get(key) is None:
             raise ValueError(f"Expected a baseline for {key!r}; got keys {sorted(baseline)}.")
-        result = compare(got, truth, baseline=baseline[key], name=key, **options)
+        result = compare(got, truth, baseline=baseline[key], name=key,
+                         precision=(precisions or {}).get(key), **options)
         if not result.ok:
             failures.append(result.message)
     if failures:
