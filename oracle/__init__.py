@@ -13,7 +13,7 @@ from .block_mask import (
     create_block_mask,
     validate_block_mask,
 )
-from .compare import CompareResult, assert_all_close, assert_close, compare
+from .compare import TOLERANCES, CompareResult, assert_all_close, assert_close, compare
 from .reference import SEMANTICS, emulate_flex_attention, flex_attention
 
 __all__ = [
@@ -31,4 +31,5 @@ __all__ = [
     "assert_all_close",
     "compare",
     "CompareResult",
+    "TOLERANCES",
 ]

@@ -351,15 +351,15 @@ def assert_all_close(
     expected: Mapping[str, torch.Tensor | None],
     baseline: Mapping[str, torch.Tensor | None],
     *,
-    precisions: Mapping[str, torch.dtype] | None = None,
+    per_key: Mapping[str, Mapping[str, Any]] | None = None,
     **options: Any,
 ) -> None:
     """Check every tensor of ``expected`` (``out``, ``lse``, ``dq``, ...) and report all failures at once.
 
     The keys of ``actual`` and ``expected`` must agree; a key whose value is
     ``None`` in both (a gradient that was not asked for) is skipped.
-    ``options`` (``factor``, ``atol``) apply to every tensor; ``precisions``
-    gives some keys their ``precision`` (see `compare`).
+    ``options`` (``factor``, ``atol``, ``precision``) apply to every tensor;
+    ``per_key`` overrides them for some keys (``{"dbuffer0": {"factor": 16}}``).
     """
     __tracebackhide__ = True
     failures = []
@@ -381,7 +381,7 @@ def assert_all_close(
         if baseline.get(key) is None:
             raise ValueError(f"Expected a baseline for {key!r}; got keys {sorted(baseline)}.")
         result = compare(got, truth, baseline=baseline[key], name=key,
-                         precision=(precisions or {}).get(key), **options)
+                         **{**options, **(per_key or {}).get(key, {})})
         if not result.ok:
             failures.append(result.message)
     if failures:

@@ -99,11 +99,28 @@ def compare_with_oracle(
     # relative 6e-8, far below any kernel's error, so their upcast is the truth.
     expected = {k: v.double() for k, v in oracle_run(query, key, value, **kw).tensors.items()}
     baseline = emulated_run(query, key, value, **kw).tensors
-    # Gradients of captured tables are float32 sums of products of the inputs'
-    # dtype: judge them by the inputs' precision, not by float32's.
-    precisions = {name: query.dtype for name in actual if name.startswith("dbuffer")}
+    per_key = {name: table_gradient_options(query.dtype) for name in actual if name.startswith("dbuffer")}
     if raise_on_failure:
-        oracle.assert_all_close(actual, expected, baseline, precisions=precisions)
+        oracle.assert_all_close(actual, expected, baseline, per_key=per_key)
     return {name: oracle.compare(actual[name], expected[name], baseline=baseline[name], name=name,
-                                 precision=precisions.get(name))
+                                 **per_key.get(name, {}))
             for name in actual}
+
+
+def table_gradient_options(input_dtype) -> dict:
+    """How the gradient of a captured table (a learnable bias) is judged.
+
+    It is a float32 sum of products of the inputs' dtype, so the inputs'
+    precision applies, not float32's. And it is ``p * (dp - delta)`` element by
+    element, with no averaging: the rounding error of ``delta = rowsum(dO * O)``
+    (O as stored, in the inputs' dtype; standard deviation about
+    ``eps / 2 / sqrt(3) * ||dO * O||``) enters a whole query row with one
+    value, and where ``dp - delta`` cancels it dominates. The emulation makes
+    the same kind of error with its own rounding, and a row where it happens to
+    be tiny leaves no tolerance. Measured on the H100: bf16, 8 x 1024 x 1024
+    causal bias table, 2 of 8.4 million elements at 1.5 times the default
+    allowance (error 0.0032 at 0.082, p about 0.5, delta error about 0.006
+    as estimated above). Twice the default factor covers it with margin.
+    """
+    factor = oracle.TOLERANCES[input_dtype].factor if input_dtype in oracle.TOLERANCES else None
+    return {"precision": input_dtype, **({"factor": 2 * factor} if factor else {})}
