@@ -1,0 +1,1155 @@
+"""Time our FlexAttention kernels against torch.compile(flex_attention) and SDPA.
+
+    PYTHONPATH=. python3 benchmarks/bench.py --budget-seconds 500     # the H100 run
+    python -m benchmarks.bench --quick                                # a few cases
+    python benchmarks/bench.py --device cpu --quick                   # CPU dry run
+
+For every case (a mask or score mod, a shape, a dtype) and every
+implementation (ours, ``torch.compile(flex_attention)``, SDPA with the flash
+and cuDNN backends where SDPA can express the case) it
+
+1. checks the output, the LSE where the implementation returns one, and the
+   gradients of q, k and v against the float64 oracle (``oracle.compare``, the
+   comparison behind ``properties.check.compare_with_oracle``; the oracle and
+   the honest-emulation baseline are computed once per case and shared by the
+   implementations). The check runs on the real shapes when the oracle fits in
+   memory, else on a reduced case (batch 1, shorter sequences, same mods and
+   head dims). A failing implementation gets no speed.
+2. times the forward and, separately, the backward alone (the forward runs once
+   outside the timer; the timed call is ``torch.autograd.grad(out, (q, k, v),
+   grad_out, retain_graph=True)``), as medians of CUDA-event timings
+   (``triton.testing.do_bench``, which also flushes the L2 cache before every
+   call), rotating over several input sets. Compilation happens in the check,
+   outside the timed region.
+
+FLOPs count allowed (b, h, i, j) only: forward ``4 * B * Hq * L * S * D *
+density``, backward 2.5 times that, with the density measured exactly from the
+block mask on the device. Decode cases (L = 1) also report the key/value bytes
+read per second, ``2 * B * Hkv * S * D * itemsize / time``, against the HBM's
+nominal 3.35 TB/s and the device-to-device copy bandwidth measured at start.
+
+The matrix, flags and JSON layout are described in docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python benchmarks/bench.py` from a checkout
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+# --------------------------------------------------------------------------
+# the matrix
+
+TOKENS = 16384  # B * S for the training cases
+HIDDEN = 2048  # Hq * D for the training cases
+SEQLENS = (4096, 16384, 1024)  # the first is the most informative
+HEAD_DIMS = (128, 64)
+BLOCK = 128  # the block mask's BLOCK_SIZE, shared by ours and torch's flex
+WINDOW = 1024
+DOCUMENTS = 12
+SOFTCAP = 30.0
+SPARSE_DENSITY = 0.25
+GQA_GROUP = 4
+DECODE_HEADS = (32, 8)  # Hq, Hkv
+DECODE_HEAD_DIM = 128
+DECODE_SEQLENS = (32768, 8192, 131072)
+DECODE_BATCHES = (1, 8)
+NOMINAL_HBM_TBS = 3.35  # H100 SXM datasheet
+BACKWARD_FLOP_FACTOR = 2.5
+
+# Mask rows in order of interest: the summary's masks first.
+MASKS = {
+    "causal": "causal",
+    "document": f"document mask ({DOCUMENTS} documents)",
+    "softcap": f"tanh softcap {SOFTCAP:g} + causal",
+    "none": "no mask",
+    "sliding_window": f"sliding window {WINDOW}, causal",
+    "prefix_lm": "prefix LM (prefix S/4)",
+    "alibi": "ALiBi + causal",
+    "block_sparse": f"random block-sparse, {SPARSE_DENSITY:.0%} of {BLOCK}x{BLOCK} blocks, all full",
+    "gqa_causal": f"causal, GQA Hq/Hkv = {GQA_GROUP}",
+    "gqa_document": f"document mask, GQA Hq/Hkv = {GQA_GROUP}",
+}
+DECODE = "decode"
+QUICK_MASKS = ("causal", "document", "softcap")
+
+# Where SDPA can express a mask row: is_causal, or no mask at all.
+SDPA_CAUSAL = {"none": False, "causal": True, "gqa_causal": True, DECODE: False}
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+# The CPU dry run: tiny shapes, the kernels in Triton's interpreter.
+CPU_TRAIN = dict(B=1, Hq=2, S=256, D=64)
+CPU_DECODE = dict(B=1, Hq=4, Hkv=2, S=512, D=64)
+
+# The float64 oracle on the real shapes when it fits in this share of the
+# device's memory and in this many score elements (B * Hq * L * S).
+CHECK_MEMORY_SHARE = 0.3
+CHECK_MAX_ELEMENTS = 1 << 34
+CHECK_REDUCED_LEN = 2048
+# Rotate among enough input sets to cover this multiple of the L2 cache.
+ROTATE_L2_MULTIPLE = 4
+MAX_INPUT_SETS = 16
+# Start a max-autotune compile only with this much of the budget left.
+MAX_AUTOTUNE_RESERVE_S = 150.0
+
+
+@dataclass(frozen=True)
+class Shape:
+    B: int
+    Hq: int
+    Hkv: int
+    L: int
+    S: int
+    D: int
+
+    @property
+    def gqa(self) -> bool:
+        return self.Hq != self.Hkv
+
+    def label(self) -> str:
+        heads = f"H{self.Hq}" if not self.gqa else f"H{self.Hq}/{self.Hkv}"
+        return f"S{_k(self.S)} D{self.D} B{self.B} {heads}"
+
+
+@dataclass(frozen=True)
+class Case:
+    mask: str  # a key of MASKS, or DECODE
+    shape: Shape
+    dtype: torch.dtype
+
+    @property
+    def decode(self) -> bool:
+        return self.mask == DECODE
+
+    @property
+    def id(self) -> str:
+        s = self.shape
+        return f"{self.mask}-S{s.S}-D{s.D}-B{s.B}-H{s.Hq}x{s.Hkv}-{_dtype_name(self.dtype)}"
+
+    def label(self) -> str:
+        return f"{self.mask} {self.shape.label()}"
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _parse_lengths(text: str) -> tuple:
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        scale = 1024 if item.endswith("k") else 1
+        try:
+            out.append(int(item[:-1] if scale > 1 else item) * scale)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"Expected lengths like 1k,4k,16384, got {text!r}.") from None
+    return tuple(out)
+
+
+def _parse_ints(text: str) -> tuple:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Expected comma-separated integers, got {text!r}.") from None
+
+
+def _parse_masks(text: str) -> tuple:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [n for n in names if n not in MASKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"Unknown mask rows {unknown}; expected some of {list(MASKS)}.")
+    return names
+
+
+def train_shape(mask: str, S: int, D: int, device: str) -> Shape:
+    """Hq * D = 2048 and B * S = 16k tokens (tiny on CPU); GQA rows have Hkv = Hq / 4."""
+    if device == "cpu":
+        B, Hq, S = CPU_TRAIN["B"], CPU_TRAIN["Hq"] * (GQA_GROUP if mask.startswith("gqa_") else 1), CPU_TRAIN["S"]
+    else:
+        if HIDDEN % D or TOKENS % S:
+            raise ValueError(f"Expected D to divide {HIDDEN} and S to divide {TOKENS}, got D={D}, S={S}.")
+        B, Hq = TOKENS // S, HIDDEN // D
+    Hkv = Hq // GQA_GROUP if mask.startswith("gqa_") else Hq
+    return Shape(B, Hq, Hkv, S, S, D)
+
+
+def decode_shape(S: int, B: int, device: str) -> Shape:
+    if device == "cpu":
+        c = CPU_DECODE
+        return Shape(c["B"], c["Hq"], c["Hkv"], 1, c["S"], c["D"])
+    return Shape(B, DECODE_HEADS[0], DECODE_HEADS[1], 1, S, DECODE_HEAD_DIM)
+
+
+def build_matrix(args, device: str) -> list:
+    """The cases in run order: S=4k D=128 for every mask, then decode, then the rest."""
+    dtype = DTYPES[args.dtype]
+    masks = args.masks or (QUICK_MASKS if args.quick else tuple(MASKS))
+    seqlens = args.seqlens or ((4096,) if args.quick else SEQLENS)
+    head_dims = args.head_dims or ((128,) if args.quick else HEAD_DIMS)
+    dec_lens = args.decode_seqlens or ((32768,) if args.quick else DECODE_SEQLENS)
+    dec_batches = args.decode_batches or ((1,) if args.quick else DECODE_BATCHES)
+    if device == "cpu":  # tiny shapes: one length, one head dim, one decode case
+        seqlens, dec_lens, dec_batches = seqlens[:1], dec_lens[:1], dec_batches[:1]
+        head_dims = args.head_dims[:1] if args.head_dims else (CPU_TRAIN["D"],)
+        if args.quick and not args.masks:
+            masks = ("causal",)
+
+    first_len, first_dim = seqlens[0], head_dims[0]
+    train = [(S, D) for D in head_dims for S in seqlens]
+    train.sort(key=lambda sd: (sd != (first_len, first_dim), sd[1] != first_dim))
+    cases = []
+    if not args.decode_only:
+        cases += [Case(m, train_shape(m, *train[0], device), dtype) for m in masks]
+    if not args.no_decode:
+        cases += [Case(DECODE, decode_shape(S, B, device), dtype) for B in dec_batches for S in dec_lens]
+    if not args.decode_only:
+        cases += [Case(m, train_shape(m, S, D, device), dtype) for S, D in train[1:] for m in masks]
+    seen, unique = set(), []
+    for c in cases:  # the CPU's tiny shapes collapse some
+        if c.id not in seen:
+            seen.add(c.id)
+            unique.append(c)
+    return unique
+
+
+# --------------------------------------------------------------------------
+# the mods and the block mask, built once per case and shared by every flex
+
+
+def random_block_mask(L: int, S: int, density: float, seed: int, device):
+    """A BlockMask listing ``round(density * nKV)`` (at least one) seeded random KV blocks per
+    query block, all as full blocks (``mask_mod`` = ``mods.full()``, never evaluated)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from kernels import mods
+
+    nq, nkv = -(-L // BLOCK), -(-S // BLOCK)
+    per_row = max(1, round(density * nkv))
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.rand(nq, nkv, generator=gen).argsort(dim=-1)[:, :per_row].sort(dim=-1).values
+    full_idx = torch.zeros(1, 1, nq, nkv, dtype=torch.int32)
+    full_idx[0, 0, :, :per_row] = picks.to(torch.int32)
+    full_num = torch.full((1, 1, nq), per_row, dtype=torch.int32)
+    kv_num = torch.zeros(1, 1, nq, dtype=torch.int32)
+    kv_idx = torch.zeros(1, 1, nq, nkv, dtype=torch.int32)
+    args = [t.to(device) for t in (kv_num, kv_idx, full_num, full_idx)]
+    try:
+        return BlockMask.from_kv_blocks(*args, BLOCK_SIZE=BLOCK, mask_mod=mods.full(), seq_lengths=(L, S))
+    except TypeError:  # a PyTorch without seq_lengths
+        return BlockMask.from_kv_blocks(*args, BLOCK_SIZE=BLOCK, mask_mod=mods.full())
+
+
+def attention_args(mask: str, shape: Shape, device, seed: int = 0):
+    """``(score_mod, block_mask)`` for a mask row; the block mask from torch's
+    ``create_block_mask`` on the device (``BLOCK_SIZE=128``, broadcast over batch and heads)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from kernels import mods
+
+    L, S = shape.L, shape.S
+
+    def blocks(mask_mod):
+        return create_block_mask(mask_mod, None, None, L, S, device=device, BLOCK_SIZE=BLOCK)
+
+    row = mask[4:] if mask.startswith("gqa_") else mask
+    if row in ("none", DECODE):
+        return None, None
+    if row == "causal":
+        return None, blocks(mods.causal())
+    if row == "sliding_window":
+        return None, blocks(mods.sliding_window(WINDOW))
+    if row == "prefix_lm":
+        return None, blocks(mods.prefix_lm(S // 4))
+    if row == "document":
+        return None, blocks(mods.document.from_seed(S, DOCUMENTS, seed, device=device))
+    if row == "alibi":
+        return mods.alibi.standard(shape.Hq, device=device), blocks(mods.causal())
+    if row == "softcap":
+        return mods.tanh_softcap(SOFTCAP), blocks(mods.causal())
+    if row == "block_sparse":
+        return None, random_block_mask(L, S, SPARSE_DENSITY, seed, device)
+    raise ValueError(f"Unknown mask row {mask!r}; expected one of {list(MASKS) + [DECODE]}.")
+
+
+def allowed_fraction(block_mask, shape: Shape, chunk_elements: int = 1 << 26) -> float:
+    """The share of (b, h, i, j) a block-sparse kernel computes (SPEC's ``semantics="blocks"``):
+    in a full block, or in a partial block where ``mask_mod`` allows. Exact, evaluated on the
+    block mask's device in chunks of query rows. 1.0 without a block mask."""
+    if block_mask is None:
+        return 1.0
+    import oracle
+
+    partial, full = oracle.block_membership(block_mask)
+    MB, MH = partial.shape[:2]
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    device = partial.device
+    L, S = shape.L, shape.S
+    kv = torch.arange(S, device=device)
+    kv_blocks = kv // kv_block
+    rows = max(1, chunk_elements // S)
+    allowed = 0
+    for b in range(MB):
+        for h in range(MH):
+            bt = torch.tensor(b, device=device)
+            ht = torch.tensor(h, device=device)
+            for start in range(0, L, rows):
+                q = torch.arange(start, min(L, start + rows), device=device)
+                tile = (q[:, None] // q_block, kv_blocks[None, :])
+                inside = partial[b, h][tile]
+                if bool(inside.any()):
+                    inside = inside & block_mask.mask_mod(bt, ht, q[:, None], kv[None, :])
+                allowed += int((full[b, h][tile] | inside).sum())
+    # A mask of batch/head size 1 stands for all of them.
+    return allowed / (MB * MH * L * S)
+
+
+def forward_flops(shape: Shape, density: float) -> float:
+    return 4.0 * shape.B * shape.Hq * shape.L * shape.S * shape.D * density
+
+
+def kv_bytes(shape: Shape, dtype: torch.dtype) -> int:
+    """Key and value bytes a decode step must read once."""
+    return 2 * shape.B * shape.Hkv * shape.S * shape.D * torch.empty((), dtype=dtype).element_size()
+
+
+# --------------------------------------------------------------------------
+# implementations
+
+
+class NotApplicable(Exception):
+    """The implementation cannot express the case; the message says why."""
+
+
+@dataclass
+class Impl:
+    """``prepare(case, score_mod, block_mask)`` returns ``fn(q, k, v)`` giving ``out`` or
+    ``(out, lse)``, or raises NotApplicable."""
+
+    name: str
+    prepare: Callable
+    returns_lse: bool
+    description: str
+    slow_compile: bool = False
+    refusal_is_na: bool = False  # SDPA: "No available kernel" means it cannot express the case
+
+
+def _ours(case: Case, score_mod, block_mask):
+    import kernels
+
+    gqa = case.shape.gqa
+
+    def fn(q, k, v):
+        return kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                      enable_gqa=gqa, return_lse=True)
+    return fn
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_flex(mode: Optional[str]):
+    if mode not in _COMPILED:
+        import torch._dynamo
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # Every case brings new mods and shapes: without this dynamo stops
+        # recompiling after a few and silently runs flex_attention eagerly.
+        for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 1 << 20)
+        for knob in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, True)
+        # dynamic=False: one static graph per case. The default (automatic
+        # dynamic) would switch to symbolic shapes after the first recompile.
+        kwargs = {"dynamic": False} if mode is None else {"dynamic": False, "mode": mode}
+        _COMPILED[mode] = torch.compile(flex_attention, **kwargs)
+    return _COMPILED[mode]
+
+
+def _torch_flex(mode: Optional[str]):
+    def prepare(case: Case, score_mod, block_mask):
+        if torch.device(_DEVICE[0]).type != "cuda":
+            raise NotApplicable("torch.compile(flex_attention) runs on CUDA only here (on CPU, "
+                                "Inductor's flex_attention has no backward and no LSE)")
+        from torch.nn.attention import flex_attention as fa
+
+        compiled = _compiled_flex(mode)
+        gqa = case.shape.gqa
+        aux = fa.AuxRequest(lse=True) if hasattr(fa, "AuxRequest") else None
+
+        def fn(q, k, v):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if aux is not None:
+                    out, extra = compiled(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                          enable_gqa=gqa, return_aux=aux)
+                    return out, extra.lse
+                return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa,
+                                return_lse=True)
+        return fn
+    return prepare
+
+
+def wrap_mods(score_mod, block_mask):
+    """The same mods behind plain closures, for a dynamo that cannot trace the mod objects."""
+    wrapped_score = None
+    if score_mod is not None:
+        def wrapped_score(score, b, h, q_idx, kv_idx):
+            return score_mod(score, b, h, q_idx, kv_idx)
+    wrapped_mask = None
+    if block_mask is not None:
+        mask_mod = block_mask.mask_mod
+        wrapped_mask = copy.copy(block_mask)  # the same block lists
+
+        def closure(b, h, q_idx, kv_idx):
+            return mask_mod(b, h, q_idx, kv_idx)
+        wrapped_mask.mask_mod = closure
+    return wrapped_score, wrapped_mask
+
+
+def _sdpa(backend_name: str):
+    def prepare(case: Case, score_mod, block_mask):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        device = torch.device(_DEVICE[0]).type
+        if (backend_name == "MATH") != (device == "cpu"):
+            where = "CPU" if backend_name == "MATH" else "CUDA"
+            raise NotApplicable(f"SDPA {backend_name.lower()} runs on {where} only in this benchmark")
+        if case.mask not in SDPA_CAUSAL or score_mod is not None:
+            raise NotApplicable("SDPA expresses only no mask or causal, without a score mod")
+        backend = getattr(SDPBackend, backend_name)
+        causal, gqa = SDPA_CAUSAL[case.mask], case.shape.gqa
+
+        def fn(q, k, v):
+            with sdpa_kernel([backend]):
+                if gqa:
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                            enable_gqa=True)
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return fn
+    return prepare
+
+
+IMPLS = {
+    "ours": Impl("ours", _ours, True, "kernels.flex_attention (Triton)"),
+    "torch-compile": Impl("torch-compile", _torch_flex(None), True,
+                          "torch.compile(flex_attention, dynamic=False), default mode"),
+    "torch-compile-max-autotune": Impl(
+        "torch-compile-max-autotune", _torch_flex("max-autotune-no-cudagraphs"), True,
+        "torch.compile(flex_attention, dynamic=False, mode='max-autotune-no-cudagraphs')", slow_compile=True),
+    "sdpa-flash": Impl("sdpa-flash", _sdpa("FLASH_ATTENTION"), False,
+                       "scaled_dot_product_attention, SDPBackend.FLASH_ATTENTION", refusal_is_na=True),
+    "sdpa-cudnn": Impl("sdpa-cudnn", _sdpa("CUDNN_ATTENTION"), False,
+                       "scaled_dot_product_attention, SDPBackend.CUDNN_ATTENTION", refusal_is_na=True),
+    "sdpa-math": Impl("sdpa-math", _sdpa("MATH"), False,
+                      "scaled_dot_product_attention, SDPBackend.MATH (the CPU dry run's SDPA)",
+                      refusal_is_na=True),
+}
+_DEVICE = ["cuda"]  # set by main; the SDPA and torch.compile preparers read it
+PEER = "torch-compile"
+
+
+def default_impls(device: str, max_autotune: bool) -> list:
+    if device == "cpu":
+        return ["ours", "torch-compile", "sdpa-math"]
+    names = ["ours", "torch-compile", "sdpa-flash", "sdpa-cudnn"]
+    if max_autotune:
+        names.insert(2, "torch-compile-max-autotune")
+    return names
+
+
+# --------------------------------------------------------------------------
+# inputs, the oracle check and the timers
+
+
+def make_inputs(shape: Shape, dtype, device, seed: int, grad: bool):
+    """q, k, v (leaves, requiring grad when ``grad``) and the upstream gradient, seeded."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(*size):
+        return torch.randn(*size, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+    s = shape
+    q = draw(s.B, s.Hq, s.L, s.D).requires_grad_(grad)
+    k = draw(s.B, s.Hkv, s.S, s.D).requires_grad_(grad)
+    v = draw(s.B, s.Hkv, s.S, s.D).requires_grad_(grad)
+    do = draw(s.B, s.Hq, s.L, s.D) if grad else None
+    return q, k, v, do
+
+
+def check_shape(case: Case, device: str, mode: str) -> Shape:
+    """The real shape when the float64 oracle fits (``mode="auto"``), else a reduced one:
+    batch 1, sequences of at most 2048 (decode: the real length, halved until it fits)."""
+    s = case.shape
+    if device == "cpu" or mode == "real":
+        return s
+    if mode == "auto" and _oracle_fits(s, not case.decode, device):
+        return s
+    if case.decode:
+        S = s.S
+        while S > CHECK_REDUCED_LEN and not _oracle_fits(Shape(1, s.Hq, s.Hkv, 1, S, s.D), False, device):
+            S //= 2
+        return Shape(1, s.Hq, s.Hkv, 1, S, s.D)
+    n = min(s.S, CHECK_REDUCED_LEN)
+    return Shape(1, s.Hq, s.Hkv, n, n, s.D)
+
+
+def _oracle_fits(s: Shape, grads: bool, device: str) -> bool:
+    if s.B * s.Hq * s.L * s.S > CHECK_MAX_ELEMENTS:
+        return False
+    # The oracle holds q, out (and dq, dO) and the keys and values repeated to
+    # Hq heads (and their gradients) in float64, the emulation the same in
+    # float32, plus about ten float64 chunks of 2**26 score elements.
+    rows = s.B * s.Hq * s.L * s.D * (4 if grads else 2)
+    keys = s.B * s.Hq * s.S * s.D * (4 if grads else 2)
+    need = (rows + keys) * (8 + 4) + 10 * (1 << 26) * 8
+    return need <= CHECK_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory
+
+
+def run_impl(fn, q, k, v, do, returns_lse: bool) -> dict:
+    """What the implementation computes: out (and lse), and with ``do`` the gradients of
+    ``out`` alone, taken the way the timed backward takes them."""
+    result = fn(q, k, v)
+    out, lse = (result[0], result[1]) if returns_lse else (result, None)
+    tensors = {"out": out}
+    if lse is not None:
+        tensors["lse"] = lse
+    if do is not None:
+        tensors.update(zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), do)))
+    return {name: t.detach() for name, t in tensors.items()}
+
+
+def oracle_truth(q, k, v, do, score_mod, block_mask, gqa: bool):
+    """The float64 truth and the honest-emulation baseline (``properties.check``), once per case."""
+    from properties.check import emulated_run, oracle_run
+
+    kw = dict(score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa, grad_out=do)
+    expected = {n: t.double() for n, t in oracle_run(q, k, v, **kw).tensors.items()}
+    baseline = emulated_run(q, k, v, **kw).tensors
+    return expected, baseline
+
+
+def compare_all(actual: dict, expected: dict, baseline: dict) -> dict:
+    """``oracle.compare`` of every tensor the implementation returned."""
+    import oracle
+
+    results = {name: oracle.compare(actual[name], expected[name], baseline=baseline[name], name=name)
+               for name in actual}
+    failures = [r.message for r in results.values() if not r.ok]
+    return {
+        "status": "pass" if not failures else "fail",
+        "tensors": {n: {"ok": r.ok, "max_ratio": r.max_ratio, "mismatches": r.mismatches, "total": r.total}
+                    for n, r in results.items()},
+        "message": "\n".join(failures),
+    }
+
+
+def timer(device: str, warmup_ms: float, rep_ms: float, cpu_reps: int):
+    """``time(fn)`` -> (median, p20, p80) in ms: CUDA events through ``triton.testing.do_bench``
+    (warm-up and repetitions in ms; L2 flushed before each call), host clock on CPU."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        def time_cuda(fn):
+            med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+            return med, p20, p80
+        return time_cuda
+
+    def time_cpu(fn):
+        fn()
+        samples = []
+        for _ in range(cpu_reps):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(1e3 * (time.perf_counter() - t0))
+        q = statistics.quantiles(samples, n=5) if len(samples) > 1 else samples * 4
+        return statistics.median(samples), q[0], q[-1]
+    return time_cpu
+
+
+def input_sets(shape: Shape, dtype, device, seed: int, grad: bool) -> list:
+    """Enough fresh input sets to cover a few times the L2 cache (2 to 16; 2 on CPU)."""
+    per_set = (2 * shape.B * shape.Hq * shape.L + 2 * shape.B * shape.Hkv * shape.S) * shape.D
+    per_set *= torch.empty((), dtype=dtype).element_size()
+    n = 2
+    if device == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (50 << 20)
+        n = max(2, min(MAX_INPUT_SETS, math.ceil(ROTATE_L2_MULTIPLE * l2 / per_set)))
+    return [make_inputs(shape, dtype, device, seed + 1 + i, grad) for i in range(n)]
+
+
+def time_impl(fn, sets: list, time_fn, backward: bool) -> dict:
+    """Forward and backward-alone medians over rotating input sets."""
+    first = lambda r: r[0] if isinstance(r, tuple) else r  # noqa: E731
+    turn = itertools.cycle(range(len(sets)))
+
+    def forward():
+        q, k, v, _ = sets[next(turn)]
+        fn(q, k, v)
+
+    out = {"input_sets": len(sets)}
+    out["fwd_ms"], out["fwd_ms_p20"], out["fwd_ms_p80"] = time_fn(forward)
+    if not backward:
+        return out
+    graphs = [(first(fn(q, k, v)), (q, k, v), do) for q, k, v, do in sets]
+    turn_b = itertools.cycle(graphs)
+
+    def backward_alone():
+        o, inputs, do = next(turn_b)
+        torch.autograd.grad(o, inputs, do, retain_graph=True)
+
+    try:
+        out["bwd_ms"], out["bwd_ms_p20"], out["bwd_ms_p80"] = time_fn(backward_alone)
+        out["bwd_method"] = "autograd.grad(out, (q, k, v), grad_out, retain_graph=True)"
+    except RuntimeError as e:  # a backward that cannot run twice on one graph
+        del graphs
+
+        def both():
+            q, k, v, do = sets[next(turn)]
+            torch.autograd.grad(first(fn(q, k, v)), (q, k, v), do)
+        total = time_fn(both)[0]
+        out["bwd_ms"] = total - out["fwd_ms"]
+        out["bwd_method"] = f"median(fwd + bwd) - median(fwd); retain_graph failed: {_first_line(e)}"
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _free(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------
+# one case
+
+
+@dataclass
+class Context:
+    device: str
+    impls: list
+    time_fn: Callable
+    check_mode: str
+    seed: int
+    deadline: Optional[float]
+    log: Callable
+
+    def seconds_left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
+
+
+def run_case(case: Case, ctx: Context) -> dict:
+    """Check and time every implementation on one case; a JSON-ready record."""
+    t_case = time.monotonic()
+    device, shape, backward = ctx.device, case.shape, not case.decode
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.monotonic()
+    score_mod, block_mask = attention_args(case.mask, shape, device, ctx.seed)
+    _sync(device)
+    mask_s = time.monotonic() - t0
+    density = allowed_fraction(block_mask, shape)
+    fwd_flops = forward_flops(shape, density)
+    record = {
+        "id": case.id, "mask": case.mask, "description": MASKS.get(case.mask, "decode, no mask"),
+        "kind": "decode" if case.decode else "train", **asdict(shape), "dtype": _dtype_name(case.dtype),
+        "score_mod": getattr(score_mod, "name", None),
+        "mask_mod": getattr(getattr(block_mask, "mask_mod", None), "name", None),
+        "block_mask_seconds": mask_s, "density": density,
+        "fwd_flops": fwd_flops, "bwd_flops": BACKWARD_FLOP_FACTOR * fwd_flops if backward else None,
+        "kv_bytes": kv_bytes(shape, case.dtype), "results": [],
+    }
+
+    t0 = time.monotonic()
+    mode = ctx.check_mode
+    while True:
+        cshape = check_shape(case, device, mode)
+        reduced = cshape != shape
+        c_score, c_mask = (score_mod, block_mask)
+        if reduced:
+            c_score, c_mask = attention_args(case.mask, cshape, device, ctx.seed)
+        check_inputs = make_inputs(cshape, case.dtype, device, ctx.seed, grad=backward)
+        try:
+            expected, baseline = oracle_truth(*check_inputs, c_score, c_mask, shape.gqa)
+            _sync(device)
+            break
+        except torch.cuda.OutOfMemoryError:
+            if mode == "reduced":
+                raise
+            del check_inputs
+            _free(device)
+            ctx.log(f"[{case.id}] the oracle ran out of memory on the real shapes; checking a reduced case")
+            mode = "reduced"
+    record["check_shape"] = asdict(cshape)
+    record["oracle_seconds"] = time.monotonic() - t0
+    ctx.log(f"[{case.id}] density {density:.4f}, block mask {mask_s:.1f}s, oracle "
+            f"{record['oracle_seconds']:.1f}s on {cshape.label()}{' (reduced)' if reduced else ''}")
+
+    sets = None
+    for impl in ctx.impls:
+        res = {"impl": impl.name, "status": None, "check": None, "reason": None}
+        record["results"].append(res)
+        if impl.slow_compile and ctx.seconds_left() < MAX_AUTOTUNE_RESERVE_S:
+            res.update(status="skipped", reason=f"less than {MAX_AUTOTUNE_RESERVE_S:.0f}s of the budget left")
+            continue
+        t0 = time.monotonic()
+        try:
+            fn = impl.prepare(case, c_score, c_mask)
+        except NotApplicable as e:
+            res.update(status="n/a", reason=str(e))
+            continue
+        except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+            res.update(status="error", reason=f"while preparing: {_first_line(e)}")
+            continue
+        actual, err = _checked_run(fn, check_inputs, impl)
+        timed_mods = (score_mod, block_mask)  # for the real shapes when the check was reduced
+        if err is not None and impl.name.startswith("torch-compile"):
+            # Dynamo could not take the mod objects: retry with closures around them.
+            fn = impl.prepare(case, *wrap_mods(c_score, c_mask))
+            actual, retry_err = _checked_run(fn, check_inputs, impl)
+            res["mods_wrapped"] = f"first attempt raised {err}; retried with the mods wrapped in closures"
+            err = retry_err
+            timed_mods = wrap_mods(score_mod, block_mask)
+        if err is not None:
+            refused = impl.refusal_is_na and "No available kernel" in err
+            status = "n/a" if refused else "error"
+            reason = f"the backend refused: {err}" if refused else err
+            res.update(status=status, reason=reason, first_call_seconds=time.monotonic() - t0)
+            _free(device)
+            continue
+        res["check"] = compare_all(actual, expected, baseline)
+        res["check"]["shape"] = "reduced" if reduced else "real"
+        res["first_call_seconds"] = time.monotonic() - t0
+        del actual
+        if res["check"]["status"] != "pass":
+            res.update(status="fail", reason=res["check"]["message"].splitlines()[0])
+            continue
+        try:
+            timed_fn = impl.prepare(case, *timed_mods) if reduced else fn
+            if sets is None:
+                sets = input_sets(shape, case.dtype, device, ctx.seed, backward)
+            if reduced:  # compile for the real shapes outside the timer
+                t1 = time.monotonic()
+                q, k, v, do = sets[0]
+                run_impl(timed_fn, q, k, v, do, impl.returns_lse)
+                _sync(device)
+                res["real_first_call_seconds"] = time.monotonic() - t1
+            res.update(time_impl(timed_fn, sets, ctx.time_fn, backward))
+        except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+            res.update(status="error", reason=f"while timing: {_first_line(e)}")
+            _free(device)
+            continue
+        res["status"] = "ok"
+        res["fwd_tflops"] = fwd_flops / (res["fwd_ms"] * 1e-3) / 1e12
+        if backward and res.get("bwd_ms", 0) > 0:
+            res["bwd_tflops"] = record["bwd_flops"] / (res["bwd_ms"] * 1e-3) / 1e12
+        if case.decode:
+            res["kv_tbs"] = record["kv_bytes"] / (res["fwd_ms"] * 1e-3) / 1e12
+        res["seconds"] = time.monotonic() - t0
+        ctx.log(f"[{case.id}] {impl.name}: fwd {res['fwd_ms']:.3f} ms"
+                + (f", bwd {res['bwd_ms']:.3f} ms" if "bwd_ms" in res else "")
+                + f" ({res['seconds']:.0f}s with compile and check)")
+    if device == "cuda":
+        record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    record["seconds"] = time.monotonic() - t_case
+    del sets, expected, baseline, check_inputs
+    _free(device)
+    return record
+
+
+def _checked_run(fn, inputs, impl: Impl):
+    """Run once on the check inputs (this compiles); (tensors, None) or (None, error text)."""
+    q, k, v, do = inputs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            actual = run_impl(fn, q, k, v, do, impl.returns_lse)
+            _sync(_DEVICE[0])
+            return actual, None
+        except Exception as e:  # noqa: BLE001 - an implementation's failure is a result
+            notes = sorted({str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()})
+            text = _first_line(e)
+            if notes:
+                text += " | " + " | ".join(n[:200] for n in notes[:4])
+            return None, text
+
+
+# --------------------------------------------------------------------------
+# device ceilings, the table and the summary
+
+
+def device_ceilings(device: str, time_fn) -> dict:
+    """The measured device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate."""
+    if device != "cuda":
+        return {}
+    n = 1 << 28  # 1 GiB of float32
+    src = torch.empty(n, device=device).uniform_()
+    dst = torch.empty_like(src)
+    copy_ms = time_fn(lambda: dst.copy_(src))[0]
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    mm_ms = time_fn(lambda: a @ b)[0]
+    del a, b
+    _free(device)
+    return {
+        "copy_bandwidth_tbs": 2 * n * 4 / (copy_ms * 1e-3) / 1e12,
+        "copy_bytes": 2 * n * 4,
+        "matmul_bf16_tflops": 2 * m**3 / (mm_ms * 1e-3) / 1e12,
+        "matmul_size": m,
+    }
+
+
+def _fmt(x, digits=3) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{digits}f}" if x < 100 else f"{x:.1f}"
+
+
+def _check_cell(res: dict) -> str:
+    status = res["status"]
+    if status in ("ok", "fail"):
+        word = "pass" if status == "ok" else "FAIL"
+        return word + (" (reduced)" if res["check"] and res["check"].get("shape") == "reduced" else "")
+    return {"n/a": "n/a", "skipped": "skipped", "error": "ERROR"}.get(status, status)
+
+
+def format_table(cases: list) -> str:
+    header = ("case", "impl", "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s", "KV TB/s", "check")
+    rows = []
+    for c in cases:
+        label = f"{c['mask']} S{_k(c['S'])} D{c['D']} B{c['B']} H{c['Hq']}" + (
+            f"/{c['Hkv']}" if c["Hq"] != c["Hkv"] else "")
+        for r in c["results"]:
+            rows.append((label, r["impl"], _fmt(r.get("fwd_ms")), _fmt(r.get("fwd_tflops"), 1),
+                         _fmt(r.get("bwd_ms")), _fmt(r.get("bwd_tflops"), 1), _fmt(r.get("kv_tbs"), 2),
+                         _check_cell(r)))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    line = lambda cells: "  ".join(  # noqa: E731
+        str(x).ljust(w) if i < 2 or i == 7 else str(x).rjust(w) for i, (x, w) in enumerate(zip(cells, widths)))
+    out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    return "\n".join(x.rstrip() for x in out)
+
+
+def format_ratios(cases: list) -> str:
+    """Per case and peer: peer time / our time, forward and backward."""
+    rs = ratios(cases)
+    if not rs:
+        return ""
+    x = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    rows = [(r["case"], r["peer"], x(r["fwd"]), x(r.get("bwd"))) for r in rs]
+    header = ("case", "peer", "fwd x", "bwd x")
+    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(  # noqa: E731
+        c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _result(case: dict, impl: str) -> Optional[dict]:
+    for r in case["results"]:
+        if r["impl"] == impl and r["status"] == "ok":
+            return r
+    return None
+
+
+def ratios(cases: list, ours: str = "ours") -> list:
+    """Per case and peer: peer time / our time (above 1: ours is faster), forward and backward."""
+    out = []
+    for c in cases:
+        mine = _result(c, ours)
+        if mine is None:
+            continue
+        for r in c["results"]:
+            if r["impl"] == ours or r["status"] != "ok":
+                continue
+            entry = {"case": c["id"], "mask": c["mask"], "kind": c["kind"], "peer": r["impl"],
+                     "fwd": r["fwd_ms"] / mine["fwd_ms"]}
+            if r.get("bwd_ms") and mine.get("bwd_ms"):
+                entry["bwd"] = r["bwd_ms"] / mine["bwd_ms"]
+            out.append(entry)
+    return out
+
+
+def _geomean(xs: list) -> Optional[float]:
+    xs = [x for x in xs if x and x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def summarize(cases: list, ceilings: dict) -> dict:
+    rs = ratios(cases)
+    peers = sorted({r["peer"] for r in rs})
+    summary = {"ratio_definition": "peer time / our time (above 1: ours is faster)", "peers": {}}
+    for peer in peers:
+        mine = [r for r in rs if r["peer"] == peer]
+        train = [r for r in mine if r["kind"] == "train"]
+        every = [(r["fwd"], r["case"], "fwd") for r in train]
+        every += [(r["bwd"], r["case"], "bwd") for r in train if "bwd" in r]
+        entry = {
+            "train_cases": len(train),
+            "geomean_fwd": _geomean([r["fwd"] for r in train]),
+            "geomean_bwd": _geomean([r.get("bwd") for r in train]),
+            "min": min(every) if every else None,
+            "by_mask": {m: [{"case": r["case"], "fwd": r["fwd"], "bwd": r.get("bwd")} for r in train if r["mask"] == m]
+                        for m in ("document", "softcap", "gqa_document")},
+            "decode": [{"case": r["case"], "bandwidth_ratio": r["fwd"]} for r in mine if r["kind"] == "decode"],
+        }
+        entry["decode_geomean"] = _geomean([d["bandwidth_ratio"] for d in entry["decode"]])
+        summary["peers"][peer] = entry
+    decode = []
+    for c in cases:
+        if c["kind"] != "decode":
+            continue
+        row = {"case": c["id"]}
+        for r in c["results"]:
+            if r["status"] == "ok":
+                row[r["impl"]] = {"kv_tbs": r["kv_tbs"], "share_of_nominal": r["kv_tbs"] / NOMINAL_HBM_TBS}
+                if ceilings.get("copy_bandwidth_tbs"):
+                    row[r["impl"]]["share_of_copy"] = r["kv_tbs"] / ceilings["copy_bandwidth_tbs"]
+        decode.append(row)
+    summary["decode_bandwidth"] = decode
+    failed = [f"{c['id']} {r['impl']}" for c in cases for r in c["results"] if r["status"] in ("fail", "error")]
+    failed += [f"{c['id']} (case)" for c in cases if c.get("error")]
+    summary["failed_or_error"] = failed
+    summary["ratios"] = rs
+    return summary
+
+
+def format_summary(summary: dict, ceilings: dict) -> str:
+    lines = [f"Ratios are {summary['ratio_definition']}."]
+    x = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+    order = [PEER] + [p for p in summary["peers"] if p != PEER]
+    for peer in order:
+        e = summary["peers"].get(peer)
+        if e is None:
+            continue
+        lines.append(f"vs {peer}: geomean fwd {x(e['geomean_fwd'])}, bwd {x(e['geomean_bwd'])} "
+                     f"over {e['train_cases']} training cases"
+                     + (f"; min {x(e['min'][0])} ({e['min'][1]} {e['min'][2]})" if e["min"] else ""))
+        for mask, items in e["by_mask"].items():
+            for it in items:
+                lines.append(f"  {mask:13s} {it['case']}: fwd {x(it['fwd'])}, bwd {x(it['bwd'])}")
+        if e["decode"]:
+            lines.append(f"  decode bandwidth ratio: geomean {x(e['decode_geomean'])}")
+            lines += [f"  decode        {d['case']}: {x(d['bandwidth_ratio'])}" for d in e["decode"]]
+    for row in summary["decode_bandwidth"]:
+        parts = [f"{impl} {v['kv_tbs']:.2f} TB/s ({100 * v['share_of_nominal']:.0f}% of {NOMINAL_HBM_TBS} nominal"
+                 + (f", {100 * v['share_of_copy']:.0f}% of copy" if "share_of_copy" in v else "") + ")"
+                 for impl, v in row.items() if impl != "case"]
+        if parts:
+            lines.append(f"decode {row['case']}: " + "; ".join(parts))
+    if ceilings:
+        lines.append(f"measured: device-to-device copy {ceilings['copy_bandwidth_tbs']:.2f} TB/s "
+                     f"(read + write), bf16 matmul {ceilings['matmul_size']}^3 "
+                     f"{ceilings['matmul_bf16_tflops']:.0f} TFLOP/s")
+    if summary["failed_or_error"]:
+        lines.append("FAILED or ERROR: " + "; ".join(summary["failed_or_error"]))
+    return "\n".join(lines)
+
+
+def format_notes(cases: list) -> str:
+    """Why each implementation was not timed, once per distinct reason."""
+    seen, lines = {}, []
+    for c in cases:
+        if c.get("error"):
+            seen.setdefault(("case", "error", c["error"]), []).append(c["id"])
+        for r in c["results"]:
+            if r["status"] in ("n/a", "skipped", "error", "fail") and r.get("reason"):
+                seen.setdefault((r["impl"], r["status"], r["reason"]), []).append(c["id"])
+            if r.get("mods_wrapped"):
+                seen.setdefault((r["impl"], "note", r["mods_wrapped"]), []).append(c["id"])
+    for (impl, status, reason), ids in seen.items():
+        where = ids[0] if len(ids) == 1 else f"{len(ids)} cases, e.g. {ids[0]}"
+        lines.append(f"{impl} {status} ({where}): {reason}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# main
+
+
+def environment(device: str, args, argv: list) -> dict:
+    import triton
+
+    env = {
+        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + argv),
+        "argv": argv,
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dtype": _dtype_name(DTYPES[args.dtype]),
+        "budget_seconds": args.budget_seconds,
+        "nominal_hbm_tbs": NOMINAL_HBM_TBS,
+        "block_size": BLOCK,
+        "warmup_ms": args.warmup_ms,
+        "rep_ms": args.rep_ms,
+        "check_mode": args.check_size,
+    }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=torch.cuda.get_device_name(device), capability=list(torch.cuda.get_device_capability(device)),
+                   sm_count=props.multi_processor_count, memory_gib=props.total_memory / 2**30)
+    else:
+        env.update(gpu=None, note="CPU dry run: Triton interpreter and tiny shapes; the times mean nothing")
+    return env
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Mask rows: " + ", ".join(MASKS) + ". Lengths accept 1k, 4k, 16384.",
+    )
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="cuda when a GPU is there, else cpu (a dry run: tiny shapes, Triton interpreter)")
+    p.add_argument("--masks", type=_parse_masks, default=None, help="comma-separated mask rows (default: all)")
+    p.add_argument("--seqlens", type=_parse_lengths, default=None, help="training sequence lengths (default 4k,16k,1k)")
+    p.add_argument("--head-dims", type=_parse_ints, default=None, help="head dims (default 128,64)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--decode-seqlens", type=_parse_lengths, default=None,
+                   help="decode KV lengths (default 32k,8k,128k)")
+    p.add_argument("--decode-batches", type=_parse_ints, default=None, help="decode batch sizes (default 1,8)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--decode-only", action="store_true", help="only the decode cases")
+    g.add_argument("--no-decode", action="store_true", help="no decode cases")
+    p.add_argument("--quick", action="store_true",
+                   help="S=4k D=128 causal, document and softcap, and decode 32k B=1 (CPU: one tiny causal "
+                        "case and one tiny decode case)")
+    p.add_argument("--impls", default=None,
+                   help=f"comma-separated implementations (default: all that apply), of {list(IMPLS)}")
+    p.add_argument("--max-autotune", action="store_true",
+                   help="also torch.compile(mode='max-autotune-no-cudagraphs'), when the budget allows")
+    p.add_argument("--budget-seconds", type=float, default=None,
+                   help="start no new case after this many seconds since start; report what was measured")
+    p.add_argument("--check-size", choices=("auto", "real", "reduced"), default="auto",
+                   help="oracle check on the real shapes (auto: when they fit) or on a reduced case")
+    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up, ms")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetitions, ms")
+    p.add_argument("--cpu-reps", type=int, default=3, help="timed calls per measurement on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None,
+                   help="results file (default $OUT/bench.json if OUT is set, else ./bench.json)")
+    return p
+
+
+def main(argv: Optional[list] = None) -> int:
+    start = time.monotonic()
+    argv = list(sys.argv if argv is None else argv)
+    args = build_parser().parse_args(argv[1:])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if device == "cpu":
+        # The interpreter must be chosen before any kernel is defined.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    _DEVICE[0] = device
+    import kernels  # noqa: F401  (after the interpreter choice)
+
+    names = [n.strip() for n in args.impls.split(",")] if args.impls else default_impls(device, args.max_autotune)
+    unknown = [n for n in names if n not in IMPLS]
+    if unknown:
+        print(f"error: unknown implementations {unknown}; expected some of {list(IMPLS)}", file=sys.stderr)
+        return 2
+    impls = [IMPLS[n] for n in names]
+    json_path = args.json or os.path.join(os.environ.get("OUT") or ".", "bench.json")
+    cases = build_matrix(args, device)
+
+    def log(msg: str) -> None:
+        print(f"{time.monotonic() - start:6.0f}s {msg}", file=sys.stderr, flush=True)
+
+    time_fn = timer(device, args.warmup_ms, args.rep_ms, args.cpu_reps)
+    env = environment(device, args, argv)
+    env["impls"] = {i.name: i.description for i in impls}
+    ceilings = device_ceilings(device, time_fn)
+    env["ceilings"] = ceilings
+    if ceilings:
+        log(f"copy {ceilings['copy_bandwidth_tbs']:.2f} TB/s, bf16 matmul {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s")
+    log(f"{len(cases)} cases on {env.get('gpu') or 'cpu'}; implementations {names}")
+
+    deadline = None if args.budget_seconds is None else start + args.budget_seconds
+    ctx = Context(device, impls, time_fn, args.check_size, args.seed, deadline, log)
+    done, not_started = [], []
+    for i, case in enumerate(cases):
+        if deadline is not None and time.monotonic() > deadline:
+            not_started = [c.id for c in cases[i:]]
+            log(f"budget of {args.budget_seconds:.0f}s spent: {len(not_started)} cases not started")
+            break
+        try:
+            done.append(run_case(case, ctx))
+        except Exception as e:  # noqa: BLE001 - one broken case must not lose the others
+            log(f"[{case.id}] case failed: {_first_line(e)}")
+            done.append({"id": case.id, "mask": case.mask, "kind": "decode" if case.decode else "train",
+                         **asdict(case.shape), "dtype": _dtype_name(case.dtype), "error": _first_line(e),
+                         "results": []})
+            _free(device)
+        _write_json(json_path, env, done, not_started, None, start)
+
+    summary = summarize(done, ceilings)
+    _write_json(json_path, env, done, not_started, summary, start)
+    print(format_table(done))
+    ratio_table = format_ratios(done)
+    if ratio_table:
+        print("\nOurs against each peer (peer time / our time; above 1: ours is faster):\n" + ratio_table)
+    notes = format_notes(done)
+    if notes:
+        print("\nNotes:\n" + notes)
+    print("\n" + format_summary(summary, ceilings))
+    if not_started:
+        more = f", ... ({len(not_started) - 4} more in the JSON)" if len(not_started) > 4 else ""
+        print(f"\nNot started (budget): {len(not_started)} cases: {', '.join(not_started[:4])}{more}")
+    print(f"\n{len(done)} cases ({env['dtype']}) in {time.monotonic() - start:.0f}s on {env.get('gpu') or 'cpu'}; "
+          f"torch {env['torch']}, triton {env['triton']}; JSON: {json_path}")
+    return 1 if summary["failed_or_error"] else 0
+
+
+def _write_json(path: str, env: dict, cases: list, not_started: list, summary, start: float) -> None:
+    doc = {"environment": env, "cases": cases, "not_started": not_started, "summary": summary,
+           "elapsed_seconds": time.monotonic() - start}
+    tmp = path + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The benchmark's plumbing (benchmarks/bench.py) without a GPU.
+
+One dry run on CPU (``--device cpu --quick``: a tiny causal case and a tiny
+decode case through our kernels in Triton's interpreter and SDPA's math
+backend, torch.compile skipped with its reason) checks the printed table and
+the JSON; the rest checks the counting (density, FLOPs, bytes), the matrix
+order and the summary in process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("flex_oracle_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+def _args(*argv):
+    return bench.build_parser().parse_args(list(argv))
+
+
+# --------------------------------------------------------------------------
+# the dry run
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    path = out / "result.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--json", str(path)],
+        cwd=out, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"dry run exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout, json.loads(path.read_text())
+
+
+def test_dry_run_prints_the_table_and_the_summary(dry_run):
+    stdout, _ = dry_run
+    lines = stdout.splitlines()
+    top = lines.index(next(line for line in lines if line.startswith("case ")))
+    assert lines[top].split() == ["case", "impl", "fwd", "ms", "fwd", "TF/s", "bwd", "ms", "bwd", "TF/s", "KV",
+                                  "TB/s", "check"]
+    end = lines.index("", top)
+    rows = [line.split() for line in lines[top + 2:end]]
+    assert len(rows) == 6
+    impls = {(r[0], r[5]) for r in rows}
+    assert {("causal", "ours"), ("causal", "torch-compile"), ("causal", "sdpa-math"),
+            ("decode", "ours"), ("decode", "torch-compile"), ("decode", "sdpa-math")} <= impls
+    assert all(r[-1] in ("pass", "n/a") for r in rows), rows
+    assert "torch.compile(flex_attention) runs on CUDA only" in stdout
+    assert "peer time / our time" in stdout
+    assert "JSON:" in stdout
+
+
+def test_dry_run_json_has_the_environment(dry_run):
+    _, doc = dry_run
+    env = doc["environment"]
+    for key in ("command", "argv", "torch", "triton", "gpu", "device", "dtype", "impls"):
+        assert key in env
+    assert env["device"] == "cpu" and env["gpu"] is None
+    assert env["torch"] == torch.__version__
+    assert "--quick" in env["command"] and env["argv"][-2:] == ["--json", env["argv"][-1]]
+    assert doc["not_started"] == [] and doc["summary"]["failed_or_error"] == []
+
+
+def test_dry_run_json_counts_and_checks(dry_run):
+    _, doc = dry_run
+    train, decode = doc["cases"]
+    assert (train["kind"], train["mask"], decode["kind"]) == ("train", "causal", "decode")
+
+    L = train["L"]
+    assert train["density"] == pytest.approx((L + 1) / (2 * L), abs=1e-12)
+    flops = 4 * train["B"] * train["Hq"] * L * train["S"] * train["D"] * train["density"]
+    assert train["fwd_flops"] == pytest.approx(flops)
+    assert train["bwd_flops"] == pytest.approx(2.5 * flops)
+    assert decode["density"] == 1.0 and decode["bwd_flops"] is None
+    assert decode["kv_bytes"] == 2 * decode["B"] * decode["Hkv"] * decode["S"] * decode["D"] * 2
+
+    by_impl = {r["impl"]: r for r in train["results"]}
+    ours = by_impl["ours"]
+    assert ours["status"] == "ok" and ours["check"]["status"] == "pass"
+    assert set(ours["check"]["tensors"]) == {"out", "lse", "dq", "dk", "dv"}
+    assert ours["fwd_ms"] > 0 and ours["bwd_ms"] > 0 and ours["input_sets"] >= 2
+    assert ours["fwd_tflops"] == pytest.approx(flops / (ours["fwd_ms"] * 1e-3) / 1e12)
+    assert ours["bwd_tflops"] == pytest.approx(2.5 * flops / (ours["bwd_ms"] * 1e-3) / 1e12)
+    assert by_impl["torch-compile"]["status"] == "n/a" and "CUDA" in by_impl["torch-compile"]["reason"]
+    sdpa = by_impl["sdpa-math"]
+    assert sdpa["status"] == "ok" and set(sdpa["check"]["tensors"]) == {"out", "dq", "dk", "dv"}
+
+    dec = {r["impl"]: r for r in decode["results"]}["ours"]
+    assert dec["status"] == "ok" and set(dec["check"]["tensors"]) == {"out", "lse"}
+    assert "bwd_ms" not in dec
+    assert dec["kv_tbs"] == pytest.approx(decode["kv_bytes"] / (dec["fwd_ms"] * 1e-3) / 1e12)
+
+    ratios = doc["summary"]["ratios"]
+    assert {(r["case"], r["peer"]) for r in ratios} == {(train["id"], "sdpa-math"), (decode["id"], "sdpa-math")}
+
+
+def test_budget_spent_starts_no_case(tmp_path, capsys):
+    path = tmp_path / "b.json"
+    code = bench.main(["bench", "--device", "cpu", "--quick", "--budget-seconds", "0", "--json", str(path)])
+    assert code == 0
+    doc = json.loads(path.read_text())
+    assert doc["cases"] == [] and len(doc["not_started"]) == 2
+    assert "Not started (budget)" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------
+# counting
+
+
+@pytest.mark.parametrize("L", [384, 300])
+def test_causal_density_is_exact(L):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from kernels import mods
+
+    bm = create_block_mask(mods.causal(), None, None, L, L, device="cpu", BLOCK_SIZE=128)
+    shape = bench.Shape(1, 1, 1, L, L, 64)
+    assert bench.allowed_fraction(bm, shape, chunk_elements=L * 50) == pytest.approx((L + 1) / (2 * L), abs=1e-12)
+
+
+def test_sliding_window_and_document_densities():
+    shape = bench.Shape(1, 2, 2, 2048, 2048, 64)
+    _, bm = bench.attention_args("sliding_window", shape, "cpu")
+    i = torch.arange(2048)
+    d = i[:, None] - i[None, :]
+    assert bench.allowed_fraction(bm, shape) == pytest.approx(float(((d >= 0) & (d <= 1024)).double().mean()))
+
+    _, bm = bench.attention_args("document", shape, "cpu")
+    ids = bm.mask_mod.q_ids.tensor
+    counts = torch.bincount(ids.long())
+    assert len(counts) == bench.DOCUMENTS
+    assert bench.allowed_fraction(bm, shape) == pytest.approx(float((counts.double() ** 2).sum()) / 2048**2)
+
+
+def test_random_block_sparse_lists_full_blocks_only():
+    bm = bench.random_block_mask(1024, 2048, 0.25, seed=3, device="cpu")
+    assert int(bm.kv_num_blocks.sum()) == 0
+    per_row = bm.full_kv_num_blocks[0, 0]
+    assert per_row.tolist() == [4] * 8
+    listed = bm.full_kv_indices[0, 0, :, :4]
+    assert all(len(set(row.tolist())) == 4 for row in listed)
+    shape = bench.Shape(1, 1, 1, 1024, 2048, 64)
+    assert bench.allowed_fraction(bm, shape) == pytest.approx(0.25)
+    again = bench.random_block_mask(1024, 2048, 0.25, seed=3, device="cpu")
+    assert torch.equal(again.full_kv_indices, bm.full_kv_indices)
+
+
+class _OnceBackward(torch.autograd.Function):
+    """Doubles its input; its graph can be run backward only once (like a freed graph)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.used = False
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.used:
+            raise RuntimeError("Trying to backward through the graph a second time")
+        ctx.used = True
+        return 2 * grad
+
+
+@pytest.mark.parametrize("reusable", [True, False])
+def test_backward_timing_alone_or_by_difference(reusable):
+    shape = bench.Shape(1, 1, 1, 16, 16, 16)
+    sets = bench.input_sets(shape, torch.float32, "cpu", 0, grad=True)
+    fn = (lambda q, k, v: q * k.sum() + v.sum()) if reusable else (lambda q, k, v: _OnceBackward.apply(q) + k + v)
+    out = bench.time_impl(fn, sets, bench.timer("cpu", 0, 0, 3), backward=True)
+    assert out["input_sets"] == 2 and out["fwd_ms"] > 0
+    assert "bwd_ms" in out
+    assert out["bwd_method"].startswith("autograd.grad" if reusable else "median(fwd + bwd) - median(fwd)")
+
+
+def test_flops_and_bytes():
+    s = bench.Shape(4, 16, 16, 4096, 4096, 128)
+    assert bench.forward_flops(s, 0.5) == 4 * 4 * 16 * 4096 * 4096 * 128 * 0.5
+    d = bench.Shape(8, 32, 8, 1, 131072, 128)
+    assert bench.kv_bytes(d, torch.bfloat16) == 2 * 8 * 8 * 131072 * 128 * 2
+
+
+# --------------------------------------------------------------------------
+# the matrix and the summary
+
+
+def test_matrix_order_puts_4k_d128_then_decode_first():
+    cases = bench.build_matrix(_args(), "cuda")
+    masks = list(bench.MASKS)
+    assert len(cases) == len(masks) * 6 + 6
+    head = cases[: len(masks)]
+    assert [c.mask for c in head] == masks
+    assert all((c.shape.S, c.shape.D) == (4096, 128) for c in head)
+    decode = cases[len(masks): len(masks) + 6]
+    assert all(c.decode and c.shape.L == 1 and (c.shape.Hq, c.shape.Hkv, c.shape.D) == (32, 8, 128) for c in decode)
+    assert {(c.shape.B, c.shape.S) for c in decode} == {(b, s) for b in (1, 8) for s in (8192, 32768, 131072)}
+    for c in cases:
+        if not c.decode:
+            assert c.shape.B * c.shape.S == 16384 and c.shape.Hq * c.shape.D == 2048
+            assert c.shape.Hkv == (c.shape.Hq // 4 if c.mask.startswith("gqa_") else c.shape.Hq)
+
+
+def test_matrix_flags_select_subsets():
+    quick = bench.build_matrix(_args("--quick"), "cuda")
+    assert [c.mask for c in quick] == ["causal", "document", "softcap", "decode"]
+    sub = bench.build_matrix(_args("--masks", "document,none", "--seqlens", "1k,16k", "--head-dims", "64",
+                                   "--no-decode", "--dtype", "float16"), "cuda")
+    assert [(c.mask, c.shape.S, c.shape.D) for c in sub] == [
+        ("document", 1024, 64), ("none", 1024, 64), ("document", 16384, 64), ("none", 16384, 64)]
+    assert all(c.dtype == torch.float16 for c in sub)
+    dec = bench.build_matrix(_args("--decode-only", "--decode-seqlens", "8k", "--decode-batches", "8"), "cuda")
+    assert [(c.mask, c.shape.B, c.shape.S) for c in dec] == [("decode", 8, 8192)]
+    with pytest.raises(SystemExit):
+        _args("--masks", "nonsense")
+
+
+def test_reduced_check_shape():
+    case = bench.Case("document", bench.train_shape("document", 16384, 64, "cuda"), torch.bfloat16)
+    assert bench.check_shape(case, "cuda", "reduced") == bench.Shape(1, 32, 32, 2048, 2048, 64)
+    assert bench.check_shape(case, "cuda", "real") == case.shape
+
+
+def test_summary_ratios_geomean_and_minimum():
+    def case(id_, mask, kind, ours, peer):
+        res = [{"impl": "ours", "status": "ok", **ours}, {"impl": "torch-compile", "status": "ok", **peer}]
+        return {"id": id_, "mask": mask, "kind": kind, "results": res}
+
+    cases = [
+        case("a", "causal", "train", {"fwd_ms": 1.0, "bwd_ms": 2.0}, {"fwd_ms": 2.0, "bwd_ms": 2.0}),
+        case("b", "document", "train", {"fwd_ms": 2.0, "bwd_ms": 1.0}, {"fwd_ms": 1.0, "bwd_ms": 4.0}),
+        case("c", "decode", "decode", {"fwd_ms": 1.0, "kv_tbs": 2.0}, {"fwd_ms": 1.5, "kv_tbs": 4 / 3}),
+    ]
+    s = bench.summarize(cases, {"copy_bandwidth_tbs": 3.0})
+    e = s["peers"]["torch-compile"]
+    assert e["train_cases"] == 2
+    assert e["geomean_fwd"] == pytest.approx(1.0)  # 2 and 0.5
+    assert e["geomean_bwd"] == pytest.approx(2.0)  # 1 and 4
+    assert e["min"] == (0.5, "b", "fwd")
+    assert e["by_mask"]["document"] == [{"case": "b", "fwd": 0.5, "bwd": 4.0}]
+    assert e["decode_geomean"] == pytest.approx(1.5)
+    assert s["decode_bandwidth"][0]["ours"]["share_of_nominal"] == pytest.approx(2.0 / 3.35)
+    assert s["decode_bandwidth"][0]["ours"]["share_of_copy"] == pytest.approx(2.0 / 3.0)
+    text = bench.format_summary(s, {})
+    assert "geomean fwd 1.00x, bwd 2.00x" in text and "min 0.50x (b fwd)" in text
+    assert math.isclose(bench._geomean([1.0, 4.0]), 2.0)
