@@ -77,14 +77,20 @@ rows). float64 gets 8: its baseline is another float64 computation.
 whichever is larger. Rounding moves a value by at most half an ulp of
 itself, so this covers an off-by-one rounding of any element where the
 baseline happens to be exact (seen: bf16 ``out`` 2.03125 against a baseline
-of 2.046875, one ulp apart, on an element 3.6 times its row's RMS); an absolute perturbation of a few ulps on an otherwise exact tensor
-still fails. In bf16 the floor, not the factor, sets most of the sensitivity.
+of 2.046875, one ulp apart, on an element 3.6 times its row's RMS); an
+absolute perturbation of a few ulps on an otherwise exact tensor still fails. In bf16 the floor, not the factor, sets most of the sensitivity.
 
-``spread`` 0.5: half the tensor's RMS baseline error is the least any element
-is allowed (before the factor). With 0.25 the float32 forward needed factors
-up to 15 instead of 8 (150 cases), with 1.0 about 6; 0.5 keeps rows whose
-errors are far below the tensor's typical error checked at half that typical
-error rather than at the full one.
+``spread`` 1: the tensor's RMS baseline error is the least any element is
+allowed (before the factor). 0.5 was too little for gradients: on the H100
+(bf16, causal, B=4, H=16, S=4096, D=128) FlashAttention, cuDNN,
+torch.compile(flex_attention) and our kernels all put the same three dq
+elements of one row (query 1, two keys) at 1.2 to 1.37 times the allowance:
+the row's dq is dominated by the rounding of ``delta = rowsum(dO * O)``
+through a cancelling ``dp - delta``, the four share one rounded O and so one
+error, and the emulation's own rounding happened to be nearly exact for that
+row. With 0.25 the float32 forward needed factors up to 15, with 0.5 up to
+8, with 1.0 about 6. In bf16 the floor (2 ulps) is larger than the sensitivity
+this costs.
 
 Baselines
 ---------
@@ -132,10 +138,10 @@ class Tolerance:
 
 
 TOLERANCES: dict[torch.dtype, Tolerance] = {
-    torch.bfloat16: Tolerance(factor=8.0, atol=2.0, spread=0.5),
-    torch.float16: Tolerance(factor=8.0, atol=2.0, spread=0.5),
-    torch.float32: Tolerance(factor=64.0, atol=2.0, spread=0.5),
-    torch.float64: Tolerance(factor=8.0, atol=2.0, spread=0.5),
+    torch.bfloat16: Tolerance(factor=8.0, atol=2.0, spread=1.0),
+    torch.float16: Tolerance(factor=8.0, atol=2.0, spread=1.0),
+    torch.float32: Tolerance(factor=64.0, atol=2.0, spread=1.0),
+    torch.float64: Tolerance(factor=8.0, atol=2.0, spread=1.0),
 }
 
 # Index names by rank; gradients of keys and values run over key positions.
@@ -399,7 +405,7 @@ def _tolerance(dtype: torch.dtype, factor: float | None, atol: float | None) -> 
                 f"No tolerance for {dtype}; pass factor= and atol=, or add {dtype} to "
                 f"oracle.compare.TOLERANCES (has {sorted(map(str, TOLERANCES))})."
             )
-        entry = Tolerance(factor=factor, atol=atol, spread=0.5)
+        entry = Tolerance(factor=factor, atol=atol, spread=1.0)
     return dataclasses.replace(
         entry,
         factor=entry.factor if factor is None else float(factor),
