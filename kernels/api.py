@@ -351,6 +351,35 @@ def _block_lists(block_mask, B: int, Hq: int, L: int, S: int, device) -> Sparse:
     return Sparse(q_block, kv_block, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx)
 
 
+_LISTS_CACHE: "collections.OrderedDict" = None
+
+
+def _cached_block_lists(block_mask, B, Hq, L, S, device) -> Sparse:
+    """``_block_lists`` once per block mask: its checks read counts back to the host,
+    a synchronisation that would otherwise stall every call of a training loop.
+    Keyed by the identity and version of each list tensor, so an in-place edit
+    of a mask is checked again."""
+    import collections
+
+    global _LISTS_CACHE
+    if _LISTS_CACHE is None:
+        _LISTS_CACHE = collections.OrderedDict()
+    fields = (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+              block_mask.full_kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
+              block_mask.full_q_num_blocks, block_mask.full_q_indices)
+    key = (tuple((id(t), t._version) if t is not None else None for t in fields),
+           tuple(block_mask.BLOCK_SIZE), B, Hq, L, S, str(device))
+    hit = _LISTS_CACHE.get(key)
+    if hit is not None and hit[0] is block_mask.kv_num_blocks:
+        _LISTS_CACHE.move_to_end(key)
+        return hit[1]
+    sparse = _block_lists(block_mask, B, Hq, L, S, device)
+    _LISTS_CACHE[key] = (block_mask.kv_num_blocks, sparse)
+    while len(_LISTS_CACHE) > 16:
+        _LISTS_CACHE.popitem(last=False)
+    return sparse
+
+
 # --------------------------------------------------------------------------
 # the plan and the autograd function
 
@@ -459,7 +488,7 @@ def flex_attention(
         sparse, mask = _dense_sparse(L, S, device), None
     else:
         mask = as_mask_mod(block_mask.mask_mod, "block_mask.mask_mod")
-        sparse = _block_lists(block_mask, B, Hq, L, S, device)
+        sparse = _cached_block_lists(block_mask, B, Hq, L, S, device)
     options = parse_kernel_options(
         kernel_options, dtype=query.dtype, head_dim=max(E, Ev), q_block=sparse.q_block,
         kv_block=sparse.kv_block, device=device, interpret=interpret,
