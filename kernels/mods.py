@@ -885,9 +885,21 @@ class _TanhSoftcap(ScoreMod):
         return self.cap * torch.tanh(score / self.cap)
 
     def _emit(self, g, s):
-        # tanh(x) = 1 - 2 / (exp(2x) + 1): exp2 only, no library call, exact at +-inf.
-        x = g.tmp(f"{s} * {2.0 / self.cap!r} * 1.4426950408889634")
-        th = g.tmp(f"1.0 - 2.0 / (tl.math.exp2({x}) + 1.0)")
+        # tanh as a 13/6 rational function of the clamped argument (Eigen's
+        # fast tanh): multiply-adds only, no library call, within 4 ulps of
+        # float32 everywhere (checked on 2.2 million points against float64).
+        # The textbook 1 - 2 / (exp(2x) + 1) cancels for small x: 1e-5
+        # relative error at x = 0.01, which the float32 LSE check caught.
+        x = g.tmp(f"tl.minimum(tl.maximum({s} * {1.0 / self.cap!r}, -7.90531110763549805), 7.90531110763549805)")
+        x2 = g.tmp(f"{x} * {x}")
+        num = "-2.76076847742355e-16"
+        for c in ("2.00018790482477e-13", "-8.60467152213735e-11", "5.12229709037114e-08",
+                  "1.48572235717979e-05", "6.37261928875436e-04", "4.89352455891786e-03"):
+            num = f"({num}) * {x2} + {c}"
+        den = "1.19825839466702e-06"
+        for c in ("1.18534705686654e-04", "2.26843463243900e-03", "4.89352518554385e-03"):
+            den = f"({den}) * {x2} + {c}"
+        th = g.tmp(f"{x} * ({num}) / ({den})")
         return g.tmp(f"{self.cap!r} * {th}")
 
     def _emit_grad(self, g, s, out):
