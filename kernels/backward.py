@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import _runtime
 
-from .forward import LOG2E, cast, head_pads, load_tile, mma
+from .forward import LN2, LOG2E, cast, head_pads, load_tile, mma
 
 
 @triton.jit
@@ -34,10 +34,14 @@ def dq_tiles(
     IS_FULL: tl.constexpr,
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV: tl.constexpr,
-    KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr,
     FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Accumulate sum_j ds[i, j] * K[j] over the row's listed KV blocks (q, do stay in SRAM)."""
+    """Accumulate sum_j ds[i, j] * K[j] over the row's listed KV blocks (q, do stay in SRAM).
+
+    With PRESCALE, ``q`` is the forward's pre-scaled, rounded ``q * scale * log2(e)``,
+    so that P is recomputed exactly as the forward's LSE saw it.
+    """
     TILES: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_d = tl.arange(0, QK_PAD)
     offs_v = tl.arange(0, V_PAD)
@@ -58,7 +62,11 @@ def dq_tiles(
                 n_mod = n2
             else:
                 n_mod = n2 % KV_LEN
-            s = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST) * SM_SCALE
+            s = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
+            if PRESCALE:
+                s = s * LN2
+            else:
+                s = s * SM_SCALE
             if HAS_SCORE:
                 t_nat = SCORE_FN(s, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
             else:
@@ -89,7 +97,7 @@ def dkdv_tiles(
     GRAD_BUFFERS: tl.constexpr, IS_FULL: tl.constexpr,
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr,
-    Q_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr,
     FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Accumulate dK and dV over one query head's listed Q blocks (k, v stay in SRAM).
@@ -124,7 +132,12 @@ def dkdv_tiles(
                 m_mod = m2
             else:
                 m_mod = m2 % Q_LEN
-            sT = mma(k, qT, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST) * SM_SCALE
+            if PRESCALE:
+                # Scores from the forward's rounded q * scale * log2(e); dK still uses q itself.
+                q_scaled = cast(qT.to(tl.float32) * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
+                sT = mma(k, q_scaled, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST) * LN2
+            else:
+                sT = mma(k, qT, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST) * SM_SCALE
             if HAS_SCORE:
                 tT = SCORE_FN(sT, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
             else:
@@ -161,7 +174,7 @@ def dq_kernel(
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
-    FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_zh = tl.program_id(1)
@@ -183,6 +196,8 @@ def dq_kernel(
     lse2 = tl.load(LSE + stat, mask=offs_m < Q_LEN, other=0.0) * LOG2E
     lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
     delta = tl.load(DELTA + stat, mask=offs_m < Q_LEN, other=0.0)
+    if PRESCALE:
+        q = cast(q.to(tl.float32) * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
     if Q_DIVISIBLE:
         m_mod = offs_m[:, None]
     else:
@@ -197,7 +212,7 @@ def dq_kernel(
         off_z, off_h, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
         SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, False,
         QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
-        KV_DIVISIBLE, CONTIGUOUS, FP32_PRECISION, UPCAST,
+        KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
     )
     if HAS_FULL:
         dq = dq_tiles(
@@ -206,7 +221,7 @@ def dq_kernel(
             off_z, off_h, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
             SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, True,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
-            KV_DIVISIBLE, CONTIGUOUS, FP32_PRECISION, UPCAST,
+            KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
         )
     dq = dq * SM_SCALE
     ptrs = (DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
@@ -231,7 +246,7 @@ def dkdv_kernel(
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
-    FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_zh = tl.program_id(1)  # (query batch, kv head)
@@ -269,7 +284,7 @@ def dkdv_kernel(
             B0, B1, B2, B3, G0, G1, G2, G3,
             SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, False,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
-            Q_DIVISIBLE, CONTIGUOUS, FP32_PRECISION, UPCAST,
+            Q_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
         )
         if HAS_FULL:
             dk, dv = dkdv_tiles(
@@ -280,7 +295,7 @@ def dkdv_kernel(
                 B0, B1, B2, B3, G0, G1, G2, G3,
                 SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, True,
                 QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
-                Q_DIVISIBLE, CONTIGUOUS, FP32_PRECISION, UPCAST,
+                Q_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
             )
     dk = dk * SM_SCALE
     n_ok = offs_n[:, None] < KV_LEN
@@ -330,7 +345,8 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         QK_DIM=E, V_DIM=Ev, QK_PAD=head_pads(E, Ev)[0], V_PAD=head_pads(E, Ev)[1],
         SPARSE_Q=sp.q_block, SPARSE_KV=sp.kv_block,
         Q_DIVISIBLE=L % sp.q_block == 0, KV_DIVISIBLE=S % sp.kv_block == 0,
-        CONTIGUOUS=opt.contiguous, FP32_PRECISION=plan.fp32_precision, UPCAST=plan.interpret,
+        CONTIGUOUS=opt.contiguous, PRESCALE=opt.prescale,
+        FP32_PRECISION=plan.fp32_precision, UPCAST=plan.interpret,
         num_warps=opt.bwd.num_warps, num_stages=opt.bwd.num_stages,
     )
     tiles = opt.bwd.tiles

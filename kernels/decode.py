@@ -83,7 +83,7 @@ def decode_split_kernel(
     # q stays in SRAM for the whole split.
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < QK_DIM), other=0.0)
     if PRESCALE:
-        q = cast(q * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
+        q = cast(q.to(tl.float32) * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
     K += off_zkv.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
     V += off_zkv.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
 

@@ -166,7 +166,7 @@ def forward_kernel(
     # q stays in SRAM for the whole row walk.
     q = load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, Q_LEN, QK_DIM, not Q_DIVISIBLE, QK_DIM != QK_PAD)
     if PRESCALE:
-        q = cast(q * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
+        q = cast(q.to(tl.float32) * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
     if Q_DIVISIBLE:
         m_mod = offs_m[:, None]
     else:

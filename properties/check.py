@@ -99,12 +99,28 @@ def compare_with_oracle(
     # relative 6e-8, far below any kernel's error, so their upcast is the truth.
     expected = {k: v.double() for k, v in oracle_run(query, key, value, **kw).tensors.items()}
     baseline = emulated_run(query, key, value, **kw).tensors
-    per_key = {name: table_gradient_options(query.dtype) for name in actual if name.startswith("dbuffer")}
+    scales = reference_scales(query, key, value, grad_out, scale)
+    per_key = {name: {**table_gradient_options(query.dtype), "reference_scale": scales.get("dbuffer")}
+               if name.startswith("dbuffer") else {"reference_scale": scales.get(name)} for name in actual}
     if raise_on_failure:
         oracle.assert_all_close(actual, expected, baseline, per_key=per_key)
     return {name: oracle.compare(actual[name], expected[name], baseline=baseline[name], name=name,
                                  **per_key.get(name, {}))
             for name in actual}
+
+
+def reference_scales(query, key, value, grad_out=None, scale=None) -> dict:
+    """Typical sizes of the terms summed into each output (``oracle.compare``'s
+    ``reference_scale``): they set the float32 accumulation floor of tensors
+    whose true values cancel to zero."""
+    def rms(t):
+        return float(t.detach().double().pow(2).mean().sqrt()) if t is not None and t.numel() else 0.0
+
+    E, Ev = query.shape[-1], value.shape[-1]
+    scale = 1.0 / E ** 0.5 if scale is None else scale
+    dp = rms(grad_out) * rms(value) * Ev ** 0.5  # dO . v, the size of dp - delta's terms
+    return {"out": rms(value), "dq": scale * dp * rms(key), "dk": scale * dp * rms(query),
+            "dv": rms(grad_out), "dbuffer": dp}
 
 
 def table_gradient_options(input_dtype) -> dict:

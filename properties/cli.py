@@ -1,0 +1,617 @@
+"""``flex-oracle``: fuzz an attention implementation against the oracle, replay and show cases.
+
+    flex-oracle fuzz [--target T] [--examples N] [--seed S] [--device D] [--out DIR] [--max-seconds T]
+    flex-oracle replay CASE.json [--target T] [--device D] [--property P]
+    flex-oracle show CASE.json
+    flex-oracle fault [...]          (the fault catalogue, properties/faults.py)
+
+``fuzz`` draws cases with Hypothesis (``properties.strategies.flex_cases``) and
+checks ``matches_oracle`` on each, plus one metamorphic property on about half
+of them. It keeps going past failures and counts them; then Hypothesis shrinks
+the first case of each distinct failure (property, kind, tensors), and each
+shrunk case is saved as JSON with the command that replays it.
+
+``replay`` exits 0 when the case passes, 1 on a mismatch or a target error,
+125 when the target cannot run the case (so ``git bisect run`` skips that
+commit) and 128 when the case cannot be replayed at all (a bad file; bisect
+then stops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+__all__ = ["main", "build_parser", "EXIT_PASS", "EXIT_FAIL", "EXIT_NOT_APPLICABLE", "EXIT_CANNOT_REPLAY"]
+
+EXIT_PASS = 0
+EXIT_FAIL = 1
+EXIT_NOT_APPLICABLE = 125  # git bisect run: skip this commit
+EXIT_CANNOT_REPLAY = 128  # git bisect run: abort
+
+DEFAULT_OUT = "flex-oracle-failures"
+DEFAULT_EXAMPLES = {"cpu": 100, "cuda": 1000}
+DEFAULT_SHRINK_SECONDS = {"cpu": 120.0, "cuda": 300.0}
+FAILURE_FORMAT = 1
+
+
+# --------------------------------------------------------------------------
+# the parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flex-oracle",
+        description="Check FlexAttention implementations against a float64 oracle.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    fuzz = sub.add_parser("fuzz", help="draw cases with Hypothesis, check them, shrink and save failures",
+                          description="Fuzz a target against the float64 oracle. Exit 1 if anything failed.")
+    fuzz.add_argument("--target", default="kernels", metavar="NAME|MODULE:FUNCTION",
+                      help="kernels (default), torch-compile, torch-eager, sdpa, or module:function")
+    fuzz.add_argument("--examples", type=_positive_int, default=None, metavar="N",
+                      help=f"cases to draw (default {DEFAULT_EXAMPLES['cpu']} on CPU, {DEFAULT_EXAMPLES['cuda']} on CUDA)")
+    fuzz.add_argument("--seed", type=int, default=0, metavar="S", help="Hypothesis seed (default 0)")
+    fuzz.add_argument("--device", default="auto", metavar="D", help="cpu, cuda, cuda:N or auto (default: CUDA if available)")
+    fuzz.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                      help=f"where failing cases are saved (default {DEFAULT_OUT}/)")
+    fuzz.add_argument("--max-seconds", type=float, default=None, metavar="T",
+                      help="stop drawing new cases after T seconds (shrinking has its own budget)")
+    fuzz.add_argument("--shrink-seconds", type=float, default=None, metavar="T",
+                      help=f"time for shrinking all failures (default {DEFAULT_SHRINK_SECONDS['cpu']:g} s on CPU)")
+    fuzz.add_argument("--max-failures", type=_positive_int, default=5, metavar="K",
+                      help="distinct failures to shrink and save (default 5)")
+    fuzz.add_argument("--properties", default="sample", metavar="WHICH",
+                      help="sample (default: matches_oracle, plus one metamorphic property on about half "
+                           "the cases), oracle (matches_oracle only), all, or a comma-separated list")
+    fuzz.add_argument("--dtypes", default=None, metavar="LIST", help="comma-separated dtype names to draw")
+    fuzz.add_argument("--exclude-options", default=None, metavar="LIST",
+                      help="comma-separated kernel options never to draw (e.g. PRESCALE_QK while a bug there is open)")
+    fuzz.add_argument("--exclude-mods", default=None, metavar="LIST",
+                      help="comma-separated mask or score mod kinds never to draw (e.g. tanh_softcap,by_head)")
+    fuzz.add_argument("--max-len", type=_positive_int, default=None, metavar="N", help="largest L and S")
+    fuzz.add_argument("--max-batch-heads", type=_positive_int, default=None, metavar="N", help="largest B * Hq")
+    fuzz.add_argument("--max-head-dim", type=_positive_int, default=None, metavar="N", help="largest E and Ev")
+    fuzz.add_argument("--quiet", action="store_true", help="no progress line")
+    fuzz.set_defaults(func=_cmd_fuzz)
+
+    replay = sub.add_parser("replay", help="run one saved case; exit 0 pass, 1 fail, 125 not applicable",
+                            description="Replay a case file (a saved failure or a bare case). Exit codes: "
+                                        "0 pass, 1 mismatch or target error, 125 not applicable "
+                                        "(git bisect run skips), 128 the file cannot be replayed.")
+    replay.add_argument("case", metavar="CASE.json")
+    replay.add_argument("--target", default=None, metavar="NAME|MODULE:FUNCTION",
+                        help="default: the target the failure was found with, else kernels")
+    replay.add_argument("--device", default="auto", metavar="D")
+    replay.add_argument("--property", default=None, metavar="NAME",
+                        help="default: the property that failed, else matches_oracle")
+    replay.set_defaults(func=_cmd_replay)
+
+    show = sub.add_parser("show", help="describe a case in words, with a picture of its mask")
+    show.add_argument("case", metavar="CASE.json")
+    show.add_argument("--rows", type=_positive_int, default=32, help="picture height in characters")
+    show.add_argument("--cols", type=_positive_int, default=64, help="picture width in characters")
+    show.set_defaults(func=_cmd_show)
+
+    faults = _faults_module()
+    if faults is not None:
+        fault = sub.add_parser("fault", help="plant catalogued kernel faults and check that the properties catch them",
+                               description=(faults.__doc__ or "").strip().splitlines()[0])
+        faults.add_arguments(fault)
+        fault.set_defaults(func=faults.command_main)
+    return parser
+
+
+def _faults_module():
+    """``properties.faults`` (the fault catalogue) when this checkout has it."""
+    try:
+        from . import faults
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.faults":
+            raise
+        return None
+    return faults if hasattr(faults, "add_arguments") and hasattr(faults, "command_main") else None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return args.func(args)
+
+
+# --------------------------------------------------------------------------
+# shared helpers
+
+
+def _device(name: str) -> str:
+    """The device to run on; for the CPU, Triton's interpreter is chosen before any kernel loads."""
+    import torch
+
+    from .targets import best_device
+
+    device = best_device() if name == "auto" else name
+    if torch.device(device).type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return device
+
+
+def _load(path: str):
+    """(case, record) from a failure file or a bare case file."""
+    from .case import FlexCase
+
+    with open(path) as f:
+        data = json.load(f)
+    if isinstance(data, dict) and "case" in data:
+        return FlexCase.from_dict(data["case"]), data
+    return FlexCase.from_dict(data), {}
+
+
+def _replay_command(path: str, target: str, device: str, prop: str) -> str:
+    return shlex.join(["flex-oracle", "replay", path, "--target", target, "--device", device, "--property", prop])
+
+
+def _short(text: str, lines: int = 8) -> str:
+    parts = text.splitlines()
+    return "\n".join(parts[:lines] + ([f"... ({len(parts) - lines} more lines)"] if len(parts) > lines else []))
+
+
+# --------------------------------------------------------------------------
+# replay and show
+
+
+def _cmd_replay(args) -> int:
+    from .properties import PROPERTIES, evaluate
+    from .targets import TARGETS, resolve_target
+
+    try:
+        case, record = _load(args.case)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"flex-oracle replay: cannot read {args.case}: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_REPLAY
+    prop = args.property or record.get("property", "matches_oracle")
+    if prop not in PROPERTIES:
+        print(f"flex-oracle replay: unknown property {prop!r}; known: {', '.join(PROPERTIES)}", file=sys.stderr)
+        return EXIT_CANNOT_REPLAY
+    target_name = args.target or record.get("target", "kernels")
+    if ":" not in target_name and target_name not in TARGETS:
+        print(f"flex-oracle replay: unknown target {target_name!r}; expected one of {', '.join(TARGETS)} "
+              f"or module:function", file=sys.stderr)
+        return EXIT_CANNOT_REPLAY
+    device = _device(args.device)
+    try:
+        target = resolve_target(target_name)
+    except (ImportError, ValueError, TypeError) as exc:
+        # At some commits a user's target may not exist yet: nothing to judge there.
+        print(f"flex-oracle replay: target {target_name!r} not available: {exc}", file=sys.stderr)
+        return EXIT_NOT_APPLICABLE
+    print(f"replaying {args.case}: {prop} on target {target.name} ({device})")
+    print(case.describe())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcome = evaluate(prop, target, case, device)
+    if outcome.status == "passed":
+        print(f"PASS ({outcome.seconds:.2f} s)")
+        return EXIT_PASS
+    if outcome.status == "skipped":
+        print(f"NOT APPLICABLE: {outcome.reason}")
+        return EXIT_NOT_APPLICABLE
+    if outcome.status == "error":
+        print(f"CANNOT REPLAY (the harness raised):\n{outcome.message}")
+        return EXIT_CANNOT_REPLAY
+    label = "TARGET ERROR" if outcome.status == "target-error" else "FAIL"
+    print(f"{label}:\n{outcome.message}")
+    return EXIT_FAIL
+
+
+def _cmd_show(args) -> int:
+    try:
+        case, record = _load(args.case)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"flex-oracle show: cannot read {args.case}: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_REPLAY
+    print(f"{args.case}")
+    if record:
+        print(f"failure: {record.get('property')} {record.get('status')} "
+              f"({', '.join(record.get('tensors') or []) or record.get('error_type', '')}) "
+              f"on target {record.get('target')} ({record.get('device')})")
+    print(case.describe())
+    print()
+    print(case.mask_picture(max_rows=args.rows, max_cols=args.cols))
+    if record:
+        print()
+        print(record.get("message", "").rstrip())
+        print()
+        print(f"replay: {record.get('command')}")
+    return EXIT_PASS
+
+
+# --------------------------------------------------------------------------
+# fuzz
+
+
+def _database():
+    from hypothesis.database import InMemoryExampleDatabase
+
+    class Database(InMemoryExampleDatabase):
+        """In memory; ``demote()`` moves every saved failure to its secondary key.
+
+        Hypothesis treats failures under the primary key as already shrunk and
+        only replays them; under the secondary key it shrinks them.
+        """
+
+        def demote(self) -> None:
+            for key in [k for k in self.data if not k.endswith((b".secondary", b".pareto"))]:
+                for value in list(self.fetch(key)):
+                    self.move(key, key + b".secondary", value)
+
+    return Database()
+
+
+class _Stop(BaseException):
+    """Out of search time: ends a Hypothesis run at once (not a test failure)."""
+
+
+_FAILURE_TYPES: dict = {}
+
+
+def _failure_type(signature: tuple) -> type:
+    """One exception class per kind of failure, so that Hypothesis shrinks each separately."""
+    if signature not in _FAILURE_TYPES:
+        name = "FlexFailure_" + hashlib.sha1(repr(signature).encode()).hexdigest()[:10]
+        _FAILURE_TYPES[signature] = type(name, (AssertionError,), {"signature": signature})
+    return _FAILURE_TYPES[signature]
+
+
+@dataclass
+class _Failure:
+    signature: tuple
+    first: object  # FlexCase
+    first_extra: Optional[str]
+    best: object
+    best_extra: Optional[str]
+    outcome: object  # Outcome of best
+    seen: set = field(default_factory=set)  # distinct examples of the search that showed it
+
+
+@dataclass
+class _Fuzzer:
+    target: object
+    device: str
+    strategy: object
+    mode: str  # "sample" (matches_oracle plus a drawn metamorphic property) or "list" (all of props)
+    props: tuple
+    examples: int
+    seed: int
+    max_seconds: Optional[float]
+    shrink_seconds: float
+    max_failures: int
+    quiet: bool
+    cache: dict = field(default_factory=dict)
+    stats: Counter = field(default_factory=Counter)
+    skip_reasons: Counter = field(default_factory=Counter)
+    extra_stats: Counter = field(default_factory=Counter)
+    failures: dict = field(default_factory=dict)
+    raising: set = field(default_factory=set)
+    shrinking: set = field(default_factory=set)
+    phase: str = "search"
+    cases_run: int = 0
+    search_seconds: float = 0.0
+    shrink_calls: int = 0
+    deadline: float = float("inf")
+    started: float = 0.0
+
+    # one example -------------------------------------------------------
+
+    def check(self, case, extra):
+        from .properties import evaluate
+
+        names = (("matches_oracle",) + ((extra,) if extra else ())) if self.mode == "sample" else self.props
+        outcomes = []
+        for name in names:
+            outcome = evaluate(name, self.target, case, self.device)
+            outcomes.append(outcome)
+            if not outcome.ok:
+                break
+        return outcomes
+
+    def body(self, case, extra):
+        key = (case.to_json(), extra)
+        outcomes = self.cache.get(key)
+        if outcomes is None:
+            if time.perf_counter() > self.deadline:
+                if self.phase == "search":
+                    raise _Stop()
+                return
+            outcomes = self.check(case, extra)
+            self.cache[key] = outcomes
+            if self.phase == "search":
+                self.count(outcomes)
+            else:
+                self.shrink_calls += 1
+                self.progress_shrink()
+        failure = next((o for o in outcomes if not o.ok), None)
+        if failure is None:
+            return
+        sig = failure.signature
+        rec = self.failures.get(sig)
+        if rec is None:
+            if self.phase != "search":
+                return  # a new kind met while shrinking another: not a finding of the search
+            rec = self.failures[sig] = _Failure(sig, case, extra, case, extra, failure)
+        if self.phase == "search":
+            rec.seen.add(key)
+        if case.size_key() < rec.best.size_key():
+            rec.best, rec.best_extra, rec.outcome = case, extra, failure
+        if self.phase == "search":
+            if sig in self.raising or (sig not in self.shrinking and len(self.shrinking) < self.max_failures):
+                self.shrinking.add(sig)
+                self.raising.add(sig)
+                raise _failure_type(sig)(failure.message)
+            return
+        if sig in self.shrinking:
+            raise _failure_type(sig)(failure.message)
+
+    def count(self, outcomes):
+        self.cases_run += 1
+        main = outcomes[0]
+        worst = next((o for o in outcomes if not o.ok), None)
+        status = worst.status if worst is not None else ("skipped" if main.status == "skipped" else "passed")
+        self.stats[status] += 1
+        if main.status == "skipped":
+            self.skip_reasons[main.reason] += 1
+        for o in outcomes[1:]:
+            self.extra_stats[(o.property, o.status)] += 1
+        self.progress()
+
+    # progress ----------------------------------------------------------
+
+    def _line(self) -> str:
+        s = self.stats
+        per = (time.perf_counter() - self.started) / max(1, self.cases_run)
+        return (f"[{self.cases_run:>5}/{self.examples}] {s['passed']} passed, {s['failed']} failed, "
+                f"{s['target-error']} target errors, {s['skipped']} skipped"
+                + (f", {s['error']} harness errors" if s["error"] else "") + f" | {per:.2f} s/case")
+
+    def progress(self):
+        if self.quiet:
+            return
+        if sys.stderr.isatty():
+            print("\r" + self._line(), end="", file=sys.stderr, flush=True)
+        elif self.cases_run % max(1, self.examples // 10) == 0 or self.cases_run == self.examples:
+            print(self._line(), file=sys.stderr, flush=True)
+
+    def progress_shrink(self):
+        if self.quiet or not sys.stderr.isatty():
+            return
+        print(f"\rshrinking: {self.shrink_calls} cases tried", end="", file=sys.stderr, flush=True)
+
+    # the Hypothesis runs -----------------------------------------------
+
+    def _test(self):
+        from hypothesis import strategies as st
+
+        from .properties import METAMORPHIC
+
+        extras = st.one_of(st.none(), st.sampled_from(METAMORPHIC)) if self.mode == "sample" else st.none()
+        fuzzer = self
+
+        def flex_oracle_fuzz(case, extra):
+            fuzzer.body(case, extra)
+
+        return flex_oracle_fuzz, dict(case=self.strategy, extra=extras)
+
+    def run(self):
+        from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+        from hypothesis import seed as hseed
+
+        self.started = time.perf_counter()
+        self.deadline = self.started + self.max_seconds if self.max_seconds else float("inf")
+        db = _database()
+        fn, strategies = self._test()
+        common = dict(database=db, deadline=None, suppress_health_check=list(HealthCheck),
+                      verbosity=Verbosity.quiet, print_blob=False)
+        run, idle = 0, 0
+        # Search: each run stops at the first new kind of failure (saved in db), so restart
+        # with the next seed until the budget of examples or time is spent. Every run begins
+        # with the simplest case, seen before: ask for one more than what is left.
+        while self.cases_run < self.examples and time.perf_counter() < self.deadline and idle < 3:
+            before = self.cases_run
+            self.raising = set()
+            # settings after seed: @seed alone would switch the example database off,
+            # and the shrink phase below replays the failures saved there.
+            test = settings(max_examples=self.examples - self.cases_run + (1 if run else 0),
+                            phases=[Phase.generate], report_multiple_bugs=False,
+                            **common)(hseed(self.seed + run)(given(**strategies)(fn)))
+            run += 1
+            try:
+                test()
+            except _Stop:
+                break
+            except Exception:
+                pass
+            idle = idle + 1 if self.cases_run == before else 0
+        self.search_seconds = time.perf_counter() - self.started
+        if not self.quiet and sys.stderr.isatty():
+            print("\r" + self._line(), file=sys.stderr, flush=True)
+        if not self.failures:
+            return
+        # Shrink: Hypothesis replays the saved failures from db and shrinks each kind.
+        self.phase = "shrink"
+        self.deadline = time.perf_counter() + self.shrink_seconds
+        if not self.quiet:
+            print(f"shrinking {len(self.shrinking)} failure(s) (at most {self.shrink_seconds:g} s)",
+                  file=sys.stderr, flush=True)
+        db.demote()
+        test = settings(max_examples=max(1000, self.examples), phases=[Phase.reuse, Phase.shrink],
+                        report_multiple_bugs=True, **common)(given(**strategies)(fn))
+        try:
+            test()
+        except Exception:
+            pass
+        if not self.quiet and sys.stderr.isatty():
+            print(file=sys.stderr)
+
+
+def _cmd_fuzz(args) -> int:
+    import torch
+
+    from .properties import METAMORPHIC, PROPERTIES
+    from .strategies import flex_cases
+    from .targets import resolve_target
+
+    device = _device(args.device)
+    kind = torch.device(device).type
+    try:
+        target = resolve_target(args.target)
+    except (ImportError, ValueError, TypeError) as exc:
+        print(f"flex-oracle fuzz: {exc}", file=sys.stderr)
+        return 2
+    if args.properties == "sample":
+        mode, props = "sample", ("matches_oracle",) + METAMORPHIC
+    elif args.properties == "oracle":
+        mode, props = "list", ("matches_oracle",)
+    elif args.properties == "all":
+        mode, props = "list", tuple(PROPERTIES)
+    else:
+        props = tuple(p.strip() for p in args.properties.split(",") if p.strip())
+        unknown = [p for p in props if p not in PROPERTIES]
+        if unknown or not props:
+            print(f"flex-oracle fuzz: unknown properties {unknown}; known: {', '.join(PROPERTIES)}", file=sys.stderr)
+            return 2
+        mode = "list"
+    bounds = {}
+    if args.max_len:
+        bounds["max_len"] = args.max_len
+    if args.max_batch_heads:
+        bounds["max_batch_heads"] = args.max_batch_heads
+        bounds["max_heads"] = min(args.max_batch_heads, 16)
+    if args.max_head_dim:
+        bounds["max_head_dim"] = args.max_head_dim
+    if args.dtypes:
+        bounds["dtypes"] = tuple(d.strip() for d in args.dtypes.split(","))
+    if args.exclude_mods:
+        bounds["exclude_mods"] = tuple(o.strip() for o in args.exclude_mods.split(",") if o.strip())
+    if args.exclude_options:
+        bounds["exclude_options"] = tuple(o.strip() for o in args.exclude_options.split(",") if o.strip())
+    try:
+        strategy = flex_cases(device=device, **bounds)
+    except Exception as exc:
+        print(f"flex-oracle fuzz: {exc}", file=sys.stderr)
+        return 2
+    examples = args.examples or DEFAULT_EXAMPLES["cuda" if kind == "cuda" else "cpu"]
+    shrink_seconds = args.shrink_seconds if args.shrink_seconds is not None else \
+        DEFAULT_SHRINK_SECONDS["cuda" if kind == "cuda" else "cpu"]
+    where = "CUDA" if kind == "cuda" else "CPU, Triton interpreter" if target.name == "kernels" else "CPU"
+    prop_text = "matches_oracle plus a sample of metamorphic properties" if mode == "sample" else ", ".join(props)
+    print(f"flex-oracle fuzz: target {target.name} on {device} ({where}), {examples} examples, seed {args.seed}")
+    print(f"properties: {prop_text}")
+    sys.stdout.flush()
+
+    fuzzer = _Fuzzer(target=target, device=device, strategy=strategy, mode=mode, props=props,
+                     examples=examples, seed=args.seed, max_seconds=args.max_seconds,
+                     shrink_seconds=shrink_seconds, max_failures=args.max_failures, quiet=args.quiet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fuzzer.run()
+    return _report(fuzzer, args, device)
+
+
+def _report(fz: _Fuzzer, args, device: str) -> int:
+    s = fz.stats
+    per = fz.search_seconds / max(1, fz.cases_run)
+    print()
+    print("summary")
+    print(f"  cases run       {fz.cases_run} in {fz.search_seconds:.1f} s ({per:.2f} s per case)")
+    print(f"  passed          {s['passed']}")
+    print(f"  failed          {s['failed']}")
+    print(f"  target errors   {s['target-error']}")
+    if s["error"]:
+        print(f"  harness errors  {s['error']} (a bug of flex-oracle itself)")
+    print(f"  not applicable  {s['skipped']}")
+    for reason, n in fz.skip_reasons.most_common():
+        print(f"    {n:>5}  {reason}")
+    if fz.extra_stats:
+        runs = Counter()
+        for (prop, status), n in fz.extra_stats.items():
+            runs[status] += n
+        total = sum(runs.values())
+        print(f"  metamorphic     {total} check{'' if total == 1 else 's'}: {runs['passed']} passed, "
+              f"{runs['failed'] + runs['target-error'] + runs['error']} failed, {runs['skipped']} not applicable")
+        for prop in sorted({p for p, _ in fz.extra_stats}):
+            row = {st: fz.extra_stats[(prop, st)] for st in ("passed", "failed", "target-error", "skipped", "error")}
+            print(f"    {prop}: " + ", ".join(f"{n} {st}" for st, n in row.items() if n))
+    if fz.shrink_calls:
+        print(f"  shrinking       {fz.shrink_calls} cases tried")
+
+    if not fz.failures:
+        print("no failures")
+        return EXIT_PASS if not (s["failed"] or s["target-error"] or s["error"]) else EXIT_FAIL
+    os.makedirs(args.out, exist_ok=True)
+    saved = []
+    for rec in fz.failures.values():
+        if rec.signature not in fz.shrinking:
+            continue
+        prop = rec.outcome.property
+        digest = hashlib.sha1(rec.best.to_json().encode()).hexdigest()[:10]
+        path = os.path.join(args.out, f"failure-{prop}-{digest}.json")
+        command = _replay_command(path, fz.target.name, device, prop)
+        record = {
+            "flex_oracle_failure": FAILURE_FORMAT,
+            "property": prop,
+            "status": rec.outcome.status,
+            "tensors": list(rec.outcome.tensors),
+            "error_type": rec.outcome.error_type,
+            "target": fz.target.name,
+            "device": device,
+            "message": rec.outcome.message,
+            "command": command,
+            "case": rec.best.to_dict(),
+            "first_seen": rec.first.to_dict(),
+            "occurrences": len(rec.seen),
+            "fuzz": {"seed": fz.seed, "examples": fz.examples},
+        }
+        with open(path, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+            f.write("\n")
+        saved.append((rec, path, command))
+    unsaved = len(fz.failures) - len(saved)
+    print()
+    print(f"{len(fz.failures)} distinct failure(s); {len(saved)} shrunk and saved in {args.out}/"
+          + (f" ({unsaved} more not shrunk or saved: raise --max-failures)" if unsaved else ""))
+    for k, (rec, path, command) in enumerate(saved, 1):
+        o = rec.outcome
+        what = ", ".join(o.tensors) if o.status == "failed" else o.error_type
+        print()
+        print(f"{k}. {o.property}: {o.status} ({what}), seen in {len(rec.seen)} case(s)")
+        c = rec.best
+        print(f"   shrunk to B={c.B} Hq={c.Hq} Hkv={c.Hkv} Bk={c.Bk} L={c.L} S={c.S} E={c.E} Ev={c.Ev} "
+              f"{c.dtype} {c.layout}")
+        for line in _short(o.message).splitlines():
+            print(f"   {line}")
+        print(f"   replay: {command}")
+        print(f"   show:   {shlex.join(['flex-oracle', 'show', path])}")
+    return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,546 @@
+"""Hypothesis strategies for FlexAttention test cases.
+
+``flex_cases()`` composes the others into ``FlexCase`` values: ``dtypes()``,
+``block_sizes()``, ``shapes()``, ``mask_mods()``, ``score_mods()``,
+``layouts()`` and ``kernel_options()``. They draw structure before sizes
+(GQA or not, a key/value batch of one or not, which mods) and put adversarial
+values behind a drawn boolean: length 1, a block boundary and one past it,
+odd head dims, nearly empty masks (fully masked rows), large inputs. So a
+failure shrinks towards the plain case, and an adversarial value stays only
+when it is the cause.
+
+Default bounds depend on ``device``: small on the CPU, where the kernels run
+in Triton's interpreter (L, S <= 160, B * Hq <= 6, E <= 64), larger on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
+
+from .case import LAYOUTS, FlexCase
+
+__all__ = [
+    "Shape", "BlockSize", "shapes", "dtypes", "block_sizes", "layouts", "mask_mods", "score_mods",
+    "kernel_options", "flex_cases", "DEFAULT_BOUNDS", "bounds_for",
+]
+
+BLOCK_CHOICES = (16, 32, 64, 128)
+# Tiles of PyTorch's dense (no block mask) case and of the decode threshold.
+_DENSE_BLOCK = 128
+_ODD_HEAD_DIMS = (1, 2, 3, 5, 7, 24, 40, 72, 80, 96, 136)
+_GROUPS = (2, 3, 4, 5, 6, 8)
+_MAX_TABLES = 4  # kernels.mods.MAX_BUFFERS
+
+DEFAULT_BOUNDS = {
+    "cpu": dict(max_batch=3, max_heads=6, max_batch_heads=6, max_len=160, max_head_dim=64),
+    "cuda": dict(max_batch=4, max_heads=16, max_batch_heads=32, max_len=1100, max_head_dim=128),
+}
+
+
+def bounds_for(device) -> dict:
+    """The default size bounds for ``device`` (``cpu``: interpreter-sized; ``cuda``: larger)."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    return dict(DEFAULT_BOUNDS["cuda" if kind == "cuda" else "cpu"])
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Attention shapes (SPEC section 1): q ``[B, Hq, L, E]``, k ``[Bk, Hkv, S, E]``, v ``[Bk, Hkv, S, Ev]``."""
+
+    B: int
+    Hq: int
+    Hkv: int
+    Bk: int
+    L: int
+    S: int
+    E: int
+    Ev: int
+
+    @property
+    def G(self) -> int:
+        return self.Hq // self.Hkv
+
+
+class BlockSize(NamedTuple):
+    """A block mask's tile, ``(Q_BLOCK, KV_BLOCK)``."""
+
+    q: int
+    kv: int
+
+
+# --------------------------------------------------------------------------
+# argument checks (at construction, not at first draw)
+
+
+def _check_bounds(**pairs) -> None:
+    for name, (lo, hi) in pairs.items():
+        for which, value in (("min_", lo), ("max_", hi)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgument(f"Expected {which}{name} to be a positive int, got {value!r}.")
+        if lo > hi:
+            raise InvalidArgument(f"Expected min_{name} <= max_{name}, got min_{name}={lo}, max_{name}={hi}.")
+
+
+# --------------------------------------------------------------------------
+# simple strategies
+
+
+def dtypes(*, include_float64: bool = False) -> st.SearchStrategy[str]:
+    """dtype names: float16, bfloat16, float32 (and float64 for targets that take it)."""
+    names = ["float16", "bfloat16", "float32"] + (["float64"] if include_float64 else [])
+    return st.sampled_from(names)
+
+
+def layouts() -> st.SearchStrategy[str]:
+    """Memory layouts of q, k, v (``properties.case.LAYOUTS``), contiguous first."""
+    return st.sampled_from(tuple(LAYOUTS))
+
+
+def block_sizes(*, min_size: int = 16, max_size: int = 128,
+                choices: Sequence[int] = BLOCK_CHOICES) -> st.SearchStrategy[BlockSize]:
+    """``(Q_BLOCK, KV_BLOCK)`` from ``choices`` (multiples of 16 for our kernels), square unless a
+    drawn boolean asks for different sizes."""
+    _check_bounds(size=(min_size, max_size))
+    sizes = [c for c in choices if min_size <= c <= max_size]
+    if not sizes:
+        raise InvalidArgument(f"Expected a block size in {tuple(choices)} within [{min_size}, {max_size}], got none.")
+
+    @st.composite
+    def draw_block_size(draw):
+        q = draw(st.sampled_from(sizes))
+        kv = draw(st.sampled_from(sizes)) if draw(st.booleans()) else q
+        return BlockSize(q, kv)
+
+    return draw_block_size()
+
+
+# --------------------------------------------------------------------------
+# shapes
+
+
+def _length(draw, lo: int, hi: int, boundaries: Sequence[int]) -> int:
+    if draw(st.booleans()):  # adversarial: 1, a block boundary, one before or past it
+        special = sorted({x for b in boundaries for x in (1, b - 1, b, b + 1, 2 * b + 1)} & set(range(lo, hi + 1)))
+        if special:
+            return draw(st.sampled_from(special))
+    return draw(st.integers(lo, hi))
+
+
+def _head_dim(draw, lo: int, hi: int) -> int:
+    regular = [d for d in range(8, hi + 1, 8) if d >= lo]
+    if draw(st.booleans()) or not regular:  # adversarial: odd sizes the kernels must pad
+        odd = [d for d in _ODD_HEAD_DIMS if lo <= d <= hi]
+        if odd:
+            return draw(st.sampled_from(odd))
+        if not regular:
+            return draw(st.integers(lo, hi))
+    return draw(st.sampled_from(regular))
+
+
+def shapes(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads: int = 1,
+           max_heads: Optional[int] = None, min_group: int = 1, max_group: int = 8,
+           max_batch_heads: Optional[int] = None, min_len: int = 1, max_len: Optional[int] = None,
+           min_head_dim: int = 1, max_head_dim: Optional[int] = None,
+           boundaries: Sequence[int] = BLOCK_CHOICES, device="cpu") -> st.SearchStrategy[Shape]:
+    """Shapes with ``min_batch <= B <= max_batch``, ``min_heads <= Hq <= max_heads``,
+    GQA group ``G = Hq // Hkv`` in ``[min_group, max_group]`` (1, or 2, 3, 4, 5, 6, 8),
+    ``B * Hq <= max_batch_heads``, ``min_len <= L, S <= max_len``,
+    ``min_head_dim <= E, Ev <= max_head_dim``. Lengths lean towards 1 and the block
+    ``boundaries`` (and one past them); ``Bk`` is ``B`` or, behind a drawn boolean, 1.
+    Unset maxima come from ``bounds_for(device)``.
+    """
+    d = bounds_for(device)
+    max_batch = d["max_batch"] if max_batch is None else max_batch
+    max_heads = d["max_heads"] if max_heads is None else max_heads
+    max_batch_heads = d["max_batch_heads"] if max_batch_heads is None else max_batch_heads
+    max_len = d["max_len"] if max_len is None else max_len
+    max_head_dim = d["max_head_dim"] if max_head_dim is None else max_head_dim
+    _check_bounds(batch=(min_batch, max_batch), heads=(min_heads, max_heads), group=(min_group, max_group),
+                  len=(min_len, max_len), head_dim=(min_head_dim, max_head_dim))
+    groups = [g for g in (1,) + _GROUPS if min_group <= g <= min(max_group, max_heads)]
+    feasible = [g for g in groups
+                if _hkv_range(g, min_heads, max_heads, min_batch, max_batch_heads)[0]
+                <= _hkv_range(g, min_heads, max_heads, min_batch, max_batch_heads)[1]]
+    if not feasible:
+        raise InvalidArgument(
+            f"No shape satisfies min_heads={min_heads}, max_heads={max_heads}, min_group={min_group}, "
+            f"max_group={max_group}, min_batch={min_batch}, max_batch_heads={max_batch_heads}."
+        )
+    boundaries = tuple(boundaries)
+
+    @st.composite
+    def draw_shape(draw):
+        gqa = [g for g in feasible if g > 1]
+        if 1 in feasible and (not gqa or not draw(st.booleans())):
+            G = 1
+        else:
+            G = draw(st.sampled_from(gqa))
+        lo, hi = _hkv_range(G, min_heads, max_heads, min_batch, max_batch_heads)
+        Hkv = draw(st.integers(lo, hi))
+        Hq = Hkv * G
+        B = draw(st.integers(min_batch, max(min_batch, min(max_batch, max_batch_heads // Hq))))
+        Bk = 1 if B > 1 and draw(st.booleans()) else B
+        L = _length(draw, min_len, max_len, boundaries)
+        S = _length(draw, min_len, max_len, boundaries) if draw(st.booleans()) else L
+        E = _head_dim(draw, min_head_dim, max_head_dim)
+        Ev = _head_dim(draw, min_head_dim, max_head_dim) if draw(st.booleans()) else E
+        return Shape(B, Hq, Hkv, Bk, L, S, E, Ev)
+
+    return draw_shape()
+
+
+def _hkv_range(G: int, min_heads: int, max_heads: int, min_batch: int, max_batch_heads: int):
+    lo = max(1, -(-min_heads // G))
+    hi = min(max_heads, max_batch_heads // max(1, min_batch)) // G
+    return lo, hi
+
+
+# --------------------------------------------------------------------------
+# mask mods
+
+
+def _check_exclude(exclude, known, always, kind) -> frozenset:
+    excluded = frozenset(exclude)
+    unknown = sorted(excluded - set(known))
+    if unknown:
+        raise InvalidArgument(f"Unknown {kind} mod kinds {unknown} to exclude; known: {list(known)}.")
+    if set(always) <= excluded:
+        raise InvalidArgument(f"Expected at least one of {list(always)} left after excluding {sorted(excluded)}.")
+    return excluded
+
+
+def _seeds():
+    return st.integers(0, 2**16 - 1)
+
+
+_MASK_LEAVES = ("full", "causal", "sliding_window", "prefix_lm", "chunked", "dilated_sliding_window", "empty",
+                "document", "table_mask")
+_MASK_COMBINATORS = ("and", "or", "not", "by_head", "by_batch")
+_SCORE_KINDS = ("identity", "tanh_softcap", "alibi", "relative_position", "bias", "chain")
+
+
+def _draw_mask(draw, L: int, S: int, batch: int, heads: int, depth: int, budget: list, exclude=frozenset()):
+    from kernels import mods
+
+    n = max(L, S)
+    kinds = ["full", "causal", "sliding_window", "prefix_lm", "chunked", "dilated_sliding_window", "empty"]
+    if budget[0] >= (1 if L == S else 2):
+        kinds.append("document")
+    if budget[0] >= 1:
+        kinds.append("table_mask")
+    if depth > 0:
+        kinds += ["and", "or", "not"]
+        if heads > 1:
+            kinds.append("by_head")
+        if batch > 1:
+            kinds.append("by_batch")
+    kind = draw(st.sampled_from([k for k in kinds if k not in exclude]))
+    if kind == "full":
+        return mods.full()
+    if kind == "causal":
+        return mods.causal()
+    if kind == "empty":
+        return mods.not_(mods.full())
+    if kind == "sliding_window":
+        return mods.sliding_window(draw(st.integers(0, n)))
+    if kind == "prefix_lm":
+        return mods.prefix_lm(draw(st.integers(0, S)))
+    if kind == "chunked":
+        return mods.chunked(draw(st.integers(1, n)))
+    if kind == "dilated_sliding_window":
+        return mods.dilated_sliding_window(draw(st.integers(0, n)), draw(st.integers(1, 4)))
+    if kind == "document":
+        budget[0] -= 1 if L == S else 2
+        return mods.document.from_seed(L, draw(st.integers(1, 6)), draw(_seeds()), kv_length=S,
+                                       causal=draw(st.booleans()))
+    if kind == "table_mask":
+        budget[0] -= 1
+        per_head = heads if heads > 1 and draw(st.booleans()) else 1
+        if draw(st.booleans()):  # adversarial: nearly empty, so many rows are fully masked
+            density = draw(st.sampled_from([0.02, 0.0, 0.005]))
+        else:
+            density = draw(st.sampled_from([0.5, 0.2, 0.8, 1.0]))
+        return mods.table_mask.from_seed(per_head, L, S, density, draw(_seeds()))
+    if kind == "not":
+        return mods.not_(_draw_mask(draw, L, S, batch, heads, depth - 1, budget, exclude))
+    if kind in ("and", "or"):
+        children = [_draw_mask(draw, L, S, batch, heads, depth - 1, budget, exclude) for _ in range(2)]
+        return (mods.and_ if kind == "and" else mods.or_)(*children)
+    count = draw(st.integers(2, min(3, heads if kind == "by_head" else batch)))
+    children = [_draw_mask(draw, L, S, batch, heads, depth - 1, budget, exclude) for _ in range(count)]
+    return (mods.by_head if kind == "by_head" else mods.by_batch)(*children)
+
+
+def mask_mods(*, q_len: int, kv_len: int, batch: int = 1, heads: int = 1, max_depth: int = 2,
+              max_tables: int = 2, exclude: Sequence[str] = ()) -> st.SearchStrategy:
+    """``kernels.mods`` mask mods for ``[batch, heads, q_len, kv_len]`` attention: full,
+    causal, sliding_window, prefix_lm, chunked, dilated_sliding_window, document and
+    table_mask (seeded tables; nearly empty tables behind a drawn boolean), empty
+    (``not_(full())``), and ``and_``/``or_``/``not_``/``by_head``/``by_batch`` trees up to
+    ``max_depth``, holding at most ``max_tables`` captured tables; kinds named in
+    ``exclude`` are never drawn. Shrinks towards ``full``."""
+    _check_bounds(q_len=(1, q_len), kv_len=(1, kv_len), batch=(1, batch), heads=(1, heads))
+    if max_depth < 0 or max_tables < 0:
+        raise InvalidArgument(f"Expected max_depth >= 0 and max_tables >= 0, got {max_depth}, {max_tables}.")
+    excluded = _check_exclude(exclude, _MASK_LEAVES + _MASK_COMBINATORS, _MASK_LEAVES[:7], "mask")
+
+    @st.composite
+    def draw_mask(draw):
+        return _draw_mask(draw, q_len, kv_len, batch, heads, max_depth, [max_tables], excluded)
+
+    return draw_mask()
+
+
+# --------------------------------------------------------------------------
+# score mods
+
+_BIAS_SHAPES = {"hqk": "HLS", "bhq": "BHL", "qk": "LS", "h": "H", "bh": "BH"}
+
+
+def _draw_score(draw, dims: dict, budget: list, learnable: bool, chain_left: int, exclude=frozenset()):
+    from kernels import mods
+
+    kinds = ["identity", "tanh_softcap"]
+    if budget[0] >= 1:
+        kinds += ["alibi", "relative_position", "bias"]
+    if chain_left > 1:
+        kinds.append("chain")
+    kind = draw(st.sampled_from([k for k in kinds if k not in exclude]))
+    if kind == "identity":
+        return mods.identity()
+    if kind == "tanh_softcap":
+        return mods.tanh_softcap(draw(st.sampled_from([20.0, 5.0, 1.0, 0.5, 50.0])))
+    if kind == "chain":
+        count = draw(st.integers(2, chain_left))
+        return mods.chain(*(_draw_score(draw, dims, budget, learnable, 1, exclude) for _ in range(count)))
+    budget[0] -= 1
+    grad = learnable and draw(st.booleans())
+    if kind == "alibi":
+        return mods.alibi.standard(dims["H"])
+    if kind == "relative_position":
+        radius = draw(st.integers(0, 8))
+        table = mods.seeded("normal", [dims["H"], 2 * radius + 1], draw(_seeds()), requires_grad=grad)
+        return mods.relative_position(table)
+    layout = draw(st.sampled_from(list(_BIAS_SHAPES)))
+    shape = [dims[c] for c in _BIAS_SHAPES[layout]]
+    std = draw(st.sampled_from([1.0, 0.1, 4.0]))
+    return mods.bias.from_seed(shape, draw(_seeds()), layout, std=std, requires_grad=grad)
+
+
+def score_mods(*, batch: int, heads: int, q_len: int, kv_len: int, max_tables: int = _MAX_TABLES,
+               learnable: bool = True, max_chain: int = 3, exclude: Sequence[str] = ()) -> st.SearchStrategy:
+    """``kernels.mods`` score mods for ``[batch, heads, q_len, kv_len]``: identity,
+    tanh_softcap, alibi, relative_position, bias tables in each layout (hqk, bhq, qk, h,
+    bh), learnable (requires_grad) behind a drawn boolean when ``learnable``, and chains
+    of up to ``max_chain``; at most ``max_tables`` captured tables; kinds named in
+    ``exclude`` are never drawn. Shrinks towards identity."""
+    _check_bounds(batch=(1, batch), heads=(1, heads), q_len=(1, q_len), kv_len=(1, kv_len))
+    dims = {"B": batch, "H": heads, "L": q_len, "S": kv_len}
+    excluded = _check_exclude(exclude, _SCORE_KINDS, ("identity", "tanh_softcap"), "score")
+
+    @st.composite
+    def draw_score(draw):
+        return _draw_score(draw, dims, [max_tables], learnable, max_chain, excluded)
+
+    return draw_score()
+
+
+# --------------------------------------------------------------------------
+# kernel options
+
+_TILES = {"BLOCK_M": "q", "BLOCK_N": "kv", "BLOCK_M1": "q", "BLOCK_N1": "kv", "BLOCK_M2": "q", "BLOCK_N2": "kv"}
+
+
+def kernel_options(*, block_size: Optional[Sequence[int]] = None, rows_safe: bool = False,
+                   blocks_contiguous: bool = False, split_kv: bool = True,
+                   exclude: Sequence[str] = ()) -> st.SearchStrategy[dict]:
+    """``kernel_options`` dicts (PyTorch's names): tiles that divide ``block_size``
+    (``(128, 128)``, the dense tile, when None), ``fwd_``/``bwd_`` prefixed or not,
+    ``num_warps``, ``num_stages``, ``PRESCALE_QK``, ``FORCE_USE_FLEX_ATTENTION``,
+    ``SPLIT_KV``; ``ROWS_GUARANTEED_SAFE`` only when ``rows_safe`` (the mask has no
+    fully masked row) and ``BLOCKS_ARE_CONTIGUOUS`` only when ``blocks_contiguous``
+    (``oracle.check_block_mask`` finds the promise kept). Option names in ``exclude``
+    (tile names match their ``fwd_``/``bwd_`` forms) are never drawn. Half the draws are ``{}``."""
+    q_block, kv_block = tuple(block_size) if block_size is not None else (_DENSE_BLOCK, _DENSE_BLOCK)
+    tiles = {axis: [t for t in (16, 32, 64, 128) if size % t == 0]
+             for axis, size in (("q", q_block), ("kv", kv_block))}
+    if not tiles["q"] or not tiles["kv"]:
+        raise InvalidArgument(f"Expected a block size divisible by 16, got {(q_block, kv_block)}.")
+
+    @st.composite
+    def draw_options(draw):
+        opts: dict = {}
+        if not draw(st.booleans()):
+            return opts
+        if draw(st.booleans()):
+            prefixed = draw(st.booleans())
+            for key, axis in _TILES.items():
+                if draw(st.booleans()):
+                    name = (("fwd_" if key in ("BLOCK_M", "BLOCK_N") else "bwd_") + key) if prefixed else key
+                    opts[name] = draw(st.sampled_from(tiles[axis]))
+        if draw(st.booleans()):
+            opts["num_warps"] = draw(st.sampled_from([4, 1, 2, 8]))
+            opts["num_stages"] = draw(st.sampled_from([1, 2, 3]))
+        if draw(st.booleans()):
+            opts["PRESCALE_QK"] = True
+        if rows_safe and draw(st.booleans()):
+            opts["ROWS_GUARANTEED_SAFE"] = True
+        if blocks_contiguous and draw(st.booleans()):
+            opts["BLOCKS_ARE_CONTIGUOUS"] = True
+        if draw(st.booleans()):
+            opts["FORCE_USE_FLEX_ATTENTION"] = True
+        if split_kv and draw(st.booleans()):
+            opts["SPLIT_KV"] = draw(st.integers(1, 8))
+        return {k: v for k, v in opts.items()
+                if k not in excluded and not (k.startswith(("fwd_", "bwd_")) and k[4:] in excluded)}
+
+    excluded = frozenset(exclude)
+    return draw_options()
+
+
+# --------------------------------------------------------------------------
+# facts about a mask, for promises and broadcasting
+
+
+def _depends_on(spec: dict, axis: str) -> bool:
+    name = spec["name"]
+    if name == f"by_{axis}":
+        return True
+    if name == "table_mask" and axis == "head":
+        return spec["table"]["shape"][0] > 1 if "shape" in spec["table"] else True
+    return any(_depends_on(s, axis) for s in spec.get("mods", []))
+
+
+def _promises(mask_mod, case_dims: dict, block: Optional[BlockSize]) -> tuple:
+    """(rows safe, blocks contiguous) for the block mask the case will build."""
+    import oracle
+
+    if mask_mod is None:
+        return True, True
+    bm = oracle.create_block_mask(mask_mod, case_dims["mask_B"], case_dims["mask_H"], case_dims["L"],
+                                  case_dims["S"], BLOCK_SIZE=tuple(block))
+    findings = oracle.check_block_mask(bm, case_dims["B"], case_dims["Hq"], case_dims["L"], case_dims["S"],
+                                       rows_guaranteed_safe=True, blocks_are_contiguous=True, max_per_kind=1)
+    errors = {f.kind for f in findings if f.severity == "error"}
+    return (oracle.FindingKind.ROW_NOT_SAFE not in errors and len(errors - {oracle.FindingKind.NOT_CONTIGUOUS}) == 0,
+            oracle.FindingKind.NOT_CONTIGUOUS not in errors and len(errors - {oracle.FindingKind.ROW_NOT_SAFE}) == 0)
+
+
+# --------------------------------------------------------------------------
+# whole cases
+
+
+def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads: int = 1,
+               max_heads: Optional[int] = None, min_group: int = 1, max_group: int = 8,
+               max_batch_heads: Optional[int] = None, min_len: int = 1, max_len: Optional[int] = None,
+               min_head_dim: int = 1, max_head_dim: Optional[int] = None,
+               dtypes: Optional[Sequence[str]] = None, block_mask: Optional[bool] = None,
+               score_mod: Optional[bool] = None, backward: Optional[bool] = None,
+               kernel_options: Optional[bool] = None, layouts: Optional[Sequence[str]] = None,
+               exclude_options: Sequence[str] = (), exclude_mods: Sequence[str] = (), max_mask_depth: int = 2,
+               device="cpu") -> st.SearchStrategy[FlexCase]:
+    """Complete ``FlexCase`` values. Bounds as in ``shapes()`` (unset maxima from
+    ``bounds_for(device)``). ``dtypes`` / ``layouts`` restrict the choices;
+    ``block_mask``, ``score_mod``, ``backward``, ``kernel_options`` force (True/False)
+    or draw (None) whether the case has one; ``exclude_options`` names kernel options
+    never drawn (say ``("PRESCALE_QK",)`` while a known bug there is open), and
+    ``exclude_mods`` mask or score mod kinds never drawn (say ``("tanh_softcap",)``).
+
+    Drawn in this order: dtype, whether a block mask and its tile size, the shape
+    (lengths leaning to the tile boundaries), whether a score mod, the mask mod, the
+    score mod, the mask's batch/head broadcast, scale, layout, kernel options,
+    gradients, input size, seed."""
+    dtype_names = tuple(dtypes) if dtypes is not None else ("float16", "bfloat16", "float32")
+    layout_names = tuple(layouts) if layouts is not None else tuple(LAYOUTS)
+    for name in layout_names:
+        if name not in LAYOUTS:
+            raise InvalidArgument(f"Expected layouts from {tuple(LAYOUTS)}, got {name!r}.")
+    for name in dtype_names:
+        if name not in ("float16", "bfloat16", "float32", "float64"):
+            raise InvalidArgument(f"Expected dtype names (float16, bfloat16, float32, float64), got {name!r}.")
+    if not dtype_names or not layout_names:
+        raise InvalidArgument("Expected at least one dtype and one layout.")
+    shape_kw = dict(min_batch=min_batch, max_batch=max_batch, min_heads=min_heads, max_heads=max_heads,
+                    min_group=min_group, max_group=max_group, max_batch_heads=max_batch_heads,
+                    min_len=min_len, max_len=max_len, min_head_dim=min_head_dim,
+                    max_head_dim=max_head_dim, device=device)
+    shapes(**shape_kw)  # validates the bounds now
+    exclude_mods = frozenset(exclude_mods)
+    mask_exclude = exclude_mods & set(_MASK_LEAVES + _MASK_COMBINATORS)
+    score_exclude = exclude_mods & set(_SCORE_KINDS)
+    unknown = sorted(exclude_mods - set(_MASK_LEAVES + _MASK_COMBINATORS + _SCORE_KINDS))
+    if unknown:
+        raise InvalidArgument(f"Unknown mod kinds {unknown} in exclude_mods.")
+
+    @st.composite
+    def draw_case(draw):
+        dtype = draw(st.sampled_from(dtype_names))
+        has_mask = _often(draw) if block_mask is None else block_mask
+        block = draw(block_sizes()) if has_mask else None
+        boundaries = sorted({_DENSE_BLOCK} | (set(block) if block else set()))
+        shape = draw(shapes(boundaries=boundaries, **shape_kw))
+        has_score = draw(st.booleans()) if score_mod is None else score_mod
+
+        mask = None
+        used = 0
+        if has_mask:
+            mask = draw(mask_mods(q_len=shape.L, kv_len=shape.S, batch=shape.B, heads=shape.Hq,
+                                  max_depth=max_mask_depth, max_tables=2, exclude=mask_exclude))
+            used = len({id(t) for t in mask.tensors()})
+        score = None
+        if has_score:
+            score = draw(score_mods(batch=shape.B, heads=shape.Hq, q_len=shape.L, kv_len=shape.S,
+                                    max_tables=_MAX_TABLES - used, exclude=score_exclude))
+
+        mask_B, mask_H = shape.B, shape.Hq
+        if mask is not None:
+            spec = mask.spec()
+            # Broadcasting a mask that varies over batch or head makes its blocks disagree
+            # with its mask_mod: kept rare, behind a second boolean.
+            if shape.B > 1 and draw(st.booleans()) and (not _depends_on(spec, "batch") or draw(st.booleans())):
+                mask_B = 1
+            if shape.Hq > 1 and draw(st.booleans()) and (not _depends_on(spec, "head") or draw(st.booleans())):
+                mask_H = 1
+
+        scale = None
+        if draw(st.booleans()):
+            scale = draw(st.sampled_from([1.0, 0.5, 0.125, 2.0, -0.3]))
+        layout = draw(st.sampled_from(layout_names))
+
+        dims = dict(B=shape.B, Hq=shape.Hq, L=shape.L, S=shape.S, mask_B=mask_B, mask_H=mask_H)
+        rows_safe = contiguous = False
+        want_options = _often(draw) if kernel_options is None else kernel_options
+        options: dict = {}
+        if want_options:
+            if draw(st.booleans()):  # may the options carry promises? (checks the mask first)
+                rows_safe, contiguous = _promises(mask, dims, block)
+            options = draw(_options_strategy(block, rows_safe, contiguous, tuple(exclude_options)))
+        grads = _often(draw) if backward is None else backward
+        grad_lse = grads and draw(st.booleans())
+        std = draw(st.sampled_from([4.0, 0.25, 2.0])) if draw(st.booleans()) else 1.0
+        seed = draw(st.integers(0, 2**32 - 1))
+        return FlexCase(
+            B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, Bk=shape.Bk, L=shape.L, S=shape.S, E=shape.E, Ev=shape.Ev,
+            dtype=dtype, seed=seed, input_std=std, layout=layout,
+            mask=mask.spec() if mask is not None else None,
+            block_size=tuple(block) if block is not None else None,
+            mask_B=mask_B if mask is not None else 1, mask_H=mask_H if mask is not None else 1,
+            score=score.spec() if score is not None else None, scale=scale,
+            kernel_options=options, backward=grads, grad_lse=grad_lse,
+        )
+
+    return draw_case()
+
+
+def _often(draw) -> bool:
+    """True three times in four; shrinks to False."""
+    return draw(st.integers(0, 3)) > 0
+
+
+def _options_strategy(block, rows_safe, contiguous, exclude):
+    return kernel_options(block_size=block, rows_safe=rows_safe, blocks_contiguous=contiguous, exclude=exclude)

@@ -1,0 +1,210 @@
+"""The ``flex-oracle`` command: fuzz, replay, show, and the README's bisect recipe.
+
+Most commands run in process through ``properties.cli.main``; the console
+entry and ``git bisect run`` are run for real in subprocesses. Kernels run in
+Triton's interpreter, so the fuzz runs draw a handful of tiny cases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from properties.cli import EXIT_CANNOT_REPLAY, EXIT_FAIL, EXIT_NOT_APPLICABLE, EXIT_PASS, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--max-len", "32", "--max-batch-heads", "2", "--max-head-dim", "16", "--quiet"]
+
+PLANTED = '''
+import kernels
+
+
+def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None,
+                   enable_gqa=False, return_lse=False, kernel_options=None):
+    """Our kernels with the output of query 0 nudged by {bump}."""
+    result = kernels.flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa,
+                                    return_lse, kernel_options)
+    out = result[0] if isinstance(result, tuple) else result
+    out = out + {bump} * _first_query(out)
+    return (out, *result[1:]) if isinstance(result, tuple) else out
+
+
+def _first_query(out):
+    import torch
+
+    marker = torch.zeros_like(out)
+    marker[:, :, 0] = 1
+    return marker
+'''
+
+
+def _planted(directory: Path, bump: float = 0.05) -> None:
+    (directory / "planted_bug.py").write_text(PLANTED.format(bump=bump))
+
+
+def _env(*paths) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(p) for p in paths] + [str(ROOT)])
+    env.setdefault("TRITON_INTERPRET", "1")
+    return env
+
+
+def _case_file(tmp_path: Path, **fields) -> str:
+    case = dict(B=1, Hq=1, Hkv=1, Bk=1, L=12, S=12, E=8, Ev=8, dtype="float16", backward=False)
+    case.update(fields)
+    path = tmp_path / "case.json"
+    path.write_text(json.dumps(case))
+    return str(path)
+
+
+def test_fuzz_on_kernels_passes(tmp_path, capsys):
+    code = main(["fuzz", "--examples", "4", "--seed", "3", "--out", str(tmp_path / "out"),
+                 "--exclude-options", "PRESCALE_QK", *TINY])
+    out = capsys.readouterr().out
+    assert code == EXIT_PASS, out
+    assert "cases run" in out and "s per case" in out and "no failures" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_planted_bug_is_found_saved_replayed_and_shown(tmp_path, monkeypatch, capsys):
+    _planted(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out_dir = tmp_path / "failures"
+    code = main(["fuzz", "--target", "planted_bug:flex_attention", "--examples", "3", "--properties", "oracle",
+                 "--out", str(out_dir), "--shrink-seconds", "15", *TINY])
+    report = capsys.readouterr().out
+    assert code == EXIT_FAIL, report
+    files = sorted(out_dir.glob("failure-matches_oracle-*.json"))
+    assert len(files) == 1, report
+    record = json.loads(files[0].read_text())
+    assert record["status"] == "failed" and record["tensors"][0] == "out"
+    assert record["command"] == shlex.join(["flex-oracle", "replay", str(files[0]), "--target",
+                                            "planted_bug:flex_attention", "--device", "cpu",
+                                            "--property", "matches_oracle"])
+    assert record["command"] in report
+
+    assert main(shlex.split(record["command"])[1:]) == EXIT_FAIL
+    assert "FAIL" in capsys.readouterr().out
+    # The same case passes on the real kernels: what `git bisect run` tells apart.
+    assert main(["replay", str(files[0]), "--target", "kernels", "--device", "cpu"]) == EXIT_PASS
+    capsys.readouterr()
+    assert main(["show", str(files[0])]) == EXIT_PASS
+    shown = capsys.readouterr().out
+    assert "shape:" in shown and "replay: flex-oracle replay" in shown and "outside tolerance" in shown
+
+
+def test_console_entry_replays_in_a_subprocess(tmp_path):
+    _planted(tmp_path)
+    path = _case_file(tmp_path)
+    run = subprocess.run([sys.executable, "-m", "properties.cli", "replay", path, "--target",
+                          "planted_bug:flex_attention", "--device", "cpu"],
+                         cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert run.returncode == EXIT_FAIL, run.stdout + run.stderr
+    assert "FAIL" in run.stdout and "out (float16)" in run.stdout
+
+
+@pytest.mark.parametrize("target, fields, reason", [
+    ("sdpa", dict(score={"name": "tanh_softcap", "cap": 5.0}), "score_mod"),
+    ("torch-compile", {}, "CUDA"),
+    ("kernels", dict(dtype="float64"), "float64"),
+    ("no_such_module_anywhere:fn", {}, "not available"),
+])
+def test_replay_exits_125_when_not_applicable(tmp_path, capsys, target, fields, reason):
+    code = main(["replay", _case_file(tmp_path, **fields), "--target", target, "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == EXIT_NOT_APPLICABLE
+    assert reason in captured.out + captured.err
+
+
+def test_replay_passes_and_rejects_bad_files(tmp_path, capsys):
+    assert main(["replay", _case_file(tmp_path), "--device", "cpu"]) == EXIT_PASS
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"B": 0}')
+    assert main(["replay", str(bad)]) == EXIT_CANNOT_REPLAY
+    assert main(["replay", str(tmp_path / "missing.json")]) == EXIT_CANNOT_REPLAY
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["replay", _case_file(tmp_path), "--target", "kernals"]) == EXIT_CANNOT_REPLAY
+    assert "unknown target" in capsys.readouterr().err
+
+
+def test_show_draws_the_mask(tmp_path, capsys):
+    path = _case_file(tmp_path, L=32, S=32, block_size=[16, 16], mask={"name": "causal"})
+    assert main(["show", path]) == EXIT_PASS
+    out = capsys.readouterr().out
+    assert "mask:    causal" in out and "#" * 32 in out and "FP" in out
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "fuzz" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# the README's recipe
+
+
+def _readme_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Fuzzing, replay and `git bisect run`")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def _readme_commands() -> list:
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", _readme_section(), re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("git bisect run "):
+                line = line[len("git bisect run "):]
+            if line.startswith("flex-oracle "):
+                commands.append(shlex.split(line))
+    return commands
+
+
+def test_readme_commands_parse():
+    commands = _readme_commands()
+    verbs = {c[1] for c in commands}
+    assert {"fuzz", "replay", "show"} <= verbs
+    parser = build_parser()
+    for command in commands:
+        parser.parse_args(command[1:])  # exits (SystemExit) on an unknown option
+    section = _readme_section()
+    for code in (EXIT_PASS, EXIT_FAIL, EXIT_NOT_APPLICABLE, EXIT_CANNOT_REPLAY):
+        assert f"| {code} |" in section
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_readme_bisect_recipe_finds_the_bad_commit(tmp_path):
+    """The README's `git bisect run flex-oracle replay ...` on a toy history: good, bad, bad."""
+    bisect = next(c for c in _readme_commands() if c[1] == "replay" and "--target" in c)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = _env(repo)
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    for k, bump in enumerate([0.0, 0.05, 0.07]):
+        _planted(repo, bump)
+        git("add", "planted_bug.py")
+        git("commit", "-q", "-m", f"commit {k}")
+    case = _case_file(tmp_path)
+    args = bisect[1:]
+    args[1] = case
+    args[args.index("--target") + 1] = "planted_bug:flex_attention"
+    command = [sys.executable, "-m", "properties.cli", *args]
+    git("bisect", "start", "HEAD", "HEAD~2")
+    result = git("bisect", "run", *command)
+    assert "commit 1" in git("log", "-1", "--format=%s", "refs/bisect/bad"), result
+    git("bisect", "reset")
