@@ -1,8 +1,11 @@
-"""Every case file the fuzzer saved for a bug we fixed replays as a pass.
+"""Every saved case file replays as a pass on our kernels.
 
-A failure found by ``flex-oracle fuzz`` is fixed, and its JSON case file goes
-into ``tests/cases/``; this test replays each one exactly as a bisect script
-would (``flex-oracle replay CASE.json``), so the bug cannot return unseen.
+``tests/cases/`` holds JSON cases that ``flex-oracle fuzz`` found: bugs of ours
+that were fixed (``tanh-softcap-small-scores``), and failures of other
+targets that our kernels must keep handling (``gqa-77-bf16``: PyTorch 2.11's
+compiled flex_attention raises NoValidChoicesError on it on the H100). This
+test replays each one exactly as a bisect script would (``flex-oracle replay
+CASE.json``), so a bug cannot return unseen.
 """
 
 from pathlib import Path
