@@ -117,7 +117,8 @@ def reference_scales(query, key, value, grad_out=None, scale=None) -> dict:
         return float(t.detach().double().pow(2).mean().sqrt()) if t is not None and t.numel() else 0.0
 
     E, Ev = query.shape[-1], value.shape[-1]
-    scale = 1.0 / E ** 0.5 if scale is None else scale
+    # A size: a negative scale (allowed, SPEC section 1) must not make the floor negative.
+    scale = 1.0 / E ** 0.5 if scale is None else abs(scale)
     dp = rms(grad_out) * rms(value) * Ev ** 0.5  # dO . v, the size of dp - delta's terms
     return {"out": rms(value), "dq": scale * dp * rms(key), "dk": scale * dp * rms(query),
             "dv": rms(grad_out), "dbuffer": dp}
