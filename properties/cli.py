@@ -114,12 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _faults_module():
     """``properties.faults`` (the fault catalogue) when this checkout has it."""
-    try:
-        from . import faults
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.faults":
-            raise
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}.faults") is None:
         return None
+    faults = importlib.import_module(f"{__package__}.faults")
     return faults if hasattr(faults, "add_arguments") and hasattr(faults, "command_main") else None
 
 
