@@ -63,25 +63,48 @@ class Options:
     split_kv: Optional[int] = None
 
 
-# Default tiles by (architecture, dtype, padded head dim): forward
+# Default tiles by (architecture, dtype, padded head dim, work): forward
 # (BLOCK_M, BLOCK_N, warps, stages), backward (BLOCK_M1, BLOCK_N1, BLOCK_M2,
-# BLOCK_N2, warps, stages). The interpreter runs each tile as numpy work, so
-# large tiles are fastest there. Missing entries fall back to the arch's
-# ``None`` head-dim row. Tiles are then shrunk by ``_fit_tile`` to divide the
-# sparse block sizes.
+# BLOCK_N2, warps, stages). ``work`` is what the inner loop does besides the
+# two products (``work_kind``): "dense" (no block mask), "masked" (a block
+# mask, so mask_mod runs on partial blocks) or "scored" (a score mod). A
+# missing work entry falls back to the ``None`` one, a missing head dim to the
+# arch's ``(arch, None)`` row. Tiles are then shrunk by ``_fit_tile`` to divide
+# the sparse block sizes. The interpreter runs each tile as numpy work, so
+# large tiles are fastest there.
+#
+# The sm90 bf16 rows were chosen with benchmarks/sweep.py on an H200
+# (2026-12-02, S=4096, B*S=16k, Hq*D=2048; forward TFLOP/s over allowed
+# elements, best tile first): D=128 dense 453 with 128x64/4 warps against 419
+# with 128x128/8; masked (causal, document) and scored (softcap) favour
+# 128x128/8 warps/2 stages (368 / 190 / 232); D=64 scored 151 with 128x64
+# against 98 with 128x128 (the tanh's temporaries spill at 128x128 on 4 warps).
+# Backward: 64x128 / 128x64 on 8 warps with 3 stages was best for every D=128
+# row, 64x64 on 4 warps for D=64.
 _CONFIGS = {
     ("sm90", None): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 2)),
-    ("sm90", torch.bfloat16, 64): ((128, 128, 4, 3), (64, 64, 64, 64, 4, 3)),
-    ("sm90", torch.float16, 64): ((128, 128, 4, 3), (64, 64, 64, 64, 4, 3)),
-    ("sm90", torch.bfloat16, 128): ((128, 64, 8, 3), (64, 128, 128, 64, 8, 2)),
-    ("sm90", torch.float16, 128): ((128, 64, 8, 3), (64, 128, 128, 64, 8, 2)),
-    ("sm90", torch.float32, 64): ((128, 32, 4, 3), (32, 32, 32, 32, 4, 1)),
-    ("sm90", torch.float32, 128): ((64, 32, 4, 3), (32, 32, 32, 32, 4, 1)),
-    ("sm90", torch.float32, 256): ((32, 32, 4, 2), (16, 16, 16, 16, 4, 1)),
+    ("sm90", torch.bfloat16, 64, None): ((128, 128, 4, 3), (64, 64, 64, 64, 4, 3)),
+    ("sm90", torch.bfloat16, 64, "scored"): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 3)),
+    ("sm90", torch.float16, 64, None): ((128, 128, 4, 3), (64, 64, 64, 64, 4, 3)),
+    ("sm90", torch.float16, 64, "scored"): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 3)),
+    ("sm90", torch.bfloat16, 128, None): ((128, 128, 8, 2), (64, 128, 128, 64, 8, 3)),
+    ("sm90", torch.bfloat16, 128, "dense"): ((128, 64, 4, 3), (64, 128, 128, 64, 8, 3)),
+    ("sm90", torch.float16, 128, None): ((128, 128, 8, 2), (64, 128, 128, 64, 8, 3)),
+    ("sm90", torch.float16, 128, "dense"): ((128, 64, 4, 3), (64, 128, 128, 64, 8, 3)),
+    ("sm90", torch.float32, 64, None): ((128, 32, 4, 3), (32, 32, 32, 32, 4, 1)),
+    ("sm90", torch.float32, 128, None): ((64, 32, 4, 3), (32, 32, 32, 32, 4, 1)),
+    ("sm90", torch.float32, 256, None): ((32, 32, 4, 2), (16, 16, 16, 16, 4, 1)),
     ("sm80", None): ((64, 64, 4, 2), (32, 64, 64, 32, 4, 2)),
-    ("sm80", torch.float32, 128): ((32, 32, 4, 2), (16, 16, 16, 16, 4, 1)),
+    ("sm80", torch.float32, 128, None): ((32, 32, 4, 2), (16, 16, 16, 16, 4, 1)),
     ("interp", None): ((128, 128, 1, 1), (128, 128, 128, 128, 1, 1)),
 }
+
+WORK_KINDS = ("dense", "masked", "scored")
+
+
+def work_kind(has_block_mask: bool, has_score: bool) -> str:
+    """Which config row a call takes: a score mod dominates, then a block mask."""
+    return "scored" if has_score else "masked" if has_block_mask else "dense"
 
 
 def _arch(device: torch.device, interpret: bool) -> str:
@@ -91,8 +114,11 @@ def _arch(device: torch.device, interpret: bool) -> str:
     return "sm90" if major >= 9 else "sm80"
 
 
-def _default_config(arch: str, dtype, head_pad: int):
-    return _CONFIGS.get((arch, dtype, head_pad)) or _CONFIGS[(arch, None)]
+def _default_config(arch: str, dtype, head_pad: int, work: Optional[str] = None):
+    for key in ((arch, dtype, head_pad, work), (arch, dtype, head_pad, None), (arch, None)):
+        if key in _CONFIGS:
+            return _CONFIGS[key]
+    raise KeyError(f"no config row for {arch}")
 
 
 def _fit_tile(tile: int, sparse: int) -> int:
@@ -121,9 +147,10 @@ def _check_pow2(key: str, val, minimum: int = 16) -> int:
 
 def parse_kernel_options(
     kernel_options: Optional[dict], *, dtype, head_dim: int, q_block: int, kv_block: int,
-    device: torch.device, interpret: bool,
+    device: torch.device, interpret: bool, work: Optional[str] = None,
 ) -> Options:
-    """Validate ``kernel_options`` (PyTorch's names) and fill in the defaults."""
+    """Validate ``kernel_options`` (PyTorch's names) and fill in the defaults
+    (``work``: the config row, see ``work_kind``)."""
     opts = dict(kernel_options or {})
     if kernel_options is not None and not isinstance(kernel_options, dict):
         raise TypeError(f"Expected kernel_options to be a dict or None, got {type(kernel_options).__name__}.")
@@ -139,7 +166,9 @@ def parse_kernel_options(
                 f"(tl.dot tiles are at least 16), got {sparse}. Rebuild it with BLOCK_SIZE=16 or more."
             )
     head_pad = max(16, triton.next_power_of_2(head_dim))
-    fwd_default, bwd_default = _default_config(_arch(device, interpret), dtype, head_pad)
+    if work is not None and work not in WORK_KINDS:
+        raise ValueError(f"Expected work in {WORK_KINDS} or None, got {work!r}.")
+    fwd_default, bwd_default = _default_config(_arch(device, interpret), dtype, head_pad, work)
     launches = {}
     for phase, default in (("fwd", fwd_default), ("bwd", bwd_default)):
         names = _TILE_KEYS[phase]
@@ -380,6 +409,31 @@ def _cached_block_lists(block_mask, B, Hq, L, S, device) -> Sparse:
     return sparse
 
 
+_PROGRAM_CACHE: dict = {}
+
+
+def _cached_program(score, mask, interpret: bool) -> ModProgram:
+    """``compile_mods`` once per pair of mod objects: generating and hashing the
+    Triton source costs more host time than a whole decode step's kernels.
+    Mods are immutable and the entry holds them, so their ids stay theirs; the
+    tables they capture are read through the program's buffers on every call,
+    so in-place updates of a learnable table are still seen."""
+    key = (id(score), id(mask), interpret)
+    hit = _PROGRAM_CACHE.get(key)
+    # The source depends on which tables require grad and on their shapes (strides are baked in).
+    if hit is not None and hit[0] is score and hit[1] is mask and hit[3] == _table_state(hit[2]):
+        return hit[2]
+    program = compile_mods(score, mask, interpret=interpret)
+    _PROGRAM_CACHE[key] = (score, mask, program, _table_state(program))
+    while len(_PROGRAM_CACHE) > 64:
+        _PROGRAM_CACHE.pop(next(iter(_PROGRAM_CACHE)))
+    return program
+
+
+def _table_state(program: ModProgram) -> tuple:
+    return tuple((t.requires_grad, tuple(t.shape)) for t in program.buffers)
+
+
 # --------------------------------------------------------------------------
 # the plan and the autograd function
 
@@ -489,11 +543,12 @@ def flex_attention(
     else:
         mask = as_mask_mod(block_mask.mask_mod, "block_mask.mask_mod")
         sparse = _cached_block_lists(block_mask, B, Hq, L, S, device)
+    program = _cached_program(score, mask, interpret)
     options = parse_kernel_options(
         kernel_options, dtype=query.dtype, head_dim=max(E, Ev), q_block=sparse.q_block,
         kv_block=sparse.kv_block, device=device, interpret=interpret,
+        work=work_kind(block_mask is not None, program.has_score),
     )
-    program = compile_mods(score, mask, interpret=interpret)
     for t in program.buffers:
         if t.device != device and t.requires_grad:
             raise ValueError(

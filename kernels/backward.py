@@ -46,43 +46,45 @@ def dq_tiles(
     offs_d = tl.arange(0, QK_PAD)
     offs_v = tl.arange(0, V_PAD)
     first = tl.load(IDX)
-    for blk in range(0, num_blocks):
+    # One flat loop over every tile of every listed block (the pipeliner then
+    # prefetches across block boundaries).
+    for it in range(0, num_blocks * TILES):
+        blk = it // TILES
         if CONTIGUOUS:
             kv_block = first + blk
         else:
             kv_block = tl.load(IDX + blk)
-        for t in range(0, TILES):
-            offs_n = kv_block * SPARSE_KV + t * BLOCK_N + tl.arange(0, BLOCK_N)
-            kT = load_tile(K, offs_d, offs_n, stride_kd, stride_kn, QK_DIM, KV_LEN,
-                           QK_DIM != QK_PAD, not KV_DIVISIBLE)
-            vT = load_tile(V, offs_v, offs_n, stride_vd, stride_vn, V_DIM, KV_LEN,
-                           V_DIM != V_PAD, not KV_DIVISIBLE)
-            n2 = offs_n[None, :]
-            if KV_DIVISIBLE:
-                n_mod = n2
-            else:
-                n_mod = n2 % KV_LEN
-            s = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
-            if PRESCALE:
-                s = s * LN2
-            else:
-                s = s * SM_SCALE
-            if HAS_SCORE:
-                t_nat = SCORE_FN(s, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
-            else:
-                t_nat = s
-            keep = n2 < KV_LEN
-            if not IS_FULL:
-                keep = keep & MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
-            p = tl.where(keep, tl.math.exp2(t_nat * LOG2E - lse2[:, None]), 0.0)
-            dp = mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
-            dt = p * (dp - delta[:, None])
-            if HAS_SCORE:
-                ds = SCORE_BWD_FN(s, dt, off_z, off_h, m_mod, n_mod, keep, B0, B1, B2, B3,
-                                  B0, B1, B2, B3, False)
-            else:
-                ds = dt
-            dq = mma(cast(ds, K.dtype.element_ty, UPCAST), tl.trans(kT), dq, FP32_PRECISION, UPCAST)
+        offs_n = kv_block * SPARSE_KV + (it % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kT = load_tile(K, offs_d, offs_n, stride_kd, stride_kn, QK_DIM, KV_LEN,
+                       QK_DIM != QK_PAD, not KV_DIVISIBLE)
+        vT = load_tile(V, offs_v, offs_n, stride_vd, stride_vn, V_DIM, KV_LEN,
+                       V_DIM != V_PAD, not KV_DIVISIBLE)
+        n2 = offs_n[None, :]
+        if KV_DIVISIBLE:
+            n_mod = n2
+        else:
+            n_mod = n2 % KV_LEN
+        s = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
+        if PRESCALE:
+            s = s * LN2
+        else:
+            s = s * SM_SCALE
+        if HAS_SCORE:
+            t_nat = SCORE_FN(s, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+        else:
+            t_nat = s
+        keep = n2 < KV_LEN
+        if not IS_FULL:
+            keep = keep & MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+        p = tl.where(keep, tl.math.exp2(t_nat * LOG2E - lse2[:, None]), 0.0)
+        dp = mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
+        dt = p * (dp - delta[:, None])
+        if HAS_SCORE:
+            ds = SCORE_BWD_FN(s, dt, off_z, off_h, m_mod, n_mod, keep, B0, B1, B2, B3,
+                              B0, B1, B2, B3, False)
+        else:
+            ds = dt
+        dq = mma(cast(ds, K.dtype.element_ty, UPCAST), tl.trans(kT), dq, FP32_PRECISION, UPCAST)
     return dq
 
 
@@ -108,53 +110,55 @@ def dkdv_tiles(
     offs_d = tl.arange(0, QK_PAD)
     offs_v = tl.arange(0, V_PAD)
     first = tl.load(IDX)
-    for blk in range(0, num_blocks):
+    # One flat loop over every tile of every listed block (the pipeliner then
+    # prefetches across block boundaries).
+    for it in range(0, num_blocks * TILES):
+        blk = it // TILES
         if CONTIGUOUS:
             q_block = first + blk
         else:
             q_block = tl.load(IDX + blk)
-        for t in range(0, TILES):
-            offs_m = q_block * SPARSE_Q + t * BLOCK_M + tl.arange(0, BLOCK_M)
-            qT = load_tile(Q, offs_d, offs_m, stride_qd, stride_qm, QK_DIM, Q_LEN,
-                           QK_DIM != QK_PAD, not Q_DIVISIBLE)
-            do = load_tile(DO, offs_m, offs_v, stride_dom, stride_dod, Q_LEN, V_DIM,
-                           not Q_DIVISIBLE, V_DIM != V_PAD)
-            if Q_DIVISIBLE:
-                lse2 = tl.load(LSE + offs_m) * LOG2E
-                delta = tl.load(DELTA + offs_m)
-            else:
-                lse2 = tl.load(LSE + offs_m, mask=offs_m < Q_LEN, other=0.0) * LOG2E
-                delta = tl.load(DELTA + offs_m, mask=offs_m < Q_LEN, other=0.0)
-            # A fully masked row has lse = -inf and no allowed element: any finite shift gives p = 0.
-            lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-            m2 = offs_m[None, :]
-            if Q_DIVISIBLE:
-                m_mod = m2
-            else:
-                m_mod = m2 % Q_LEN
-            if PRESCALE:
-                # Scores from the forward's rounded q * scale * log2(e); dK still uses q itself.
-                q_scaled = cast(qT.to(tl.float32) * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
-                sT = mma(k, q_scaled, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST) * LN2
-            else:
-                sT = mma(k, qT, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST) * SM_SCALE
-            if HAS_SCORE:
-                tT = SCORE_FN(sT, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
-            else:
-                tT = sT
-            keep = (m2 < Q_LEN) & (offs_n[:, None] < KV_LEN)
-            if not IS_FULL:
-                keep = keep & MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
-            pT = tl.where(keep, tl.math.exp2(tT * LOG2E - lse2[None, :]), 0.0)
-            dv = mma(cast(pT, DO.dtype.element_ty, UPCAST), do, dv, FP32_PRECISION, UPCAST)
-            dpT = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
-            dtT = pT * (dpT - delta[None, :])
-            if HAS_SCORE:
-                dsT = SCORE_BWD_FN(sT, dtT, off_z, off_h, m_mod, n_mod, keep, B0, B1, B2, B3,
-                                   G0, G1, G2, G3, GRAD_BUFFERS)
-            else:
-                dsT = dtT
-            dk = mma(cast(dsT, Q.dtype.element_ty, UPCAST), tl.trans(qT), dk, FP32_PRECISION, UPCAST)
+        offs_m = q_block * SPARSE_Q + (it % TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+        qT = load_tile(Q, offs_d, offs_m, stride_qd, stride_qm, QK_DIM, Q_LEN,
+                       QK_DIM != QK_PAD, not Q_DIVISIBLE)
+        do = load_tile(DO, offs_m, offs_v, stride_dom, stride_dod, Q_LEN, V_DIM,
+                       not Q_DIVISIBLE, V_DIM != V_PAD)
+        if Q_DIVISIBLE:
+            lse2 = tl.load(LSE + offs_m) * LOG2E
+            delta = tl.load(DELTA + offs_m)
+        else:
+            lse2 = tl.load(LSE + offs_m, mask=offs_m < Q_LEN, other=0.0) * LOG2E
+            delta = tl.load(DELTA + offs_m, mask=offs_m < Q_LEN, other=0.0)
+        # A fully masked row has lse = -inf and no allowed element: any finite shift gives p = 0.
+        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+        m2 = offs_m[None, :]
+        if Q_DIVISIBLE:
+            m_mod = m2
+        else:
+            m_mod = m2 % Q_LEN
+        if PRESCALE:
+            # Scores from the forward's rounded q * scale * log2(e); dK still uses q itself.
+            q_scaled = cast(qT.to(tl.float32) * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
+            sT = mma(k, q_scaled, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST) * LN2
+        else:
+            sT = mma(k, qT, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST) * SM_SCALE
+        if HAS_SCORE:
+            tT = SCORE_FN(sT, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+        else:
+            tT = sT
+        keep = (m2 < Q_LEN) & (offs_n[:, None] < KV_LEN)
+        if not IS_FULL:
+            keep = keep & MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+        pT = tl.where(keep, tl.math.exp2(tT * LOG2E - lse2[None, :]), 0.0)
+        dv = mma(cast(pT, DO.dtype.element_ty, UPCAST), do, dv, FP32_PRECISION, UPCAST)
+        dpT = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
+        dtT = pT * (dpT - delta[None, :])
+        if HAS_SCORE:
+            dsT = SCORE_BWD_FN(sT, dtT, off_z, off_h, m_mod, n_mod, keep, B0, B1, B2, B3,
+                               G0, G1, G2, G3, GRAD_BUFFERS)
+        else:
+            dsT = dtT
+        dk = mma(cast(dsT, Q.dtype.element_ty, UPCAST), tl.trans(qT), dk, FP32_PRECISION, UPCAST)
     return dk, dv
 
 

@@ -79,54 +79,56 @@ def forward_tiles(
     offs_d = tl.arange(0, QK_PAD)
     offs_v = tl.arange(0, V_PAD)
     first = tl.load(IDX)
-    for blk in range(0, num_blocks):
+    # One flat loop over every tile of every listed block, so that Triton's
+    # pipeliner prefetches the next tile's K and V across block boundaries too.
+    for it in range(0, num_blocks * TILES):
+        blk = it // TILES
         if CONTIGUOUS:
             kv_block = first + blk
         else:
             kv_block = tl.load(IDX + blk)
-        for t in range(0, TILES):
-            start_n = kv_block * SPARSE_KV + t * BLOCK_N
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            # K is read transposed: [QK_PAD, BLOCK_N].
-            kT = load_tile(K, offs_d, offs_n, stride_kd, stride_kn, QK_DIM, KV_LEN,
-                           QK_DIM != QK_PAD, not KV_DIVISIBLE)
-            qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
-            n2 = offs_n[None, :]
-            if KV_DIVISIBLE:
-                n_mod = n2
+        start_n = kv_block * SPARSE_KV + (it % TILES) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        # K is read transposed: [QK_PAD, BLOCK_N].
+        kT = load_tile(K, offs_d, offs_n, stride_kd, stride_kn, QK_DIM, KV_LEN,
+                       QK_DIM != QK_PAD, not KV_DIVISIBLE)
+        qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
+        n2 = offs_n[None, :]
+        if KV_DIVISIBLE:
+            n_mod = n2
+        else:
+            n_mod = n2 % KV_LEN  # keep mods' table reads in range
+        if PRESCALE:
+            if HAS_SCORE:
+                s = SCORE_FN(qk * LN2, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
             else:
-                n_mod = n2 % KV_LEN  # keep mods' table reads in range
-            if PRESCALE:
-                if HAS_SCORE:
-                    s = SCORE_FN(qk * LN2, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
-                else:
-                    s = qk
-            else:
-                s = qk * SM_SCALE
-                if HAS_SCORE:
-                    s = SCORE_FN(s, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
-                s = s * LOG2E
-            if not IS_FULL:
-                keep = MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
-                if not KV_DIVISIBLE:
-                    keep = keep & (n2 < KV_LEN)
-                s = tl.where(keep, s, float("-inf"))
-            elif not KV_DIVISIBLE:
-                s = tl.where(n2 < KV_LEN, s, float("-inf"))
+                s = qk
+        else:
+            s = qk * SM_SCALE
+            if HAS_SCORE:
+                s = SCORE_FN(s, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+            s = s * LOG2E
+        if not IS_FULL:
+            keep = MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+            if not KV_DIVISIBLE:
+                keep = keep & (n2 < KV_LEN)
+            s = tl.where(keep, s, float("-inf"))
+        elif not KV_DIVISIBLE:
+            s = tl.where(n2 < KV_LEN, s, float("-inf"))
 
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            if ROWS_SAFE:
-                m_use = m_new
-            else:
-                # A row with nothing allowed so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_use)
-            p = tl.math.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = load_tile(V, offs_n, offs_v, stride_vn, stride_vd, KV_LEN, V_DIM,
-                          not KV_DIVISIBLE, V_DIM != V_PAD)
-            acc = mma(cast(p, V.dtype.element_ty, UPCAST), v, acc * alpha[:, None], FP32_PRECISION, UPCAST)
-            m_i = m_new
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if ROWS_SAFE:
+            m_use = m_new
+        else:
+            # A row with nothing allowed so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = load_tile(V, offs_n, offs_v, stride_vn, stride_vd, KV_LEN, V_DIM,
+                      not KV_DIVISIBLE, V_DIM != V_PAD)
+        acc = mma(cast(p, V.dtype.element_ty, UPCAST), v, acc * alpha[:, None], FP32_PRECISION, UPCAST)
+        m_i = m_new
     return acc, l_i, m_i
 
 

@@ -886,7 +886,7 @@ class _TanhSoftcap(ScoreMod):
 
     def _emit(self, g, s):
         # tanh as a 13/6 rational function of the clamped argument (Eigen's
-        # fast tanh): multiply-adds only, no library call, within 4 ulps of
+        # fast tanh): multiply-adds only, no library call, within 6 ulps of
         # float32 everywhere (checked on 2.2 million points against float64).
         # The textbook 1 - 2 / (exp(2x) + 1) cancels for small x: 1e-5
         # relative error at x = 0.01, which the float32 LSE check caught.
@@ -899,7 +899,9 @@ class _TanhSoftcap(ScoreMod):
         den = "1.19825839466702e-06"
         for c in ("1.18534705686654e-04", "2.26843463243900e-03", "4.89352518554385e-03"):
             den = f"({den}) * {x2} + {c}"
-        th = g.tmp(f"{x} * ({num}) / ({den})")
+        # A fast division (div.full.f32, 2 ulps) instead of the IEEE one, which
+        # is a dozen instructions per score on the GPU.
+        th = g.tmp(f"tl.math.fdiv({x} * ({num}), {den})")
         return g.tmp(f"{self.cap!r} * {th}")
 
     def _emit_grad(self, g, s, out):
