@@ -1065,6 +1065,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetitions, ms")
     p.add_argument("--cpu-reps", type=int, default=3, help="timed calls per measurement on CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prewarm-jobs", type=int, default=0, metavar="N",
+                   help="first compile every (case, implementation) in N processes (Triton's and "
+                        "Inductor's disk caches then serve the timed run); 0: no prewarm")
     p.add_argument("--json", default=None,
                    help="results file (default $OUT/bench.json if OUT is set, else ./bench.json)")
     return p
@@ -1105,6 +1108,8 @@ def main(argv: Optional[list] = None) -> int:
         log(f"copy {ceilings['copy_bandwidth_tbs']:.2f} TB/s, bf16 matmul {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s")
     log(f"{len(cases)} cases on {env.get('gpu') or 'cpu'}; implementations {names}")
 
+    if device == "cuda" and args.prewarm_jobs > 0:
+        prewarm(cases, names, args.seed, args.prewarm_jobs, log)
     deadline = None if args.budget_seconds is None else start + args.budget_seconds
     ctx = Context(device, impls, time_fn, args.check_size, args.seed, deadline, log)
     done, not_started = [], []
@@ -1139,6 +1144,43 @@ def main(argv: Optional[list] = None) -> int:
     print(f"\n{len(done)} cases ({env['dtype']}) in {time.monotonic() - start:.0f}s on {env.get('gpu') or 'cpu'}; "
           f"torch {env['torch']}, triton {env['triton']}; JSON: {json_path}")
     return 1 if summary["failed_or_error"] else 0
+
+
+# --------------------------------------------------------------------------
+# prewarm: compiles are CPU-bound and cached on disk, so do them in parallel first
+
+
+def _prewarm_one(task):
+    """Compile one (case, implementation) on the real shapes; nothing is timed or kept."""
+    mask, shape_fields, dtype_name, impl_name, seed = task
+    t0 = time.monotonic()
+    try:
+        case = Case(mask, Shape(**shape_fields), DTYPES[dtype_name])
+        score_mod, block_mask = attention_args(case.mask, case.shape, "cuda", seed)
+        fn = IMPLS[impl_name].prepare(case, score_mod, block_mask)
+        q, k, v, do = make_inputs(case.shape, case.dtype, "cuda", seed, grad=not case.decode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_impl(fn, q, k, v, do, IMPLS[impl_name].returns_lse)
+        torch.cuda.synchronize()
+        return task, time.monotonic() - t0, None
+    except NotApplicable:
+        return task, time.monotonic() - t0, None
+    except Exception as e:  # noqa: BLE001 - the timed run reports it properly
+        return task, time.monotonic() - t0, _first_line(e)
+
+
+def prewarm(cases: list, impl_names: list, seed: int, jobs: int, log) -> None:
+    import multiprocessing as mp
+
+    tasks = [(c.mask, asdict(c.shape), _dtype_name(c.dtype), name, seed) for c in cases for name in impl_names
+             if not IMPLS[name].slow_compile]
+    t0 = time.monotonic()
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        for task, secs, err in pool.imap_unordered(_prewarm_one, tasks):
+            if err:
+                log(f"prewarm {task[0]} {task[3]}: {err}")
+    log(f"prewarmed {len(tasks)} compiles in {time.monotonic() - t0:.0f}s with {jobs} processes")
 
 
 def _write_json(path: str, env: dict, cases: list, not_started: list, summary, start: float) -> None:

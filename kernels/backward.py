@@ -76,7 +76,11 @@ def dq_tiles(
         keep = n2 < KV_LEN
         if not IS_FULL:
             keep = keep & MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
-        p = tl.where(keep, tl.math.exp2(t_nat * LOG2E - lse2[:, None]), 0.0)
+        if IS_FULL and KV_DIVISIBLE:
+            # Every element of a full block is allowed (rows past L are never stored).
+            p = tl.math.exp2(t_nat * LOG2E - lse2[:, None])
+        else:
+            p = tl.where(keep, tl.math.exp2(t_nat * LOG2E - lse2[:, None]), 0.0)
         dp = mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
         dt = p * (dp - delta[:, None])
         if HAS_SCORE:
@@ -99,7 +103,7 @@ def dkdv_tiles(
     GRAD_BUFFERS: tl.constexpr, IS_FULL: tl.constexpr,
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr,
-    Q_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr,
     FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Accumulate dK and dV over one query head's listed Q blocks (k, v stay in SRAM).
@@ -149,7 +153,11 @@ def dkdv_tiles(
         keep = (m2 < Q_LEN) & (offs_n[:, None] < KV_LEN)
         if not IS_FULL:
             keep = keep & MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
-        pT = tl.where(keep, tl.math.exp2(tT * LOG2E - lse2[None, :]), 0.0)
+        if IS_FULL and Q_DIVISIBLE and KV_DIVISIBLE:
+            # Every element of a full block is allowed; keep only guards the tables' gradients.
+            pT = tl.math.exp2(tT * LOG2E - lse2[None, :])
+        else:
+            pT = tl.where(keep, tl.math.exp2(tT * LOG2E - lse2[None, :]), 0.0)
         dv = mma(cast(pT, DO.dtype.element_ty, UPCAST), do, dv, FP32_PRECISION, UPCAST)
         dpT = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
         dtT = pT * (dpT - delta[None, :])
@@ -180,7 +188,9 @@ def dq_kernel(
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
     PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Query tiles run last-first: under a causal mask the last tiles have the
+    # most blocks, and starting them first leaves the short ones for the tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_zh = tl.program_id(1)
     off_z = pid_zh // HQ
     off_h = pid_zh % HQ
@@ -288,7 +298,7 @@ def dkdv_kernel(
             B0, B1, B2, B3, G0, G1, G2, G3,
             SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, False,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
-            Q_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
+            Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
         )
         if HAS_FULL:
             dk, dv = dkdv_tiles(
@@ -299,7 +309,7 @@ def dkdv_kernel(
                 B0, B1, B2, B3, G0, G1, G2, G3,
                 SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, True,
                 QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
-                Q_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
+                Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
             )
     dk = dk * SM_SCALE
     n_ok = offs_n[:, None] < KV_LEN

@@ -103,11 +103,10 @@ def forward_tiles(
                 s = SCORE_FN(qk * LN2, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
             else:
                 s = qk
+        elif HAS_SCORE:
+            s = SCORE_FN(qk * SM_SCALE, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
         else:
-            s = qk * SM_SCALE
-            if HAS_SCORE:
-                s = SCORE_FN(s, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
-            s = s * LOG2E
+            s = qk * (SM_SCALE * LOG2E)  # one multiply per score
         if not IS_FULL:
             keep = MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
             if not KV_DIVISIBLE:
@@ -151,7 +150,9 @@ def forward_kernel(
     OUTPUT_LSE: tl.constexpr, OUTPUT_MAX: tl.constexpr,
     FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Query tiles run last-first: under a causal mask the last tiles have the
+    # most blocks, and starting them first leaves the short ones for the tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_zh = tl.program_id(1)
     off_z = pid_zh // HQ
     off_h = pid_zh % HQ
