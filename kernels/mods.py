@@ -29,7 +29,7 @@ import torch
 
 __all__ = [
     "Mod", "MaskMod", "ScoreMod", "ModProgram", "compile_mods", "from_spec", "as_mask_mod",
-    "as_score_mod", "noop", "full", "causal", "sliding_window", "prefix_lm", "document",
+    "as_score_mod", "noop", "full", "causal", "sliding_window", "prefix_lm", "attention_sinks", "document",
     "dilated_sliding_window", "chunked", "and_", "or_", "not_", "by_head", "by_batch",
     "table_mask", "identity", "alibi", "relative_position", "tanh_softcap", "bias", "chain",
     "MAX_BUFFERS",
@@ -504,6 +504,32 @@ class _PrefixLM(MaskMod):
 def prefix_lm(prefix: int) -> MaskMod:
     """Bidirectional over the first ``prefix`` keys, causal after."""
     return _PrefixLM(_check_int(prefix, "prefix"))
+
+
+@dataclass(frozen=True, repr=False)
+class _AttentionSinks(MaskMod):
+    window: int
+    sinks: int
+
+    @property
+    def name(self):
+        return f"attention_sinks({self.window}, {self.sinks})"
+
+    def spec(self):
+        return {"name": "attention_sinks", "window": self.window, "sinks": self.sinks}
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & ((kv_idx < self.sinks) | (q_idx - kv_idx <= self.window))
+
+    def _emit(self, g):
+        return g.tmp(f"(m >= n) & ((n < {self.sinks}) | (m - n <= {self.window}))")
+
+
+def attention_sinks(window: int, sinks: int) -> MaskMod:
+    """StreamingLLM: causal, the first ``sinks`` keys plus a sliding ``window``
+    (``j <= i`` and (``j < sinks`` or ``i - j <= window``)). Its block lists have a
+    gap between the sink blocks and the window's."""
+    return _AttentionSinks(_check_int(window, "window"), _check_int(sinks, "sinks"))
 
 
 @dataclass(frozen=True, repr=False)
@@ -1036,6 +1062,8 @@ def from_spec(spec: dict, device="cpu") -> Mod:
         return sliding_window(spec["window"])
     if name == "prefix_lm":
         return prefix_lm(spec["prefix"])
+    if name == "attention_sinks":
+        return attention_sinks(spec["window"], spec["sinks"])
     if name == "dilated_sliding_window":
         return dilated_sliding_window(spec["window"], spec["dilation"])
     if name == "chunked":

@@ -188,6 +188,7 @@ def compare(
     rows_dim: int | Sequence[int] | None = None,
     precision: torch.dtype | None = None,
     reference_scale: float | None = None,
+    allowance: torch.Tensor | None = None,
 ) -> CompareResult:
     """Compare ``actual`` with the float64 truth ``expected``, without raising.
 
@@ -210,6 +211,11 @@ def compare(
     it adds ``atol * eps(float32) * reference_scale`` to the floor, for tensors
     whose true values cancel to exactly zero (one key per row makes dq and dk
     exactly 0, and float32 accumulation leaves about eps32 of the terms).
+    ``allowance`` (broadcastable to ``expected``) is an error scale of a rounding
+    the baseline makes too but with its own luck, so that where the baseline
+    happens to be nearly exact it leaves no room (the rounding of
+    ``delta = rowsum(dO * O)`` in dq and dk, ``properties.check.delta_allowances``);
+    it joins the baseline's error scale before the factor.
     """
     actual, expected, baseline = (t.detach() for t in (actual, expected, baseline))
     names = _index_names(name, expected.dim(), index_names)
@@ -279,6 +285,8 @@ def compare(
         torch.maximum(e, row_scale),
         tolerance.spread * torch.maximum(tensor_scale, relative * x0.abs()),
     )
+    if allowance is not None:
+        err_scale = torch.maximum(err_scale, allowance.detach().to(device=device, dtype=torch.float64).abs())
     # The larger of the row's RMS and the element itself: the final rounding to
     # the dtype can land an honest result one ulp of the element away.
     magnitude = torch.maximum(_rms(x0, finite, row_dims).expand_as(x0), x0.abs())

@@ -455,8 +455,8 @@ def _check_spec(spec, kind: str, case: FlexCase, tables: list) -> None:
             raise ValueError(f"Expected {name}'s {key} of shape at least {want} for this case, got {list(shape)}.")
         return shape
 
-    mask_names = {"full", "causal", "sliding_window", "prefix_lm", "dilated_sliding_window", "chunked",
-                  "document", "table_mask", "and", "or", "not", "by_head", "by_batch"}
+    mask_names = {"full", "causal", "sliding_window", "prefix_lm", "attention_sinks", "dilated_sliding_window",
+                  "chunked", "document", "table_mask", "and", "or", "not", "by_head", "by_batch"}
     score_names = {"identity", "alibi", "relative_position", "tanh_softcap", "bias", "chain"}
     if name not in (mask_names if kind == "mask" else score_names):
         raise ValueError(f"Unknown {kind} mod {name!r}; expected one of {sorted(mask_names if kind == 'mask' else score_names)}.")

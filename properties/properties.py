@@ -13,7 +13,7 @@ it. So they serve any test suite:
 it) and every gradient with the float64 oracle through the calibrated error
 model (``oracle.compare``). The metamorphic properties run the target on a
 changed input that must give the same answer (full blocks listed as
-partial, another block size, other tiles, two disjoint masks merged by
+partial, each row's blocks in reverse order, another block size, other tiles, two disjoint masks merged by
 their LSEs, V = 1, repeated heads for GQA, a copied key/value batch, the
 non-decode kernel) and hold that answer to the same error model against the
 truth of the unchanged case; on a failure they run the unchanged case too,
@@ -40,7 +40,7 @@ __all__ = [
     "matches_oracle", "full_blocks_as_partial_change_nothing", "block_size_change_nothing",
     "options_change_nothing", "lse_merge_of_disjoint_masks_equals_union", "ones_value_gives_one",
     "gqa_equals_repeated_heads", "broadcast_batch_equals_expanded", "decode_equals_non_decode",
-    "runs_are_bit_identical", "relabel_full_as_partial",
+    "runs_are_bit_identical", "relabel_full_as_partial", "block_order_changes_nothing", "reverse_block_order",
 ]
 
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
@@ -123,6 +123,10 @@ def _truth(m: Materialized, *, with_lse: bool, want_max: bool):
     expected = {k: v.double() for k, v in check.oracle_run(m.query, m.key, m.value, **kw).tensors.items()}
     baseline = check.emulated_run(m.query, m.key, m.value, kernel_options=m.kernel_options or None, **kw).tensors
     baseline["_scales"] = check.reference_scales(m.query, m.key, m.value, m.grad_out, m.scale)
+    if m.grad_out is not None:
+        baseline["_scales"]["allow"] = check.delta_allowances(
+            m.query, m.key, m.value, expected["out"], m.grad_out, score_mod=m.score_mod,
+            block_mask=m.block_mask, scale=m.scale, enable_gqa=m.enable_gqa)
     return expected, baseline
 
 
@@ -130,8 +134,9 @@ def _compare(name: str, actual, expected, baseline, input_dtype, scales=None):
     # A learnable table's gradient is judged by the inputs' precision (properties.check).
     options = check.table_gradient_options(input_dtype) if name.startswith("dbuffer") else {}
     scale = (scales or {}).get("dbuffer" if name.startswith("dbuffer") else name)
+    allowance = (scales or {}).get("allow", {}).get(name)
     return oracle.compare(actual, expected.double(), baseline=baseline, name=name,
-                          reference_scale=scale, **options)
+                          reference_scale=scale, allowance=allowance, **options)
 
 
 def _compare_all(prop: str, actual: dict, expected: dict, baseline: dict, headline: str, input_dtype) -> None:
@@ -227,6 +232,42 @@ def relabel_full_as_partial(block_mask):
         BLOCK_SIZE=tuple(block_mask.BLOCK_SIZE), mask_mod=block_mask.mask_mod,
         seq_lengths=tuple(block_mask.seq_lengths),
     )
+
+
+def reverse_block_order(block_mask):
+    """The same ``BlockMask`` with each row's listed blocks, partial and full, in reverse order.
+
+    A row's list is a set (SPEC section 3 gives no order), so a kernel must give the same
+    attention; one that assumes ascending or consecutive blocks (a pointer jump computed from
+    the first block, a walk that stops at a gap) does not."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def reverse(num, idx):
+        columns = torch.arange(idx.shape[-1], device=idx.device)
+        count = num[..., None].long()
+        return idx.gather(-1, torch.where(columns < count, count - 1 - columns, columns)).contiguous()
+
+    full_num = block_mask.full_kv_num_blocks
+    return BlockMask.from_kv_blocks(
+        block_mask.kv_num_blocks, reverse(block_mask.kv_num_blocks, block_mask.kv_indices),
+        full_num, reverse(full_num, block_mask.full_kv_indices) if full_num is not None else None,
+        BLOCK_SIZE=tuple(block_mask.BLOCK_SIZE), mask_mod=block_mask.mask_mod,
+        seq_lengths=tuple(block_mask.seq_lengths),
+    )
+
+
+def block_order_changes_nothing(target, case: FlexCase, device=None) -> None:
+    """Each row's listed blocks in reverse order give the same attention (a list is a set)."""
+    __tracebackhide__ = True
+    target, case, device = _setup(target, case, device)
+    if case.block_size is None:
+        raise NotApplicable("no block mask: no block lists to reorder")
+    m = case.materialize(device)
+    options = {k: v for k, v in case.kernel_options.items() if k != "BLOCKS_ARE_CONTIGUOUS"}
+    variant = run_target(target, dataclasses.replace(
+        m, block_mask=reverse_block_order(m.block_mask), kernel_options=options))
+    _agree("block_order_changes_nothing", "each row's blocks listed in reverse order", target, m, variant,
+           lambda: run_target(target, m))
 
 
 def _with_default_block_mask(case: FlexCase) -> FlexCase:
@@ -462,7 +503,8 @@ def runs_are_bit_identical(target, case: FlexCase, device=None) -> None:
 
 PROPERTIES: dict = {
     fn.__name__: fn for fn in (
-        matches_oracle, full_blocks_as_partial_change_nothing, block_size_change_nothing,
+        matches_oracle, full_blocks_as_partial_change_nothing, block_order_changes_nothing,
+        block_size_change_nothing,
         options_change_nothing, lse_merge_of_disjoint_masks_equals_union, ones_value_gives_one,
         gqa_equals_repeated_heads, broadcast_batch_equals_expanded, decode_equals_non_decode,
         runs_are_bit_identical,

@@ -175,15 +175,31 @@ def shapes(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads: in
 
     @st.composite
     def draw_shape(draw):
-        gqa = [g for g in feasible if g > 1]
-        if 1 in feasible and (not gqa or not draw(st.booleans())):
+        # Adversarial structure first, behind booleans: several batches (with one, every
+        # batch index is right), then GQA, then several key/value heads (with one,
+        # h // G and h % Hkv agree). Batches go first so that heads cannot use up the
+        # budget of B * Hq that a second batch needs.
+        many = (max_batch > min_batch and max(2, min_batch) * min_heads <= max_batch_heads
+                and draw(st.booleans()))
+        least_batch = max(2, min_batch) if many else min_batch
+        choices = [g for g in feasible
+                   if _hkv_range(g, min_heads, max_heads, least_batch, max_batch_heads)[0]
+                   <= _hkv_range(g, min_heads, max_heads, least_batch, max_batch_heads)[1]]
+        if not choices:  # a second batch leaves no room for min_heads heads
+            least_batch, choices = min_batch, feasible
+        gqa = [g for g in choices if g > 1]
+        if 1 in choices and (not gqa or not draw(st.booleans())):
             G = 1
         else:
             G = draw(st.sampled_from(gqa))
-        lo, hi = _hkv_range(G, min_heads, max_heads, min_batch, max_batch_heads)
-        Hkv = draw(st.integers(lo, hi))
+        lo, hi = _hkv_range(G, min_heads, max_heads, least_batch, max_batch_heads)
+        if G > 1 and hi > lo and draw(st.booleans()):
+            Hkv = draw(st.integers(lo + 1, hi))
+        else:
+            Hkv = draw(st.integers(lo, hi))
         Hq = Hkv * G
-        B = draw(st.integers(min_batch, max(min_batch, min(max_batch, max_batch_heads // Hq))))
+        b_hi = max(least_batch, min(max_batch, max_batch_heads // Hq))
+        B = draw(st.integers(least_batch, b_hi))
         Bk = 1 if B > 1 and draw(st.booleans()) else B
         L = _length(draw, min_len, max_len, boundaries)
         S = _length(draw, min_len, max_len, boundaries) if draw(st.booleans()) else L
@@ -219,7 +235,7 @@ def _seeds():
 
 
 _MASK_LEAVES = ("full", "causal", "sliding_window", "prefix_lm", "chunked", "dilated_sliding_window", "empty",
-                "document", "table_mask")
+                "attention_sinks", "document", "table_mask")
 _MASK_COMBINATORS = ("and", "or", "not", "by_head", "by_batch")
 _SCORE_KINDS = ("identity", "tanh_softcap", "alibi", "relative_position", "bias", "chain")
 
@@ -228,7 +244,8 @@ def _draw_mask(draw, L: int, S: int, batch: int, heads: int, depth: int, budget:
     from kernels import mods
 
     n = max(L, S)
-    kinds = ["full", "causal", "sliding_window", "prefix_lm", "chunked", "dilated_sliding_window", "empty"]
+    kinds = ["full", "causal", "sliding_window", "prefix_lm", "chunked", "dilated_sliding_window", "empty",
+             "attention_sinks"]
     if budget[0] >= (1 if L == S else 2):
         kinds.append("document")
     if budget[0] >= 1:
@@ -250,6 +267,9 @@ def _draw_mask(draw, L: int, S: int, batch: int, heads: int, depth: int, budget:
         return mods.sliding_window(draw(st.integers(0, n)))
     if kind == "prefix_lm":
         return mods.prefix_lm(draw(st.integers(0, S)))
+    if kind == "attention_sinks":
+        # The sinks' blocks and the window's are separate runs of a row's block list.
+        return mods.attention_sinks(draw(st.integers(0, max(1, n // 2))), draw(st.integers(1, max(1, n // 8))))
     if kind == "chunked":
         return mods.chunked(draw(st.integers(1, n)))
     if kind == "dilated_sliding_window":
@@ -287,7 +307,7 @@ def mask_mods(*, q_len: int, kv_len: int, batch: int = 1, heads: int = 1, max_de
     _check_bounds(q_len=(1, q_len), kv_len=(1, kv_len), batch=(1, batch), heads=(1, heads))
     if max_depth < 0 or max_tables < 0:
         raise InvalidArgument(f"Expected max_depth >= 0 and max_tables >= 0, got {max_depth}, {max_tables}.")
-    excluded = _check_exclude(exclude, _MASK_LEAVES + _MASK_COMBINATORS, _MASK_LEAVES[:7], "mask")
+    excluded = _check_exclude(exclude, _MASK_LEAVES + _MASK_COMBINATORS, _MASK_LEAVES[:8], "mask")
 
     @st.composite
     def draw_mask(draw):
@@ -479,6 +499,8 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
 
     @st.composite
     def draw_case(draw):
+        from kernels import mods
+
         dtype = draw(st.sampled_from(dtype_names))
         has_mask = _often(draw) if block_mask is None else block_mask
         block = draw(block_sizes()) if has_mask else None
@@ -491,6 +513,13 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
         if has_mask:
             mask = draw(mask_mods(q_len=shape.L, kv_len=shape.S, batch=shape.B, heads=shape.Hq,
                                   max_depth=max_mask_depth, max_tables=2, exclude=mask_exclude))
+            if shape.Hq > 1 and "by_head" not in mask_exclude and draw(st.booleans()) and draw(st.booleans()):
+                # A mask per head (a window per head, say) behind two booleans, whatever the tree
+                # drew: which head's block lists a GQA kernel reads is easy to get wrong.
+                tables_left = 2 - len({id(t) for t in mask.tensors()})
+                other = draw(mask_mods(q_len=shape.L, kv_len=shape.S, batch=shape.B, heads=1, max_depth=0,
+                                       max_tables=max(0, tables_left), exclude=mask_exclude))
+                mask = mods.by_head(mask, other)
             used = len({id(t) for t in mask.tensors()})
         score = None
         if has_score:
@@ -520,6 +549,12 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
             if draw(st.booleans()):  # may the options carry promises? (checks the mask first)
                 rows_safe, contiguous = _promises(mask, dims, block)
             options = draw(_options_strategy(block, rows_safe, contiguous, tuple(exclude_options)))
+        if (shape.L < _DENSE_BLOCK and "FORCE_USE_FLEX_ATTENTION" not in exclude_options
+                and "FORCE_USE_FLEX_ATTENTION" not in options and draw(st.booleans())):
+            # Queries shorter than 128 take the decode kernel unless this is set: forcing it on
+            # half of them gives the block-sparse kernels the short shapes too (on the CPU the
+            # lengths stop at 160, so most cases are short).
+            options = {**options, "FORCE_USE_FLEX_ATTENTION": True}
         grads = _often(draw) if backward is None else backward
         grad_lse = grads and draw(st.booleans())
         std = draw(st.sampled_from([4.0, 0.25, 2.0])) if draw(st.booleans()) else 1.0

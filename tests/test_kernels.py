@@ -117,7 +117,7 @@ MASK_MODS = [
     mods.document.from_seed(150, 4, seed=1), mods.document.from_seed(150, 3, seed=2, causal=True),
     mods.dilated_sliding_window(60, 3), mods.chunked(40), mods.and_(mods.causal(), mods.chunked(64)),
     mods.or_(mods.sliding_window(8), mods.prefix_lm(16)), mods.not_(mods.sliding_window(10)),
-    mods.table_mask.from_seed(1, 150, 150, 0.3, seed=5),
+    mods.table_mask.from_seed(1, 150, 150, 0.3, seed=5), mods.attention_sinks(40, 10),
 ]
 
 
