@@ -547,11 +547,19 @@ def run_impl(fn, q, k, v, do, returns_lse: bool) -> dict:
 
 def oracle_truth(q, k, v, do, score_mod, block_mask, gqa: bool):
     """The float64 truth and the honest-emulation baseline (``properties.check``), once per case."""
-    from properties.check import emulated_run, oracle_run
+    from properties.check import delta_allowances, emulated_run, oracle_run, reference_scales
 
     kw = dict(score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa, grad_out=do)
     expected = {n: t.double() for n, t in oracle_run(q, k, v, **kw).tensors.items()}
     baseline = emulated_run(q, k, v, **kw).tensors
+    # The comparison's per-tensor options, as properties.check.compare_with_oracle sets them: the
+    # float32 floor of cancelled tensors and the rounding of delta = rowsum(dO * O) in dq and dk.
+    scales = reference_scales(q, k, v, do)
+    allow = delta_allowances(q, k, v, expected["out"], do, score_mod=score_mod, block_mask=block_mask,
+                             enable_gqa=gqa) if do is not None else {}
+    baseline["_options"] = {name: {"reference_scale": scales.get(name), **({"allowance": allow[name]}
+                                                                        if name in allow else {})}
+                            for name in expected}
     return expected, baseline
 
 
@@ -559,7 +567,9 @@ def compare_all(actual: dict, expected: dict, baseline: dict) -> dict:
     """``oracle.compare`` of every tensor the implementation returned."""
     import oracle
 
-    results = {name: oracle.compare(actual[name], expected[name], baseline=baseline[name], name=name)
+    options = baseline.get("_options", {})
+    results = {name: oracle.compare(actual[name], expected[name], baseline=baseline[name], name=name,
+                                    **options.get(name, {}))
                for name in actual}
     failures = [r.message for r in results.values() if not r.ok]
     return {

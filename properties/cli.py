@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 import warnings
@@ -557,10 +558,30 @@ def _cmd_fuzz(args) -> int:
                      examples=examples, seed=args.seed, max_seconds=args.max_seconds,
                      shrink_seconds=shrink_seconds, max_failures=args.max_failures, quiet=args.quiet,
                      restart_every=args.restart_every)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fuzzer.run()
+    previous = _stop_on_sigterm(fuzzer)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fuzzer.run()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return _report(fuzzer, args, device)
+
+
+def _stop_on_sigterm(fuzzer: _Fuzzer):
+    """On SIGTERM (``timeout``, a CI job's limit) end the search at once and still print the
+    summary: the counts of a long run are what a nightly job reports. Returns the previous
+    handler, or None where signals cannot be set (not the main thread)."""
+    def stop(signum, frame):
+        fuzzer.deadline = 0.0
+        if fuzzer.phase == "search":
+            raise _Stop()
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:
+        return None
 
 
 def _report(fz: _Fuzzer, args, device: str) -> int:

@@ -798,6 +798,15 @@ def run_faults(faults: Iterable[Union[Fault, str]], *, examples: Optional[int] =
         if on_result is not None:
             on_result(result)
 
+    def terminate(signum, frame):
+        # timeout or a CI limit: leave through the finally below, which kills the children
+        # (each runs in its own session, so no signal to this process reaches them).
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: the caller handles its signals
+        previous = None
     try:
         # A catalogue entry whose patch no longer applies is reported at once, not spawned.
         for index, fault in list(pending):
@@ -829,6 +838,8 @@ def run_faults(faults: Iterable[Union[Fault, str]], *, examples: Optional[int] =
             _kill(job.proc)
             job.log.close()
         shutil.rmtree(workdir, ignore_errors=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return results
 
 
