@@ -39,6 +39,16 @@ def check_device(tensor) -> bool:
     return interpret
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host: ``triton.cdiv`` is a ConstexprFunction, several microseconds a call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), without ``triton.next_power_of_2``'s call cost."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def module(name: str):
     """The Triton module ``name`` (forward, backward, decode)."""
     return importlib.import_module(f"{_PACKAGE}.{name}")

@@ -165,7 +165,7 @@ def parse_kernel_options(
                 f"Expected the block mask's {name} to be a multiple of 16 for the kernels "
                 f"(tl.dot tiles are at least 16), got {sparse}. Rebuild it with BLOCK_SIZE=16 or more."
             )
-    head_pad = max(16, triton.next_power_of_2(head_dim))
+    head_pad = max(16, _runtime.next_power_of_2(head_dim))
     if work is not None and work not in WORK_KINDS:
         raise ValueError(f"Expected work in {WORK_KINDS} or None, got {work!r}.")
     fwd_default, bwd_default = _default_config(_arch(device, interpret), dtype, head_pad, work)
@@ -208,6 +208,30 @@ def parse_kernel_options(
         output_lse=opts.get("OUTPUT_LOGSUMEXP", True) is not False,
         split_kv=split,
     )
+
+
+_OPTIONS_CACHE: dict = {}
+
+
+def _cached_options(kernel_options, **kw) -> Options:
+    """``parse_kernel_options`` once per distinct call: its checks cost tens of microseconds,
+    as much as a short decode step's kernels. Options that cannot be a key (a malformed
+    dict, unhashable values) are parsed, and rejected, every time."""
+    try:
+        # The value's type is part of the key: True and 1 hash alike, and only one is a valid num_warps.
+        key = (tuple(sorted((k, type(v).__name__, v) for k, v in kernel_options.items()))
+               if isinstance(kernel_options, dict) else kernel_options,
+               tuple(sorted((k, str(v)) for k, v in kw.items())))
+        hash(key)
+    except TypeError:
+        return parse_kernel_options(kernel_options, **kw)
+    hit = _OPTIONS_CACHE.get(key)
+    if hit is None:
+        hit = parse_kernel_options(kernel_options, **kw)
+        if len(_OPTIONS_CACHE) > 256:
+            _OPTIONS_CACHE.clear()
+        _OPTIONS_CACHE[key] = hit
+    return hit
 
 
 # --------------------------------------------------------------------------
@@ -308,7 +332,7 @@ def _dense_sparse(L: int, S: int, device) -> Sparse:
     """No block mask: every tile full, one sparse block of 128 x 128."""
     key = (L, S, str(device))
     if key not in _FULL_CACHE:
-        nq, nk = triton.cdiv(L, 128), triton.cdiv(S, 128)
+        nq, nk = _runtime.cdiv(L, 128), _runtime.cdiv(S, 128)
         zeros_q = torch.zeros(1, 1, nq, dtype=torch.int32, device=device)
         zeros_k = torch.zeros(1, 1, nk, dtype=torch.int32, device=device)
         kv_idx = torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous()
@@ -544,7 +568,7 @@ def flex_attention(
         mask = as_mask_mod(block_mask.mask_mod, "block_mask.mask_mod")
         sparse = _cached_block_lists(block_mask, B, Hq, L, S, device)
     program = _cached_program(score, mask, interpret)
-    options = parse_kernel_options(
+    options = _cached_options(
         kernel_options, dtype=query.dtype, head_dim=max(E, Ev), q_block=sparse.q_block,
         kv_block=sparse.kv_block, device=device, interpret=interpret,
         work=work_kind(block_mask is not None, program.has_score),

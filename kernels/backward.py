@@ -369,7 +369,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     kv_full_num = sp.full_kv_num if sp.has_full else sp.kv_num
     kv_full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
     _runtime.launch(
-        dq_kernel, (triton.cdiv(L, tiles["BLOCK_M2"]), B * Hq),
+        dq_kernel, (_runtime.cdiv(L, tiles["BLOCK_M2"]), B * Hq),
         query, key, value, dout, dq, lse, delta,
         sp.kv_num, sp.kv_idx, kv_full_num, kv_full_idx, *bufs,
         *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dq.stride(),
@@ -379,7 +379,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     q_full_num = sp.full_q_num if sp.has_full else sp.q_num
     q_full_idx = sp.full_q_idx if sp.has_full else sp.q_idx
     _runtime.launch(
-        dkdv_kernel, (triton.cdiv(S, tiles["BLOCK_N1"]), B * Hkv),
+        dkdv_kernel, (_runtime.cdiv(S, tiles["BLOCK_N1"]), B * Hkv),
         query, key, value, dout, dk, dv, lse, delta,
         sp.q_num, sp.q_idx, q_full_num, q_full_idx, *bufs, *grad_args,
         *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dk.stride(), *dv.stride(),

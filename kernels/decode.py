@@ -320,13 +320,13 @@ def run_decode(plan, query, key, value):
     block_n, max_block_m, num_warps, num_stages = _decode_config(
         _arch(device, plan.interpret), query.dtype, max(qk_pad, v_pad))
     block_n = _fit_tile(block_n, sp.kv_block)
-    block_m = min(max(16, triton.next_power_of_2(G * L)), max_block_m)
-    m_tiles = triton.cdiv(G * L, block_m)
-    n_tiles = triton.cdiv(S, block_n)
+    block_m = min(max(16, _runtime.next_power_of_2(G * L)), max_block_m)
+    m_tiles = _runtime.cdiv(G * L, block_m)
+    n_tiles = _runtime.cdiv(S, block_n)
     splits = _num_splits(plan, n_tiles, m_tiles * B * Hkv, device)
     # Splits cover whole key tiles; uneven division leaves fewer, fuller splits.
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_split)
+    tiles_per_split = _runtime.cdiv(n_tiles, splits)
+    splits = _runtime.cdiv(n_tiles, tiles_per_split)
     final = splits == 1
 
     if final:
@@ -356,8 +356,8 @@ def run_decode(plan, query, key, value):
         num_warps=num_warps, num_stages=num_stages,
     )
     if not final:
-        block_l = min(triton.next_power_of_2(L), 16)
-        decode_combine_kernel[(B * Hq, triton.cdiv(L, block_l))](
+        block_l = min(_runtime.next_power_of_2(L), 16)
+        decode_combine_kernel[(B * Hq, _runtime.cdiv(L, block_l))](
             part_out, part_max, part_sum, out, lse, mx,
             *part_out.stride(), *out.stride(),
             splits, Hq, L, B * Hq * L,

@@ -145,7 +145,9 @@ def delta_allowances(query, key, value, out, grad_out, *, score_mod=None, block_
     (measured on the H100 at S=4096: dq of the second query row of a causal mask
     at 1.2 to 1.5 times the allowance for ours, torch.compile, FlashAttention and
     cuDNN alike; on the CPU: dk of a one-key row exactly 0 in the truth and
-    4e-7 in float32). Returns ``{"dq": ..., "dk": ...}`` in float64, shaped as q and k.
+    4e-7 in float32). The same function also gives dv's scale for the rounding of P
+    before the dV product (below). Returns ``{"dq", "dk", "dv"}`` in float64, shaped as
+    q, k and v.
     The score mod's derivative (at most 1 for the mods here) is left out.
     """
     eps = torch.finfo(query.dtype).eps
@@ -159,11 +161,19 @@ def delta_allowances(query, key, value, out, grad_out, *, score_mod=None, block_
     # Attention with V := K gives sum_j p[i, j] K[j]; its value gradient under dO := d_i |Q[i]|
     # gives sum_i p[i, j] d_i |Q[i]| (summed over a GQA group and a broadcast batch).
     kv = k.clone().requires_grad_(True)
+    vv = value.detach().double().requires_grad_(True)
+    kw = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
     with torch.enable_grad():
-        mean_key = oracle.flex_attention(q, k, kv, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                                         enable_gqa=enable_gqa)
+        mean_key = oracle.flex_attention(q, k, kv, **kw)
         (grad_k,) = torch.autograd.grad(mean_key, kv, d.unsqueeze(-1) * q.abs())
-    return {"dq": size * d.unsqueeze(-1) * mean_key.detach().abs(), "dk": size * grad_k.abs()}
+        # dV = P^T dO with P rounded to the dtype first, as normalised probabilities (the
+        # emulation rounds the unnormalised weights): per-term errors of eps / sqrt(12) * p dO,
+        # whose root sum of squares is at most eps / sqrt(12) * sqrt(P^T dO^2) since p <= 1.
+        # Measured on the CPU: fp16, E=1, L=S=128, one dv element at 1.17 times the allowance.
+        (grad_v,) = torch.autograd.grad(oracle.flex_attention(q, k, vv, **kw), vv,
+                                        grad_out.detach().double().pow(2))
+    return {"dq": size * d.unsqueeze(-1) * mean_key.detach().abs(), "dk": size * grad_k.abs(),
+            "dv": eps / 12 ** 0.5 * grad_v.clamp_min(0).sqrt()}
 
 
 def table_gradient_options(input_dtype) -> dict:

@@ -271,8 +271,8 @@ CATALOGUE: tuple = (
     ),
     Fault(
         "fwd_masked_row_nan", "fully masked rows",
-        (Patch("forward", '            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
-               "            m_use = m_new"),),
+        (Patch("forward", '        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
+               "        m_use = m_new"),),
         "Without the guard for rows with nothing allowed yet, exp2(-inf - -inf) gives NaN.",
         "NaN outputs on fully masked rows, where the running max stays -inf.",
     ),
@@ -398,7 +398,7 @@ CATALOGUE: tuple = (
     ),
     Fault(
         "decode_last_tiles_dropped", "decode split",
-        (Patch("decode", "tiles_per_split = triton.cdiv(n_tiles, splits)\n    splits = triton.cdiv(n_tiles, tiles_per_split)",
+        (Patch("decode", "tiles_per_split = _runtime.cdiv(n_tiles, splits)\n    splits = _runtime.cdiv(n_tiles, tiles_per_split)",
                "tiles_per_split = n_tiles // splits"),),
         "The split size is rounded down, so the key tiles past splits * tiles_per_split are never read.",
         "Split-KV sizes computed with floor division (flash-decoding num_splits heuristics).",
