@@ -142,7 +142,7 @@ def delta_allowances(query, key, value, out, grad_out, *, score_mod=None, block_
     which the score gradient's own cancellation (``sum_j ds[i, j] = 0``) does not
     average away in rows with few keys. The emulation makes this error too, with
     its own rounding; where its ``d_i`` happens to be tiny it sets no tolerance
-    (measured on the H100 at S=4096: dq of the second query row of a causal mask
+    (measured on the H200 at S=4096: dq of the second query row of a causal mask
     at 1.2 to 1.5 times the allowance for ours, torch.compile, FlashAttention and
     cuDNN alike; on the CPU: dk of a one-key row exactly 0 in the truth and
     4e-7 in float32). The same function also gives dv's scale for the rounding of P

@@ -1,6 +1,7 @@
 """``flex-oracle``: fuzz an attention implementation against the oracle, replay and show cases.
 
     flex-oracle fuzz [--target T] [--examples N] [--seed S] [--device D] [--out DIR] [--max-seconds T]
+                     [--restart-every N]
     flex-oracle replay CASE.json [--target T] [--device D] [--property P]
     flex-oracle show CASE.json
     flex-oracle fault [...]          (the fault catalogue, properties/faults.py)
@@ -9,7 +10,9 @@
 checks ``matches_oracle`` on each, plus one metamorphic property on about half
 of them. It keeps going past failures and counts them; then Hypothesis shrinks
 the first case of each distinct failure (property, kind, tensors), and each
-shrunk case is saved as JSON with the command that replays it.
+shrunk case is saved as JSON with the command that replays it. Every
+``--restart-every`` cases it starts a new Hypothesis run (``run_seed``), and
+on SIGTERM it ends the search and still prints the summary.
 
 ``replay`` exits 0 when the case passes, 1 on a mismatch or a target error,
 125 when the target cannot run the case (so ``git bisect run`` skips that

@@ -208,3 +208,28 @@ def test_readme_bisect_recipe_finds_the_bad_commit(tmp_path):
     result = git("bisect", "run", *command)
     assert "commit 1" in git("log", "-1", "--format=%s", "refs/bisect/bad"), result
     git("bisect", "reset")
+
+
+def test_run_seeds_do_not_overlap_between_base_seeds():
+    """Run n of a fuzz started with seed s must not be a run of the fuzz started with s + 1
+    (``seed + n`` made neighbouring processes repeat each other); seed 0 keeps 0, 1, 2, ..."""
+    from properties.cli import run_seed
+
+    assert [run_seed(0, n) for n in range(5)] == [0, 1, 2, 3, 4]
+    runs = [{run_seed(s, n) for n in range(50)} for s in range(1000, 1020)]
+    for a in range(len(runs)):
+        for b in range(a + 1, len(runs)):
+            assert not runs[a] & runs[b]
+
+
+def test_fuzz_prints_its_summary_when_terminated(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "properties.cli", "fuzz", "--device", "cpu", "--examples", "1000",
+                             "--quiet", "--out", str(tmp_path / "out")], cwd=tmp_path, env=_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(25)  # imports, then a few cases
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert "summary" in out and "cases run" in out, out

@@ -424,3 +424,19 @@ def test_factor_is_applied_once_and_can_be_overridden():
     actual = (expected + 4.5 * 2.0**-10).float()
     assert not compare(actual, expected, baseline=base, factor=4.0, atol=0.0).ok
     assert compare(actual, expected, baseline=base, factor=5.0, atol=0.0).ok
+
+
+def test_allowance_joins_the_error_scale_where_given():
+    """``allowance`` (properties.check.delta_allowances) widens the tolerance by factor * allowance
+    at the elements it covers and nowhere else."""
+    expected = torch.zeros(1, 1, 2, 4, dtype=torch.float64)
+    baseline = expected.float()
+    actual = expected.clone().float()
+    actual[0, 0, 0, 0] = 1e-3
+    assert not compare(actual, expected, baseline=baseline, name="dq").ok
+    allow = torch.zeros_like(expected)
+    allow[0, 0, 0, 0] = 1e-3 / TOLERANCES[torch.float32].factor
+    assert compare(actual, expected, baseline=baseline, name="dq", allowance=1.5 * allow).ok
+    assert not compare(actual, expected, baseline=baseline, name="dq", allowance=0.5 * allow).ok
+    # The same allowance elsewhere leaves the bad element bad.
+    assert not compare(actual, expected, baseline=baseline, name="dq", allowance=1.5 * allow.flip(-1)).ok

@@ -236,3 +236,31 @@ def test_the_docs_list_every_fault():
 def test_a_patch_that_does_not_compile_is_an_error_not_a_kill():
     assert faults._broken_patch("target 'fault:x' raised InterpreterError: NameError(\"name 'G' is not defined\")")
     assert not faults._broken_patch("matches_oracle: out disagree")
+
+
+def test_a_stopped_runner_kills_its_hunts(tmp_path):
+    """`timeout` (SIGTERM) on `fault run` must not leave its hunts running: each runs in its own
+    session, so no signal to the runner reaches them unless the runner passes it on."""
+    import signal
+    import subprocess
+    import time
+
+    root = os.path.dirname(KERNELS_DIR)
+    env = dict(os.environ, TRITON_INTERPRET="1", TMPDIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "properties.cli", "fault", "run", "--faults",
+                             "fwd_lse_base2,bwd_dq_scale_missing", "--device", "cpu", "--jobs", "2"],
+                            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(6)  # both hunts started
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    time.sleep(2)
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "properties.faults hunt" in cmd and str(tmp_path) in cmd:
+            left.append(cmd)
+    assert not left, f"hunts left running: {left}"

@@ -249,6 +249,55 @@ def test_bad_options(opts, match):
         kernels.flex_attention(q, k, v, block_mask=bm, kernel_options=opts)
 
 
+def test_cached_options_still_reject_bad_values():
+    """The options cache is keyed by value and type: True and 1 hash alike, and only 1 is a valid
+    num_warps, so a cached 1 must not let True through."""
+    q, k, v = _qkv()
+    kernels.flex_attention(q, k, v, kernel_options={"num_warps": 1})
+    with pytest.raises(ValueError, match="num_warps"):
+        kernels.flex_attention(q, k, v, kernel_options={"num_warps": True})
+
+
+def test_cached_program_follows_requires_grad():
+    """A mod's program is cached, but a table that starts requiring grad needs the program that
+    scatters its gradient: the table gets one, not None."""
+    q, k, v = [t.requires_grad_(True) for t in _qkv(torch.float32)]
+    table = torch.randn(2, 32, 32)
+    bias = mods.bias(table, "hqk")
+    kernels.flex_attention(q, k, v, score_mod=bias).sum().backward()
+    table.requires_grad_(True)
+    kernels.flex_attention(q, k, v, score_mod=bias).sum().backward()
+    assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+def test_host_helpers_match_triton():
+    import triton
+
+    from kernels import _runtime
+
+    for n in range(1, 2100):
+        assert _runtime.next_power_of_2(n) == triton.next_power_of_2(n)
+    for a in range(0, 300):
+        for b in range(1, 40):
+            assert _runtime.cdiv(a, b) == triton.cdiv(a, b)
+
+
+def test_config_rows_by_work_kind():
+    from kernels.api import _default_config, work_kind
+
+    assert work_kind(False, False) == "dense" and work_kind(True, False) == "masked"
+    assert work_kind(True, True) == "scored" and work_kind(False, True) == "scored"
+    # The H200 sweep's rows: 128 x 64 on 4 warps for dense D=128, 128 x 128 on 8 warps otherwise.
+    assert _default_config("sm90", torch.bfloat16, 128, "dense")[0] == (128, 64, 4, 3)
+    assert _default_config("sm90", torch.bfloat16, 128, "masked")[0] == (128, 128, 8, 2)
+    assert _default_config("sm90", torch.bfloat16, 64, "scored")[0] == (128, 64, 4, 3)
+    # An unknown head dim falls back to the arch's row.
+    assert _default_config("sm90", torch.bfloat16, 32, "dense") == _default_config("sm90", None, 0)
+    with pytest.raises(ValueError, match="work"):
+        kernels.parse_kernel_options(None, dtype=torch.float16, head_dim=16, q_block=128, kv_block=128,
+                                     device=torch.device("cpu"), interpret=True, work="heavy")
+
+
 def test_float64_is_rejected():
     q, k, v = _qkv(torch.float64)
     with pytest.raises(TypeError, match="oracle.flex_attention"):
