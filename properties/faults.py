@@ -316,7 +316,7 @@ CATALOGUE: tuple = (
     ),
     Fault(
         "bwd_delta_ignores_dlse", "delta and the LSE gradient",
-        (Patch("backward", "delta = delta - dlse.float()", "delta = delta"),),
+        (Patch("backward", "delta = delta - tl.load(DLSE + stat, mask=offs_m < Q_LEN, other=0.0)", "delta = delta"),),
         "delta = rowsum(dO * O) leaves out the LSE's own gradient, so a loss on the LSE gives wrong "
         "dq and dk.",
         "An LSE returned to the user whose own gradient never reaches the backward.",
