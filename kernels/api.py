@@ -7,6 +7,7 @@ memory layout; the LSE (natural log) and the row maximum are float32.
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -404,7 +405,7 @@ def _block_lists(block_mask, B: int, Hq: int, L: int, S: int, device) -> Sparse:
     return Sparse(q_block, kv_block, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx)
 
 
-_LISTS_CACHE: "collections.OrderedDict" = None
+_LISTS_CACHE: Optional[collections.OrderedDict] = None
 
 
 def _cached_block_lists(block_mask, B, Hq, L, S, device) -> Sparse:
@@ -412,8 +413,6 @@ def _cached_block_lists(block_mask, B, Hq, L, S, device) -> Sparse:
     a synchronisation that would otherwise stall every call of a training loop.
     Keyed by the identity and version of each list tensor, so an in-place edit
     of a mask is checked again."""
-    import collections
-
     global _LISTS_CACHE
     if _LISTS_CACHE is None:
         _LISTS_CACHE = collections.OrderedDict()
@@ -495,11 +494,27 @@ class Plan:
         return self.buffers + [dummy] * (4 - len(self.buffers))
 
 
+_LAYOUTS: dict = {}
+
+
 def _empty_like_layout(ref: torch.Tensor, shape, dtype) -> torch.Tensor:
-    """An empty tensor of ``shape`` whose dimension order follows ``ref``'s strides."""
-    order = sorted(range(4), key=lambda d: (ref.stride(d), ref.shape[d]), reverse=True)
+    """An empty tensor of ``shape`` whose dimension order follows ``ref``'s strides.
+
+    The common contiguous case is a plain ``torch.empty``; the dimension order of
+    other layouts is cached by stride pattern (sorting it cost ~20 us a call, as much
+    as a decode step's kernels)."""
+    if ref.is_contiguous():
+        return torch.empty(shape, dtype=dtype, device=ref.device)
+    pattern = (ref.stride(), ref.shape)
+    hit = _LAYOUTS.get(pattern)
+    if hit is None:
+        order = sorted(range(4), key=lambda d: (ref.stride(d), ref.shape[d]), reverse=True)
+        hit = (order, [order.index(d) for d in range(4)])
+        if len(_LAYOUTS) > 256:
+            _LAYOUTS.clear()
+        _LAYOUTS[pattern] = hit
+    order, inverse = hit
     buf = torch.empty([shape[d] for d in order], dtype=dtype, device=ref.device)
-    inverse = [order.index(d) for d in range(4)]
     return buf.permute(inverse)
 
 

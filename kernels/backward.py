@@ -361,10 +361,11 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     grad_args = [g if g is not None else lse for g in grads] + [lse] * (4 - len(grads))
 
     MB, MH, nQ, nKV = sp.kv_idx.shape
+    qk_pad, v_pad = head_pads(E, Ev)
     common = dict(
         SCORE_FN=prog.score_fn, SCORE_BWD_FN=prog.score_bwd_fn, MASK_FN=prog.mask_fn,
         HAS_SCORE=prog.has_score, HAS_FULL=sp.has_full, G=plan.G,
-        QK_DIM=E, V_DIM=Ev, QK_PAD=head_pads(E, Ev)[0], V_PAD=head_pads(E, Ev)[1],
+        QK_DIM=E, V_DIM=Ev, QK_PAD=qk_pad, V_PAD=v_pad,
         SPARSE_Q=sp.q_block, SPARSE_KV=sp.kv_block,
         Q_DIVISIBLE=L % sp.q_block == 0, KV_DIVISIBLE=S % sp.kv_block == 0,
         CONTIGUOUS=opt.contiguous, PRESCALE=opt.prescale,

@@ -357,11 +357,12 @@ def run_decode(plan, query, key, value):
     )
     if not final:
         block_l = min(_runtime.next_power_of_2(L), 16)
-        decode_combine_kernel[(B * Hq, _runtime.cdiv(L, block_l))](
+        _runtime.launch(
+            decode_combine_kernel, (B * Hq, _runtime.cdiv(L, block_l)),
             part_out, part_max, part_sum, out, lse, mx,
             *part_out.stride(), *out.stride(),
             splits, Hq, L, B * Hq * L,
             V_DIM=Ev, V_PAD=v_pad, BLOCK_L=block_l, OUTPUT_MAX=plan.return_max, UPCAST=plan.interpret,
-            num_warps=4 if v_pad * block_l >= 2048 else 2,
+            num_warps=4 if v_pad * block_l >= 2048 else 2, num_stages=3,
         )
     return out, lse, mx

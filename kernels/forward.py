@@ -249,6 +249,7 @@ def run_forward(plan, query, key, value):
     # autograd must not see one tensor returned as two outputs, so mx is separate.
     mx = torch.empty((B, Hq, L) if plan.return_max else (0,), dtype=torch.float32, device=query.device)
     tiles = opt.fwd.tiles
+    qk_pad, v_pad = head_pads(plan.E, Ev)
     grid = (_runtime.cdiv(L, tiles["BLOCK_M"]), B * Hq)
     prog = plan.program
     full_num = sp.full_kv_num if sp.has_full else sp.kv_num
@@ -263,7 +264,7 @@ def run_forward(plan, query, key, value):
         plan.scale, Hq, L, plan.S, plan.Bk, MB, MH, nQ, nKV,
         SCORE_FN=prog.score_fn, MASK_FN=prog.mask_fn, HAS_SCORE=prog.has_score,
         HAS_FULL=sp.has_full, G=plan.G,
-        QK_DIM=plan.E, V_DIM=Ev, QK_PAD=head_pads(plan.E, Ev)[0], V_PAD=head_pads(plan.E, Ev)[1],
+        QK_DIM=plan.E, V_DIM=Ev, QK_PAD=qk_pad, V_PAD=v_pad,
         BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"],
         SPARSE_Q=sp.q_block, SPARSE_KV=sp.kv_block,
         Q_DIVISIBLE=L % tiles["BLOCK_M"] == 0, KV_DIVISIBLE=plan.S % sp.kv_block == 0,

@@ -377,3 +377,36 @@ def test_gpu_softcap_tanh_accuracy():
     ulp = torch.finfo(torch.float32).eps * ref.abs().clamp_min(torch.finfo(torch.float32).tiny)
     worst = ((y.double() - ref).abs() / ulp).max().item()
     assert worst <= 8, f"softcap tanh: {worst:.1f} float32 ulps from float64 tanh"
+
+
+@pytest.mark.gpu
+def test_gpu_direct_launch_matches_triton_dispatch():
+    """``_runtime.launch`` calls a cached compiled kernel directly after its first launch of a
+    kind. It must give bitwise what Triton's own dispatch gives, and must not reuse a kernel
+    compiled for 16-byte-aligned pointers on a misaligned view (Triton specializes on it)."""
+    from kernels import _runtime
+
+    base = torch.randn(2 * 4 * 300 * 64 + 8, device="cuda", dtype=torch.bfloat16)
+    n = 2 * 4 * 300 * 64
+    views = {"aligned": base[:n].view(2, 4, 300, 64), "misaligned": base[1:1 + n].view(2, 4, 300, 64)}
+    bm = create_block_mask(mods.document.from_seed(300, 5, seed=0, device="cuda"), 1, 1, 300, 300, device="cuda")
+
+    def run(t):
+        q, k, v = (x.detach().requires_grad_(True) for x in (t, t.flip(2).contiguous(), t * 0.5))
+        out, lse = kernels.flex_attention(q, k, v, block_mask=bm, return_lse=True)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        step = kernels.flex_attention(q[:, :, :3].detach(), k.detach(), v.detach(), return_lse=True)
+        return [out, lse, *grads, *step]
+
+    try:
+        for name in ("aligned", "misaligned", "aligned"):
+            _runtime.DIRECT_LAUNCH = False
+            want = run(views[name])
+            _runtime.DIRECT_LAUNCH = True
+            for _ in range(2):  # the first may compile and fill the cache, the second launches directly
+                got = run(views[name])
+                for a, b in zip(want, got):
+                    assert torch.equal(a, b), f"{name}: the direct launch differs from Triton's dispatch"
+    finally:
+        _runtime.DIRECT_LAUNCH = True
+    assert _runtime._direct, "the direct-launch cache was never filled"
