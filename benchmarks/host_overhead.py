@@ -9,11 +9,12 @@ prints, per case:
 
 * ``host_us``: wall time per call on tiny shapes, where the GPU work is
   negligible, so the loop runs at the host's pace (median of 5 loops of 200),
-  with ``kernels._runtime.DIRECT_LAUNCH`` on and off;
+  with ``kernels._runtime.DIRECT_LAUNCH`` on and off (for ``bwd`` rows: forward and
+  backward);
 * ``bench_ms``: ``do_bench`` as ``benchmarks/bench.py`` runs it (L2 flush,
   rotating input sets) on the real shapes;
-* ``graph_ms``: the same call replayed from a CUDA graph
-  (``triton.testing.do_bench_cudagraph``): GPU time alone;
+* ``queued_ms``: the GPU time alone (``queued_ms``: the call is enqueued behind a
+  long ``torch.cuda._sleep``, so its kernels run back to back);
 
 then a profile of the host's share and a check that the direct launch gives
 bitwise the outputs of Triton's own dispatch, on aligned and misaligned inputs.
@@ -33,6 +34,7 @@ import sys
 import time
 
 import torch
+import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,7 +63,8 @@ def cases():
     """(name, shape (B, Hq, Hkv, L, S, D), kwargs maker, grad, backward)."""
     return [
         ("document fwd", (4, 16, 16, 4096, 4096, 128), lambda S: dict(block_mask=_document_mask(S)), True, False),
-        ("document fwd+bwd", (4, 16, 16, 4096, 4096, 128), lambda S: dict(block_mask=_document_mask(S)), True, True),
+        ("document bwd", (4, 16, 16, 4096, 4096, 128), lambda S: dict(block_mask=_document_mask(S)), True, True),
+        ("gqa_document fwd", (4, 16, 4, 4096, 4096, 128), lambda S: dict(block_mask=_document_mask(S), enable_gqa=True), True, False),
         ("none fwd", (4, 16, 16, 4096, 4096, 128), lambda S: {}, True, False),
         ("decode B1 S32k", (1, 32, 8, 1, 32768, 128), lambda S: dict(enable_gqa=True), False, False),
         ("decode B8 S32k", (8, 32, 8, 1, 32768, 128), lambda S: dict(enable_gqa=True), False, False),
@@ -122,8 +125,23 @@ def profile_text(shape, make_kw, grad, backward) -> str:
     return buf.getvalue()
 
 
+def queued_ms(fn, reps: int = 20) -> float:
+    """GPU time alone: a long ``torch.cuda._sleep`` holds the GPU while the host enqueues the
+    call, so the events around it time the kernels back to back (median of ``reps``)."""
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(10_000_000)  # ~5 ms at 2 GHz: longer than any call's host work
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def device_ms(shape, make_kw, grad, backward) -> dict:
-    from triton.testing import do_bench, do_bench_cudagraph
+    from triton.testing import do_bench
 
     B, Hq, Hkv, L, S, D = shape
     sets = _inputs(*shape, grad, n=4, seed=1)
@@ -142,16 +160,11 @@ def device_ms(shape, make_kw, grad, backward) -> dict:
             o, ins, do = next(gturn)
             torch.autograd.grad(o, ins, do, retain_graph=True)
         res["bench_ms"] = do_bench(bwd, warmup=25, rep=100, return_mode="median")
+        res["queued_ms"] = queued_ms(bwd)
         return res
     res["bench_ms"] = do_bench(lambda: fn(*next(turn)), warmup=25, rep=100, return_mode="median")
     res["same_inputs_ms"] = do_bench(lambda: fn(*sets[0]), warmup=25, rep=100, return_mode="median")
-    with torch.no_grad():
-        q, k, v = sets[0]
-        try:
-            res["graph_ms"] = do_bench_cudagraph(lambda: fn(q, k, v), rep=100, return_mode="median")
-        except Exception as e:  # noqa: BLE001 - report, do not stop
-            res["graph_ms"] = None
-            res["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    res["queued_ms"] = queued_ms(lambda: fn(*next(turn)))
     return res
 
 
@@ -174,7 +187,9 @@ def check_direct() -> list:
         _runtime.DIRECT_LAUNCH = True
         same = all(torch.equal(a, b) for r in results[1:] for a, b in zip(results[0], r))
         lines.append(f"direct launch {name}: {'bitwise equal' if same else 'DIFFERENT'} to Triton's dispatch")
-    lines.append(f"direct-launch cache entries: {len(_runtime._direct)}")
+    lines.append(f"direct-launch cache entries: {len(_runtime._direct)}, direct launches so far: "
+                 f"{_runtime.direct_launches}, launch hooks: {triton.knobs.runtime.launch_enter_hook!r} / "
+                 f"{triton.knobs.runtime.launch_exit_hook!r}")
     return lines
 
 
@@ -186,7 +201,7 @@ def main(argv=None) -> int:
         print("needs a CUDA GPU")
         return 2
     rows = []
-    print(f"{'case':20s} {'host_us direct':>15s} {'host_us triton':>15s} {'bench_ms':>9s} {'same_in_ms':>10s} {'graph_ms':>9s}")
+    print(f"{'case':20s} {'host_us direct':>15s} {'host_us triton':>15s} {'bench_ms':>9s} {'same_in_ms':>10s} {'queued_ms':>9s}")
     for name, shape, make_kw, grad, backward in cases():
         r = dict(case=name)
         r["host_us_direct"] = host_us(shape, make_kw, grad, backward, True)
@@ -195,12 +210,10 @@ def main(argv=None) -> int:
         rows.append(r)
         f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         print(f"{name:20s} {r['host_us_direct']:15.1f} {r['host_us_triton']:15.1f} {f(r.get('bench_ms')):>9s} "
-              f"{f(r.get('same_inputs_ms')):>10s} {f(r.get('graph_ms')):>9s}", flush=True)
-        if r.get("graph_error"):
-            print("   graph:", r["graph_error"])
+              f"{f(r.get('same_inputs_ms')):>10s} {f(r.get('queued_ms')):>9s}", flush=True)
     for line in check_direct():
         print(line)
-    for name, shape, make_kw, grad, backward in cases()[:2] + cases()[3:4]:
+    for name, shape, make_kw, grad, backward in [c for c in cases() if c[0] in ("document fwd", "document bwd", "decode B1 S32k")]:
         print(f"\n== host profile: {name} (tiny shapes, 500 calls, sorted by own time)")
         print(profile_text(shape, make_kw, grad, backward))
     with open(args.json, "w") as fh:

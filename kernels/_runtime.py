@@ -59,20 +59,16 @@ _stages_that_fit: dict = {}
 # Launch without Triton's per-call dispatch (set False to always go through ``kernel[grid]``).
 DIRECT_LAUNCH = True
 _direct: dict = {}
+direct_launches = 0  # how many launches took the direct path (benchmarks/host_overhead.py reports it)
 
 
-def _arg_class(a):
-    """What Triton specializes a runtime argument on: a tensor's dtype and 16-byte alignment;
-    an int's value 1, divisibility by 16 and width; a float's type."""
-    if hasattr(a, "data_ptr"):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if isinstance(a, bool):
-        return bool, a
-    if isinstance(a, int):
-        return a == 1, a % 16 == 0, -(1 << 31) <= a < (1 << 31), a >= (1 << 63)
-    if isinstance(a, float):
-        return float
-    raise TypeError
+def _spec(args) -> tuple:
+    """The runtime arguments as a cache key: each tensor by dtype and 16-byte alignment
+    (what Triton specializes pointers on), everything else (ints, floats, bools) by value,
+    which is stricter than Triton's own classes (an int's 1-ness, divisibility by 16, width)."""
+    import torch
+
+    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args])
 
 
 def launch(kernel, grid, *args, num_stages: int, **kwargs):
@@ -80,9 +76,10 @@ def launch(kernel, grid, *args, num_stages: int, **kwargs):
     with fewer stages (captured tables are pipelined too, so a score mod can tip a config over).
 
     Compiled launches after the first of a kind skip ``JITFunction.run``'s binding and cache
-    lookup (tens of microseconds for our ~60 arguments, a decode step's whole kernel time): the
-    compiled kernel is cached under everything Triton specializes on (the constexpr keywords,
-    the launch options, each runtime argument's class, the device) and called directly.
+    lookup (about half of a forward call's host time on the H200, where a short kernel waits
+    for the host): the compiled kernel is cached under everything Triton specializes on (the
+    constexpr keywords, the launch options, the runtime arguments' classes, the device) and
+    called as ``JITFunction.run`` calls it, launch hooks included.
     """
     key = None
     if _stages_that_fit:
@@ -90,18 +87,17 @@ def launch(kernel, grid, *args, num_stages: int, **kwargs):
         num_stages = min(num_stages, _stages_that_fit.get(key, num_stages))
     if not DIRECT_LAUNCH or process_interprets():
         return _launch_retrying(kernel, grid, args, num_stages, kwargs, key)
-    try:
-        import torch
+    import torch
 
-        device = torch.cuda.current_device()
-        spec = (id(kernel), num_stages, device, tuple(kwargs.items()), tuple(map(_arg_class, args)))
+    device = torch.cuda.current_device()
+    spec = (id(kernel), num_stages, device, tuple(kwargs.items()), _spec(args))
+    try:
         hit = _direct.get(spec)
-    except TypeError:  # an argument of a kind we do not classify (or an unhashable constexpr)
+    except TypeError:  # an unhashable argument: Triton's own dispatch decides
         return _launch_retrying(kernel, grid, args, num_stages, kwargs, key)
-    knobs = triton.knobs.runtime
-    if hit is None or knobs.launch_enter_hook is not None or knobs.launch_exit_hook is not None:
+    if hit is None:
         compiled = _launch_retrying(kernel, grid, args, num_stages, kwargs, key)
-        if hit is None and compiled is not None and hasattr(compiled, "packed_metadata"):
+        if compiled is not None and hasattr(compiled, "packed_metadata"):
             # Constexprs follow the runtime arguments in the kernels' signatures; the launcher
             # takes every parameter in order and skips the constexprs itself.
             names = kernel.arg_names[len(args):]
@@ -110,11 +106,16 @@ def launch(kernel, grid, *args, num_stages: int, **kwargs):
                     _direct.clear()
                 _direct[spec] = (compiled, tuple(kwargs[n] for n in names))
         return compiled
+    global direct_launches
+    direct_launches += 1
     compiled, constexprs = hit
     g = tuple(grid) + (1, 1)
-    stream = torch.cuda.current_stream(device).cuda_stream
-    compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None,
-                 None, None, *args, *constexprs)
+    stream = torch._C._cuda_getCurrentRawStream(device)
+    hooks = triton.knobs.runtime
+    enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
+    meta = compiled.launch_metadata(g[:3], stream, *args, *constexprs) if enter is not None else None
+    compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, meta,
+                 enter, leave, *args, *constexprs)
     return compiled
 
 

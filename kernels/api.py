@@ -453,6 +453,34 @@ def _cached_program(score, mask, interpret: bool) -> ModProgram:
     return program
 
 
+_COPIES: dict = {}
+
+
+def _device_buffers(tables: list, device) -> list:
+    """The mods' tables as the kernels read them: detached, contiguous, on ``device``.
+
+    A table held elsewhere (a document-id table built on the CPU, say) is copied once
+    and the copy reused while the table is unchanged (keyed by identity and version):
+    a copy on every call would also synchronise the host with the GPU, since a
+    pageable host-to-device copy waits for the queue (measured on the H200: document
+    masks' forward went from GPU-bound to host-bound, 0.3 to 0.45 ms).
+    """
+    out = []
+    for t in tables:
+        if t.device == device and t.is_contiguous():
+            out.append(t.detach() if t.requires_grad else t)
+            continue
+        key = (id(t), t._version, str(device))
+        hit = _COPIES.get(key)
+        if hit is None or hit[0] is not t:
+            hit = (t, t.detach().to(device).contiguous())
+            if len(_COPIES) > 64:
+                _COPIES.clear()
+            _COPIES[key] = hit
+        out.append(hit[1])
+    return out
+
+
 def _table_state(program: ModProgram) -> tuple:
     return tuple((t.requires_grad, tuple(t.shape)) for t in program.buffers)
 
@@ -600,7 +628,7 @@ def flex_attention(
         program=program, sparse=sparse, options=options, interpret=interpret,
         fp32_precision="ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32",
         return_max=return_max,
-        buffers=[t.detach().to(device).contiguous() for t in program.buffers],
+        buffers=_device_buffers(program.buffers, device),
     )
     learnable = [program.buffers[k] for k in program.learnable]
     out, lse, mx = _FlexFunction.apply(query, key, value, plan, *learnable)
