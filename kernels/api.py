@@ -81,7 +81,10 @@ class Options:
 # 128x128/8 warps/2 stages (368 / 190 / 232); D=64 scored 151 with 128x64
 # against 98 with 128x128 (the tanh's temporaries spill at 128x128 on 4 warps).
 # Backward: 64x128 / 128x64 on 8 warps with 3 stages was best for every D=128
-# row, 64x64 on 4 warps for D=64.
+# row, 64x64 on 4 warps for D=64. A second sweep after delta moved into the dQ
+# kernel (docs/perf/h200-sweep-2-2026-12-02.txt): D=128 dense backward 3.71 ms
+# with 2 stages against 3.86 with 3; masked rows split (causal and block-sparse
+# a little faster with 2 stages, document and GQA document with 3), so they stay.
 _CONFIGS = {
     ("sm90", None): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 2)),
     ("sm90", torch.bfloat16, 64, None): ((128, 128, 4, 3), (64, 64, 64, 64, 4, 3)),
@@ -89,9 +92,9 @@ _CONFIGS = {
     ("sm90", torch.float16, 64, None): ((128, 128, 4, 3), (64, 64, 64, 64, 4, 3)),
     ("sm90", torch.float16, 64, "scored"): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 3)),
     ("sm90", torch.bfloat16, 128, None): ((128, 128, 8, 2), (64, 128, 128, 64, 8, 3)),
-    ("sm90", torch.bfloat16, 128, "dense"): ((128, 64, 4, 3), (64, 128, 128, 64, 8, 3)),
+    ("sm90", torch.bfloat16, 128, "dense"): ((128, 64, 4, 3), (64, 128, 128, 64, 8, 2)),
     ("sm90", torch.float16, 128, None): ((128, 128, 8, 2), (64, 128, 128, 64, 8, 3)),
-    ("sm90", torch.float16, 128, "dense"): ((128, 64, 4, 3), (64, 128, 128, 64, 8, 3)),
+    ("sm90", torch.float16, 128, "dense"): ((128, 64, 4, 3), (64, 128, 128, 64, 8, 2)),
     ("sm90", torch.float32, 64, None): ((128, 32, 4, 3), (32, 32, 32, 32, 4, 1)),
     ("sm90", torch.float32, 128, None): ((64, 32, 4, 3), (32, 32, 32, 32, 4, 1)),
     ("sm90", torch.float32, 256, None): ((32, 32, 4, 2), (16, 16, 16, 16, 4, 1)),
@@ -563,6 +566,9 @@ class _FlexFunction(torch.autograd.Function):
             # LSE's gradient to the max slot.
             mx = lse.new_empty(0)
         ctx.plan = plan
+        # Outputs that got no gradient arrive as None, not as materialised zeros: that saves two
+        # memsets and the LSE-gradient pass of the common loss on ``out`` alone.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.mark_non_differentiable(mx)
         return out, lse, mx
