@@ -111,11 +111,28 @@ def work_kind(has_block_mask: bool, has_score: bool) -> str:
     return "scored" if has_score else "masked" if has_block_mask else "dense"
 
 
+_ARCHS: dict = {}
+
+
 def _arch(device: torch.device, interpret: bool) -> str:
     if interpret:
         return "interp"
-    major, _ = torch.cuda.get_device_capability(device)
-    return "sm90" if major >= 9 else "sm80"
+    hit = _ARCHS.get(device)
+    if hit is None:
+        major, _ = torch.cuda.get_device_capability(device)
+        hit = _ARCHS[device] = "sm90" if major >= 9 else "sm80"
+    return hit
+
+
+_SMS: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """The device's multiprocessor count (cached: the property lookup costs microseconds)."""
+    hit = _SMS.get(device)
+    if hit is None:
+        hit = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return hit
 
 
 def _default_config(arch: str, dtype, head_pad: int, work: Optional[str] = None):

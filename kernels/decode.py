@@ -293,7 +293,9 @@ def _num_splits(plan, n_tiles: int, programs_per_split: int, device) -> int:
     elif plan.interpret:
         want = _INTERPRETER_SPLITS
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        from .api import sm_count
+
+        sms = sm_count(device)
         want = max(1, (4 * sms) // programs_per_split)
     return max(1, min(want, n_tiles))
 

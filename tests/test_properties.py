@@ -13,7 +13,8 @@ import json
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, reject, settings
+from hypothesis import HealthCheck, example, find, given, reject, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 
 import kernels
@@ -32,6 +33,7 @@ from properties import (
     resolve_target,
 )
 from properties.case import build_block_mask
+from properties.strategies import shapes
 
 # Interpreter-sized cases; the properties themselves are device-independent.
 TINY = dict(max_len=40, max_batch_heads=4, max_head_dim=24, max_group=4)
@@ -64,6 +66,26 @@ def test_strategies_produce_valid_cases(c):
     assert m.query.requires_grad == c.backward
     for t in (m.query, m.key, m.value):
         assert not torch.isnan(t).any(), "layout padding must stay invisible"
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_long_bounds_lengths_stay_in_bounds(data):
+    # Under long (CUDA) bounds half the plain lengths are k * 128 + r (r < 16); with
+    # min_len / max_len cutting into that range the others must still hold.
+    lo = data.draw(st.sampled_from([1, 129, 300, 520]))
+    hi = data.draw(st.sampled_from([lo, lo + 20, 600, 1100]).filter(lambda h: h >= lo))
+    s = data.draw(shapes(device="cuda", min_len=lo, max_len=hi))
+    assert lo <= s.L <= hi and lo <= s.S <= hi
+
+
+def test_long_bounds_draw_a_few_tiles_and_a_little_more():
+    # The tail faults of the forward kernel (fwd_kv_tail_*) need a key length that is no
+    # multiple of the KV block, best with a mostly padded last tile: k * 128 + r (r < 16),
+    # which the CUDA strategy must draw readily.
+    found = find(shapes(device="cuda"), lambda s: 128 < s.S <= 4 * 128 + 15 and 0 < s.S % 128 < 16,
+                 settings=settings(max_examples=200, database=None, derandomize=True))
+    assert found.S % 16
 
 
 def _bits(t):
