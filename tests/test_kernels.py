@@ -282,6 +282,34 @@ def test_host_helpers_match_triton():
             assert _runtime.cdiv(a, b) == triton.cdiv(a, b)
 
 
+def test_direct_launch_key_separates_what_triton_specializes_on():
+    # The direct launch reuses a compiled kernel only for arguments Triton would have
+    # compiled the same way: tensors by dtype and 16-byte alignment, the rest by value.
+    from kernels import _runtime
+
+    base = torch.zeros(64, dtype=torch.float16)
+    key = _runtime._spec((base[:8], base[8:16], 3, 16, 0.5, True))
+    assert key == ((torch.float16, True), (torch.float16, True), 3, 16, 0.5, True)
+    assert _runtime._spec((base[1:9],)) == ((torch.float16, False),)  # a 2-byte offset
+    assert _runtime._spec((base.float()[:4],)) != _runtime._spec((base[:4],))
+
+
+def test_off_device_tables_are_copied_once_per_version():
+    # A table that must be copied for the kernels (here: not contiguous) is copied once and
+    # reused while unchanged; an in-place edit (a new version) gives a fresh copy.
+    from kernels.api import _device_buffers
+
+    table = torch.arange(12.0).view(3, 4).t()
+    first = _device_buffers([table], table.device)[0]
+    assert first.is_contiguous() and torch.equal(first, table)
+    assert _device_buffers([table], table.device)[0] is first
+    table.add_(1.0)
+    second = _device_buffers([table], table.device)[0]
+    assert second is not first and torch.equal(second, table)
+    same = torch.ones(5)
+    assert _device_buffers([same], same.device)[0] is same  # already fine: no copy
+
+
 def test_config_rows_by_work_kind():
     from kernels.api import _default_config, work_kind
 
