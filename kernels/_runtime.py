@@ -65,7 +65,9 @@ direct_launches = 0  # how many launches took the direct path (benchmarks/host_o
 def _spec(args) -> tuple:
     """The runtime arguments as a cache key: each tensor by dtype and 16-byte alignment
     (what Triton specializes pointers on), everything else (ints, floats, bools) by value,
-    which is stricter than Triton's own classes (an int's 1-ness, divisibility by 16, width)."""
+    which is stricter than Triton's own classes (an int's 1-ness, divisibility by 16, width).
+    Values compare across types (1 == 1.0 == True); our call sites pass each position one
+    type (ints for sizes and strides, a float scale), so that cannot merge two kernels."""
     import torch
 
     return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args])
