@@ -146,8 +146,9 @@ def delta_allowances(query, key, value, out, grad_out, *, score_mod=None, block_
     at 1.2 to 1.5 times the allowance for ours, torch.compile, FlashAttention and
     cuDNN alike; on the CPU: dk of a one-key row exactly 0 in the truth and
     4e-7 in float32). The same function also gives dv's scale for the rounding of P
-    before the dV product (below). Returns ``{"dq", "dk", "dv"}`` in float64, shaped as
-    q, k and v.
+    before the dV product and, in float32, for the rounding of the exponent from which
+    a backward recomputes P (``_exponent_allowance``). Returns ``{"dq", "dk", "dv"}`` in
+    float64, shaped as q, k and v.
     The score mod's derivative (at most 1 for the mods here) is left out.
     """
     eps = torch.finfo(query.dtype).eps
@@ -170,10 +171,54 @@ def delta_allowances(query, key, value, out, grad_out, *, score_mod=None, block_
         # emulation rounds the unnormalised weights): per-term errors of eps / sqrt(12) * p dO,
         # whose root sum of squares is at most eps / sqrt(12) * sqrt(P^T dO^2) since p <= 1.
         # Measured on the CPU: fp16, E=1, L=S=128, one dv element at 1.17 times the allowance.
-        (grad_v,) = torch.autograd.grad(oracle.flex_attention(q, k, vv, **kw), vv,
-                                        grad_out.detach().double().pow(2))
-    return {"dq": size * d.unsqueeze(-1) * mean_key.detach().abs(), "dk": size * grad_k.abs(),
-            "dv": eps / 12 ** 0.5 * grad_v.clamp_min(0).sqrt()}
+        out2, lse = oracle.flex_attention(q, k, vv, return_lse=True, **kw)
+        do2 = grad_out.detach().double().pow(2)
+        (grad_v,) = torch.autograd.grad(out2, vv, do2)
+    dv = eps / 12 ** 0.5 * grad_v.clamp_min(0).sqrt()
+    if query.dtype == torch.float32:
+        dv = torch.sqrt(dv.pow(2) + _exponent_allowance(q, k, value, do2, lse.detach(), **kw).pow(2))
+    return {"dq": size * d.unsqueeze(-1) * mean_key.detach().abs(), "dk": size * grad_k.abs(), "dv": dv}
+
+
+def _exponent_allowance(q, k, value, do2, lse, *, score_mod, block_mask, scale, enable_gqa):
+    """dv's error scale from the rounding of the exponent ``s - lse`` of a recomputed P.
+
+    A flash backward recomputes ``p = exp(s - lse)`` from a score recomputed in
+    float32 (another accumulation order than the forward's, in base 2 after a
+    multiplication by log2(e)) and the stored float32 LSE, so ``p`` carries a
+    relative error of a few ``u * (|s| + |lse|)``: with input std 4 the scores reach
+    80, and ``u * 160`` is 2e-5. dV sums these errors over the queries without the
+    cancellation that dq and dk have (``sum_j ds[i, j] = 0``). The emulation makes
+    them too, with its own luck, and in a row with one allowed key it has none at
+    all: its ``p`` is ``exp(s - s) = 1`` exactly, where a kernel's is not (measured on
+    the H200 and the CPU: float32, input std 4, a 2 % random mask, most rows with
+    one key; dv at 1.21 and 1.26 times the allowance, 77 and 81 times the baseline's
+    error scale, on elements that sum about 24 one-key rows with |s| up to 80).
+    The scale taken is one rounding of each operand, ``u / sqrt(12) * (|s| + |lse|)``
+    per probability, summed in quadrature over the queries:
+    ``sqrt(sum_i p[i, j]**2 * (|s[i, j]| + |lse[i]|)**2 * dO[i]**2) * u / sqrt(12)``.
+    It is the value gradient, under ``dO**2 * exp(lse' - 2 * lse)``, of attention
+    with the score ``2 * s + 2 * log(|s| + |lse|)`` (whose LSE is ``lse'``). Only
+    float32 gets it: in bf16 and fp16 the rounding of p to the dtype, already in dv's
+    allowance, is larger by eps(dtype) / (u * (|s| + |lse|)), some 400 (bf16) or 50 (fp16)
+    at the largest scores the fuzzer draws.
+    """
+    u = torch.finfo(torch.float32).eps
+    finite = torch.isfinite(lse)
+    size = torch.where(finite, lse.abs(), torch.zeros_like(lse))
+
+    def weighted(score, b, h, i, j):
+        s = score_mod(score, b, h, i, j) if score_mod is not None else score
+        return 2 * s + 2 * torch.log(s.abs() + size[b, h, i])
+
+    vv = value.detach().double().requires_grad_(True)
+    with torch.enable_grad():
+        out, lse_w = oracle.flex_attention(q, k, vv, score_mod=weighted, block_mask=block_mask, scale=scale,
+                                           enable_gqa=enable_gqa, return_lse=True)
+        ok = finite & torch.isfinite(lse_w)
+        ratio = torch.where(ok, torch.exp(torch.where(ok, lse_w - 2 * lse, 0.0)), 0.0)
+        (grad,) = torch.autograd.grad(out, vv, do2 * ratio.unsqueeze(-1))
+    return u / 12 ** 0.5 * grad.clamp_min(0).sqrt()
 
 
 def table_gradient_options(input_dtype) -> dict:

@@ -308,6 +308,40 @@ KNOWN_MODEL_GAPS = [
 ]
 
 
+def test_exponent_allowance_is_the_dense_sum():
+    """dv's float32 exponent term equals u / sqrt(12) * sqrt(sum_i p^2 (|s| + |lse|)^2 dO^2),
+    summed over a GQA group and a broadcast batch, under a score mod and a block mask."""
+    from properties import check
+
+    g = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, L, S, E, Ev = 2, 4, 2, 37, 29, 8, 3
+    q = torch.randn(B, Hq, L, E, generator=g) * 4
+    k = torch.randn(1, Hkv, S, E, generator=g) * 4
+    v = torch.randn(1, Hkv, S, Ev, generator=g)
+    do = torch.randn(B, Hq, L, Ev, generator=g)
+    score_mod, mask_mod = mods.alibi(torch.tensor([0.5, 1.0, 2.0, 4.0])), mods.sliding_window(9)
+    bm = build_block_mask(mask_mod, 1, 1, L, S, (16, 16), "cpu")
+    kw = dict(score_mod=score_mod, block_mask=bm, scale=None, enable_gqa=True)
+    out, lse = oracle.flex_attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
+    got = check._exponent_allowance(q.double(), k.double(), v, do.double().pow(2), lse, **kw)
+    want = torch.zeros(1, Hkv, S, Ev, dtype=torch.float64)
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    for b in range(B):
+        for h in range(Hq):
+            s = score_mod(q[b, h].double() @ k[0, h // 2].double().T / E ** 0.5, b, h, i, j)
+            s = torch.where(mask_mod(b, h, i, j), s, float("-inf"))
+            p = torch.exp(s - lse[b, h, :, None])
+            size = torch.where(torch.isfinite(s), s.abs(), 0.0) + lse[b, h, :, None].abs()
+            want[0, h // 2] += (p.pow(2) * size.pow(2)).T @ do[b, h].double().pow(2)
+    want = torch.finfo(torch.float32).eps / 12 ** 0.5 * want.sqrt()
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+    # It joins dv's allowance in float32 only (bf16's own term is far larger).
+    a32 = check.delta_allowances(q, k, v, out, do, **kw)["dv"]
+    a16 = check.delta_allowances(q.bfloat16(), k.bfloat16(), v.bfloat16(), out, do, **kw)["dv"]
+    assert (a32 >= got * (1 - 1e-9)).all() and (a32 > 1.01 * got).sum() < a32.numel()
+    assert (a16 > 30 * a32).all()
+
+
 @pytest.mark.parametrize("c", KNOWN_BUGS)
 def test_known_kernel_bugs(c):
     matches_oracle("kernels", c, "cpu")

@@ -3,7 +3,8 @@
 ``tests/cases/`` holds JSON cases that ``flex-oracle fuzz`` found: bugs of ours
 that were fixed (``tanh-softcap-small-scores``; ``rows-safe-*``: NaN rows when
 ROWS_GUARANTEED_SAFE dropped the forward's guard for rows whose first tile is
-masked), error-model gaps that were closed (``dv-probability-rounding-fp16``),
+masked), error-model gaps that were closed (``dv-probability-rounding-fp16``;
+``dv-exponent-rounding-fp32``, from the H200 false-alarm count),
 and failures of other
 targets that our kernels must keep handling (``gqa-77-bf16``: PyTorch 2.11's
 compiled flex_attention raises NoValidChoicesError on it on the H100). This
