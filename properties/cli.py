@@ -285,6 +285,9 @@ def run_seed(seed: int, run: int) -> int:
     return seed if run == 0 else (seed * 1_000_003 + run) % 2**32
 
 
+SLOWEST = 3  # slowest cases a fuzz summary lists
+
+
 class _Stop(BaseException):
     """Out of search time: ends a Hypothesis run at once (not a test failure)."""
 
@@ -346,6 +349,9 @@ class _Fuzzer:
     started: float = 0.0
     first_failure_cases: Optional[int] = None  # cases run up to and including the first failing one
     first_failure_seconds: Optional[float] = None  # search time until the first failure was seen
+    # The slowest cases of the search, (seconds, one-line case, extra property): where a
+    # nightly run's time goes (a case can outlast the search's deadline by minutes).
+    slowest: list = field(default_factory=list)
 
     # one example -------------------------------------------------------
 
@@ -371,9 +377,11 @@ class _Fuzzer:
                 return
             if self.phase == "search" and self.stop_at_first and self.failures:
                 raise _Stop()
+            began = time.perf_counter()
             outcomes = self.check(case, extra)
             self.cache[key] = outcomes
             if self.phase == "search":
+                self._note_time(time.perf_counter() - began, case, extra)
                 self.count(outcomes)
             else:
                 self.shrink_calls += 1
@@ -402,6 +410,12 @@ class _Fuzzer:
             return
         if sig in self.shrinking:
             raise _failure_type(sig)(failure.message)
+
+    def _note_time(self, seconds: float, case, extra) -> None:
+        c = case
+        line = (f"B={c.B} Hq={c.Hq} Hkv={c.Hkv} L={c.L} S={c.S} E={c.E} Ev={c.Ev} {c.dtype}"
+                + (" backward" if c.backward else ""))
+        self.slowest = sorted(self.slowest + [(seconds, line, extra)], key=lambda t: -t[0])[:SLOWEST]
 
     def count(self, outcomes):
         self.cases_run += 1
@@ -620,6 +634,8 @@ def _report(fz: _Fuzzer, args, device: str) -> int:
             print(f"    {prop}: " + ", ".join(f"{n} {st}" for st, n in row.items() if n))
     if fz.shrink_calls:
         print(f"  shrinking       {fz.shrink_calls} cases tried")
+    for k, (sec, line, extra) in enumerate(fz.slowest):
+        print(f"  {'slowest' if k == 0 else '':<15} {sec:6.1f} s  {line}" + (f" + {extra}" if extra else ""))
 
     if not fz.failures:
         print("no failures")

@@ -72,6 +72,9 @@ def test_fuzz_on_kernels_passes(tmp_path, capsys):
     assert code == EXIT_PASS, out
     assert "cases run" in out and "s per case" in out and "no failures" in out
     assert not (tmp_path / "out").exists()
+    # The slowest cases, slowest first, one line each (where a nightly run's time went).
+    times = [float(t) for t in re.findall(r"^  (?:slowest)?\s+([\d.]+) s  B=", out, re.M)]
+    assert len(times) == 3 and times == sorted(times, reverse=True), out
 
 
 def test_planted_bug_is_found_saved_replayed_and_shown(tmp_path, monkeypatch, capsys):
