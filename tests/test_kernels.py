@@ -438,3 +438,20 @@ def test_gpu_direct_launch_matches_triton_dispatch():
     finally:
         _runtime.DIRECT_LAUNCH = True
     assert _runtime._direct, "the direct-launch cache was never filled"
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The kernels compile for sm_90 on a CPU machine (Triton's ptxas, no launch): a change
+    that only the real compiler rejects (shared memory over the H100's 227 KiB, a construct
+    the interpreter accepts) fails CPU CI, not first on the GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "compile_check.py"), "--quick"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 kernels compiled for sm_90, 0 failed" in done.stdout, done.stdout
