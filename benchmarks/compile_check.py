@@ -92,17 +92,19 @@ def run(B, Hq, Hkv, L, S, E, Ev, dtype, score=None, mask=None, bs=128, opts=None
     (o.float().sum() + lse.sum()).backward()
 
 
+def _verdict(expected=None) -> int:
+    bad = [v for v in seen.values() if v.startswith("FAIL")]
+    print(f"{len(seen)} kernels compiled for sm_90, {len(bad)} failed")
+    return 1 if bad or (expected is not None and len(seen) != expected) else 0
+
+
 if __name__ == "__main__":
     if "--quick" in sys.argv[1:]:  # one bf16 causal forward and backward (CPU CI)
         run(1, 2, 1, 200, 190, 64, 64, torch.bfloat16, mask=mods.causal())
-        bad = [v for v in seen.values() if v.startswith("FAIL")]
-        print(f"{len(seen)} kernels compiled for sm_90, {len(bad)} failed")
-        sys.exit(1 if bad or len(seen) != 3 else 0)
+        sys.exit(_verdict(expected=3))
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         run(1, 4, 2, 256, 256, 64, 64, dt, mask=mods.causal())
         run(1, 4, 4, 256, 256, 128, 128, dt, score=mods.tanh_softcap(20.0), mask=mods.causal())
         run(1, 4, 4, 200, 190, 40, 24, dt, score=mods.bias.from_seed([4, 200, 190], 0, requires_grad=True))
         run(1, 8, 2, 1, 4096, 128, 128, dt, mask=mods.causal())
-    bad = [v for v in seen.values() if v.startswith("FAIL")]
-    print(f"{len(seen)} kernels compiled for sm_90, {len(bad)} failed")
-    sys.exit(1 if bad else 0)
+    sys.exit(_verdict())

@@ -192,7 +192,7 @@ def _exponent_allowance(q, k, value, do2, lse, *, score_mod, block_mask, scale, 
     them too, with its own luck, and in a row with one allowed key it has none at
     all: its ``p`` is ``exp(s - s) = 1`` exactly, where a kernel's is not (measured on
     the H200 and the CPU: float32, input std 4, a 2 % random mask, most rows with
-    one key; dv at 1.21 and 1.26 times the allowance, 77 and 81 times the baseline's
+    one key; dv at 1.21 and 1.26 times the allowance, 80 and 84 times the baseline's
     error scale, on elements that sum about 24 one-key rows with |s| up to 80).
     The scale taken is one rounding of each operand, ``u / sqrt(12) * (|s| + |lse|)``
     per probability, summed in quadrature over the queries:

@@ -236,3 +236,17 @@ def test_fuzz_prints_its_summary_when_terminated(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=240)
     assert "summary" in out and "cases run" in out, out
+
+
+def test_fuzz_profile_reports_the_fuzz_and_its_compiles(tmp_path):
+    """benchmarks/fuzz_profile.py runs `flex-oracle fuzz` under the profiler and prints the
+    fuzz summary, the Triton compile totals and the profile (on the CPU: no compiles)."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "fuzz_profile.py"), "--out", str(tmp_path), "--top", "5",
+         "--", "--examples", "2", "--seed", "3", "--out", str(tmp_path / "fail"), *TINY],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == EXIT_PASS, done.stdout + done.stderr
+    assert "cases run       2" in done.stdout, done.stdout
+    assert re.search(r"^wall [\d.]+ s; Triton: \d+ compiles", done.stdout, re.M), done.stdout
+    assert "Ordered by: cumulative time" in (tmp_path / "profile.txt").read_text()
