@@ -85,6 +85,14 @@ class Options:
 # kernel (docs/perf/h200-sweep-2-2026-12-02.txt): D=128 dense backward 3.71 ms
 # with 2 stages against 3.86 with 3; masked rows split (causal and block-sparse
 # a little faster with 2 stages, document and GQA document with 3), so they stay.
+#
+# float32 (IEEE products, which Triton expands into FMA code) takes the small
+# tiles at every head dim: compiled for sm_90 on the 2-core CPU machine
+# (benchmarks/compile_check.py's compiler, one process), a forward + dQ + dK/dV
+# at E=72, Ev=80 takes 4.5 s with them against 12.1 s with the former 64x32 /
+# 32x32 tiles, and 2.5 s against 6.0 s at E=40, Ev=24 (the former 128x32). The
+# fuzzer compiles anew for nearly every case, and float32 cases were a third of
+# its GPU time. Run-time cost: benchmarks/fp32_tiles.py (docs/FAULTS.md).
 _CONFIGS = {
     ("sm90", None): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 2)),
     ("sm90", torch.bfloat16, 64, None): ((128, 128, 4, 3), (64, 64, 64, 64, 4, 3)),
@@ -95,8 +103,8 @@ _CONFIGS = {
     ("sm90", torch.bfloat16, 128, "dense"): ((128, 64, 4, 3), (64, 128, 128, 64, 8, 2)),
     ("sm90", torch.float16, 128, None): ((128, 128, 8, 2), (64, 128, 128, 64, 8, 3)),
     ("sm90", torch.float16, 128, "dense"): ((128, 64, 4, 3), (64, 128, 128, 64, 8, 2)),
-    ("sm90", torch.float32, 64, None): ((128, 32, 4, 3), (32, 32, 32, 32, 4, 1)),
-    ("sm90", torch.float32, 128, None): ((64, 32, 4, 3), (32, 32, 32, 32, 4, 1)),
+    ("sm90", torch.float32, 64, None): ((32, 32, 4, 2), (16, 16, 16, 16, 4, 1)),
+    ("sm90", torch.float32, 128, None): ((32, 32, 4, 2), (16, 16, 16, 16, 4, 1)),
     ("sm90", torch.float32, 256, None): ((32, 32, 4, 2), (16, 16, 16, 16, 4, 1)),
     ("sm80", None): ((64, 64, 4, 2), (32, 64, 64, 32, 4, 2)),
     ("sm80", torch.float32, 128, None): ((32, 32, 4, 2), (16, 16, 16, 16, 4, 1)),
