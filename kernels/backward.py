@@ -96,7 +96,7 @@ def dq_tiles(
 @triton.jit
 def dkdv_tiles(
     dk, dv, k, v,
-    Q, DO, LSE, DELTA, stride_qm, stride_qd, stride_dom, stride_dod,
+    Q, QS, DO, LSE, DELTA, stride_qm, stride_qd, stride_qsm, stride_qsd, stride_dom, stride_dod,
     IDX, num_blocks,
     off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
     B0, B1, B2, B3, G0, G1, G2, G3,
@@ -110,6 +110,13 @@ def dkdv_tiles(
     """Accumulate dK and dV over one query head's listed Q blocks (k, v stay in SRAM).
 
     Tiles are transposed: rows are keys ``[BLOCK_N]``, columns are queries ``[BLOCK_M]``.
+    With PRESCALE, ``QS`` holds the forward's rounded ``q * scale * log2(e)`` (the dQ
+    kernel writes it), loaded as a tile of its own: computing it here from the ``qT``
+    tile that dK's product also reads put one loaded tile in registers and in a matrix
+    product at once, which Triton 3.6's pipeliner miscompiles on Hopper (num_stages > 1:
+    dK wrong by up to 100 times its tolerance, run to run different; found by the H200
+    false-alarm count, ``tests/cases/prescale-dk-pipeline-race-*.json``; Triton issue 6691
+    has the same pattern). Every tile this loop loads now feeds matrix products only.
     """
     TILES: tl.constexpr = SPARSE_Q // BLOCK_M
     offs_d = tl.arange(0, QK_PAD)
@@ -143,7 +150,8 @@ def dkdv_tiles(
             m_mod = m2 % Q_LEN
         if PRESCALE:
             # Scores from the forward's rounded q * scale * log2(e); dK still uses q itself.
-            q_scaled = cast(qT.to(tl.float32) * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
+            q_scaled = load_tile(QS, offs_d, offs_m, stride_qsd, stride_qsm, QK_DIM, Q_LEN,
+                                 QK_DIM != QK_PAD, not Q_DIVISIBLE)
             sT = mma(k, q_scaled, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST) * LN2
         else:
             sT = mma(k, qT, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST) * SM_SCALE
@@ -173,7 +181,7 @@ def dkdv_tiles(
 
 @triton.jit
 def dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, OUT, DLSE,
+    Q, K, V, DO, DQ, LSE, DELTA, OUT, DLSE, QS,
     KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
     B0, B1, B2, B3,
     stride_qz, stride_qh, stride_qm, stride_qd,
@@ -182,6 +190,7 @@ def dq_kernel(
     stride_doz, stride_doh, stride_dom, stride_dod,
     stride_dqz, stride_dqh, stride_dqm, stride_dqd,
     stride_oz, stride_oh, stride_om, stride_od,
+    stride_qsz, stride_qsh, stride_qsm, stride_qsd,
     SM_SCALE, HQ, Q_LEN, KV_LEN, ZKV, SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, NUM_KV_SPARSE,
     SCORE_FN: tl.constexpr, SCORE_BWD_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
     HAS_FULL: tl.constexpr, HAS_DLSE: tl.constexpr, G: tl.constexpr,
@@ -222,6 +231,10 @@ def dq_kernel(
     tl.store(DELTA + stat, delta, mask=offs_m < Q_LEN)
     if PRESCALE:
         q = cast(q.to(tl.float32) * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
+        # For the dK/dV kernel, launched next (see dkdv_tiles).
+        qs_ptrs = (QS + off_z.to(tl.int64) * stride_qsz + off_h.to(tl.int64) * stride_qsh
+                   + offs_m[:, None] * stride_qsm + offs_d[None, :] * stride_qsd)
+        tl.store(qs_ptrs, q, mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_DIM))
     if Q_DIVISIBLE:
         m_mod = offs_m[:, None]
     else:
@@ -255,7 +268,7 @@ def dq_kernel(
 
 @triton.jit
 def dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA,
+    Q, K, V, DO, DK, DV, LSE, DELTA, QS,
     Q_NUM, Q_IDX, FULL_NUM, FULL_IDX,
     B0, B1, B2, B3, G0, G1, G2, G3,
     stride_qz, stride_qh, stride_qm, stride_qd,
@@ -264,6 +277,7 @@ def dkdv_kernel(
     stride_doz, stride_doh, stride_dom, stride_dod,
     stride_dkz, stride_dkh, stride_dkn, stride_dkd,
     stride_dvz, stride_dvh, stride_dvn, stride_dvd,
+    stride_qsz, stride_qsh, stride_qsm, stride_qsd,
     SM_SCALE, HQ, HKV, Q_LEN, KV_LEN, ZKV, SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, NUM_KV_SPARSE,
     SCORE_FN: tl.constexpr, SCORE_BWD_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
     GRAD_BUFFERS: tl.constexpr, HAS_FULL: tl.constexpr, G: tl.constexpr,
@@ -297,12 +311,13 @@ def dkdv_kernel(
     for g in range(0, G):
         off_h = off_hkv * G + g
         q_ptr = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+        qs_ptr = QS + off_z.to(tl.int64) * stride_qsz + off_h.to(tl.int64) * stride_qsh
         do_ptr = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
         stat = (off_z * HQ + off_h).to(tl.int64) * Q_LEN
         col = ((off_z % SPARSE_Z) * SPARSE_H + off_h % SPARSE_H) * NUM_KV_SPARSE + kv_block
         dk, dv = dkdv_tiles(
-            dk, dv, k, v, q_ptr, do_ptr, LSE + stat, DELTA + stat,
-            stride_qm, stride_qd, stride_dom, stride_dod,
+            dk, dv, k, v, q_ptr, qs_ptr, do_ptr, LSE + stat, DELTA + stat,
+            stride_qm, stride_qd, stride_qsm, stride_qsd, stride_dom, stride_dod,
             Q_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(Q_NUM + col),
             off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
             B0, B1, B2, B3, G0, G1, G2, G3,
@@ -312,8 +327,8 @@ def dkdv_kernel(
         )
         if HAS_FULL:
             dk, dv = dkdv_tiles(
-                dk, dv, k, v, q_ptr, do_ptr, LSE + stat, DELTA + stat,
-                stride_qm, stride_qd, stride_dom, stride_dod,
+                dk, dv, k, v, q_ptr, qs_ptr, do_ptr, LSE + stat, DELTA + stat,
+                stride_qm, stride_qd, stride_qsm, stride_qsd, stride_dom, stride_dod,
                 FULL_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(FULL_NUM + col),
                 off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
                 B0, B1, B2, B3, G0, G1, G2, G3,
@@ -348,6 +363,9 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     lse = lse.contiguous()
 
     dq = _empty_like_layout(query, (B, Hq, L, E), query.dtype)
+    # With PRESCALE the dQ kernel stores q * scale * log2(e), rounded, for the dK/dV kernel
+    # (see dkdv_tiles); without, nothing reads it.
+    qs = torch.empty((B, Hq, L, E), dtype=query.dtype, device=dev) if opt.prescale else query
     # Bk == 1: each query batch writes its own float32 dK/dV, summed afterwards.
     broadcast = plan.Bk == 1 and B > 1
     if broadcast:
@@ -379,9 +397,10 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     kv_full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
     _runtime.launch(
         dq_kernel, (_runtime.cdiv(L, tiles["BLOCK_M2"]), B * Hq),
-        query, key, value, dout, dq, lse, delta, out, dlse if dlse is not None else lse,
+        query, key, value, dout, dq, lse, delta, out, dlse if dlse is not None else lse, qs,
         sp.kv_num, sp.kv_idx, kv_full_num, kv_full_idx, *bufs,
         *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dq.stride(), *out.stride(),
+        *qs.stride(),
         plan.scale, Hq, L, S, plan.Bk, MB, MH, sp.kv_idx.shape[-2], sp.kv_idx.shape[-1],
         HAS_DLSE=dlse is not None,
         BLOCK_M=tiles["BLOCK_M2"], BLOCK_N=tiles["BLOCK_N2"], **common,
@@ -390,9 +409,10 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     q_full_idx = sp.full_q_idx if sp.has_full else sp.q_idx
     _runtime.launch(
         dkdv_kernel, (_runtime.cdiv(S, tiles["BLOCK_N1"]), B * Hkv),
-        query, key, value, dout, dk, dv, lse, delta,
+        query, key, value, dout, dk, dv, lse, delta, qs,
         sp.q_num, sp.q_idx, q_full_num, q_full_idx, *bufs, *grad_args,
         *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        *qs.stride(),
         plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
         GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable),
         BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **common,
