@@ -126,7 +126,8 @@ def _truth(m: Materialized, *, with_lse: bool, want_max: bool):
     if m.grad_out is not None:
         baseline["_scales"]["allow"] = check.delta_allowances(
             m.query, m.key, m.value, expected["out"], m.grad_out, score_mod=m.score_mod,
-            block_mask=m.block_mask, scale=m.scale, enable_gqa=m.enable_gqa)
+            block_mask=m.block_mask, scale=m.scale, enable_gqa=m.enable_gqa,
+            grad_lse=m.grad_lse if with_lse else None)
     return expected, baseline
 
 

@@ -342,6 +342,47 @@ def test_exponent_allowance_is_the_dense_sum():
     assert (a16 > 30 * a32).all()
 
 
+def test_exponent_ds_allowance_is_the_dense_sum():
+    """dq's and dk's float32 exponent terms equal scale * u / sqrt(12) * sqrt(sum ds^2 (|s| +
+    |lse|)^2 K^2) over keys, and the same with Q^2 over queries (summed over a GQA group and a
+    broadcast batch), with delta = rowsum(dO * O) - dlse, under a score mod and a block mask."""
+    from properties import check
+
+    g = torch.Generator().manual_seed(6)
+    B, Hq, Hkv, L, S, E, Ev = 2, 4, 2, 37, 29, 8, 3
+    q = torch.randn(B, Hq, L, E, generator=g) * 4
+    k = torch.randn(1, Hkv, S, E, generator=g) * 4
+    v = torch.randn(1, Hkv, S, Ev, generator=g)
+    do = torch.randn(B, Hq, L, Ev, generator=g)
+    dlse = torch.randn(B, Hq, L, generator=g)
+    score_mod, mask_mod = mods.alibi(torch.tensor([0.5, 1.0, 2.0, 4.0])), mods.sliding_window(9)
+    bm = build_block_mask(mask_mod, 1, 1, L, S, (16, 16), "cpu")
+    kw = dict(score_mod=score_mod, block_mask=bm, scale=0.3, enable_gqa=True)
+    out, lse = oracle.flex_attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
+    gq, gk = check._exponent_ds_allowance(q.double(), k.double(), v, do, out, dlse, lse, 0.3, **kw)
+    want_q = torch.zeros(B, Hq, L, E, dtype=torch.float64)
+    want_k = torch.zeros(1, Hkv, S, E, dtype=torch.float64)
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    for b in range(B):
+        for h in range(Hq):
+            kb, vb, qb, dob = k[0, h // 2].double(), v[0, h // 2].double(), q[b, h].double(), do[b, h].double()
+            s = score_mod(qb @ kb.T * 0.3, b, h, i, j)
+            s = torch.where(mask_mod(b, h, i, j), s, float("-inf"))
+            p = torch.exp(s - lse[b, h, :, None])
+            delta = (dob * out[b, h]).sum(-1) - dlse[b, h].double()
+            ds = p * (dob @ vb.T - delta[:, None])
+            size = torch.where(torch.isfinite(s), s.abs(), 0.0) + lse[b, h, :, None].abs()
+            w = ds.pow(2) * size.pow(2)
+            want_q[b, h] = w @ kb.pow(2)
+            want_k[0, h // 2] += w.T @ qb.pow(2)
+    c = 0.3 * torch.finfo(torch.float32).eps / 12 ** 0.5
+    torch.testing.assert_close(gq, c * want_q.sqrt(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(gk, c * want_k.sqrt(), rtol=1e-9, atol=0)
+    # They join dq's and dk's float32 allowances (in quadrature, so never below them).
+    a32 = check.delta_allowances(q, k, v, out, do, grad_lse=dlse, **kw)
+    assert (a32["dq"] >= gq * (1 - 1e-9)).all() and (a32["dk"] >= gk * (1 - 1e-9)).all()
+
+
 @pytest.mark.parametrize("c", KNOWN_BUGS)
 def test_known_kernel_bugs(c):
     matches_oracle("kernels", c, "cpu")
