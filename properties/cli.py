@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -352,6 +353,13 @@ class _Fuzzer:
     # The slowest cases of the search, (seconds, one-line case, extra property): where a
     # nightly run's time goes (a case can outlast the search's deadline by minutes).
     slowest: list = field(default_factory=list)
+    # A sticky device error (an illegal memory access, say) kills the process's CUDA context:
+    # every later case would fail with it, so the search stops there. ``lost`` is the error's
+    # first line; ``previous`` the case before (a kernel of it may be what faulted: launches
+    # are asynchronous), saved beside the failure.
+    lost: Optional[str] = None
+    previous: Optional[tuple] = None
+    lost_previous: Optional[tuple] = None
 
     # one example -------------------------------------------------------
 
@@ -383,6 +391,10 @@ class _Fuzzer:
             if self.phase == "search":
                 self._note_time(time.perf_counter() - began, case, extra)
                 self.count(outcomes)
+                lost = _device_lost(self.device, outcomes)
+                if lost:
+                    self.lost, self.lost_previous = lost, self.previous
+                self.previous = (case, extra)
             else:
                 self.shrink_calls += 1
                 self.progress_shrink()
@@ -402,6 +414,9 @@ class _Fuzzer:
             rec.seen.add(key)
         if case.size_key() < rec.best.size_key():
             rec.best, rec.best_extra, rec.outcome = case, extra, failure
+        if self.phase == "search" and self.lost:
+            self.shrinking.add(sig)  # saved as it is: nothing can run on the device any more
+            raise _Stop()
         if self.phase == "search":
             if sig in self.raising or (sig not in self.shrinking and len(self.shrinking) < self.max_failures):
                 self.shrinking.add(sig)
@@ -506,6 +521,10 @@ class _Fuzzer:
             print("\r" + self._line(), file=sys.stderr, flush=True)
         if not self.failures:
             return
+        if self.lost:
+            if not self.quiet:
+                print(f"the device's context is lost ({self.lost}): no shrinking", file=sys.stderr, flush=True)
+            return
         # Shrink: Hypothesis replays the saved failures from db and shrinks each kind.
         self.phase = "shrink"
         self.deadline = time.perf_counter() + self.shrink_seconds
@@ -593,6 +612,31 @@ def _cmd_fuzz(args) -> int:
     return _report(fuzzer, args, device)
 
 
+# CUDA errors after which the context is unusable (every later call fails with them).
+_STICKY = re.compile(r"illegal memory access|unspecified launch failure|misaligned address|"
+                     r"illegal instruction|device-side assert|hardware stack error|invalid program counter",
+                     re.I)
+
+
+def _device_lost(device: str, outcomes) -> Optional[str]:
+    """The first line of a sticky device error among ``outcomes``' errors, else None. On a
+    CUDA device an error without the words is confirmed by a probe (a tiny computation)."""
+    errors = [o for o in outcomes if o.status in ("target-error", "error")]
+    for o in errors:
+        m = _STICKY.search(o.message or "")
+        if m:
+            line = next((ln for ln in (o.message or "").splitlines() if _STICKY.search(ln)), m.group(0))
+            return line.strip()
+    if errors and str(device).startswith("cuda"):
+        import torch
+
+        try:
+            torch.ones(1, device=device).add_(1).item()
+        except Exception as exc:  # the context is gone
+            return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return None
+
+
 def _stop_on_sigterm(fuzzer: _Fuzzer):
     """On SIGTERM (``timeout``, a CI job's limit) end the search at once and still print the
     summary: the counts of a long run are what a nightly job reports. Returns the previous
@@ -668,6 +712,23 @@ def _report(fz: _Fuzzer, args, device: str) -> int:
             json.dump(record, f, indent=2, sort_keys=True)
             f.write("\n")
         saved.append((rec, path, command))
+    before = None
+    if fz.lost and fz.lost_previous is not None:
+        case, extra = fz.lost_previous
+        digest = hashlib.sha1(case.to_json().encode()).hexdigest()[:10]
+        path = os.path.join(args.out, f"before-lost-context-{digest}.json")
+        prop = extra or "matches_oracle"
+        command = _replay_command(path, fz.target.name, device, prop)
+        with open(path, "w") as f:
+            json.dump({"flex_oracle_failure": FAILURE_FORMAT, "property": prop, "status": "suspect",
+                       "tensors": [], "error_type": None, "target": fz.target.name, "device": device,
+                       "message": f"the case run just before the device's context was lost ({fz.lost}); "
+                                  "it passed, but a kernel of it may be what faulted",
+                       "command": command, "case": case.to_dict(), "first_seen": case.to_dict(),
+                       "occurrences": 1, "fuzz": {"seed": fz.seed, "examples": fz.examples}},
+                      f, indent=2, sort_keys=True)
+            f.write("\n")
+        before = command
     unsaved = len(fz.failures) - len(saved)
     print()
     print(f"{len(fz.failures)} distinct failure(s); {len(saved)} shrunk and saved in {args.out}/"
@@ -684,6 +745,13 @@ def _report(fz: _Fuzzer, args, device: str) -> int:
             print(f"   {line}")
         print(f"   replay: {command}")
         print(f"   show:   {shlex.join(['flex-oracle', 'show', path])}")
+    if fz.lost:
+        print()
+        print(f"the device's context was lost: {fz.lost}")
+        print("   The search stopped there (every later case would fail with it) and nothing was shrunk.")
+        print("   Kernels run asynchronously, so the fault is in the case above or in a kernel of the case")
+        print("   run before it" + (f", saved as well:\n   replay: {before}" if before else " (none: it was the first)."))
+        print("   Replay each in a fresh process; CUDA_LAUNCH_BLOCKING=1 names the kernel that faults.")
     return EXIT_FAIL
 
 

@@ -77,6 +77,47 @@ def test_fuzz_on_kernels_passes(tmp_path, capsys):
     assert len(times) == 3 and times == sorted(times, reverse=True), out
 
 
+STICKY = '''
+import kernels
+
+calls = 0
+
+
+def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None,
+                   enable_gqa=False, return_lse=False, kernel_options=None):
+    """Our kernels, until a "fault" after two calls leaves every later call failing."""
+    global calls
+    calls += 1
+    if calls > 2:
+        raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+    return kernels.flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa,
+                                  return_lse, kernel_options)
+'''
+
+
+def test_fuzz_stops_when_the_device_context_is_lost(tmp_path, monkeypatch, capsys):
+    """A sticky device error ends the search at once (one target error, not a flood of them),
+    skips shrinking, and saves the case before it too (launches are asynchronous)."""
+    (tmp_path / "sticky_bug.py").write_text(STICKY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out_dir = tmp_path / "failures"
+    code = main(["fuzz", "--target", "sticky_bug:flex_attention", "--examples", "12", "--properties", "oracle",
+                 "--out", str(out_dir), "--shrink-seconds", "15", "--exclude-options", "PRESCALE_QK", *TINY])
+    report = capsys.readouterr().out
+    assert code == EXIT_FAIL, report
+    assert re.search(r"^  cases run\s+3 ", report, re.M) and re.search(r"^  target errors\s+1$", report, re.M), report
+    assert "harness errors" not in report and "shrinking" not in report, report
+    assert re.search(r"^the device's context was lost: .*an illegal memory access was encountered$", report, re.M), report
+    failure, = out_dir.glob("failure-matches_oracle-*.json")
+    before, = out_dir.glob("before-lost-context-*.json")
+    assert json.loads(failure.read_text())["status"] == "target-error"
+    assert json.loads(before.read_text())["status"] == "suspect"
+    assert f"replay: flex-oracle replay {before}" in report
+    # Both replay in a fresh process: on the real kernels each passes.
+    for path in (failure, before):
+        assert main(["replay", str(path), "--target", "kernels", "--device", "cpu"]) == EXIT_PASS
+
+
 def test_planted_bug_is_found_saved_replayed_and_shown(tmp_path, monkeypatch, capsys):
     _planted(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
