@@ -12,7 +12,10 @@ of them. It keeps going past failures and counts them; then Hypothesis shrinks
 the first case of each distinct failure (property, kind, tensors), and each
 shrunk case is saved as JSON with the command that replays it. Every
 ``--restart-every`` cases it starts a new Hypothesis run (``run_seed``), and
-on SIGTERM it ends the search and still prints the summary.
+on SIGTERM it ends the search and still prints the summary. ``--count-lines``
+prints the running counts to stdout after every case, so that a log cut off
+before its summary (a process killed inside a long compile, which no signal
+handler can interrupt) still says what was run.
 
 ``replay`` exits 0 when the case passes, 1 on a mismatch or a target error,
 125 when the target cannot run the case (so ``git bisect run`` skips that
@@ -95,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"start a new Hypothesis run (the next seed) every N cases, for variety "
                            f"(default {DEFAULT_RESTART_EVERY})")
     fuzz.add_argument("--quiet", action="store_true", help="no progress line")
+    fuzz.add_argument("--count-lines", action="store_true",
+                      help="print the running counts to stdout after every case ('count: ...')")
     fuzz.set_defaults(func=_cmd_fuzz)
 
     replay = sub.add_parser("replay", help="run one saved case; exit 0 pass, 1 fail, 125 not applicable",
@@ -335,6 +340,7 @@ class _Fuzzer:
     # Hypothesis mostly mutates the examples it has, so a short budget sees more kinds of
     # case in several short runs than in one long one.
     restart_every: Optional[int] = None
+    count_lines: bool = False
     cache: dict = field(default_factory=dict)
     stats: Counter = field(default_factory=Counter)
     skip_reasons: Counter = field(default_factory=Counter)
@@ -442,6 +448,11 @@ class _Fuzzer:
             self.skip_reasons[main.reason] += 1
         for o in outcomes[1:]:
             self.extra_stats[(o.property, o.status)] += 1
+        if self.count_lines:
+            s = self.stats
+            print(f"count: {self.cases_run} cases, {s['passed']} passed, {s['failed']} failed, "
+                  f"{s['target-error']} target errors, {s['error']} harness errors, "
+                  f"{s['skipped']} not applicable", flush=True)
         self.progress()
 
     # progress ----------------------------------------------------------
@@ -600,7 +611,7 @@ def _cmd_fuzz(args) -> int:
     fuzzer = _Fuzzer(target=target, device=device, strategy=strategy, mode=mode, props=props,
                      examples=examples, seed=args.seed, max_seconds=args.max_seconds,
                      shrink_seconds=shrink_seconds, max_failures=args.max_failures, quiet=args.quiet,
-                     restart_every=args.restart_every)
+                     restart_every=args.restart_every, count_lines=args.count_lines)
     previous = _stop_on_sigterm(fuzzer)
     try:
         with warnings.catch_warnings():

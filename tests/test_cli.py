@@ -67,10 +67,13 @@ def _case_file(tmp_path: Path, **fields) -> str:
 
 def test_fuzz_on_kernels_passes(tmp_path, capsys):
     code = main(["fuzz", "--examples", "4", "--seed", "3", "--out", str(tmp_path / "out"),
-                 "--exclude-options", "PRESCALE_QK", *TINY])
+                 "--exclude-options", "PRESCALE_QK", "--count-lines", *TINY])
     out = capsys.readouterr().out
     assert code == EXIT_PASS, out
     assert "cases run" in out and "s per case" in out and "no failures" in out
+    # --count-lines: the running counts after every case (what a log cut off before its summary keeps).
+    counts = re.findall(r"^count: (\d+) cases, (\d+) passed, 0 failed, 0 target errors", out, re.M)
+    assert [int(n) for n, _ in counts] == [1, 2, 3, 4], out
     assert not (tmp_path / "out").exists()
     # The slowest cases, slowest first, one line each (where a nightly run's time went).
     times = [float(t) for t in re.findall(r"^  (?:slowest)?\s+([\d.]+) s  B=", out, re.M)]
