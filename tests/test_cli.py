@@ -294,3 +294,40 @@ def test_fuzz_profile_reports_the_fuzz_and_its_compiles(tmp_path):
     assert "cases run       2" in done.stdout, done.stdout
     assert re.search(r"^wall [\d.]+ s; Triton: \d+ compiles", done.stdout, re.M), done.stdout
     assert "Ordered by: cumulative time" in (tmp_path / "profile.txt").read_text()
+
+
+OUT_OF_BOUNDS = '''
+import sys
+sys.path.insert(0, sys.argv[1])
+from benchmarks import address_check
+address_check.install()
+import torch, triton, triton.language as tl
+
+@triton.jit
+def copy16(X, Y):
+    offs = tl.arange(0, 16)
+    tl.store(Y + offs, tl.load(X + offs, mask=offs < int(sys.argv[2])))
+
+copy16[(1,)](torch.arange(8.0), torch.empty(16))
+print("no fault")
+'''
+
+
+def test_address_check_flags_an_access_outside_the_arguments(tmp_path):
+    """benchmarks/address_check.py: a load past an 8-element tensor raises, naming the kernel;
+    the same kernel with the load masked to the tensor runs, and a saved case replays as a pass."""
+    script = tmp_path / "oob.py"
+    script.write_text(OUT_OF_BOUNDS)
+    env = _env()
+    bad = subprocess.run([sys.executable, str(script), str(ROOT), "16"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode != 0 and "AddressError: load outside every tensor argument in copy16: 8 of 16" \
+        in bad.stderr, bad.stdout + bad.stderr
+    good = subprocess.run([sys.executable, str(script), str(ROOT), "8"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert good.returncode == 0 and "no fault" in good.stdout, good.stdout + good.stderr
+    case = ROOT / "tests" / "cases" / "rows-safe-first-tile-masked.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "address_check.py"), "--sm90-tiles", "--",
+                          "replay", str(case), "--device", "cpu"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0 and "PASS" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]

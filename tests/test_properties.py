@@ -383,6 +383,38 @@ def test_exponent_ds_allowance_is_the_dense_sum():
     assert (a32["dq"] >= gq * (1 - 1e-9)).all() and (a32["dk"] >= gk * (1 - 1e-9)).all()
 
 
+def test_table_delta_allowance_is_the_dense_sum():
+    """A learnable table's allowance for delta's rounding equals sqrt(sum p^2 d_i^2) over the
+    (b, h, i, j) that read each entry (a qk bias: every batch and head), under a block mask
+    and GQA, with d_i the rounding scale delta_allowances gives dq."""
+    from properties import check
+
+    g = torch.Generator().manual_seed(7)
+    B, Hq, Hkv, L, S, E, Ev = 2, 4, 2, 37, 29, 8, 3
+    # Inputs that bf16 holds exactly: the allowance reads the inputs as the kernel gets them.
+    q, k, v = ((torch.randn(*shape, generator=g) * 2).bfloat16().float()
+               for shape in ((B, Hq, L, E), (1, Hkv, S, E), (1, Hkv, S, Ev)))
+    do = torch.randn(B, Hq, L, Ev, generator=g)
+    table = torch.randn(L, S, generator=g).requires_grad_(True)
+    score_mod, mask_mod = mods.bias(table, "qk"), mods.sliding_window(9)
+    bm = build_block_mask(mask_mod, 1, 1, L, S, (16, 16), "cpu")
+    kw = dict(score_mod=score_mod, block_mask=bm, scale=None, enable_gqa=True)
+    out, lse = oracle.flex_attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
+    got = check.delta_allowances(q.bfloat16(), k.bfloat16(), v.bfloat16(), out, do, **kw)["dbuffer0"]
+    eps = torch.finfo(torch.bfloat16).eps + torch.finfo(torch.float32).eps * Ev ** 0.5
+    d = eps / 12 ** 0.5 * (do.double() * out).pow(2).sum(-1).sqrt()  # [B, Hq, L]
+    want = torch.zeros(L, S, dtype=torch.float64)
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    for b in range(B):
+        for h in range(Hq):
+            s = q[b, h].double() @ k[0, h // 2].double().T / E ** 0.5 + table.detach().double()
+            s = torch.where(mask_mod(b, h, i, j), s, float("-inf"))
+            p = torch.exp(s - lse[b, h, :, None])
+            want += p.pow(2) * d[b, h, :, None].pow(2)
+    # rtol: autograd returns the float32 table's gradient in float32 (6e-8, halved by the sqrt).
+    torch.testing.assert_close(got, want.sqrt(), rtol=1e-7, atol=0)
+
+
 @pytest.mark.parametrize("c", KNOWN_BUGS)
 def test_known_kernel_bugs(c):
     matches_oracle("kernels", c, "cpu")
