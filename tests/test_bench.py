@@ -268,3 +268,16 @@ def test_summary_ratios_geomean_and_minimum():
     text = bench.format_summary(s, {})
     assert "geomean fwd 1.00x, bwd 2.00x" in text and "min 0.50x (b fwd)" in text
     assert math.isclose(bench._geomean([1.0, 4.0]), 2.0)
+
+
+def test_ours_refined_asks_for_refined_lists_only_with_a_block_mask(monkeypatch):
+    """The ``ours-refined`` implementation is ours with REFINE_KV_BLOCK=64 where there is a block
+    mask to refine, and plain ours where there is none (the option would do nothing)."""
+    import kernels
+
+    seen = []
+    monkeypatch.setattr(kernels, "flex_attention", lambda *a, **kw: seen.append(kw.get("kernel_options")))
+    case = bench.Case("document", bench.Shape(1, 2, 2, 256, 256, 64), torch.bfloat16)
+    for block_mask in ("a block mask", None):
+        bench.IMPLS["ours-refined"].prepare(case, None, block_mask)(None, None, None)
+    assert seen == [{"REFINE_KV_BLOCK": 64}, None]

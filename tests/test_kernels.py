@@ -241,12 +241,66 @@ def test_plain_function_mask_mod_is_rejected():
     ({"num_warps": 3}, "num_warps"),
     ({"PRESCALE_QK": "yes"}, "PRESCALE_QK"),
     ({"SPLIT_KV": 0}, "SPLIT_KV"),
+    ({"REFINE_KV_BLOCK": 24}, "REFINE_KV_BLOCK.*power of two"),
+    ({"REFINE_KV_BLOCK": 64}, "REFINE_KV_BLOCK.*=64 to divide the block mask's KV_BLOCK=32"),
+    ({"REFINE_KV_BLOCK": 16, "BLOCKS_ARE_CONTIGUOUS": True}, "without BLOCKS_ARE_CONTIGUOUS"),
 ])
 def test_bad_options(opts, match):
     q, k, v = _qkv()
     bm = create_block_mask(mods.causal(), 1, 2, 32, 32, device=DEVICE, BLOCK_SIZE=32)
     with pytest.raises(ValueError, match=match):
         kernels.flex_attention(q, k, v, block_mask=bm, kernel_options=opts)
+
+
+REFINE_MASKS = [
+    pytest.param(lambda L, S: mods.document.from_seed(L, 5, 0, kv_length=S), 1, 1, id="document"),
+    pytest.param(lambda L, S: mods.by_head(mods.sliding_window(40), mods.prefix_lm(70)), 1, 2, id="by-head"),
+    pytest.param(lambda L, S: mods.by_batch(mods.causal(), mods.chunked(48)), 1, 1, id="by-batch-broadcast"),
+]
+
+
+@pytest.mark.parametrize("make,MB,MH", REFINE_MASKS)
+def test_refined_block_lists_describe_the_same_relation(make, MB, MH):
+    """REFINE_KV_BLOCK's lists (kernels.api._refine_kv): the allowed relation of SPEC section 3
+    is unchanged, for every (b, h) a broadcast list serves and across the tails, with fewer
+    listed elements where mask_mod leaves whole column blocks empty."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    import oracle
+    from kernels import api
+
+    B, H, L, S = 2, 2, 300, 290
+    mask_mod = make(L, S)
+    bm = create_block_mask(mask_mod, MB, MH, L, S, device=DEVICE, BLOCK_SIZE=128)
+    sp = api._cached_block_lists(bm, B, H, L, S, torch.device(DEVICE))
+    rf = api._refine_kv(sp, mask_mod, B, H, L, S, 32)
+    fine = BlockMask.from_kv_blocks(rf.kv_num, rf.kv_idx, rf.full_kv_num, rf.full_kv_idx,
+                                    BLOCK_SIZE=(128, 32), mask_mod=mask_mod, seq_lengths=(L, S))
+    want = oracle.block_mask_to_dense(bm, B, H, L, S)
+    assert torch.equal(oracle.block_mask_to_dense(fine, B, H, L, S), want)
+    # The checker finds the refined lists as sound as the original (a batch-dependent mask_mod
+    # under a batch-broadcast block mask is the caller's bug in both; SPEC section 3).
+    errors = lambda m: {f.kind for f in oracle.check_block_mask(m, B=B, H=H, Q_LEN=L, KV_LEN=S)
+                        if f.severity == "error"}
+    assert errors(fine) == errors(bm)
+    listed = lambda s, w: int((s.kv_num.sum() + s.full_kv_num.sum()) * w) if s.full_kv_num is not None \
+        else int(s.kv_num.sum() * w)
+    assert listed(rf, 32) < listed(sp, 128)
+
+
+@pytest.mark.parametrize("make,MB,MH", REFINE_MASKS)
+def test_refined_blocks_match_the_oracle(make, MB, MH):
+    """The kernels on refined lists, forward and backward, a learnable bias included."""
+    L, S = 150, 140
+    bias = mods.bias.from_seed([2, L, S], seed=3, layout="hqk", requires_grad=True)
+    check(B=2, L=L, S=S, mask_mod=make(L, S), mask_B=MB, mask_H=MH, block_size=64, score_mod=bias,
+          kernel_options={"REFINE_KV_BLOCK": 16})
+
+
+def test_refined_blocks_in_the_decode_kernel():
+    """Short queries take the decode kernel, which reads the refined lists too."""
+    check(B=2, Hq=4, Hkv=2, L=3, S=290, mask_mod=mods.prefix_lm(45), block_size=128,
+          kernel_options={"REFINE_KV_BLOCK": 32})
 
 
 def test_cached_options_still_reject_bad_values():
