@@ -476,8 +476,11 @@ def _refine_kv(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int, sub: i
             q = ent[:, 2].view(n, 1, 1, 1) * qb + rows.view(1, 1, qb, 1)
             kv = ent[:, 3].view(n, 1, 1, 1) * kb + cols.view(1, 1, 1, kb)
             inside = (q < L) & (kv < S)
-            allowed = torch.as_tensor(mask_mod(b, h, q.clamp(max=L - 1), kv.clamp(max=S - 1)), device=device)
-            allowed = allowed.expand(n, nb * nh, qb, kb) & inside
+            if mask_mod is None:  # PyTorch's noop mask: a partial block allows what is in range
+                allowed = inside.expand(n, nb * nh, qb, kb)
+            else:
+                allowed = torch.as_tensor(mask_mod(b, h, q.clamp(max=L - 1), kv.clamp(max=S - 1)), device=device)
+                allowed = allowed.expand(n, nb * nh, qb, kb) & inside
             cells = allowed.reshape(n, nb * nh, qb, r, sub)
             any_ = cells.any(dim=(1, 2, 4))  # [n, r]
             inside_cells = inside.expand(n, 1, qb, kb).reshape(n, 1, qb, r, sub)

@@ -297,6 +297,16 @@ def test_refined_blocks_match_the_oracle(make, MB, MH):
           kernel_options={"REFINE_KV_BLOCK": 16})
 
 
+def test_refined_blocks_under_pytorchs_noop_mask():
+    """PyTorch's noop mask arrives as no mask_mod; its tail blocks are partial all the same."""
+    from torch.nn.attention.flex_attention import noop_mask
+
+    (q, k, v), do, dl = _inputs(1, 2, 2, 150, 140, 16, 16, torch.float16, DEVICE)
+    bm = create_block_mask(noop_mask, 1, 1, 150, 140, device=DEVICE, BLOCK_SIZE=128)
+    compare_with_oracle(kernels.flex_attention, q, k, v, block_mask=bm, kernel_options={"REFINE_KV_BLOCK": 32},
+                        grad_out=do, grad_lse=dl)
+
+
 def test_refined_blocks_in_the_decode_kernel():
     """Short queries take the decode kernel, which reads the refined lists too."""
     check(B=2, Hq=4, Hkv=2, L=3, S=290, mask_mod=mods.prefix_lm(45), block_size=128,
