@@ -531,6 +531,13 @@ def _refine_option(kernel_options, kv_block: int) -> Optional[int]:
             f"Expected kernel_options['REFINE_KV_BLOCK']={sub} to divide the block mask's KV_BLOCK="
             f"{kv_block}. Use a power of two that divides it, or leave it unset."
         )
+    for name in ("BLOCK_N", "fwd_BLOCK_N", "BLOCK_N1", "bwd_BLOCK_N1", "BLOCK_N2", "bwd_BLOCK_N2"):
+        tile = kernel_options.get(name)
+        if isinstance(tile, int) and not isinstance(tile, bool) and tile > sub:
+            raise ValueError(
+                f"Expected kernel_options[{name!r}]={tile} to be at most REFINE_KV_BLOCK={sub}: key tiles "
+                f"must divide the refined blocks. Use a smaller tile or a larger REFINE_KV_BLOCK."
+            )
     if _check_bool(kernel_options, "BLOCKS_ARE_CONTIGUOUS"):
         raise ValueError(
             "Expected REFINE_KV_BLOCK without BLOCKS_ARE_CONTIGUOUS: refining drops masked column "

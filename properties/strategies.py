@@ -418,7 +418,7 @@ def kernel_options(*, block_size: Optional[Sequence[int]] = None, rows_safe: boo
     """``kernel_options`` dicts (PyTorch's names): tiles that divide ``block_size``
     (``(128, 128)``, the dense tile, when None), ``fwd_``/``bwd_`` prefixed or not,
     ``num_warps``, ``num_stages``, ``PRESCALE_QK``, ``FORCE_USE_FLEX_ATTENTION``,
-    ``SPLIT_KV``; ``ROWS_GUARANTEED_SAFE`` only when ``rows_safe`` (the mask has no
+    ``SPLIT_KV`` (``flex_cases`` adds ``REFINE_KV_BLOCK``); ``ROWS_GUARANTEED_SAFE`` only when ``rows_safe`` (the mask has no
     fully masked row) and ``BLOCKS_ARE_CONTIGUOUS`` only when ``blocks_contiguous``
     (``oracle.check_block_mask`` finds the promise kept). Option names in ``exclude``
     (tile names match their ``fwd_``/``bwd_`` forms) are never drawn. Half the draws are ``{}``."""
@@ -610,6 +610,10 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
         grad_lse = grads and draw(st.booleans())
         std = draw(st.sampled_from([4.0, 0.25, 2.0])) if draw(st.booleans()) else 1.0
         seed = draw(st.integers(0, 2**32 - 1))
+        # Last, so that the draws before it are those of the cases drawn before it existed.
+        refine = _refine_choices(mask, block, options, exclude_options)
+        if refine and draw(st.booleans()) and draw(st.booleans()):
+            options = {**options, "REFINE_KV_BLOCK": draw(st.sampled_from(refine))}
         return FlexCase(
             B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, Bk=shape.Bk, L=shape.L, S=shape.S, E=shape.E, Ev=shape.Ev,
             dtype=dtype, seed=seed, input_std=std, layout=layout,
@@ -621,6 +625,17 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
         )
 
     return draw_case()
+
+
+def _refine_choices(mask, block, options: dict, exclude) -> list:
+    """The ``REFINE_KV_BLOCK`` values a case can take: finer than its block mask's KV_BLOCK and no
+    finer than a key tile its options set, never with BLOCKS_ARE_CONTIGUOUS."""
+    if mask is None or block is None or "REFINE_KV_BLOCK" in exclude or options.get("BLOCKS_ARE_CONTIGUOUS"):
+        return []
+    kv_tiles = [v for k, v in options.items()
+                if (k[4:] if k.startswith(("fwd_", "bwd_")) else k) in ("BLOCK_N", "BLOCK_N1", "BLOCK_N2")]
+    low = max(kv_tiles + [16])
+    return [t for t in (16, 32, 64) if low <= t < block[1] and block[1] % t == 0]
 
 
 def _often(draw) -> bool:

@@ -244,6 +244,7 @@ def test_plain_function_mask_mod_is_rejected():
     ({"REFINE_KV_BLOCK": 24}, "REFINE_KV_BLOCK.*power of two"),
     ({"REFINE_KV_BLOCK": 64}, "REFINE_KV_BLOCK.*=64 to divide the block mask's KV_BLOCK=32"),
     ({"REFINE_KV_BLOCK": 16, "BLOCKS_ARE_CONTIGUOUS": True}, "without BLOCKS_ARE_CONTIGUOUS"),
+    ({"REFINE_KV_BLOCK": 16, "bwd_BLOCK_N1": 32}, "'bwd_BLOCK_N1'\\]=32 to be at most REFINE_KV_BLOCK=16"),
 ])
 def test_bad_options(opts, match):
     q, k, v = _qkv()
