@@ -418,8 +418,8 @@ def kernel_options(*, block_size: Optional[Sequence[int]] = None, rows_safe: boo
     """``kernel_options`` dicts (PyTorch's names): tiles that divide ``block_size``
     (``(128, 128)``, the dense tile, when None), ``fwd_``/``bwd_`` prefixed or not,
     ``num_warps``, ``num_stages``, ``PRESCALE_QK``, ``FORCE_USE_FLEX_ATTENTION``,
-    ``SPLIT_KV`` (``flex_cases`` adds ``REFINE_KV_BLOCK``); ``ROWS_GUARANTEED_SAFE`` only when ``rows_safe`` (the mask has no
-    fully masked row) and ``BLOCKS_ARE_CONTIGUOUS`` only when ``blocks_contiguous``
+    ``SPLIT_KV`` (``flex_cases`` adds ``REFINE_KV_BLOCK``); ``ROWS_GUARANTEED_SAFE`` only when
+    ``rows_safe`` (the mask has no fully masked row) and ``BLOCKS_ARE_CONTIGUOUS`` only when ``blocks_contiguous``
     (``oracle.check_block_mask`` finds the promise kept). Option names in ``exclude``
     (tile names match their ``fwd_``/``bwd_`` forms) are never drawn. Half the draws are ``{}``."""
     q_block, kv_block = tuple(block_size) if block_size is not None else (_DENSE_BLOCK, _DENSE_BLOCK)
@@ -610,7 +610,8 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
         grad_lse = grads and draw(st.booleans())
         std = draw(st.sampled_from([4.0, 0.25, 2.0])) if draw(st.booleans()) else 1.0
         seed = draw(st.integers(0, 2**32 - 1))
-        # Last, so that the draws before it are those of the cases drawn before it existed.
+        # Last, so that a case's earlier draws are what they were before this one existed
+        # (Hypothesis's later choices do change: the fault table's hunts moved).
         refine = _refine_choices(mask, block, options, exclude_options)
         if refine and draw(st.booleans()) and draw(st.booleans()):
             options = {**options, "REFINE_KV_BLOCK": draw(st.sampled_from(refine))}
