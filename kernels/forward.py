@@ -221,18 +221,24 @@ def head_pad(dim: int) -> int:
 
 
 def head_pads(E: int, Ev: int) -> tuple:
-    """(QK_PAD, V_PAD) for the tiles.
+    """(QK_PAD, V_PAD) for the tiles: V is padded to at least the padded E.
 
-    Measured on the H100 with Triton 3.6: bf16, 64 x 64 tiles, E=40 (padded to
-    64) with Ev=24 (padded to 32) gives a garbage output and, with one stage,
-    an illegal memory access, while E=40/Ev=40, E=64/Ev=24 and E=40/Ev=64 are
-    right, as is every case under the interpreter. Padding V to at least the
-    padded E whenever E itself is padded avoids that code path.
+    Triton 3.6 on sm_90 miscompiles some forwards whose V tile is narrower than
+    their K tile. Measured on the H100: bf16, 64 x 64 tiles, E=40 (padded to 64)
+    with Ev=24 (padded to 32) gave a garbage output and, with one stage, an
+    illegal memory access. On the H200 (found by the false-alarm count, seed
+    8012): E=32, Ev=2 (pads 32 and 16), 128 x 64 tiles, 1 stage: compute-sanitizer
+    reports an out-of-bounds shared-memory read in a ``tl.dot`` of the forward,
+    and 2 stages give NaN in a third of the output; the same case with Ev=32 is
+    right, as is every case under the interpreter
+    (``tests/cases/narrow-v-tile-miscompile-bf16.json``). A sweep at 4 warps
+    (docs/fuzz/h200-narrow-v-tile-sweep.txt): with 1 stage, pads (32, 16),
+    (64, 16), (64, 32) and (128, 16) fail (garbage or an illegal access) and
+    (128, 64) passes; all pass padded. Padding V up to the K tile's width costs a
+    wider P @ V only where Ev < E, and avoids that code path.
     """
     qk, v = head_pad(E), head_pad(Ev)
-    if qk != E:
-        v = max(v, qk)
-    return qk, v
+    return qk, max(v, qk)
 
 
 def run_forward(plan, query, key, value):
