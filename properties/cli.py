@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz.add_argument("--restart-every", type=_positive_int, default=DEFAULT_RESTART_EVERY, metavar="N",
                       help=f"start a new Hypothesis run (the next seed) every N cases, for variety "
                            f"(default {DEFAULT_RESTART_EVERY})")
+    fuzz.add_argument("--inputs-per-case", type=_positive_int, default=1, metavar="K",
+                      help="run each drawn case on K input draws (its own and K-1 fresh seeds and input "
+                           "scales), checked with matches_oracle and counted as cases: they reuse the "
+                           "drawn case's compiled kernels, which on a GPU take 90%% of a case's time "
+                           "(default 1)")
     fuzz.add_argument("--quiet", action="store_true", help="no progress line")
     fuzz.add_argument("--count-lines", action="store_true",
                       help="print the running counts to stdout after every case ('count: ...')")
@@ -298,6 +303,26 @@ class _Stop(BaseException):
     """Out of search time: ends a Hypothesis run at once (not a test failure)."""
 
 
+# The input scales a fresh draw takes: the strategy's (1 half the time, else 4, 0.25 or 2).
+_VARIANT_STDS = (1.0, 1.0, 1.0, 4.0, 0.25, 2.0)
+
+
+def input_variants(case, count: int) -> list:
+    """``count`` copies of ``case`` with fresh inputs: another seed for q, k, v, dO and dLSE and an
+    input scale drawn as the strategy draws it, both a function of the case (a replay or a shrink
+    candidate gets the same draws). Nothing Triton specializes on changes (shapes, strides, dtype,
+    mods and their tables, block mask, scale, options), so the drawn case's compiled kernels serve
+    them all; the truth and the error model's allowances are computed anew for each."""
+    digest = hashlib.sha1(case.to_json().encode()).digest()
+    out = []
+    for k in range(1, count + 1):
+        h = hashlib.sha1(digest + k.to_bytes(4, "little")).digest()
+        seed = int.from_bytes(h[:4], "little")
+        std = _VARIANT_STDS[h[4] % len(_VARIANT_STDS)]
+        out.append(case.replace(seed=seed, input_std=std))
+    return out
+
+
 _FAILURE_TYPES: dict = {}
 
 
@@ -341,6 +366,9 @@ class _Fuzzer:
     # case in several short runs than in one long one.
     restart_every: Optional[int] = None
     count_lines: bool = False
+    # Each drawn case also runs on inputs_per_case - 1 fresh input draws (``input_variants``).
+    inputs_per_case: int = 1
+    drawn: int = 0  # Hypothesis examples of the search (cases_run counts every input draw)
     cache: dict = field(default_factory=dict)
     stats: Counter = field(default_factory=Counter)
     skip_reasons: Counter = field(default_factory=Counter)
@@ -382,6 +410,16 @@ class _Fuzzer:
         return outcomes
 
     def body(self, case, extra):
+        """One Hypothesis example: the drawn case with its metamorphic extra, then its fresh
+        input draws with matches_oracle alone. The draws are a function of the case, so a
+        shrink candidate replays its own; a failing draw is saved as itself (a whole case)."""
+        if self.phase == "search" and (case.to_json(), extra) not in self.cache:
+            self.drawn += 1
+        self._one(case, extra)
+        for variant in input_variants(case, self.inputs_per_case - 1):
+            self._one(variant, None)
+
+    def _one(self, case, extra):
         key = (case.to_json(), extra)
         outcomes = self.cache.get(key)
         if outcomes is None:
@@ -452,7 +490,7 @@ class _Fuzzer:
             s = self.stats
             print(f"count: {self.cases_run} cases, {s['passed']} passed, {s['failed']} failed, "
                   f"{s['target-error']} target errors, {s['error']} harness errors, "
-                  f"{s['skipped']} not applicable", flush=True)
+                  f"{s['skipped']} not applicable, {self.drawn} drawn", flush=True)
         self.progress()
 
     # progress ----------------------------------------------------------
@@ -511,7 +549,7 @@ class _Fuzzer:
             self.raising = set()
             # settings after seed: @seed alone would switch the example database off,
             # and the shrink phase below replays the failures saved there.
-            left = self.examples - self.cases_run
+            left = -(-(self.examples - self.cases_run) // self.inputs_per_case)
             if self.restart_every:
                 left = min(left, self.restart_every)
             test = settings(max_examples=left + (1 if run else 0),
@@ -611,7 +649,8 @@ def _cmd_fuzz(args) -> int:
     fuzzer = _Fuzzer(target=target, device=device, strategy=strategy, mode=mode, props=props,
                      examples=examples, seed=args.seed, max_seconds=args.max_seconds,
                      shrink_seconds=shrink_seconds, max_failures=args.max_failures, quiet=args.quiet,
-                     restart_every=args.restart_every, count_lines=args.count_lines)
+                     restart_every=args.restart_every, count_lines=args.count_lines,
+                     inputs_per_case=args.inputs_per_case)
     previous = _stop_on_sigterm(fuzzer)
     try:
         with warnings.catch_warnings():
@@ -669,6 +708,8 @@ def _report(fz: _Fuzzer, args, device: str) -> int:
     print()
     print("summary")
     print(f"  cases run       {fz.cases_run} in {fz.search_seconds:.1f} s ({per:.2f} s per case)")
+    if fz.inputs_per_case > 1:
+        print(f"  drawn cases     {fz.drawn}, each on up to {fz.inputs_per_case} input draws")
     print(f"  passed          {s['passed']}")
     print(f"  failed          {s['failed']}")
     print(f"  target errors   {s['target-error']}")

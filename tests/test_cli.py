@@ -257,6 +257,76 @@ def test_readme_bisect_recipe_finds_the_bad_commit(tmp_path):
     git("bisect", "reset")
 
 
+COIN = '''
+import kernels
+
+
+def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None,
+                   enable_gqa=False, return_lse=False, kernel_options=None):
+    """Our kernels, wrong on about one input draw in three (a function of the inputs alone)."""
+    result = kernels.flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa,
+                                    return_lse, kernel_options)
+    if int(query.detach().double().abs().sum().item() * 1e3) % 3:
+        return result
+    out = result[0] if isinstance(result, tuple) else result
+    out = out + 0.05 * out.detach().abs().amax().clamp_min(1)
+    return (out, *result[1:]) if isinstance(result, tuple) else out
+'''
+
+
+def test_input_variants_change_the_inputs_alone():
+    """A fresh input draw changes the seed and the input scale, nothing Triton specializes on,
+    and is a function of the case: a replay or a shrink candidate meets the same draws."""
+    from hypothesis import HealthCheck, given, settings
+
+    from properties.cli import input_variants
+    from properties.strategies import flex_cases
+
+    seen = []
+
+    @settings(max_examples=15, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(flex_cases(device="cpu"))
+    def check(case):
+        variants = input_variants(case, 3)
+        assert variants == input_variants(case, 3) and len(variants) == 3
+        for v in variants:
+            assert v.replace(seed=case.seed, input_std=case.input_std) == case
+            seen.append((v.seed != case.seed, v.input_std))
+        assert len({v.seed for v in variants}) == 3
+
+    check()
+    assert all(fresh for fresh, _ in seen)
+    assert len({std for _, std in seen}) > 1  # the scales vary too
+
+
+def test_fuzz_runs_each_drawn_case_on_several_inputs(tmp_path, capsys):
+    code = main(["fuzz", "--examples", "6", "--seed", "3", "--inputs-per-case", "3", "--count-lines",
+                 "--out", str(tmp_path / "out"), "--exclude-options", "PRESCALE_QK", *TINY])
+    out = capsys.readouterr().out
+    assert code == EXIT_PASS, out
+    counts = re.findall(r"^count: (\d+) cases, (\d+) passed, 0 failed", out, re.M)
+    assert [int(n) for n, _ in counts] == [1, 2, 3, 4, 5, 6], out
+    assert re.search(r"^  drawn cases     2, each on up to 3 input draws$", out, re.M), out
+
+
+def test_a_failing_input_draw_is_saved_as_itself(tmp_path, monkeypatch, capsys):
+    """A target wrong on some inputs only: every saved case, drawn or a fresh input draw of
+    one, fails again when replayed alone."""
+    (tmp_path / "coin_bug.py").write_text(COIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out_dir = tmp_path / "failures"
+    code = main(["fuzz", "--target", "coin_bug:flex_attention", "--examples", "12", "--inputs-per-case", "4",
+                 "--properties", "oracle", "--out", str(out_dir), "--shrink-seconds", "20", *TINY])
+    report = capsys.readouterr().out
+    assert code == EXIT_FAIL, report
+    files = sorted(out_dir.glob("failure-matches_oracle-*.json"))
+    assert files, report
+    for path in files:
+        assert main(["replay", str(path), "--target", "coin_bug:flex_attention", "--device", "cpu"]) == EXIT_FAIL
+        assert main(["replay", str(path), "--target", "kernels", "--device", "cpu"]) == EXIT_PASS
+    capsys.readouterr()
+
+
 def test_run_seeds_do_not_overlap_between_base_seeds():
     """Run n of a fuzz started with seed s must not be a run of the fuzz started with s + 1
     (``seed + n`` made neighbouring processes repeat each other); seed 0 keeps 0, 1, 2, ..."""
