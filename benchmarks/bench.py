@@ -374,6 +374,22 @@ def _ours_refined(case: Case, score_mod, block_mask):
     return _ours(case, score_mod, block_mask, {"REFINE_KV_BLOCK": 64} if block_mask is not None else None)
 
 
+def _ours_concurrent(case: Case, score_mod, block_mask):
+    # The backward with delta_kernel and the dQ kernel on a side stream (kernels.backward.CONCURRENT,
+    # captured when the forward runs, so the flag is set around this implementation's calls alone).
+    from kernels import backward
+
+    inner = _ours(case, score_mod, block_mask)
+
+    def fn(q, k, v):
+        before, backward.CONCURRENT = backward.CONCURRENT, True
+        try:
+            return inner(q, k, v)
+        finally:
+            backward.CONCURRENT = before
+    return fn
+
+
 _COMPILED: dict = {}
 
 
@@ -466,6 +482,8 @@ IMPLS = {
     "ours": Impl("ours", _ours, True, "kernels.flex_attention (Triton)"),
     "ours-refined": Impl("ours-refined", _ours_refined, True,
                          "kernels.flex_attention with REFINE_KV_BLOCK=64 (block lists refined once per mask)"),
+    "ours-concurrent": Impl("ours-concurrent", _ours_concurrent, True,
+                            "kernels.flex_attention with backward.CONCURRENT (delta kernel, dQ on a side stream)"),
     "torch-compile": Impl("torch-compile", _torch_flex(None), True,
                           "torch.compile(flex_attention, dynamic=False), default mode"),
     "torch-compile-max-autotune": Impl(

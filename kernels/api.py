@@ -704,6 +704,8 @@ class _FlexFunction(torch.autograd.Function):
             # LSE's gradient to the max slot.
             mx = lse.new_empty(0)
         ctx.plan = plan
+        # The backward's CONCURRENT as it was when the forward ran (a benchmark toggles it per call).
+        ctx.concurrent = plan.module("backward").CONCURRENT
         # Outputs that got no gradient arrive as None, not as materialised zeros: that saves two
         # memsets and the LSE-gradient pass of the common loss on ``out`` alone.
         ctx.set_materialize_grads(False)
@@ -717,6 +719,7 @@ class _FlexFunction(torch.autograd.Function):
         plan = ctx.plan
         dq, dk, dv, dbufs = plan.module("backward").run_backward(
             plan, query, key, value, out, lse, dout, dlse, need_buffer_grads=any(ctx.needs_input_grad[4:]),
+            concurrent=ctx.concurrent,
         )
         return (dq, dk, dv, None, *dbufs)
 

@@ -12,9 +12,16 @@ Two kernels, launched in this order:
   each allowed element contributes exactly once.
 
 Probabilities are recomputed from the stored LSE (base 2 inside the kernels).
+
+With ``CONCURRENT`` (on CUDA), a small third kernel computes delta (and the
+prescaled q) first, and the dQ kernel then runs on a side stream beside the
+dK/dV kernel, so that one kernel's last wave overlaps the other's work.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Optional
 
 import triton
 import triton.language as tl
@@ -22,6 +29,11 @@ import triton.language as tl
 from . import _runtime
 
 from .forward import LN2, LOG2E, cast, head_pads, load_tile, mma
+
+# delta in a kernel of its own, then (on CUDA) the dQ kernel on a side stream beside the dK/dV
+# kernel (the module docstring). Off until the H200 measures it (benchmarks/bwd_overlap.py).
+CONCURRENT = False
+DELTA_ROWS = 64  # query rows a delta_kernel program reduces
 
 
 @triton.jit
@@ -180,6 +192,54 @@ def dkdv_tiles(
 
 
 @triton.jit
+def row_delta(do, O, DLSE, stat, offs_m, offs_v, stride_om, stride_od, Q_LEN, V_DIM: tl.constexpr,
+              V_PAD: tl.constexpr, Q_DIVISIBLE: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse in float32 for the rows offs_m (the LSE's own gradient
+    enters the backward only here, SPEC section 4)."""
+    o = load_tile(O, offs_m, offs_v, stride_om, stride_od, Q_LEN, V_DIM, not Q_DIVISIBLE, V_DIM != V_PAD)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta = delta - tl.load(DLSE + stat, mask=offs_m < Q_LEN, other=0.0)
+    return delta
+
+
+@triton.jit
+def delta_kernel(
+    Q, DO, OUT, DLSE, DELTA, QS,
+    stride_qz, stride_qh, stride_qm, stride_qd,
+    stride_doz, stride_doh, stride_dom, stride_dod,
+    stride_oz, stride_oh, stride_om, stride_od,
+    stride_qsz, stride_qsh, stride_qsm, stride_qsd,
+    SM_SCALE, HQ, Q_LEN,
+    HAS_DLSE: tl.constexpr, PRESCALE: tl.constexpr,
+    QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, Q_DIVISIBLE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The dQ kernel's first step on its own (``CONCURRENT``): every row's delta and, with
+    PRESCALE, the rounded ``q * scale * log2(e)`` the dK/dV kernel reads."""
+    pid_m = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    off_z = pid_zh // HQ
+    off_h = pid_zh % HQ
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, QK_PAD)
+    offs_v = tl.arange(0, V_PAD)
+    stat = pid_zh.to(tl.int64) * Q_LEN + offs_m
+    do = load_tile(DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh,
+                   offs_m, offs_v, stride_dom, stride_dod, Q_LEN, V_DIM, not Q_DIVISIBLE, V_DIM != V_PAD)
+    delta = row_delta(do, OUT + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh, DLSE, stat,
+                      offs_m, offs_v, stride_om, stride_od, Q_LEN, V_DIM, V_PAD, Q_DIVISIBLE, HAS_DLSE)
+    tl.store(DELTA + stat, delta, mask=offs_m < Q_LEN)
+    if PRESCALE:
+        q = load_tile(Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh,
+                      offs_m, offs_d, stride_qm, stride_qd, Q_LEN, QK_DIM, not Q_DIVISIBLE, QK_DIM != QK_PAD)
+        q = cast(q.to(tl.float32) * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
+        qs_ptrs = (QS + off_z.to(tl.int64) * stride_qsz + off_h.to(tl.int64) * stride_qsh
+                   + offs_m[:, None] * stride_qsm + offs_d[None, :] * stride_qsd)
+        tl.store(qs_ptrs, q, mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_DIM))
+
+
+@triton.jit
 def dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, OUT, DLSE, QS,
     KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
@@ -193,7 +253,7 @@ def dq_kernel(
     stride_qsz, stride_qsh, stride_qsm, stride_qsd,
     SM_SCALE, HQ, Q_LEN, KV_LEN, ZKV, SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, NUM_KV_SPARSE,
     SCORE_FN: tl.constexpr, SCORE_BWD_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
-    HAS_FULL: tl.constexpr, HAS_DLSE: tl.constexpr, G: tl.constexpr,
+    HAS_FULL: tl.constexpr, HAS_DLSE: tl.constexpr, DELTA_READY: tl.constexpr, G: tl.constexpr,
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
@@ -220,21 +280,22 @@ def dq_kernel(
     stat = pid_zh.to(tl.int64) * Q_LEN + offs_m
     lse2 = tl.load(LSE + stat, mask=offs_m < Q_LEN, other=0.0) * LOG2E
     lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-    # delta = rowsum(dO * O) - dlse in float32, fused here: as separate eager ops it moved
-    # ~7x the bytes of O and dO through float32 temporaries (about 0.2 ms at 16k x 2048).
-    o = load_tile(OUT + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh,
-                  offs_m, offs_v, stride_om, stride_od, Q_LEN, V_DIM, not Q_DIVISIBLE, V_DIM != V_PAD)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    if HAS_DLSE:
-        delta = delta - tl.load(DLSE + stat, mask=offs_m < Q_LEN, other=0.0)
-    # The dK/dV kernel, launched next, reads every row's delta.
-    tl.store(DELTA + stat, delta, mask=offs_m < Q_LEN)
+    if DELTA_READY:  # delta_kernel computed delta and the prescaled q (CONCURRENT)
+        delta = tl.load(DELTA + stat, mask=offs_m < Q_LEN, other=0.0)
+    else:
+        # delta fused here: as separate eager ops it moved ~7x the bytes of O and dO through
+        # float32 temporaries (about 0.2 ms at 16k x 2048).
+        delta = row_delta(do, OUT + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh, DLSE,
+                          stat, offs_m, offs_v, stride_om, stride_od, Q_LEN, V_DIM, V_PAD, Q_DIVISIBLE, HAS_DLSE)
+        # The dK/dV kernel, launched next, reads every row's delta.
+        tl.store(DELTA + stat, delta, mask=offs_m < Q_LEN)
     if PRESCALE:
         q = cast(q.to(tl.float32) * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
-        # For the dK/dV kernel, launched next (see dkdv_tiles).
-        qs_ptrs = (QS + off_z.to(tl.int64) * stride_qsz + off_h.to(tl.int64) * stride_qsh
-                   + offs_m[:, None] * stride_qsm + offs_d[None, :] * stride_qsd)
-        tl.store(qs_ptrs, q, mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_DIM))
+        if not DELTA_READY:
+            # For the dK/dV kernel, launched next (see dkdv_tiles).
+            qs_ptrs = (QS + off_z.to(tl.int64) * stride_qsz + off_h.to(tl.int64) * stride_qsh
+                       + offs_m[:, None] * stride_qsm + offs_d[None, :] * stride_qsd)
+            tl.store(qs_ptrs, q, mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_DIM))
     if Q_DIVISIBLE:
         m_mod = offs_m[:, None]
     else:
@@ -346,8 +407,10 @@ def dkdv_kernel(
     tl.store(dv_ptrs, cast(dv, DV.dtype.element_ty, UPCAST), mask=n_ok & (offs_v[None, :] < V_DIM))
 
 
-def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_grads: bool):
-    """Gradients for q, k, v and the learnable tensors of the score mod (in slot order)."""
+def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_grads: bool,
+                 concurrent: Optional[bool] = None):
+    """Gradients for q, k, v and the learnable tensors of the score mod (in slot order).
+    ``concurrent`` (default: ``CONCURRENT``) takes delta_kernel and, on CUDA, the side stream."""
     import torch
 
     from .api import _empty_like_layout
@@ -395,16 +458,28 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
 
     kv_full_num = sp.full_kv_num if sp.has_full else sp.kv_num
     kv_full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
-    _runtime.launch(
-        dq_kernel, (_runtime.cdiv(L, tiles["BLOCK_M2"]), B * Hq),
-        query, key, value, dout, dq, lse, delta, out, dlse if dlse is not None else lse, qs,
-        sp.kv_num, sp.kv_idx, kv_full_num, kv_full_idx, *bufs,
-        *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dq.stride(), *out.stride(),
-        *qs.stride(),
-        plan.scale, Hq, L, S, plan.Bk, MB, MH, sp.kv_idx.shape[-2], sp.kv_idx.shape[-1],
-        HAS_DLSE=dlse is not None,
-        BLOCK_M=tiles["BLOCK_M2"], BLOCK_N=tiles["BLOCK_N2"], **common,
-    )
+    # Under the interpreter (no streams) CONCURRENT still takes delta_kernel and DELTA_READY:
+    # the CPU tests check that path against the fused one.
+    concurrent = CONCURRENT if concurrent is None else concurrent
+    streams = concurrent and dev.type == "cuda"
+    main = side = None
+    side_ctx = contextlib.nullcontext()
+    if concurrent:
+        _runtime.launch(
+            delta_kernel, (_runtime.cdiv(L, DELTA_ROWS), B * Hq),
+            query, dout, out, dlse if dlse is not None else lse, delta, qs,
+            *query.stride(), *dout.stride(), *out.stride(), *qs.stride(), plan.scale, Hq, L,
+            HAS_DLSE=dlse is not None, PRESCALE=opt.prescale, QK_DIM=E, V_DIM=Ev, QK_PAD=qk_pad, V_PAD=v_pad,
+            BLOCK_M=DELTA_ROWS, Q_DIVISIBLE=L % DELTA_ROWS == 0, UPCAST=plan.interpret, num_warps=4, num_stages=1,
+        )
+    if streams:
+        main = torch.cuda.current_stream(dev)
+        side = _side_stream(dev)
+        side.wait_stream(main)  # delta, the prescaled q and the inputs are ready
+        side_ctx = torch.cuda.stream(side)
+    with side_ctx:
+        _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, bufs,
+                   kv_full_num, kv_full_idx, concurrent)
     q_full_num = sp.full_q_num if sp.has_full else sp.q_num
     q_full_idx = sp.full_q_idx if sp.has_full else sp.q_idx
     _runtime.launch(
@@ -417,8 +492,38 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable),
         BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **common,
     )
+    if streams:
+        main.wait_stream(side)  # dq is done (and nothing the side stream reads is freed early)
     if broadcast:
         dk = dk.sum(0, keepdim=True).to(key.dtype)
         dv = dv.sum(0, keepdim=True).to(value.dtype)
     dbufs = [grads[k].view(plan.buffers[k].shape).to(plan.buffers[k].dtype) for k in prog.learnable]
     return dq, dk, dv, dbufs
+
+
+def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, bufs,
+               kv_full_num, kv_full_idx, delta_ready):
+    sp, B, Hq, L, S = plan.sparse, plan.B, plan.Hq, plan.L, plan.S
+    _runtime.launch(
+        dq_kernel, (_runtime.cdiv(L, tiles["BLOCK_M2"]), B * Hq),
+        query, key, value, dout, dq, lse, delta, out, dlse if dlse is not None else lse, qs,
+        sp.kv_num, sp.kv_idx, kv_full_num, kv_full_idx, *bufs,
+        *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dq.stride(), *out.stride(),
+        *qs.stride(),
+        plan.scale, Hq, L, S, plan.Bk, *sp.kv_idx.shape[:2], sp.kv_idx.shape[-2], sp.kv_idx.shape[-1],
+        HAS_DLSE=dlse is not None, DELTA_READY=delta_ready,
+        BLOCK_M=tiles["BLOCK_M2"], BLOCK_N=tiles["BLOCK_N2"], **common,
+    )
+
+
+_SIDE: dict = {}
+
+
+def _side_stream(device):
+    """One side stream per device for the concurrent dQ kernel."""
+    import torch
+
+    hit = _SIDE.get(device)
+    if hit is None:
+        hit = _SIDE[device] = torch.cuda.Stream(device)
+    return hit
