@@ -327,6 +327,24 @@ def test_a_failing_input_draw_is_saved_as_itself(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
 
 
+def test_nightly_totals_count_summaries_and_cut_off_logs(tmp_path, capsys):
+    """.ci/false_alarms.py adds up the nightly fuzz logs: a process's summary, or the last count
+    line of one killed before its summary, drawn cases included."""
+    assert main(["fuzz", "--examples", "4", "--seed", "5", "--inputs-per-case", "2", "--count-lines",
+                 "--out", str(tmp_path / "out"), "--exclude-options", "PRESCALE_QK", *TINY]) == EXIT_PASS
+    log = capsys.readouterr().out
+    cut = "\n".join([line for line in log.splitlines() if line.startswith("count: ")][:3])
+    text = f"--- seed 1\n{log}\n--- seed 2\n{cut}\n"
+    path = tmp_path / "false_alarms.txt"
+    path.write_text(text)
+    done = subprocess.run([sys.executable, str(ROOT / ".ci" / "false_alarms.py"), str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("false alarms: 7 cases, 7 passed, 0 failed, 0 target errors, 0 harness errors, "
+                                   "0 not applicable; 4 drawn cases (1 process(es) cut off before their summary: "
+                                   "their last count line)"), done.stdout
+
+
 def test_run_seeds_do_not_overlap_between_base_seeds():
     """Run n of a fuzz started with seed s must not be a run of the fuzz started with s + 1
     (``seed + n`` made neighbouring processes repeat each other); seed 0 keeps 0, 1, 2, ..."""
