@@ -368,10 +368,15 @@ def _ours(case: Case, score_mod, block_mask, kernel_options=None):
     return fn
 
 
-def _ours_refined(case: Case, score_mod, block_mask):
-    # Block lists refined to 64-key column blocks (kernels.api._refine_kv); the refinement runs
+def _refined(options: dict):
+    # Block lists refined to finer sub-blocks (kernels.api._refine_kv); the refinement runs
     # once per block mask, in the check call, so the timed calls find it cached.
-    return _ours(case, score_mod, block_mask, {"REFINE_KV_BLOCK": 64} if block_mask is not None else None)
+    def prepare(case: Case, score_mod, block_mask):
+        return _ours(case, score_mod, block_mask, dict(options) if block_mask is not None else None)
+    return prepare
+
+
+_ours_refined = _refined({"REFINE_KV_BLOCK": 64})
 
 
 def _ours_concurrent(case: Case, score_mod, block_mask):
@@ -482,6 +487,11 @@ IMPLS = {
     "ours": Impl("ours", _ours, True, "kernels.flex_attention (Triton)"),
     "ours-refined": Impl("ours-refined", _ours_refined, True,
                          "kernels.flex_attention with REFINE_KV_BLOCK=64 (block lists refined once per mask)"),
+    "ours-refined-q": Impl("ours-refined-q", _refined({"REFINE_Q_BLOCK": 64, "fwd_num_warps": 4}), True,
+                           "kernels.flex_attention with REFINE_Q_BLOCK=64 (64 x 128 sub-blocks), 4 forward warps"),
+    "ours-refined-qkv": Impl("ours-refined-qkv", _refined({"REFINE_Q_BLOCK": 64, "REFINE_KV_BLOCK": 64,
+                                                           "fwd_num_warps": 4, "fwd_num_stages": 3}), True,
+                             "kernels.flex_attention with 64 x 64 sub-blocks, 4 forward warps, 3 stages"),
     "ours-concurrent": Impl("ours-concurrent", _ours_concurrent, True,
                             "kernels.flex_attention with backward.CONCURRENT (delta kernel, dQ on a side stream)"),
     "torch-compile": Impl("torch-compile", _torch_flex(None), True,

@@ -34,7 +34,7 @@ _FLAG_KEYS = (
     "PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS",
     "FORCE_USE_FLEX_ATTENTION", "OUTPUT_LOGSUMEXP",
 )
-_INT_KEYS = ("SPLIT_KV", "REFINE_KV_BLOCK")
+_INT_KEYS = ("SPLIT_KV", "REFINE_KV_BLOCK", "REFINE_Q_BLOCK")
 
 
 def _known_keys() -> set:
@@ -224,8 +224,9 @@ def parse_kernel_options(
         if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 8:
             raise ValueError(f"Expected num_stages between 1 and 8, got {stages!r}.")
         launches[phase] = Launch(tiles, warps, stages)
-    if opts.get("REFINE_KV_BLOCK") is not None:  # applied to the block lists (_refine_option)
-        _check_pow2("REFINE_KV_BLOCK", opts["REFINE_KV_BLOCK"])
+    for key in ("REFINE_Q_BLOCK", "REFINE_KV_BLOCK"):  # applied to the block lists (_refine_option)
+        if opts.get(key) is not None:
+            _check_pow2(key, opts[key])
     split = opts.get("SPLIT_KV")
     if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
         raise ValueError(f"Expected kernel_options['SPLIT_KV'] to be a positive int, got {split!r}.")
@@ -435,29 +436,37 @@ def _block_lists(block_mask, B: int, Hq: int, L: int, S: int, device) -> Sparse:
     return Sparse(q_block, kv_block, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx)
 
 
-def _refine_kv(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int, sub: int) -> Sparse:
-    """The same block lists at a finer key granularity: each listed block split into
-    ``kv_block // sub`` column blocks of ``sub`` keys, where a full block's are full, and a
-    partial block's are dropped when ``mask_mod`` allows none of their in-range elements,
-    full when it allows all of them, partial otherwise. Every (b, h) a list serves (a
-    broadcast batch or head dimension serves several) must agree for a drop or a full.
+def _refine_kv(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int, sub: Optional[int],
+               q_sub: Optional[int] = None) -> Sparse:
+    """The same block lists at a finer granularity: each listed block split into
+    ``q_block // q_sub`` x ``kv_block // sub`` sub-blocks of ``q_sub`` queries and ``sub``
+    keys (None: the block's own size), where a full block's are full, and a partial
+    block's are dropped when ``mask_mod`` allows none of their in-range elements, full when
+    it allows all of them, partial otherwise; sub-blocks wholly past L or S are dropped.
+    Every (b, h) a list serves (a broadcast batch or head dimension serves several) must
+    agree for a drop or a full.
 
     What the kernels compute is unchanged (SPEC section 3's ``semantics="blocks"``): a
-    dropped column block holds no allowed element, and a full one no element its mask
+    dropped sub-block holds no allowed element, and a full one no element its mask
     would remove. Dropping alone would leave the results bitwise the same (a skipped
-    all-masked tile leaves the accumulators as they were); a column block made full moves
+    all-masked tile leaves the accumulators as they were); a sub-block made full moves
     to the kernels' second pass (full blocks after partial ones), which changes the order
     of the sums, so the results agree up to rounding. What changes is the work: a document
-    boundary that leaves most of a 128 x 128 block masked costs only the column blocks it
+    boundary that leaves most of a 128 x 128 block masked costs only the sub-blocks it
     touches. ``mask_mod`` runs once over the partial blocks' elements, on the lists' device,
     in chunks of 2**24 elements.
     """
     MB, MH, nQ, nKV = sparse.kv_idx.shape
     qb, kb = sparse.q_block, sparse.kv_block
-    r = kb // sub
+    sub = sub or kb
+    q_sub = q_sub or qb
+    r, rq = kb // sub, qb // q_sub
     device = sparse.kv_idx.device
     member = _runtime.module("decode").membership(sparse)  # [MB, MH, nQ, nKV]: 0, 1 partial, 2 full
-    status = member.repeat_interleave(r, dim=-1).clone()  # [MB, MH, nQ, nKV * r]
+    # [MB, MH, nQ * rq, nKV * r], sub-blocks wholly past L or S dropped
+    status = member.repeat_interleave(rq, dim=-2).repeat_interleave(r, dim=-1).clone()
+    status[..., -(-L // q_sub):, :] = 0
+    status[..., -(-S // sub):] = 0
     part = torch.nonzero(member == 1)  # [P, 4]: mb, mh, q block, kv block
     if part.numel():
         nb, nh = (B if MB == 1 else 1), (Hq if MH == 1 else 1)
@@ -481,13 +490,15 @@ def _refine_kv(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int, sub: i
             else:
                 allowed = torch.as_tensor(mask_mod(b, h, q.clamp(max=L - 1), kv.clamp(max=S - 1)), device=device)
                 allowed = allowed.expand(n, nb * nh, qb, kb) & inside
-            cells = allowed.reshape(n, nb * nh, qb, r, sub)
-            any_ = cells.any(dim=(1, 2, 4))  # [n, r]
-            inside_cells = inside.expand(n, 1, qb, kb).reshape(n, 1, qb, r, sub)
-            all_ = (cells | ~inside_cells).all(dim=(1, 2, 4)) & inside_cells.any(dim=(1, 2, 4))
-            new = torch.where(all_, 2, torch.where(any_, 1, 0)).to(status.dtype)  # [n, r]
-            sub_cols = ent[:, 3].view(n, 1) * r + torch.arange(r, device=device).view(1, r)
-            status[ent[:, 0].view(n, 1), ent[:, 1].view(n, 1), ent[:, 2].view(n, 1), sub_cols] = new
+            cells = allowed.reshape(n, nb * nh, rq, q_sub, r, sub)
+            any_ = cells.any(dim=5).any(dim=3).any(dim=1)  # [n, rq, r]
+            inside_cells = inside.expand(n, 1, qb, kb).reshape(n, 1, rq, q_sub, r, sub)
+            all_ = ((cells | ~inside_cells).all(dim=5).all(dim=3).all(dim=1)
+                    & inside_cells.any(dim=5).any(dim=3).any(dim=1))
+            new = torch.where(all_, 2, torch.where(any_, 1, 0)).to(status.dtype)  # [n, rq, r]
+            sub_rows = ent[:, 2].view(n, 1, 1) * rq + torch.arange(rq, device=device).view(1, rq, 1)
+            sub_cols = ent[:, 3].view(n, 1, 1) * r + torch.arange(r, device=device).view(1, 1, r)
+            status[ent[:, 0].view(n, 1, 1), ent[:, 1].view(n, 1, 1), sub_rows, sub_cols] = new
 
     def lists(kind):
         listed = status == kind
@@ -499,51 +510,66 @@ def _refine_kv(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int, sub: i
     full_num, full_idx = lists(2)
     q_num, q_idx = _transpose_lists(kv_num, kv_idx, nKV * r)
     full_q_num, full_q_idx = _transpose_lists(full_num, full_idx, nKV * r)
-    return Sparse(qb, sub, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx)
+    return Sparse(q_sub, sub, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx)
 
 
 _REFINED: dict = {}
 
 
-def _refined_lists(sparse: Sparse, mask_mod, B, Hq, L, S, sub: int) -> Sparse:
+def _refined_lists(sparse: Sparse, mask_mod, B, Hq, L, S, sub: Optional[int], q_sub: Optional[int] = None) -> Sparse:
     """``_refine_kv`` once per block lists, mask mod and granularity (the lists come from
     ``_cached_block_lists``, which keeps them while the block mask is unchanged)."""
-    key = (id(sparse), id(mask_mod), B, Hq, L, S, sub)
+    key = (id(sparse), id(mask_mod), B, Hq, L, S, sub, q_sub)
     hit = _REFINED.get(key)
     if hit is not None and hit[0] is sparse and hit[1] is mask_mod:
         return hit[2]
-    refined = _refine_kv(sparse, mask_mod, B, Hq, L, S, sub)
+    refined = _refine_kv(sparse, mask_mod, B, Hq, L, S, sub, q_sub)
     if len(_REFINED) > 16:
         _REFINED.clear()
     _REFINED[key] = (sparse, mask_mod, refined)
     return refined
 
 
-def _refine_option(kernel_options, kv_block: int) -> Optional[int]:
-    """``kernel_options['REFINE_KV_BLOCK']``, checked: None, or a power of two >= 16 that divides
-    the block mask's KV_BLOCK (equal to it: nothing to refine)."""
-    if not isinstance(kernel_options, dict) or kernel_options.get("REFINE_KV_BLOCK") is None:
-        return None
-    sub = kernel_options["REFINE_KV_BLOCK"]
-    _check_pow2("REFINE_KV_BLOCK", sub)
-    if kv_block % sub:
-        raise ValueError(
-            f"Expected kernel_options['REFINE_KV_BLOCK']={sub} to divide the block mask's KV_BLOCK="
-            f"{kv_block}. Use a power of two that divides it, or leave it unset."
-        )
-    for name in ("BLOCK_N", "fwd_BLOCK_N", "BLOCK_N1", "bwd_BLOCK_N1", "BLOCK_N2", "bwd_BLOCK_N2"):
-        tile = kernel_options.get(name)
-        if isinstance(tile, int) and not isinstance(tile, bool) and tile > sub:
+_REFINE_TILES = {
+    "REFINE_KV_BLOCK": ("KV_BLOCK", ("BLOCK_N", "fwd_BLOCK_N", "BLOCK_N1", "bwd_BLOCK_N1", "BLOCK_N2", "bwd_BLOCK_N2")),
+    "REFINE_Q_BLOCK": ("Q_BLOCK", ("BLOCK_M", "fwd_BLOCK_M", "BLOCK_M1", "bwd_BLOCK_M1", "BLOCK_M2", "bwd_BLOCK_M2")),
+}
+
+
+def _refine_option(kernel_options, q_block: int, kv_block: int) -> tuple:
+    """``(REFINE_Q_BLOCK, REFINE_KV_BLOCK)`` of ``kernel_options``, checked: each None, or a power
+    of two >= 16 that divides the block mask's Q_BLOCK / KV_BLOCK (None where it equals it:
+    nothing to refine)."""
+    if not isinstance(kernel_options, dict):
+        return None, None
+    got = []
+    for key, block in (("REFINE_Q_BLOCK", q_block), ("REFINE_KV_BLOCK", kv_block)):
+        sub = kernel_options.get(key)
+        if sub is None:
+            got.append(None)
+            continue
+        axis, tile_names = _REFINE_TILES[key]
+        _check_pow2(key, sub)
+        if block % sub:
             raise ValueError(
-                f"Expected kernel_options[{name!r}]={tile} to be at most REFINE_KV_BLOCK={sub}: key tiles "
-                f"must divide the refined blocks. Use a smaller tile or a larger REFINE_KV_BLOCK."
+                f"Expected kernel_options['{key}']={sub} to divide the block mask's {axis}="
+                f"{block}. Use a power of two that divides it, or leave it unset."
             )
-    if _check_bool(kernel_options, "BLOCKS_ARE_CONTIGUOUS"):
-        raise ValueError(
-            "Expected REFINE_KV_BLOCK without BLOCKS_ARE_CONTIGUOUS: refining drops masked column "
-            "blocks, so the promise of consecutive blocks would no longer hold. Unset one of them."
-        )
-    return sub if sub < kv_block else None
+        for name in tile_names:
+            tile = kernel_options.get(name)
+            if isinstance(tile, int) and not isinstance(tile, bool) and tile > sub:
+                what = "key" if axis == "KV_BLOCK" else "query"
+                raise ValueError(
+                    f"Expected kernel_options[{name!r}]={tile} to be at most {key}={sub}: {what} tiles "
+                    f"must divide the refined blocks. Use a smaller tile or a larger {key}."
+                )
+        if _check_bool(kernel_options, "BLOCKS_ARE_CONTIGUOUS"):
+            raise ValueError(
+                f"Expected {key} without BLOCKS_ARE_CONTIGUOUS: refining drops masked sub-blocks, so "
+                f"the promise of consecutive blocks would no longer hold. Unset one of them."
+            )
+        got.append(sub if sub < block else None)
+    return tuple(got)
 
 
 _LISTS_CACHE: Optional[collections.OrderedDict] = None
@@ -745,13 +771,13 @@ def flex_attention(
     log, float32) if ``return_lse`` and the row max (float32) if ``return_max``.
     Fully masked rows give 0 and -inf, and zero gradients.
 
-    ``kernel_options`` takes PyTorch's names (SPEC section 5) and two of ours: ``SPLIT_KV``
-    (the decode kernel's number of key splits) and ``REFINE_KV_BLOCK`` (a power of two
-    dividing the block mask's KV_BLOCK: the block lists are refined once per block mask to
-    column blocks of that many keys, dropping those where ``mask_mod`` allows nothing and
-    marking full those where it allows everything; the same function, less work where
-    masks leave most of a block empty, results equal up to rounding since full blocks run
-    after partial ones; ``_refine_kv``).
+    ``kernel_options`` takes PyTorch's names (SPEC section 5) and three of ours: ``SPLIT_KV``
+    (the decode kernel's number of key splits), ``REFINE_KV_BLOCK`` and ``REFINE_Q_BLOCK``
+    (powers of two dividing the block mask's KV_BLOCK / Q_BLOCK: the block lists are refined
+    once per block mask to sub-blocks of that many keys / queries, dropping those where
+    ``mask_mod`` allows nothing and marking full those where it allows everything; the same
+    function, less work where masks leave most of a block empty, results equal up to
+    rounding since full blocks run after partial ones; ``_refine_kv``).
     """
     _validate(query, key, value, scale, enable_gqa)
     score = as_score_mod(score_mod)
@@ -765,9 +791,9 @@ def flex_attention(
     else:
         mask = as_mask_mod(block_mask.mask_mod, "block_mask.mask_mod")
         sparse = _cached_block_lists(block_mask, B, Hq, L, S, device)
-        sub = _refine_option(kernel_options, sparse.kv_block)
-        if sub is not None:
-            sparse = _refined_lists(sparse, mask, B, Hq, L, S, sub)
+        q_sub, sub = _refine_option(kernel_options, sparse.q_block, sparse.kv_block)
+        if sub is not None or q_sub is not None:
+            sparse = _refined_lists(sparse, mask, B, Hq, L, S, sub, q_sub)
     program = _cached_program(score, mask, interpret)
     options = _cached_options(
         kernel_options, dtype=query.dtype, head_dim=max(E, Ev), q_block=sparse.q_block,

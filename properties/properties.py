@@ -334,8 +334,11 @@ def block_size_change_nothing(target, case: FlexCase, device=None) -> None:
 
 def _other_options(options: dict, block_size) -> dict:
     """The case's flags with other tiles, warps and stages: each tile given is replaced by
-    16 (or 32 when it was 16), each tile not given is set to half the block size."""
+    16 (or 32 when it was 16), each tile not given is set to half the block size (the refined
+    block size under REFINE_Q_BLOCK / REFINE_KV_BLOCK, which tiles must divide)."""
     q_block, kv_block = block_size or (128, 128)
+    q_block = min(q_block, options.get("REFINE_Q_BLOCK") or q_block)
+    kv_block = min(kv_block, options.get("REFINE_KV_BLOCK") or kv_block)
     kept = {k: v for k, v in options.items()
             if (k[4:] if k.startswith(("fwd_", "bwd_")) else k) not in _TILE_KEYS + _LAUNCH_KEYS}
     for key in _TILE_KEYS:

@@ -418,7 +418,7 @@ def kernel_options(*, block_size: Optional[Sequence[int]] = None, rows_safe: boo
     """``kernel_options`` dicts (PyTorch's names): tiles that divide ``block_size``
     (``(128, 128)``, the dense tile, when None), ``fwd_``/``bwd_`` prefixed or not,
     ``num_warps``, ``num_stages``, ``PRESCALE_QK``, ``FORCE_USE_FLEX_ATTENTION``,
-    ``SPLIT_KV`` (``flex_cases`` adds ``REFINE_KV_BLOCK``); ``ROWS_GUARANTEED_SAFE`` only when
+    ``SPLIT_KV`` (``flex_cases`` adds ``REFINE_KV_BLOCK`` and ``REFINE_Q_BLOCK``); ``ROWS_GUARANTEED_SAFE`` only when
     ``rows_safe`` (the mask has no fully masked row) and ``BLOCKS_ARE_CONTIGUOUS`` only when ``blocks_contiguous``
     (``oracle.check_block_mask`` finds the promise kept). Option names in ``exclude``
     (tile names match their ``fwd_``/``bwd_`` forms) are never drawn. Half the draws are ``{}``."""
@@ -615,6 +615,9 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
         refine = _refine_choices(mask, block, options, exclude_options)
         if refine and draw(st.booleans()) and draw(st.booleans()):
             options = {**options, "REFINE_KV_BLOCK": draw(st.sampled_from(refine))}
+        refine_q = _refine_choices(mask, block, options, exclude_options, axis="Q")
+        if refine_q and draw(st.booleans()) and draw(st.booleans()):
+            options = {**options, "REFINE_Q_BLOCK": draw(st.sampled_from(refine_q))}
         return FlexCase(
             B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, Bk=shape.Bk, L=shape.L, S=shape.S, E=shape.E, Ev=shape.Ev,
             dtype=dtype, seed=seed, input_std=std, layout=layout,
@@ -628,15 +631,18 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
     return draw_case()
 
 
-def _refine_choices(mask, block, options: dict, exclude) -> list:
-    """The ``REFINE_KV_BLOCK`` values a case can take: finer than its block mask's KV_BLOCK and no
-    finer than a key tile its options set, never with BLOCKS_ARE_CONTIGUOUS."""
-    if mask is None or block is None or "REFINE_KV_BLOCK" in exclude or options.get("BLOCKS_ARE_CONTIGUOUS"):
+def _refine_choices(mask, block, options: dict, exclude, axis: str = "KV") -> list:
+    """The ``REFINE_KV_BLOCK`` (``axis="Q"``: ``REFINE_Q_BLOCK``) values a case can take: finer
+    than its block mask's KV_BLOCK (Q_BLOCK) and no finer than a key (query) tile its options
+    set, never with BLOCKS_ARE_CONTIGUOUS."""
+    key = f"REFINE_{axis}_BLOCK"
+    if mask is None or block is None or key in exclude or options.get("BLOCKS_ARE_CONTIGUOUS"):
         return []
-    kv_tiles = [v for k, v in options.items()
-                if (k[4:] if k.startswith(("fwd_", "bwd_")) else k) in ("BLOCK_N", "BLOCK_N1", "BLOCK_N2")]
-    low = max(kv_tiles + [16])
-    return [t for t in (16, 32, 64) if low <= t < block[1] and block[1] % t == 0]
+    names = ("BLOCK_N", "BLOCK_N1", "BLOCK_N2") if axis == "KV" else ("BLOCK_M", "BLOCK_M1", "BLOCK_M2")
+    tiles = [v for k, v in options.items() if (k[4:] if k.startswith(("fwd_", "bwd_")) else k) in names]
+    low = max(tiles + [16])
+    size = block[1] if axis == "KV" else block[0]
+    return [t for t in (16, 32, 64) if low <= t < size and size % t == 0]
 
 
 def _often(draw) -> bool:

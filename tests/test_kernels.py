@@ -245,6 +245,10 @@ def test_plain_function_mask_mod_is_rejected():
     ({"REFINE_KV_BLOCK": 64}, "REFINE_KV_BLOCK.*=64 to divide the block mask's KV_BLOCK=32"),
     ({"REFINE_KV_BLOCK": 16, "BLOCKS_ARE_CONTIGUOUS": True}, "without BLOCKS_ARE_CONTIGUOUS"),
     ({"REFINE_KV_BLOCK": 16, "bwd_BLOCK_N1": 32}, "'bwd_BLOCK_N1'\\]=32 to be at most REFINE_KV_BLOCK=16"),
+    ({"REFINE_Q_BLOCK": 48}, "REFINE_Q_BLOCK.*power of two"),
+    ({"REFINE_Q_BLOCK": 64}, "REFINE_Q_BLOCK.*=64 to divide the block mask's Q_BLOCK=32"),
+    ({"REFINE_Q_BLOCK": 16, "BLOCKS_ARE_CONTIGUOUS": True}, "REFINE_Q_BLOCK without BLOCKS_ARE_CONTIGUOUS"),
+    ({"REFINE_Q_BLOCK": 16, "BLOCK_M": 32}, "'BLOCK_M'\\]=32 to be at most REFINE_Q_BLOCK=16: query tiles"),
 ])
 def test_bad_options(opts, match):
     q, k, v = _qkv()
@@ -260,11 +264,12 @@ REFINE_MASKS = [
 ]
 
 
+@pytest.mark.parametrize("q_sub,kv_sub", [(None, 32), (64, None), (32, 64)])
 @pytest.mark.parametrize("make,MB,MH", REFINE_MASKS)
-def test_refined_block_lists_describe_the_same_relation(make, MB, MH):
-    """REFINE_KV_BLOCK's lists (kernels.api._refine_kv): the allowed relation of SPEC section 3
-    is unchanged, for every (b, h) a broadcast list serves and across the tails, with fewer
-    listed elements where mask_mod leaves whole column blocks empty."""
+def test_refined_block_lists_describe_the_same_relation(make, MB, MH, q_sub, kv_sub):
+    """REFINE_KV_BLOCK's and REFINE_Q_BLOCK's lists (kernels.api._refine_kv): the allowed
+    relation of SPEC section 3 is unchanged, for every (b, h) a broadcast list serves and
+    across the tails, with fewer listed elements where mask_mod leaves whole sub-blocks empty."""
     from torch.nn.attention.flex_attention import BlockMask
 
     import oracle
@@ -274,9 +279,10 @@ def test_refined_block_lists_describe_the_same_relation(make, MB, MH):
     mask_mod = make(L, S)
     bm = create_block_mask(mask_mod, MB, MH, L, S, device=DEVICE, BLOCK_SIZE=128)
     sp = api._cached_block_lists(bm, B, H, L, S, torch.device(DEVICE))
-    rf = api._refine_kv(sp, mask_mod, B, H, L, S, 32)
+    rf = api._refine_kv(sp, mask_mod, B, H, L, S, kv_sub, q_sub)
+    assert (rf.q_block, rf.kv_block) == (q_sub or 128, kv_sub or 128)
     fine = BlockMask.from_kv_blocks(rf.kv_num, rf.kv_idx, rf.full_kv_num, rf.full_kv_idx,
-                                    BLOCK_SIZE=(128, 32), mask_mod=mask_mod, seq_lengths=(L, S))
+                                    BLOCK_SIZE=(rf.q_block, rf.kv_block), mask_mod=mask_mod, seq_lengths=(L, S))
     want = oracle.block_mask_to_dense(bm, B, H, L, S)
     assert torch.equal(oracle.block_mask_to_dense(fine, B, H, L, S), want)
     # The checker finds the refined lists as sound as the original (a batch-dependent mask_mod
@@ -286,7 +292,7 @@ def test_refined_block_lists_describe_the_same_relation(make, MB, MH):
     assert errors(fine) == errors(bm)
     listed = lambda s, w: int((s.kv_num.sum() + s.full_kv_num.sum()) * w) if s.full_kv_num is not None \
         else int(s.kv_num.sum() * w)
-    assert listed(rf, 32) < listed(sp, 128)
+    assert listed(rf, rf.q_block * rf.kv_block) < listed(sp, 128 * 128)
 
 
 @pytest.mark.parametrize("make,MB,MH", REFINE_MASKS)
@@ -296,6 +302,17 @@ def test_refined_blocks_match_the_oracle(make, MB, MH):
     bias = mods.bias.from_seed([2, L, S], seed=3, layout="hqk", requires_grad=True)
     check(B=2, L=L, S=S, mask_mod=make(L, S), mask_B=MB, mask_H=MH, block_size=64, score_mod=bias,
           kernel_options={"REFINE_KV_BLOCK": 16})
+
+
+@pytest.mark.parametrize("make,MB,MH", REFINE_MASKS[:2])
+def test_refined_query_blocks_match_the_oracle(make, MB, MH):
+    """REFINE_Q_BLOCK with and without REFINE_KV_BLOCK, forward and backward (the dK/dV
+    kernel walks the refined query lists), GQA and a learnable bias included."""
+    L, S = 150, 140
+    bias = mods.bias.from_seed([2, L, S], seed=4, layout="hqk", requires_grad=True)
+    for opts in ({"REFINE_Q_BLOCK": 32}, {"REFINE_Q_BLOCK": 16, "REFINE_KV_BLOCK": 32}):
+        check(B=2, Hq=2, Hkv=1, L=L, S=S, mask_mod=make(L, S), mask_B=MB, mask_H=MH, block_size=64,
+              score_mod=bias, kernel_options=opts)
 
 
 def test_refined_blocks_under_pytorchs_noop_mask():

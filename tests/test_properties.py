@@ -425,6 +425,19 @@ def test_known_error_model_gaps(c):
     matches_oracle("kernels", c, "cpu")
 
 
+@pytest.mark.parametrize("opts", [{"REFINE_KV_BLOCK": 16}, {"REFINE_Q_BLOCK": 16},
+                                  {"REFINE_Q_BLOCK": 32, "REFINE_KV_BLOCK": 16, "BLOCK_M": 16}])
+def test_other_tiles_fit_refined_blocks(opts):
+    """options_change_nothing's other tiles divide the refined blocks (they were half the block
+    mask's, which a refined case rejects: a target error on a correct kernel, 1 case in ~200)."""
+    from properties.properties import evaluate
+
+    c = FlexCase(B=1, Hq=2, Hkv=1, Bk=1, L=70, S=60, E=16, Ev=16, mask=mods.causal().spec(),
+                 block_size=(64, 64), kernel_options=opts)
+    outcome = evaluate("options_change_nothing", "kernels", c, "cpu")
+    assert outcome.status == "passed", outcome.message
+
+
 # --------------------------------------------------------------------------
 # planted bugs are caught
 
