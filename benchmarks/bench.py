@@ -379,15 +379,16 @@ def _refined(options: dict):
 _ours_refined = _refined({"REFINE_KV_BLOCK": 64})
 
 
-def _ours_concurrent(case: Case, score_mod, block_mask):
-    # The backward with delta_kernel and the dQ kernel on a side stream (kernels.backward.CONCURRENT,
-    # captured when the forward runs, so the flag is set around this implementation's calls alone).
+def _ours_fused(case: Case, score_mod, block_mask):
+    # The backward as before kernels.backward.CONCURRENT: delta computed in the dQ kernel, dQ then
+    # dK/dV on one stream (the flag is captured when the forward runs, so it is cleared around
+    # this implementation's calls alone).
     from kernels import backward
 
     inner = _ours(case, score_mod, block_mask)
 
     def fn(q, k, v):
-        before, backward.CONCURRENT = backward.CONCURRENT, True
+        before, backward.CONCURRENT = backward.CONCURRENT, False
         try:
             return inner(q, k, v)
         finally:
@@ -492,8 +493,8 @@ IMPLS = {
     "ours-refined-qkv": Impl("ours-refined-qkv", _refined({"REFINE_Q_BLOCK": 64, "REFINE_KV_BLOCK": 64,
                                                            "fwd_num_warps": 4, "fwd_num_stages": 3}), True,
                              "kernels.flex_attention with 64 x 64 sub-blocks, 4 forward warps, 3 stages"),
-    "ours-concurrent": Impl("ours-concurrent", _ours_concurrent, True,
-                            "kernels.flex_attention with backward.CONCURRENT (delta kernel, dQ on a side stream)"),
+    "ours-fused": Impl("ours-fused", _ours_fused, True,
+                       "kernels.flex_attention without backward.CONCURRENT (delta in the dQ kernel, one stream)"),
     "torch-compile": Impl("torch-compile", _torch_flex(None), True,
                           "torch.compile(flex_attention, dynamic=False), default mode"),
     "torch-compile-max-autotune": Impl(

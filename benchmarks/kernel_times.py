@@ -1,7 +1,7 @@
 """Per-kernel GPU time of one training step (forward + backward), ours beside torch.compile.
 
     PYTHONPATH=. python3 benchmarks/kernel_times.py [--masks none,causal] [--head-dims 128] [--seqlen 4k]
-                                                    [--iters 10] [--impls ours,ours-concurrent,torch-compile]
+                                                    [--iters 10] [--impls ours,ours-fused,torch-compile]
 
 Where ``bench.py`` says how long a backward takes, this says which kernel took it: each
 implementation runs ``--iters`` steps of the bench's shapes and mods under ``torch.profiler``
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--head-dims", default="128")
     p.add_argument("--seqlen", default="4k")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--impls", default="ours,ours-concurrent,torch-compile")
+    p.add_argument("--impls", default="ours,ours-fused,torch-compile")
     args = p.parse_args(argv)
     bench._DEVICE[0] = "cuda"
     S = bench._parse_lengths(args.seqlen)[0]

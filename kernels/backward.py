@@ -31,8 +31,10 @@ from . import _runtime
 from .forward import LN2, LOG2E, cast, head_pads, load_tile, mma
 
 # delta in a kernel of its own, then (on CUDA) the dQ kernel on a side stream beside the dK/dV
-# kernel (the module docstring). Off until the H200 measures it (benchmarks/bwd_overlap.py).
-CONCURRENT = False
+# kernel (the module docstring). Measured on the H200 (S=4k, D=128, bf16; docs/PERFORMANCE.md):
+# the backward 0 to 4% faster on every mask row but one (sliding window, equal), 12% on GQA
+# document (the dK/dV kernel has a quarter of the programs there, so dQ's tail mattered most).
+CONCURRENT = True
 DELTA_ROWS = 64  # query rows a delta_kernel program reduces
 
 

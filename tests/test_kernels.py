@@ -556,7 +556,7 @@ def _separate_delta_case(device):
                                               kernel_options={"PRESCALE_QK": True})
             grads = torch.autograd.grad((out * do).sum() + (lse * dl).sum(), (q, k, v, *table.tensors()))
         finally:
-            backward.CONCURRENT = False
+            backward.CONCURRENT = True
         results.append(grads)
     return results
 
@@ -577,10 +577,7 @@ def test_gpu_concurrent_backward_matches_the_oracle():
     fused, separate = _separate_delta_case("cuda")
     for a, b in zip(fused, separate):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
-    backward.CONCURRENT = True
-    try:
-        check(B=2, Hq=4, Hkv=2, L=300, S=260, E=64, dtype=torch.bfloat16, mask_mod=mods.causal(), device="cuda",
-              kernel_options={"PRESCALE_QK": True})
-        check(B=2, Hq=8, L=1024, S=1024, E=128, dtype=torch.bfloat16, device="cuda")
-    finally:
-        backward.CONCURRENT = False
+    assert backward.CONCURRENT  # the default
+    check(B=2, Hq=4, Hkv=2, L=300, S=260, E=64, dtype=torch.bfloat16, mask_mod=mods.causal(), device="cuda",
+          kernel_options={"PRESCALE_QK": True})
+    check(B=2, Hq=8, L=1024, S=1024, E=128, dtype=torch.bfloat16, device="cuda")
