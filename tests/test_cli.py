@@ -419,3 +419,25 @@ def test_address_check_flags_an_access_outside_the_arguments(tmp_path):
                           "replay", str(case), "--device", "cpu"], capture_output=True, text=True, env=env,
                          timeout=600)
     assert run.returncode == 0 and "PASS" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_redraw_case_gives_the_cases_a_fuzz_drew(tmp_path, monkeypatch):
+    """benchmarks/redraw_case.py replays a fuzz process's draws without its kernels: the same
+    cases, input draws included, in the same order (what names a failure whose log lost its
+    summary)."""
+    from benchmarks import redraw_case
+    from properties import cli
+
+    ran = []
+    original = cli._Fuzzer.check
+
+    def recording(self, case, extra):
+        ran.append((case.to_json(), extra))
+        return original(self, case, extra)
+
+    monkeypatch.setattr(cli._Fuzzer, "check", recording)
+    assert main(["fuzz", "--examples", "8", "--seed", "9", "--inputs-per-case", "2",
+                 "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"]) == EXIT_PASS
+    monkeypatch.setattr(cli._Fuzzer, "check", original)
+    drawn = redraw_case.redraw(9, 2, "cpu", len(ran))
+    assert [(c.to_json(), x) for c, x in drawn] == ran
