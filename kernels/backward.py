@@ -418,7 +418,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     from .api import _empty_like_layout
 
     B, Hq, Hkv, L, S, E, Ev = plan.B, plan.Hq, plan.Hkv, plan.L, plan.S, plan.E, plan.Ev
-    sp, opt, prog = plan.sparse, plan.options, plan.program
+    sp, opt, prog = plan.backward_sparse, plan.options, plan.program
     dev = query.device
     if dout is None:
         dout = torch.zeros_like(out)
@@ -505,7 +505,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
 
 def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, bufs,
                kv_full_num, kv_full_idx, delta_ready):
-    sp, B, Hq, L, S = plan.sparse, plan.B, plan.Hq, plan.L, plan.S
+    sp, B, Hq, L, S = plan.backward_sparse, plan.B, plan.Hq, plan.L, plan.S
     _runtime.launch(
         dq_kernel, (_runtime.cdiv(L, tiles["BLOCK_M2"]), B * Hq),
         query, key, value, dout, dq, lse, delta, out, dlse if dlse is not None else lse, qs,

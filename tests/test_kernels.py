@@ -244,11 +244,11 @@ def test_plain_function_mask_mod_is_rejected():
     ({"REFINE_KV_BLOCK": 24}, "REFINE_KV_BLOCK.*power of two"),
     ({"REFINE_KV_BLOCK": 64}, "REFINE_KV_BLOCK.*=64 to divide the block mask's KV_BLOCK=32"),
     ({"REFINE_KV_BLOCK": 16, "BLOCKS_ARE_CONTIGUOUS": True}, "without BLOCKS_ARE_CONTIGUOUS"),
-    ({"REFINE_KV_BLOCK": 16, "bwd_BLOCK_N1": 32}, "'bwd_BLOCK_N1'\\]=32 to be at most REFINE_KV_BLOCK=16"),
+    ({"REFINE_KV_BLOCK": 16, "BLOCK_N": 32}, "'BLOCK_N'\\]=32 to be at most REFINE_KV_BLOCK=16"),
     ({"REFINE_Q_BLOCK": 48}, "REFINE_Q_BLOCK.*power of two"),
     ({"REFINE_Q_BLOCK": 64}, "REFINE_Q_BLOCK.*=64 to divide the block mask's Q_BLOCK=32"),
     ({"REFINE_Q_BLOCK": 16, "BLOCKS_ARE_CONTIGUOUS": True}, "REFINE_Q_BLOCK without BLOCKS_ARE_CONTIGUOUS"),
-    ({"REFINE_Q_BLOCK": 16, "BLOCK_M": 32}, "'BLOCK_M'\\]=32 to be at most REFINE_Q_BLOCK=16: query tiles"),
+    ({"REFINE_Q_BLOCK": 16, "BLOCK_M": 32}, "'BLOCK_M'\\]=32 to be at most REFINE_Q_BLOCK=16: the forward's query"),
 ])
 def test_bad_options(opts, match):
     q, k, v = _qkv()
@@ -313,6 +313,58 @@ def test_refined_query_blocks_match_the_oracle(make, MB, MH):
     for opts in ({"REFINE_Q_BLOCK": 32}, {"REFINE_Q_BLOCK": 16, "REFINE_KV_BLOCK": 32}):
         check(B=2, Hq=2, Hkv=1, L=L, S=S, mask_mod=make(L, S), mask_B=MB, mask_H=MH, block_size=64,
               score_mod=bias, kernel_options=opts)
+
+
+def test_refinement_is_the_forwards_alone():
+    """REFINE options refine the forward's lists; the backward walks the block mask's own, so
+    its tiles are not bound by the refined sizes (a backward on refined lists was 30-90 %
+    slower on the H200)."""
+    from kernels import api
+
+    L, S = 150, 140
+    check(B=1, Hq=2, L=L, S=S, mask_mod=mods.document.from_seed(L, 4, 1, kv_length=S), block_size=64,
+          kernel_options={"REFINE_Q_BLOCK": 16, "REFINE_KV_BLOCK": 16, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64})
+    opts = api.parse_kernel_options({"bwd_BLOCK_N1": 64}, dtype=torch.float16, head_dim=32, q_block=16,
+                                    kv_block=16, device=torch.device("cpu"), interpret=True, bwd_blocks=(64, 64))
+    assert opts.fwd.tiles == {"BLOCK_M": 16, "BLOCK_N": 16} and opts.bwd.tiles["BLOCK_N1"] == 64
+
+
+def test_automatic_refinement_decision():
+    """On the GPU a 128 x 128 block mask is refined to 64 x 64 for the forward when that lists
+    at least AUTO_REFINE_SAVING fewer elements: a document mask is, a causal one is not (the
+    decision is host code, checked here on CPU lists)."""
+    from kernels import api
+
+    B, H, L, S = 1, 2, 1024, 1024
+    doc = mods.document.from_seed(L, 12, 0)
+    for mask_mod, refined in ((doc, True), (mods.causal(), False)):
+        bm = create_block_mask(mask_mod, 1, 1, L, S, device=DEVICE, BLOCK_SIZE=128)
+        sp = api._cached_block_lists(bm, B, H, L, S, torch.device(DEVICE))
+        got = api._auto_refined(sp, mask_mod, B, H, L, S)
+        assert (got is not None) == refined
+        if refined:
+            assert (got.q_block, got.kv_block) == (64, 64)
+            assert api._auto_refined(sp, mask_mod, B, H, L, S) is got  # decided once
+    before = api.AUTO_REFINE
+    api.AUTO_REFINE = None
+    try:
+        assert api._auto_refined(sp, mods.causal(), B, H, L, S) is None
+    finally:
+        api.AUTO_REFINE = before
+
+
+@pytest.mark.gpu
+def test_gpu_automatic_refinement_matches_the_oracle():
+    """A document mask on 128 x 128 blocks takes the refined forward on the GPU: the oracle's
+    verdict on it, with the backward on the original lists."""
+    from kernels import api
+
+    L = S = 1024
+    mask_mod = mods.document.from_seed(L, 12, 0, device="cuda")
+    bm = create_block_mask(mask_mod, 1, 1, L, S, device="cuda", BLOCK_SIZE=128)
+    assert api._auto_refined(api._cached_block_lists(bm, 2, 4, L, S, torch.device("cuda")), mask_mod,
+                             2, 4, L, S) is not None
+    check(B=2, Hq=4, L=L, S=S, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128, device="cuda")
 
 
 def test_refined_blocks_under_pytorchs_noop_mask():
