@@ -488,6 +488,9 @@ IMPLS = {
     "ours": Impl("ours", _ours, True, "kernels.flex_attention (Triton)"),
     "ours-refined": Impl("ours-refined", _ours_refined, True,
                          "kernels.flex_attention with REFINE_KV_BLOCK=64 (block lists refined once per mask)"),
+    "ours-unrefined": Impl("ours-unrefined", _refined({"REFINE_KV_BLOCK": 128}), True,
+                           "kernels.flex_attention without the automatic refinement (REFINE_KV_BLOCK=128, "
+                           "the block size)"),
     "ours-refined-q": Impl("ours-refined-q", _refined({"REFINE_Q_BLOCK": 64, "fwd_num_warps": 4}), True,
                            "kernels.flex_attention with REFINE_Q_BLOCK=64 (64 x 128 sub-blocks), 4 forward warps"),
     "ours-refined-qkv": Impl("ours-refined-qkv", _refined({"REFINE_Q_BLOCK": 64, "REFINE_KV_BLOCK": 64,
