@@ -537,7 +537,6 @@ def _refined_lists(sparse: Sparse, mask_mod, B, Hq, L, S, sub: Optional[int], q_
     return refined
 
 
-# The forward's tiles (the backward walks the block mask's own lists, so its tiles are free).
 _AUTO_DECIDED: dict = {}
 
 
@@ -566,6 +565,7 @@ def _auto_refined(sparse: Sparse, mask_mod, B, Hq, L, S) -> Optional[Sparse]:
     return chosen
 
 
+# The forward's tiles (the backward walks the block mask's own lists, so its tiles are free).
 _REFINE_TILES = {
     "REFINE_KV_BLOCK": ("KV_BLOCK", ("BLOCK_N", "fwd_BLOCK_N")),
     "REFINE_Q_BLOCK": ("Q_BLOCK", ("BLOCK_M", "fwd_BLOCK_M")),
@@ -618,6 +618,14 @@ def _refine_option(kernel_options, q_block: int, kv_block: int) -> tuple:
             )
         got.append(sub if sub < block else None)
     return tuple(got)
+
+
+def _auto_refine_wanted(kernel_options, interpret: bool) -> bool:
+    """Whether a call may take the automatic forward refinement: compiled kernels (the
+    interpreter keeps the lists as given, so CPU runs and fault tables do not move), no
+    REFINE option and no contiguity promise (refining can break it)."""
+    return (not interpret and not _refine_given(kernel_options)
+            and not _check_bool(kernel_options or {}, "BLOCKS_ARE_CONTIGUOUS"))
 
 
 def _refine_given(kernel_options) -> bool:
@@ -859,8 +867,7 @@ def flex_attention(
         q_sub, sub = _refine_option(kernel_options, sparse.q_block, sparse.kv_block)
         if sub is not None or q_sub is not None:
             sparse = _refined_lists(sparse, mask, B, Hq, L, S, sub, q_sub)
-        elif not interpret and not _refine_given(kernel_options) and not _check_bool(
-                kernel_options or {}, "BLOCKS_ARE_CONTIGUOUS"):
+        elif _auto_refine_wanted(kernel_options, interpret):
             refined = _auto_refined(sparse, mask, B, Hq, L, S)
             if refined is not None:
                 sparse, auto = refined, True

@@ -1,11 +1,13 @@
 """The block-sparse backward kernels.
 
-Two kernels, launched in this order:
+Two kernels, and with ``CONCURRENT`` (the default) a third before them:
 
-* dQ: one program per (query tile, batch x query head). It first computes its
-  rows' ``delta = rowsum(dO * O) - dlse`` (the LSE's own gradient enters the
-  backward only here, SPEC section 4) and stores it for the dK/dV kernel, then
-  walks the row's kv-side block lists (partial with mask_mod, then full);
+* delta (``CONCURRENT``): every row's ``delta = rowsum(dO * O) - dlse`` (the
+  LSE's own gradient enters the backward only here, SPEC section 4) and, with
+  PRESCALE, the rounded prescaled q; without ``CONCURRENT`` the dQ kernel
+  computes both for its rows first and stores them for the dK/dV kernel;
+* dQ: one program per (query tile, batch x query head), walking the row's
+  kv-side block lists (partial with mask_mod, then full);
 * dK/dV: one program per (key tile, batch x kv head), looping over the G query
   heads of its kv head and walking the column's q-side block lists. It also
   scatters the gradients of learnable tensors read by the score mod, so that
@@ -13,9 +15,10 @@ Two kernels, launched in this order:
 
 Probabilities are recomputed from the stored LSE (base 2 inside the kernels).
 
-With ``CONCURRENT`` (on CUDA), a small third kernel computes delta (and the
-prescaled q) first, and the dQ kernel then runs on a side stream beside the
-dK/dV kernel, so that one kernel's last wave overlaps the other's work.
+With ``CONCURRENT`` on CUDA, the dQ kernel runs on a side stream beside the
+dK/dV kernel, so that one kernel's last wave overlaps the other's work (the
+interpreter runs them in turn). The backward walks the block mask's own lists
+(``Plan.backward_sparse``), not the forward's refined ones.
 """
 
 from __future__ import annotations

@@ -353,6 +353,34 @@ def test_automatic_refinement_decision():
         api.AUTO_REFINE = before
 
 
+def test_automatic_refinement_end_to_end(monkeypatch):
+    """The automatic path through flex_attention (on the GPU only; here with the interpreter
+    let in): the forward walks the 64 x 64 lists on REFINED_FWD_LAUNCH, the backward the block
+    mask's own lists and tiles, and the oracle agrees, a learnable bias included."""
+    from kernels import api
+
+    monkeypatch.setattr(api, "_auto_refine_wanted", lambda opts, interpret: not api._refine_given(opts))
+    seen = []
+    original = api._auto_refined
+
+    def spy(*args):
+        got = original(*args)
+        seen.append(got)
+        return got
+
+    monkeypatch.setattr(api, "_auto_refined", spy)
+    L = S = 260
+    mask_mod = mods.document.from_seed(L, 6, 2)
+    bias = mods.bias.from_seed([2, L, S], seed=5, layout="hqk", requires_grad=True)
+    check(B=2, Hq=2, Hkv=1, L=L, S=S, E=16, mask_mod=mask_mod, block_size=128, score_mod=bias)
+    assert seen and all(r is not None and (r.q_block, r.kv_block) == (64, 64) for r in seen)
+    opts = api.parse_kernel_options(None, dtype=torch.float16, head_dim=16, q_block=64, kv_block=64,
+                                    device=torch.device("cpu"), interpret=True, bwd_blocks=(128, 128),
+                                    refined_fwd=True)
+    assert (opts.fwd.num_warps, opts.fwd.num_stages) == api.REFINED_FWD_LAUNCH
+    assert opts.fwd.tiles == {"BLOCK_M": 64, "BLOCK_N": 64} and opts.bwd.tiles["BLOCK_N1"] == 128
+
+
 @pytest.mark.gpu
 def test_gpu_automatic_refinement_matches_the_oracle():
     """A document mask on 128 x 128 blocks takes the refined forward on the GPU: the oracle's
