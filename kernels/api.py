@@ -359,8 +359,9 @@ def _transpose_lists(num: torch.Tensor, idx: torch.Tensor, n_cols: int):
     dense[rows[0], rows[1], rows[2], idx.long()[valid]] = True
     dense_t = dense.transpose(-1, -2)  # [MB, MH, nKV, nQ]
     q_num = dense_t.sum(-1).to(torch.int32)
-    # Listed q blocks first, in increasing order.
-    order = torch.argsort((~dense_t).to(torch.int8) * nQ + torch.arange(nQ, device=idx.device), dim=-1)
+    # Listed q blocks first, in increasing order: a stable sort on "not listed" (an int8 key
+    # times nQ overflowed at nQ >= 128, listing the unlisted blocks first).
+    order = torch.sort((~dense_t).to(torch.uint8), dim=-1, stable=True).indices
     return q_num.contiguous(), order.to(torch.int32).contiguous()
 
 
@@ -509,8 +510,8 @@ def _refine_kv(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int, sub: O
 
     def lists(kind):
         listed = status == kind
-        n_cols = listed.shape[-1]
-        order = torch.argsort((~listed).to(torch.int8) * n_cols + torch.arange(n_cols, device=device), dim=-1)
+        # Listed sub-blocks first, in increasing order (as _transpose_lists).
+        order = torch.sort((~listed).to(torch.uint8), dim=-1, stable=True).indices
         return listed.sum(-1).to(torch.int32).contiguous(), order.to(torch.int32).contiguous()
 
     kv_num, kv_idx = lists(1)

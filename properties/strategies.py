@@ -38,7 +38,8 @@ _MAX_TABLES = 4  # kernels.mods.MAX_BUFFERS
 
 DEFAULT_BOUNDS = {
     "cpu": dict(max_batch=3, max_heads=6, max_batch_heads=6, max_len=160, max_head_dim=64),
-    "cuda": dict(max_batch=4, max_heads=16, max_batch_heads=32, max_len=1100, max_head_dim=128),
+    "cuda": dict(max_batch=4, max_heads=16, max_batch_heads=32, max_len=1100, max_head_dim=128,
+                 long_kv_len=8448),
 }
 
 
@@ -149,6 +150,17 @@ def _length(draw, lo: int, hi: int, boundaries: Sequence[int]) -> int:
     return draw(st.integers(lo, hi))
 
 
+def _many_blocks_length(draw, lo: int, hi: int, boundaries: Sequence[int]) -> int:
+    """A key length in ``[lo, hi]`` that gives block lists of about 128 entries: 128 blocks
+    (of 16, 32 or 64 keys; 64 x 64 is the GPU forward's automatic refinement of a 128 x 128
+    block mask), one fewer or one more key, or uniform. An int8 sort key overflowed at 128
+    blocks, and the fuzzer's 1100 keys never reached it (docs/FAULTS.md)."""
+    special = sorted({128 * b + r for b in set(boundaries) | {64} for r in (-1, 0, 1)} & set(range(lo, hi + 1)))
+    if special and draw(st.integers(0, 3)) > 0:
+        return draw(st.sampled_from(special))
+    return draw(st.integers(lo, hi))
+
+
 def _head_dim(draw, lo: int, hi: int) -> int:
     regular = [d for d in range(8, hi + 1, 8) if d >= lo]
     if draw(st.booleans()) or not regular:  # adversarial: odd sizes the kernels must pad
@@ -163,7 +175,7 @@ def _head_dim(draw, lo: int, hi: int) -> int:
 def shapes(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads: int = 1,
            max_heads: Optional[int] = None, min_group: int = 1, max_group: int = 8,
            max_batch_heads: Optional[int] = None, min_len: int = 1, max_len: Optional[int] = None,
-           min_head_dim: int = 1, max_head_dim: Optional[int] = None,
+           min_head_dim: int = 1, max_head_dim: Optional[int] = None, long_kv_len: Optional[int] = None,
            boundaries: Sequence[int] = BLOCK_CHOICES, device="cpu") -> st.SearchStrategy[Shape]:
     """Shapes with ``min_batch <= B <= max_batch``, ``min_heads <= Hq <= max_heads``,
     GQA group ``G = Hq // Hkv`` in ``[min_group, max_group]`` (1, or 2, 3, 4, 5, 6, 8),
@@ -171,13 +183,22 @@ def shapes(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads: in
     ``min_head_dim <= E, Ev <= max_head_dim``. Lengths lean towards 1 and the block
     ``boundaries`` (and one past them); ``Bk`` is ``B`` or, behind a drawn boolean, 1.
     Unset maxima come from ``bounds_for(device)``.
+
+    ``long_kv_len`` (above ``max_len``; 0 for none): one case in ten draws S past
+    ``max_len``, up to it, leaning to 128 blocks of a boundary size, where block lists
+    reach 128 entries. Unset, it comes from ``bounds_for(device)`` (CUDA: 8448; the
+    CPU has none) when ``max_len`` is unset too, else there is none.
     """
     d = bounds_for(device)
     max_batch = d["max_batch"] if max_batch is None else max_batch
     max_heads = d["max_heads"] if max_heads is None else max_heads
     max_batch_heads = d["max_batch_heads"] if max_batch_heads is None else max_batch_heads
+    if long_kv_len is None:
+        long_kv_len = d.get("long_kv_len", 0) if max_len is None else 0
     max_len = d["max_len"] if max_len is None else max_len
     max_head_dim = d["max_head_dim"] if max_head_dim is None else max_head_dim
+    if long_kv_len and long_kv_len <= max_len:
+        raise InvalidArgument(f"Expected long_kv_len={long_kv_len} above max_len={max_len}, or 0 for none.")
     _check_bounds(batch=(min_batch, max_batch), heads=(min_heads, max_heads), group=(min_group, max_group),
                   len=(min_len, max_len), head_dim=(min_head_dim, max_head_dim))
     groups = [g for g in (1,) + _GROUPS if min_group <= g <= min(max_group, max_heads)]
@@ -226,6 +247,9 @@ def shapes(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads: in
         # masks (keys past L must be allowed, or padded keys up to L).
         separate = draw(st.integers(0, 2)) > 0 if _long(max_len) else draw(st.booleans())
         S = _length(draw, min_len, max_len, boundaries) if separate else L
+        # One in ten nominally (== 5: Hypothesis draws an integer's bounds far more often).
+        if long_kv_len and draw(st.integers(0, 9)) == 5:
+            S = _many_blocks_length(draw, max_len + 1, long_kv_len, boundaries)
         E = _head_dim(draw, min_head_dim, max_head_dim)
         Ev = _head_dim(draw, min_head_dim, max_head_dim) if draw(st.booleans()) else E
         return Shape(B, Hq, Hkv, Bk, L, S, E, Ev)

@@ -295,6 +295,40 @@ def test_refined_block_lists_describe_the_same_relation(make, MB, MH, q_sub, kv_
     assert listed(rf, rf.q_block * rf.kv_block) < listed(sp, 128 * 128)
 
 
+def test_block_lists_of_128_or_more_blocks_list_the_listed_first():
+    """Lists 128 or more blocks long keep the listed blocks first, in increasing order. An int8
+    sort key (1 * n_cols) overflowed at 128 columns, so that the refined lists and the
+    transposed query lists began with unlisted blocks: on the H200 a decode step on a causal
+    mask over S=8192, refined to 64 x 64 automatically (128 sub-blocks), returned zeros."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    import oracle
+    from kernels import api
+
+    # Refined: 132 sub-blocks of 16 keys, the allowed ones (keys < 1500) first.
+    B, H, L, S = 1, 2, 40, 2100
+    mask_mod = mods.prefix_lm(1500)
+    bm = create_block_mask(mask_mod, 1, 1, L, S, device=DEVICE, BLOCK_SIZE=32)
+    sp = api._cached_block_lists(bm, B, H, L, S, torch.device(DEVICE))
+    rf = api._refine_kv(sp, mask_mod, B, H, L, S, 16, None)
+    assert rf.kv_idx.shape[-1] == 132
+    fine = BlockMask.from_kv_blocks(rf.kv_num, rf.kv_idx, rf.full_kv_num, rf.full_kv_idx,
+                                    BLOCK_SIZE=(rf.q_block, rf.kv_block), mask_mod=mask_mod, seq_lengths=(L, S))
+    assert torch.equal(oracle.block_mask_to_dense(fine, B, H, L, S), oracle.block_mask_to_dense(bm, B, H, L, S))
+    # The decode kernel on those lists (L < 128), against the oracle.
+    check(B=B, Hq=H, L=L, S=S, E=16, mask_mod=mask_mod, block_size=32, kernel_options={"REFINE_KV_BLOCK": 16},
+          grads=False)
+
+    # Transposed: 130 query blocks, row q listing key block q % 2.
+    nQ = 130
+    num = torch.ones(1, 1, nQ, dtype=torch.int32)
+    idx = torch.stack([torch.arange(nQ) % 2, 1 - torch.arange(nQ) % 2], dim=-1).view(1, 1, nQ, 2).to(torch.int32)
+    q_num, q_idx = api._transpose_lists(num, idx, 2)
+    assert q_num.tolist() == [[[65, 65]]]
+    for col in (0, 1):
+        assert q_idx[0, 0, col, :65].tolist() == list(range(col, nQ, 2))
+
+
 @pytest.mark.parametrize("make,MB,MH", REFINE_MASKS)
 def test_refined_blocks_match_the_oracle(make, MB, MH):
     """The kernels on refined lists, forward and backward, a learnable bias included."""

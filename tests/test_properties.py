@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, example, given, reject, settings
 from hypothesis import strategies as st
-from hypothesis.errors import Unsatisfiable
+from hypothesis.errors import InvalidArgument, Unsatisfiable
 
 import kernels
 import oracle
@@ -82,18 +82,42 @@ def test_long_bounds_lengths_stay_in_bounds(data):
 def test_long_bounds_draw_a_few_tiles_and_a_little_more():
     # The tail faults of the forward kernel (fwd_kv_tail_*) need a key length that is no
     # multiple of the KV block, best with a mostly padded last tile: k * 128 + r (r < 16).
-    # Under the CUDA bounds 84 of 200 derandomized shapes have one, 16 of 200 with uniform
+    # Under the CUDA bounds 45 of 200 derandomized shapes have one (the count moves with
+    # the draw stream: 84 before the long keys of _many_blocks_length), 16 of 200 with uniform
     # lengths alone (the GPU hunts that let those faults survive).
     seen = []
 
-    @settings(max_examples=100, database=None, derandomize=True, deadline=None,
+    @settings(max_examples=200, database=None, derandomize=True, deadline=None,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
     @given(shapes(device="cuda"))
     def draw(s):
         seen.append(128 < s.S <= 4 * 128 + 15 and 0 < s.S % 128 < 16)
 
     draw()
-    assert sum(seen) >= 25, f"{sum(seen)} of {len(seen)} CUDA shapes have S = k * 128 + r, r < 16"
+    assert sum(seen) >= 40, f"{sum(seen)} of {len(seen)} CUDA shapes have S = k * 128 + r, r < 16"
+
+
+def test_long_bounds_reach_block_lists_of_128_entries():
+    # An int8 sort key overflowed at 128 blocks (a refined 64 x 64 causal mask over S=8192 gave
+    # zeros on the H200), past the 1100 keys of the CUDA bounds: one case in ten there draws S
+    # up to long_kv_len, leaning to 128 blocks of 16, 32 or 64 keys. L stays within max_len,
+    # and an explicit max_len (or long_kv_len=0) turns the long keys off.
+    seen = []
+
+    @settings(max_examples=400, database=None, derandomize=True, deadline=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(flex_cases(device="cuda"), shapes(device="cuda", max_len=1100), shapes(device="cuda", long_kv_len=0))
+    def draw(c, capped, off):
+        assert c.L <= 1100 and c.S <= 8448 and capped.S <= 1100 and off.S <= 1100
+        seen.append(c.S)
+
+    draw()
+    # About 35 of 400 derandomized CUDA cases, 20 of them at 128 blocks or one key either side.
+    long = [S for S in seen if S > 1100]
+    near_128 = [S for S in long if any(abs(S - 128 * b) <= 1 for b in (16, 32, 64))]
+    assert len(long) >= 20 and len(near_128) >= 10, f"{len(long)} of {len(seen)} CUDA cases with S > 1100: {long}"
+    with pytest.raises(InvalidArgument, match="long_kv_len"):
+        shapes(device="cuda", long_kv_len=600)
 
 
 def test_long_bounds_lean_to_dense_cases_and_separate_lengths():
