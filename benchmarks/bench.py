@@ -396,6 +396,22 @@ def _ours_fused(case: Case, score_mod, block_mask):
     return fn
 
 
+def _ours_bwd_unrefined(case: Case, score_mod, block_mask):
+    # Without the automatic backward refinement (kernels.api.AUTO_REFINE_BWD; decided when the
+    # forward runs, so it is cleared around this implementation's calls alone).
+    from kernels import api
+
+    inner = _ours(case, score_mod, block_mask)
+
+    def fn(q, k, v):
+        before, api.AUTO_REFINE_BWD = api.AUTO_REFINE_BWD, False
+        try:
+            return inner(q, k, v)
+        finally:
+            api.AUTO_REFINE_BWD = before
+    return fn
+
+
 _COMPILED: dict = {}
 
 
@@ -496,6 +512,9 @@ IMPLS = {
     "ours-refined-qkv": Impl("ours-refined-qkv", _refined({"REFINE_Q_BLOCK": 64, "REFINE_KV_BLOCK": 64,
                                                            "fwd_num_warps": 4, "fwd_num_stages": 3}), True,
                              "kernels.flex_attention with 64 x 64 sub-blocks, 4 forward warps, 3 stages"),
+    "ours-bwd-unrefined": Impl("ours-bwd-unrefined", _ours_bwd_unrefined, True,
+                               "kernels.flex_attention without the automatic backward refinement "
+                               "(AUTO_REFINE_BWD=False)"),
     "ours-fused": Impl("ours-fused", _ours_fused, True,
                        "kernels.flex_attention without backward.CONCURRENT (delta in the dQ kernel, one stream)"),
     "torch-compile": Impl("torch-compile", _torch_flex(None), True,

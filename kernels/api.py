@@ -548,18 +548,43 @@ def _auto_refined(sparse: Sparse, mask_mod, B, Hq, L, S) -> Optional[Sparse]:
     sub = AUTO_REFINE
     if sub is None or mask_mod is None or sparse.q_block != 128 or sparse.kv_block != 128:
         return None
-    key = (id(sparse), id(mask_mod), B, Hq, L, S, sub)
+    return _refined_if_saving(sparse, mask_mod, B, Hq, L, S, sub, sub, AUTO_REFINE_SAVING)
+
+
+def _auto_refined_bwd(sparse: Sparse, mask_mod, B, Hq, L, S, tiles: dict) -> tuple:
+    """``(dQ's lists, dK/dV's lists)`` of the automatic backward refinement
+    (``AUTO_REFINE_BWD``), each None where it is not taken. One axis per kernel, so that no
+    tile shrinks: the dQ kernel steps through a query block's keys BLOCK_N2 at a time, so its
+    lists are refined to key sub-blocks of BLOCK_N2; the dK/dV kernel steps through a key
+    block's queries BLOCK_M1 at a time, so its lists to query sub-blocks of BLOCK_M1. Taken
+    where that lists at least ``AUTO_REFINE_BWD_SAVING`` fewer elements."""
+    if not AUTO_REFINE_BWD or mask_mod is None:
+        return None, None
+    n2, m1 = tiles["BLOCK_N2"], tiles["BLOCK_M1"]
+    dq = dkdv = None
+    if n2 < sparse.kv_block:
+        dq = _refined_if_saving(sparse, mask_mod, B, Hq, L, S, n2, None, AUTO_REFINE_BWD_SAVING)
+    if m1 < sparse.q_block:
+        dkdv = _refined_if_saving(sparse, mask_mod, B, Hq, L, S, None, m1, AUTO_REFINE_BWD_SAVING)
+    return dq, dkdv
+
+
+def _refined_if_saving(sparse: Sparse, mask_mod, B, Hq, L, S, sub: Optional[int], q_sub: Optional[int],
+                       saving: float) -> Optional[Sparse]:
+    """``_refined_lists`` where they list at least ``saving`` fewer elements, else None;
+    decided once per block lists, mask mod and granularity."""
+    key = (id(sparse), id(mask_mod), B, Hq, L, S, sub, q_sub, saving)
     hit = _AUTO_DECIDED.get(key)
     if hit is not None and hit[0] is sparse and hit[1] is mask_mod:
         return hit[2]
-    refined = _refined_lists(sparse, mask_mod, B, Hq, L, S, sub, sub)
+    refined = _refined_lists(sparse, mask_mod, B, Hq, L, S, sub, q_sub)
 
     def listed(sp):
         n = sp.kv_num.sum() + (sp.full_kv_num.sum() if sp.full_kv_num is not None else 0)
         return n * sp.q_block * sp.kv_block
 
     before, after = torch.stack([listed(sparse), listed(refined)]).tolist()
-    chosen = refined if after <= (1.0 - AUTO_REFINE_SAVING) * before else None
+    chosen = refined if after <= (1.0 - saving) * before else None
     if len(_AUTO_DECIDED) > 16:
         _AUTO_DECIDED.clear()
     _AUTO_DECIDED[key] = (sparse, mask_mod, chosen)
@@ -583,6 +608,13 @@ _REFINE_TILES = {
 AUTO_REFINE: Optional[int] = 64
 AUTO_REFINE_SAVING = 0.15
 REFINED_FWD_LAUNCH = (4, 3)
+
+# Automatic refinement of the backward's lists (on the GPU, under the same gate): one axis
+# per kernel at its own step, so the tiles stay as they are (_auto_refined_bwd), where that
+# lists at least AUTO_REFINE_BWD_SAVING fewer elements. A sub-block that becomes empty is a
+# step skipped, one that becomes full a step without mask_mod. False switches it off.
+AUTO_REFINE_BWD = True
+AUTO_REFINE_BWD_SAVING = 0.05
 
 
 def _refine_option(kernel_options, q_block: int, kv_block: int) -> tuple:
@@ -627,6 +659,12 @@ def _auto_refine_wanted(kernel_options, interpret: bool) -> bool:
     REFINE option and no contiguity promise (refining can break it)."""
     return (not interpret and not _refine_given(kernel_options)
             and not _check_bool(kernel_options or {}, "BLOCKS_ARE_CONTIGUOUS"))
+
+
+def _grad_wanted(query, key, value, program) -> bool:
+    """Whether autograd will record the call (so a backward may follow)."""
+    return torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
+                                        or any(t.requires_grad for t in program.buffers))
 
 
 def _refine_given(kernel_options) -> bool:
@@ -741,10 +779,22 @@ class Plan:
     return_max: bool = False
     buffers: list = field(default_factory=list)  # detached, contiguous, on the device
     sparse_bwd: Optional[Sparse] = None  # the backward's: the block mask's own (None: sparse)
+    # The dQ kernel's key lists and the dK/dV kernel's query lists where the automatic
+    # backward refinement took them (AUTO_REFINE_BWD; None: backward_sparse).
+    sparse_dq: Optional[Sparse] = None
+    sparse_dkdv: Optional[Sparse] = None
 
     @property
     def backward_sparse(self) -> Sparse:
         return self.sparse_bwd if self.sparse_bwd is not None else self.sparse
+
+    @property
+    def dq_sparse(self) -> Sparse:
+        return self.sparse_dq if self.sparse_dq is not None else self.backward_sparse
+
+    @property
+    def dkdv_sparse(self) -> Sparse:
+        return self.sparse_dkdv if self.sparse_dkdv is not None else self.backward_sparse
 
     @property
     def G(self) -> int:
@@ -879,6 +929,10 @@ def flex_attention(
         work=work_kind(block_mask is not None, program.has_score),
         bwd_blocks=(sparse_bwd.q_block, sparse_bwd.kv_block), refined_fwd=auto,
     )
+    sparse_dq = sparse_dkdv = None
+    if (block_mask is not None and _grad_wanted(query, key, value, program)
+            and _auto_refine_wanted(kernel_options, interpret)):
+        sparse_dq, sparse_dkdv = _auto_refined_bwd(sparse_bwd, mask, B, Hq, L, S, options.bwd.tiles)
     for t in program.buffers:
         if t.device != device and t.requires_grad:
             raise ValueError(
@@ -888,7 +942,8 @@ def flex_attention(
     plan = Plan(
         B=B, Hq=Hq, Hkv=Hkv, Bk=Bk, L=L, S=S, E=E, Ev=Ev,
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(E),
-        program=program, sparse=sparse, sparse_bwd=sparse_bwd, options=options, interpret=interpret,
+        program=program, sparse=sparse, sparse_bwd=sparse_bwd, sparse_dq=sparse_dq, sparse_dkdv=sparse_dkdv,
+        options=options, interpret=interpret,
         fp32_precision="ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32",
         return_max=return_max,
         buffers=_device_buffers(program.buffers, device),

@@ -18,7 +18,9 @@ Probabilities are recomputed from the stored LSE (base 2 inside the kernels).
 With ``CONCURRENT`` on CUDA, the dQ kernel runs on a side stream beside the
 dK/dV kernel, so that one kernel's last wave overlaps the other's work (the
 interpreter runs them in turn). The backward walks the block mask's own lists
-(``Plan.backward_sparse``), not the forward's refined ones.
+(``Plan.backward_sparse``), not the forward's refined ones; on the GPU the dQ kernel's key
+lists and the dK/dV kernel's query lists may each be refined to the kernel's own step
+(``Plan.dq_sparse`` / ``Plan.dkdv_sparse``, ``kernels.api.AUTO_REFINE_BWD``), tiles unchanged.
 """
 
 from __future__ import annotations
@@ -421,7 +423,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     from .api import _empty_like_layout
 
     B, Hq, Hkv, L, S, E, Ev = plan.B, plan.Hq, plan.Hkv, plan.L, plan.S, plan.E, plan.Ev
-    sp, opt, prog = plan.backward_sparse, plan.options, plan.program
+    opt, prog = plan.options, plan.program
     dev = query.device
     if dout is None:
         dout = torch.zeros_like(out)
@@ -446,14 +448,11 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
              for k, t in enumerate(plan.buffers)]
     grad_args = [g if g is not None else lse for g in grads] + [lse] * (4 - len(grads))
 
-    MB, MH, nQ, nKV = sp.kv_idx.shape
     qk_pad, v_pad = head_pads(E, Ev)
     common = dict(
         SCORE_FN=prog.score_fn, SCORE_BWD_FN=prog.score_bwd_fn, MASK_FN=prog.mask_fn,
-        HAS_SCORE=prog.has_score, HAS_FULL=sp.has_full, G=plan.G,
+        HAS_SCORE=prog.has_score, G=plan.G,
         QK_DIM=E, V_DIM=Ev, QK_PAD=qk_pad, V_PAD=v_pad,
-        SPARSE_Q=sp.q_block, SPARSE_KV=sp.kv_block,
-        Q_DIVISIBLE=L % sp.q_block == 0, KV_DIVISIBLE=S % sp.kv_block == 0,
         CONTIGUOUS=opt.contiguous, PRESCALE=opt.prescale,
         FP32_PRECISION=plan.fp32_precision, UPCAST=plan.interpret,
         num_warps=opt.bwd.num_warps, num_stages=opt.bwd.num_stages,
@@ -461,8 +460,6 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     tiles = opt.bwd.tiles
     bufs = plan.buffer_args(query)
 
-    kv_full_num = sp.full_kv_num if sp.has_full else sp.kv_num
-    kv_full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
     # Under the interpreter (no streams) CONCURRENT still takes delta_kernel and DELTA_READY:
     # the CPU tests check that path against the fused one.
     concurrent = CONCURRENT if concurrent is None else concurrent
@@ -483,8 +480,9 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         side.wait_stream(main)  # delta, the prescaled q and the inputs are ready
         side_ctx = torch.cuda.stream(side)
     with side_ctx:
-        _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, bufs,
-                   kv_full_num, kv_full_idx, concurrent)
+        _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, bufs, concurrent)
+    sp = plan.dkdv_sparse  # the dK/dV kernel walks its query lists
+    MB, MH = sp.kv_idx.shape[:2]
     q_full_num = sp.full_q_num if sp.has_full else sp.q_num
     q_full_idx = sp.full_q_idx if sp.has_full else sp.q_idx
     _runtime.launch(
@@ -495,7 +493,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         *qs.stride(),
         plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
         GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable),
-        BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **common,
+        BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **common, **_sparse_consts(sp, L, S),
     )
     if streams:
         main.wait_stream(side)  # dq is done (and nothing the side stream reads is freed early)
@@ -506,9 +504,17 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     return dq, dk, dv, dbufs
 
 
-def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, bufs,
-               kv_full_num, kv_full_idx, delta_ready):
-    sp, B, Hq, L, S = plan.backward_sparse, plan.B, plan.Hq, plan.L, plan.S
+def _sparse_consts(sp, L: int, S: int) -> dict:
+    """A kernel's block-list constants: its lists' block sizes, whether L and S divide them,
+    and whether there are full lists (the dQ and dK/dV kernels' lists may be refined apart)."""
+    return dict(HAS_FULL=sp.has_full, SPARSE_Q=sp.q_block, SPARSE_KV=sp.kv_block,
+                Q_DIVISIBLE=L % sp.q_block == 0, KV_DIVISIBLE=S % sp.kv_block == 0)
+
+
+def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, bufs, delta_ready):
+    sp, B, Hq, L, S = plan.dq_sparse, plan.B, plan.Hq, plan.L, plan.S  # the dQ kernel walks its key lists
+    kv_full_num = sp.full_kv_num if sp.has_full else sp.kv_num
+    kv_full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
     _runtime.launch(
         dq_kernel, (_runtime.cdiv(L, tiles["BLOCK_M2"]), B * Hq),
         query, key, value, dout, dq, lse, delta, out, dlse if dlse is not None else lse, qs,
@@ -517,7 +523,7 @@ def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out
         *qs.stride(),
         plan.scale, Hq, L, S, plan.Bk, *sp.kv_idx.shape[:2], sp.kv_idx.shape[-2], sp.kv_idx.shape[-1],
         HAS_DLSE=dlse is not None, DELTA_READY=delta_ready,
-        BLOCK_M=tiles["BLOCK_M2"], BLOCK_N=tiles["BLOCK_N2"], **common,
+        BLOCK_M=tiles["BLOCK_M2"], BLOCK_N=tiles["BLOCK_N2"], **common, **_sparse_consts(sp, L, S),
     )
 
 

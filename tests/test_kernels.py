@@ -415,17 +415,59 @@ def test_automatic_refinement_end_to_end(monkeypatch):
     assert opts.fwd.tiles == {"BLOCK_M": 64, "BLOCK_N": 64} and opts.bwd.tiles["BLOCK_N1"] == 128
 
 
+def test_automatic_backward_refinement_end_to_end(monkeypatch):
+    """The backward's automatic refinement (AUTO_REFINE_BWD; on the GPU only, here with the
+    interpreter let in): the dQ kernel walks key lists refined to its BLOCK_N2, the dK/dV
+    kernel query lists refined to its BLOCK_M1, tiles unchanged, and the oracle agrees, GQA,
+    a learnable bias and a query/key tail included. Without a saving, nothing is refined."""
+    from kernels import api
+
+    monkeypatch.setattr(api, "_auto_refine_wanted", lambda opts, interpret: not api._refine_given(opts))
+    seen = []
+    original = api._auto_refined_bwd
+
+    def spy(*args):
+        got = original(*args)
+        seen.append(got)
+        return got
+
+    monkeypatch.setattr(api, "_auto_refined_bwd", spy)
+    L, S = 250, 270
+    mask_mod = mods.document.from_seed(L, 6, 2, kv_length=S)
+    bias = mods.bias.from_seed([2, L, S], seed=6, layout="hqk", requires_grad=True)
+    tiles = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 32}
+    check(B=2, Hq=2, Hkv=1, L=L, S=S, E=16, mask_mod=mask_mod, block_size=128, score_mod=bias,
+          kernel_options=tiles)
+    dq, dkdv = seen[-1]
+    assert dq is not None and (dq.q_block, dq.kv_block) == (128, 32)
+    assert dkdv is not None and (dkdv.q_block, dkdv.kv_block) == (32, 128)
+    # A causal mask on these tiles saves under AUTO_REFINE_BWD_SAVING: the lists stay.
+    check(B=1, Hq=2, L=L, S=L, E=16, mask_mod=mods.causal(), block_size=128, kernel_options=tiles)
+    assert seen[-1] == (None, None)
+    # No gradient wanted: nothing is refined for a backward that cannot come.
+    n = len(seen)
+    q, k, v = (torch.randn(1, 2, n_, 16, dtype=torch.float16, device=DEVICE) for n_ in (L, S, S))
+    bm = create_block_mask(mask_mod, 1, 1, L, S, device=DEVICE, BLOCK_SIZE=128)
+    kernels.flex_attention(q, k, v, block_mask=bm, kernel_options=tiles)
+    assert len(seen) == n
+
+
 @pytest.mark.gpu
 def test_gpu_automatic_refinement_matches_the_oracle():
-    """A document mask on 128 x 128 blocks takes the refined forward on the GPU: the oracle's
-    verdict on it, with the backward on the original lists."""
+    """A document mask on 128 x 128 blocks takes the refined forward on the GPU, and the
+    backward's one-axis refinements: the oracle's verdict on both."""
     from kernels import api
 
     L = S = 1024
     mask_mod = mods.document.from_seed(L, 12, 0, device="cuda")
     bm = create_block_mask(mask_mod, 1, 1, L, S, device="cuda", BLOCK_SIZE=128)
-    assert api._auto_refined(api._cached_block_lists(bm, 2, 4, L, S, torch.device("cuda")), mask_mod,
-                             2, 4, L, S) is not None
+    sp = api._cached_block_lists(bm, 2, 4, L, S, torch.device("cuda"))
+    assert api._auto_refined(sp, mask_mod, 2, 4, L, S) is not None
+    # The backward's one-axis refinements on the default sm90 D=128 tiles (64 x 128 / 128 x 64).
+    tiles = api.parse_kernel_options(None, dtype=torch.bfloat16, head_dim=128, q_block=64, kv_block=64,
+                                     device=torch.device("cuda"), interpret=False, work="masked",
+                                     bwd_blocks=(128, 128)).bwd.tiles
+    assert all(r is not None for r in api._auto_refined_bwd(sp, mask_mod, 2, 4, L, S, tiles))
     check(B=2, Hq=4, L=L, S=S, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128, device="cuda")
 
 
