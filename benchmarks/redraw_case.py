@@ -1,6 +1,7 @@
 """Redraw the cases a `flex-oracle fuzz` process drew, without running any kernel.
 
     python benchmarks/redraw_case.py --seed 10009 --inputs-per-case 6 --bounds cuda --case 27 [--out case.json]
+                                     [--examples 100000] (the process's --examples)
     python benchmarks/redraw_case.py --seed 10009 --inputs-per-case 6 --bounds cuda --list 30
 
 What it is for: a fuzz process on the GPU whose log lost its summary (killed while
@@ -23,19 +24,26 @@ if ROOT not in sys.path:
 
 
 def redraw(seed: int, inputs_per_case: int, bounds: str, count: int,
-           restart_every: int | None = None) -> list:
-    """The first ``count`` (case, metamorphic extra) pairs the fuzz process drew, in its order."""
+           restart_every: int | None = None, examples: int = 100000) -> list:
+    """The first ``count`` (case, metamorphic extra) pairs the fuzz process drew, in its order.
+    ``examples`` is the process's ``--examples``: each Hypothesis run's ``max_examples`` comes
+    from it (the cases left, at most ``restart_every``), and Hypothesis draws differently for
+    another ``max_examples``; so it must be the process's own (the nightly job's 100000), and
+    the redraw stops after ``count`` cases instead. (Before this, the redraw ran with
+    ``examples=count`` and named a wrong case 27 for seed 10009: docs/FAULTS.md.)"""
     from properties import cli
     from properties.properties import METAMORPHIC, Outcome
     from properties.strategies import flex_cases
 
     seen = []
     fz = cli._Fuzzer(target=None, device=bounds, strategy=flex_cases(device=bounds), mode="sample",
-                     props=("matches_oracle",) + METAMORPHIC, examples=count, seed=seed, max_seconds=None,
+                     props=("matches_oracle",) + METAMORPHIC, examples=examples, seed=seed, max_seconds=None,
                      shrink_seconds=0, max_failures=1, quiet=True,
                      restart_every=restart_every or cli.DEFAULT_RESTART_EVERY, inputs_per_case=inputs_per_case)
 
     def passing(case, extra):
+        if len(seen) >= count:
+            raise cli._Stop()
         seen.append((case, extra))
         return [Outcome("matches_oracle", "passed")] + ([Outcome(extra, "passed")] if extra else [])
 
@@ -49,6 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, required=True, help="the fuzz process's --seed")
     p.add_argument("--inputs-per-case", type=int, default=1, help="its --inputs-per-case")
     p.add_argument("--restart-every", type=int, default=None, help="its --restart-every (default the fuzzer's)")
+    p.add_argument("--examples", type=int, default=100000,
+                   help="its --examples (default 100000, the nightly job's)")
     p.add_argument("--bounds", default="cpu", choices=("cpu", "cuda"), help="the device whose size bounds it drew")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--case", type=int, help="write the n-th case (1-based, as the count lines number them)")
@@ -56,7 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="where --case writes (default: stdout)")
     args = p.parse_args(argv)
     n = args.case or args.list
-    drawn = redraw(args.seed, args.inputs_per_case, args.bounds, n, args.restart_every)
+    drawn = redraw(args.seed, args.inputs_per_case, args.bounds, n, args.restart_every, args.examples)
     if len(drawn) < n:
         print(f"the process drew only {len(drawn)} cases", file=sys.stderr)
         return 1
