@@ -103,7 +103,7 @@ def compare_with_oracle(
     scales = reference_scales(query, key, value, grad_out, scale)
     allow = delta_allowances(query, key, value, expected["out"], grad_out, score_mod=score_mod,
                              block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
-                             grad_lse=grad_lse) if grad_out is not None else {}
+                             grad_lse=grad_lse, table_grads=table_truths(expected)) if grad_out is not None else {}
     per_key = {name: {**table_gradient_options(query.dtype), "reference_scale": scales.get("dbuffer"),
                       **({"allowance": allow[name]} if name in allow else {})}
                if name.startswith("dbuffer") else
@@ -131,8 +131,13 @@ def reference_scales(query, key, value, grad_out=None, scale=None) -> dict:
             "dv": rms(grad_out), "dbuffer": dp}
 
 
+def table_truths(expected: dict) -> list:
+    """The true gradients of the learnable tables (``dbuffer0``, ``dbuffer1``, ...) of a run."""
+    return [expected[f"dbuffer{n}"] for n in range(len(expected)) if f"dbuffer{n}" in expected]
+
+
 def delta_allowances(query, key, value, out, grad_out, *, score_mod=None, block_mask=None, scale=None,
-                     enable_gqa=False, grad_lse=None) -> dict:
+                     enable_gqa=False, grad_lse=None, table_grads=None) -> dict:
     """Error scales of dq and dk from the rounding of ``delta = rowsum(dO * O)``.
 
     A kernel stores ``O`` in the inputs' dtype and computes ``delta`` from it in
@@ -152,7 +157,9 @@ def delta_allowances(query, key, value, out, grad_out, *, score_mod=None, block_
     a backward recomputes P (``_exponent_allowance`` for dv, ``_exponent_ds_allowance``
     for dq and dk; ``grad_lse`` enters delta there). Returns ``{"dq", "dk", "dv"}`` in
     float64, shaped as q, k and v, and ``"dbuffer{n}"`` for each learnable table of the
-    score mod (``_table_delta_allowances``).
+    score mod (``_table_delta_allowances``), and with ``table_grads`` (their true gradients)
+    also the float32 accumulation of each entry's terms (``_table_accumulation_allowances``),
+    in quadrature.
     The score mod's derivative (at most 1 for the mods here) is left out.
     """
     eps = torch.finfo(query.dtype).eps
@@ -182,6 +189,9 @@ def delta_allowances(query, key, value, out, grad_out, *, score_mod=None, block_
     dq = size * d.unsqueeze(-1) * mean_key.detach().abs()
     dk = size * grad_k.abs()
     tables = _table_delta_allowances(q, k, vv.detach(), d, lse.detach(), **kw)
+    if table_grads and tables:
+        acc = _table_accumulation_allowances(q, k, value, grad_out, out, grad_lse, lse.detach(), table_grads, **kw)
+        tables = {name: torch.sqrt(t.pow(2) + acc[name].pow(2)) if name in acc else t for name, t in tables.items()}
     if query.dtype == torch.float32:
         lse = lse.detach()
         dv = torch.sqrt(dv.pow(2) + _exponent_allowance(q, k, value, do2, lse, **kw).pow(2))
@@ -265,6 +275,72 @@ def _table_delta_allowances(q, k, v, d, lse, *, score_mod, block_mask, scale, en
     return {f"dbuffer{n}": (g.double().clamp_min(0).sqrt() if g is not None
                             else torch.zeros(t.shape, dtype=torch.float64, device=t.device))
             for n, (t, g) in enumerate(zip(tables, grads))}
+
+
+def _table_accumulation_allowances(q, k, value, grad_out, out, grad_lse, lse, table_grads, *, score_mod,
+                                   block_mask, scale, enable_gqa) -> dict:
+    """The learnable tables' error scales from the float32 accumulation of their terms.
+
+    A kernel adds each ``x = ds[b, h, i, j] * dmod/dT`` into its table entry in float32, one
+    atomic add at a time, in an order that changes from run to run; an entry that n terms
+    read (a relative-position bucket: most of the B * L * S pairs of a head) rounds n times.
+    Each rounding is ``u / sqrt(12)`` times the partial sum, so the error is
+    ``u / sqrt(12) * sqrt(sum_k P_k**2)``; for terms in random order the partial sums ``P_k``
+    are a bridge from 0 to the sum S with steps of ``sum x**2 / n`` variance, which gives
+    ``u / sqrt(12) * sqrt(n / 3 * S**2 + n / 6 * sum x**2)``. Measured on the H200 (float32
+    relative_position tables, 240 000 to 1 000 000 terms an entry, eight runs of each): the
+    kernels' errors 1e-5 to 1.35e-3, run-to-run standard deviations 8e-5 to 5e-4, against
+    this scale 2.3e-4 to 5.2e-4 (up to 2.6 times it, inside the tables' factor of 128), while
+    the emulation's errors there were 4e-7 (it sums in another order, mostly pairwise); the
+    same sums in sequential float32 on the CPU err 1e-4 to 7e-4 (docs/FAULTS.md).
+
+    n and ``sum x**2`` come from the oracle: n is the table gradient of ``sum_i n_i lse'_i``
+    under the score ``mod - mod.detach()`` (zero everywhere, so ``lse'_i = log n_i``, with the
+    table's derivative); ``sum ds**2 dmod/dT`` that of ``sum_i lse''_i exp(lse''_i - 2 lse_i)``
+    under the score ``2 mod + 2 log|dp - delta|`` plus the same zero with the derivative
+    (weights held constant). Both are exact for tables whose derivative is 0 or 1 (biases,
+    relative positions); for others (ALiBi slopes) they are sums of the derivative, clamped
+    at 0 and 1. S is the true gradient (``table_grads``).
+    """
+    tables = _learnables(score_mod)
+    if not tables:
+        return {}
+    u = torch.finfo(torch.float32).eps
+    do = grad_out.detach().double()
+    delta = (do * out.detach().double()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.detach().double()
+    v = value.detach().double()
+    Bk, Hkv = v.shape[0], v.shape[1]
+    group = q.shape[1] // Hkv
+    kw = dict(block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True)
+
+    def counted(score, b, h, i, j):
+        y = score_mod(score, b, h, i, j)
+        return y - y.detach()
+
+    def squared(score, b, h, i, j):
+        y = score_mod(score, b, h, i, j)
+        dp = torch.einsum("...e,...e->...", do[b, h, i], v[b % Bk, h // group, j])
+        return 2 * y.detach() + 2 * torch.log((dp - delta[b, h, i]).abs()) + (y - y.detach())
+
+    with torch.enable_grad():
+        _, lse_c = oracle.flex_attention(q, k, v, score_mod=counted, **kw)
+        ok = torch.isfinite(lse_c)
+        n_i = torch.where(ok, torch.exp(torch.where(ok, lse_c, 0.0)), 0.0).detach()
+        counts = torch.autograd.grad((torch.where(ok, lse_c, 0.0) * n_i).sum(), tables, allow_unused=True)
+        _, lse_s = oracle.flex_attention(q, k, v, score_mod=squared, **kw)
+        ok = torch.isfinite(lse_s) & torch.isfinite(lse)
+        w = torch.where(ok, torch.exp(torch.where(ok, lse_s - 2 * lse, 0.0)), 0.0).detach()
+        squares = torch.autograd.grad((torch.where(ok, lse_s, 0.0) * w).sum(), tables, allow_unused=True)
+    result = {}
+    for n, (t, c, sq, truth) in enumerate(zip(tables, counts, squares, table_grads)):
+        if c is None or sq is None:
+            continue
+        count = c.double().clamp_min(1.0)
+        total = truth.detach().double().to(count.device).reshape(count.shape)
+        result[f"dbuffer{n}"] = u / 12 ** 0.5 * torch.sqrt(count / 3 * total.pow(2) + count / 6 * sq.double().clamp_min(0))
+    return result
 
 
 def _exponent_ds_allowance(q, k, value, grad_out, out, grad_lse, lse, size, *, score_mod, block_mask,

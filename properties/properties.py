@@ -127,7 +127,7 @@ def _truth(m: Materialized, *, with_lse: bool, want_max: bool):
         baseline["_scales"]["allow"] = check.delta_allowances(
             m.query, m.key, m.value, expected["out"], m.grad_out, score_mod=m.score_mod,
             block_mask=m.block_mask, scale=m.scale, enable_gqa=m.enable_gqa,
-            grad_lse=m.grad_lse if with_lse else None)
+            grad_lse=m.grad_lse if with_lse else None, table_grads=check.table_truths(expected))
     return expected, baseline
 
 

@@ -407,6 +407,56 @@ def test_exponent_ds_allowance_is_the_dense_sum():
     assert (a32["dq"] >= gq * (1 - 1e-9)).all() and (a32["dk"] >= gk * (1 - 1e-9)).all()
 
 
+def test_table_accumulation_allowance_is_the_dense_bridge():
+    """A learnable table's allowance for the float32 accumulation of its terms equals
+    u / sqrt(12) * sqrt(n / 3 * S**2 + n / 6 * sum x**2) per entry, with n, S and sum x**2
+    summed densely over the (b, h, i, j) that read it (a relative-position table: one bucket
+    per diagonal band, the clamped ends most of each row), under a block mask, GQA and a
+    grad_lse; and it is what delta_allowances adds in quadrature when given the truth."""
+    from properties import check
+
+    g = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, L, S, E, Ev, R = 2, 4, 2, 37, 45, 8, 3, 3
+    # float32 values in float64, so that the float32 copies below are the same inputs.
+    q, k, v = (torch.randn(*shape, generator=g).double().requires_grad_(True)
+               for shape in ((B, Hq, L, E), (1, Hkv, S, E), (1, Hkv, S, Ev)))
+    do = torch.randn(B, Hq, L, Ev, generator=g, dtype=torch.float64)
+    dl = torch.randn(B, Hq, L, generator=g, dtype=torch.float64)
+    table = torch.randn(Hq, 2 * R + 1, generator=g, dtype=torch.float64).requires_grad_(True)
+    score_mod, mask_mod = mods.relative_position(table), mods.sliding_window(20)
+    bm = build_block_mask(mask_mod, 1, 1, L, S, (16, 16), "cpu")
+    kw = dict(score_mod=score_mod, block_mask=bm, scale=None, enable_gqa=True)
+    run = check.oracle_run(q, k, v, grad_out=do, grad_lse=dl, **kw).tensors
+    q, k, v = q.detach(), k.detach(), v.detach()
+    out, lse = oracle.flex_attention(q, k, v, return_lse=True, **kw)
+    got = check._table_accumulation_allowances(q, k, v, do, out, dl, lse, check.table_truths(run), **kw)["dbuffer0"]
+    n = torch.zeros(Hq, 2 * R + 1, dtype=torch.float64)
+    total, sq = torch.zeros_like(n), torch.zeros_like(n)
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    bucket = (j - i).clamp(-R, R) + R
+    allowed = mask_mod(0, 0, i, j)
+    for b in range(B):
+        for h in range(Hq):
+            s = q[b, h] @ k[0, h // 2].T / E ** 0.5 + table.detach()[h, bucket]
+            p = torch.exp(torch.where(allowed, s, float("-inf")) - lse[b, h, :, None])
+            dp = do[b, h] @ v[0, h // 2].T
+            delta = (do[b, h] * out[b, h]).sum(-1) - dl[b, h]
+            ds = p * (dp - delta[:, None])
+            for e in range(2 * R + 1):
+                sel = allowed & (bucket == e)
+                n[h, e] += sel.sum()
+                total[h, e] += ds[sel].sum()
+                sq[h, e] += ds[sel].pow(2).sum()
+    torch.testing.assert_close(total, run["dbuffer0"], rtol=1e-9, atol=1e-12)
+    u = torch.finfo(torch.float32).eps
+    want = u / 12 ** 0.5 * torch.sqrt(n.clamp_min(1) / 3 * total.pow(2) + n.clamp_min(1) / 6 * sq)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+    both = check.delta_allowances(q.float(), k.float(), v.float(), out, do, grad_lse=dl,
+                                  table_grads=check.table_truths(run), **kw)["dbuffer0"]
+    alone = check.delta_allowances(q.float(), k.float(), v.float(), out, do, grad_lse=dl, **kw)["dbuffer0"]
+    torch.testing.assert_close(both, torch.sqrt(alone.pow(2) + want.pow(2)), rtol=1e-9, atol=0)
+
+
 def test_table_delta_allowance_is_the_dense_sum():
     """A learnable table's allowance for delta's rounding equals sqrt(sum p^2 d_i^2) over the
     (b, h, i, j) that read each entry (a qk bias: every batch and head), under a block mask
