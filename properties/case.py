@@ -25,6 +25,7 @@ __all__ = ["FlexCase", "Materialized", "LAYOUTS", "DTYPE_NAMES", "FORMAT"]
 FORMAT = 1
 
 DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+BLOCK_ORDERS = ("sorted", "reversed")
 
 LAYOUTS = {
     "contiguous": "q, k, v contiguous [B, H, L, E]",
@@ -118,6 +119,9 @@ class FlexCase:
     kernel_options: dict = field(default_factory=dict)
     backward: bool = True
     grad_lse: bool = True
+    # How each row's block list is ordered: "sorted" (create_block_mask's ascending order) or
+    # "reversed" (descending; a list is a set, SPEC section 3, so the result is the same).
+    block_order: str = "sorted"
 
     # ------------------------------------------------------------------
     # validation
@@ -164,6 +168,14 @@ class FlexCase:
             )
         if not isinstance(self.kernel_options, dict) or not all(isinstance(k, str) for k in self.kernel_options):
             raise TypeError(f"Expected kernel_options to be a dict with str keys, got {self.kernel_options!r}.")
+        if self.block_order not in BLOCK_ORDERS:
+            raise ValueError(f"Expected block_order in {BLOCK_ORDERS}, got {self.block_order!r}.")
+        if self.block_order != "sorted" and self.block_size is None:
+            raise ValueError(f"Expected block_order='sorted' without a block mask, got {self.block_order!r}: "
+                             f"only a block mask has lists to order. Give a block_size or drop block_order.")
+        if self.block_order != "sorted" and self.kernel_options.get("BLOCKS_ARE_CONTIGUOUS"):
+            raise ValueError(f"Expected block_order='sorted' with BLOCKS_ARE_CONTIGUOUS, got {self.block_order!r}: "
+                             f"reversed lists break the promise of consecutive blocks. Unset one of them.")
         for flag in ("backward", "grad_lse"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"Expected {flag} to be a bool, got {getattr(self, flag)!r}.")
@@ -230,6 +242,8 @@ class FlexCase:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["block_size"] = list(self.block_size) if self.block_size is not None else None
         d["kernel_options"] = dict(self.kernel_options)
+        if d["block_order"] == "sorted":  # the default stays out, so earlier case files are unchanged
+            del d["block_order"]
         return {"format": FORMAT, **d}
 
     def to_json(self, indent: Optional[int] = None) -> str:
@@ -295,6 +309,8 @@ class FlexCase:
         if mask_mod is not None:
             block_mask = build_block_mask(mask_mod, self.mask_B, self.mask_H, self.L, self.S,
                                           self.block_size, device)
+            if self.block_order == "reversed":
+                block_mask = reverse_block_order(block_mask)
         return Materialized(
             case=self, device=device, query=q, key=k, value=v,
             grad_out=do.to(device) if self.backward else None,
@@ -336,7 +352,8 @@ class FlexCase:
                 bcast.append("heads broadcast")
             extra = f" ({', '.join(bcast)})" if bcast else ""
             lines.append(f"mask:    {name}, block mask of {self.block_size[0]} x {self.block_size[1]} "
-                         f"tiles for [{self.mask_B}, {self.mask_H}]{extra}")
+                         f"tiles for [{self.mask_B}, {self.mask_H}]{extra}"
+                         + (", each row's blocks listed in reverse order" if self.block_order == "reversed" else ""))
         lines.append("score:   " + (mods.from_spec(self.score, "cpu").name if self.score is not None else "none"))
         opts = ", ".join(f"{k}={v}" for k, v in sorted(self.kernel_options.items()))
         lines.append(f"options: {opts or 'none'}")
@@ -398,6 +415,28 @@ class FlexCase:
 
 # --------------------------------------------------------------------------
 # helpers
+
+
+def reverse_block_order(block_mask):
+    """The same ``BlockMask`` with each row's listed blocks, partial and full, in reverse order.
+
+    A row's list is a set (SPEC section 3 gives no order), so a kernel must give the same
+    attention; one that assumes ascending or consecutive blocks (a pointer jump computed from
+    the first block, a walk that stops at a gap) does not."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def reverse(num, idx):
+        columns = torch.arange(idx.shape[-1], device=idx.device)
+        count = num[..., None].long()
+        return idx.gather(-1, torch.where(columns < count, count - 1 - columns, columns)).contiguous()
+
+    full_num = block_mask.full_kv_num_blocks
+    return BlockMask.from_kv_blocks(
+        block_mask.kv_num_blocks, reverse(block_mask.kv_num_blocks, block_mask.kv_indices),
+        full_num, reverse(full_num, block_mask.full_kv_indices) if full_num is not None else None,
+        BLOCK_SIZE=tuple(block_mask.BLOCK_SIZE), mask_mod=block_mask.mask_mod,
+        seq_lengths=tuple(block_mask.seq_lengths),
+    )
 
 
 def build_block_mask(mask_mod, mask_B: int, mask_H: int, L: int, S: int, block_size, device):

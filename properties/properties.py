@@ -32,7 +32,7 @@ import torch
 import oracle
 
 from . import check
-from .case import FlexCase, Materialized, build_block_mask
+from .case import FlexCase, Materialized, build_block_mask, reverse_block_order
 from .targets import NotApplicable, Target, TargetError, best_device, resolve_target
 
 __all__ = [
@@ -230,28 +230,6 @@ def relabel_full_as_partial(block_mask):
     order = torch.where(member, columns, columns + n).argsort(dim=-1).to(torch.int32)
     return BlockMask.from_kv_blocks(
         member.sum(-1, dtype=torch.int32), order, None, None,
-        BLOCK_SIZE=tuple(block_mask.BLOCK_SIZE), mask_mod=block_mask.mask_mod,
-        seq_lengths=tuple(block_mask.seq_lengths),
-    )
-
-
-def reverse_block_order(block_mask):
-    """The same ``BlockMask`` with each row's listed blocks, partial and full, in reverse order.
-
-    A row's list is a set (SPEC section 3 gives no order), so a kernel must give the same
-    attention; one that assumes ascending or consecutive blocks (a pointer jump computed from
-    the first block, a walk that stops at a gap) does not."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    def reverse(num, idx):
-        columns = torch.arange(idx.shape[-1], device=idx.device)
-        count = num[..., None].long()
-        return idx.gather(-1, torch.where(columns < count, count - 1 - columns, columns)).contiguous()
-
-    full_num = block_mask.full_kv_num_blocks
-    return BlockMask.from_kv_blocks(
-        block_mask.kv_num_blocks, reverse(block_mask.kv_num_blocks, block_mask.kv_indices),
-        full_num, reverse(full_num, block_mask.full_kv_indices) if full_num is not None else None,
         BLOCK_SIZE=tuple(block_mask.BLOCK_SIZE), mask_mod=block_mask.mask_mod,
         seq_lengths=tuple(block_mask.seq_lengths),
     )
