@@ -899,7 +899,9 @@ def flex_attention(
     rounding since full blocks run after partial ones; ``_refine_kv``; the backward walks the
     block mask's own lists). On the GPU a block mask of 128 x 128 blocks with neither option
     set is refined to 64 x 64 for the forward when that lists at least 15 % fewer elements
-    (``AUTO_REFINE``); setting either option to the block size keeps the lists as they are.
+    (``AUTO_REFINE``), and, when a backward may follow, the dQ kernel's key lists and the dK/dV
+    kernel's query lists are refined to those kernels' own steps when that saves at least 5 %
+    (``AUTO_REFINE_BWD``); setting either option to the block size keeps the lists as they are.
     """
     _validate(query, key, value, scale, enable_gqa)
     score = as_score_mod(score_mod)
