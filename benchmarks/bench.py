@@ -379,37 +379,31 @@ def _refined(options: dict):
 _ours_refined = _refined({"REFINE_KV_BLOCK": 64})
 
 
-def _ours_fused(case: Case, score_mod, block_mask):
-    # The backward as before kernels.backward.CONCURRENT: delta computed in the dQ kernel, dQ then
-    # dK/dV on one stream (the flag is captured when the forward runs, so it is cleared around
-    # this implementation's calls alone).
-    from kernels import backward
+def _ours_with(module: str, flag: str, value):
+    # ours with ``kernels.<module>.<flag>`` set to ``value`` around this implementation's calls
+    # alone (such flags are read when the forward runs; the backward's choice is captured then).
+    def prepare(case: Case, score_mod, block_mask):
+        import importlib
 
-    inner = _ours(case, score_mod, block_mask)
+        mod = importlib.import_module(f"kernels.{module}")
+        inner = _ours(case, score_mod, block_mask)
 
-    def fn(q, k, v):
-        before, backward.CONCURRENT = backward.CONCURRENT, False
-        try:
-            return inner(q, k, v)
-        finally:
-            backward.CONCURRENT = before
-    return fn
+        def fn(q, k, v):
+            before = getattr(mod, flag)
+            setattr(mod, flag, value)
+            try:
+                return inner(q, k, v)
+            finally:
+                setattr(mod, flag, before)
+        return fn
+    return prepare
 
 
-def _ours_bwd_unrefined(case: Case, score_mod, block_mask):
-    # Without the automatic backward refinement (kernels.api.AUTO_REFINE_BWD; decided when the
-    # forward runs, so it is cleared around this implementation's calls alone).
-    from kernels import api
-
-    inner = _ours(case, score_mod, block_mask)
-
-    def fn(q, k, v):
-        before, api.AUTO_REFINE_BWD = api.AUTO_REFINE_BWD, False
-        try:
-            return inner(q, k, v)
-        finally:
-            api.AUTO_REFINE_BWD = before
-    return fn
+# The backward as before kernels.backward.CONCURRENT: delta computed in the dQ kernel, dQ then dK/dV
+# on one stream.
+_ours_fused = _ours_with("backward", "CONCURRENT", False)
+# Without the automatic backward refinement (kernels.api.AUTO_REFINE_BWD).
+_ours_bwd_unrefined = _ours_with("api", "AUTO_REFINE_BWD", False)
 
 
 _COMPILED: dict = {}

@@ -277,6 +277,22 @@ def _table_delta_allowances(q, k, v, d, lse, *, score_mod, block_mask, scale, en
             for n, (t, g) in enumerate(zip(tables, grads))}
 
 
+def _dp_minus_delta(grad_out, out, grad_lse, value, query_heads: int):
+    """``g(b, h, i, j) = dO[b, h, i] . V[j] - delta[b, h, i]`` in float64 (``ds = p * g``), for
+    use inside an oracle score mod; ``delta = rowsum(dO * O) - grad_lse``, V read as the kernels
+    read it (a broadcast batch, the GQA group's head)."""
+    do = grad_out.detach().double()
+    delta = (do * out.detach().double()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.detach().double()
+    v = value.detach().double()
+    Bk, group = v.shape[0], query_heads // v.shape[1]
+
+    def g(b, h, i, j):
+        return torch.einsum("...e,...e->...", do[b, h, i], v[b % Bk, h // group, j]) - delta[b, h, i]
+    return g
+
+
 def _table_accumulation_allowances(q, k, value, grad_out, out, grad_lse, lse, table_grads, *, score_mod,
                                    block_mask, scale, enable_gqa) -> dict:
     """The learnable tables' error scales from the float32 accumulation of their terms.
@@ -306,13 +322,8 @@ def _table_accumulation_allowances(q, k, value, grad_out, out, grad_lse, lse, ta
     if not tables:
         return {}
     u = torch.finfo(torch.float32).eps
-    do = grad_out.detach().double()
-    delta = (do * out.detach().double()).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.detach().double()
+    g = _dp_minus_delta(grad_out, out, grad_lse, value, q.shape[1])
     v = value.detach().double()
-    Bk, Hkv = v.shape[0], v.shape[1]
-    group = q.shape[1] // Hkv
     kw = dict(block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True)
 
     def counted(score, b, h, i, j):
@@ -321,8 +332,7 @@ def _table_accumulation_allowances(q, k, value, grad_out, out, grad_lse, lse, ta
 
     def squared(score, b, h, i, j):
         y = score_mod(score, b, h, i, j)
-        dp = torch.einsum("...e,...e->...", do[b, h, i], v[b % Bk, h // group, j])
-        return 2 * y.detach() + 2 * torch.log((dp - delta[b, h, i]).abs()) + (y - y.detach())
+        return 2 * y.detach() + 2 * torch.log(g(b, h, i, j).abs()) + (y - y.detach())
 
     with torch.enable_grad():
         _, lse_c = oracle.flex_attention(q, k, v, score_mod=counted, **kw)
@@ -366,18 +376,11 @@ def _exponent_ds_allowance(q, k, value, grad_out, out, grad_lse, lse, size, *, s
     u = torch.finfo(torch.float32).eps
     finite = torch.isfinite(lse)
     size_lse = torch.where(finite, lse.abs(), torch.zeros_like(lse))
-    do = grad_out.detach().double()
-    delta = (do * out.detach().double()).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.detach().double()
-    v = value.detach().double()
-    Bk, Hkv = v.shape[0], v.shape[1]
-    group = q.shape[1] // Hkv
+    g = _dp_minus_delta(grad_out, out, grad_lse, value, q.shape[1])
 
     def weighted(score, b, h, i, j):
         s = score_mod(score, b, h, i, j) if score_mod is not None else score
-        dp = torch.einsum("...e,...e->...", do[b, h, i], v[b % Bk, h // group, j])
-        return 2 * s + 2 * torch.log(s.abs() + size_lse[b, h, i]) + 2 * torch.log((dp - delta[b, h, i]).abs())
+        return 2 * s + 2 * torch.log(s.abs() + size_lse[b, h, i]) + 2 * torch.log(g(b, h, i, j).abs())
 
     kk = k.pow(2).requires_grad_(True)
     with torch.enable_grad():

@@ -387,22 +387,31 @@ def test_automatic_refinement_decision():
         api.AUTO_REFINE = before
 
 
-def test_automatic_refinement_end_to_end(monkeypatch):
-    """The automatic path through flex_attention (on the GPU only; here with the interpreter
-    let in): the forward walks the 64 x 64 lists on REFINED_FWD_LAUNCH, the backward the block
-    mask's own lists and tiles, and the oracle agrees, a learnable bias included."""
+def _open_automatic_refinement(monkeypatch, spied: str) -> list:
+    """Let the interpreter take the automatic refinement (the GPU's alone otherwise) and record
+    what ``kernels.api.<spied>`` returns on each call."""
     from kernels import api
 
     monkeypatch.setattr(api, "_auto_refine_wanted", lambda opts, interpret: not api._refine_given(opts))
     seen = []
-    original = api._auto_refined
+    original = getattr(api, spied)
 
     def spy(*args):
         got = original(*args)
         seen.append(got)
         return got
 
-    monkeypatch.setattr(api, "_auto_refined", spy)
+    monkeypatch.setattr(api, spied, spy)
+    return seen
+
+
+def test_automatic_refinement_end_to_end(monkeypatch):
+    """The automatic path through flex_attention (on the GPU only; here with the interpreter
+    let in): the forward walks the 64 x 64 lists on REFINED_FWD_LAUNCH, the backward the block
+    mask's own lists and tiles, and the oracle agrees, a learnable bias included."""
+    from kernels import api
+
+    seen = _open_automatic_refinement(monkeypatch, "_auto_refined")
     L = S = 260
     mask_mod = mods.document.from_seed(L, 6, 2)
     bias = mods.bias.from_seed([2, L, S], seed=5, layout="hqk", requires_grad=True)
@@ -420,18 +429,7 @@ def test_automatic_backward_refinement_end_to_end(monkeypatch):
     interpreter let in): the dQ kernel walks key lists refined to its BLOCK_N2, the dK/dV
     kernel query lists refined to its BLOCK_M1, tiles unchanged, and the oracle agrees, GQA,
     a learnable bias and a query/key tail included. Without a saving, nothing is refined."""
-    from kernels import api
-
-    monkeypatch.setattr(api, "_auto_refine_wanted", lambda opts, interpret: not api._refine_given(opts))
-    seen = []
-    original = api._auto_refined_bwd
-
-    def spy(*args):
-        got = original(*args)
-        seen.append(got)
-        return got
-
-    monkeypatch.setattr(api, "_auto_refined_bwd", spy)
+    seen = _open_automatic_refinement(monkeypatch, "_auto_refined_bwd")
     L, S = 250, 270
     mask_mod = mods.document.from_seed(L, 6, 2, kv_length=S)
     bias = mods.bias.from_seed([2, L, S], seed=6, layout="hqk", requires_grad=True)
