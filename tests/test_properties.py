@@ -393,7 +393,9 @@ def test_exponent_allowance_is_the_dense_sum():
 def test_exponent_ds_allowance_is_the_dense_sum():
     """dq's and dk's float32 exponent terms equal scale * u / sqrt(12) * sqrt(sum ds^2 (|s| +
     |lse|)^2 K^2) over keys, and the same with Q^2 over queries (summed over a GQA group and a
-    broadcast batch), with delta = rowsum(dO * O) - dlse, under a score mod and a block mask."""
+    broadcast batch), with delta = rowsum(dO * O) - dlse, under a score mod and a block mask;
+    the bf16 / fp16 terms for the rounding of ds equal scale * eps / sqrt(12) * sqrt(sum ds^2 K^2)
+    (and with Q^2), the same sums without the exponent's weight."""
     from properties import check
 
     g = torch.Generator().manual_seed(6)
@@ -408,8 +410,11 @@ def test_exponent_ds_allowance_is_the_dense_sum():
     kw = dict(score_mod=score_mod, block_mask=bm, scale=0.3, enable_gqa=True)
     out, lse = oracle.flex_attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
     gq, gk = check._exponent_ds_allowance(q.double(), k.double(), v, do, out, dlse, lse, 0.3, **kw)
+    eps = torch.finfo(torch.bfloat16).eps
+    rq, rk = check._ds_rounding_allowance(q.double(), k.double(), v, do, out, dlse, lse, 0.3, eps, **kw)
     want_q = torch.zeros(B, Hq, L, E, dtype=torch.float64)
     want_k = torch.zeros(1, Hkv, S, E, dtype=torch.float64)
+    plain_q, plain_k = torch.zeros_like(want_q), torch.zeros_like(want_k)
     i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
     for b in range(B):
         for h in range(Hq):
@@ -423,9 +428,18 @@ def test_exponent_ds_allowance_is_the_dense_sum():
             w = ds.pow(2) * size.pow(2)
             want_q[b, h] = w @ kb.pow(2)
             want_k[0, h // 2] += w.T @ qb.pow(2)
+            plain_q[b, h] = ds.pow(2) @ kb.pow(2)
+            plain_k[0, h // 2] += ds.pow(2).T @ qb.pow(2)
     c = 0.3 * torch.finfo(torch.float32).eps / 12 ** 0.5
     torch.testing.assert_close(gq, c * want_q.sqrt(), rtol=1e-9, atol=0)
     torch.testing.assert_close(gk, c * want_k.sqrt(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(rq, 0.3 * eps / 12 ** 0.5 * plain_q.sqrt(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(rk, 0.3 * eps / 12 ** 0.5 * plain_k.sqrt(), rtol=1e-9, atol=0)
+    q16, k16, v16 = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    lse16 = oracle.flex_attention(q16.double(), k16.double(), v16.double(), return_lse=True, **kw)[1]
+    r16 = check._ds_rounding_allowance(q16.double(), k16.double(), v16, do, out, dlse, lse16, 0.3, eps, **kw)
+    a16 = check.delta_allowances(q16, k16, v16, out, do, grad_lse=dlse, **kw)
+    assert (a16["dq"] >= r16[0] * (1 - 1e-9)).all() and (a16["dk"] >= r16[1] * (1 - 1e-9)).all()
     # They join dq's and dk's float32 allowances (in quadrature, so never below them).
     a32 = check.delta_allowances(q, k, v, out, do, grad_lse=dlse, **kw)
     assert (a32["dq"] >= gq * (1 - 1e-9)).all() and (a32["dk"] >= gk * (1 - 1e-9)).all()
