@@ -661,6 +661,19 @@ def _auto_refine_wanted(kernel_options, interpret: bool) -> bool:
             and not _check_bool(kernel_options or {}, "BLOCKS_ARE_CONTIGUOUS"))
 
 
+def _fwd_tiles_fit(kernel_options, sub: Optional[int]) -> bool:
+    """Whether the forward tiles the options set (BLOCK_M, BLOCK_N and their fwd_ forms) are at
+    most ``sub``, so that they divide blocks refined to it. A tile the caller asked for is kept:
+    a 128 x 128 tile rules the automatic 64 x 64 refinement out (taking it anyway raised on
+    the H200 where the options asked for BLOCK_M or BLOCK_N of 128; false-alarm seeds 13005
+    and 13007)."""
+    if sub is None or not isinstance(kernel_options, dict):
+        return True
+    names = _REFINE_TILES["REFINE_Q_BLOCK"][1] + _REFINE_TILES["REFINE_KV_BLOCK"][1]
+    return all(not (isinstance(t, int) and not isinstance(t, bool) and t > sub)
+               for t in (kernel_options.get(n) for n in names))
+
+
 def _grad_wanted(query, key, value, program) -> bool:
     """Whether autograd will record the call (so a backward may follow)."""
     return torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
@@ -899,9 +912,10 @@ def flex_attention(
     rounding since full blocks run after partial ones; ``_refine_kv``; the backward walks the
     block mask's own lists). On the GPU a block mask of 128 x 128 blocks with neither option
     set is refined to 64 x 64 for the forward when that lists at least 15 % fewer elements
-    (``AUTO_REFINE``), and, when a backward may follow, the dQ kernel's key lists and the dK/dV
-    kernel's query lists are refined to those kernels' own steps when that saves at least 5 %
-    (``AUTO_REFINE_BWD``); setting either option to the block size keeps the lists as they are.
+    (``AUTO_REFINE``) and no forward tile of 128 is asked for, and, when a backward may follow,
+    the dQ kernel's key lists and the dK/dV kernel's query lists are refined to those kernels'
+    own steps when that saves at least 5 % (``AUTO_REFINE_BWD``); setting either option to the
+    block size keeps the lists as they are.
     """
     _validate(query, key, value, scale, enable_gqa)
     score = as_score_mod(score_mod)
@@ -920,7 +934,7 @@ def flex_attention(
         q_sub, sub = _refine_option(kernel_options, sparse.q_block, sparse.kv_block)
         if sub is not None or q_sub is not None:
             sparse = _refined_lists(sparse, mask, B, Hq, L, S, sub, q_sub)
-        elif _auto_refine_wanted(kernel_options, interpret):
+        elif _auto_refine_wanted(kernel_options, interpret) and _fwd_tiles_fit(kernel_options, AUTO_REFINE):
             refined = _auto_refined(sparse, mask, B, Hq, L, S)
             if refined is not None:
                 sparse, auto = refined, True

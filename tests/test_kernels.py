@@ -424,6 +424,22 @@ def test_automatic_refinement_end_to_end(monkeypatch):
     assert opts.fwd.tiles == {"BLOCK_M": 64, "BLOCK_N": 64} and opts.bwd.tiles["BLOCK_N1"] == 128
 
 
+@pytest.mark.parametrize("tiles", [{"BLOCK_M": 128}, {"fwd_BLOCK_N": 128}])
+def test_automatic_refinement_keeps_asked_for_tiles_of_128(monkeypatch, tiles):
+    """A forward tile of 128 the options ask for rules the automatic 64 x 64 refinement out, so
+    the call runs on the block mask's own lists: taking it raised a ValueError (the tile does not
+    divide the refined block) on the H200, false-alarm seeds 13005 and 13007 (an empty table mask
+    with BLOCK_M=128, and a dense case's 128 x 128 block mask with BLOCK_N=128)."""
+    seen = _open_automatic_refinement(monkeypatch, "_auto_refined")
+    L = S = 260
+    check(B=1, Hq=2, L=L, S=S, E=16, mask_mod=mods.document.from_seed(L, 6, 2), block_size=128,
+          kernel_options=tiles)
+    assert seen == []
+    check(B=1, Hq=2, L=L, S=S, E=16, mask_mod=mods.document.from_seed(L, 6, 2), block_size=128,
+          kernel_options={"BLOCK_M": 64, "BLOCK_N": 32})
+    assert len(seen) == 1 and seen[0] is not None
+
+
 def test_automatic_backward_refinement_end_to_end(monkeypatch):
     """The backward's automatic refinement (AUTO_REFINE_BWD; on the GPU only, here with the
     interpreter let in): the dQ kernel walks key lists refined to its BLOCK_N2, the dK/dV
