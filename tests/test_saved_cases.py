@@ -13,7 +13,9 @@ found on the H200 and, for the same case as an illegal memory access there, on
 the CPU), a float32 one (``table-gradient-accumulation-fp32``: a relative-position
 table's entries sum 240 000 terms by float32 atomics, whose order-dependent rounding
 the error model lacked; it fails on the H200 only, so the gpu-marked replay pins it),
-and failures of other
+a target error that only the GPU shows (``auto-refine-asked-tile-128``: the automatic
+64 x 64 refinement was taken although the options asked for BLOCK_M=128, and the tile check
+raised), and failures of other
 targets that our kernels must keep handling (``gqa-77-bf16``: PyTorch 2.11's
 compiled flex_attention raises NoValidChoicesError on it on the H100). This
 test replays each one exactly as a bisect script would (``flex-oracle replay
