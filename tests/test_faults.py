@@ -264,3 +264,20 @@ def test_a_stopped_runner_kills_its_hunts(tmp_path):
         if "properties.faults hunt" in cmd and str(tmp_path) in cmd:
             left.append(cmd)
     assert not left, f"hunts left running: {left}"
+
+
+def test_trigger_rates_check_every_case_against_every_fault():
+    """benchmarks/trigger_rates.py: the hunts' cases are the redraw's (a hunt of seed s draws the
+    same cases whatever fault is planted), and each case is judged as a hunt judges it, without
+    stopping: a forward case trips fwd_lse_base2 and not a decode kernel's fault."""
+    from benchmarks import redraw_case, trigger_rates
+    from properties.case import FlexCase
+
+    drawn = trigger_rates.hunt_cases(0, 4, "cpu")
+    again = redraw_case.redraw(0, 1, "cpu", 4, restart_every=faults.HUNT_RESTART_EVERY, examples=4)
+    assert [(c.to_json(), x) for c, x in drawn] == [(c.to_json(), x) for c, x in again]
+    case = FlexCase(B=1, Hq=2, Hkv=1, Bk=1, L=20, S=20, E=8, Ev=8, dtype="float32", backward=False,
+                    kernel_options={"FORCE_USE_FLEX_ATTENTION": True})
+    pairs = [(case.to_json(), None)]
+    assert trigger_rates.check_fault("fwd_lse_base2", pairs, "cpu")[0][0] == "matches_oracle"
+    assert trigger_rates.check_fault("decode_gqa_interleaved", pairs, "cpu") == [None]
