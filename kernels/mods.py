@@ -382,6 +382,9 @@ def _draw(recipe: dict) -> torch.Tensor:
             ids[torch.sort(cuts).values] = 1
         return torch.cumsum(ids, 0).to(dtype).expand(shape).contiguous()
     if kind == "bernoulli":
+        if recipe.get("rows"):
+            # One draw per row (all but the last dimension), the same along it: a row mask.
+            return (torch.rand(shape[:-1] + (1,), generator=gen) < float(recipe["p"])).to(dtype).expand(shape).contiguous()
         return (torch.rand(shape, generator=gen) < float(recipe["p"])).to(dtype)
     raise ValueError(f"Unknown tensor recipe kind {kind!r}; expected normal, uniform, segments or bernoulli.")
 
@@ -643,7 +646,8 @@ class _TableMask(MaskMod):
     @property
     def name(self):
         t = self.table.tensor
-        return f"table_mask({tuple(t.shape)}, density {t.float().mean().item():.2f})"
+        rows = " rows" if (self.table.recipe or {}).get("rows") else ""
+        return f"table_mask({tuple(t.shape)},{rows} density {t.float().mean().item():.2f})"
 
     def spec(self):
         return {"name": "table_mask", "table": self.table.spec()}
@@ -671,9 +675,12 @@ def table_mask(table: torch.Tensor) -> MaskMod:
 
 
 def _table_mask_from_seed(heads: int, length: int, kv_length: int, density: float, seed: int,
-                          device="cpu") -> MaskMod:
+                          device="cpu", rows: bool = False) -> MaskMod:
+    """A seeded 0/1 table: each element 1 with probability ``density``, or with ``rows`` each
+    query row all 1 (kept) or all 0 (fully masked) with that probability."""
+    extra = {"rows": True} if rows else {}
     return _TableMask(seeded("bernoulli", [heads, length, kv_length], seed, dtype=torch.int8,
-                             device=device, p=float(density)))
+                             device=device, p=float(density), **extra))
 
 
 table_mask.from_seed = _table_mask_from_seed

@@ -166,8 +166,9 @@ def test_long_bounds_lean_to_learnable_tables():
     # Three faults (bwd_bias_grad_*, bwd_kv_tail_bias_grad) corrupt only learnable tables'
     # gradients; a GPU hunt draws 13 to 25 cases, so the CUDA strategy leans to them: 24 of
     # 200 derandomized CUDA cases have one and a backward (31 before the block-order draw moved
-    # the stream; 3 of the first 40 now, hence 200), 6 of 200 under the CPU's bounds (without
-    # the lean, 1 of the first 25 cases of a GPU hunt had one, and they survived).
+    # the stream; 3 of the first 40 now, hence 200), 6 of 200 under the CPU's bounds then,
+    # which lean too now (test_cpu_draws_reach_the_rare_triggers); without the lean, 1 of the
+    # first 25 cases of a GPU hunt had one, and they survived.
     seen = []
 
     @settings(max_examples=200, database=None, derandomize=True, deadline=None,
@@ -178,6 +179,46 @@ def test_long_bounds_lean_to_learnable_tables():
 
     draw()
     assert sum(seen) >= 18, f"{sum(seen)} of {len(seen)} CUDA cases have a learnable table and a backward"
+
+
+def test_cpu_draws_reach_the_rare_triggers():
+    """The CPU's fault hunts draw 25 cases; a trigger met in under about 1 case in 10 survives
+    them by luck (0.9 ** 25 = 7 %), and three did at c8c6b4e (docs/FAULTS.md). So the CPU's
+    draws lean to each: query rows fully masked on the block-sparse forward (dead rows),
+    reversed block lists that the forward walks unrefined, GQA with several key/value heads on
+    the decode kernel, and learnable tables with a backward. Counts over 400 derandomized CPU
+    cases (they move with the draw stream) were 68, 85, 79 and 54; the same test before the
+    leans gave 0 (no dead rows), 20, 62 and 7. Random draws (300, seeds 0-5) gave 16 %, 16 %,
+    25 % and 19 % of cases."""
+    seen = []
+
+    @settings(max_examples=400, database=None, derandomize=True, deadline=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(flex_cases(device="cpu"))
+    def draw(c):
+        opts = c.kernel_options
+        forward = c.L >= 128 or bool(opts.get("FORCE_USE_FLEX_ATTENTION"))
+        seen.append((
+            forward and c.mask is not None and '"rows": true' in json.dumps(c.mask),
+            forward and c.block_order == "reversed" and not any(k.startswith("REFINE") for k in opts),
+            c.Hq > c.Hkv >= 2 and not forward,
+            c.backward and c.score is not None and '"requires_grad": true' in json.dumps(c.score),
+        ))
+
+    draw()
+    counts = [sum(x[k] for x in seen) for k in range(4)]
+    assert counts[0] >= 45 and counts[1] >= 50 and counts[2] >= 70 and counts[3] >= 30, \
+        f"{counts} of {len(seen)} CPU cases"
+
+
+def test_dead_rows_table_masks_whole_rows():
+    """table_mask.from_seed(..., rows=True): each query row all allowed or all masked, about
+    ``density`` of them allowed, and the same bits from the spec (a replay rebuilds it)."""
+    m = mods.table_mask.from_seed(1, 40, 23, 0.75, seed=3, rows=True)
+    t = m.tensors()[0]
+    assert ((t == 0).all(-1) | (t == 1).all(-1)).all() and 0 < (t[0, :, 0] == 0).sum() < 40
+    again = mods.from_spec(m.spec(), "cpu").tensors()[0]
+    assert torch.equal(t, again) and "rows" in m.name
 
 
 def _bits(t):
