@@ -184,7 +184,7 @@ def shapes(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads: in
     ``boundaries`` (and one past them); ``Bk`` is ``B`` or, behind a drawn boolean, 1.
     Unset maxima come from ``bounds_for(device)``.
 
-    ``long_kv_len`` (above ``max_len``; 0 for none): one case in ten draws S past
+    ``long_kv_len`` (above ``max_len``; 0 for none): one case in eight draws S past
     ``max_len``, up to it, leaning to 128 blocks of a boundary size, where block lists
     reach 128 entries. Unset, it comes from ``bounds_for(device)`` (CUDA: 8448; the
     CPU has none) when ``max_len`` is unset too, else there is none.
@@ -263,8 +263,10 @@ def shapes(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads: in
         # masks (keys past L must be allowed, or padded keys up to L).
         separate = draw(st.integers(0, 2)) > 0 if _long(max_len) else draw(st.booleans())
         S = _length(draw, min_len, max_len, boundaries) if separate else L
-        # One in ten nominally (== 5: Hypothesis draws an integer's bounds far more often).
-        if long_kv_len and draw(st.integers(0, 9)) == 5:
+        # One in eight, by three booleans: Hypothesis draws an integer's bounds far more often
+        # than its middle, and `integers(0, 9) == 5` gave 5 to 35 of 400 derandomized cases as
+        # later draws moved the stream.
+        if long_kv_len and draw(st.booleans()) and draw(st.booleans()) and draw(st.booleans()):
             S = _many_blocks_length(draw, max_len + 1, long_kv_len, boundaries)
         E = _head_dim(draw, min_head_dim, max_head_dim)
         Ev = _head_dim(draw, min_head_dim, max_head_dim) if draw(st.booleans()) else E
@@ -606,10 +608,13 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
         if has_mask:
             mask = draw(mask_mods(q_len=shape.L, kv_len=shape.S, batch=shape.B, heads=shape.Hq,
                                   max_depth=max_mask_depth, max_tables=2, exclude=mask_exclude))
-            # Under GQA behind one boolean, else two: the decode kernel reads each packed query
-            # head's own lists (decode_mask_head_uses_kv_head needs a mask per head and G >= 2).
-            if (shape.Hq > 1 and "by_head" not in mask_exclude and draw(st.booleans())
-                    and (shape.Hq > shape.Hkv or draw(st.booleans()))):
+            # Three in four under GQA, else one in two: the decode kernel reads each packed query
+            # head's own lists (decode_mask_head_uses_kv_head needs a mask per head and G >= 2),
+            # and at one in two and one in four (the eighth session's) 7 of the CPU hunts' first
+            # 100 cases gave the forward per-head lists that differ, none of seed 0's 25, and
+            # fwd_mask_head_ignored survived there (17 of 100 now).
+            if (shape.Hq > 1 and "by_head" not in mask_exclude
+                    and (draw(st.booleans()) or (shape.Hq > shape.Hkv and draw(st.booleans())))):
                 # A mask per head (a window per head, say), whatever the tree drew: which head's
                 # block lists a GQA kernel reads is easy to get wrong.
                 tables_left = 2 - len({id(t) for t in mask.tensors()})
