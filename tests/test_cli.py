@@ -428,6 +428,16 @@ def test_redraw_case_gives_the_cases_a_fuzz_drew(tmp_path, monkeypatch):
     from benchmarks import redraw_case
     from properties import cli
 
+    # The redraw first, as a fresh process runs it: Hypothesis also draws literal constants of
+    # the modules loaded, and a fuzz loads the mods' generated modules as it runs cases, so a
+    # redraw in the same process after a fuzz drew other cases from the third on (found when
+    # the ninth session's strategies moved the stream; how a long fuzz process's later runs
+    # see them is not yet measured).
+    drawn = redraw_case.redraw(9, 2, "cpu", 8, examples=8)
+    # The first cases of a longer run are the same whatever count is asked for (the redraw
+    # stops itself), but not under another --examples: Hypothesis's max_examples shapes its draws.
+    first = redraw_case.redraw(9, 2, "cpu", 3, examples=8)
+    assert [(c.to_json(), x) for c, x in first] == [(c.to_json(), x) for c, x in drawn[:3]]
     ran = []
     original = cli._Fuzzer.check
 
@@ -439,8 +449,4 @@ def test_redraw_case_gives_the_cases_a_fuzz_drew(tmp_path, monkeypatch):
     assert main(["fuzz", "--examples", "8", "--seed", "9", "--inputs-per-case", "2",
                  "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"]) == EXIT_PASS
     monkeypatch.setattr(cli._Fuzzer, "check", original)
-    drawn = redraw_case.redraw(9, 2, "cpu", len(ran), examples=8)
-    assert [(c.to_json(), x) for c, x in drawn] == ran
-    # The first cases of a longer run are the same whatever count is asked for (the redraw
-    # stops itself), but not under another --examples: Hypothesis's max_examples shapes its draws.
-    assert [(c.to_json(), x) for c, x in redraw_case.redraw(9, 2, "cpu", 3, examples=8)] == ran[:3]
+    assert len(ran) == 8 and [(c.to_json(), x) for c, x in drawn] == ran
