@@ -384,7 +384,8 @@ def _draw(recipe: dict) -> torch.Tensor:
     if kind == "bernoulli":
         if recipe.get("rows"):
             # One draw per row (all but the last dimension), the same along it: a row mask.
-            return (torch.rand(shape[:-1] + (1,), generator=gen) < float(recipe["p"])).to(dtype).expand(shape).contiguous()
+            keep = torch.rand(shape[:-1] + (1,), generator=gen) < float(recipe["p"])
+            return keep.to(dtype).expand(shape).contiguous()
         return (torch.rand(shape, generator=gen) < float(recipe["p"])).to(dtype)
     raise ValueError(f"Unknown tensor recipe kind {kind!r}; expected normal, uniform, segments or bernoulli.")
 

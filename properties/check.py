@@ -156,11 +156,11 @@ def delta_allowances(query, key, value, out, grad_out, *, score_mod=None, block_
     before the dV product and, in float32, for the rounding of the exponent from which
     a backward recomputes P (``_exponent_allowance`` for dv, ``_exponent_ds_allowance``
     for dq and dk; ``grad_lse`` enters delta there), and in bf16 and fp16 dq's and dk's
-    scale for the rounding of ``ds`` before its products (``_ds_rounding_allowance``). Returns ``{"dq", "dk", "dv"}`` in
-    float64, shaped as q, k and v, and ``"dbuffer{n}"`` for each learnable table of the
-    score mod (``_table_delta_allowances``), and with ``table_grads`` (their true gradients)
-    also the float32 accumulation of each entry's terms (``_table_accumulation_allowances``),
-    in quadrature.
+    scale for the rounding of ``ds`` before its products (``_ds_rounding_allowance``).
+    Returns ``{"dq", "dk", "dv"}`` in float64, shaped as q, k and v, and ``"dbuffer{n}"``
+    for each learnable table of the score mod (``_table_delta_allowances``), and with
+    ``table_grads`` (their true gradients) also the float32 accumulation of each entry's
+    terms (``_table_accumulation_allowances``), in quadrature.
     The score mod's derivative (at most 1 for the mods here) is left out.
     """
     eps = torch.finfo(query.dtype).eps

@@ -599,8 +599,8 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
         block = draw(block_sizes()) if has_mask else None
         boundaries = sorted({_DENSE_BLOCK} | (set(block) if block else set()))
         shape = draw(shapes(boundaries=boundaries, **shape_kw))
-        # Three in four: a score mod carries the learnable tables whose gradients five faults
-        # corrupt (docs/FAULTS.md, the ninth session).
+        # Three in four: a score mod carries the learnable tables whose gradients three faults
+        # corrupt (bwd_bias_grad_*, bwd_kv_tail_bias_grad; docs/FAULTS.md, the ninth session).
         has_score = (draw(st.booleans()) or draw(st.booleans())) if score_mod is None else score_mod
 
         mask = None
@@ -621,11 +621,11 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
                 other = draw(mask_mods(q_len=shape.L, kv_len=shape.S, batch=shape.B, heads=1, max_depth=0,
                                        max_tables=max(0, tables_left), exclude=mask_exclude))
                 mask = mods.by_head(mask, other)
-            # Adversarial, about one mask in three: some query rows fully masked, the rest as drawn (a
-            # row table, 0 or 1 along each row). A kernel must give them out = 0 and lse = -inf;
-            # without this only about 1 forward case in 7 had such a row (the empty leaf, nearly
-            # empty tables, a head of by_head), and fwd_masked_row_div0 survived the CPU's 25
-            # cases (docs/FAULTS.md).
+            # Adversarial, about one mask in three: some query rows fully masked, the rest as
+            # drawn (a row table, 0 or 1 along each row), where a kernel gives out = 0 and
+            # lse = -inf. Without it about 1 forward case in 7 had such a row (the empty leaf,
+            # nearly empty tables, a head of by_head), and fwd_masked_row_div0 survived the
+            # CPU's 25 cases (docs/FAULTS.md).
             if (len({id(t) for t in mask.tensors()}) < 2 and not {"table_mask", "and"} & mask_exclude
                     and draw(st.integers(0, 2)) == 0):
                 density = draw(st.sampled_from([0.75, 0.5, 0.9]))
@@ -689,15 +689,13 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
         refine_q = _refine_choices(mask, block, options, exclude_options, axis="Q")
         if refine_q and draw(st.booleans()) and draw(st.booleans()):
             options = {**options, "REFINE_Q_BLOCK": draw(st.sampled_from(refine_q))}
-        # Each row's blocks listed in reverse order, one case in four with a block mask (a list
-        # is a set, SPEC section 3): a kernel that assumes ascending or consecutive blocks walks
-        # the wrong ones. Only block_order_changes_nothing, drawn in one case in 24, tried that
-        # before, and fwd_contiguous_assumed survived the CPU's 25 cases once the draws above
-        # moved the hunts (docs/FAULTS.md). Last, like the refinements, for the same reason.
-        # Three in four where no refinement was drawn: refined lists are rebuilt in ascending
-        # order, so the reversal shows nothing to the forward there (5 of the 10 reversed forward
-        # cases of the CPU's fault hunts were refined, and fwd_contiguous_assumed met 4 of 100
-        # cases; at one in two 10 of 100, all of them reversed lists of 2 or more blocks).
+        # Each row's blocks listed in reverse order (a list is a set, SPEC section 3): a kernel
+        # that assumes ascending or consecutive blocks walks the wrong ones. Three cases in four
+        # with a block mask and no refinement, one in four with one: refined lists are rebuilt
+        # in ascending order, so the reversal shows the forward nothing there (at one in four
+        # throughout, 5 of the 10 reversed forward cases of the CPU's hunts were refined and
+        # fwd_contiguous_assumed met 4 of 100 cases, 12 now; docs/FAULTS.md). Last, like the
+        # refinements, so that a case's earlier draws stay as they were.
         order = "sorted"
         refined = "REFINE_KV_BLOCK" in options or "REFINE_Q_BLOCK" in options
         if (block is not None and not options.get("BLOCKS_ARE_CONTIGUOUS")
