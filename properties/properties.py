@@ -123,11 +123,16 @@ def _truth(m: Materialized, *, with_lse: bool, want_max: bool):
     expected = {k: v.double() for k, v in check.oracle_run(m.query, m.key, m.value, **kw).tensors.items()}
     baseline = check.emulated_run(m.query, m.key, m.value, kernel_options=m.kernel_options or None, **kw).tensors
     baseline["_scales"] = check.reference_scales(m.query, m.key, m.value, m.grad_out, m.scale)
+    allow = check.forward_allowances(m.query, m.key, m.value, expected["out"], expected["lse"],
+                                     score_mod=m.score_mod, block_mask=m.block_mask, scale=m.scale,
+                                     enable_gqa=m.enable_gqa)
     if m.grad_out is not None:
-        baseline["_scales"]["allow"] = check.delta_allowances(
+        allow.update(check.delta_allowances(
             m.query, m.key, m.value, expected["out"], m.grad_out, score_mod=m.score_mod,
             block_mask=m.block_mask, scale=m.scale, enable_gqa=m.enable_gqa,
-            grad_lse=m.grad_lse if with_lse else None, table_grads=check.table_truths(expected))
+            grad_lse=m.grad_lse if with_lse else None, table_grads=check.table_truths(expected)))
+    if allow:
+        baseline["_scales"]["allow"] = allow
     return expected, baseline
 
 

@@ -10,6 +10,7 @@ sizes are tiny and each property sees only a few examples.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -433,6 +434,68 @@ def test_exponent_allowance_is_the_dense_sum():
     a16 = check.delta_allowances(q.bfloat16(), k.bfloat16(), v.bfloat16(), out, do, **kw)["dv"]
     assert (a32 >= got * (1 - 1e-9)).all() and (a32 > 1.01 * got).sum() < a32.numel()
     assert (a16 > 30 * a32).all()
+
+
+def test_forward_exponent_allowance_is_the_dense_sum():
+    """out's float32 exponent term equals u / sqrt(12) * sqrt(sum_j p^2 s^2 (V[j] - out[i])^2)
+    under a score mod, GQA and a block mask; none in bf16 (its rounding of p is far larger)."""
+    from properties import check
+
+    g = torch.Generator().manual_seed(7)
+    B, Hq, Hkv, L, S, E, Ev = 2, 4, 2, 37, 29, 8, 3
+    q = torch.randn(B, Hq, L, E, generator=g) * 4
+    k = torch.randn(1, Hkv, S, E, generator=g) * 4
+    v = torch.randn(1, Hkv, S, Ev, generator=g)
+    score_mod, mask_mod = mods.alibi(torch.tensor([0.5, 1.0, 2.0, 4.0])), mods.sliding_window(9)
+    bm = build_block_mask(mask_mod, 1, 1, L, S, (16, 16), "cpu")
+    kw = dict(score_mod=score_mod, block_mask=bm, scale=None, enable_gqa=True)
+    out, lse = oracle.flex_attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
+    got = check.forward_allowances(q, k, v, out, lse, **kw)["out"]
+    want = torch.zeros(B, Hq, L, Ev, dtype=torch.float64)
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    for b in range(B):
+        for h in range(Hq):
+            s = score_mod(q[b, h].double() @ k[0, h // 2].double().T / E ** 0.5, b, h, i, j)
+            s = torch.where(mask_mod(b, h, i, j), s, float("-inf"))
+            p = torch.exp(s - lse[b, h, :, None])
+            w = (p * torch.where(torch.isfinite(s), s.abs(), 0.0)).pow(2)  # [L, S]
+            diff = v[0, h // 2].double()[None, :, :] - out[b, h][:, None, :]  # [L, S, Ev]
+            want[b, h] = (w[..., None] * diff.pow(2)).sum(1)
+    want = torch.finfo(torch.float32).eps / 12 ** 0.5 * want.sqrt()
+    # atol: rows with one key, where V[j] - out[i] is 0 and the expansion leaves its rounding.
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-13)
+    assert check.forward_allowances(q.bfloat16(), k.bfloat16(), v.bfloat16(), out, lse, **kw) == {}
+
+
+def test_forward_exponent_allowance_covers_an_honest_float32_kernel():
+    """The H200 false alarm it closes (seed 15007, tests/cases/out-exponent-rounding-fp32.json):
+    a float64 model of a flash kernel's float32 roundings (s, s * log2(e), exp2 of s2 - max)
+    on the failing row, two keys at scores near -149 under ALiBi, gives the kernel's value,
+    which the old tolerance refused and the new allowance covers."""
+    from properties import check
+
+    saved = json.loads((Path(__file__).parent / "cases" / "out-exponent-rounding-fp32.json").read_text())
+    case = FlexCase.from_json(json.dumps(saved["case"]))
+    m = case.materialize("cpu")
+    b, h, i, d = 1, 4, 949, 15
+    keys = m.mask_mod.tensors()[0].reshape(-1, case.L, case.S)[0, i].bool()
+    slope = m.score_mod.tensors()[0][h]
+    kv = m.key[0, h][keys]
+    s32 = kv @ m.query[b, h, i] * torch.tensor(case.E ** -0.5) + slope * (torch.arange(case.S)[keys] - i).float()
+    s2 = s32 * torch.tensor(1.4426950408889634)
+    p = torch.exp2(s2 - s2.max())
+    kernel = float((p / p.sum()).double() @ m.value[0, h][keys, d].double())
+    s = s32.double()
+    truth = float(torch.softmax(s, 0) @ m.value[0, h][keys, d].double())
+    assert abs(kernel - -0.17666854) < 1e-8 and abs(truth - -0.176671069) < 1e-8
+    # The row's allowance, as a case of its own: one query, its two keys, their ALiBi bias.
+    q1 = m.query[b:b + 1, h:h + 1, i:i + 1]
+    k2, v2 = kv[None, None], m.value[0, h][keys][None, None]
+    score = lambda sc, bb, hh, ii, jj: sc + slope.double() * (torch.arange(case.S)[keys][jj] - i)  # noqa: E731
+    out, lse = oracle.flex_attention(q1.double(), k2.double(), v2.double(), score_mod=score, return_lse=True)
+    allow = check.forward_allowances(q1, k2, v2, out, lse, score_mod=score)["out"][0, 0, 0, d].item()
+    error = abs(kernel - truth)
+    assert 2.39e-6 < error < allow < 1.2 * error  # 2.53e-6 against 2.75e-6
 
 
 def test_exponent_ds_allowance_is_the_dense_sum():
