@@ -845,6 +845,31 @@ def _empty_like_layout(ref: torch.Tensor, shape, dtype) -> torch.Tensor:
     return buf.permute(inverse)
 
 
+def _matching_kv_layouts(key: torch.Tensor, value: torch.Tensor):
+    """``key`` and ``value``, with a contiguous copy of the one whose head dim is not
+    unit-stride when the other's is (on the GPU; the copy is differentiable).
+
+    Triton 3.6 on sm_90 miscompiles the forward for some such pairs. Found by the H200
+    false-alarm count (seed 15005, ``ones_value_gives_one``, whose V of ones is contiguous
+    while the case's K is stored [B, H, E, S]; ``tests/cases/mixed-kv-layout-bf16.json``):
+    bf16, B=1, Hq=12, Hkv=2, L=S=129, E=Ev=24, no mask, scale 2. Replayed there on fresh
+    processes, the output is garbage (max error 5.5) with K stored [B, H, E, S] and V
+    contiguous, at 4 warps with 1 stage, at the default 4 warps with 3 stages and at 8
+    warps, and it was an illegal memory access in the process that had run other
+    configurations first; right (max error 0.008) with the two layouts swapped, with both
+    contiguous or both transposed, with L=S=128 or 256, and with E=Ev=32 or 64 (padding
+    of the head dim and a partial last key tile both needed). The interpreter is right on
+    all of them. Not isolated further; copying the odd one out costs one pass over K or
+    V, small beside attention's O(L * S) work, and leaves the layouts the kernels were
+    measured on.
+    """
+    k_rows = key.shape[3] == 1 or key.stride(3) == 1
+    v_rows = value.shape[3] == 1 or value.stride(3) == 1
+    if k_rows == v_rows:
+        return key, value
+    return (key, value.contiguous()) if k_rows else (key.contiguous(), value)
+
+
 def use_decode(plan: Plan) -> bool:
     """The seed's choice: short queries take the split-KV decode kernel."""
     return plan.L < 128 and not plan.options.force_flex
@@ -965,6 +990,8 @@ def flex_attention(
         buffers=_device_buffers(program.buffers, device),
     )
     learnable = [program.buffers[k] for k in program.learnable]
+    if not interpret:
+        key, value = _matching_kv_layouts(key, value)
     out, lse, mx = _FlexFunction.apply(query, key, value, plan, *learnable)
     result = [out]
     if return_lse:

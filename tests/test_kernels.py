@@ -630,9 +630,35 @@ def test_gpu_cases(case):
     check(device="cuda", **case)
 
 
+def test_mixed_kv_layouts_copy_the_odd_one_out():
+    """On the GPU, K and V whose head dims differ in being unit-stride are given one layout
+    (Triton 3.6 miscompiles such a forward on sm_90: kernels.api._matching_kv_layouts); the
+    copy keeps the values and the gradient path, and a matching pair is passed through."""
+    from kernels.api import _matching_kv_layouts
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(1, 2, 129, 24, generator=g)
+    upright = torch.randn(1, 2, 24, 129, generator=g).transpose(-1, -2)  # stored [B, H, E, S]
+    k, v = _matching_kv_layouts(upright, flat)
+    assert k.is_contiguous() and v is flat and torch.equal(k, upright)
+    k, v = _matching_kv_layouts(flat, upright)
+    assert k is flat and v.is_contiguous() and torch.equal(v, upright)
+    for pair in ((flat, flat.clone()), (upright, upright.clone())):
+        out = _matching_kv_layouts(*pair)
+        assert out[0] is pair[0] and out[1] is pair[1]
+    # A head dim of 1 is unit-stride whatever its stride says.
+    one = torch.randn(1, 2, 1, 129, generator=g).transpose(-1, -2)
+    assert _matching_kv_layouts(one, flat)[0] is one
+    # The copy is differentiable: the gradient reaches the caller's tensor in its layout.
+    leaf = torch.randn(1, 2, 24, 129, generator=g).transpose(-1, -2).requires_grad_(True)
+    k, _ = _matching_kv_layouts(leaf, flat)
+    k.sum().backward()
+    assert leaf.grad is not None and torch.equal(leaf.grad, torch.ones_like(leaf))
+
+
 @pytest.mark.gpu
 def test_gpu_softcap_tanh_accuracy():
-    """The softcap's compiled tanh (a rational function with a fast division) stays within
+    """The softcap's compiled tanh (a rational function and rcp.approx) stays within
     8 float32 ulps of float64 tanh over 4 million points, small arguments included (the
     exp2 formula it replaced lost 1e-5 relative near 0, which a float32 LSE check catches)."""
     import triton
