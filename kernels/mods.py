@@ -46,9 +46,10 @@ MAX_BUFFERS = 4
 class _Gen:
     """Collects the statements of one generated Triton function."""
 
-    def __init__(self, buffers: list):
+    def __init__(self, buffers: list, interpret: bool = False):
         self.lines: list[str] = []
         self.buffers = buffers  # shared by the mask and score functions of one program
+        self.interpret = interpret  # for the Triton interpreter: no inline PTX
         self._n = 0
 
     def tmp(self, expr: str) -> str:
@@ -130,9 +131,9 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
     ``interpret`` asks for functions the Triton interpreter can call (CPU tensors).
     """
     buffers: list = []
-    mask_gen = _Gen(buffers)
+    mask_gen = _Gen(buffers, interpret)
     mask_out = mask_mod._emit(mask_gen) if mask_mod is not None else "True"
-    fwd = _Gen(buffers)
+    fwd = _Gen(buffers, interpret)
     chain_vals = []
     s = "score"
     mods = _flatten_chain(score_mod)
@@ -143,7 +144,7 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
     score_out = s
 
     # Backward: recompute forward values, then sweep the chain in reverse.
-    bwd = _Gen(buffers)
+    bwd = _Gen(buffers, interpret)
     vals = []
     s = "score"
     for mod in mods:
@@ -920,7 +921,7 @@ class _TanhSoftcap(ScoreMod):
 
     def _emit(self, g, s):
         # tanh as a 13/6 rational function of the clamped argument (Eigen's
-        # fast tanh): multiply-adds and one fast division, no library call.
+        # fast tanh): multiply-adds and one reciprocal, no library call.
         # tests/test_kernels.py::test_gpu_softcap_tanh_accuracy holds the
         # compiled function within 8 float32 ulps of float64 over 4 million
         # points (passed on the H200, 2026-12-02; the exact worst case was not
@@ -936,9 +937,19 @@ class _TanhSoftcap(ScoreMod):
         den = "1.19825839466702e-06"
         for c in ("1.18534705686654e-04", "2.26843463243900e-03", "4.89352518554385e-03"):
             den = f"({den}) * {x2} + {c}"
-        # A fast division (div.full.f32, 2 ulps) instead of the IEEE one, which
-        # is a dozen instructions per score on the GPU.
-        th = g.tmp(f"tl.math.fdiv({x} * ({num}), {den})")
+        # On the GPU the division is rcp.approx (1 ulp) and a multiply: the fast
+        # division (div.full.f32, 2 ulps) that it replaced scales its operands
+        # first, and the softcap is bound by these per-score instructions. On the
+        # H200 (bf16, S=4096, causal, benchmarks/bench.py's softcap row) it took
+        # the forward from 1.188 to 1.085 ms at D=128 and 1.828 to 1.582 at D=64,
+        # the backward from 3.08 to 2.81 and 4.09 to 3.69 ms (docs/PERFORMANCE.md).
+        # The IEEE division is a dozen instructions. The interpreter runs no PTX.
+        if g.interpret:
+            th = g.tmp(f"tl.math.fdiv({x} * ({num}), {den})")
+        else:
+            r = g.tmp('tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", '
+                      f'[{den}], dtype=tl.float32, is_pure=True, pack=1)')
+            th = g.tmp(f"{x} * ({num}) * {r}")
         return g.tmp(f"{self.cap!r} * {th}")
 
     def _emit_grad(self, g, s, out):
