@@ -337,6 +337,23 @@ def test_property_holds(name, flex_target, pytestconfig):
         pytest.skip(f"{name} never applied to target {flex_target}: {'; '.join(sorted(reasons))}")
 
 
+def test_lse_merge_splits_a_head_broadcast_mask_per_head():
+    """A mask that varies over heads, broadcast over them (mask_H=1) and consistent there:
+    its split M & ~causal leaves head 0's lists empty where head 1's are not, so the halves'
+    block masks are built per head (found by the CPU suite once its draws moved; the merge
+    then lost head 1's keys 1..14 and its LSE was 0.16 against 3.04)."""
+    table = {"kind": "bernoulli", "shape": [1, 1, 15], "seed": 0, "dtype": "int8", "p": 0.75, "rows": True,
+             "requires_grad": False}
+    c = case(B=2, Hq=2, Hkv=1, Bk=2, L=1, S=15, E=8, Ev=8, dtype="float16", seed=0, block_size=(16, 16),
+             mask={"name": "and", "mods": [{"name": "by_head", "mods": [{"name": "causal"}, {"name": "full"}]},
+                                           {"name": "table_mask", "table": table}]},
+             mask_B=2, mask_H=1, backward=False)
+    for options in ({}, {"FORCE_USE_FLEX_ATTENTION": True}):
+        outcome = evaluate("lse_merge_of_disjoint_masks_equals_union", "kernels",
+                           c.replace(kernel_options=options), "cpu")
+        assert outcome.status == "passed", outcome.message
+
+
 # Minimal cases the fuzzer found; each must keep passing.
 @given(flex_cases(**AVOID_KNOWN_BUGS, **TINY))
 @example(case(L=1, S=1, B=1, Hq=1, Hkv=1, dtype="float16", block_size=(16, 16), mask={"name": "full"}))
