@@ -33,6 +33,11 @@ LAYOUTS = {
     "kv-transposed": "k and v stored [B, H, E, L] and viewed as [B, H, L, E]",
     "strided": "q, k, v are every other element of a last dimension twice as wide",
     "offset": "q, k, v start 3 elements into their storage",
+    # K and V in different layouts: Triton 3.6 miscompiled such a forward on the H200 (K
+    # stored [B, H, E, S] beside a contiguous V; docs/FAULTS.md, the tenth session), which
+    # the fuzzer had met only through properties that replace V.
+    "k-transposed": "k stored [B, H, E, L] and viewed as [B, H, L, E]; q and v contiguous",
+    "v-transposed": "v stored [B, H, E, L] and viewed as [B, H, L, E]; q and k contiguous",
 }
 
 # What a kernel must never read: the storage around strided and offset views.
@@ -295,9 +300,9 @@ class FlexCase:
         do = draw((self.B, self.Hq, self.L, self.Ev))
         dlse = draw((self.B, self.Hq, self.L), dt=torch.float32)
 
-        q = _lay_out(q, self.layout, device, is_kv=False)
-        k = _lay_out(k, self.layout, device, is_kv=True)
-        v = _lay_out(v, self.layout, device, is_kv=True)
+        q = _lay_out(q, self.layout, device, which="q")
+        k = _lay_out(k, self.layout, device, which="k")
+        v = _lay_out(v, self.layout, device, which="v")
         if self.backward:
             for t in (q, k, v):
                 t.requires_grad_(True)
@@ -451,11 +456,12 @@ def _positive_int(name: str, value) -> None:
         raise ValueError(f"Expected {name} to be a positive int, got {value!r}.")
 
 
-def _lay_out(t: torch.Tensor, layout: str, device: torch.device, *, is_kv: bool) -> torch.Tensor:
-    """``t``'s values on ``device`` in ``layout`` (a leaf that does not require grad)."""
+def _lay_out(t: torch.Tensor, layout: str, device: torch.device, *, which: str) -> torch.Tensor:
+    """``t`` (``which`` is "q", "k" or "v")'s values on ``device`` in ``layout`` (a leaf that
+    does not require grad)."""
     if layout == "bhle-transposed":
         return t.transpose(1, 2).contiguous().to(device).transpose(1, 2)
-    if layout == "kv-transposed" and is_kv:
+    if (layout == "kv-transposed" and which != "q") or layout == f"{which}-transposed":
         return t.transpose(2, 3).contiguous().to(device).transpose(2, 3)
     if layout == "strided":
         buf = torch.full((*t.shape[:-1], 2 * t.shape[-1]), _FILL, dtype=t.dtype, device=device)

@@ -261,7 +261,11 @@ def test_layouts_hold_the_same_values(layout):
     if layout == "bhle-transposed":
         assert laid.query.stride(1) < laid.query.stride(2)
     if layout == "kv-transposed":
-        assert laid.key.stride(2) == 1 and laid.query.is_contiguous()
+        assert laid.key.stride(2) == 1 and laid.value.stride(2) == 1 and laid.query.is_contiguous()
+    if layout == "k-transposed":
+        assert laid.key.stride(2) == 1 and laid.value.is_contiguous() and laid.query.is_contiguous()
+    if layout == "v-transposed":
+        assert laid.value.stride(2) == 1 and laid.key.is_contiguous() and laid.query.is_contiguous()
     if layout == "strided":
         assert laid.query.stride(3) == 2
     if layout == "offset":
