@@ -281,3 +281,33 @@ def test_ours_refined_asks_for_refined_lists_only_with_a_block_mask(monkeypatch)
     for block_mask in ("a block mask", None):
         bench.IMPLS["ours-refined"].prepare(case, None, block_mask)(None, None, None)
     assert seen == [{"REFINE_KV_BLOCK": 64}, None]
+
+
+def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
+    """benchmarks/softcap_tanh.py: ours with the softcap's tanh emitted another way, in bench.py's
+    dry run (the interpreter runs no inline PTX, so the fdiv and exp2 variants only), each
+    checked against the oracle; every variant's generated score function differs from ours."""
+    from kernels import mods
+
+    spec = importlib.util.spec_from_file_location("flex_oracle_softcap_tanh", ROOT / "benchmarks" / "softcap_tanh.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    ours = mods.compile_mods(mods.tanh_softcap(30.0), None).source
+    assert "rcp.approx" in ours and "fdiv" not in ours.split("def score_fn")[1].split("def score_bwd_fn")[0]
+    sources = {name: mods.compile_mods(cls(30.0), None).source for name, cls in module.VARIANTS.items()}
+    assert len(set(sources.values()) | {ours}) == len(sources) + 1
+    assert "tanh.approx.f32" in sources["ours-approx"] and "fdiv" in sources["ours-fdiv"]
+
+    path = tmp_path / "tanh.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "softcap_tanh.py"), "--device", "cpu", "--quick",
+         "--impls", "ours,ours-fdiv,ours-exp2", "--masks", "softcap", "--no-decode", "--json", str(path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    results = json.loads(path.read_text())["cases"][0]["results"]
+    assert {r["impl"]: r["status"] for r in results} == {"ours": "ok", "ours-fdiv": "ok", "ours-exp2": "ok"}

@@ -1,0 +1,167 @@
+"""The softcap's tanh, A/B: speed in benchmarks/bench.py's softcap rows and accuracy, per formula.
+
+    PYTHONPATH=. python3 benchmarks/softcap_tanh.py --impls ours,ours-fdiv,ours-exp2,ours-approx,torch-compile \
+        --masks softcap,causal --seqlens 4k --head-dims 128,64 --no-decode --budget-seconds 250
+
+Every flag is bench.py's; this adds implementations that are ``ours`` with the softcap's
+tanh emitted another way (``tanh_softcap(cap)`` swapped for a subclass whose ``_emit``
+differs; the generated source differs, so each compiles on its own):
+
+| impl | tanh(x), x = score / cap |
+| --- | --- |
+| ``ours`` | the kernels' own: Eigen's 13/6 rational, division by ``rcp.approx`` and a multiply |
+| ``ours-fdiv`` | the same rational, division by ``tl.math.fdiv`` (``div.full.f32``), before 2026-12-03 |
+| ``ours-exp2`` | ``1 - 2 / (exp2(2 x log2 e) + 1)`` with ``fdiv`` |
+| ``ours-exp2rcp`` | the same with ``rcp.approx`` |
+| ``ours-hybrid`` | ``x P(x^2)`` (degree 4 fit) for ``|x| < 0.55``, else ``(1 - e) / (1 + e)``, ``e = exp2(-2|x| log2 e)`` |
+| ``ours-approx`` | ``tanh.approx.f32`` (one MUFU instruction) |
+
+On CUDA it first prints each formula's worst error in float32 ulps of float64 tanh over the
+4 million points of tests/test_kernels.py::test_gpu_softcap_tanh_accuracy (which holds the
+kernels' own within 8). bench.py's oracle check at the benchmark's shapes is no accuracy
+test for these: an LSE over 2048 keys averages a per-score error away, where the fuzzer's
+rows of a few keys do not (the exp2 formula's 1e-5 relative error near 0 was caught there).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import bench  # noqa: E402
+from kernels import mods as M  # noqa: E402
+
+_LOG2E2 = 2.0 * 1.4426950408889634
+_RCP = 'tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [{}], dtype=tl.float32, is_pure=True, pack=1)'
+_NUM = ("-2.76076847742355e-16", "2.00018790482477e-13", "-8.60467152213735e-11", "5.12229709037114e-08",
+        "1.48572235717979e-05", "6.37261928875436e-04", "4.89352455891786e-03")
+_DEN = ("1.19825839466702e-06", "1.18534705686654e-04", "2.26843463243900e-03", "4.89352518554385e-03")
+# tanh(x) / x as a polynomial in x^2 on [0, 0.55]: a least-squares fit on Chebyshev nodes,
+# 1.4e-7 relative at worst in float32 (numpy, 200001 points).
+_SMALL = ("0.0163238047039211", "-0.05259439681475426", "0.13318973262595915", "-0.333328008653058",
+          "0.9999999681771625")
+
+
+def _horner(coefs, x2: str) -> str:
+    out = coefs[0]
+    for c in coefs[1:]:
+        out = f"({out}) * {x2} + {c}"
+    return out
+
+
+def _rational(g, s, cap):
+    x = g.tmp(f"tl.minimum(tl.maximum({s} * {1.0 / cap!r}, -7.90531110763549805), 7.90531110763549805)")
+    x2 = g.tmp(f"{x} * {x}")
+    return x, _horner(_NUM, x2), _horner(_DEN, x2)
+
+
+@dataclass(frozen=True, repr=False)
+class TanhFdiv(M._TanhSoftcap):
+    def _emit(self, g, s):
+        x, num, den = _rational(g, s, self.cap)
+        th = g.tmp(f"tl.math.fdiv({x} * ({num}), {den})")
+        return g.tmp(f"{self.cap!r} * {th}")
+
+
+@dataclass(frozen=True, repr=False)
+class TanhExp2(M._TanhSoftcap):
+    def _emit(self, g, s):
+        e = g.tmp(f"tl.math.exp2({s} * {_LOG2E2 / self.cap!r})")
+        th = g.tmp(f"1.0 - tl.math.fdiv(2.0, {e} + 1.0)")
+        return g.tmp(f"{self.cap!r} * {th}")
+
+
+@dataclass(frozen=True, repr=False)
+class TanhExp2Rcp(M._TanhSoftcap):
+    def _emit(self, g, s):
+        e = g.tmp(f"tl.math.exp2({s} * {_LOG2E2 / self.cap!r})")
+        th = g.tmp("1.0 - 2.0 * " + _RCP.format(f"{e} + 1.0"))
+        return g.tmp(f"{self.cap!r} * {th}")
+
+
+@dataclass(frozen=True, repr=False)
+class TanhHybrid(M._TanhSoftcap):
+    def _emit(self, g, s):
+        x = g.tmp(f"{s} * {1.0 / self.cap!r}")
+        x2 = g.tmp(f"{x} * {x}")
+        small = g.tmp(f"{x} * ({_horner(_SMALL, x2)})")
+        e = g.tmp(f"tl.math.exp2(tl.abs({x}) * {-_LOG2E2!r})")
+        big = g.tmp(f"(1.0 - {e}) * " + _RCP.format(f"1.0 + {e}"))
+        th = g.tmp(f"tl.where(tl.abs({x}) < 0.55, {small}, tl.where({x} < 0, -{big}, {big}))")
+        return g.tmp(f"{self.cap!r} * {th}")
+
+
+@dataclass(frozen=True, repr=False)
+class TanhApprox(M._TanhSoftcap):
+    def _emit(self, g, s):
+        x = g.tmp(f"{s} * {1.0 / self.cap!r}")
+        th = g.tmp('tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", '
+                   f'[{x}], dtype=tl.float32, is_pure=True, pack=1)')
+        return g.tmp(f"{self.cap!r} * {th}")
+
+
+VARIANTS = {"ours-fdiv": TanhFdiv, "ours-exp2": TanhExp2, "ours-exp2rcp": TanhExp2Rcp,
+            "ours-hybrid": TanhHybrid, "ours-approx": TanhApprox}
+
+
+def _swap(mod, cls):
+    if isinstance(mod, M._TanhSoftcap):
+        return cls(mod.cap)
+    if isinstance(mod, M._Chain):
+        return M.chain(*[_swap(m, cls) for m in mod.mods])
+    return mod
+
+
+def _variant(cls):
+    def prepare(case, score_mod, block_mask):
+        return bench._ours(case, _swap(score_mod, cls), block_mask)
+    return prepare
+
+
+def accuracy() -> None:
+    """Worst error of each formula in float32 ulps of float64 tanh (CUDA only)."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def apply(X, Y, N, FN: tl.constexpr, B0, B1, B2, B3, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + offs, mask=offs < N, other=0.0)
+        tl.store(Y + offs, FN(x, 0, 0, offs, offs, B0, B1, B2, B3), mask=offs < N)
+
+    big = torch.linspace(-12.0, 12.0, 1 << 21, dtype=torch.float64)
+    small = torch.logspace(-9, 0, 1 << 20, dtype=torch.float64)
+    x = torch.cat([big, small, -small]).to(torch.float32).cuda()
+    ref = torch.tanh(x.double())
+    ulp = torch.finfo(torch.float32).eps * ref.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    for name, cls in [("ours", M._TanhSoftcap)] + list(VARIANTS.items()):
+        prog = M.compile_mods(cls(1.0), None)
+        y = torch.empty_like(x)
+        dummy = x[:1]
+        apply[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), prog.score_fn, dummy, dummy, dummy, dummy,
+                                               BLOCK=1024)
+        err = (y.double() - ref).abs() / ulp
+        near0 = err[x.abs() < 0.1].max().item()
+        print(f"tanh accuracy  {name:13s} worst {err.max().item():12.1f} ulps; |x| < 0.1: {near0:12.1f}",
+              file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    for name, cls in VARIANTS.items():
+        bench.IMPLS[name] = bench.Impl(name, _variant(cls), True, f"ours with the softcap's tanh as {cls.__name__}")
+    argv = list(sys.argv if argv is None else argv)
+    import torch
+
+    if torch.cuda.is_available() and "--device" not in argv:
+        accuracy()
+    return bench.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
