@@ -568,11 +568,6 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
             raise InvalidArgument(f"Expected dtype names (float16, bfloat16, float32, float64), got {name!r}.")
     if not dtype_names or not layout_names:
         raise InvalidArgument("Expected at least one dtype and one layout.")
-    # K and V in different layouts are drawn as half of the kv-transposed draws: as two more
-    # equal choices they took layouts from q's (fwd_out_stride_contiguous needs q stored
-    # [B, L, H, E], and its trigger fell to 8 of the CPU hunts' first 100 cases).
-    mixed = tuple(n for n in layout_names if n in ("k-transposed", "v-transposed"))
-    base = tuple(n for n in layout_names if n not in mixed) if "kv-transposed" in layout_names else layout_names
     shape_kw = dict(min_batch=min_batch, max_batch=max_batch, min_heads=min_heads, max_heads=max_heads,
                     min_group=min_group, max_group=max_group, max_batch_heads=max_batch_heads,
                     min_len=min_len, max_len=max_len, min_head_dim=min_head_dim,
@@ -665,9 +660,7 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
         scale = None
         if draw(st.booleans()):
             scale = draw(st.sampled_from([1.0, 0.5, 0.125, 2.0, -0.3]))
-        layout = draw(st.sampled_from(base))
-        if layout == "kv-transposed" and mixed and draw(st.booleans()):
-            layout = draw(st.sampled_from(mixed))
+        layout = draw(st.sampled_from(layout_names))
 
         dims = dict(B=shape.B, Hq=shape.Hq, L=shape.L, S=shape.S, mask_B=mask_B, mask_H=mask_H)
         rows_safe = contiguous = False

@@ -231,8 +231,7 @@ def test_cpu_draws_reach_the_rare_triggers():
     the same test before the leans gave 0 (no dead rows), 20, 62 and 7. The decode share is
     asserted as a share of the short packed-GQA cases (about 1/3 before, when half were
     forced). Random draws (300, seeds 0-5) gave 16 %, 16 %, 25 % and 19 % of cases. In a
-    process of its own (_fresh_process, tenth session): 61, 69, 64 and 49 of 70 short cases;
-    56, 84, 107 and 74 of 113 once the mixed K/V layouts took half of the kv-transposed draws."""
+    process of its own (_fresh_process, tenth session): 61, 69, 64 and 49 of 70 short cases."""
     seen = []
 
     @settings(max_examples=400, database=None, derandomize=True, deadline=None,
