@@ -38,26 +38,16 @@ from kernels import mods as M  # noqa: E402
 
 _LOG2E2 = 2.0 * 1.4426950408889634
 _RCP = 'tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [{}], dtype=tl.float32, is_pure=True, pack=1)'
-_NUM = ("-2.76076847742355e-16", "2.00018790482477e-13", "-8.60467152213735e-11", "5.12229709037114e-08",
-        "1.48572235717979e-05", "6.37261928875436e-04", "4.89352455891786e-03")
-_DEN = ("1.19825839466702e-06", "1.18534705686654e-04", "2.26843463243900e-03", "4.89352518554385e-03")
 # tanh(x) / x as a polynomial in x^2 on [0, 0.55]: a least-squares fit on Chebyshev nodes,
 # 1.4e-7 relative at worst in float32 (numpy, 200001 points).
 _SMALL = ("0.0163238047039211", "-0.05259439681475426", "0.13318973262595915", "-0.333328008653058",
           "0.9999999681771625")
 
 
-def _horner(coefs, x2: str) -> str:
-    out = coefs[0]
-    for c in coefs[1:]:
-        out = f"({out}) * {x2} + {c}"
-    return out
-
-
 def _rational(g, s, cap):
     x = g.tmp(f"tl.minimum(tl.maximum({s} * {1.0 / cap!r}, -7.90531110763549805), 7.90531110763549805)")
     x2 = g.tmp(f"{x} * {x}")
-    return x, _horner(_NUM, x2), _horner(_DEN, x2)
+    return x, M._horner(M.TANH_NUM, x2), M._horner(M.TANH_DEN, x2)
 
 
 @dataclass(frozen=True, repr=False)
@@ -70,18 +60,17 @@ class TanhFdiv(M._TanhSoftcap):
 
 @dataclass(frozen=True, repr=False)
 class TanhExp2(M._TanhSoftcap):
+    RCP = False  # divide by fdiv, or by rcp.approx and a multiply
+
     def _emit(self, g, s):
         e = g.tmp(f"tl.math.exp2({s} * {_LOG2E2 / self.cap!r})")
-        th = g.tmp(f"1.0 - tl.math.fdiv(2.0, {e} + 1.0)")
+        twice = "2.0 * " + _RCP.format(f"{e} + 1.0") if self.RCP else f"tl.math.fdiv(2.0, {e} + 1.0)"
+        th = g.tmp(f"1.0 - {twice}")
         return g.tmp(f"{self.cap!r} * {th}")
 
 
-@dataclass(frozen=True, repr=False)
-class TanhExp2Rcp(M._TanhSoftcap):
-    def _emit(self, g, s):
-        e = g.tmp(f"tl.math.exp2({s} * {_LOG2E2 / self.cap!r})")
-        th = g.tmp("1.0 - 2.0 * " + _RCP.format(f"{e} + 1.0"))
-        return g.tmp(f"{self.cap!r} * {th}")
+class TanhExp2Rcp(TanhExp2):
+    RCP = True
 
 
 @dataclass(frozen=True, repr=False)
@@ -89,7 +78,7 @@ class TanhHybrid(M._TanhSoftcap):
     def _emit(self, g, s):
         x = g.tmp(f"{s} * {1.0 / self.cap!r}")
         x2 = g.tmp(f"{x} * {x}")
-        small = g.tmp(f"{x} * ({_horner(_SMALL, x2)})")
+        small = g.tmp(f"{x} * ({M._horner(_SMALL, x2)})")
         e = g.tmp(f"tl.math.exp2(tl.abs({x}) * {-_LOG2E2!r})")
         big = g.tmp(f"(1.0 - {e}) * " + _RCP.format(f"1.0 + {e}"))
         th = g.tmp(f"tl.where(tl.abs({x}) < 0.55, {small}, tl.where({x} < 0, -{big}, {big}))")

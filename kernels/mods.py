@@ -905,6 +905,21 @@ def _emit_atomic(g: _Gen, tensor, grad: str, indices: list) -> None:
     g.stmt(f"    tl.atomic_add(ptrs_{slot}, tl.where(valid, {grad}, 0.0), mask=valid, sem='relaxed')")
 
 
+# The softcap's tanh(x) = x * num(x^2) / den(x^2) on [-7.9053, 7.9053] (Eigen's fast
+# tanh), coefficients highest power first; benchmarks/softcap_tanh.py emits them too.
+TANH_NUM = ("-2.76076847742355e-16", "2.00018790482477e-13", "-8.60467152213735e-11", "5.12229709037114e-08",
+            "1.48572235717979e-05", "6.37261928875436e-04", "4.89352455891786e-03")
+TANH_DEN = ("1.19825839466702e-06", "1.18534705686654e-04", "2.26843463243900e-03", "4.89352518554385e-03")
+
+
+def _horner(coefs, x: str) -> str:
+    """The polynomial with ``coefs`` (highest power first) at ``x``, as Horner's expression."""
+    out = coefs[0]
+    for c in coefs[1:]:
+        out = f"({out}) * {x} + {c}"
+    return out
+
+
 @dataclass(frozen=True, repr=False)
 class _TanhSoftcap(ScoreMod):
     cap: float
@@ -924,19 +939,13 @@ class _TanhSoftcap(ScoreMod):
         # fast tanh): multiply-adds and one reciprocal, no library call.
         # tests/test_kernels.py::test_gpu_softcap_tanh_accuracy holds the
         # compiled function within 8 float32 ulps of float64 over 4 million
-        # points (passed on the H200, 2026-12-02; the exact worst case was not
-        # recorded).
+        # points (passed on the H200 with fdiv, 2026-12-02; the rcp form below
+        # is not yet run there: benchmarks/softcap_tanh.py prints its ulps).
         # The textbook 1 - 2 / (exp(2x) + 1) cancels for small x: 1e-5
         # relative error at x = 0.01, which the float32 LSE check caught.
         x = g.tmp(f"tl.minimum(tl.maximum({s} * {1.0 / self.cap!r}, -7.90531110763549805), 7.90531110763549805)")
         x2 = g.tmp(f"{x} * {x}")
-        num = "-2.76076847742355e-16"
-        for c in ("2.00018790482477e-13", "-8.60467152213735e-11", "5.12229709037114e-08",
-                  "1.48572235717979e-05", "6.37261928875436e-04", "4.89352455891786e-03"):
-            num = f"({num}) * {x2} + {c}"
-        den = "1.19825839466702e-06"
-        for c in ("1.18534705686654e-04", "2.26843463243900e-03", "4.89352518554385e-03"):
-            den = f"({den}) * {x2} + {c}"
+        num, den = (_horner(coefs, x2) for coefs in (TANH_NUM, TANH_DEN))
         # On the GPU the division is rcp.approx (1 ulp) and a multiply: the fast
         # division (div.full.f32, 2 ulps) that it replaced scales its operands
         # first, and the softcap is bound by these per-score instructions. On the

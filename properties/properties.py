@@ -175,10 +175,12 @@ def _require(target: Target, case: FlexCase, device) -> None:
 
 
 def _consistent(m: Materialized) -> bool:
-    if m.block_mask is None:
-        return True
-    c = m.case
-    findings = oracle.check_block_mask(m.block_mask, c.B, c.Hq, c.L, c.S)
+    return m.block_mask is None or _lists_agree(m.block_mask, m.case)
+
+
+def _lists_agree(block_mask, c: FlexCase) -> bool:
+    """``block_mask``'s lists agree with its mask_mod over the case's batches and heads."""
+    findings = oracle.check_block_mask(block_mask, c.B, c.Hq, c.L, c.S)
     return not any(f.severity == "error" for f in findings)
 
 
@@ -371,7 +373,7 @@ def lse_merge_of_disjoint_masks_equals_union(target, case: FlexCase, device=None
     for half in (mods.causal(), mods.not_(mods.causal())):
         mask_mod = mods.and_(m.mask_mod, half)
         bm = build_block_mask(mask_mod, case.mask_B, case.mask_H, case.L, case.S, case.block_size, device)
-        if any(f.severity == "error" for f in oracle.check_block_mask(bm, case.B, case.Hq, case.L, case.S)):
+        if not _lists_agree(bm, case):
             # A mask broadcast over heads or batches whose split is not: M & ~causal can leave
             # head 0's lists empty where head 1's must not be (by_head(causal, full), found by
             # the CPU suite), so the part gets a block mask of its own per batch and head.

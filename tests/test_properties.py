@@ -231,7 +231,8 @@ def test_cpu_draws_reach_the_rare_triggers():
     the same test before the leans gave 0 (no dead rows), 20, 62 and 7. The decode share is
     asserted as a share of the short packed-GQA cases (about 1/3 before, when half were
     forced). Random draws (300, seeds 0-5) gave 16 %, 16 %, 25 % and 19 % of cases. In a
-    process of its own (_fresh_process, tenth session): 61, 69, 64 and 49 of 70 short cases."""
+    process of its own (_fresh_process, tenth session): 55, 60, 57 and 80 of 102 short cases
+    (they move with this file's constants too)."""
     seen = []
 
     @settings(max_examples=400, database=None, derandomize=True, deadline=None,
@@ -245,12 +246,19 @@ def test_cpu_draws_reach_the_rare_triggers():
             forward and c.block_order == "reversed" and not any(k.startswith("REFINE") for k in opts),
             (c.Hq > c.Hkv >= 2 and c.L < 128, c.Hq > c.Hkv >= 2 and not forward),
             c.backward and c.score is not None and '"requires_grad": true' in json.dumps(c.score),
+            (c.Hq > c.Hkv >= 2 and not forward and c.mask is not None and c.mask_H == c.Hq,
+             '"by_head"' in json.dumps(c.mask)),
         ))
 
     draw()
     counts = [sum(x[k] for x in seen) for k in (0, 1, 3)]
     short, decode = sum(x[2][0] for x in seen), sum(x[2][1] for x in seen)
     print(f"counts: {counts} dead rows, reversed, learnable; {decode} of {short} short packed-GQA on decode")
+    masked = [x[4][1] for x in seen if x[4][0]]
+    print(f"counts: {sum(masked)} of {len(masked)} packed-GQA decode masks per head")
+    # The per-head lean on decode-sized packed GQA (seven in eight, three in four before):
+    # 43 of 46 such masks with it, 40 of 51 without (decode_mask_head_uses_kv_head).
+    assert sum(masked) >= 0.85 * len(masked), f"{sum(masked)} of {len(masked)} packed-GQA decode masks per head"
     assert counts[0] >= 30 and counts[1] >= 45 and counts[2] >= 30 and decode >= 0.5 * short, \
         f"{counts} and {decode} of {short} short packed-GQA cases on decode, of {len(seen)} CPU cases"
 
@@ -462,13 +470,11 @@ KNOWN_MODEL_GAPS = [
 ]
 
 
-def test_exponent_allowance_is_the_dense_sum():
-    """dv's float32 exponent term equals u / sqrt(12) * sqrt(sum_i p^2 (|s| + |lse|)^2 dO^2),
-    summed over a GQA group and a broadcast batch, under a score mod and a block mask."""
-    from properties import check
-
+def _exponent_case():
+    """Inputs (input std 4, ALiBi, a sliding window under GQA) for the float32 exponent terms'
+    dense-sum tests: dims, q, k, v, dO, the mods, the attention keywords, the truth's out, lse."""
     g = torch.Generator().manual_seed(5)
-    B, Hq, Hkv, L, S, E, Ev = 2, 4, 2, 37, 29, 8, 3
+    dims = B, Hq, Hkv, L, S, E, Ev = 2, 4, 2, 37, 29, 8, 3
     q = torch.randn(B, Hq, L, E, generator=g) * 4
     k = torch.randn(1, Hkv, S, E, generator=g) * 4
     v = torch.randn(1, Hkv, S, Ev, generator=g)
@@ -477,6 +483,15 @@ def test_exponent_allowance_is_the_dense_sum():
     bm = build_block_mask(mask_mod, 1, 1, L, S, (16, 16), "cpu")
     kw = dict(score_mod=score_mod, block_mask=bm, scale=None, enable_gqa=True)
     out, lse = oracle.flex_attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
+    return dims, q, k, v, do, score_mod, mask_mod, kw, out, lse
+
+
+def test_exponent_allowance_is_the_dense_sum():
+    """dv's float32 exponent term equals u / sqrt(12) * sqrt(sum_i p^2 (|s| + |lse|)^2 dO^2),
+    summed over a GQA group and a broadcast batch, under a score mod and a block mask."""
+    from properties import check
+
+    (B, Hq, Hkv, L, S, E, Ev), q, k, v, do, score_mod, mask_mod, kw, out, lse = _exponent_case()
     got = check._exponent_allowance(q.double(), k.double(), v, do.double().pow(2), lse, **kw)
     want = torch.zeros(1, Hkv, S, Ev, dtype=torch.float64)
     i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
@@ -501,15 +516,7 @@ def test_forward_exponent_allowance_is_the_dense_sum():
     under a score mod, GQA and a block mask; none in bf16 (its rounding of p is far larger)."""
     from properties import check
 
-    g = torch.Generator().manual_seed(7)
-    B, Hq, Hkv, L, S, E, Ev = 2, 4, 2, 37, 29, 8, 3
-    q = torch.randn(B, Hq, L, E, generator=g) * 4
-    k = torch.randn(1, Hkv, S, E, generator=g) * 4
-    v = torch.randn(1, Hkv, S, Ev, generator=g)
-    score_mod, mask_mod = mods.alibi(torch.tensor([0.5, 1.0, 2.0, 4.0])), mods.sliding_window(9)
-    bm = build_block_mask(mask_mod, 1, 1, L, S, (16, 16), "cpu")
-    kw = dict(score_mod=score_mod, block_mask=bm, scale=None, enable_gqa=True)
-    out, lse = oracle.flex_attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
+    (B, Hq, Hkv, L, S, E, Ev), q, k, v, _, score_mod, mask_mod, kw, out, lse = _exponent_case()
     got = check.forward_allowances(q, k, v, out, lse, **kw)["out"]
     want = torch.zeros(B, Hq, L, Ev, dtype=torch.float64)
     i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
