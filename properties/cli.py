@@ -10,7 +10,10 @@
 checks ``matches_oracle`` on each, plus one metamorphic property on about half
 of them. It keeps going past failures and counts them; then Hypothesis shrinks
 the first case of each distinct failure (property, kind, tensors), and each
-shrunk case is saved as JSON with the command that replays it. Every
+shrunk case is saved as JSON with the command that replays it (each failure is
+also written, unshrunk, as ``found-*.json`` the moment it is first seen, so that a
+process killed before its report leaves it behind; the report removes it once the
+shrunk record is saved). Every
 ``--restart-every`` cases it starts a new Hypothesis run (``run_seed``), and
 on SIGTERM it ends the search and still prints the summary. ``--count-lines``
 prints the running counts to stdout after every case, so that a log cut off
@@ -255,7 +258,8 @@ def _cmd_show(args) -> int:
     if record:
         print(f"failure: {record.get('property')} {record.get('status')} "
               f"({', '.join(record.get('tensors') or []) or record.get('error_type', '')}) "
-              f"on target {record.get('target')} ({record.get('device')})")
+              f"on target {record.get('target')} ({record.get('device')})"
+              + ("; as the search first saw it, not shrunk" if record.get("shrunk") is False else ""))
     print(case.describe())
     print()
     print(case.mask_picture(max_rows=args.rows, max_cols=args.cols))
@@ -343,6 +347,7 @@ class _Failure:
     best_extra: Optional[str]
     outcome: object  # Outcome of best
     seen: set = field(default_factory=set)  # distinct examples of the search that showed it
+    found_path: Optional[str] = None  # the unshrunk record written when it was first seen
 
 
 @dataclass
@@ -394,6 +399,11 @@ class _Fuzzer:
     lost: Optional[str] = None
     previous: Optional[tuple] = None
     lost_previous: Optional[tuple] = None
+    # Where each failure is written the moment the search first sees it (``found-*.json``,
+    # unshrunk), so that a process killed later (while shrinking, inside a long compile)
+    # still leaves it behind; the report replaces it by the shrunk record. None: not written.
+    out: Optional[str] = None
+    device_name: Optional[str] = None
 
     # one example -------------------------------------------------------
 
@@ -451,6 +461,7 @@ class _Fuzzer:
             if self.phase != "search":
                 return  # a new kind met while shrinking another: not a finding of the search
             rec = self.failures[sig] = _Failure(sig, case, extra, case, extra, failure)
+            self._save_found(rec)
             if self.first_failure_cases is None:
                 self.first_failure_cases = self.cases_run
                 self.first_failure_seconds = time.perf_counter() - self.started
@@ -469,6 +480,17 @@ class _Fuzzer:
             return
         if sig in self.shrinking:
             raise _failure_type(sig)(failure.message)
+
+    def _save_found(self, rec) -> None:
+        if self.out is None or self.target is None:
+            return
+        os.makedirs(self.out, exist_ok=True)
+        rec.found_path = _write_record(self, rec, rec.first, rec.outcome, "found")
+        o = rec.outcome
+        if self.count_lines or not self.quiet:
+            what = ", ".join(o.tensors) if o.status == "failed" else o.error_type
+            print(f"found: {o.property} {o.status} ({what}) at case {self.cases_run}, "
+                  f"saved unshrunk as {rec.found_path}", flush=True)
 
     def _note_time(self, seconds: float, case, extra) -> None:
         c = case
@@ -650,7 +672,7 @@ def _cmd_fuzz(args) -> int:
                      examples=examples, seed=args.seed, max_seconds=args.max_seconds,
                      shrink_seconds=shrink_seconds, max_failures=args.max_failures, quiet=args.quiet,
                      restart_every=args.restart_every, count_lines=args.count_lines,
-                     inputs_per_case=args.inputs_per_case)
+                     inputs_per_case=args.inputs_per_case, out=args.out, device_name=device)
     previous = _stop_on_sigterm(fuzzer)
     try:
         with warnings.catch_warnings():
@@ -702,6 +724,35 @@ def _stop_on_sigterm(fuzzer: _Fuzzer):
         return None
 
 
+def _write_record(fz: _Fuzzer, rec: _Failure, case, outcome, kind: str) -> str:
+    """Write one failure record (``kind`` "failure": shrunk, or "found": as first seen) under
+    ``fz.out``; returns its path. The record replays with ``flex-oracle replay``."""
+    prop = outcome.property
+    digest = hashlib.sha1(case.to_json().encode()).hexdigest()[:10]
+    path = os.path.join(fz.out, f"{kind}-{prop}-{digest}.json")
+    device = fz.device_name or fz.device
+    record = {
+        "flex_oracle_failure": FAILURE_FORMAT,
+        "property": prop,
+        "status": outcome.status,
+        "tensors": list(outcome.tensors),
+        "error_type": outcome.error_type,
+        "target": fz.target.name,
+        "device": device,
+        "message": outcome.message,
+        "command": _replay_command(path, fz.target.name, device, prop),
+        "case": case.to_dict(),
+        "first_seen": rec.first.to_dict(),
+        "occurrences": len(rec.seen),
+        "shrunk": kind == "failure",
+        "fuzz": {"seed": fz.seed, "examples": fz.examples},
+    }
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return path
+
+
 def _report(fz: _Fuzzer, args, device: str) -> int:
     s = fz.stats
     per = fz.search_seconds / max(1, fz.cases_run)
@@ -741,28 +792,10 @@ def _report(fz: _Fuzzer, args, device: str) -> int:
     for rec in fz.failures.values():
         if rec.signature not in fz.shrinking:
             continue
-        prop = rec.outcome.property
-        digest = hashlib.sha1(rec.best.to_json().encode()).hexdigest()[:10]
-        path = os.path.join(args.out, f"failure-{prop}-{digest}.json")
-        command = _replay_command(path, fz.target.name, device, prop)
-        record = {
-            "flex_oracle_failure": FAILURE_FORMAT,
-            "property": prop,
-            "status": rec.outcome.status,
-            "tensors": list(rec.outcome.tensors),
-            "error_type": rec.outcome.error_type,
-            "target": fz.target.name,
-            "device": device,
-            "message": rec.outcome.message,
-            "command": command,
-            "case": rec.best.to_dict(),
-            "first_seen": rec.first.to_dict(),
-            "occurrences": len(rec.seen),
-            "fuzz": {"seed": fz.seed, "examples": fz.examples},
-        }
-        with open(path, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
-            f.write("\n")
+        path = _write_record(fz, rec, rec.best, rec.outcome, "failure")
+        if rec.found_path and rec.found_path != path and os.path.exists(rec.found_path):
+            os.remove(rec.found_path)  # superseded by the shrunk record
+        command = _replay_command(path, fz.target.name, fz.device_name or fz.device, rec.outcome.property)
         saved.append((rec, path, command))
     before = None
     if fz.lost and fz.lost_previous is not None:
@@ -784,7 +817,8 @@ def _report(fz: _Fuzzer, args, device: str) -> int:
     unsaved = len(fz.failures) - len(saved)
     print()
     print(f"{len(fz.failures)} distinct failure(s); {len(saved)} shrunk and saved in {args.out}/"
-          + (f" ({unsaved} more not shrunk or saved: raise --max-failures)" if unsaved else ""))
+          + (f" ({unsaved} more not shrunk, saved as first seen (found-*.json): raise --max-failures)"
+               if unsaved else ""))
     for k, (rec, path, command) in enumerate(saved, 1):
         o = rec.outcome
         what = ", ".join(o.tensors) if o.status == "failed" else o.error_type

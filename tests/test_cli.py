@@ -130,9 +130,9 @@ def test_planted_bug_is_found_saved_replayed_and_shown(tmp_path, monkeypatch, ca
     report = capsys.readouterr().out
     assert code == EXIT_FAIL, report
     files = sorted(out_dir.glob("failure-matches_oracle-*.json"))
-    assert len(files) == 1, report
+    assert len(files) == 1 and not list(out_dir.glob("found-*.json")), report
     record = json.loads(files[0].read_text())
-    assert record["status"] == "failed" and record["tensors"][0] == "out"
+    assert record["status"] == "failed" and record["tensors"][0] == "out" and record["shrunk"] is True
     assert record["command"] == shlex.join(["flex-oracle", "replay", str(files[0]), "--target",
                                             "planted_bug:flex_attention", "--device", "cpu",
                                             "--property", "matches_oracle"])
@@ -297,6 +297,38 @@ def test_input_variants_change_the_inputs_alone():
     check()
     assert all(fresh for fresh, _ in seen)
     assert len({std for _, std in seen}) > 1  # the scales vary too
+
+
+def test_a_failure_is_saved_the_moment_it_is_found(tmp_path):
+    """A fuzz process killed after a failure (a nightly process cut off while shrinking, or
+    inside a long compile) leaves the failing case behind, unshrunk, replayable at once; one
+    that ends normally replaces it by the shrunk record."""
+    _planted(tmp_path)
+    out_dir = tmp_path / "failures"
+    command = [sys.executable, "-m", "properties.cli", "fuzz", "--target", "planted_bug:flex_attention",
+               "--examples", "50", "--properties", "oracle", "--out", str(out_dir), "--shrink-seconds", "600",
+               "--count-lines", *TINY]
+    proc = subprocess.Popen(command, cwd=str(ROOT), env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("found: "):
+                proc.kill()  # SIGKILL: no handler runs, no summary, no report
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    log = "".join(lines)
+    found, = out_dir.glob("found-matches_oracle-*.json")
+    assert re.search(rf"^found: matches_oracle failed \(out\) at case \d+, saved unshrunk as {re.escape(str(found))}$",
+                     log, re.M), log
+    assert "summary" not in log and not list(out_dir.glob("failure-*.json")), log
+    record = json.loads(found.read_text())
+    assert record["shrunk"] is False and record["status"] == "failed" and record["case"] == record["first_seen"]
+    assert main(["replay", str(found), "--target", "planted_bug:flex_attention", "--device", "cpu"]) == EXIT_FAIL
+    assert main(["replay", str(found), "--target", "kernels", "--device", "cpu"]) == EXIT_PASS
 
 
 def test_fuzz_runs_each_drawn_case_on_several_inputs(tmp_path, capsys):
