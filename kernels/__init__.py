@@ -13,6 +13,7 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
 
 from . import mods  # noqa: E402
+from ._runtime import TilesTooLarge  # noqa: E402
 from .api import DTYPES, Options, flex_attention, parse_kernel_options  # noqa: E402
 
-__all__ = ["flex_attention", "mods", "Options", "parse_kernel_options", "DTYPES"]
+__all__ = ["flex_attention", "mods", "Options", "parse_kernel_options", "DTYPES", "TilesTooLarge"]

@@ -10,6 +10,7 @@ GPU takes CUDA tensors only, and says so for CPU ones.
 from __future__ import annotations
 
 import importlib
+from typing import Optional
 
 import triton
 
@@ -73,9 +74,23 @@ def _spec(args) -> tuple:
     return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args])
 
 
-def launch(kernel, grid, *args, num_stages: int, **kwargs):
+class TilesTooLarge(ValueError):
+    """The tiles a caller's ``kernel_options`` set need more shared memory than the GPU has,
+    even with one pipeline stage (float32 tiles at a head dim of 128 can: four bytes an
+    element). ``options`` are the offending options, ``required`` and ``limit`` in bytes."""
+
+    def __init__(self, message: str, options: dict, required: int, limit: int):
+        super().__init__(message)
+        self.options, self.required, self.limit = options, required, limit
+
+
+def launch(kernel, grid, *args, num_stages: int, options: Optional[dict] = None, **kwargs):
     """Launch ``kernel``; if its pipeline needs more shared memory than the GPU has, retry
     with fewer stages (captured tables are pipelined too, so a score mod can tip a config over).
+    ``options`` (not passed to the kernel) are the ``kernel_options`` the caller set that
+    chose this launch's tiles, by name: if even one stage does not fit, ``TilesTooLarge``
+    names them and the fix. Without them (our defaults) Triton's ``OutOfResources`` stands:
+    a default that does not fit is our bug, never the caller's.
 
     Compiled launches after the first of a kind skip ``JITFunction.run``'s binding and cache
     lookup (about half of a forward call's host time on the H200, where a short kernel waits
@@ -88,7 +103,7 @@ def launch(kernel, grid, *args, num_stages: int, **kwargs):
         key = (id(kernel), tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, (int, str, bool)))))
         num_stages = min(num_stages, _stages_that_fit.get(key, num_stages))
     if not DIRECT_LAUNCH or process_interprets():
-        return _launch_retrying(kernel, grid, args, num_stages, kwargs, key)
+        return _launch_retrying(kernel, grid, args, num_stages, kwargs, key, options)
     import torch
 
     device = torch.cuda.current_device()
@@ -96,9 +111,9 @@ def launch(kernel, grid, *args, num_stages: int, **kwargs):
     try:
         hit = _direct.get(spec)
     except TypeError:  # an unhashable argument: Triton's own dispatch decides
-        return _launch_retrying(kernel, grid, args, num_stages, kwargs, key)
+        return _launch_retrying(kernel, grid, args, num_stages, kwargs, key, options)
     if hit is None:
-        compiled = _launch_retrying(kernel, grid, args, num_stages, kwargs, key)
+        compiled = _launch_retrying(kernel, grid, args, num_stages, kwargs, key, options)
         if compiled is not None and hasattr(compiled, "packed_metadata"):
             # Constexprs follow the runtime arguments in the kernels' signatures; the launcher
             # takes every parameter in order and skips the constexprs itself.
@@ -121,15 +136,29 @@ def launch(kernel, grid, *args, num_stages: int, **kwargs):
     return compiled
 
 
-def _launch_retrying(kernel, grid, args, num_stages, kwargs, key):
+def _launch_retrying(kernel, grid, args, num_stages, kwargs, key, options=None):
     stages = num_stages
     while True:
         try:
             return kernel[grid](*args, num_stages=stages, **kwargs)
-        except triton.runtime.errors.OutOfResources:
+        except triton.runtime.errors.OutOfResources as exc:
             if stages <= 1:
+                if options and getattr(exc, "name", None) == "shared memory":
+                    raise _too_large(kernel, kwargs, options, exc) from exc
                 raise
             stages -= 1
             if key is None:
                 key = (id(kernel), tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, (int, str, bool)))))
             _stages_that_fit[key] = stages
+
+
+def _too_large(kernel, kwargs, options: dict, exc) -> TilesTooLarge:
+    given = ", ".join(f"{k}={v}" for k, v in options.items())
+    tiles = "x".join(str(kwargs[k]) for k in ("BLOCK_M", "BLOCK_N") if k in kwargs)
+    name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "the kernel")
+    dims = ", ".join(f"{k}={kwargs[k]}" for k in ("QK_PAD", "V_PAD") if k in kwargs)
+    return TilesTooLarge(
+        f"kernel_options {given} give {name} {tiles} tiles" + (f" ({dims})" if dims else "")
+        + f" that need {exc.required} bytes of shared memory even with num_stages=1; this GPU has "
+        f"{exc.limit}. Pass smaller tiles (halve one of {', '.join(options)}), or leave them out "
+        f"for defaults that fit.", dict(options), exc.required, exc.limit)

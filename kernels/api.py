@@ -50,6 +50,13 @@ class Launch:
     tiles: dict  # e.g. {"BLOCK_M": 128, "BLOCK_N": 64}
     num_warps: int
     num_stages: int
+    # The tiles the caller's kernel_options set, by tile name: (the option as spelled, value).
+    given: dict = field(default_factory=dict)
+
+    def options_for(self, *names: str) -> dict:
+        """The caller's options behind the tiles ``names`` ({spelled name: value}), for
+        ``_runtime.launch``'s error when they do not fit in shared memory."""
+        return dict(self.given[n] for n in names if n in self.given)
 
 
 @dataclass(frozen=True)
@@ -205,7 +212,7 @@ def parse_kernel_options(
     launches = {}
     for phase, default in (("fwd", fwd_default), ("bwd", bwd_default)):
         names = _TILE_KEYS[phase]
-        tiles = {}
+        tiles, given_tiles = {}, {}
         qb, kb = (q_block, kv_block) if phase == "fwd" or bwd_blocks is None else bwd_blocks
         if phase == "fwd" and refined_fwd:
             default = default[:-2] + REFINED_FWD_LAUNCH
@@ -224,13 +231,14 @@ def parse_kernel_options(
                         f"block mask with a BLOCK_SIZE that is a multiple of {tile}."
                     )
                 tiles[name] = tile
+                given_tiles[name] = (f"{phase}_{name}" if f"{phase}_{name}" in opts else name, tile)
         warps = opts.get(f"{phase}_num_warps", opts.get("num_warps", default[-2]))
         stages = opts.get(f"{phase}_num_stages", opts.get("num_stages", default[-1]))
         if isinstance(warps, bool) or not isinstance(warps, int) or warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"Expected num_warps in (1, 2, 4, 8, 16), got {warps!r}.")
         if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 8:
             raise ValueError(f"Expected num_stages between 1 and 8, got {stages!r}.")
-        launches[phase] = Launch(tiles, warps, stages)
+        launches[phase] = Launch(tiles, warps, stages, given_tiles)
     for key in ("REFINE_Q_BLOCK", "REFINE_KV_BLOCK"):  # applied to the block lists (_refine_option)
         if opts.get(key) is not None:
             _check_pow2(key, opts[key])

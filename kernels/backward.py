@@ -480,7 +480,8 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         side.wait_stream(main)  # delta, the prescaled q and the inputs are ready
         side_ctx = torch.cuda.stream(side)
     with side_ctx:
-        _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, bufs, concurrent)
+        _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, bufs, concurrent,
+                   opt.bwd.options_for("BLOCK_M2", "BLOCK_N2"))
     sp = plan.dkdv_sparse  # the dK/dV kernel walks its query lists
     MB, MH = sp.kv_idx.shape[:2]
     q_full_num = sp.full_q_num if sp.has_full else sp.q_num
@@ -494,6 +495,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
         GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable),
         BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **common, **_sparse_consts(sp, L, S),
+        options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
     )
     if streams:
         main.wait_stream(side)  # dq is done (and nothing the side stream reads is freed early)
@@ -511,7 +513,8 @@ def _sparse_consts(sp, L: int, S: int) -> dict:
                 Q_DIVISIBLE=L % sp.q_block == 0, KV_DIVISIBLE=S % sp.kv_block == 0)
 
 
-def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, bufs, delta_ready):
+def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, bufs, delta_ready,
+               options=None):
     sp, B, Hq, L, S = plan.dq_sparse, plan.B, plan.Hq, plan.L, plan.S  # the dQ kernel walks its key lists
     kv_full_num = sp.full_kv_num if sp.has_full else sp.kv_num
     kv_full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
@@ -524,6 +527,7 @@ def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out
         plan.scale, Hq, L, S, plan.Bk, *sp.kv_idx.shape[:2], sp.kv_idx.shape[-2], sp.kv_idx.shape[-1],
         HAS_DLSE=dlse is not None, DELTA_READY=delta_ready,
         BLOCK_M=tiles["BLOCK_M2"], BLOCK_N=tiles["BLOCK_N2"], **common, **_sparse_consts(sp, L, S),
+        options=options,
     )
 
 

@@ -278,5 +278,6 @@ def run_forward(plan, query, key, value):
         OUTPUT_LSE=True, OUTPUT_MAX=plan.return_max,
         FP32_PRECISION=plan.fp32_precision, UPCAST=plan.interpret,
         num_warps=opt.fwd.num_warps, num_stages=opt.fwd.num_stages,
+        options=opt.fwd.options_for("BLOCK_M", "BLOCK_N"),
     )
     return out, lse, mx

@@ -656,6 +656,65 @@ def test_mixed_kv_layouts_copy_the_odd_one_out():
     assert leaf.grad is not None and torch.equal(leaf.grad, torch.ones_like(leaf))
 
 
+class _Oversized:
+    """A stand-in for a Triton kernel whose every launch needs more shared memory than the GPU
+    has (Triton raises OutOfResources when it loads the compiled kernel); records the stages tried."""
+    __name__ = "dkdv_kernel"
+
+    def __init__(self):
+        self.stages = []
+
+    def __getitem__(self, grid):
+        import triton
+
+        def run(*args, num_stages, **kwargs):
+            self.stages.append(num_stages)
+            raise triton.runtime.errors.OutOfResources(245760, 232448, "shared memory")
+        return run
+
+
+def test_tiles_too_large_name_the_callers_options(monkeypatch):
+    """Tiles that do not fit even with one stage: the launch retries 3, 2, 1 stages, then names
+    the caller's kernel_options behind the tiles, the bytes and the fix (TilesTooLarge, a
+    ValueError); with no option of the caller's behind them (our defaults) Triton's own error
+    stands, since a default that does not fit is our bug. The fuzzer's kernels target counts
+    the first as not applicable, never the second."""
+    import triton
+
+    from kernels import _runtime, api
+    from properties.properties import evaluate
+    from properties.case import FlexCase
+    from properties.targets import TARGETS
+
+    monkeypatch.setattr(_runtime, "_stages_that_fit", {})
+    opts = api.parse_kernel_options({"bwd_BLOCK_M1": 32, "BLOCK_N1": 16, "BLOCK_M": 16}, dtype=torch.float32,
+                                    head_dim=128, q_block=64, kv_block=64, device=torch.device("cpu"),
+                                    interpret=True)
+    given = opts.bwd.options_for("BLOCK_M1", "BLOCK_N1")
+    assert given == {"bwd_BLOCK_M1": 32, "BLOCK_N1": 16} and opts.bwd.options_for("BLOCK_M2", "BLOCK_N2") == {}
+    assert opts.fwd.options_for("BLOCK_M", "BLOCK_N") == {"BLOCK_M": 16}
+    kernel = _Oversized()
+    with pytest.raises(kernels.TilesTooLarge) as info:
+        _runtime._launch_retrying(kernel, (1,), (), 3, dict(BLOCK_M=32, BLOCK_N=16, QK_PAD=128, V_PAD=128), None,
+                                  given)
+    assert kernel.stages == [3, 2, 1] and isinstance(info.value, ValueError)
+    assert str(info.value) == (
+        "kernel_options bwd_BLOCK_M1=32, BLOCK_N1=16 give dkdv_kernel 32x16 tiles (QK_PAD=128, V_PAD=128) that "
+        "need 245760 bytes of shared memory even with num_stages=1; this GPU has 232448. Pass smaller tiles "
+        "(halve one of bwd_BLOCK_M1, BLOCK_N1), or leave them out for defaults that fit.")
+    assert (info.value.required, info.value.limit) == (245760, 232448)
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        _runtime._launch_retrying(_Oversized(), (1,), (), 2, dict(BLOCK_M=32, BLOCK_N=16), None, {})
+
+    def too_large(*args, **kwargs):
+        raise kernels.TilesTooLarge("no room", {"BLOCK_M1": 128}, 245760, 232448)
+
+    monkeypatch.setattr(kernels, "flex_attention", too_large)
+    case = FlexCase(B=1, Hq=1, Hkv=1, Bk=1, L=16, S=16, E=16, Ev=16, dtype="float32", backward=False)
+    outcome = evaluate("matches_oracle", TARGETS["kernels"], case, "cpu")
+    assert outcome.status == "skipped" and "BLOCK_M1=128" in outcome.reason, outcome
+
+
 @pytest.mark.gpu
 def test_gpu_softcap_tanh_accuracy():
     """The softcap's compiled tanh (a rational function and rcp.approx) stays within
