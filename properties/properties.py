@@ -65,7 +65,8 @@ def run_target(target: Target, m: Materialized, *, want_max: Optional[bool] = No
 
     Returns detached tensors by name: ``out``, ``lse`` (if returned), ``max`` (if
     asked), ``dq``, ``dk``, ``dv``, ``dbuffer0``... (if ``m`` has ``grad_out``).
-    Any exception of the target other than ``NotApplicable`` becomes ``TargetError``.
+    Any exception of the target other than ``NotApplicable`` (or one its ``declines`` names)
+    becomes ``TargetError``.
     """
     want_max = target.returns_max if want_max is None else want_max
     kwargs = dict(score_mod=m.score_mod, block_mask=m.block_mask, scale=m.scale, enable_gqa=m.enable_gqa)
@@ -83,6 +84,9 @@ def run_target(target: Target, m: Materialized, *, want_max: Optional[bool] = No
     except NotApplicable:
         raise
     except Exception as exc:
+        reason = target.declines(exc)
+        if reason:
+            raise NotApplicable(f"{target.name}: {reason}") from exc
         raise TargetError(target.name, exc) from exc
     return {k: v.detach() for k, v in tensors.items()}
 

@@ -17,8 +17,10 @@ case (None when it can). Built-ins:
 function may carry its own ``applicable(case, device)`` attribute, and a
 module attribute that already is a ``Target`` is used as is.
 
-A target raises ``NotApplicable`` for a case it cannot express; any other
-exception is a target error, reported apart from numeric mismatches.
+A target raises ``NotApplicable`` for a case it cannot express, or names, in
+``declines``, the exceptions of its own that mean so (ours: ``kernels.TilesTooLarge``,
+raised by a forward or a backward); any other exception is a target error,
+reported apart from numeric mismatches.
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ class Target:
     takes_kernel_options: bool = True
     backward_on: Callable[[torch.device], bool] = field(default=lambda device: True)
     description: str = ""
+    # A reason when an exception the target raised, in its forward or its backward, says
+    # that it cannot run the case as asked (the case is then not applicable); None: an error.
+    declines: Callable[[BaseException], Optional[str]] = field(default=lambda exc: None)
 
     def applicable(self, case: FlexCase, device=None) -> Optional[str]:
         """Why this target cannot run ``case`` on ``device`` (default: the best device), or None."""
@@ -105,15 +110,21 @@ class Target:
 def _kernels_fn(*args, **kwargs):
     import kernels
 
-    try:
-        return kernels.flex_attention(*args, **kwargs)
-    except kernels.TilesTooLarge as exc:
-        # The case's own kernel_options ask for tiles this GPU's shared memory cannot hold
-        # (float32 backward tiles of 128x64 at head dim 128, say): a clear input error of
-        # the caller's, so the case is not applicable here. Tiles of our defaults that do
-        # not fit raise Triton's OutOfResources instead, which stays a target error.
-        raise NotApplicable(f"the kernel_options' tiles do not fit in this GPU's shared memory "
-                            f"({', '.join(f'{k}={v}' for k, v in exc.options.items())})") from exc
+    return kernels.flex_attention(*args, **kwargs)
+
+
+def _kernels_declines(exc: BaseException) -> Optional[str]:
+    """The case's own kernel_options ask for tiles this GPU's shared memory cannot hold
+    (float32 backward tiles of 128 x 64 at head dim 128, say; raised by the forward or, for
+    the backward's tiles, by the backward): a clear input error of the caller's, so the case
+    is not applicable here. Tiles of our defaults that do not fit raise Triton's
+    OutOfResources instead, which stays a target error."""
+    import kernels
+
+    if isinstance(exc, kernels.TilesTooLarge):
+        return ("the kernel_options' tiles do not fit in this GPU's shared memory "
+                f"({', '.join(f'{k}={v}' for k, v in exc.options.items())})")
+    return None
 
 
 def _kernels_check(case: FlexCase, device: torch.device) -> Optional[str]:
@@ -286,7 +297,7 @@ def _sdpa_fn(query, key, value, score_mod=None, block_mask=None, scale=None, ena
 
 TARGETS: dict = {
     "kernels": Target("kernels", _kernels_fn, _kernels_check, returns_lse=True, returns_max=True,
-                      description="our Triton kernels (kernels.flex_attention)"),
+                      declines=_kernels_declines, description="our Triton kernels (kernels.flex_attention)"),
     "torch-compile": Target("torch-compile", _torch_compile_fn, _torch_compile_check,
                             description="torch.compile(torch.nn.attention.flex_attention.flex_attention)"),
     "torch-eager": Target("torch-eager", _torch_eager_fn, _torch_eager_check,

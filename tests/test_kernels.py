@@ -706,11 +706,23 @@ def test_tiles_too_large_name_the_callers_options(monkeypatch):
     with pytest.raises(triton.runtime.errors.OutOfResources):
         _runtime._launch_retrying(_Oversized(), (1,), (), 2, dict(BLOCK_M=32, BLOCK_N=16), None, {})
 
+    class _BackwardTooLarge(torch.autograd.Function):  # the backward's tiles are checked in the backward
+        @staticmethod
+        def forward(ctx, out):
+            return out.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise kernels.TilesTooLarge("no room", {"BLOCK_M1": 128}, 245760, 232448)
+
+    real = kernels.flex_attention
+
     def too_large(*args, **kwargs):
-        raise kernels.TilesTooLarge("no room", {"BLOCK_M1": 128}, 245760, 232448)
+        out, *rest = real(*args, **kwargs)
+        return (_BackwardTooLarge.apply(out), *rest)
 
     monkeypatch.setattr(kernels, "flex_attention", too_large)
-    case = FlexCase(B=1, Hq=1, Hkv=1, Bk=1, L=16, S=16, E=16, Ev=16, dtype="float32", backward=False)
+    case = FlexCase(B=1, Hq=1, Hkv=1, Bk=1, L=16, S=16, E=16, Ev=16, dtype="float32", backward=True)
     outcome = evaluate("matches_oracle", TARGETS["kernels"], case, "cpu")
     assert outcome.status == "skipped" and "BLOCK_M1=128" in outcome.reason, outcome
 
