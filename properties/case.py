@@ -38,6 +38,11 @@ LAYOUTS = {
     # the fuzzer had met only through properties that replace V.
     "k-transposed": "k stored [B, H, E, L] and viewed as [B, H, L, E]; q and v contiguous",
     "v-transposed": "v stored [B, H, E, L] and viewed as [B, H, L, E]; q and k contiguous",
+    # q alone stored [B, L, H, E] (a query projected in sequence order beside a key/value cache
+    # kept [B, H, S, E]): the output and dq follow q's layout, k and v do not
+    # (fwd_out_stride_contiguous needs such a q; one layout in seven drew it, 8 of the CPU
+    # hunts' first 100 cases).
+    "q-bhle-transposed": "q stored [B, L, H, E] and viewed as [B, H, L, E]; k and v contiguous",
 }
 
 # What a kernel must never read: the storage around strided and offset views.
@@ -459,7 +464,7 @@ def _positive_int(name: str, value) -> None:
 def _lay_out(t: torch.Tensor, layout: str, device: torch.device, *, which: str) -> torch.Tensor:
     """``t`` (``which`` is "q", "k" or "v")'s values on ``device`` in ``layout`` (a leaf that
     does not require grad)."""
-    if layout == "bhle-transposed":
+    if layout == "bhle-transposed" or (layout == "q-bhle-transposed" and which == "q"):
         return t.transpose(1, 2).contiguous().to(device).transpose(1, 2)
     if (layout == "kv-transposed" and which != "q") or layout == f"{which}-transposed":
         return t.transpose(2, 3).contiguous().to(device).transpose(2, 3)

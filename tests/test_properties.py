@@ -307,6 +307,8 @@ def test_layouts_hold_the_same_values(layout):
         assert torch.equal(getattr(plain, name), getattr(laid, name)), name
     if layout == "bhle-transposed":
         assert laid.query.stride(1) < laid.query.stride(2)
+    if layout == "q-bhle-transposed":
+        assert laid.query.stride(1) < laid.query.stride(2) and laid.key.is_contiguous() and laid.value.is_contiguous()
     if layout == "kv-transposed":
         assert laid.key.stride(2) == 1 and laid.value.stride(2) == 1 and laid.query.is_contiguous()
     if layout == "k-transposed":
