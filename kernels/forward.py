@@ -38,9 +38,24 @@ def mma(a, b, acc, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
     UPCAST (the CPU interpreter) multiplies in float32: the interpreter's
     bfloat16 dot is wrong, and products of 16-bit values are exact in float32.
+
+    Float32 inputs sum a @ b from zero and add it to acc once. Passed as the
+    dot's accumulator, acc takes the products one at a time (IEEE float32 dots
+    are FMA chains on the GPU), and each product under half an ulp of acc is
+    lost: with the heavy key blocks first, the forward's running sum dropped a
+    tail of 8,000 small probabilities, 1.2e-5 of the row's mass with V = 1
+    (the H200's nightly fuzz, seed 19008; tests/cases/fp32-small-terms-lost.json).
+    The add is inline PTX: Triton folds ``acc + tl.dot(a, b)`` back into
+    ``tl.dot(a, b, acc)`` (its dot-add combine; seen in the TTIR for sm_90).
+    16-bit inputs keep the tensor cores' accumulate: each MMA step adds a
+    16-term product sum to acc, and the output is rounded to 8 or 11 bits.
     """
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif a.dtype == tl.float32:
+        d = tl.dot(a, b, input_precision=FP32_PRECISION)
+        return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=r,r,r", [acc, d],
+                                         dtype=tl.float32, is_pure=True, pack=1)
     else:
         return tl.dot(a, b, acc, input_precision=FP32_PRECISION)
 

@@ -24,7 +24,10 @@ compiled flex_attention raises NoValidChoicesError on it on the H100), and optio
 cannot hold (``fp32-tiles-too-large``: float32 backward tiles of 128 x 64 at head dim 128
 need 245760 bytes of shared memory where the H200 has 232448; Triton's OutOfResources was a
 target error of the H200's nightly fuzz until the kernels said so as ``TilesTooLarge``, which
-the fuzzer counts as not applicable: on CUDA it replays as such, exit 125). This
+the fuzzer counts as not applicable: on CUDA it replays as such, exit 125), and a float32
+accuracy loss that only the GPU shows (``fp32-small-terms-lost``: the forward's PV dot took the
+running sum as its accumulator, an FMA chain, and dropped each product under half an ulp of it;
+with V = 1 and 8,000 small probabilities after the heavy keys, out was 1 - 1.2e-5). This
 test replays each one exactly as a bisect script would (``flex-oracle replay
 CASE.json``), so a bug cannot return unseen.
 """

@@ -1,0 +1,84 @@
+"""What Triton makes of our kernels for the H100/H200 (sm_90), checked without a GPU.
+
+Triton's NVIDIA backend and its bundled ptxas compile ahead of time on any machine,
+so a CPU box can read the generated TTGIR and PTX. The interpreter cannot show what
+these tests pin: it runs each ``tl.dot`` as a NumPy product added afterwards.
+
+``mma`` of float32 inputs must sum each dot from zero and add it to the running
+accumulator once (``tests/cases/fp32-small-terms-lost.json``: passed as the dot's
+accumulator, acc took the products one at a time in an FMA chain, and a tail of 8,000
+small probabilities was lost on the H200). Triton folds ``acc + tl.dot(a, b)`` into
+``tl.dot(a, b, acc)``, so the add is inline PTX, and this test checks that the fold
+did not happen. 16-bit inputs keep the tensor cores' own accumulate.
+
+Every kernel the API launches (forward, backward, decode; float32 and bf16) is also
+compiled for sm_90 here (``tests/codegen.py kernels``), so code that only the GPU takes
+(the non-interpreter branches) cannot fail to compile unseen by CPU CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run in a fresh process with the interpreter off: under TRITON_INTERPRET=1 (how the
+# CPU tests run) every @triton.jit function is an interpreted one, which cannot compile.
+_SCRIPT = Path(__file__).with_name("codegen.py")
+
+
+def _run(*argv: str) -> str:
+    cache = Path(os.environ.get("TMPDIR", "/tmp")) / "flex-oracle-codegen-cache"
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(cache))
+    run = subprocess.run([sys.executable, str(_SCRIPT), *argv], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return run.stdout
+
+
+def _compile(dtype: str, precision: str) -> dict:
+    return json.loads(_run("mma", dtype, precision).strip().splitlines()[-1])
+
+
+def _dot_accumulator(ttgir: str) -> str:
+    """The definition of the (single) dot's accumulator operand."""
+    dots = [line for line in ttgir.splitlines() if re.search(r"= (tt\.dot|ttng\.warp_group_dot) ", line)]
+    assert len(dots) == 1, dots
+    operands = re.search(r"(?:tt\.dot|ttng\.warp_group_dot) (%[\w.]+), (%[\w.]+), (%[\w.]+)", dots[0])
+    acc = operands.group(3)
+    defs = [line for line in ttgir.splitlines() if line.strip().startswith(acc + " =")]
+    assert len(defs) == 1, (acc, defs)
+    return defs[0]
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_float32_dot_sums_from_zero(precision):
+    code = _compile("fp32", precision)
+    assert "arith.constant dense<0.000000e+00>" in _dot_accumulator(code["ttgir"])
+    assert "add.rn.f32" in code["ptx"]
+
+
+def test_bfloat16_dot_keeps_the_tensor_core_accumulate():
+    code = _compile("bf16", "ieee")
+    assert "arith.constant" not in _dot_accumulator(code["ttgir"])
+    assert "add.rn.f32" not in code["ptx"]
+
+
+def test_every_kernel_compiles_for_sm90_with_float32_sums_from_zero():
+    """The forward, backward (delta, dQ, dK/dV) and decode (split, combine) kernels, float32 and
+    bf16, dense and masked with a score mod, compile for sm_90; the float32 ones that fold a dot
+    into a running sum carry the separate add, the bf16 ones none."""
+    variants = [json.loads(line) for line in _run("kernels").splitlines() if line.startswith("{")]
+    names = {"forward_kernel", "delta_kernel", "dq_kernel", "dkdv_kernel", "decode_split_kernel", "decode_combine_kernel"}
+    for dtype in ("fp32", "bf16"):
+        assert {v["kernel"] for v in variants if v["dtype"] == dtype} == names, variants
+    for v in variants:
+        accumulates = v["kernel"] in ("forward_kernel", "dq_kernel", "dkdv_kernel", "decode_split_kernel")
+        assert (v["add_rn_f32"] > 0) == (accumulates and v["dtype"] == "fp32"), v
