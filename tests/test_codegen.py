@@ -12,8 +12,9 @@ small probabilities was lost on the H200). Triton folds ``acc + tl.dot(a, b)`` i
 did not happen. 16-bit inputs keep the tensor cores' own accumulate.
 
 Every kernel the API launches (forward, backward, decode; float32 and bf16) is also
-compiled for sm_90 here (``tests/codegen.py kernels``), so code that only the GPU takes
-(the non-interpreter branches) cannot fail to compile unseen by CPU CI.
+compiled for sm_90 here (``tests/codegen.py kernels``, through ``benchmarks/codegen.py``'s
+``sm90_launches``), so code that only the GPU takes (the non-interpreter branches) cannot
+fail to compile unseen by CPU CI; and ``benchmarks/codegen.py``'s register report runs.
 """
 
 from __future__ import annotations
@@ -77,8 +78,22 @@ def test_every_kernel_compiles_for_sm90_with_float32_sums_from_zero():
     into a running sum carry the separate add, the bf16 ones none."""
     variants = [json.loads(line) for line in _run("kernels").splitlines() if line.startswith("{")]
     names = {"forward_kernel", "delta_kernel", "dq_kernel", "dkdv_kernel", "decode_split_kernel", "decode_combine_kernel"}
-    for dtype in ("fp32", "bf16"):
+    for dtype in ("float32", "bfloat16"):
         assert {v["kernel"] for v in variants if v["dtype"] == dtype} == names, variants
     for v in variants:
         accumulates = v["kernel"] in ("forward_kernel", "dq_kernel", "dkdv_kernel", "decode_split_kernel")
-        assert (v["add_rn_f32"] > 0) == (accumulates and v["dtype"] == "fp32"), v
+        assert (v["add_rn_f32"] > 0) == (accumulates and v["dtype"] == "float32"), v
+
+
+def test_codegen_report_prints_registers_and_spills():
+    """``benchmarks/codegen.py``: bench.py's causal row at S=1k, D=64, forward, as ptxas reports it."""
+    cache = Path(os.environ.get("TMPDIR", "/tmp")) / "flex-oracle-codegen-cache"
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(cache))
+    run = subprocess.run([sys.executable, "benchmarks/codegen.py", "--masks", "causal", "--seqlens", "1k",
+                          "--head-dims", "64", "--forward-only"], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = [line.split() for line in run.stdout.splitlines() if "forward_kernel" in line]
+    assert len(rows) == 1, run.stdout
+    regs, spills = int(rows[0][-3]), rows[0][-2]
+    assert 0 < regs <= 255 and re.fullmatch(r"\d+/\d+", spills), rows[0]

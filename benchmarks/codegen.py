@@ -1,0 +1,163 @@
+"""Registers, spills and shared memory of our kernels on the H100/H200 (sm_90), read without a GPU.
+
+Triton's NVIDIA backend and the ptxas in its wheel compile ahead of time on any machine;
+only running the code needs the GPU. This runs ``bench.py``'s cases through
+``kernels.flex_attention`` on CPU tensors with each launch replaced by a compile for
+sm_90, specialised as Triton's JIT would specialise it on the GPU (integers equal to 1
+and divisibility by 16, from the same arguments), and prints what ``ptxas -v`` reports for
+each kernel: a kernel that spills registers to local memory is a lead for a speed-up,
+before any device time is spent. Nothing is timed and nothing runs: the outputs are garbage.
+
+    TRITON_INTERPRET=0 python benchmarks/codegen.py --masks causal,softcap --head-dims 128
+    TRITON_INTERPRET=0 python benchmarks/codegen.py --masks softcap --options BLOCK_M1=64,BLOCK_N1=64
+    TRITON_INTERPRET=0 python benchmarks/codegen.py --decode-seqlens 32k
+
+The interpreter must be off (``TRITON_INTERPRET=0``): under it every ``triton.jit``
+function is an interpreted one, which cannot compile. ``tests/test_codegen.py`` uses
+``sm90_launches`` to check what the kernels compile to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "BLOCK_L")
+
+
+def _ptxas_path() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def ptxas_info(ptx: str, arch: str = "sm_90a") -> dict:
+    """Registers per thread and spill bytes (stores, loads) as ``ptxas -v`` reports them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        run = subprocess.run([_ptxas_path(), "-v", f"-arch={arch}", path, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    regs = re.search(r"Used (\d+) registers", run.stderr)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr)
+    return {"regs": int(regs.group(1)) if regs else None,
+            "spill_stores": int(spills.group(1)) if spills else 0,
+            "spill_loads": int(spills.group(2)) if spills else 0}
+
+
+@contextlib.contextmanager
+def sm90_launches(ptxas: bool = True):
+    """Within it, ``kernels.flex_attention`` compiles each distinct launch for sm_90 instead of
+    running it, and appends a record to the yielded list: kernel, dtype (of its first tensor),
+    tiles, num_warps, num_stages, shared bytes, the PTX, and with ``ptxas`` its registers and
+    spills. The API's device queries answer as an H100 would (132 SMs, sm90 configs)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from kernels import _runtime, api
+
+    if _runtime.process_interprets():
+        raise RuntimeError("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    records, seen = [], set()
+
+    def compile_only(kernel, grid, args, num_stages, kwargs, key, options=None):
+        kw = dict(kwargs, num_stages=num_stages)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, specialization, opts = binder(*args, **kw)
+        opts, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization, opts)
+        spec = repr((kernel.fn.__name__, sorted(signature.items()), sorted((k, str(v)) for k, v in constexprs.items()),
+                     sorted((k, str(v)) for k, v in attrs.items()), opts.num_warps, opts.num_stages))
+        if spec in seen:
+            return None
+        seen.add(spec)
+        out = triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs, attrs), target=target,
+                             options=opts.__dict__)
+        named = {kernel.arg_names[k[0]]: v for k, v in constexprs.items()}
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        rec = {"kernel": kernel.fn.__name__, "dtype": str(first.dtype).replace("torch.", "") if first is not None else "",
+               "tiles": {n: named[n] for n in TILE_NAMES if n in named}, "num_warps": opts.num_warps,
+               "num_stages": opts.num_stages, "shared": out.metadata.shared, "ptx": out.asm["ptx"]}
+        if ptxas:
+            rec.update(ptxas_info(out.asm["ptx"]))
+        records.append(rec)
+        return None
+
+    saved = (_runtime.check_device, _runtime.DIRECT_LAUNCH, _runtime._launch_retrying, api._arch, api.sm_count)
+    _runtime.check_device = lambda tensor: False
+    _runtime.DIRECT_LAUNCH = False
+    _runtime._launch_retrying = compile_only
+    api._arch = lambda device, interpret: "sm90"
+    api.sm_count = lambda device: 132
+    try:
+        yield records
+    finally:
+        (_runtime.check_device, _runtime.DIRECT_LAUNCH, _runtime._launch_retrying, api._arch, api.sm_count) = saved
+
+
+def _parse_options(text: str) -> dict:
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if not value:
+            raise SystemExit(f"--options: expected NAME=VALUE, got {item!r}")
+        out[name] = value.lower() == "true" if value.lower() in ("true", "false") else int(value)
+    return out
+
+
+def main(argv=None) -> int:
+    from benchmarks import bench
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--masks", type=bench._parse_masks, default=("causal", "softcap", "document"))
+    p.add_argument("--seqlens", type=bench._parse_lengths, default=(4096,))
+    p.add_argument("--head-dims", type=bench._parse_ints, default=(128,))
+    p.add_argument("--decode-seqlens", type=bench._parse_lengths, default=())
+    p.add_argument("--dtype", choices=sorted(bench.DTYPES), default="bfloat16")
+    p.add_argument("--options", type=_parse_options, default={}, help="kernel_options, NAME=VALUE,...")
+    p.add_argument("--forward-only", action="store_true")
+    args = p.parse_args(argv)
+
+    import kernels
+
+    dtype = bench.DTYPES[args.dtype]
+    cases = [(m, bench.train_shape(m, S, D, "cuda")) for D in args.head_dims for S in args.seqlens for m in args.masks]
+    cases += [(bench.DECODE, bench.decode_shape(S, 1, "cuda")) for S in args.decode_seqlens]
+    print(f"sm_90 code of our kernels (Triton {triton.__version__}, ptxas of its wheel), {args.dtype}, "
+          f"options {args.options or 'default'}")
+    print(f"{'case':30s} {'kernel':22s} {'tiles':28s} {'warps':>5s} {'stages':>6s} {'regs':>4s} "
+          f"{'spill st/ld':>11s} {'shared':>7s}")
+    with sm90_launches() as records:
+        for mask, s in cases:
+            before = len(records)
+            score_mod, block_mask = bench.attention_args(mask, s, "cpu")
+            grad = not args.forward_only and s.L > 1
+            q = torch.empty(s.B, s.Hq, s.L, s.D, dtype=dtype, requires_grad=grad)
+            k = torch.empty(s.B, s.Hkv, s.S, s.D, dtype=dtype, requires_grad=grad)
+            v = torch.empty(s.B, s.Hkv, s.S, s.D, dtype=dtype, requires_grad=grad)
+            out = kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                         enable_gqa=s.Hq != s.Hkv, kernel_options=args.options or None)
+            if grad:
+                out.sum().backward()
+            name = f"{mask} S={s.S} D={s.D}"
+            for r in records[before:]:
+                tiles = ",".join(f"{k}={v}" for k, v in r["tiles"].items())
+                print(f"{name:30s} {r['kernel']:22s} {tiles:28s} {r['num_warps']:5d} {r['num_stages']:6d} "
+                      f"{r['regs']:4d} {r['spill_stores']:5d}/{r['spill_loads']:<5d} {r['shared']:7d}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
