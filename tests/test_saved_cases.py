@@ -32,6 +32,7 @@ test replays each one exactly as a bisect script would (``flex-oracle replay
 CASE.json``), so a bug cannot return unseen.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,20 @@ def test_gpu_saved_case_replays_as_pass(path):
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     else:
         assert run.returncode == 125 and expected in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
+
+
+@pytest.mark.parametrize("model, fails", [("lossy", True), ("fresh", False)])
+def test_small_terms_case_tells_the_fma_chain_from_the_fix(model, fails):
+    """``fp32-small-terms-lost`` fails only on the GPU, so the CPU pins it against a float32 model
+    of the two accumulations (``tests/fma_chain_model.py``): ``ones_value_gives_one`` must fail the
+    old one (2.5e-5 against an allowance of 1.1e-5) and pass the fixed one."""
+    from properties.case import FlexCase
+    from properties.properties import Mismatch, ones_value_gives_one
+
+    path = Path(__file__).parent / "cases" / "fp32-small-terms-lost.json"
+    case = FlexCase.from_dict(json.loads(path.read_text())["case"])
+    if fails:
+        with pytest.raises(Mismatch, match="ones_value_gives_one: with V = 1, out is not 1"):
+            ones_value_gives_one(f"fma_chain_model:{model}", case, "cpu")
+    else:
+        ones_value_gives_one(f"fma_chain_model:{model}", case, "cpu")
