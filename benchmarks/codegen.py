@@ -13,8 +13,8 @@ before any device time is spent. Nothing is timed and nothing runs: the outputs 
     TRITON_INTERPRET=0 python benchmarks/codegen.py --decode-seqlens 32k
 
 The interpreter must be off (``TRITON_INTERPRET=0``): under it every ``triton.jit``
-function is an interpreted one, which cannot compile. ``tests/test_codegen.py`` uses
-``sm90_launches`` to check what the kernels compile to.
+function is an interpreted one, which cannot compile. ``tests/codegen.py`` (run by
+``tests/test_codegen.py``) uses ``sm90_launches`` to check what the kernels compile to.
 """
 
 from __future__ import annotations

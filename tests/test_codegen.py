@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 _SCRIPT = Path(__file__).with_name("codegen.py")
 
 
-def _run(*argv: str) -> str:
+def _run(*argv: str, script: Path = _SCRIPT) -> str:
     cache = Path(os.environ.get("TMPDIR", "/tmp")) / "flex-oracle-codegen-cache"
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(cache))
-    run = subprocess.run([sys.executable, str(_SCRIPT), *argv], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True,
                          cwd=ROOT, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     return run.stdout
@@ -87,13 +87,9 @@ def test_every_kernel_compiles_for_sm90_with_float32_sums_from_zero():
 
 def test_codegen_report_prints_registers_and_spills():
     """``benchmarks/codegen.py``: bench.py's causal row at S=1k, D=64, forward, as ptxas reports it."""
-    cache = Path(os.environ.get("TMPDIR", "/tmp")) / "flex-oracle-codegen-cache"
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(cache))
-    run = subprocess.run([sys.executable, "benchmarks/codegen.py", "--masks", "causal", "--seqlens", "1k",
-                          "--head-dims", "64", "--forward-only"], capture_output=True, text=True, cwd=ROOT,
-                         env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    rows = [line.split() for line in run.stdout.splitlines() if "forward_kernel" in line]
-    assert len(rows) == 1, run.stdout
+    out = _run("--masks", "causal", "--seqlens", "1k", "--head-dims", "64", "--forward-only",
+               script=ROOT / "benchmarks" / "codegen.py")
+    rows = [line.split() for line in out.splitlines() if "forward_kernel" in line]
+    assert len(rows) == 1, out
     regs, spills = int(rows[0][-3]), rows[0][-2]
     assert 0 < regs <= 255 and re.fullmatch(r"\d+/\d+", spills), rows[0]

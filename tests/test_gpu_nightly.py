@@ -1,0 +1,21 @@
+"""``.ci/gpu-nightly``'s guards that run before anything needs a GPU."""
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fuzz_refuses_a_log_folder_holding_an_earlier_run(tmp_path):
+    """A reused FUZZ_LOG_DIR would put an earlier run's failures into this run's tarball (a
+    machine's /tmp/fz once held records three sessions old): the job stops before any fuzzing."""
+    logs = tmp_path / "fz"
+    (logs / "failures-1-0").mkdir(parents=True)
+    (logs / "failures-1-0" / "found-matches_oracle-0.json").write_text("{}")
+    env = dict(os.environ, STEPS="fuzz", FUZZ_PROCS="1", FUZZ_SECONDS="1", FUZZ_LOG_DIR=str(logs),
+               OUT=str(tmp_path / "out"), PYTHON="false")
+    run = subprocess.run([str(ROOT / ".ci" / "gpu-nightly")], capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"FUZZ_LOG_DIR={logs} holds files of an earlier run" in run.stderr
+    assert not (tmp_path / "out" / "fuzz_failures.tgz").exists()
