@@ -42,7 +42,8 @@ FWD = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 BWD = {  # (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages)
     # The last two: dK/dV tiles of 32 and 16 queries, the only ones at D=128 whose dK/dV kernel
     # does not spill registers (benchmarks/codegen.py, read on the CPU; the default spills
-    # 212 bytes on causal and 508 on softcap). Not yet timed on a GPU.
+    # 212 bytes on causal and 508 on softcap). Timed on the H200 (docs/perf/h200-bwd-tile-sweep-2026-12-04.txt):
+    # slower than the default, 309 and 237 TFLOP/s against 339 causal, 223 and 197 against 245 softcap.
     128: [(64, 128, 128, 64, 8, 3), (64, 128, 128, 64, 8, 2), (64, 128, 128, 64, 8, 4), (64, 128, 128, 128, 8, 2),
           (64, 128, 64, 64, 8, 3), (64, 64, 64, 64, 4, 3), (32, 128, 128, 64, 8, 3), (16, 128, 128, 64, 8, 3)],
     64: [(64, 64, 64, 64, 4, 3), (64, 128, 128, 64, 8, 2), (64, 128, 128, 64, 4, 3), (32, 128, 128, 32, 4, 3)],
