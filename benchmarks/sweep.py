@@ -183,7 +183,19 @@ def main(argv=None):
     p.add_argument("--decode", action="store_true")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--fwd-tiles", default=None, metavar="M,N,W,S/...",
+                   help="forward configs to time at every head dim, in place of FWD's lists")
+    p.add_argument("--bwd-tiles", default=None, metavar="M1,N1,M2,N2,W,S/...",
+                   help="backward configs to time at every head dim, in place of BWD's lists")
     args = p.parse_args(argv)
+    for flag, table, width in ((args.fwd_tiles, FWD, 4), (args.bwd_tiles, BWD, 6)):
+        if flag is not None:
+            cfgs = [tuple(int(x) for x in c.split(",")) for c in flag.split("/") if c]
+            bad = [c for c in cfgs if len(c) != width]
+            if bad or not cfgs:
+                p.error(f"expected configs of {width} integers separated by '/', got {flag!r}")
+            for D in list(table):
+                table[D] = cfgs
     masks = [] if args.no_train else [m for m in args.masks.split(",") if m]
     head_dims = [int(d) for d in args.head_dims.split(",")]
     todo = tasks(masks, head_dims, args.decode)
