@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/sweep.py [--jobs 12] [--masks none,causal,document,softcap]
                                              [--head-dims 128,64] [--decode] [--json PATH]
+                                             [--fwd-tiles M,N,W,S/...] [--bwd-tiles M1,N1,M2,N2,W,S/...]
 
 What it is for: choosing the rows of ``kernels.api._CONFIGS`` (and the decode
 split) by measurement. It is not the benchmark of record (``bench.py`` is:
