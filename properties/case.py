@@ -105,7 +105,8 @@ class FlexCase:
     (1 broadcasts); None means no block mask. ``backward`` takes dq, dk, dv
     (and learnable tables' gradients) of ``sum(out * dO)``, plus
     ``sum(lse * dLSE)`` over finite LSE entries when ``grad_lse``.
-    ``input_std`` scales q, k, v. Invalid combinations raise at construction.
+    ``input_std`` scales q, k, v; ``value_mean`` is added to v (before rounding), so that
+    the output is not centred on zero. Invalid combinations raise at construction.
     """
 
     B: int
@@ -132,6 +133,11 @@ class FlexCase:
     # How each row's block list is ordered: "sorted" (create_block_mask's ascending order) or
     # "reversed" (descending; a list is a set, SPEC section 3, so the result is the same).
     block_order: str = "sorted"
+    # Added to every element of v: with v centred on zero, an accumulation that loses small
+    # terms loses them in both directions and the error averages out; a mean makes it one-sided
+    # (the float32 FMA-chain loss, tests/cases/fp32-small-terms-lost.json, was found only by
+    # ones_value_gives_one's V of ones).
+    value_mean: float = 0.0
 
     # ------------------------------------------------------------------
     # validation
@@ -155,6 +161,9 @@ class FlexCase:
         if not isinstance(self.input_std, (int, float)) or isinstance(self.input_std, bool) \
                 or not (math.isfinite(self.input_std) and self.input_std > 0):
             raise ValueError(f"Expected input_std to be a positive finite number, got {self.input_std!r}.")
+        if not isinstance(self.value_mean, (int, float)) or isinstance(self.value_mean, bool) \
+                or not math.isfinite(self.value_mean):
+            raise ValueError(f"Expected value_mean to be a finite number, got {self.value_mean!r}.")
         if self.scale is not None and (
             isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale)
         ):
@@ -254,6 +263,8 @@ class FlexCase:
         d["kernel_options"] = dict(self.kernel_options)
         if d["block_order"] == "sorted":  # the default stays out, so earlier case files are unchanged
             del d["block_order"]
+        if d["value_mean"] == 0:  # likewise
+            del d["value_mean"]
         return {"format": FORMAT, **d}
 
     def to_json(self, indent: Optional[int] = None) -> str:
@@ -284,7 +295,8 @@ class FlexCase:
         """Inputs, mods and block mask on ``device``, bit-identical on every device.
 
         q, k, v, dO, dLSE are drawn in that order from ``torch.Generator().manual_seed(seed)``
-        on the CPU (float32 normal, times ``input_std`` for q, k, v), rounded to the dtype,
+        on the CPU (float32 normal, times ``input_std`` for q, k, v, plus ``value_mean`` for v),
+        rounded to the dtype,
         moved to ``device`` and given the layout; unused storage of strided and offset
         layouts holds NaN, which a correct kernel never reads.
         """
@@ -294,14 +306,15 @@ class FlexCase:
         gen = torch.Generator().manual_seed(self.seed)
         dtype = self.torch_dtype
 
-        def draw(shape, std=1.0, dt=dtype):
+        def draw(shape, std=1.0, dt=dtype, mean=0.0):
             t = torch.randn(shape, generator=gen, dtype=torch.float32)
-            return (t * std if std != 1.0 else t).to(dt)
+            t = t * std if std != 1.0 else t
+            return (t + mean if mean else t).to(dt)
 
         std = float(self.input_std)
         q = draw((self.B, self.Hq, self.L, self.E), std)
         k = draw((self.Bk, self.Hkv, self.S, self.E), std)
-        v = draw((self.Bk, self.Hkv, self.S, self.Ev), std)
+        v = draw((self.Bk, self.Hkv, self.S, self.Ev), std, mean=float(self.value_mean))
         do = draw((self.B, self.Hq, self.L, self.Ev))
         dlse = draw((self.B, self.Hq, self.L), dt=torch.float32)
 
@@ -346,7 +359,8 @@ class FlexCase:
             heads += f" over Hkv={self.Hkv} key/value heads (GQA, group G={self.G})"
         lines.append(f"shape:   {batch}, {heads}")
         lines.append(f"         L={self.L} queries, S={self.S} keys, head dims E={self.E}, Ev={self.Ev}")
-        lines.append(f"inputs:  {self.dtype}, seed {self.seed}, std {self.input_std:g}, "
+        mean = f", v mean {self.value_mean:g}" if self.value_mean else ""
+        lines.append(f"inputs:  {self.dtype}, seed {self.seed}, std {self.input_std:g}{mean}, "
                      f"layout {self.layout} ({LAYOUTS[self.layout]})")
         default_scale = 1.0 / math.sqrt(self.E)
         lines.append("scale:   " + (f"default 1/sqrt(E) = {default_scale:.6g}" if self.scale is None

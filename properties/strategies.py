@@ -557,7 +557,8 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
     (lengths leaning to the tile boundaries), whether a score mod, the mask mod (in one
     case in three with some query rows fully masked), the score mod (leaning to learnable
     tables), the mask's batch/head broadcast, scale, layout, kernel options,
-    gradients, input size, seed, then the refinements and the block lists' order."""
+    gradients, input size, seed, then the refinements and the block lists' order. The seed
+    also sets v's mean (``value_mean``: 1, -4 or 16 in one case in four, else 0)."""
     dtype_names = tuple(dtypes) if dtypes is not None else ("float16", "bfloat16", "float32")
     layout_names = tuple(layouts) if layouts is not None else tuple(LAYOUTS)
     for name in layout_names:
@@ -723,6 +724,13 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
                 and ((draw(st.booleans()) or draw(st.booleans())) if not refined
                      else (draw(st.booleans()) and draw(st.booleans())))):
             order = "reversed"
+        # A mean added to v in one case in four, read off the drawn seed rather than drawn: a
+        # further draw moved the stream enough to cost the fault hunts' triggers (the q-transposed
+        # forward cases fell from 173 to 125 of test_cpu_draws_reach_the_rare_triggers' 1600).
+        # The output is then not centred on zero, and an accumulation that drops small terms (the
+        # float32 FMA-chain loss of the twelfth session) errs one way instead of averaging out.
+        # Shrinking the seed towards 0 drops the mean.
+        value_mean = _VALUE_MEANS[seed % len(_VALUE_MEANS)]
         return FlexCase(
             B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, Bk=shape.Bk, L=shape.L, S=shape.S, E=shape.E, Ev=shape.Ev,
             dtype=dtype, seed=seed, input_std=std, layout=layout,
@@ -731,9 +739,14 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
             mask_B=mask_B if mask is not None else 1, mask_H=mask_H if mask is not None else 1,
             score=score.spec() if score is not None else None, scale=scale,
             kernel_options=options, backward=grads, grad_lse=grad_lse, block_order=order,
+            value_mean=value_mean,
         )
 
     return draw_case()
+
+
+# flex_cases' means for v, indexed by the drawn seed (three in four give none).
+_VALUE_MEANS = (0.0, 0.0, 0.0, 1.0, 0.0, 0.0, -4.0, 0.0, 0.0, 16.0, 0.0, 0.0)
 
 
 def _refine_choices(mask, block, options: dict, exclude, axis: str = "KV") -> list:
