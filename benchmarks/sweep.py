@@ -191,9 +191,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     for flag, table, width in ((args.fwd_tiles, FWD, 4), (args.bwd_tiles, BWD, 6)):
         if flag is not None:
-            cfgs = [tuple(int(x) for x in c.split(",")) for c in flag.split("/") if c]
-            bad = [c for c in cfgs if len(c) != width]
-            if bad or not cfgs:
+            try:
+                cfgs = [tuple(int(x) for x in c.split(",")) for c in flag.split("/") if c]
+            except ValueError:
+                cfgs = []
+            if not cfgs or any(len(c) != width for c in cfgs):
                 p.error(f"expected configs of {width} integers separated by '/', got {flag!r}")
             for D in list(table):
                 table[D] = cfgs

@@ -473,8 +473,7 @@ def test_backward_narrows_its_dq_step_where_refined_lists_save():
     with NARROW_DQ's stages, where the dQ kernel's lists refined to the narrow step save at least
     AUTO_REFINE_BWD_SAVING (a document mask), and left alone where they do not (causal), where
     the caller set BLOCK_N2, and where the default is already narrow; a caller's num_stages is
-    kept. End to end (the interpreter let in), the dQ kernel then walks 64-key lists and the
-    oracle agrees."""
+    kept (test_backward_narrowing_end_to_end runs the path through flex_attention)."""
     from kernels import api
     from kernels.api import Launch, Options
 
