@@ -150,7 +150,10 @@ def main(argv=None) -> int:
             out = kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
                                          enable_gqa=s.Hq != s.Hkv, kernel_options=args.options or None)
             if grad:
-                out.sum().backward()
+                # A gradient with the output's own layout, as bench.py's: out.sum().backward()
+                # would pass an expanded one (stride 0), a specialization no training step runs
+                # (its dK/dV kernel reported 100-400 bytes of spills that the real one lacks).
+                out.backward(torch.empty_like(out))
             name = f"{mask} S={s.S} D={s.D}"
             for r in records[before:]:
                 tiles = ",".join(f"{k}={v}" for k, v in r["tiles"].items())

@@ -44,6 +44,18 @@ DELTA_ROWS = 64  # query rows a delta_kernel program reduces
 
 
 @triton.jit
+def base2_scores(qk, SM_SCALE, PRESCALE: tl.constexpr):
+    """Scores without a score mod in base 2, as the forward's LSE saw them: one multiply by
+    ``scale * log2(e)``, which the caller's subtraction of the LSE fuses into one FMA per
+    element (``(qk * scale) * log2(e)`` took a multiply and an FMA, and rounded twice). With
+    PRESCALE ``qk`` already is ``q * scale * log2(e)`` against k, rounded as the forward's."""
+    if PRESCALE:
+        return qk
+    else:
+        return qk * (SM_SCALE * LOG2E)
+
+
+@triton.jit
 def dq_tiles(
     dq, q, do, lse2, delta,
     K, V, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -84,23 +96,23 @@ def dq_tiles(
             n_mod = n2
         else:
             n_mod = n2 % KV_LEN
-        s = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
-        if PRESCALE:
-            s = s * LN2
-        else:
-            s = s * SM_SCALE
+        qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
         if HAS_SCORE:
-            t_nat = SCORE_FN(s, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+            if PRESCALE:
+                s = qk * LN2
+            else:
+                s = qk * SM_SCALE
+            t2 = SCORE_FN(s, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
         else:
-            t_nat = s
+            t2 = base2_scores(qk, SM_SCALE, PRESCALE)
         keep = n2 < KV_LEN
         if not IS_FULL:
             keep = keep & MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
         if IS_FULL and KV_DIVISIBLE:
             # Every element of a full block is allowed (rows past L are never stored).
-            p = tl.math.exp2(t_nat * LOG2E - lse2[:, None])
+            p = tl.math.exp2(t2 - lse2[:, None])
         else:
-            p = tl.where(keep, tl.math.exp2(t_nat * LOG2E - lse2[:, None]), 0.0)
+            p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
         dp = mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
         dt = p * (dp - delta[:, None])
         if HAS_SCORE:
@@ -115,7 +127,7 @@ def dq_tiles(
 @triton.jit
 def dkdv_tiles(
     dk, dv, k, v,
-    Q, QS, DO, LSE, DELTA, stride_qm, stride_qd, stride_qsm, stride_qsd, stride_dom, stride_dod,
+    Q, QS, DO, LSE2, DELTA, stride_qm, stride_qd, stride_qsm, stride_qsd, stride_dom, stride_dod,
     IDX, num_blocks,
     off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
     B0, B1, B2, B3, G0, G1, G2, G3,
@@ -154,14 +166,17 @@ def dkdv_tiles(
                        QK_DIM != QK_PAD, not Q_DIVISIBLE)
         do = load_tile(DO, offs_m, offs_v, stride_dom, stride_dod, Q_LEN, V_DIM,
                        not Q_DIVISIBLE, V_DIM != V_PAD)
+        # LSE2: the LSE in base 2, a fully masked row's -inf as 0 (row_lse2), made once per
+        # row rather than once per key tile here (a multiply, a compare and a select for
+        # each of a thread's columns, each step: 48 of the full-block loop's 456 sm_90 instructions
+        # at D=128). With base2_scores: a 3 to 8 % faster backward at D=64 on the H200 (none,
+        # causal, GQA causal), no change at D=128 (docs/PERFORMANCE.md, fifteenth session).
         if Q_DIVISIBLE:
-            lse2 = tl.load(LSE + offs_m) * LOG2E
+            lse2 = tl.load(LSE2 + offs_m)
             delta = tl.load(DELTA + offs_m)
         else:
-            lse2 = tl.load(LSE + offs_m, mask=offs_m < Q_LEN, other=0.0) * LOG2E
+            lse2 = tl.load(LSE2 + offs_m, mask=offs_m < Q_LEN, other=0.0)
             delta = tl.load(DELTA + offs_m, mask=offs_m < Q_LEN, other=0.0)
-        # A fully masked row has lse = -inf and no allowed element: any finite shift gives p = 0.
-        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
         m2 = offs_m[None, :]
         if Q_DIVISIBLE:
             m_mod = m2
@@ -171,21 +186,25 @@ def dkdv_tiles(
             # Scores from the forward's rounded q * scale * log2(e); dK still uses q itself.
             q_scaled = load_tile(QS, offs_d, offs_m, stride_qsd, stride_qsm, QK_DIM, Q_LEN,
                                  QK_DIM != QK_PAD, not Q_DIVISIBLE)
-            sT = mma(k, q_scaled, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST) * LN2
+            qkT = mma(k, q_scaled, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
         else:
-            sT = mma(k, qT, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST) * SM_SCALE
+            qkT = mma(k, qT, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
         if HAS_SCORE:
-            tT = SCORE_FN(sT, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+            if PRESCALE:
+                sT = qkT * LN2
+            else:
+                sT = qkT * SM_SCALE
+            tT2 = SCORE_FN(sT, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
         else:
-            tT = sT
+            tT2 = base2_scores(qkT, SM_SCALE, PRESCALE)
         keep = (m2 < Q_LEN) & (offs_n[:, None] < KV_LEN)
         if not IS_FULL:
             keep = keep & MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
         if IS_FULL and Q_DIVISIBLE and KV_DIVISIBLE:
             # Every element of a full block is allowed; keep only guards the tables' gradients.
-            pT = tl.math.exp2(tT * LOG2E - lse2[None, :])
+            pT = tl.math.exp2(tT2 - lse2[None, :])
         else:
-            pT = tl.where(keep, tl.math.exp2(tT * LOG2E - lse2[None, :]), 0.0)
+            pT = tl.where(keep, tl.math.exp2(tT2 - lse2[None, :]), 0.0)
         dv = mma(cast(pT, DO.dtype.element_ty, UPCAST), do, dv, FP32_PRECISION, UPCAST)
         dpT = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
         dtT = pT * (dpT - delta[None, :])
@@ -211,8 +230,16 @@ def row_delta(do, O, DLSE, stat, offs_m, offs_v, stride_om, stride_od, Q_LEN, V_
 
 
 @triton.jit
+def row_lse2(LSE, stat, offs_m, Q_LEN):
+    """The rows' LSE in base 2, as P = exp2(score2 - lse2) needs it. A fully masked row has
+    lse = -inf and no allowed element: any finite shift gives p = 0, so it becomes 0."""
+    lse2 = tl.load(LSE + stat, mask=offs_m < Q_LEN, other=0.0) * LOG2E
+    return tl.where(lse2 == float("-inf"), 0.0, lse2)
+
+
+@triton.jit
 def delta_kernel(
-    Q, DO, OUT, DLSE, DELTA, QS,
+    Q, DO, OUT, DLSE, DELTA, QS, LSE, LSE2,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_doz, stride_doh, stride_dom, stride_dod,
     stride_oz, stride_oh, stride_om, stride_od,
@@ -222,8 +249,8 @@ def delta_kernel(
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, Q_DIVISIBLE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """The dQ kernel's first step on its own (``CONCURRENT``): every row's delta and, with
-    PRESCALE, the rounded ``q * scale * log2(e)`` the dK/dV kernel reads."""
+    """The dQ kernel's first step on its own (``CONCURRENT``): every row's delta, its LSE in
+    base 2 and, with PRESCALE, the rounded ``q * scale * log2(e)`` the dK/dV kernel reads."""
     pid_m = tl.program_id(0)
     pid_zh = tl.program_id(1)
     off_z = pid_zh // HQ
@@ -237,6 +264,7 @@ def delta_kernel(
     delta = row_delta(do, OUT + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh, DLSE, stat,
                       offs_m, offs_v, stride_om, stride_od, Q_LEN, V_DIM, V_PAD, Q_DIVISIBLE, HAS_DLSE)
     tl.store(DELTA + stat, delta, mask=offs_m < Q_LEN)
+    tl.store(LSE2 + stat, row_lse2(LSE, stat, offs_m, Q_LEN), mask=offs_m < Q_LEN)
     if PRESCALE:
         q = load_tile(Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh,
                       offs_m, offs_d, stride_qm, stride_qd, Q_LEN, QK_DIM, not Q_DIVISIBLE, QK_DIM != QK_PAD)
@@ -248,7 +276,7 @@ def delta_kernel(
 
 @triton.jit
 def dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, OUT, DLSE, QS,
+    Q, K, V, DO, DQ, LSE, DELTA, OUT, DLSE, QS, LSE2,
     KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
     B0, B1, B2, B3,
     stride_qz, stride_qh, stride_qm, stride_qd,
@@ -285,8 +313,7 @@ def dq_kernel(
     q = load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, Q_LEN, QK_DIM, not Q_DIVISIBLE, QK_DIM != QK_PAD)
     do = load_tile(DO, offs_m, offs_v, stride_dom, stride_dod, Q_LEN, V_DIM, not Q_DIVISIBLE, V_DIM != V_PAD)
     stat = pid_zh.to(tl.int64) * Q_LEN + offs_m
-    lse2 = tl.load(LSE + stat, mask=offs_m < Q_LEN, other=0.0) * LOG2E
-    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+    lse2 = row_lse2(LSE, stat, offs_m, Q_LEN)
     if DELTA_READY:  # delta_kernel computed delta and the prescaled q (CONCURRENT)
         delta = tl.load(DELTA + stat, mask=offs_m < Q_LEN, other=0.0)
     else:
@@ -294,8 +321,9 @@ def dq_kernel(
         # float32 temporaries (about 0.2 ms at 16k x 2048).
         delta = row_delta(do, OUT + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh, DLSE,
                           stat, offs_m, offs_v, stride_om, stride_od, Q_LEN, V_DIM, V_PAD, Q_DIVISIBLE, HAS_DLSE)
-        # The dK/dV kernel, launched next, reads every row's delta.
+        # The dK/dV kernel, launched next, reads every row's delta and base-2 LSE.
         tl.store(DELTA + stat, delta, mask=offs_m < Q_LEN)
+        tl.store(LSE2 + stat, lse2, mask=offs_m < Q_LEN)
     if PRESCALE:
         q = cast(q.to(tl.float32) * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
         if not DELTA_READY:
@@ -336,7 +364,7 @@ def dq_kernel(
 
 @triton.jit
 def dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, QS,
+    Q, K, V, DO, DK, DV, LSE2, DELTA, QS,
     Q_NUM, Q_IDX, FULL_NUM, FULL_IDX,
     B0, B1, B2, B3, G0, G1, G2, G3,
     stride_qz, stride_qh, stride_qm, stride_qd,
@@ -384,7 +412,7 @@ def dkdv_kernel(
         stat = (off_z * HQ + off_h).to(tl.int64) * Q_LEN
         col = ((off_z % SPARSE_Z) * SPARSE_H + off_h % SPARSE_H) * NUM_KV_SPARSE + kv_block
         dk, dv = dkdv_tiles(
-            dk, dv, k, v, q_ptr, qs_ptr, do_ptr, LSE + stat, DELTA + stat,
+            dk, dv, k, v, q_ptr, qs_ptr, do_ptr, LSE2 + stat, DELTA + stat,
             stride_qm, stride_qd, stride_qsm, stride_qsd, stride_dom, stride_dod,
             Q_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(Q_NUM + col),
             off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
@@ -395,7 +423,7 @@ def dkdv_kernel(
         )
         if HAS_FULL:
             dk, dv = dkdv_tiles(
-                dk, dv, k, v, q_ptr, qs_ptr, do_ptr, LSE + stat, DELTA + stat,
+                dk, dv, k, v, q_ptr, qs_ptr, do_ptr, LSE2 + stat, DELTA + stat,
                 stride_qm, stride_qd, stride_qsm, stride_qsd, stride_dom, stride_dod,
                 FULL_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(FULL_NUM + col),
                 off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
@@ -429,6 +457,8 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         dout = torch.zeros_like(out)
     # Written by the dQ kernel (rowsum(dO * O) - dlse), read by the dK/dV kernel.
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
+    # The LSE in base 2 with -inf as 0 (row_lse2), for the dK/dV kernel; written beside delta.
+    lse2 = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
     dlse = dlse.float().contiguous() if dlse is not None else None
     lse = lse.contiguous()
 
@@ -469,7 +499,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     if concurrent:
         _runtime.launch(
             delta_kernel, (_runtime.cdiv(L, DELTA_ROWS), B * Hq),
-            query, dout, out, dlse if dlse is not None else lse, delta, qs,
+            query, dout, out, dlse if dlse is not None else lse, delta, qs, lse, lse2,
             *query.stride(), *dout.stride(), *out.stride(), *qs.stride(), plan.scale, Hq, L,
             HAS_DLSE=dlse is not None, PRESCALE=opt.prescale, QK_DIM=E, V_DIM=Ev, QK_PAD=qk_pad, V_PAD=v_pad,
             BLOCK_M=DELTA_ROWS, Q_DIVISIBLE=L % DELTA_ROWS == 0, UPCAST=plan.interpret, num_warps=4, num_stages=1,
@@ -480,7 +510,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         side.wait_stream(main)  # delta, the prescaled q and the inputs are ready
         side_ctx = torch.cuda.stream(side)
     with side_ctx:
-        _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, bufs, concurrent,
+        _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2, bufs, concurrent,
                    opt.bwd.options_for("BLOCK_M2", "BLOCK_N2"))
     sp = plan.dkdv_sparse  # the dK/dV kernel walks its query lists
     MB, MH = sp.kv_idx.shape[:2]
@@ -488,7 +518,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     q_full_idx = sp.full_q_idx if sp.has_full else sp.q_idx
     _runtime.launch(
         dkdv_kernel, (_runtime.cdiv(S, tiles["BLOCK_N1"]), B * Hkv),
-        query, key, value, dout, dk, dv, lse, delta, qs,
+        query, key, value, dout, dk, dv, lse2, delta, qs,
         sp.q_num, sp.q_idx, q_full_num, q_full_idx, *bufs, *grad_args,
         *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         *qs.stride(),
@@ -513,14 +543,14 @@ def _sparse_consts(sp, L: int, S: int) -> dict:
                 Q_DIVISIBLE=L % sp.q_block == 0, KV_DIVISIBLE=S % sp.kv_block == 0)
 
 
-def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, bufs, delta_ready,
+def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2, bufs, delta_ready,
                options=None):
     sp, B, Hq, L, S = plan.dq_sparse, plan.B, plan.Hq, plan.L, plan.S  # the dQ kernel walks its key lists
     kv_full_num = sp.full_kv_num if sp.has_full else sp.kv_num
     kv_full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
     _runtime.launch(
         dq_kernel, (_runtime.cdiv(L, tiles["BLOCK_M2"]), B * Hq),
-        query, key, value, dout, dq, lse, delta, out, dlse if dlse is not None else lse, qs,
+        query, key, value, dout, dq, lse, delta, out, dlse if dlse is not None else lse, qs, lse2,
         sp.kv_num, sp.kv_idx, kv_full_num, kv_full_idx, *bufs,
         *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dq.stride(), *out.stride(),
         *qs.stride(),
