@@ -87,9 +87,16 @@ def forward_tiles(
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV: tl.constexpr,
     KV_DIVISIBLE: tl.constexpr, ROWS_SAFE: tl.constexpr, CONTIGUOUS: tl.constexpr,
-    PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRESCALE: tl.constexpr, RAW_MAX: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Fold the row's listed KV blocks into (acc, l_i, m_i); base-2 units throughout."""
+    """Fold the row's listed KV blocks into (acc, l_i, m_i); base-2 units throughout.
+
+    RAW_MAX (no score mod, no PRESCALE, scale > 0): the tile's maximum is taken on the raw
+    q @ K^T and scaled once per row, and each score enters its exponent by one FMA,
+    ``qk * (scale * log2(e)) - m``, where the scaled scores took a multiply and a subtraction.
+    Rounding is monotonic, so m is the same float as the maximum of the rounded scaled scores;
+    the FMA rounds each exponent once instead of twice (the backward's base2_scores likewise).
+    """
     TILES: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_d = tl.arange(0, QK_PAD)
     offs_v = tl.arange(0, V_PAD)
@@ -120,6 +127,8 @@ def forward_tiles(
                 s = qk
         elif HAS_SCORE:
             s = SCORE_FN(qk * SM_SCALE, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
+        elif RAW_MAX:
+            s = qk  # scaled inside the exponent's FMA below
         else:
             s = qk * (SM_SCALE * LOG2E)  # one multiply per score
         if not IS_FULL:
@@ -130,14 +139,20 @@ def forward_tiles(
         elif not KV_DIVISIBLE:
             s = tl.where(n2 < KV_LEN, s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if RAW_MAX:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * (SM_SCALE * LOG2E))
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing allowed so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
         # ROWS_SAFE does not drop this guard: it promises an allowed key per row, not in the
         # first tile a row visits (found by the fuzzer: sliding_window(45) on 16 x 16 blocks
         # gave NaN in 70 of 635 rows; PyTorch's template drops the guard under the promise).
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
+        if RAW_MAX:
+            p = tl.math.exp2(s * (SM_SCALE * LOG2E) - m_use[:, None])
+        else:
+            p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_tile(V, offs_n, offs_v, stride_vn, stride_vd, KV_LEN, V_DIM,
                       not KV_DIVISIBLE, V_DIM != V_PAD)
@@ -161,7 +176,7 @@ def forward_kernel(
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr,
-    ROWS_SAFE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr,
+    ROWS_SAFE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr, RAW_MAX: tl.constexpr,
     OUTPUT_LSE: tl.constexpr, OUTPUT_MAX: tl.constexpr,
     FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -204,7 +219,7 @@ def forward_kernel(
         off_z, off_h, offs_m, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
         SCORE_FN, MASK_FN, HAS_SCORE, False,
         QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
-        KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
+        KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST,
     )
     if HAS_FULL:
         acc, l_i, m_i = forward_tiles(
@@ -213,7 +228,7 @@ def forward_kernel(
             off_z, off_h, offs_m, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
             SCORE_FN, MASK_FN, HAS_SCORE, True,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
-            KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
+            KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST,
         )
 
     # A fully masked row has l = 0 and m = -inf: out = 0 and lse = -inf.
@@ -290,6 +305,7 @@ def run_forward(plan, query, key, value):
         SPARSE_Q=sp.q_block, SPARSE_KV=sp.kv_block,
         Q_DIVISIBLE=L % tiles["BLOCK_M"] == 0, KV_DIVISIBLE=plan.S % sp.kv_block == 0,
         ROWS_SAFE=opt.rows_safe, CONTIGUOUS=opt.contiguous, PRESCALE=opt.prescale,
+        RAW_MAX=not prog.has_score and not opt.prescale and plan.scale > 0,
         OUTPUT_LSE=True, OUTPUT_MAX=plan.return_max,
         FP32_PRECISION=plan.fp32_precision, UPCAST=plan.interpret,
         num_warps=opt.fwd.num_warps, num_stages=opt.fwd.num_stages,
