@@ -20,7 +20,11 @@ and cuDNN backends where SDPA can express the case) it
    grad_out, retain_graph=True)``), as medians of CUDA-event timings
    (``triton.testing.do_bench``, which also flushes the L2 cache before every
    call), rotating over several input sets. Compilation happens in the check,
-   outside the timed region.
+   outside the timed region. The implementations of a case are timed in
+   ``--rounds`` interleaved rounds (the order reversed every other round), and
+   each reported time is the median over rounds: at S=1k a single measurement
+   now and then ran 30 to 50 % slow (a different case and implementation each
+   run on the H200), which one round reports as a real ratio.
 
 FLOPs count allowed (b, h, i, j) only: forward ``4 * B * Hq * L * S * D *
 density``, backward 2.5 times that, with the density measured exactly from the
@@ -168,6 +172,16 @@ def _parse_lengths(text: str) -> tuple:
         except ValueError:
             raise argparse.ArgumentTypeError(f"Expected lengths like 1k,4k,16384, got {text!r}.") from None
     return tuple(out)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return n
 
 
 def _parse_ints(text: str) -> tuple:
@@ -702,6 +716,24 @@ def time_impl(fn, sets: list, time_fn, backward: bool) -> dict:
     return out
 
 
+def merge_rounds(rounds: list) -> dict:
+    """One implementation's timing rounds (``time_impl`` records) as one record: each time is
+    the median over rounds (the lower middle one for an even count, a time that was measured),
+    its percentiles those of the same round; ``*_rounds`` keep every round's median."""
+    out = dict(rounds[0])
+    for key in ("fwd_ms", "bwd_ms"):
+        values = [r[key] for r in rounds if key in r]
+        if not values:
+            continue
+        pick = sorted(range(len(values)), key=values.__getitem__)[(len(values) - 1) // 2]
+        chosen = [r for r in rounds if key in r][pick]
+        for k in (key, key + "_p20", key + "_p80"):
+            if k in chosen:
+                out[k] = chosen[k]
+        out[key + "_rounds"] = values
+    return out
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
@@ -727,6 +759,7 @@ class Context:
     impls: list
     time_fn: Callable
     check_mode: str
+    rounds: int
     seed: int
     deadline: Optional[float]
     log: Callable
@@ -782,7 +815,7 @@ def run_case(case: Case, ctx: Context) -> dict:
     ctx.log(f"[{case.id}] density {density:.4f}, block mask {mask_s:.1f}s, oracle "
             f"{record['oracle_seconds']:.1f}s on {cshape.label()}{' (reduced)' if reduced else ''}")
 
-    sets = None
+    sets, ready = None, []  # ready: (impl, result, timed fn) of each implementation that passed
     for impl in ctx.impls:
         res = {"impl": impl.name, "status": None, "check": None, "reason": None}
         record["results"].append(res)
@@ -831,21 +864,43 @@ def run_case(case: Case, ctx: Context) -> dict:
                 run_impl(timed_fn, q, k, v, do, impl.returns_lse)
                 _sync(device)
                 res["real_first_call_seconds"] = time.monotonic() - t1
-            res.update(time_impl(timed_fn, sets, ctx.time_fn, backward))
         except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
             res.update(status="error", reason=f"while timing: {_first_line(e)}")
             _free(device)
             continue
+        res["seconds"] = time.monotonic() - t0
+        ready.append((impl, res, timed_fn))
+
+    # Timing rounds: every checked implementation once per round, the order reversed every
+    # other round, so that a transient slowdown of the machine hits one round of one
+    # implementation, not its only measurement.
+    for r in range(ctx.rounds):
+        for impl, res, timed_fn in (ready if r % 2 == 0 else ready[::-1]):
+            if res["status"] == "error":
+                continue
+            t0 = time.monotonic()
+            try:
+                res.setdefault("rounds", []).append(time_impl(timed_fn, sets, ctx.time_fn, backward))
+            except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+                res.update(status="error", reason=f"while timing: {_first_line(e)}")
+                _free(device)
+            res["seconds"] += time.monotonic() - t0
+    for impl, res, timed_fn in ready:
+        if res["status"] == "error":
+            res.pop("rounds", None)
+            continue
+        res.update(merge_rounds(res.pop("rounds")))
         res["status"] = "ok"
         res["fwd_tflops"] = fwd_flops / (res["fwd_ms"] * 1e-3) / 1e12
         if backward and res.get("bwd_ms", 0) > 0:
             res["bwd_tflops"] = record["bwd_flops"] / (res["bwd_ms"] * 1e-3) / 1e12
         if case.decode:
             res["kv_tbs"] = record["kv_bytes"] / (res["fwd_ms"] * 1e-3) / 1e12
-        res["seconds"] = time.monotonic() - t0
+        spread = "".join(f", {k} rounds {'/'.join(f'{t:.3f}' for t in res[k + '_rounds'])}"
+                         for k in ("fwd_ms", "bwd_ms") if len(res.get(k + "_rounds", ())) > 1)
         ctx.log(f"[{case.id}] {impl.name}: fwd {res['fwd_ms']:.3f} ms"
                 + (f", bwd {res['bwd_ms']:.3f} ms" if "bwd_ms" in res else "")
-                + f" ({res['seconds']:.0f}s with compile and check)")
+                + f" ({res['seconds']:.0f}s with compile and check{spread})")
     if device == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     record["seconds"] = time.monotonic() - t_case
@@ -1126,6 +1181,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oracle check on the real shapes (auto: when they fit) or on a reduced case")
     p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up, ms")
     p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetitions, ms")
+    p.add_argument("--rounds", type=_positive_int, default=None,
+                   help="interleaved timing rounds per case; each time is the median over rounds "
+                        "(default 3 on CUDA, 1 on CPU)")
     p.add_argument("--cpu-reps", type=int, default=3, help="timed calls per measurement on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prewarm-jobs", type=int, default=0, metavar="N",
@@ -1174,7 +1232,8 @@ def main(argv: Optional[list] = None) -> int:
     if device == "cuda" and args.prewarm_jobs > 0:
         prewarm(cases, names, args.seed, args.prewarm_jobs, log)
     deadline = None if args.budget_seconds is None else start + args.budget_seconds
-    ctx = Context(device, impls, time_fn, args.check_size, args.seed, deadline, log)
+    rounds = args.rounds or (3 if device == "cuda" else 1)
+    ctx = Context(device, impls, time_fn, args.check_size, rounds, args.seed, deadline, log)
     done, not_started = [], []
     for i, case in enumerate(cases):
         if deadline is not None and time.monotonic() > deadline:

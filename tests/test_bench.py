@@ -1,6 +1,6 @@
 """The benchmark's plumbing (benchmarks/bench.py) without a GPU.
 
-One dry run on CPU (``--device cpu --quick``: a tiny causal case and a tiny
+One dry run on CPU (``--device cpu --quick --rounds 2``: a tiny causal case and a tiny
 decode case through our kernels in Triton's interpreter and SDPA's math
 backend, torch.compile skipped with its reason) checks the printed table and
 the JSON; the rest checks the counting (density, FLOPs, bytes), the matrix
@@ -51,7 +51,7 @@ def dry_run(tmp_path_factory):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.pop("OUT", None)
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--json", str(path)],
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--rounds", "2", "--json", str(path)],
         cwd=out, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, f"dry run exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
@@ -105,6 +105,8 @@ def test_dry_run_json_counts_and_checks(dry_run):
     assert ours["status"] == "ok" and ours["check"]["status"] == "pass"
     assert set(ours["check"]["tensors"]) == {"out", "lse", "dq", "dk", "dv"}
     assert ours["fwd_ms"] > 0 and ours["bwd_ms"] > 0 and ours["input_sets"] >= 2
+    assert len(ours["fwd_ms_rounds"]) == len(ours["bwd_ms_rounds"]) == 2  # --rounds 2
+    assert ours["fwd_ms"] == min(ours["fwd_ms_rounds"]) and ours["bwd_ms"] == min(ours["bwd_ms_rounds"])
     assert ours["fwd_tflops"] == pytest.approx(flops / (ours["fwd_ms"] * 1e-3) / 1e12)
     assert ours["bwd_tflops"] == pytest.approx(2.5 * flops / (ours["bwd_ms"] * 1e-3) / 1e12)
     assert by_impl["torch-compile"]["status"] == "n/a" and "CUDA" in by_impl["torch-compile"]["reason"]
@@ -196,6 +198,27 @@ def test_backward_timing_alone_or_by_difference(reusable):
     assert out["input_sets"] == 2 and out["fwd_ms"] > 0
     assert "bwd_ms" in out
     assert out["bwd_method"].startswith("autograd.grad" if reusable else "median(fwd + bwd) - median(fwd)")
+
+
+def test_rounds_merge_to_the_median_round():
+    """Each time is the median over the interleaved rounds, with that round's percentiles; an
+    even count takes the lower middle round (a time that was measured, not an average)."""
+    rounds = [dict(input_sets=4, fwd_ms=f, fwd_ms_p20=f - 1, fwd_ms_p80=f + 1, bwd_ms=b, bwd_method="m")
+              for f, b in ((3.0, 10.0), (9.0, 7.0), (2.0, 8.0))]
+    out = bench.merge_rounds(rounds)
+    assert (out["fwd_ms"], out["fwd_ms_p20"], out["fwd_ms_p80"]) == (3.0, 2.0, 4.0)
+    assert out["bwd_ms"] == 8.0 and out["bwd_method"] == "m" and out["input_sets"] == 4
+    assert out["fwd_ms_rounds"] == [3.0, 9.0, 2.0] and out["bwd_ms_rounds"] == [10.0, 7.0, 8.0]
+    assert bench.merge_rounds(rounds[:2])["fwd_ms"] == 3.0
+    assert bench.merge_rounds([dict(fwd_ms=5.0)]) == dict(fwd_ms=5.0, fwd_ms_rounds=[5.0])
+
+
+def test_rounds_flag():
+    assert _args().rounds is None  # 3 on CUDA, 1 on CPU
+    assert _args("--rounds", "5").rounds == 5
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit):
+            _args("--rounds", bad)
 
 
 def test_flops_and_bytes():
