@@ -96,6 +96,9 @@ def forward_tiles(
     ``qk * (scale * log2(e)) - m``, where the scaled scores took a multiply and a subtraction.
     Rounding is monotonic, so m is the same float as the maximum of the rounded scaled scores;
     the FMA rounds each exponent once instead of twice (the backward's base2_scores likewise).
+    A negative scale reverses the order (the raw maximum is the smallest score), and a zero
+    one turns a masked score's -inf into NaN: both take the scaled path
+    (tests/test_kernels.py::test_scale_signs_with_large_scores fails on either otherwise).
     """
     TILES: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_d = tl.arange(0, QK_PAD)
