@@ -334,3 +334,43 @@ def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
     assert proc.returncode == 0, f"exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     results = json.loads(path.read_text())["cases"][0]["results"]
     assert {r["impl"]: r["status"] for r in results} == {"ours": "ok", "ours-fdiv": "ok", "ours-exp2": "ok"}
+
+
+# --------------------------------------------------------------------------
+# benchmarks/ab.py: revisions of our kernels side by side
+
+
+def test_ab_times_a_revision_beside_the_working_tree(tmp_path):
+    """``ab.py --against HEAD`` on the CPU: HEAD's kernels load as a package of their own beside
+    the working tree's, both are timed in the rounds asked for, and the diffs are to the tree's
+    outputs (0 for the tree itself)."""
+    import shutil
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("ab.py reads revisions with git; this checkout has no git or no .git")
+    path = tmp_path / "ab.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--device", "cpu", "--against", "HEAD",
+         "--cases", "causal:1k:64", "--rounds", "2", "--json", str(path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    doc = json.loads(path.read_text())
+    assert doc["variants"][0].startswith("HEAD (") and doc["variants"][-1].startswith("tree")
+    (case,) = doc["cases"]
+    assert case["case"].startswith("causal S256 D64")  # the CPU's tiny shape
+    head, tree = case["variants"]
+    assert len(head["rounds"]["fwd"]) == len(head["rounds"]["bwd"]) == 2
+    assert head["fwd_speedup"] == 1.0 and tree["bwd_ms"] > 0
+    assert tree["diffs_out_dq_dk_dv"] == [0.0, 0.0, 0.0, 0.0]
+    assert all(d < 1e-2 for d in head["diffs_out_dq_dk_dv"])
+    assert "diffs to the tree" in proc.stdout and "HEAD (" in proc.stdout
+
+
+def test_ab_refuses_bad_cases():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--device", "cpu",
+                           "--against", "HEAD", "--cases", "causal:4k"],
+                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "MASK:S:D" in proc.stderr

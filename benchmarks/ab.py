@@ -1,0 +1,224 @@
+"""A/B: our kernels at other git revisions against the working tree, side by side in one process.
+
+    PYTHONPATH=. python3 benchmarks/ab.py --against HEAD --cases none:4k:128,causal:4k:64
+    PYTHONPATH=. python3 benchmarks/ab.py --against HEAD~3,HEAD --cases gqa_causal:4k:128 --rounds 5
+    python3 benchmarks/ab.py --device cpu --against HEAD --cases causal:256:64 --rounds 1   # dry run
+
+``bench.py`` compares us with PyTorch, one implementation after another, and between two of
+its runs the same kernel moved by several percent on the H200 (and single measurements by up
+to half at S=1k). A change to our kernels is better judged against the kernels it replaces,
+measured on the same inputs, interleaved, in one process: this loads ``kernels/`` as it was at
+each ``--against`` revision (``git show``, into a temporary package that shares the working
+tree's ``kernels.mods``, as ``properties.faults`` plants its copies) beside the working tree's,
+and times forward and backward alone (``bench.py``'s shapes, mods and timed calls) in
+``--rounds`` rounds, the variants' order reversed every other round; each time is the median
+round. It also prints how far each variant's outputs are from the working tree's (max |a - b| /
+max |b| for out, dq, dk, dv): 0 where a change does not touch the rounding. It checks nothing
+against the oracle (``bench.py`` does): it answers "faster or not", not "right or not".
+
+A revision whose ``kernels/mods.py`` differs from the working tree's cannot take the working
+tree's mods objects and is refused with that reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+TREE = "tree"  # the working tree's kernels
+
+
+def _git(*args: str) -> str:
+    run = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"ab: git {' '.join(args)} failed: {run.stderr.strip() or run.stdout.strip()}")
+    return run.stdout
+
+
+def load_revision(rev: str, index: int):
+    """``kernels`` as it was at ``rev``, as a package of its own (kept on disk for the process:
+    Triton reads the jitted functions' source from their files)."""
+    import kernels
+    import kernels.mods
+
+    names = [p for p in _git("ls-tree", "--name-only", f"{rev}:kernels").split() if p.endswith(".py")]
+    if "api.py" not in names:
+        raise SystemExit(f"ab: {rev} has no kernels/api.py; pass a revision of this repository's kernels")
+    mods_then = _git("show", f"{rev}:kernels/mods.py") if "mods.py" in names else ""
+    with open(os.path.join(ROOT, "kernels", "mods.py"), encoding="utf-8") as f:
+        if mods_then != f.read():
+            raise SystemExit(f"ab: kernels/mods.py at {rev} differs from the working tree's; the copies share "
+                             f"the working tree's mods, so {rev} cannot be loaded beside it")
+    package = f"flex_oracle_ab_{index}"
+    root = tempfile.mkdtemp(prefix=f"flex-oracle-ab-{index}-")
+    atexit.register(shutil.rmtree, root, True)
+    directory = os.path.join(root, package)
+    os.mkdir(directory)
+    for name in names:
+        if name in ("mods.py", "__init__.py"):
+            continue
+        with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+            f.write(_git("show", f"{rev}:kernels/{name}"))
+    init = os.path.join(directory, "__init__.py")
+    with open(init, "w", encoding="utf-8") as f:
+        f.write(f'"""kernels at {rev} (benchmarks/ab.py). A copy."""\n\nfrom . import mods\n'
+                f'from .api import flex_attention\n')
+    importlib.invalidate_caches()
+    spec = importlib.util.spec_from_file_location(package, init, submodule_search_locations=[directory])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"{package}.mods"] = kernels.mods
+    sys.modules[package] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_cases(text: str, device: str) -> list:
+    """``MASK:S:D,...`` (S takes 1k, 4k, 16384) as (label, bench Shape, mask) triples."""
+    from benchmarks import bench
+
+    out = []
+    for item in filter(None, text.split(",")):
+        parts = item.split(":")
+        if len(parts) != 3:
+            raise SystemExit(f"ab: --cases wants MASK:S:D items, got {item!r}")
+        mask, S, D = parts
+        if mask not in bench.MASKS:
+            raise SystemExit(f"ab: unknown mask row {mask!r}; the rows are {', '.join(bench.MASKS)}")
+        try:
+            S, D = bench._parse_lengths(S)[0], int(D)
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise SystemExit(f"ab: bad length or head dim in {item!r}: {e}")
+        shape = bench.train_shape(mask, S, D, device)  # the CPU's tiny shape on the CPU
+        out.append((f"{mask} {shape.label()}", shape, mask))
+    return out
+
+
+def _rel(a, b) -> float:
+    scale = b.float().abs().max()
+    return float((a.float() - b.float()).abs().max() / scale) if scale > 0 else float((a - b).abs().max())
+
+
+def run_case(label, shape, mask, variants, args, device, time_fn) -> dict:
+    from benchmarks import bench
+
+    score_mod, block_mask = bench.attention_args(mask, shape, device, args.seed)
+    density = bench.allowed_fraction(block_mask, shape)
+    fwd_flops = bench.forward_flops(shape, density)
+    q, k, v, do = bench.make_inputs(shape, bench.DTYPES[args.dtype], device, args.seed + 1, True)
+    gqa = shape.Hq != shape.Hkv
+
+    def call(module):
+        return module.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
+
+    graphs, outputs = {}, {}
+    for name, module in variants:
+        out = call(module)
+        grads = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+        graphs[name], outputs[name] = out, (out.detach(), *grads)
+    last = variants[-1][0]
+    diffs = {name: [_rel(a, b) for a, b in zip(outputs[name], outputs[last])] for name, _ in variants}
+
+    rounds = {name: {"fwd": [], "bwd": []} for name, _ in variants}
+    for r in range(args.rounds):
+        for name, module in (variants if r % 2 == 0 else variants[::-1]):
+            if not args.backward_only:
+                with torch.no_grad():
+                    rounds[name]["fwd"].append(time_fn(lambda: call(module))[0])
+            if not args.forward_only:
+                out = graphs[name]
+                rounds[name]["bwd"].append(time_fn(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))[0])
+    rows = []
+    for name, _ in variants:
+        row = {"variant": name, "diffs_out_dq_dk_dv": diffs[name], "rounds": rounds[name]}
+        for key, flops in (("fwd", fwd_flops), ("bwd", bench.BACKWARD_FLOP_FACTOR * fwd_flops)):
+            if rounds[name][key]:
+                ms = sorted(rounds[name][key])[(len(rounds[name][key]) - 1) // 2]
+                row[f"{key}_ms"], row[f"{key}_tflops"] = ms, flops / (ms * 1e-3) / 1e12
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        for key in ("fwd", "bwd"):
+            if f"{key}_ms" in row:
+                row[f"{key}_speedup"] = base[f"{key}_ms"] / row[f"{key}_ms"]
+    return {"case": label, "shape": dataclasses.asdict(shape), "density": density, "variants": rows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--against", required=True, help="comma-separated git revisions to load beside the working tree")
+    p.add_argument("--cases", required=True, help="comma-separated MASK:S:D (bench.py's rows and shapes)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each time is the median round")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--forward-only", action="store_true")
+    g.add_argument("--backward-only", action="store_true")
+    p.add_argument("--warmup-ms", type=float, default=25.0)
+    p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument("--json", default=None, help="results file (default $OUT/ab.json if OUT is set)")
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit(f"ab: --rounds must be at least 1, got {args.rounds}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from benchmarks import bench
+
+    bench._DEVICE[0] = device
+    if args.dtype not in bench.DTYPES:
+        raise SystemExit(f"ab: --dtype must be one of {sorted(bench.DTYPES)}, got {args.dtype!r}")
+    import kernels
+
+    cases = parse_cases(args.cases, device)
+    revs = [r for r in args.against.split(",") if r]
+    variants = [(f"{rev} ({_git('rev-parse', '--short', rev).strip()})", load_revision(rev, i))
+                for i, rev in enumerate(revs)]
+    dirty = bool(_git("status", "--porcelain", "--", "kernels").strip())
+    variants.append((TREE + (" (modified)" if dirty else ""), kernels))
+    time_fn = bench.timer(device, args.warmup_ms, args.rep_ms, 3)
+    results = []
+    print(f"A/B on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}: {', '.join(n for n, _ in variants)}; "
+          f"{args.rounds} interleaved rounds, median round; speedup against {variants[0][0]}")
+    print(f"{'case':30s} {'variant':24s} {'fwd ms':>8s} {'TF/s':>6s} {'x':>6s} {'bwd ms':>8s} {'TF/s':>6s} {'x':>6s}  diffs to the tree (out, dq, dk, dv)")
+    t0 = time.monotonic()
+    for label, shape, mask in cases:
+        res = run_case(label, shape, mask, variants, args, device, time_fn)
+        results.append(res)
+        for row in res["variants"]:
+            cols = []
+            for key in ("fwd", "bwd"):
+                if f"{key}_ms" in row:
+                    cols.append(f"{row[key + '_ms']:8.3f} {row[key + '_tflops']:6.1f} {row[key + '_speedup']:6.3f}")
+                else:
+                    cols.append(f"{'-':>8s} {'-':>6s} {'-':>6s}")
+            diffs = " ".join(f"{d:.1e}" for d in row["diffs_out_dq_dk_dv"])
+            print(f"{label:30s} {row['variant'][:24]:24s} {cols[0]} {cols[1]}  {diffs}", flush=True)
+    path = args.json or (os.path.join(os.environ["OUT"], "ab.json") if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
+            json.dump({"variants": [n for n, _ in variants], "rounds": args.rounds, "device": device,
+                       "argv": sys.argv, "seconds": time.monotonic() - t0, "cases": results}, f, indent=1)
+        print(f"JSON: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
