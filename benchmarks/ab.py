@@ -23,16 +23,11 @@ tree's mods objects and is refused with that reason.
 from __future__ import annotations
 
 import argparse
-import atexit
 import dataclasses
-import importlib
-import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,9 +48,8 @@ def _git(*args: str) -> str:
 
 def load_revision(rev: str, index: int):
     """``kernels`` as it was at ``rev``, as a package of its own (kept on disk for the process:
-    Triton reads the jitted functions' source from their files)."""
-    import kernels
-    import kernels.mods
+    Triton reads the jitted functions' source from their files; ``properties.faults.load_copy``)."""
+    from properties.faults import load_copy
 
     names = [p for p in _git("ls-tree", "--name-only", f"{rev}:kernels").split() if p.endswith(".py")]
     if "api.py" not in names:
@@ -65,27 +59,11 @@ def load_revision(rev: str, index: int):
         if mods_then != f.read():
             raise SystemExit(f"ab: kernels/mods.py at {rev} differs from the working tree's; the copies share "
                              f"the working tree's mods, so {rev} cannot be loaded beside it")
-    package = f"flex_oracle_ab_{index}"
-    root = tempfile.mkdtemp(prefix=f"flex-oracle-ab-{index}-")
-    atexit.register(shutil.rmtree, root, True)
-    directory = os.path.join(root, package)
-    os.mkdir(directory)
-    for name in names:
-        if name in ("mods.py", "__init__.py"):
-            continue
-        with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
-            f.write(_git("show", f"{rev}:kernels/{name}"))
-    init = os.path.join(directory, "__init__.py")
-    with open(init, "w", encoding="utf-8") as f:
-        f.write(f'"""kernels at {rev} (benchmarks/ab.py). A copy."""\n\nfrom . import mods\n'
-                f'from .api import flex_attention\n')
-    importlib.invalidate_caches()
-    spec = importlib.util.spec_from_file_location(package, init, submodule_search_locations=[directory])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[f"{package}.mods"] = kernels.mods
-    sys.modules[package] = module
-    spec.loader.exec_module(module)
-    return module
+    sources = {name[:-3]: _git("show", f"{rev}:kernels/{name}") for name in names
+               if name not in ("mods.py", "__init__.py")}
+    return load_copy(f"flex_oracle_ab_{index}", sources,
+                     f'"""kernels at {rev} (benchmarks/ab.py). A copy."""\n\nfrom . import mods\n'
+                     f'from .api import flex_attention\n', tmp_prefix=f"flex-oracle-ab-{index}-")
 
 
 def parse_cases(text: str, device: str) -> list:

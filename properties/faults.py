@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 __all__ = [
     "Patch", "Fault", "FaultResult", "CATALOGUE", "CI_SAMPLE", "CONTROL", "BUDGETS", "STATUSES",
-    "lookup", "patched_sources", "plant", "fault_target", "diff", "hunt", "run_faults", "default_jobs",
+    "lookup", "patched_sources", "plant", "load_copy", "fault_target", "diff", "hunt", "run_faults", "default_jobs",
     "format_table", "format_markdown", "add_arguments", "command_main", "main",
 ]
 
@@ -511,11 +511,25 @@ def plant(fault: Fault):
             )
         return cached[1]
     sources = patched_sources(fault)
+    module = load_copy(
+        _PACKAGE_PREFIX + fault.name, sources,
+        f'"""flex-oracle kernels with fault {fault.name!r} planted (properties.faults). A copy: '
+        f'do not edit."""\n\nfrom . import mods\nfrom .api import flex_attention\n\nFAULT = {fault.name!r}\n',
+        tmp_prefix=f"flex-oracle-fault-{fault.name}-", tmp_dir=os.environ.get(PLANT_DIR_ENV) or None)
+    _PLANTED[fault.name] = (fault, module)
+    return module
+
+
+def load_copy(package: str, sources: dict, init_text: str, tmp_prefix: str, tmp_dir: Optional[str] = None):
+    """Import ``sources`` ({module name: text}, the files of ``kernels/`` but ``mods`` and
+    ``__init__``) as the package ``package``, whose ``__init__`` is ``init_text``, sharing
+    ``kernels.mods``. The files live in a temporary directory for the life of the process
+    (Triton reads the jitted functions' source from disk). ``benchmarks/ab.py`` loads git
+    revisions of the kernels this way."""
     import kernels  # sets TRITON_INTERPRET on a machine without CUDA before the copy defines kernels
     import kernels.mods
 
-    package = _PACKAGE_PREFIX + fault.name
-    root = tempfile.mkdtemp(prefix=f"flex-oracle-fault-{fault.name}-", dir=os.environ.get(PLANT_DIR_ENV) or None)
+    root = tempfile.mkdtemp(prefix=tmp_prefix, dir=tmp_dir)
     atexit.register(shutil.rmtree, root, True)
     directory = os.path.join(root, package)
     os.mkdir(directory)
@@ -524,9 +538,7 @@ def plant(fault: Fault):
             f.write(text)
     init = os.path.join(directory, "__init__.py")
     with open(init, "w", encoding="utf-8") as f:
-        f.write(f'"""flex-oracle kernels with fault {fault.name!r} planted (properties.faults). A copy: '
-                f'do not edit."""\n\nfrom . import mods\nfrom .api import flex_attention\n\n'
-                f'FAULT = {fault.name!r}\n')
+        f.write(init_text)
     importlib.invalidate_caches()
     spec = importlib.util.spec_from_file_location(package, init, submodule_search_locations=[directory])
     module = importlib.util.module_from_spec(spec)
@@ -538,7 +550,6 @@ def plant(fault: Fault):
         for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
             del sys.modules[name]
         raise
-    _PLANTED[fault.name] = (fault, module)
     return module
 
 
