@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 import triton
@@ -107,6 +108,25 @@ def sm90_launches(ptxas: bool = True):
         (_runtime.check_device, _runtime.DIRECT_LAUNCH, _runtime._launch_retrying, api._arch, api.sm_count) = saved
 
 
+def run_case(mask: str, s, dtype, options: Optional[dict], grad: bool) -> None:
+    """One training step (or forward) of bench.py's case ``mask`` on shape ``s`` through
+    ``kernels.flex_attention`` on empty CPU tensors: inside ``sm90_launches`` it compiles."""
+    from benchmarks import bench
+    import kernels
+
+    score_mod, block_mask = bench.attention_args(mask, s, "cpu")
+    q = torch.empty(s.B, s.Hq, s.L, s.D, dtype=dtype, requires_grad=grad)
+    k = torch.empty(s.B, s.Hkv, s.S, s.D, dtype=dtype, requires_grad=grad)
+    v = torch.empty(s.B, s.Hkv, s.S, s.D, dtype=dtype, requires_grad=grad)
+    out = kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                 enable_gqa=s.Hq != s.Hkv, kernel_options=options)
+    if grad:
+        # A gradient with the output's own layout, as bench.py's: out.sum().backward() would
+        # pass an expanded one (stride 0), a specialization no training step runs (its dK/dV
+        # kernel reported 100 to 400 bytes of spills that the real one lacks at D=128).
+        out.backward(torch.empty_like(out))
+
+
 def _parse_options(text: str) -> dict:
     out = {}
     for item in filter(None, text.split(",")):
@@ -130,8 +150,6 @@ def main(argv=None) -> int:
     p.add_argument("--forward-only", action="store_true")
     args = p.parse_args(argv)
 
-    import kernels
-
     dtype = bench.DTYPES[args.dtype]
     cases = [(m, bench.train_shape(m, S, D, "cuda")) for D in args.head_dims for S in args.seqlens for m in args.masks]
     cases += [(bench.DECODE, bench.decode_shape(S, 1, "cuda")) for S in args.decode_seqlens]
@@ -142,18 +160,7 @@ def main(argv=None) -> int:
     with sm90_launches() as records:
         for mask, s in cases:
             before = len(records)
-            score_mod, block_mask = bench.attention_args(mask, s, "cpu")
-            grad = not args.forward_only and s.L > 1
-            q = torch.empty(s.B, s.Hq, s.L, s.D, dtype=dtype, requires_grad=grad)
-            k = torch.empty(s.B, s.Hkv, s.S, s.D, dtype=dtype, requires_grad=grad)
-            v = torch.empty(s.B, s.Hkv, s.S, s.D, dtype=dtype, requires_grad=grad)
-            out = kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                         enable_gqa=s.Hq != s.Hkv, kernel_options=args.options or None)
-            if grad:
-                # A gradient with the output's own layout, as bench.py's: out.sum().backward()
-                # would pass an expanded one (stride 0), a specialization no training step runs
-                # (its dK/dV kernel reported 100-400 bytes of spills that the real one lacks).
-                out.backward(torch.empty_like(out))
+            run_case(mask, s, dtype, args.options or None, grad=not args.forward_only and s.L > 1)
             name = f"{mask} S={s.S} D={s.D}"
             for r in records[before:]:
                 tiles = ",".join(f"{k}={v}" for k, v in r["tiles"].items())

@@ -93,3 +93,31 @@ def test_codegen_report_prints_registers_and_spills():
     assert len(rows) == 1, out
     regs, spills = int(rows[0][-3]), rows[0][-2]
     assert 0 < regs <= 255 and re.fullmatch(r"\d+/\d+", spills), rows[0]
+
+
+def test_codegen_backward_gets_a_gradient_with_the_outputs_layout(monkeypatch):
+    """``benchmarks/codegen.py`` compiles the backward for the gradient a training step passes:
+    dense, the output's own strides. ``out.sum().backward()`` passed an expanded one (stride 0),
+    a specialization no training step runs, and its dK/dV spills were reported as ours."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bench, codegen
+    import kernels
+
+    seen = []
+
+    class Record(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q):
+            return q.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(grad.stride())
+            return grad
+
+    monkeypatch.setattr(kernels, "flex_attention", lambda q, k, v, **kw: Record.apply(q))
+    shape = bench.Shape(1, 2, 2, 32, 32, 16)
+    codegen.run_case("none", shape, torch.bfloat16, None, grad=True)
+    assert seen == [torch.empty(1, 2, 32, 16).stride()]
