@@ -128,6 +128,20 @@ def test_scale_signs_with_large_scores(scale, masked):
     assert all(r.ok for r in results.values())
 
 
+def test_rows_a_score_mod_sends_to_minus_infinity():
+    """A bias of -inf on whole query rows, without a block mask (every block full, so no mask
+    select hides a NaN): those rows have lse = -inf, and the backward must shift them by 0
+    (``row_lse2``), or exp2(-inf - -inf) puts NaN in every gradient."""
+    B, H, L, S = 1, 2, 160, 144
+    table = torch.zeros(B, H, L)
+    table[0, 0, 5:40] = float("-inf")
+    table[0, 1, 150:] = float("-inf")
+    (q, k, v), do, dl = _inputs(B, H, H, L, S, 32, 32, torch.bfloat16, DEVICE, seed=6)
+    results = compare_with_oracle(kernels.flex_attention, q, k, v, score_mod=mods.bias(table, "bhq"),
+                                  grad_out=do, grad_lse=dl, want_max=True)
+    assert all(r.ok for r in results.values())
+
+
 def test_empty_mask():
     check(L=140, S=100, mask_mod=mods.not_(mods.full()))
 
