@@ -10,9 +10,9 @@ to half at S=1k). A change to our kernels is better judged against the kernels i
 measured on the same inputs, interleaved, in one process: this loads ``kernels/`` as it was at
 each ``--against`` revision (``git show``, into a temporary package that shares the working
 tree's ``kernels.mods``, as ``properties.faults`` plants its copies) beside the working tree's,
-and times forward and backward alone (``bench.py``'s shapes, mods and timed calls) in
-``--rounds`` rounds, the variants' order reversed every other round; each time is the median
-round. It also prints how far each variant's outputs are from the working tree's (max |a - b| /
+and times forward and backward alone in ``--rounds`` rounds, the variants' order reversed
+every other round, with ``bench.py``'s shapes, mods, rotating input sets and timed calls
+(``bench.time_impl``); each time is the median round (``bench.merge_rounds``). It also prints how far each variant's outputs are from the working tree's (max |a - b| /
 max |b| for out, dq, dk, dv): 0 where a change does not touch the rounding. It checks nothing
 against the oracle (``bench.py`` does): it answers "faster or not", not "right or not".
 
@@ -93,47 +93,46 @@ def _rel(a, b) -> float:
 
 
 def run_case(label, shape, mask, variants, args, device, time_fn) -> dict:
+    """Every variant on one case: outputs compared on the first input set, then ``--rounds``
+    rounds of ``bench.time_impl`` (bench.py's timed calls, rotating over its input sets),
+    merged as bench.py merges its rounds (``bench.merge_rounds``)."""
     from benchmarks import bench
 
     score_mod, block_mask = bench.attention_args(mask, shape, device, args.seed)
     density = bench.allowed_fraction(block_mask, shape)
     fwd_flops = bench.forward_flops(shape, density)
-    q, k, v, do = bench.make_inputs(shape, bench.DTYPES[args.dtype], device, args.seed + 1, True)
+    sets = bench.input_sets(shape, bench.DTYPES[args.dtype], device, args.seed, True)
     gqa = shape.Hq != shape.Hkv
 
-    def call(module):
-        return module.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
+    def bound(module):
+        def fn(q, k, v):
+            return module.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
+        return fn
 
-    graphs, outputs = {}, {}
-    for name, module in variants:
-        out = call(module)
-        grads = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
-        graphs[name], outputs[name] = out, (out.detach(), *grads)
+    fns = {name: bound(module) for name, module in variants}
+    q, k, v, do = sets[0]
+    outputs = {}
+    for name, fn in fns.items():
+        out = fn(q, k, v)
+        outputs[name] = (out.detach(), *torch.autograd.grad(out, (q, k, v), do))
     last = variants[-1][0]
-    diffs = {name: [_rel(a, b) for a, b in zip(outputs[name], outputs[last])] for name, _ in variants}
+    diffs = {name: [_rel(a, b) for a, b in zip(outputs[name], outputs[last])] for name in fns}
 
-    rounds = {name: {"fwd": [], "bwd": []} for name, _ in variants}
+    rounds = {name: [] for name in fns}
     for r in range(args.rounds):
-        for name, module in (variants if r % 2 == 0 else variants[::-1]):
-            if not args.backward_only:
-                with torch.no_grad():
-                    rounds[name]["fwd"].append(time_fn(lambda: call(module))[0])
-            if not args.forward_only:
-                out = graphs[name]
-                rounds[name]["bwd"].append(time_fn(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))[0])
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            rounds[name].append(bench.time_impl(fns[name], sets, time_fn, not args.forward_only))
     rows = []
-    for name, _ in variants:
-        row = {"variant": name, "diffs_out_dq_dk_dv": diffs[name], "rounds": rounds[name]}
-        for key, flops in (("fwd", fwd_flops), ("bwd", bench.BACKWARD_FLOP_FACTOR * fwd_flops)):
-            if rounds[name][key]:
-                ms = sorted(rounds[name][key])[(len(rounds[name][key]) - 1) // 2]
-                row[f"{key}_ms"], row[f"{key}_tflops"] = ms, flops / (ms * 1e-3) / 1e12
+    for name in fns:
+        row = {"variant": name, "diffs_out_dq_dk_dv": diffs[name], **bench.merge_rounds(rounds[name])}
+        row["fwd_tflops"] = fwd_flops / (row["fwd_ms"] * 1e-3) / 1e12
+        if "bwd_ms" in row:
+            row["bwd_tflops"] = bench.BACKWARD_FLOP_FACTOR * fwd_flops / (row["bwd_ms"] * 1e-3) / 1e12
         rows.append(row)
-    base = rows[0]
     for row in rows:
         for key in ("fwd", "bwd"):
             if f"{key}_ms" in row:
-                row[f"{key}_speedup"] = base[f"{key}_ms"] / row[f"{key}_ms"]
+                row[f"{key}_speedup"] = rows[0][f"{key}_ms"] / row[f"{key}_ms"]
     return {"case": label, "shape": dataclasses.asdict(shape), "density": density, "variants": rows}
 
 
@@ -146,9 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--forward-only", action="store_true")
-    g.add_argument("--backward-only", action="store_true")
+    p.add_argument("--forward-only", action="store_true", help="no backward timings")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--json", default=None, help="results file (default $OUT/ab.json if OUT is set)")

@@ -362,7 +362,8 @@ def test_ab_times_a_revision_beside_the_working_tree(tmp_path):
     (case,) = doc["cases"]
     assert case["case"].startswith("causal S256 D64")  # the CPU's tiny shape
     head, tree = case["variants"]
-    assert len(head["rounds"]["fwd"]) == len(head["rounds"]["bwd"]) == 2
+    assert len(head["fwd_ms_rounds"]) == len(head["bwd_ms_rounds"]) == 2
+    assert head["fwd_ms"] == min(head["fwd_ms_rounds"])  # the lower middle of two rounds
     assert head["fwd_speedup"] == 1.0 and tree["bwd_ms"] > 0
     assert tree["diffs_out_dq_dk_dv"] == [0.0, 0.0, 0.0, 0.0]
     assert all(d < 1e-2 for d in head["diffs_out_dq_dk_dv"])
