@@ -60,8 +60,8 @@ def ptxas_info(ptx: str, arch: str = "sm_90a") -> dict:
 def sm90_launches(ptxas: bool = True):
     """Within it, ``kernels.flex_attention`` compiles each distinct launch for sm_90 instead of
     running it, and appends a record to the yielded list: kernel, dtype (of its first tensor),
-    tiles, num_warps, num_stages, shared bytes, the PTX, and with ``ptxas`` its registers and
-    spills. The API's device queries answer as an H100 would (132 SMs, sm90 configs)."""
+    tiles, num_warps, num_stages, shared bytes, the PTX and TTGIR, and with ``ptxas`` its
+    registers and spills. The API's device queries answer as an H100 would (132 SMs, sm90 configs)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -90,7 +90,8 @@ def sm90_launches(ptxas: bool = True):
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         rec = {"kernel": kernel.fn.__name__, "dtype": str(first.dtype).replace("torch.", "") if first is not None else "",
                "tiles": {n: named[n] for n in TILE_NAMES if n in named}, "num_warps": opts.num_warps,
-               "num_stages": opts.num_stages, "shared": out.metadata.shared, "ptx": out.asm["ptx"]}
+               "num_stages": opts.num_stages, "shared": out.metadata.shared, "ptx": out.asm["ptx"],
+               "ttgir": out.asm.get("ttgir", "")}
         if ptxas:
             rec.update(ptxas_info(out.asm["ptx"]))
         records.append(rec)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from . import _runtime
 
-from .forward import LN2, LOG2E, cast, head_pads, load_tile, mma
+from .forward import LN2, LOG2E, cast, head_pads, load_tile, mma, next_listed
 
 # delta in a kernel of its own, then (on CUDA) the dQ kernel on a side stream beside the dK/dV
 # kernel (the module docstring). Measured on the H200 (S=4k, D=128, bf16; docs/PERFORMANCE.md):
@@ -78,15 +78,12 @@ def dq_tiles(
     offs_d = tl.arange(0, QK_PAD)
     offs_v = tl.arange(0, V_PAD)
     first = tl.load(IDX)
+    kv_block = first
     # One flat loop over every tile of every listed block (the pipeliner then
-    # prefetches across block boundaries).
+    # prefetches across block boundaries; the next block is carried, see next_listed).
     for it in range(0, num_blocks * TILES):
-        blk = it // TILES
-        if CONTIGUOUS:
-            kv_block = first + blk
-        else:
-            kv_block = tl.load(IDX + blk)
         offs_n = kv_block * SPARSE_KV + (it % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kv_block = next_listed(IDX, first, it, num_blocks, TILES, CONTIGUOUS)
         kT = load_tile(K, offs_d, offs_n, stride_kd, stride_kn, QK_DIM, KV_LEN,
                        QK_DIM != QK_PAD, not KV_DIVISIBLE)
         vT = load_tile(V, offs_v, offs_n, stride_vd, stride_vn, V_DIM, KV_LEN,
@@ -153,15 +150,12 @@ def dkdv_tiles(
     offs_d = tl.arange(0, QK_PAD)
     offs_v = tl.arange(0, V_PAD)
     first = tl.load(IDX)
+    q_block = first
     # One flat loop over every tile of every listed block (the pipeliner then
-    # prefetches across block boundaries).
+    # prefetches across block boundaries; the next block is carried, see next_listed).
     for it in range(0, num_blocks * TILES):
-        blk = it // TILES
-        if CONTIGUOUS:
-            q_block = first + blk
-        else:
-            q_block = tl.load(IDX + blk)
         offs_m = q_block * SPARSE_Q + (it % TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+        q_block = next_listed(IDX, first, it, num_blocks, TILES, CONTIGUOUS)
         qT = load_tile(Q, offs_d, offs_m, stride_qd, stride_qm, QK_DIM, Q_LEN,
                        QK_DIM != QK_PAD, not Q_DIVISIBLE)
         do = load_tile(DO, offs_m, offs_v, stride_dom, stride_dod, Q_LEN, V_DIM,

@@ -33,6 +33,24 @@ def load_tile(PTR, offs_r, offs_c, stride_r, stride_c, N_R, N_C, CHECK_R: tl.con
 
 
 @triton.jit
+def next_listed(IDX, first, it, num_blocks, TILES: tl.constexpr, CONTIGUOUS: tl.constexpr):
+    """The listed block of step ``it + 1`` of a flat loop over ``TILES`` steps per block,
+    read one step ahead and carried into the next step.
+
+    A step whose tile address depends on a list entry loaded in the same step cannot have
+    its tiles prefetched more than one step ahead: Triton's pipeliner (3.6) must put the
+    index load a stage before the tile loads, so the loop waited for every copy in flight
+    (``async_wait {num = 0}`` in every sm_90 loop, whatever num_stages; PyTorch's template,
+    which carries its next offset the same way, waits for all but the last step's).
+    Carried in, the address is known when the step starts."""
+    nxt = (it + 1) // TILES
+    if CONTIGUOUS:
+        return first + nxt
+    else:
+        return tl.load(IDX + nxt, mask=nxt < num_blocks, other=0)
+
+
+@triton.jit
 def mma(a, b, acc, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b with float32 accumulation.
 
@@ -104,15 +122,12 @@ def forward_tiles(
     offs_d = tl.arange(0, QK_PAD)
     offs_v = tl.arange(0, V_PAD)
     first = tl.load(IDX)
+    kv_block = first
     # One flat loop over every tile of every listed block, so that Triton's
     # pipeliner prefetches the next tile's K and V across block boundaries too.
     for it in range(0, num_blocks * TILES):
-        blk = it // TILES
-        if CONTIGUOUS:
-            kv_block = first + blk
-        else:
-            kv_block = tl.load(IDX + blk)
         start_n = kv_block * SPARSE_KV + (it % TILES) * BLOCK_N
+        kv_block = next_listed(IDX, first, it, num_blocks, TILES, CONTIGUOUS)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         # K is read transposed: [QK_PAD, BLOCK_N].
         kT = load_tile(K, offs_d, offs_n, stride_kd, stride_kn, QK_DIM, KV_LEN,

@@ -230,8 +230,8 @@ CATALOGUE: tuple = (
     ),
     Fault(
         "fwd_contiguous_assumed", "jump between non-contiguous blocks",
-        (Patch("forward", "        else:\n            kv_block = tl.load(IDX + blk)",
-               "        else:\n            kv_block = first + blk"),),
+        (Patch("forward", "kv_block = next_listed(IDX, first, it, num_blocks, TILES, CONTIGUOUS)",
+               "kv_block = next_listed(IDX, first, it, num_blocks, TILES, True)"),),
         "The forward kernel assumes each row's blocks are consecutive (first + k) even without "
         "BLOCKS_ARE_CONTIGUOUS, so it visits the wrong blocks after a gap.",
         "The seed's pointer-jump arithmetic between listed blocks (get_offset_for_next_block).",

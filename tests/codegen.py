@@ -12,6 +12,7 @@ the interpreter every ``triton.jit`` function is an interpreted one, which canno
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def compile_kernels() -> None:
     for i, r in enumerate(records):
         print(json.dumps({"kernel": r["kernel"], "dtype": calls[i], "shared": r["shared"],
                           "add_rn_f32": r["ptx"].count("add.rn.f32"), "num_warps": r["num_warps"],
-                          "num_stages": r["num_stages"]}), flush=True)
+                          "num_stages": r["num_stages"],
+                          "async_waits": [int(n) for n in re.findall(r"async_wait\b[^{]*\{num = (\d+)", r["ttgir"])]}),
+              flush=True)
 
 
 if __name__ == "__main__":
