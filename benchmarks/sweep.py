@@ -63,24 +63,26 @@ def bwd_options(cfg):
             "bwd_num_warps": w, "bwd_num_stages": s}
 
 
-def tasks(masks, head_dims, decode: bool):
+def tasks(masks, head_dims, decode: bool, seqlens=(S,)):
+    """(kind, mask, D, config, S) for every timing; decode rows have S=None (their own shape)."""
     out = []
-    for D in head_dims:
-        for mask in masks:
-            for cfg in FWD[D]:
-                out.append(("ours-fwd", mask, D, cfg))
-            for cfg in BWD[D]:
-                out.append(("ours-bwd", mask, D, cfg))
-            out.append(("torch-compile", mask, D, None))
+    for seqlen in seqlens:
+        for D in head_dims:
+            for mask in masks:
+                for cfg in FWD[D]:
+                    out.append(("ours-fwd", mask, D, cfg, seqlen))
+                for cfg in BWD[D]:
+                    out.append(("ours-bwd", mask, D, cfg, seqlen))
+                out.append(("torch-compile", mask, D, None, seqlen))
     if decode:
         for B in (1, 8):
             for split in SPLITS:
-                out.append(("ours-decode", f"decode-B{B}", 128, split))
-            out.append(("torch-compile-decode", f"decode-B{B}", 128, None))
+                out.append(("ours-decode", f"decode-B{B}", 128, split, None))
+            out.append(("torch-compile-decode", f"decode-B{B}", 128, None, None))
     return out
 
 
-def setup(kind, mask, D):
+def setup(kind, mask, D, seqlen=S):
     dtype = torch.bfloat16
     if kind.endswith("decode"):
         B = int(mask.split("B")[1])
@@ -88,7 +90,7 @@ def setup(kind, mask, D):
         score_mod, block_mask = None, None
         grad = False
     else:
-        shape = bench.train_shape(mask, S, D, "cuda")
+        shape = bench.train_shape(mask, seqlen, D, "cuda")
         score_mod, block_mask = bench.attention_args(mask, shape, "cuda")
         grad = kind != "ours-fwd"
     q, k, v, do = bench.make_inputs(shape, dtype, "cuda", 0, grad)
@@ -117,12 +119,12 @@ def make_fn(kind, cfg, shape, score_mod, block_mask):
 
 
 def compile_one(task):
-    kind, mask, D, cfg = task
+    kind, mask, D, cfg, seqlen = task
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            shape, score_mod, block_mask, q, k, v, do = setup(kind, mask, D)
+            shape, score_mod, block_mask, q, k, v, do = setup(kind, mask, D, seqlen)
             fn = make_fn(kind, cfg, shape, score_mod, block_mask)
             out, lse = fn(q, k, v)
             if do is not None:
@@ -149,19 +151,19 @@ def _init_worker():
 def time_one(task, density_cache):
     from triton.testing import do_bench
 
-    kind, mask, D, cfg = task
-    shape, score_mod, block_mask, q, k, v, do = setup(kind, mask, D)
+    kind, mask, D, cfg, seqlen = task
+    shape, score_mod, block_mask, q, k, v, do = setup(kind, mask, D, seqlen)
     fn = make_fn(kind, cfg, shape, score_mod, block_mask)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out, lse = fn(q, k, v)
-        row = {"kind": kind, "mask": mask, "D": D, "cfg": cfg}
+        row = {"kind": kind, "mask": mask, "D": D, "S": seqlen, "cfg": cfg}
         if kind.endswith("decode"):
             ms = do_bench(lambda: fn(q, k, v), warmup=25, rep=100, return_mode="median")
             row["fwd_ms"] = ms
             row["kv_tbs"] = bench.kv_bytes(shape, q.dtype) / (ms * 1e-3) / 1e12
             return row, out.float()
-        key = (mask, D)
+        key = (mask, D, seqlen)
         if key not in density_cache:
             density_cache[key] = bench.allowed_fraction(block_mask, shape) if block_mask is not None else 1.0
         flops = bench.forward_flops(shape, density_cache[key])
@@ -181,6 +183,8 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1))
     p.add_argument("--masks", default="none,causal,document,softcap")
     p.add_argument("--head-dims", default="128,64")
+    p.add_argument("--seqlens", type=bench._parse_lengths, default=(S,),
+                   help=f"training sequence lengths, e.g. 1k,16k (default {S}; B*S stays 16k tokens)")
     p.add_argument("--decode", action="store_true")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--json", default=None)
@@ -201,7 +205,7 @@ def main(argv=None):
                 table[D] = cfgs
     masks = [] if args.no_train else [m for m in args.masks.split(",") if m]
     head_dims = [int(d) for d in args.head_dims.split(",")]
-    todo = tasks(masks, head_dims, args.decode)
+    todo = tasks(masks, head_dims, args.decode, args.seqlens)
     _no_donated_buffers()
     t0 = time.perf_counter()
     errors = {}
@@ -217,15 +221,16 @@ def main(argv=None):
     rows, density, reference = [], {}, {}
     for task in todo:
         if task in errors:
-            rows.append({"kind": task[0], "mask": task[1], "D": task[2], "cfg": task[3], "error": errors[task]})
+            rows.append({"kind": task[0], "mask": task[1], "D": task[2], "S": task[4], "cfg": task[3],
+                         "error": errors[task]})
             continue
         try:
             row, out = time_one(task, density)
         except Exception as exc:
-            rows.append({"kind": task[0], "mask": task[1], "D": task[2], "cfg": task[3],
+            rows.append({"kind": task[0], "mask": task[1], "D": task[2], "S": task[4], "cfg": task[3],
                          "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             continue
-        ref_key = (task[1], task[2])
+        ref_key = (task[1], task[2], task[4])
         if task[0].startswith("ours"):
             if ref_key not in reference:
                 reference[ref_key] = out
@@ -241,7 +246,7 @@ def main(argv=None):
     print(f"{'kind':<22}{'case':<16}{'config':<34}{'fwd ms':>8}{'fwd TF':>8}{'bwd ms':>8}{'bwd TF':>8}{'TB/s':>7}")
     for r in rows:
         cfg = "-" if r["cfg"] is None else str(r["cfg"])
-        case = f"{r['mask']} D{r['D']}"
+        case = f"{r['mask']} D{r['D']}" + (f" S{r['S']}" if r.get("S") not in (None, S) else "")
         if "error" in r:
             print(f"{r['kind']:<22}{case:<16}{cfg:<34} ERROR {r['error'][:60]}")
             continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -92,12 +92,16 @@ class Options:
 # kernel (docs/perf/h200-sweep-2-2026-12-02.txt): D=128 dense backward 3.71 ms
 # with 2 stages against 3.86 with 3; masked rows split (causal and block-sparse
 # a little faster with 2 stages, document and GQA document with 3), so they stay.
-# A third (fourteenth session, docs/perf/h200-bwd-n2-sweep-2026-12-04.txt, every D=128 row):
-# a dQ key step of 128 (BLOCK_N2) on 2 stages is the fastest backward for none, causal,
-# sliding window, prefix LM, ALiBi and block-sparse (2.7-5 % over 64 on 3 stages; +1 % on
-# none over 64 on 2), and 0.6 % slower on softcap; where the dQ kernel's lists refined to
-# 64 keys save work (document, GQA document) the old 64 on 3 stages stays faster (193.6
-# against 188.2 TFLOP/s), so there the call narrows to NARROW_DQ (_narrowed_for_dq).
+# A third (fourteenth session, docs/perf/h200-bwd-n2-sweep-2026-12-04.txt, every D=128 row)
+# found a dQ key step of 128 on 2 stages fastest. All three sweeps ran on loops whose
+# tile address came from a list entry loaded in the same step, so that no num_stages
+# could prefetch more than one step ahead (kernels.forward.next_listed). With the next
+# entry carried in (sixteenth session, docs/perf/h200-sweep-pipelined-2026-12-04.txt,
+# S=1k and 4k, D=128): the forward on 128x128 / 8 warps / 3 stages is the fastest on
+# every row (none 4k 495 TFLOP/s against 358 with 128x64 / 4 warps, whose loop now
+# spills; causal 428, softcap 268), and the backward on 64x128 / 128x64 / 3 stages
+# (PyTorch's own sm90 tiles) on every row but causal 1k (4 stages, 0.676 against 0.972 ms
+# in one noisy run): none 4k 3.32 ms against 3.57 with the former 128-key dQ step.
 #
 # float32 (IEEE products, which Triton expands into FMA code) takes the small
 # tiles at every head dim: compiled for sm_90 on the 2-core CPU machine
@@ -112,10 +116,8 @@ _CONFIGS = {
     ("sm90", torch.bfloat16, 64, "scored"): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 3)),
     ("sm90", torch.float16, 64, None): ((128, 128, 4, 3), (64, 64, 64, 64, 4, 3)),
     ("sm90", torch.float16, 64, "scored"): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 3)),
-    ("sm90", torch.bfloat16, 128, None): ((128, 128, 8, 2), (64, 128, 128, 128, 8, 2)),
-    ("sm90", torch.bfloat16, 128, "dense"): ((128, 64, 4, 3), (64, 128, 128, 128, 8, 2)),
-    ("sm90", torch.float16, 128, None): ((128, 128, 8, 2), (64, 128, 128, 128, 8, 2)),
-    ("sm90", torch.float16, 128, "dense"): ((128, 64, 4, 3), (64, 128, 128, 128, 8, 2)),
+    ("sm90", torch.bfloat16, 128, None): ((128, 128, 8, 3), (64, 128, 128, 64, 8, 3)),
+    ("sm90", torch.float16, 128, None): ((128, 128, 8, 3), (64, 128, 128, 64, 8, 3)),
     ("sm90", torch.float32, 64, None): ((32, 32, 4, 2), (16, 16, 16, 16, 4, 1)),
     ("sm90", torch.float32, 128, None): ((32, 32, 4, 2), (16, 16, 16, 16, 4, 1)),
     ("sm90", torch.float32, 256, None): ((32, 32, 4, 2), (16, 16, 16, 16, 4, 1)),
@@ -583,39 +585,6 @@ def _auto_refined_bwd(sparse: Sparse, mask_mod, B, Hq, L, S, tiles: dict) -> tup
     return dq, dkdv
 
 
-# (BLOCK_N2, num_stages) of a backward whose dQ kernel takes key lists refined to BLOCK_N2
-# keys (_narrowed_for_dq): measured on the H200 for the document rows (above, _CONFIGS).
-NARROW_DQ = (64, 3)
-
-_NARROWED: dict = {}
-
-
-def _narrowed_for_dq(options: Options, kernel_options, sparse: Sparse, mask_mod, B, Hq, L, S) -> Options:
-    """``options`` with the backward narrowed to ``NARROW_DQ`` where the default dQ key step
-    (BLOCK_N2) is wider and the dQ kernel's lists refined to the narrow step save at least
-    ``AUTO_REFINE_BWD_SAVING`` (then ``_auto_refined_bwd`` takes them). A BLOCK_N2 or a
-    num_stages the caller set is kept. Decided once per block lists (the saving is cached)."""
-    n2, stages = NARROW_DQ
-    tiles = options.bwd.tiles
-    if (not AUTO_REFINE_BWD or mask_mod is None or tiles["BLOCK_N2"] <= n2 or "BLOCK_N2" in options.bwd.given
-            or sparse.kv_block % n2):
-        return options
-    if _refined_if_saving(sparse, mask_mod, B, Hq, L, S, n2, None, AUTO_REFINE_BWD_SAVING) is None:
-        return options
-    opts = kernel_options if isinstance(kernel_options, dict) else {}
-    if opts.get("bwd_num_stages", opts.get("num_stages")) is not None:
-        stages = options.bwd.num_stages
-    key = (id(options), stages)
-    hit = _NARROWED.get(key)
-    if hit is not None and hit[0] is options:
-        return hit[1]
-    narrowed = replace(options, bwd=replace(options.bwd, tiles={**tiles, "BLOCK_N2": n2}, num_stages=stages))
-    if len(_NARROWED) > 64:
-        _NARROWED.clear()
-    _NARROWED[key] = (options, narrowed)
-    return narrowed
-
-
 def _refined_if_saving(sparse: Sparse, mask_mod, B, Hq, L, S, sub: Optional[int], q_sub: Optional[int],
                        saving: float) -> Optional[Sparse]:
     """``_refined_lists`` where they list at least ``saving`` fewer elements, else None;
@@ -986,9 +955,8 @@ def flex_attention(
     set is refined to 64 x 64 for the forward when that lists at least 15 % fewer elements
     (``AUTO_REFINE``) and no forward tile of 128 is asked for, and, when a backward may follow,
     the dQ kernel's key lists and the dK/dV kernel's query lists are refined to those kernels'
-    own steps when that saves at least 5 % (``AUTO_REFINE_BWD``; where the default dQ key
-    step is wider than 64 and 64-key lists would save that much, the backward narrows to
-    ``NARROW_DQ`` first); setting either option to the block size keeps the lists as they are.
+    own steps when that saves at least 5 % (``AUTO_REFINE_BWD``); setting either option to the
+    block size keeps the lists as they are.
     """
     _validate(query, key, value, scale, enable_gqa)
     score = as_score_mod(score_mod)
@@ -1021,7 +989,6 @@ def flex_attention(
     sparse_dq = sparse_dkdv = None
     if (block_mask is not None and _grad_wanted(query, key, value, program)
             and _auto_refine_wanted(kernel_options, interpret)):
-        options = _narrowed_for_dq(options, kernel_options, sparse_bwd, mask, B, Hq, L, S)
         sparse_dq, sparse_dkdv = _auto_refined_bwd(sparse_bwd, mask, B, Hq, L, S, options.bwd.tiles)
     for t in program.buffers:
         if t.device != device and t.requires_grad:

@@ -8,7 +8,6 @@ the ``gpu`` tests at the end repeat the grid at realistic sizes on a GPU:
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import pytest
 import torch
@@ -500,60 +499,6 @@ def test_automatic_backward_refinement_end_to_end(monkeypatch):
     assert len(seen) == n
 
 
-def test_backward_narrows_its_dq_step_where_refined_lists_save():
-    """_narrowed_for_dq: a default dQ key step (BLOCK_N2) wider than NARROW_DQ's is narrowed,
-    with NARROW_DQ's stages, where the dQ kernel's lists refined to the narrow step save at least
-    AUTO_REFINE_BWD_SAVING (a document mask), and left alone where they do not (causal), where
-    the caller set BLOCK_N2, and where the default is already narrow; a caller's num_stages is
-    kept (test_backward_narrowing_end_to_end runs the path through flex_attention)."""
-    from kernels import api
-    from kernels.api import Launch, Options
-
-    L = S = 512
-    B, H = 1, 2
-    doc = mods.document.from_seed(L, 8, 1)
-    bm_doc = create_block_mask(doc, 1, 1, L, S, device="cpu", BLOCK_SIZE=128)
-    bm_causal = create_block_mask(mods.causal(), 1, 1, L, S, device="cpu", BLOCK_SIZE=128)
-    sp_doc = api._cached_block_lists(bm_doc, B, H, L, S, torch.device("cpu"))
-    sp_causal = api._cached_block_lists(bm_causal, B, H, L, S, torch.device("cpu"))
-    fwd = Launch({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 2)
-    wide = Options(fwd, Launch({"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 128}, 8, 2))
-    got = api._narrowed_for_dq(wide, None, sp_doc, doc, B, H, L, S)
-    assert got.bwd.tiles == {**wide.bwd.tiles, "BLOCK_N2": api.NARROW_DQ[0]}
-    assert got.bwd.num_stages == api.NARROW_DQ[1] and got.fwd is wide.fwd
-    assert api._narrowed_for_dq(wide, None, sp_doc, doc, B, H, L, S) is got  # cached
-    assert api._narrowed_for_dq(wide, None, sp_causal, mods.causal(), B, H, L, S) is wide
-    assert api._narrowed_for_dq(wide, {"num_stages": 4}, sp_doc, doc, B, H, L, S).bwd.num_stages == 2
-    given = Options(fwd, replace(wide.bwd, given={"BLOCK_N2": ("BLOCK_N2", 128)}))
-    assert api._narrowed_for_dq(given, {"BLOCK_N2": 128}, sp_doc, doc, B, H, L, S) is given
-    narrow = Options(fwd, replace(wide.bwd, tiles={**wide.bwd.tiles, "BLOCK_N2": 64}))
-    assert api._narrowed_for_dq(narrow, None, sp_doc, doc, B, H, L, S) is narrow
-
-
-def test_backward_narrowing_end_to_end(monkeypatch):
-    """Through flex_attention with the interpreter let in (its config row's BLOCK_N2 is 128): a
-    document mask's backward narrows to NARROW_DQ and walks 64-key dQ lists, and the oracle
-    agrees, a key tail and GQA included."""
-    from kernels import api
-
-    seen = _open_automatic_refinement(monkeypatch, "_auto_refined_bwd")
-    narrowed = []
-    original = api._narrowed_for_dq
-
-    def spy(*args):
-        got = original(*args)
-        narrowed.append(got.bwd.tiles["BLOCK_N2"])
-        return got
-
-    monkeypatch.setattr(api, "_narrowed_for_dq", spy)
-    L, S = 250, 270
-    mask_mod = mods.document.from_seed(L, 6, 2, kv_length=S)
-    check(B=1, Hq=2, Hkv=1, L=L, S=S, E=16, mask_mod=mask_mod, block_size=128)
-    assert narrowed and narrowed[-1] == api.NARROW_DQ[0]
-    dq, _ = seen[-1]
-    assert dq is not None and (dq.q_block, dq.kv_block) == (128, api.NARROW_DQ[0])
-
-
 @pytest.mark.gpu
 def test_gpu_automatic_refinement_matches_the_oracle():
     """A document mask on 128 x 128 blocks takes the refined forward on the GPU, and the
@@ -565,15 +510,13 @@ def test_gpu_automatic_refinement_matches_the_oracle():
     bm = create_block_mask(mask_mod, 1, 1, L, S, device="cuda", BLOCK_SIZE=128)
     sp = api._cached_block_lists(bm, 2, 4, L, S, torch.device("cuda"))
     assert api._auto_refined(sp, mask_mod, 2, 4, L, S) is not None
-    # The backward's one-axis refinements on the default sm90 D=128 tiles, narrowed to a dQ key
-    # step of 64 (NARROW_DQ) since the 64-key lists save work here.
+    # The backward's one-axis refinements on the default sm90 D=128 tiles (a dQ key step of 64,
+    # a dK/dV query step of 64): both save work here.
     opts = api.parse_kernel_options(None, dtype=torch.bfloat16, head_dim=128, q_block=64, kv_block=64,
                                     device=torch.device("cuda"), interpret=False, work="masked",
                                     bwd_blocks=(128, 128))
-    assert opts.bwd.tiles["BLOCK_N2"] == 128
-    tiles = api._narrowed_for_dq(opts, None, sp, mask_mod, 2, 4, L, S).bwd.tiles
-    assert tiles["BLOCK_N2"] == api.NARROW_DQ[0]
-    assert all(r is not None for r in api._auto_refined_bwd(sp, mask_mod, 2, 4, L, S, tiles))
+    assert (opts.bwd.tiles["BLOCK_N2"], opts.bwd.tiles["BLOCK_M1"]) == (64, 64)
+    assert all(r is not None for r in api._auto_refined_bwd(sp, mask_mod, 2, 4, L, S, opts.bwd.tiles))
     check(B=2, Hq=4, L=L, S=S, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128, device="cuda")
 
 
@@ -659,9 +602,11 @@ def test_config_rows_by_work_kind():
 
     assert work_kind(False, False) == "dense" and work_kind(True, False) == "masked"
     assert work_kind(True, True) == "scored" and work_kind(False, True) == "scored"
-    # The H200 sweep's rows: 128 x 64 on 4 warps for dense D=128, 128 x 128 on 8 warps otherwise.
-    assert _default_config("sm90", torch.bfloat16, 128, "dense")[0] == (128, 64, 4, 3)
-    assert _default_config("sm90", torch.bfloat16, 128, "masked")[0] == (128, 128, 8, 2)
+    # The H200 sweeps' rows: 128 x 128 on 8 warps and 3 stages at D=128 whatever the work (a
+    # missing work entry falls back to the head dim's None row), 128 x 64 for D=64 scored.
+    assert _default_config("sm90", torch.bfloat16, 128, "dense")[0] == (128, 128, 8, 3)
+    assert _default_config("sm90", torch.bfloat16, 128, "masked")[0] == (128, 128, 8, 3)
+    assert _default_config("sm90", torch.bfloat16, 64, "dense")[0] == (128, 128, 4, 3)
     assert _default_config("sm90", torch.bfloat16, 64, "scored")[0] == (128, 64, 4, 3)
     # An unknown head dim falls back to the arch's row.
     assert _default_config("sm90", torch.bfloat16, 32, "dense") == _default_config("sm90", None, 0)
