@@ -621,7 +621,7 @@ def oracle_truth(q, k, v, do, score_mod, block_mask, gqa: bool):
     baseline = emulated_run(q, k, v, **kw).tensors
     # The comparison's per-tensor options, as properties.check.compare_with_oracle sets them: the
     # float32 floor of cancelled tensors and the rounding of delta = rowsum(dO * O) in dq and dk.
-    scales = reference_scales(q, k, v, do)
+    scales = reference_scales(q, k, v, do, block_mask=block_mask, enable_gqa=gqa)
     allow = delta_allowances(q, k, v, expected["out"], do, score_mod=score_mod, block_mask=block_mask,
                              enable_gqa=gqa) if do is not None else {}
     baseline["_options"] = {name: {"reference_scale": scales.get(name), **({"allowance": allow[name]}

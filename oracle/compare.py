@@ -187,7 +187,7 @@ def compare(
     index_names: Sequence[str] | None = None,
     rows_dim: int | Sequence[int] | None = None,
     precision: torch.dtype | None = None,
-    reference_scale: float | None = None,
+    reference_scale: float | torch.Tensor | None = None,
     allowance: torch.Tensor | None = None,
 ) -> CompareResult:
     """Compare ``actual`` with the float64 truth ``expected``, without raising.
@@ -210,7 +210,9 @@ def compare(
     terms that were summed to make each element (for dq: scale * |dO| |V| |K|);
     it adds ``atol * eps(float32) * reference_scale`` to the floor, for tensors
     whose true values cancel to exactly zero (one key per row makes dq and dk
-    exactly 0, and float32 accumulation leaves about eps32 of the terms).
+    exactly 0, and float32 accumulation leaves about eps32 of the terms). A
+    tensor (broadcastable to ``expected``) gives each element its own size: the
+    scores behind ``lse`` and ``max`` (``properties.check.score_scales``).
     ``allowance`` (broadcastable to ``expected``) is an error scale of a rounding
     the baseline makes too but with its own luck, so that where the baseline
     happens to be nearly exact it leaves no room (the rounding of
@@ -293,7 +295,10 @@ def compare(
     eps = torch.finfo(dtype).eps
     digits = 17 if dtype == torch.float64 else 9  # enough to tell actual, expected and baseline apart
     floor = tolerance.atol * eps * magnitude
-    if reference_scale:
+    if isinstance(reference_scale, torch.Tensor):
+        ref = reference_scale.detach().to(device=device, dtype=torch.float64).abs()
+        floor = floor + tolerance.atol * torch.finfo(torch.float32).eps * torch.where(finite, ref, 0.0)
+    elif reference_scale:
         floor = floor + tolerance.atol * torch.finfo(torch.float32).eps * float(reference_scale)
     tol = tolerance.factor * err_scale + floor
     err = (a - x0).abs()
@@ -356,7 +361,7 @@ def assert_close(
     index_names: Sequence[str] | None = None,
     rows_dim: int | Sequence[int] | None = None,
     precision: torch.dtype | None = None,
-    reference_scale: float | None = None,
+    reference_scale: float | torch.Tensor | None = None,
 ) -> None:
     """Raise ``AssertionError`` unless ``actual`` agrees with ``expected``; see `compare`."""
     __tracebackhide__ = True

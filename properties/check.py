@@ -16,7 +16,7 @@ import torch
 import oracle
 
 __all__ = ["Run", "run_attention", "compare_with_oracle", "oracle_run", "emulated_run", "delta_allowances",
-           "reference_scales", "table_gradient_options"]
+           "reference_scales", "score_scales", "table_gradient_options"]
 
 
 @dataclass
@@ -100,7 +100,7 @@ def compare_with_oracle(
     # relative 6e-8, far below any kernel's error, so their upcast is the truth.
     expected = {k: v.double() for k, v in oracle_run(query, key, value, **kw).tensors.items()}
     baseline = emulated_run(query, key, value, **kw).tensors
-    scales = reference_scales(query, key, value, grad_out, scale)
+    scales = reference_scales(query, key, value, grad_out, scale, block_mask=block_mask, enable_gqa=enable_gqa)
     allow = forward_allowances(query, key, value, expected["out"], expected["lse"], score_mod=score_mod,
                                block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
     if grad_out is not None:
@@ -119,10 +119,12 @@ def compare_with_oracle(
             for name in actual}
 
 
-def reference_scales(query, key, value, grad_out=None, scale=None) -> dict:
+def reference_scales(query, key, value, grad_out=None, scale=None, *, block_mask=None,
+                     enable_gqa=False) -> dict:
     """Typical sizes of the terms summed into each output (``oracle.compare``'s
     ``reference_scale``): they set the float32 accumulation floor of tensors
-    whose true values cancel to zero."""
+    whose true values cancel to zero. ``lse`` and ``max`` get a size per row
+    (``score_scales``; ``block_mask`` and ``enable_gqa`` as in the call)."""
     def rms(t):
         return float(t.detach().double().pow(2).mean().sqrt()) if t is not None and t.numel() else 0.0
 
@@ -130,8 +132,32 @@ def reference_scales(query, key, value, grad_out=None, scale=None) -> dict:
     # A size: a negative scale (allowed, SPEC section 1) must not make the floor negative.
     scale = 1.0 / E ** 0.5 if scale is None else abs(scale)
     dp = rms(grad_out) * rms(value) * Ev ** 0.5  # dO . v, the size of dp - delta's terms
+    rows = score_scales(query, key, scale, block_mask=block_mask, enable_gqa=enable_gqa)
     return {"out": rms(value), "dq": scale * dp * rms(key), "dk": scale * dp * rms(query),
-            "dv": rms(grad_out), "dbuffer": dp}
+            "dv": rms(grad_out), "dbuffer": dp, "lse": rows, "max": rows}
+
+
+def score_scales(query, key, scale, *, block_mask=None, enable_gqa=False) -> torch.Tensor:
+    """Per query row, the size of the terms of its largest raw score: ``|scale| * max_j
+    sum_d |q[i, d]| |k[j, d]|`` over the row's listed keys (0 for a row with none).
+
+    A score is a float32 sum of these terms, and a score mod may cancel it to something
+    far smaller (ALiBi's ``-slope * |i - j|`` against ``scale * q . k``), so an honest
+    kernel's ``max`` and ``lse`` can be an ulp of the terms off where the emulation,
+    summing the same exact bf16 products in another order, is exact: the H200's
+    false-alarm count (seed 24011, tests/cases/max-score-cancellation-bf16.json) had a
+    row whose raw score 337.97 met an ALiBi bias of -338, and its ``max`` of -0.0246 was
+    3.05e-5 off, one ulp of 338, against 3.0e-5 allowed (the tensor's typical baseline
+    error times 64). ``lse`` moves by ``sum_j p_j err_j``, so the same size bounds it.
+    Computed by the oracle's own blocked attention on ``|q|`` and ``|k|`` (its ``max``):
+    no L x S tensor."""
+    scale = 1.0 / query.shape[-1] ** 0.5 if scale is None else scale
+    q = query.detach().double().abs()
+    k = key.detach().double().abs()
+    v = torch.zeros(*key.shape[:-1], 1, dtype=torch.float64, device=key.device)
+    _, _, biggest = oracle.flex_attention(q, k, v, block_mask=block_mask, scale=abs(scale),
+                                          enable_gqa=enable_gqa, return_lse=True, return_max=True)
+    return torch.where(torch.isfinite(biggest), biggest, 0.0)
 
 
 def table_truths(expected: dict) -> list:

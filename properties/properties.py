@@ -126,7 +126,8 @@ def _truth(m: Materialized, *, with_lse: bool, want_max: bool):
               grad_out=m.grad_out, grad_lse=m.grad_lse if with_lse else None, want_max=want_max)
     expected = {k: v.double() for k, v in check.oracle_run(m.query, m.key, m.value, **kw).tensors.items()}
     baseline = check.emulated_run(m.query, m.key, m.value, kernel_options=m.kernel_options or None, **kw).tensors
-    baseline["_scales"] = check.reference_scales(m.query, m.key, m.value, m.grad_out, m.scale)
+    baseline["_scales"] = check.reference_scales(m.query, m.key, m.value, m.grad_out, m.scale,
+                                                 block_mask=m.block_mask, enable_gqa=m.enable_gqa)
     allow = check.forward_allowances(m.query, m.key, m.value, expected["out"], expected["lse"],
                                      score_mod=m.score_mod, block_mask=m.block_mask, scale=m.scale,
                                      enable_gqa=m.enable_gqa)

@@ -642,6 +642,37 @@ def test_forward_exponent_allowance_covers_an_honest_float32_kernel():
     assert 2.39e-6 < error < allow < 1.2 * error  # 2.53e-6 against 2.75e-6
 
 
+def test_score_scales_cover_a_max_cancelled_by_a_bias():
+    """The H200 false alarm it closes (seed 24011, tests/cases/max-score-cancellation-bf16.json):
+    a bf16 row whose raw score, 2 * q . k = 337.97, meets an ALiBi bias of about -338 before a
+    tanh softcap. The kernel's ``max`` was one float32 ulp of 338 (2**-15) off the truth, where
+    the emulation, summing the same exact bf16 products in another order, was exact: refused by
+    the tensor's typical baseline error times 64, accepted with the row's score scale in the
+    floor (check.score_scales), and ten ulps are still refused."""
+    from properties import check
+
+    saved = json.loads((Path(__file__).parent / "cases" / "max-score-cancellation-bf16.json").read_text())
+    m = FlexCase.from_json(json.dumps(saved["case"])).materialize("cpu")
+    kw = dict(score_mod=m.score_mod, block_mask=m.block_mask, scale=m.scale, enable_gqa=m.enable_gqa,
+              return_lse=True, return_max=True)
+    q, k, v = m.query, m.key, m.value
+    _, _, truth = oracle.flex_attention(q.double(), k.double(), v.double(), **kw)
+    _, _, baseline = oracle.emulate_flex_attention(q.float(), k.float(), v.float(), dtype=q.dtype, **kw)
+    at = (0, 0, 571)
+    assert abs(truth[at].item() - -0.024566638) < 1e-9
+    rows = check.score_scales(q, k, m.scale, block_mask=m.block_mask, enable_gqa=m.enable_gqa)
+    raw = (k[0, 0].double() @ q[0, 0, 571].double()).abs().max().item() * m.scale
+    assert rows.shape == truth.shape and rows[at].item() >= raw > 337
+    ulp = 2.0 ** -15  # of a float32 in [256, 512)
+    kernel = truth.float()
+    kernel[at] = -0.0245971531  # the H200's: one ulp of the raw score below the truth
+    assert abs(truth[at].item() - ulp - kernel[at].item()) < 4e-9  # float32 rounds at 0.0246 by 1.9e-9
+    assert not oracle.compare(kernel, truth, baseline=baseline, name="max").ok
+    assert oracle.compare(kernel, truth, baseline=baseline, name="max", reference_scale=rows).ok
+    kernel[at] = truth[at] - 10 * ulp
+    assert not oracle.compare(kernel, truth, baseline=baseline, name="max", reference_scale=rows).ok
+
+
 def test_exponent_ds_allowance_is_the_dense_sum():
     """dq's and dk's float32 exponent terms equal scale * u / sqrt(12) * sqrt(sum ds^2 (|s| +
     |lse|)^2 K^2) over keys, and the same with Q^2 over queries (summed over a GQA group and a
