@@ -241,6 +241,13 @@ def compare(
         )
     if not baseline.dtype.is_floating_point:
         raise ValueError(f"Expected a floating-point `baseline` ({name}), got {baseline.dtype}.")
+    for arg, given in (("reference_scale", reference_scale), ("allowance", allowance)):
+        if isinstance(given, torch.Tensor) and not _broadcasts_to(given.shape, expected.shape):
+            raise ValueError(
+                f"Expected `{arg}` ({name}) to broadcast to the shape of `expected` "
+                f"{tuple(expected.shape)}, got {tuple(given.shape)}: give one value per element, "
+                "per row (a trailing dimension of 1) or a number."
+            )
     if not actual.dtype.is_floating_point:
         return _failure(
             name, expected.numel(),
@@ -348,6 +355,13 @@ def compare(
         max_ratio=max_ratio, message=message, rows_with_mismatch=rows_bad, rows=rows,
         **values,
     )
+
+
+def _broadcasts_to(shape, target) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` without growing it."""
+    if len(shape) > len(target):
+        return False
+    return all(n in (1, t) for n, t in zip(reversed(shape), reversed(target)))
 
 
 def assert_close(

@@ -440,3 +440,30 @@ def test_allowance_joins_the_error_scale_where_given():
     assert not compare(actual, expected, baseline=baseline, name="dq", allowance=0.5 * allow).ok
     # The same allowance elsewhere leaves the bad element bad.
     assert not compare(actual, expected, baseline=baseline, name="dq", allowance=1.5 * allow.flip(-1)).ok
+
+
+def test_a_tensor_reference_scale_sets_each_elements_floor():
+    """A tensor ``reference_scale`` (properties.check.score_scales for lse and max) adds
+    ``atol * eps32`` times its own element to each element's floor: an error of one float32 ulp of
+    338 passes where the element's terms are that large and fails where they are not."""
+    expected = torch.full((1, 2, 3), -0.0245666, dtype=torch.float64)
+    baseline = expected.float()
+    actual = expected.float().clone()
+    actual[0, 0, 1] = expected[0, 0, 1] - 2.0 ** -15
+    actual[0, 1, 1] = expected[0, 1, 1] - 2.0 ** -15
+    assert not compare(actual, expected, baseline=baseline, name="max").ok
+    rows = torch.full((1, 2, 3), 1.0, dtype=torch.float64)
+    rows[0, 0, 1] = 338.0
+    result = compare(actual, expected, baseline=baseline, name="max", reference_scale=rows)
+    assert not result.ok and result.mismatches == 1 and tuple(result.worst_index) == (0, 1, 1)
+    rows[0, 1, 1] = -338.0  # a size: the sign does not matter
+    assert compare(actual, expected, baseline=baseline, name="max", reference_scale=rows).ok
+
+
+@pytest.mark.parametrize("arg", ["reference_scale", "allowance"])
+def test_a_per_element_argument_of_the_wrong_shape_is_refused(arg):
+    expected = torch.zeros(1, 2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"`{arg}` \(lse\).*\(1, 2, 3\).*\(2, 2\)"):
+        compare(expected.float(), expected, baseline=expected.float(), name="lse", **{arg: torch.ones(2, 2)})
+    # Per row (a trailing 1) and per head broadcast fine.
+    assert compare(expected.float(), expected, baseline=expected.float(), name="lse", **{arg: torch.ones(2, 1)}).ok
