@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python3 benchmarks/ab.py --against HEAD --cases none:4k:128,causal:4k:64
     PYTHONPATH=. python3 benchmarks/ab.py --against HEAD~3,HEAD --cases gqa_causal:4k:128 --rounds 5
+    PYTHONPATH=. python3 benchmarks/ab.py --options s4:bwd_num_stages=4 --options n128:bwd_BLOCK_N2=128,bwd_num_stages=2 \
+        --cases none:1k:128,causal:1k:128
     python3 benchmarks/ab.py --device cpu --against HEAD --cases causal:256:64 --rounds 1   # dry run
 
 ``bench.py`` compares us with PyTorch, one implementation after another, and between two of
@@ -15,6 +17,12 @@ every other round, with ``bench.py``'s shapes, mods, rotating input sets and tim
 (``bench.time_impl``); each time is the median round (``bench.merge_rounds``). It also prints how far each variant's outputs are from the working tree's (max |a - b| /
 max |b| for out, dq, dk, dv): 0 where a change does not touch the rounding. It checks nothing
 against the oracle (``bench.py`` does): it answers "faster or not", not "right or not".
+
+``--options NAME:KEY=VALUE,...`` (repeatable) adds the working tree's kernels called with those
+``kernel_options`` as a variant of its own, named NAME: a launch config, a tile or a flag
+judged the same way, where ``sweep.py`` times each config once. The variants run in the order
+revisions, options, then the working tree with its defaults (the diffs' reference); the
+speedups are against the first.
 
 A revision whose ``kernels/mods.py`` differs from the working tree's cannot take the working
 tree's mods objects and is refused with that reason.
@@ -87,6 +95,23 @@ def parse_cases(text: str, device: str) -> list:
     return out
 
 
+def parse_options(items: list) -> list:
+    """``NAME:KEY=VALUE,...`` items as (name, kernel_options) pairs; values as in
+    ``benchmarks/codegen.py --options`` (integers, true / false)."""
+    from benchmarks.codegen import _parse_options
+
+    out, seen = [], {TREE}
+    for item in items:
+        name, sep, text = item.partition(":")
+        if not sep or not name or not text:
+            raise SystemExit(f"ab: --options wants NAME:KEY=VALUE,..., got {item!r}")
+        if name in seen:
+            raise SystemExit(f"ab: --options names must differ from each other and from {TREE!r}, got {name!r} twice")
+        seen.add(name)
+        out.append((name, _parse_options(text)))
+    return out
+
+
 def _rel(a, b) -> float:
     scale = b.float().abs().max()
     return float((a.float() - b.float()).abs().max() / scale) if scale > 0 else float((a - b).abs().max())
@@ -104,12 +129,13 @@ def run_case(label, shape, mask, variants, args, device, time_fn) -> dict:
     sets = bench.input_sets(shape, bench.DTYPES[args.dtype], device, args.seed, True)
     gqa = shape.Hq != shape.Hkv
 
-    def bound(module):
+    def bound(module, options):
         def fn(q, k, v):
-            return module.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
+            return module.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa,
+                                         kernel_options=options)
         return fn
 
-    fns = {name: bound(module) for name, module in variants}
+    fns = {name: bound(module, options) for name, module, options in variants}
     q, k, v, do = sets[0]
     outputs = {}
     for name, fn in fns.items():
@@ -139,7 +165,9 @@ def run_case(label, shape, mask, variants, args, device, time_fn) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--against", required=True, help="comma-separated git revisions to load beside the working tree")
+    p.add_argument("--against", default="", help="comma-separated git revisions to load beside the working tree")
+    p.add_argument("--options", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="the working tree's kernels with these kernel_options, as a variant named NAME (repeatable)")
     p.add_argument("--cases", required=True, help="comma-separated MASK:S:D (bench.py's rows and shapes)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each time is the median round")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
@@ -152,6 +180,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.rounds < 1:
         raise SystemExit(f"ab: --rounds must be at least 1, got {args.rounds}")
+    revs = [r for r in args.against.split(",") if r]
+    if not revs and not args.options:
+        raise SystemExit("ab: nothing to compare: give --against REV[,REV] or --options NAME:KEY=VALUE,...")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -163,14 +194,14 @@ def main(argv=None) -> int:
     import kernels
 
     cases = parse_cases(args.cases, device)
-    revs = [r for r in args.against.split(",") if r]
-    variants = [(f"{rev} ({_git('rev-parse', '--short', rev).strip()})", load_revision(rev, i))
+    variants = [(f"{rev} ({_git('rev-parse', '--short', rev).strip()})", load_revision(rev, i), None)
                 for i, rev in enumerate(revs)]
-    dirty = bool(_git("status", "--porcelain", "--", "kernels").strip())
-    variants.append((TREE + (" (modified)" if dirty else ""), kernels))
+    variants += [(name, kernels, options) for name, options in parse_options(args.options)]
+    dirty = bool(revs) and bool(_git("status", "--porcelain", "--", "kernels").strip())
+    variants.append((TREE + (" (modified)" if dirty else ""), kernels, None))
     time_fn = bench.timer(device, args.warmup_ms, args.rep_ms, 3)
     results = []
-    print(f"A/B on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}: {', '.join(n for n, _ in variants)}; "
+    print(f"A/B on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}: {', '.join(v[0] for v in variants)}; "
           f"{args.rounds} interleaved rounds, median round; speedup against {variants[0][0]}")
     print(f"{'case':30s} {'variant':24s} {'fwd ms':>8s} {'TF/s':>6s} {'x':>6s} {'bwd ms':>8s} {'TF/s':>6s} {'x':>6s}  diffs to the tree (out, dq, dk, dv)")
     t0 = time.monotonic()
@@ -189,7 +220,8 @@ def main(argv=None) -> int:
     path = args.json or (os.path.join(os.environ["OUT"], "ab.json") if os.environ.get("OUT") else None)
     if path:
         with open(path, "w") as f:
-            json.dump({"variants": [n for n, _ in variants], "rounds": args.rounds, "device": device,
+            json.dump({"variants": [v[0] for v in variants], "options": {v[0]: v[2] for v in variants if v[2]},
+                       "rounds": args.rounds, "device": device,
                        "argv": sys.argv, "seconds": time.monotonic() - t0, "cases": results}, f, indent=1)
         print(f"JSON: {path}")
     return 0

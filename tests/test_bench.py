@@ -370,6 +370,39 @@ def test_ab_times_a_revision_beside_the_working_tree(tmp_path):
     assert "diffs to the tree" in proc.stdout and "HEAD (" in proc.stdout
 
 
+def test_ab_times_kernel_options_beside_the_defaults(tmp_path):
+    """``ab.py --options NAME:KEY=VALUE,...`` on the CPU, no revision: the working tree's kernels
+    with those kernel_options are a variant of their own, timed in the same rounds as the
+    defaults, and a launch option leaves the outputs as they are."""
+    path = tmp_path / "ab.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--device", "cpu", "--options", "one:num_stages=1",
+         "--options", "small:BLOCK_M=64,bwd_BLOCK_N1=64", "--cases", "none:1k:64", "--rounds", "1",
+         "--forward-only", "--json", str(path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    doc = json.loads(path.read_text())
+    assert doc["variants"] == ["one", "small", "tree"]
+    assert doc["options"] == {"one": {"num_stages": 1}, "small": {"BLOCK_M": 64, "bwd_BLOCK_N1": 64}}
+    one, small, tree = doc["cases"][0]["variants"]
+    assert one["diffs_out_dq_dk_dv"] == [0.0, 0.0, 0.0, 0.0] and tree["fwd_ms"] > 0
+    assert all(d < 1e-2 for d in small["diffs_out_dq_dk_dv"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cases", "none:1k:64"], "nothing to compare"),
+    (["--options", "stages4", "--cases", "none:1k:64"], "NAME:KEY=VALUE"),
+    (["--options", "a:num_stages=1", "--options", "a:num_stages=2", "--cases", "none:1k:64"], "twice"),
+])
+def test_ab_refuses_bad_variants(argv, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--device", "cpu", *argv],
+                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
 def test_ab_refuses_bad_cases():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--device", "cpu",
                            "--against", "HEAD", "--cases", "causal:4k"],
