@@ -302,11 +302,15 @@ def compare(
     eps = torch.finfo(dtype).eps
     digits = 17 if dtype == torch.float64 else 9  # enough to tell actual, expected and baseline apart
     floor = tolerance.atol * eps * magnitude
+    eps32 = torch.finfo(torch.float32).eps
+    terms = None  # the size of the summed terms behind each element, where one is given
     if isinstance(reference_scale, torch.Tensor):
         ref = reference_scale.detach().to(device=device, dtype=torch.float64).abs()
-        floor = floor + tolerance.atol * torch.finfo(torch.float32).eps * torch.where(finite, ref, 0.0)
+        terms = torch.where(finite, ref, 0.0).expand_as(x0)
     elif reference_scale:
-        floor = floor + tolerance.atol * torch.finfo(torch.float32).eps * float(reference_scale)
+        terms = torch.full_like(x0, abs(float(reference_scale)))
+    if terms is not None:
+        floor = floor + tolerance.atol * eps32 * terms
     tol = tolerance.factor * err_scale + floor
     err = (a - x0).abs()
     bad = err > tol
@@ -348,7 +352,9 @@ def compare(
             f"({max_ratio:.3g} times).\n"
             f"  Allowed = factor {tolerance.factor:g} * baseline error scale "
             f"{float(err_scale[at]):.3g} + floor {float(floor[at]):.3g} "
-            f"(atol {tolerance.atol:g} * eps {eps:.3g} * magnitude {float(magnitude[at]):.3g})."
+            f"(atol {tolerance.atol:g} * eps {eps:.3g} * magnitude {float(magnitude[at]):.3g}"
+            + (f" + atol * eps32 {eps32:.3g} * terms {float(terms[at]):.3g}" if terms is not None else "")
+            + ")."
         )
     return CompareResult(
         ok=count == 0, name=name, mismatches=count, total=total, worst_index=worst,

@@ -337,6 +337,21 @@ def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
 
 
 # --------------------------------------------------------------------------
+def test_sweep_tasks_cover_every_length_asked_for():
+    """``sweep.py --seqlens``: every (config, mask, head dim) once per training length, each task
+    carrying its length; decode rows keep their own shape (length None)."""
+    from benchmarks import sweep
+
+    todo = sweep.tasks(["none", "causal"], [128], True, (1024, 16384))
+    train = [t for t in todo if t[4] is not None]
+    per_length = len(sweep.FWD[128]) + len(sweep.BWD[128]) + 1  # + torch.compile
+    assert len(train) == 2 * 2 * per_length
+    assert {t[4] for t in train} == {1024, 16384}
+    assert ("torch-compile", "causal", 128, None, 16384) in todo
+    assert all(t[4] is None for t in todo if t[0].endswith("decode")) and len(todo) > len(train)
+    assert sweep.tasks(["none"], [64], False)[0][4] == sweep.S  # the default length
+
+
 # benchmarks/ab.py: revisions of our kernels side by side
 
 
