@@ -1,7 +1,7 @@
 """A/B: our kernels at other git revisions against the working tree, side by side in one process.
 
     PYTHONPATH=. python3 benchmarks/ab.py --against HEAD --cases none:4k:128,causal:4k:64
-    PYTHONPATH=. python3 benchmarks/ab.py --against HEAD~3,HEAD --cases gqa_causal:4k:128 --rounds 5
+    PYTHONPATH=. python3 benchmarks/ab.py --against HEAD~3,HEAD --cases gqa_causal:4k:128 --rounds 5 --prewarm-jobs 8
     PYTHONPATH=. python3 benchmarks/ab.py --options s4:bwd_num_stages=4 --options n128:bwd_BLOCK_N2=128,bwd_num_stages=2 \
         --cases none:1k:128,causal:1k:128
     python3 benchmarks/ab.py --device cpu --against HEAD --cases causal:256:64 --rounds 1   # dry run
@@ -162,6 +162,55 @@ def run_case(label, shape, mask, variants, args, device, time_fn) -> dict:
     return {"case": label, "shape": dataclasses.asdict(shape), "density": density, "variants": rows}
 
 
+def _prewarm_one(task) -> tuple:
+    """One (case, variant)'s forward and backward, called once on the first input set, in a
+    process of its own: the compiles land in Triton's disk cache and nothing is kept. A
+    revision loads under the package name the timed run gives it (``load_revision``'s index)."""
+    item, spec, device, dtype, seed, forward_only = task
+    t0 = time.monotonic()
+    try:
+        if device == "cpu":
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        from benchmarks import bench
+        import kernels
+
+        bench._DEVICE[0] = device
+        ((_, shape, mask),) = parse_cases(item, device)
+        kind, what, index = spec
+        module = load_revision(what, index) if kind == "rev" else kernels
+        options = what if kind == "options" else None
+        score_mod, block_mask = bench.attention_args(mask, shape, device, seed)
+        q, k, v, do = bench.input_sets(shape, bench.DTYPES[dtype], device, seed, True)[0]
+        out = module.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                    enable_gqa=shape.Hq != shape.Hkv, kernel_options=options)
+        if not forward_only:
+            torch.autograd.grad(out, (q, k, v), do)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return task, time.monotonic() - t0, None
+    except BaseException as e:  # noqa: BLE001 - the timed run raises it properly
+        return task, time.monotonic() - t0, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def prewarm(cases_text: str, specs: list, device: str, args, jobs: int) -> list:
+    """``_prewarm_one`` for every case and variant in ``jobs`` spawned processes (compiles are
+    CPU-bound and cached on disk, the GPU work of one call is small); returns the errors, which
+    are printed and left for the timed run to raise."""
+    import multiprocessing as mp
+
+    tasks = [(item, spec, device, args.dtype, args.seed, args.forward_only)
+             for item in filter(None, cases_text.split(",")) for spec in specs]
+    t0 = time.monotonic()
+    errors = []
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        for task, _, err in pool.imap_unordered(_prewarm_one, tasks):
+            if err:
+                errors.append(err)
+                print(f"prewarm {task[0]} {task[1][0]} {task[1][1]}: {err}", flush=True)
+    print(f"prewarmed {len(tasks)} compiles in {time.monotonic() - t0:.0f}s with {jobs} processes", flush=True)
+    return errors
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,6 +226,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--json", default=None, help="results file (default $OUT/ab.json if OUT is set)")
+    p.add_argument("--prewarm-jobs", type=int, default=0, metavar="N",
+                   help="first compile every (case, variant) in N processes, so that the timed run finds "
+                        "Triton's disk cache warm (as bench.py's); 0, the default: compile in the first call")
     args = p.parse_args(argv)
     if args.rounds < 1:
         raise SystemExit(f"ab: --rounds must be at least 1, got {args.rounds}")
@@ -199,6 +251,12 @@ def main(argv=None) -> int:
     variants += [(name, kernels, options) for name, options in parse_options(args.options)]
     dirty = bool(revs) and bool(_git("status", "--porcelain", "--", "kernels").strip())
     variants.append((TREE + (" (modified)" if dirty else ""), kernels, None))
+    if args.prewarm_jobs < 0:
+        raise SystemExit(f"ab: --prewarm-jobs must be at least 0, got {args.prewarm_jobs}")
+    if args.prewarm_jobs:
+        specs = [("rev", rev, i) for i, rev in enumerate(revs)]
+        specs += [("options", options, None) for _, options in parse_options(args.options)] + [("tree", None, None)]
+        prewarm(args.cases, specs, device, args, args.prewarm_jobs)
     time_fn = bench.timer(device, args.warmup_ms, args.rep_ms, 3)
     results = []
     print(f"A/B on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}: {', '.join(v[0] for v in variants)}; "

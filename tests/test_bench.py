@@ -368,7 +368,7 @@ def test_ab_times_a_revision_beside_the_working_tree(tmp_path):
     env.pop("OUT", None)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--device", "cpu", "--against", "HEAD",
-         "--cases", "causal:1k:64", "--rounds", "2", "--json", str(path)],
+         "--cases", "causal:1k:64", "--rounds", "2", "--prewarm-jobs", "2", "--json", str(path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
@@ -383,6 +383,8 @@ def test_ab_times_a_revision_beside_the_working_tree(tmp_path):
     assert tree["diffs_out_dq_dk_dv"] == [0.0, 0.0, 0.0, 0.0]
     assert all(d < 1e-2 for d in head["diffs_out_dq_dk_dv"])
     assert "diffs to the tree" in proc.stdout and "HEAD (" in proc.stdout
+    # --prewarm-jobs ran both variants (the revision under its own package name) without error.
+    assert "prewarmed 2 compiles" in proc.stdout and "prewarm causal" not in proc.stdout, proc.stdout
 
 
 def test_ab_times_kernel_options_beside_the_defaults(tmp_path):
@@ -395,10 +397,11 @@ def test_ab_times_kernel_options_beside_the_defaults(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--device", "cpu", "--options", "one:num_stages=1",
          "--options", "small:BLOCK_M=64,bwd_BLOCK_N1=64", "--cases", "none:1k:64", "--rounds", "1",
-         "--forward-only", "--json", str(path)],
+         "--forward-only", "--prewarm-jobs", "2", "--json", str(path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "prewarmed 3 compiles" in proc.stdout and "prewarm none" not in proc.stdout, proc.stdout
     doc = json.loads(path.read_text())
     assert doc["variants"] == ["one", "small", "tree"]
     assert doc["options"] == {"one": {"num_stages": 1}, "small": {"BLOCK_M": 64, "bwd_BLOCK_N1": 64}}
