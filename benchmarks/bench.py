@@ -416,6 +416,11 @@ def _ours_with(module: str, flag: str, value):
 # The backward as before kernels.backward.CONCURRENT: delta computed in the dQ kernel, dQ then dK/dV
 # on one stream.
 _ours_fused = _ours_with("backward", "CONCURRENT", False)
+# The dK/dV kernel on a side stream of the highest priority, dQ on the caller's
+# (kernels.backward.SIDE_KERNEL; the default puts dQ on a side stream of default priority).
+_ours_dkdv_side = _ours_with("backward", "SIDE_KERNEL", "dkdv")
+# Both backward kernels on the caller's stream, dK/dV first.
+_ours_one_stream = _ours_with("backward", "SIDE_KERNEL", None)
 # Without the automatic backward refinement (kernels.api.AUTO_REFINE_BWD).
 _ours_bwd_unrefined = _ours_with("api", "AUTO_REFINE_BWD", False)
 
@@ -525,6 +530,11 @@ IMPLS = {
                                "(AUTO_REFINE_BWD=False)"),
     "ours-fused": Impl("ours-fused", _ours_fused, True,
                        "kernels.flex_attention without backward.CONCURRENT (delta in the dQ kernel, one stream)"),
+    "ours-dkdv-side": Impl("ours-dkdv-side", _ours_dkdv_side, True,
+                           "kernels.flex_attention with the dK/dV kernel on a side stream of the highest "
+                           "priority, dQ on the caller's"),
+    "ours-one-stream": Impl("ours-one-stream", _ours_one_stream, True,
+                            "kernels.flex_attention with both backward kernels on one stream, dK/dV first"),
     "torch-compile": Impl("torch-compile", _torch_flex(None), True,
                           "torch.compile(flex_attention, dynamic=False), default mode"),
     "torch-compile-max-autotune": Impl(

@@ -16,8 +16,8 @@ Two kernels, and with ``CONCURRENT`` (the default) a third before them:
 Probabilities are recomputed from the stored LSE (base 2 inside the kernels).
 
 With ``CONCURRENT`` on CUDA, the dQ kernel runs on a side stream beside the
-dK/dV kernel, so that one kernel's last wave overlaps the other's work (the
-interpreter runs them in turn). The backward walks the block mask's own lists
+dK/dV kernel (``SIDE_KERNEL``), so that one kernel's last wave overlaps the
+other's work (the interpreter runs them in turn). The backward walks the block mask's own lists
 (``Plan.backward_sparse``), not the forward's refined ones; on the GPU the dQ kernel's key
 lists and the dK/dV kernel's query lists may each be refined to the kernel's own step
 (``Plan.dq_sparse`` / ``Plan.dkdv_sparse``, ``kernels.api.AUTO_REFINE_BWD``), tiles unchanged.
@@ -41,6 +41,19 @@ from .forward import LN2, LOG2E, cast, head_pads, load_tile, mma, next_listed
 # document (the dK/dV kernel has a quarter of the programs there, so dQ's tail mattered most).
 CONCURRENT = True
 DELTA_ROWS = 64  # query rows a delta_kernel program reduces
+
+# Under CONCURRENT on CUDA, which kernel goes on the side stream: "dq" (the default) puts the dQ
+# kernel on a side stream of default priority, launched first, and the dK/dV kernel on the
+# caller's stream; "dkdv" puts the dK/dV kernel on a side stream of the highest priority and dQ
+# on the caller's, so that the multiprocessors take dK/dV programs first whenever both kernels
+# have programs waiting (PyTorch's single backward grid numbers its dK/dV programs first); None
+# runs both on the caller's stream, dK/dV first. Measured on the H200 (S=1k, ten mask rows at
+# D=128 and 64, five interleaved rounds; docs/PERFORMANCE.md, seventeenth session): "dkdv" and
+# "dq" within the rounds' spread of each other on every row, None 2-4 % slower on the dense rows.
+# "dkdv" stays a choice for measurement, not the default: a stream of the highest priority
+# would also take the multiprocessors ahead of the caller's own concurrent work.
+SIDE_KERNEL: Optional[str] = "dq"
+SIDE_KERNELS = ("dkdv", "dq", None)
 
 
 @triton.jit
@@ -437,10 +450,15 @@ def dkdv_kernel(
 
 
 def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_grads: bool,
-                 concurrent: Optional[bool] = None):
+                 concurrent: Optional[bool] = None, side: Optional[str] = "default"):
     """Gradients for q, k, v and the learnable tensors of the score mod (in slot order).
-    ``concurrent`` (default: ``CONCURRENT``) takes delta_kernel and, on CUDA, the side stream."""
+    ``concurrent`` (default: ``CONCURRENT``) takes delta_kernel and, on CUDA, the side stream;
+    ``side`` (default: ``SIDE_KERNEL``) which kernel runs there."""
     import torch
+
+    side = SIDE_KERNEL if side == "default" else side
+    if side not in SIDE_KERNELS:
+        raise ValueError(f"Expected the backward's side kernel in {SIDE_KERNELS}, got {side!r}.")
 
     from .api import _empty_like_layout
 
@@ -487,9 +505,6 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     # Under the interpreter (no streams) CONCURRENT still takes delta_kernel and DELTA_READY:
     # the CPU tests check that path against the fused one.
     concurrent = CONCURRENT if concurrent is None else concurrent
-    streams = concurrent and dev.type == "cuda"
-    main = side = None
-    side_ctx = contextlib.nullcontext()
     if concurrent:
         _runtime.launch(
             delta_kernel, (_runtime.cdiv(L, DELTA_ROWS), B * Hq),
@@ -498,31 +513,43 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
             HAS_DLSE=dlse is not None, PRESCALE=opt.prescale, QK_DIM=E, V_DIM=Ev, QK_PAD=qk_pad, V_PAD=v_pad,
             BLOCK_M=DELTA_ROWS, Q_DIVISIBLE=L % DELTA_ROWS == 0, UPCAST=plan.interpret, num_warps=4, num_stages=1,
         )
-    if streams:
+
+    def launch_dq():
+        _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2, bufs,
+                   concurrent, opt.bwd.options_for("BLOCK_M2", "BLOCK_N2"))
+
+    def launch_dkdv():
+        sp = plan.dkdv_sparse  # the dK/dV kernel walks its query lists
+        MB, MH = sp.kv_idx.shape[:2]
+        q_full_num = sp.full_q_num if sp.has_full else sp.q_num
+        q_full_idx = sp.full_q_idx if sp.has_full else sp.q_idx
+        _runtime.launch(
+            dkdv_kernel, (_runtime.cdiv(S, tiles["BLOCK_N1"]), B * Hkv),
+            query, key, value, dout, dk, dv, lse2, delta, qs,
+            sp.q_num, sp.q_idx, q_full_num, q_full_idx, *bufs, *grad_args,
+            *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            *qs.stride(),
+            plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
+            GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable),
+            BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **common, **_sparse_consts(sp, L, S),
+            options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
+        )
+
+    if not concurrent:
+        launch_dq()  # it computes delta and the base-2 LSE the dK/dV kernel reads
+        launch_dkdv()
+    elif dev.type != "cuda" or side is None:
+        launch_dkdv()
+        launch_dq()
+    else:
         main = torch.cuda.current_stream(dev)
-        side = _side_stream(dev)
-        side.wait_stream(main)  # delta, the prescaled q and the inputs are ready
-        side_ctx = torch.cuda.stream(side)
-    with side_ctx:
-        _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2, bufs, concurrent,
-                   opt.bwd.options_for("BLOCK_M2", "BLOCK_N2"))
-    sp = plan.dkdv_sparse  # the dK/dV kernel walks its query lists
-    MB, MH = sp.kv_idx.shape[:2]
-    q_full_num = sp.full_q_num if sp.has_full else sp.q_num
-    q_full_idx = sp.full_q_idx if sp.has_full else sp.q_idx
-    _runtime.launch(
-        dkdv_kernel, (_runtime.cdiv(S, tiles["BLOCK_N1"]), B * Hkv),
-        query, key, value, dout, dk, dv, lse2, delta, qs,
-        sp.q_num, sp.q_idx, q_full_num, q_full_idx, *bufs, *grad_args,
-        *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        *qs.stride(),
-        plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
-        GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable),
-        BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **common, **_sparse_consts(sp, L, S),
-        options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
-    )
-    if streams:
-        main.wait_stream(side)  # dq is done (and nothing the side stream reads is freed early)
+        stream = _side_stream(dev, high_priority=side == "dkdv")
+        stream.wait_stream(main)  # delta, the prescaled q and the inputs are ready
+        first, second = (launch_dkdv, launch_dq) if side == "dkdv" else (launch_dq, launch_dkdv)
+        with torch.cuda.stream(stream):
+            first()
+        second()
+        main.wait_stream(stream)  # the side kernel is done (and nothing it reads is freed early)
     if broadcast:
         dk = dk.sum(0, keepdim=True).to(key.dtype)
         dv = dv.sum(0, keepdim=True).to(value.dtype)
@@ -558,11 +585,13 @@ def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out
 _SIDE: dict = {}
 
 
-def _side_stream(device):
-    """One side stream per device for the concurrent dQ kernel."""
+def _side_stream(device, high_priority: bool):
+    """One side stream per device and priority for the concurrent kernel (``SIDE_KERNEL``):
+    the highest priority the device has, or the default."""
     import torch
 
-    hit = _SIDE.get(device)
+    hit = _SIDE.get((device, high_priority))
     if hit is None:
-        hit = _SIDE[device] = torch.cuda.Stream(device)
+        priority = torch.cuda.Stream.priority_range()[1] if high_priority else 0
+        hit = _SIDE[(device, high_priority)] = torch.cuda.Stream(device, priority=priority)
     return hit

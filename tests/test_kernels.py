@@ -843,24 +843,25 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert "4 kernels compiled for sm_90, 0 failed" in done.stdout, done.stdout  # forward, delta, dQ, dK/dV
 
 
-def _separate_delta_case(device):
+def _separate_delta_case(device, sides=("dq",)):
     """Backward with delta_kernel (backward.CONCURRENT) and without: gradients of a GQA case
     with a learnable table, an LSE gradient and PRESCALE_QK (delta_kernel then also writes the
-    prescaled q the dK/dV kernel reads)."""
+    prescaled q the dK/dV kernel reads); the fused path first, then the concurrent one with each
+    of ``sides`` as backward.SIDE_KERNEL."""
     from kernels import backward
 
     table = mods.bias.from_seed([4, 77, 90], seed=2, requires_grad=True, device=device)
     bm = create_block_mask(mods.causal(), 1, 1, 77, 90, device=device, BLOCK_SIZE=32)
     (q, k, v), do, dl = _inputs(2, 4, 2, 77, 90, 24, 40, torch.bfloat16, device, seed=5)
     results = []
-    for concurrent in (False, True):
-        backward.CONCURRENT = concurrent
+    for concurrent, side in [(False, "dq")] + [(True, side) for side in sides]:
+        backward.CONCURRENT, backward.SIDE_KERNEL = concurrent, side
         try:
             out, lse = kernels.flex_attention(q, k, v, table, bm, enable_gqa=True, return_lse=True,
                                               kernel_options={"PRESCALE_QK": True})
             grads = torch.autograd.grad((out * do).sum() + (lse * dl).sum(), (q, k, v, *table.tensors()))
         finally:
-            backward.CONCURRENT = True
+            backward.CONCURRENT, backward.SIDE_KERNEL = True, "dq"
         results.append(grads)
     return results
 
@@ -872,16 +873,34 @@ def test_separate_delta_kernel_changes_nothing():
         assert torch.equal(a, b)
 
 
-@pytest.mark.gpu
-def test_gpu_concurrent_backward_matches_the_oracle():
-    """On CUDA the dQ kernel runs on a side stream beside dK/dV: the same gradients up to the
-    order of delta's row sums, and the oracle's verdict on the concurrent path."""
+def test_backward_side_kernel_is_checked():
+    """``run_backward``'s ``side`` (kernels.backward.SIDE_KERNEL) is one of three, or refused by name."""
     from kernels import backward
 
-    fused, separate = _separate_delta_case("cuda")
-    for a, b in zip(fused, separate):
+    assert backward.SIDE_KERNEL == "dq" and backward.SIDE_KERNEL in backward.SIDE_KERNELS
+    with pytest.raises(ValueError, match="side kernel in .*'dkdv'.*got 'dk'"):
+        backward.run_backward(None, None, None, None, None, None, None, None, need_buffer_grads=False, side="dk")
+
+
+@pytest.mark.gpu
+def test_gpu_concurrent_backward_matches_the_oracle():
+    """On CUDA the dQ kernel runs on a side stream beside dK/dV (SIDE_KERNEL): the same
+    gradients as the fused path up to the order of delta's row sums; bit for bit the same
+    q, k and v gradients whichever kernel takes the side stream or none does (the same kernels
+    on the same inputs; the learnable table's gradient is scattered with atomic adds, so only
+    close); and the oracle's verdict on the concurrent path."""
+    from kernels import backward
+
+    fused, *separate = _separate_delta_case("cuda", sides=("dq", "dkdv", None))
+    for a, b in zip(fused, separate[0]):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
-    assert backward.CONCURRENT  # the default
+    for other in separate[1:]:
+        for k, (a, b) in enumerate(zip(separate[0], other)):
+            if k < 3:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert backward.CONCURRENT and backward.SIDE_KERNEL == "dq"  # the defaults
     check(B=2, Hq=4, Hkv=2, L=300, S=260, E=64, dtype=torch.bfloat16, mask_mod=mods.causal(), device="cuda",
           kernel_options={"PRESCALE_QK": True})
     check(B=2, Hq=8, L=1024, S=1024, E=128, dtype=torch.bfloat16, device="cuda")
