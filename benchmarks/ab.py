@@ -145,9 +145,12 @@ def run_case(label, shape, mask, variants, args, device, time_fn) -> dict:
     diffs = {name: [_rel(a, b) for a, b in zip(outputs[name], outputs[last])] for name in fns}
 
     rounds = {name: [] for name in fns}
+    t_rounds = time.monotonic()
     for r in range(args.rounds):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
             rounds[name].append(bench.time_impl(fns[name], sets, time_fn, not args.forward_only))
+    clocks = getattr(args, "clocks", None)
+    window = clocks.window(t_rounds, time.monotonic()) if clocks is not None else None
     rows = []
     for name in fns:
         row = {"variant": name, "diffs_out_dq_dk_dv": diffs[name], **bench.merge_rounds(rounds[name])}
@@ -159,7 +162,8 @@ def run_case(label, shape, mask, variants, args, device, time_fn) -> dict:
         for key in ("fwd", "bwd"):
             if f"{key}_ms" in row:
                 row[f"{key}_speedup"] = rows[0][f"{key}_ms"] / row[f"{key}_ms"]
-    return {"case": label, "shape": dataclasses.asdict(shape), "density": density, "variants": rows}
+    return {"case": label, "shape": dataclasses.asdict(shape), "density": density, "variants": rows,
+            "gpu_clocks": window}
 
 
 def _prewarm_one(task) -> tuple:
@@ -258,6 +262,20 @@ def main(argv=None) -> int:
         specs += [("options", options, None) for _, options in parse_options(args.options)] + [("tree", None, None)]
         prewarm(args.cases, specs, device, args, args.prewarm_jobs)
     time_fn = bench.timer(device, args.warmup_ms, args.rep_ms, 3)
+    args.clocks = None
+    if device == "cuda":  # the SM clock while each case is timed (benchmarks/gpu_clocks.py)
+        args.clocks = bench.start_clock_sampler()
+        print(f"clock sampler: {', '.join(args.clocks.fields) if args.clocks.available else args.clocks.error}")
+    try:
+        return _run(cases, variants, args, device, time_fn)
+    finally:
+        if args.clocks is not None:
+            args.clocks.stop()
+
+
+def _run(cases, variants, args, device, time_fn) -> int:
+    from benchmarks.gpu_clocks import describe
+
     results = []
     print(f"A/B on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}: {', '.join(v[0] for v in variants)}; "
           f"{args.rounds} interleaved rounds, median round; speedup against {variants[0][0]}")
@@ -275,11 +293,15 @@ def main(argv=None) -> int:
                     cols.append(f"{'-':>8s} {'-':>6s} {'-':>6s}")
             diffs = " ".join(f"{d:.1e}" for d in row["diffs_out_dq_dk_dv"])
             print(f"{label:30s} {row['variant'][:24]:24s} {cols[0]} {cols[1]}  {diffs}", flush=True)
+        if args.clocks is not None and args.clocks.available:
+            print(f"{label:30s} while timing: {describe(res['gpu_clocks'])}", flush=True)
     path = args.json or (os.path.join(os.environ["OUT"], "ab.json") if os.environ.get("OUT") else None)
     if path:
         with open(path, "w") as f:
             json.dump({"variants": [v[0] for v in variants], "options": {v[0]: v[2] for v in variants if v[2]},
                        "rounds": args.rounds, "device": device,
+                       "clock_sampler": (list(args.clocks.fields) if args.clocks.available else args.clocks.error)
+                       if args.clocks is not None else None,
                        "argv": sys.argv, "seconds": time.monotonic() - t0, "cases": results}, f, indent=1)
         print(f"JSON: {path}")
     return 0

@@ -773,6 +773,7 @@ class Context:
     seed: int
     deadline: Optional[float]
     log: Callable
+    clocks: Optional[object] = None  # a benchmarks.gpu_clocks.ClockSampler on CUDA
 
     def seconds_left(self) -> float:
         return math.inf if self.deadline is None else self.deadline - time.monotonic()
@@ -884,6 +885,7 @@ def run_case(case: Case, ctx: Context) -> dict:
     # Timing rounds: every checked implementation once per round, the order reversed every
     # other round, so that a transient slowdown of the machine hits one round of one
     # implementation, not its only measurement.
+    t_rounds = time.monotonic()
     for r in range(ctx.rounds):
         for impl, res, timed_fn in (ready if r % 2 == 0 else ready[::-1]):
             if res["status"] == "error":
@@ -895,6 +897,11 @@ def run_case(case: Case, ctx: Context) -> dict:
                 res.update(status="error", reason=f"while timing: {_first_line(e)}")
                 _free(device)
             res["seconds"] += time.monotonic() - t0
+    if ctx.clocks is not None and ready:
+        from benchmarks.gpu_clocks import describe
+
+        record["gpu_clocks"] = ctx.clocks.window(t_rounds, time.monotonic())
+        ctx.log(f"[{case.id}] while timing: {describe(record['gpu_clocks'])}")
     for impl, res, timed_fn in ready:
         if res["status"] == "error":
             res.pop("rounds", None)
@@ -1015,8 +1022,24 @@ def _result(case: dict, impl: str) -> Optional[dict]:
     return None
 
 
+# A ratio is "settled" when neither implementation's round medians spread more than this (the
+# slowest round over the fastest). On the H200 at S=1k two runs of the same cases disagreed by
+# up to 1.5x on single ratios (docs/PERFORMANCE.md, seventeenth session), and rounds within
+# one case spread up to 1.8x; the summary gives the minimum over settled ratios beside the
+# minimum over all, and lists the unsettled ones.
+SETTLED_SPREAD = 1.10
+
+
+def round_spread(result: dict, key: str) -> float:
+    """The slowest round's median over the fastest's for ``key`` ("fwd_ms" or "bwd_ms"); 1.0 for
+    a single round (nothing to compare)."""
+    values = [v for v in result.get(key + "_rounds", ()) if v and v > 0]
+    return max(values) / min(values) if len(values) > 1 else 1.0
+
+
 def ratios(cases: list, ours: str = "ours") -> list:
-    """Per case and peer: peer time / our time (above 1: ours is faster), forward and backward."""
+    """Per case and peer: peer time / our time (above 1: ours is faster), forward and backward,
+    each with the larger of the two implementations' round spreads (``round_spread``)."""
     out = []
     for c in cases:
         mine = _result(c, ours)
@@ -1026,9 +1049,11 @@ def ratios(cases: list, ours: str = "ours") -> list:
             if r["impl"] == ours or r["status"] != "ok":
                 continue
             entry = {"case": c["id"], "mask": c["mask"], "kind": c["kind"], "peer": r["impl"],
-                     "fwd": r["fwd_ms"] / mine["fwd_ms"]}
+                     "fwd": r["fwd_ms"] / mine["fwd_ms"],
+                     "fwd_spread": max(round_spread(r, "fwd_ms"), round_spread(mine, "fwd_ms"))}
             if r.get("bwd_ms") and mine.get("bwd_ms"):
                 entry["bwd"] = r["bwd_ms"] / mine["bwd_ms"]
+                entry["bwd_spread"] = max(round_spread(r, "bwd_ms"), round_spread(mine, "bwd_ms"))
             out.append(entry)
     return out
 
@@ -1045,13 +1070,15 @@ def summarize(cases: list, ceilings: dict) -> dict:
     for peer in peers:
         mine = [r for r in rs if r["peer"] == peer]
         train = [r for r in mine if r["kind"] == "train"]
-        every = [(r["fwd"], r["case"], "fwd") for r in train]
-        every += [(r["bwd"], r["case"], "bwd") for r in train if "bwd" in r]
+        every = [(r[p], r["case"], p, r.get(p + "_spread", 1.0)) for r in train for p in ("fwd", "bwd") if p in r]
+        settled = [e[:3] for e in every if e[3] <= SETTLED_SPREAD]
         entry = {
             "train_cases": len(train),
             "geomean_fwd": _geomean([r["fwd"] for r in train]),
             "geomean_bwd": _geomean([r.get("bwd") for r in train]),
-            "min": min(every) if every else None,
+            "min": min(e[:3] for e in every) if every else None,
+            "min_settled": min(settled) if settled else None,
+            "unsettled": sorted(every, key=lambda e: -e[3])[:len(every) - len(settled)],
             "by_mask": {m: [{"case": r["case"], "fwd": r["fwd"], "bwd": r.get("bwd")} for r in train if r["mask"] == m]
                         for m in ("document", "softcap", "gqa_document")},
             "decode": [{"case": r["case"], "bandwidth_ratio": r["fwd"]} for r in mine if r["kind"] == "decode"],
@@ -1070,6 +1097,7 @@ def summarize(cases: list, ceilings: dict) -> dict:
                     row[r["impl"]]["share_of_copy"] = r["kv_tbs"] / ceilings["copy_bandwidth_tbs"]
         decode.append(row)
     summary["decode_bandwidth"] = decode
+    summary["clock_drops"] = [c["id"] for c in cases if (c.get("gpu_clocks") or {}).get("dropped")]
     failed = [f"{c['id']} {r['impl']}" for c in cases for r in c["results"] if r["status"] in ("fail", "error")]
     failed += [f"{c['id']} (case)" for c in cases if c.get("error")]
     summary["failed_or_error"] = failed
@@ -1088,6 +1116,12 @@ def format_summary(summary: dict, ceilings: dict) -> str:
         lines.append(f"vs {peer}: geomean fwd {x(e['geomean_fwd'])}, bwd {x(e['geomean_bwd'])} "
                      f"over {e['train_cases']} training cases"
                      + (f"; min {x(e['min'][0])} ({e['min'][1]} {e['min'][2]})" if e["min"] else ""))
+        if e.get("unsettled"):
+            worst = ", ".join(f"{u[1]} {u[2]} {x(u[0])} (rounds spread {u[3]:.2f})" for u in e["unsettled"][:3])
+            lines.append(f"  unsettled: {len(e['unsettled'])} ratios whose rounds spread more than "
+                         f"{SETTLED_SPREAD:.2f} ({worst}{', ...' if len(e['unsettled']) > 3 else ''}); "
+                         + (f"min over the settled ones {x(e['min_settled'][0])} ({e['min_settled'][1]} "
+                            f"{e['min_settled'][2]})" if e["min_settled"] else "none settled"))
         for mask, items in e["by_mask"].items():
             for it in items:
                 lines.append(f"  {mask:13s} {it['case']}: fwd {x(it['fwd'])}, bwd {x(it['bwd'])}")
@@ -1104,6 +1138,11 @@ def format_summary(summary: dict, ceilings: dict) -> str:
         lines.append(f"measured: device-to-device copy {ceilings['copy_bandwidth_tbs']:.2f} TB/s "
                      f"(read + write), bf16 matmul {ceilings['matmul_size']}^3 "
                      f"{ceilings['matmul_bf16_tflops']:.0f} TFLOP/s")
+    if summary.get("clock_drops"):
+        from benchmarks.gpu_clocks import DROP_SHARE
+
+        lines.append(f"SM clock under {DROP_SHARE:.0%} of the run's highest sample while timing "
+                     f"{len(summary['clock_drops'])} cases: " + ", ".join(summary["clock_drops"]))
     if summary["failed_or_error"]:
         lines.append("FAILED or ERROR: " + "; ".join(summary["failed_or_error"]))
     return "\n".join(lines)
@@ -1243,7 +1282,47 @@ def main(argv: Optional[list] = None) -> int:
         prewarm(cases, names, args.seed, args.prewarm_jobs, log)
     deadline = None if args.budget_seconds is None else start + args.budget_seconds
     rounds = args.rounds or (3 if device == "cuda" else 1)
-    ctx = Context(device, impls, time_fn, args.check_size, rounds, args.seed, deadline, log)
+    clocks = None
+    if device == "cuda":
+        clocks = start_clock_sampler()
+        env["clock_sampler"] = list(clocks.fields) if clocks.available else clocks.error
+        log(f"clock sampler: {', '.join(clocks.fields) if clocks.available else clocks.error}")
+        if not clocks.available:
+            clocks = None
+    ctx = Context(device, impls, time_fn, args.check_size, rounds, args.seed, deadline, log, clocks)
+    try:
+        return _run_matrix(cases, ctx, args, env, ceilings, json_path, start, log)
+    finally:
+        if clocks is not None:
+            clocks.stop()
+
+
+def start_clock_sampler():
+    """A ``benchmarks.gpu_clocks.ClockSampler`` on the current CUDA device, named by its UUID,
+    else (where nvidia-smi refused that name) by its index; check ``available``."""
+    from benchmarks.gpu_clocks import ClockSampler
+
+    sampler = ClockSampler(smi_device())
+    if not sampler.available and "refused" in (sampler.error or ""):
+        by_index = ClockSampler(str(torch.cuda.current_device()))
+        if by_index.available:
+            return by_index
+    return sampler
+
+
+def smi_device() -> str:
+    """The current CUDA device as ``nvidia-smi -i`` names it: its UUID (right under any
+    CUDA_VISIBLE_DEVICES), else its index."""
+    index = torch.cuda.current_device()
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    text = str(uuid) if uuid is not None else ""
+    if not text:
+        return str(index)
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+
+
+def _run_matrix(cases, ctx, args, env, ceilings, json_path, start, log) -> int:
+    deadline, device = ctx.deadline, ctx.device
     done, not_started = [], []
     for i, case in enumerate(cases):
         if deadline is not None and time.monotonic() > deadline:

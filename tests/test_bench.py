@@ -15,6 +15,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -293,6 +294,33 @@ def test_summary_ratios_geomean_and_minimum():
     assert math.isclose(bench._geomean([1.0, 4.0]), 2.0)
 
 
+def test_summary_separates_ratios_whose_rounds_disagree():
+    """A ratio whose implementations' round medians spread more than SETTLED_SPREAD (slowest over
+    fastest) is listed as unsettled, worst first, and the minimum over the settled ratios is
+    given beside the minimum over all: at S=1k on the H200 a 0.69x came from rounds of 0.61 to
+    0.91 ms, and the next run measured the same case at 1.12x."""
+    def res(impl, fwd, bwd):
+        return {"impl": impl, "status": "ok", "fwd_ms": sorted(fwd)[(len(fwd) - 1) // 2], "fwd_ms_rounds": fwd,
+                "bwd_ms": sorted(bwd)[(len(bwd) - 1) // 2], "bwd_ms_rounds": bwd}
+
+    cases = [
+        {"id": "steady", "mask": "causal", "kind": "train",
+         "results": [res("ours", [1.0, 1.02, 1.01], [2.0, 2.0, 2.1]), res("torch-compile", [0.9, 0.9, 0.91], [2.2] * 3)]},
+        {"id": "noisy", "mask": "block_sparse", "kind": "train",
+         "results": [res("ours", [1.0, 1.0, 1.0], [0.61, 0.80, 0.91]), res("torch-compile", [1.2] * 3, [0.55] * 3)]},
+    ]
+    assert bench.round_spread(cases[1]["results"][0], "bwd_ms") == pytest.approx(0.91 / 0.61)
+    assert bench.round_spread({"fwd_ms": 1.0, "fwd_ms_rounds": [1.0]}, "fwd_ms") == 1.0
+    e = bench.summarize(cases, {})["peers"]["torch-compile"]
+    assert e["min"] == (pytest.approx(0.55 / 0.80), "noisy", "bwd")
+    assert e["min_settled"] == (pytest.approx(0.9 / 1.01), "steady", "fwd")
+    (unsettled,) = e["unsettled"]
+    assert unsettled[1:3] == ("noisy", "bwd") and unsettled[3] == pytest.approx(0.91 / 0.61)
+    text = bench.format_summary(bench.summarize(cases, {}), {})
+    assert "unsettled: 1 ratios whose rounds spread more than 1.10 (noisy bwd 0.69x (rounds spread 1.49))" in text
+    assert "min over the settled ones 0.89x (steady fwd)" in text
+
+
 def test_ours_refined_asks_for_refined_lists_only_with_a_block_mask(monkeypatch):
     """The ``ours-refined`` implementation is ours with REFINE_KV_BLOCK=64 where there is a block
     mask to refine, and plain ours where there is none (the option would do nothing)."""
@@ -426,3 +454,76 @@ def test_ab_refuses_bad_cases():
                            "--against", "HEAD", "--cases", "causal:4k"],
                           env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "MASK:S:D" in proc.stderr
+
+
+# --------------------------------------------------------------------------
+# benchmarks/gpu_clocks.py: the SM clock while timing
+
+
+_FAKE_SMI = '''#!{python}
+import sys, time
+args = " ".join(sys.argv[1:])
+if "clocks_event_reasons" in args:  # an older driver: only the former name
+    print("Field \\"clocks_event_reasons.active\\" is not a valid field to query.", file=sys.stderr)
+    sys.exit(2)
+assert "-i 0" in args and "--format=csv,noheader,nounits" in args, args
+if "-lms=" not in args:
+    print("1980, 100.5, 30, 0x0000000000000000")
+    sys.exit(0)
+period = int(args.split("-lms=")[1].split()[0]) / 1000
+n = 0
+while True:
+    sm, reasons = (1500, "0x0000000000000004") if n % 4 == 2 else (1980, "0x0000000000000000")
+    print(f"{{sm}}, {{400 + n % 3}}.25, 41, {{reasons}}" if n % 5 else "[N/A], [N/A], [N/A], [N/A]", flush=True)
+    n += 1
+    time.sleep(period)
+'''
+
+
+def test_clock_sampler_reads_nvidia_smi_and_summarizes_a_window(tmp_path):
+    """``ClockSampler`` against a stand-in ``nvidia-smi`` that knows only the former
+    ``clocks_throttle_reasons`` field and prints an unreadable sample now and then: the
+    probe falls back to the field it knows, unreadable lines are skipped, and a window
+    reports the clock's range, the highest power, the reasons seen and the drop."""
+    from benchmarks import gpu_clocks
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(_FAKE_SMI.format(python=sys.executable))
+    smi.chmod(0o755)
+    sampler = gpu_clocks.ClockSampler("0", period_ms=10, smi=str(smi))
+    try:
+        assert sampler.available and sampler.error is None
+        assert sampler.fields == gpu_clocks.FIELDS + ("clocks_throttle_reasons.active",)
+        t0 = time.monotonic()
+        deadline = t0 + 20
+        while len(sampler.samples) < 12 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        w = sampler.window(t0 - 1, time.monotonic())
+    finally:
+        sampler.stop()
+    assert w is not None and w["samples"] >= 12
+    assert (w["sm_mhz_min"], w["sm_mhz_max"], w["run_peak_sm_mhz"]) == (1500, 1980, 1980)
+    assert w["power_w_max"] in (401.25, 402.25) and w["temperature_c_max"] == 41
+    assert w["reasons"] == ["0x4"] and w["dropped"]  # 1500 < 0.9 * 1980
+    assert "SM 1980 MHz (1500-1980)" in gpu_clocks.describe(w) and gpu_clocks.describe(w).endswith("DROPPED")
+    assert sampler.window(time.monotonic() + 10, time.monotonic() + 20) is None
+
+
+def test_clock_sampler_without_nvidia_smi_is_unavailable_not_an_error():
+    from benchmarks import gpu_clocks
+
+    sampler = gpu_clocks.ClockSampler(smi="no-such-nvidia-smi-here")
+    assert not sampler.available and "not found" in sampler.error
+    assert sampler.window(0, time.monotonic()) is None and sampler.peak_sm_mhz() is None
+    sampler.stop()  # nothing to stop
+    assert gpu_clocks.describe(None) == "no clock samples"
+
+
+def test_summary_names_the_cases_timed_under_a_dropped_clock():
+    res = [{"impl": "ours", "status": "ok", "fwd_ms": 1.0}, {"impl": "torch-compile", "status": "ok", "fwd_ms": 1.0}]
+    cases = [{"id": "a", "mask": "none", "kind": "train", "results": res, "gpu_clocks": {"dropped": True}},
+             {"id": "b", "mask": "none", "kind": "train", "results": res, "gpu_clocks": {"dropped": False}},
+             {"id": "c", "mask": "none", "kind": "train", "results": res, "gpu_clocks": None}]
+    s = bench.summarize(cases, {})
+    assert s["clock_drops"] == ["a"]
+    assert "SM clock under 90% of the run's highest sample while timing 1 cases: a" in bench.format_summary(s, {})
