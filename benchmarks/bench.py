@@ -657,15 +657,55 @@ def compare_all(actual: dict, expected: dict, baseline: dict) -> dict:
     }
 
 
+def _quantiles(samples: list) -> tuple:
+    q = statistics.quantiles(samples, n=5) if len(samples) > 1 else samples * 4
+    return statistics.median(samples), q[0], q[-1]
+
+
+L2_FLUSH_BYTES = 256 << 20  # as triton.testing.do_bench's
+
+
 def timer(device: str, warmup_ms: float, rep_ms: float, cpu_reps: int):
     """``time(fn)`` -> (median, p20, p80) in ms: CUDA events through ``triton.testing.do_bench``
-    (warm-up and repetitions in ms; L2 flushed before each call), host clock on CPU."""
+    (warm-up and repetitions in ms; L2 flushed before each call), host clock on CPU.
+
+    ``time.split(pre, fn)`` times ``fn`` alone where each call needs an untimed ``pre`` first
+    (a forward whose graph the timed backward then consumes): on CUDA ``pre``, the L2 flush,
+    then events around ``fn``, as many calls as ``rep_ms`` holds after ``warmup_ms`` of warm-up."""
     if device == "cuda":
         from triton.testing import do_bench
 
         def time_cuda(fn):
             med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
             return med, p20, p80
+
+        def split_cuda(pre, fn):
+            flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+            pre()
+            fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                pre()
+                flush.zero_()
+                fn()
+            torch.cuda.synchronize()
+            per_call = max(1e-3, 1e3 * (time.perf_counter() - t0) / 5)  # ms, pre and flush included
+            for _ in range(max(1, int(warmup_ms / per_call))):
+                pre()
+                fn()
+            n = max(5, int(rep_ms / per_call))
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+            for start, end in zip(starts, ends):
+                pre()
+                flush.zero_()
+                start.record()
+                fn()
+                end.record()
+            torch.cuda.synchronize()
+            return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)])
+        time_cuda.split = split_cuda
         return time_cuda
 
     def time_cpu(fn):
@@ -675,8 +715,19 @@ def timer(device: str, warmup_ms: float, rep_ms: float, cpu_reps: int):
             t0 = time.perf_counter()
             fn()
             samples.append(1e3 * (time.perf_counter() - t0))
-        q = statistics.quantiles(samples, n=5) if len(samples) > 1 else samples * 4
-        return statistics.median(samples), q[0], q[-1]
+        return _quantiles(samples)
+
+    def split_cpu(pre, fn):
+        pre()
+        fn()
+        samples = []
+        for _ in range(cpu_reps):
+            pre()
+            t0 = time.perf_counter()
+            fn()
+            samples.append(1e3 * (time.perf_counter() - t0))
+        return _quantiles(samples)
+    time_cpu.split = split_cpu
     return time_cpu
 
 
@@ -716,6 +767,25 @@ def time_impl(fn, sets: list, time_fn, backward: bool) -> dict:
         out["bwd_method"] = "autograd.grad(out, (q, k, v), grad_out, retain_graph=True)"
     except RuntimeError as e:  # a backward that cannot run twice on one graph
         del graphs
+        split = getattr(time_fn, "split", None)
+        if split is not None:
+            # Each timed backward consumes a graph its own untimed forward made. The former
+            # median(fwd + bwd) - median(fwd) let the forward's noise into the backward with the
+            # opposite sign: on the H200 at S=1k, rounds whose torch.compile forward ran 0.43 to
+            # 0.53 ms instead of 0.35 reported its backward 0.1 to 0.18 ms fast (seventeenth session).
+            pending = []
+
+            def forward_untimed():
+                q, k, v, do = sets[next(turn)]
+                pending.append((first(fn(q, k, v)), (q, k, v), do))
+
+            def backward_once():
+                o, inputs, do = pending.pop()
+                torch.autograd.grad(o, inputs, do)
+            out["bwd_ms"], out["bwd_ms_p20"], out["bwd_ms_p80"] = split(forward_untimed, backward_once)
+            out["bwd_method"] = (f"autograd.grad(out, (q, k, v), grad_out) timed alone after an untimed forward; "
+                                 f"retain_graph failed: {_first_line(e)}")
+            return out
 
         def both():
             q, k, v, do = sets[next(turn)]

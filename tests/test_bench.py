@@ -192,13 +192,31 @@ class _OnceBackward(torch.autograd.Function):
 
 @pytest.mark.parametrize("reusable", [True, False])
 def test_backward_timing_alone_or_by_difference(reusable):
+    """A graph that can run backward twice is timed backward alone (retain_graph); one that
+    cannot is timed backward alone too, each timed call after an untimed forward of its own
+    (``timer(...).split``); only a timer without ``split`` falls back to the difference."""
     shape = bench.Shape(1, 1, 1, 16, 16, 16)
     sets = bench.input_sets(shape, torch.float32, "cpu", 0, grad=True)
     fn = (lambda q, k, v: q * k.sum() + v.sum()) if reusable else (lambda q, k, v: _OnceBackward.apply(q) + k + v)
-    out = bench.time_impl(fn, sets, bench.timer("cpu", 0, 0, 3), backward=True)
+    time_fn = bench.timer("cpu", 0, 0, 3)
+    out = bench.time_impl(fn, sets, time_fn, backward=True)
     assert out["input_sets"] == 2 and out["fwd_ms"] > 0
-    assert "bwd_ms" in out
-    assert out["bwd_method"].startswith("autograd.grad" if reusable else "median(fwd + bwd) - median(fwd)")
+    assert out["bwd_ms"] > 0 and out["bwd_ms_p20"] <= out["bwd_ms"] <= out["bwd_ms_p80"]
+    assert out["bwd_method"].startswith(
+        "autograd.grad(out, (q, k, v), grad_out, retain_graph=True)" if reusable
+        else "autograd.grad(out, (q, k, v), grad_out) timed alone after an untimed forward")
+    if not reusable:
+        out = bench.time_impl(fn, sets, lambda f: time_fn(f), backward=True)  # no split
+        assert out["bwd_method"].startswith("median(fwd + bwd) - median(fwd)")
+
+
+def test_split_timing_times_the_second_call_alone():
+    """``timer(...).split(pre, fn)`` runs ``pre`` before every timed ``fn`` and times ``fn`` only."""
+    calls = []
+    split = bench.timer("cpu", 0, 0, 4).split
+    med, p20, p80 = split(lambda: (calls.append("pre"), time.sleep(0.05)), lambda: calls.append("fn"))
+    assert calls == ["pre", "fn"] * 5  # one untimed warm-up pair, then cpu_reps pairs
+    assert med < 20 and p20 <= med <= p80  # ms: the 50 ms of pre are outside
 
 
 def test_rounds_merge_to_the_median_round():
