@@ -26,6 +26,11 @@ speedups are against the first.
 
 A revision whose ``kernels/mods.py`` differs from the working tree's cannot take the working
 tree's mods objects and is refused with that reason.
+
+``--prewarm-jobs N`` first calls every (case, variant) once in N spawned processes, so that the
+timed run finds Triton's disk cache warm (on the H200: 20 forward variants in 19 s with 16
+processes, 18 forward + backward variants in 22 s). On CUDA each case also records the SM clock
+while it was timed (``benchmarks/gpu_clocks.py``).
 """
 
 from __future__ import annotations

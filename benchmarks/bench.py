@@ -694,7 +694,7 @@ def timer(device: str, warmup_ms: float, rep_ms: float, cpu_reps: int):
             for _ in range(max(1, int(warmup_ms / per_call))):
                 pre()
                 fn()
-            n = max(5, int(rep_ms / per_call))
+            n = min(2000, max(5, int(rep_ms / per_call)))
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
             for start, end in zip(starts, ends):

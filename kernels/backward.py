@@ -25,7 +25,6 @@ lists and the dK/dV kernel's query lists may each be refined to the kernel's own
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import triton
@@ -538,9 +537,9 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     if not concurrent:
         launch_dq()  # it computes delta and the base-2 LSE the dK/dV kernel reads
         launch_dkdv()
-    elif dev.type != "cuda" or side is None:
-        launch_dkdv()
-        launch_dq()
+    elif dev.type != "cuda" or side is None:  # one stream (or none): dQ first under "dq", as on CUDA
+        for launch in ((launch_dq, launch_dkdv) if side == "dq" else (launch_dkdv, launch_dq)):
+            launch()
     else:
         main = torch.cuda.current_stream(dev)
         stream = _side_stream(dev, high_priority=side == "dkdv")
