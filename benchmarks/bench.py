@@ -796,6 +796,21 @@ def time_impl(fn, sets: list, time_fn, backward: bool) -> dict:
     return out
 
 
+def run_rounds(one_round: Callable, results: list, rounds: int, max_rounds: int, seconds_left: Callable) -> int:
+    """``one_round(r)`` for r = 0 .. rounds - 1, then more while some result's forward or
+    backward round medians are unsettled (``spread_of`` above SETTLED_SPREAD), up to
+    ``max_rounds`` and while ``seconds_left() > 0``; returns the rounds run."""
+    def unsettled() -> bool:
+        return any(spread_of([t[key] for t in res.get("rounds", ()) if key in t]) > SETTLED_SPREAD
+                   for res in results if res.get("status") != "error" for key in ("fwd_ms", "bwd_ms"))
+
+    r = 0
+    while r < rounds or (r < max_rounds and seconds_left() > 0 and unsettled()):
+        one_round(r)
+        r += 1
+    return r
+
+
 def merge_rounds(rounds: list) -> dict:
     """One implementation's timing rounds (``time_impl`` records) as one record: each time is
     the median over rounds (the lower middle one for an even count, a time that was measured),
@@ -844,6 +859,7 @@ class Context:
     deadline: Optional[float]
     log: Callable
     clocks: Optional[object] = None  # a benchmarks.gpu_clocks.ClockSampler on CUDA
+    max_rounds: int = 0  # rounds may go on to this many while a case is unsettled (run_rounds)
 
     def seconds_left(self) -> float:
         return math.inf if self.deadline is None else self.deadline - time.monotonic()
@@ -956,7 +972,8 @@ def run_case(case: Case, ctx: Context) -> dict:
     # other round, so that a transient slowdown of the machine hits one round of one
     # implementation, not its only measurement.
     t_rounds = time.monotonic()
-    for r in range(ctx.rounds):
+
+    def one_round(r: int) -> None:
         for impl, res, timed_fn in (ready if r % 2 == 0 else ready[::-1]):
             if res["status"] == "error":
                 continue
@@ -967,6 +984,9 @@ def run_case(case: Case, ctx: Context) -> dict:
                 res.update(status="error", reason=f"while timing: {_first_line(e)}")
                 _free(device)
             res["seconds"] += time.monotonic() - t0
+
+    record["rounds"] = run_rounds(one_round, [res for _, res, _ in ready], ctx.rounds,
+                                  max(ctx.rounds, ctx.max_rounds), ctx.seconds_left)
     if ctx.clocks is not None and ready:
         from benchmarks.gpu_clocks import describe
 
@@ -1092,19 +1112,29 @@ def _result(case: dict, impl: str) -> Optional[dict]:
     return None
 
 
-# A ratio is "settled" when neither implementation's round medians spread more than this (the
-# slowest round over the fastest). On the H200 at S=1k two runs of the same cases disagreed by
-# up to 1.5x on single ratios (docs/PERFORMANCE.md, seventeenth session), and rounds within
-# one case spread up to 1.8x; the summary gives the minimum over settled ratios beside the
-# minimum over all, and lists the unsettled ones.
+# A ratio is "settled" when neither implementation's round medians spread more than this
+# (``round_spread``). On the H200 at S=1k two runs of the same cases disagreed by up to 1.5x on
+# single ratios (docs/PERFORMANCE.md, seventeenth session), and rounds within one case spread
+# up to 1.8x; the summary gives the minimum over settled ratios beside the minimum over all,
+# and lists the unsettled ones. ``--max-rounds`` adds rounds to a case until it settles.
 SETTLED_SPREAD = 1.10
 
 
+def spread_of(values: list) -> float:
+    """How far a list of round medians spreads: the slowest over the fastest, leaving out the
+    fastest and the slowest quarter from 5 values on (so that one or two glitched rounds among
+    five or more do not count, as they do not move the median); 1.0 for fewer than two."""
+    values = sorted(v for v in values if v and v > 0)
+    if len(values) < 2:
+        return 1.0
+    cut = len(values) // 4 if len(values) >= 5 else 0
+    core = values[cut:len(values) - cut]
+    return core[-1] / core[0]
+
+
 def round_spread(result: dict, key: str) -> float:
-    """The slowest round's median over the fastest's for ``key`` ("fwd_ms" or "bwd_ms"); 1.0 for
-    a single round (nothing to compare)."""
-    values = [v for v in result.get(key + "_rounds", ()) if v and v > 0]
-    return max(values) / min(values) if len(values) > 1 else 1.0
+    """``spread_of`` the round medians of ``key`` ("fwd_ms" or "bwd_ms") in a result record."""
+    return spread_of(result.get(key + "_rounds", ()))
 
 
 def ratios(cases: list, ours: str = "ours") -> list:
@@ -1303,6 +1333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_positive_int, default=None,
                    help="interleaved timing rounds per case; each time is the median over rounds "
                         "(default 3 on CUDA, 1 on CPU)")
+    p.add_argument("--max-rounds", type=_positive_int, default=None,
+                   help="more rounds, up to this many, while an implementation's round medians spread "
+                        "more than 10%% (3 x --rounds on CUDA, --rounds on CPU; the budget stops them too)")
     p.add_argument("--cpu-reps", type=int, default=3, help="timed calls per measurement on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prewarm-jobs", type=int, default=0, metavar="N",
@@ -1359,7 +1392,8 @@ def main(argv: Optional[list] = None) -> int:
         log(f"clock sampler: {', '.join(clocks.fields) if clocks.available else clocks.error}")
         if not clocks.available:
             clocks = None
-    ctx = Context(device, impls, time_fn, args.check_size, rounds, args.seed, deadline, log, clocks)
+    max_rounds = args.max_rounds or (3 * rounds if device == "cuda" else rounds)
+    ctx = Context(device, impls, time_fn, args.check_size, rounds, args.seed, deadline, log, clocks, max_rounds)
     try:
         return _run_matrix(cases, ctx, args, env, ceilings, json_path, start, log)
     finally:

@@ -339,6 +339,45 @@ def test_summary_separates_ratios_whose_rounds_disagree():
     assert "min over the settled ones 0.89x (steady fwd)" in text
 
 
+def test_spread_leaves_out_the_outer_quarters_from_five_rounds_on():
+    assert bench.spread_of([]) == bench.spread_of([2.0]) == 1.0
+    assert bench.spread_of([1.0, 2.0]) == 2.0
+    assert bench.spread_of([1.0, 1.05, 1.3]) == pytest.approx(1.3)  # under 5: all of them
+    assert bench.spread_of([1.0, 1.0, 1.02, 1.0, 5.0]) == pytest.approx(1.02)  # one glitch of five
+    assert bench.spread_of([0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0]) == 1.0  # two of eight
+    assert bench.spread_of([0.5, 0.6, 1.0, 1.0, 1.0]) == pytest.approx(1 / 0.6)  # two of five count
+
+
+def test_rounds_go_on_while_a_case_is_unsettled():
+    """``run_rounds`` runs the rounds asked for, then more while a result's round medians are
+    unsettled, up to max_rounds and while budget is left."""
+    def scripted(times):
+        res = {"status": "ok", "rounds": []}
+
+        def one_round(r):
+            res["rounds"].append({"fwd_ms": times[r], "bwd_ms": 2.0})
+        return res, one_round
+
+    res, one = scripted([1.0, 1.5, 1.0, 1.0, 1.02, 1.0, 1.0, 1.0, 1.0])
+    assert bench.run_rounds(one, [res], 3, 9, lambda: 1.0) == 5  # settled once the 1.5 is an outer quarter
+    res, one = scripted([1.0, 1.01, 1.0] + [9.0] * 6)
+    assert bench.run_rounds(one, [res], 3, 9, lambda: 1.0) == 3  # settled from the start
+    res, one = scripted([1.0, 2.0] * 5)
+    assert bench.run_rounds(one, [res], 3, 6, lambda: 1.0) == 6  # never settles: max_rounds
+    res, one = scripted([1.0, 2.0] * 5)
+    assert bench.run_rounds(one, [res], 3, 9, lambda: -1.0) == 3  # no budget left: the rounds asked for
+    bad = {"status": "error", "rounds": [{"fwd_ms": 1.0}, {"fwd_ms": 3.0}]}
+    res, one = scripted([1.0, 1.0, 1.0])
+    assert bench.run_rounds(one, [res, bad], 3, 9, lambda: 1.0) == 3  # an errored result does not count
+
+
+def test_max_rounds_flag():
+    assert _args().max_rounds is None  # 3 x --rounds on CUDA, --rounds on CPU
+    assert _args("--max-rounds", "7").max_rounds == 7
+    with pytest.raises(SystemExit):
+        _args("--max-rounds", "0")
+
+
 def test_ours_refined_asks_for_refined_lists_only_with_a_block_mask(monkeypatch):
     """The ``ours-refined`` implementation is ours with REFINE_KV_BLOCK=64 where there is a block
     mask to refine, and plain ours where there is none (the option would do nothing)."""
