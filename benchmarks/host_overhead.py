@@ -1,6 +1,6 @@
 """Where a call's time goes: host work against GPU work, for the calls the benchmark times.
 
-    PYTHONPATH=. python3 benchmarks/host_overhead.py [--json PATH]
+    PYTHONPATH=. python3 benchmarks/host_overhead.py [--json PATH] [--only "S1k,decode"] [--no-profile]
 
 For short kernels (document masks, decode steps) ``do_bench``'s median is the
 larger of the GPU time and the host time of a call (less the L2 flush that
@@ -10,7 +10,8 @@ prints, per case:
 * ``host_us``: wall time per call on tiny shapes, where the GPU work is
   negligible, so the loop runs at the host's pace (median of 5 loops of 200),
   with ``kernels._runtime.DIRECT_LAUNCH`` on and off (for ``bwd`` rows: forward and
-  backward);
+  backward), and for ``bwd`` rows ``host_us_bwd``: the backward alone, each call on a graph
+  built beforehand (``retain_graph``, as ``bench.py`` times it);
 * ``bench_ms``: ``do_bench`` as ``benchmarks/bench.py`` runs it (L2 flush,
   rotating input sets) on the real shapes;
 * ``queued_ms``: the GPU time alone (``queued_ms``: the call is enqueued behind a
@@ -59,6 +60,12 @@ def _document_mask(S, B=1):
     return create_block_mask(mods.document.from_seed(S, 12, 0), 1, 1, S, S, device="cuda")
 
 
+def _causal_mask(S):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mods.causal(), 1, 1, S, S, device="cuda")
+
+
 def cases():
     """(name, shape (B, Hq, Hkv, L, S, D), kwargs maker, grad, backward)."""
     return [
@@ -66,6 +73,12 @@ def cases():
         ("document bwd", (4, 16, 16, 4096, 4096, 128), lambda S: dict(block_mask=_document_mask(S)), True, True),
         ("gqa_document fwd", (4, 16, 4, 4096, 4096, 128), lambda S: dict(block_mask=_document_mask(S), enable_gqa=True), True, False),
         ("none fwd", (4, 16, 16, 4096, 4096, 128), lambda S: {}, True, False),
+        # bench.py's S=1k rows, where the backward's GPU time (0.6 to 1.1 ms on the H200) is near
+        # the host's: is it timed at the host's pace? (docs/PERFORMANCE.md, seventeenth session)
+        ("none bwd S1k D128", (16, 16, 16, 1024, 1024, 128), lambda S: {}, True, True),
+        ("causal bwd S1k D64", (16, 32, 32, 1024, 1024, 64), lambda S: dict(block_mask=_causal_mask(S)), True, True),
+        ("document bwd S1k D128", (16, 16, 16, 1024, 1024, 128), lambda S: dict(block_mask=_document_mask(S)),
+         True, True),
         ("decode B1 S32k", (1, 32, 8, 1, 32768, 128), lambda S: dict(enable_gqa=True), False, False),
         ("decode B8 S32k", (8, 32, 8, 1, 32768, 128), lambda S: dict(enable_gqa=True), False, False),
     ]
@@ -101,6 +114,28 @@ def host_us(shape, make_kw, grad, backward, direct: bool) -> float:
         torch.cuda.synchronize()
         loops.append((time.perf_counter() - t0) / 200 * 1e6)
     _runtime.DIRECT_LAUNCH = True
+    return statistics.median(loops)
+
+
+def host_us_bwd(shape, make_kw, n: int = 200) -> float:
+    """The backward alone at the host's pace: tiny shapes as ``host_us``, each timed call
+    running ``torch.autograd.grad(..., retain_graph=True)`` on one of ``n`` graphs made first."""
+    B, Hq, Hkv, L, S, D = shape
+    tiny_S = 256
+    q, k, v = _inputs(1, Hq, Hkv, min(L, tiny_S), tiny_S, D, True)[0]
+    kw = make_kw(tiny_S)
+    do = torch.randn_like(q)
+    graphs = [kernels.flex_attention(q, k, v, return_lse=True, **kw)[0] for _ in range(n)]
+    for out in graphs[:20]:
+        torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+    torch.cuda.synchronize()
+    loops = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for out in graphs:
+            torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+        torch.cuda.synchronize()
+        loops.append((time.perf_counter() - t0) / n * 1e6)
     return statistics.median(loops)
 
 
@@ -196,28 +231,40 @@ def check_direct() -> list:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "host_overhead.json"))
+    p.add_argument("--only", default="", help="comma-separated substrings: only the cases whose names hold one")
+    p.add_argument("--no-profile", action="store_true", help="skip the direct-launch check and the profiles")
     args = p.parse_args(argv)
+    wanted = [w for w in args.only.split(",") if w]
+    chosen = [c for c in cases() if not wanted or any(w in c[0] for w in wanted)]
+    if not chosen:
+        print(f"no case matches --only {args.only!r}; the cases: {', '.join(c[0] for c in cases())}")
+        return 2
     if not torch.cuda.is_available():
-        print("needs a CUDA GPU")
+        print(f"needs a CUDA GPU (for {len(chosen)} cases: {', '.join(c[0] for c in chosen)})")
         return 2
     rows = []
-    print(f"{'case':20s} {'host_us direct':>15s} {'host_us triton':>15s} {'bench_ms':>9s} {'same_in_ms':>10s} {'queued_ms':>9s}")
-    for name, shape, make_kw, grad, backward in cases():
+    print(f"{'case':22s} {'host_us direct':>15s} {'host_us triton':>15s} {'host_us bwd':>12s} {'bench_ms':>9s} "
+          f"{'same_in_ms':>10s} {'queued_ms':>9s}")
+    for name, shape, make_kw, grad, backward in chosen:
         r = dict(case=name)
         r["host_us_direct"] = host_us(shape, make_kw, grad, backward, True)
         r["host_us_triton"] = host_us(shape, make_kw, grad, backward, False)
+        if backward:
+            r["host_us_bwd"] = host_us_bwd(shape, make_kw)
         r.update(device_ms(shape, make_kw, grad, backward))
         rows.append(r)
-        f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-        print(f"{name:20s} {r['host_us_direct']:15.1f} {r['host_us_triton']:15.1f} {f(r.get('bench_ms')):>9s} "
-              f"{f(r.get('same_inputs_ms')):>10s} {f(r.get('queued_ms')):>9s}", flush=True)
-    for line in check_direct():
-        print(line)
-    for name, shape, make_kw, grad, backward in [c for c in cases() if c[0] in ("document fwd", "document bwd", "decode B1 S32k")]:
-        print(f"\n== host profile: {name} (tiny shapes, 500 calls, sorted by own time)")
-        print(profile_text(shape, make_kw, grad, backward))
+        f = lambda x, w=".3f": "-" if x is None else format(x, w)  # noqa: E731
+        print(f"{name:22s} {r['host_us_direct']:15.1f} {r['host_us_triton']:15.1f} {f(r.get('host_us_bwd'), '.1f'):>12s} "
+              f"{f(r.get('bench_ms')):>9s} {f(r.get('same_inputs_ms')):>10s} {f(r.get('queued_ms')):>9s}", flush=True)
     with open(args.json, "w") as fh:
         json.dump(dict(rows=rows, gpu=torch.cuda.get_device_name(), torch=torch.__version__), fh, indent=1)
+    if args.no_profile:
+        return 0
+    for line in check_direct():
+        print(line)
+    for name, shape, make_kw, grad, backward in [c for c in chosen if c[0] in ("document fwd", "document bwd", "decode B1 S32k")]:
+        print(f"\n== host profile: {name} (tiny shapes, 500 calls, sorted by own time)")
+        print(profile_text(shape, make_kw, grad, backward))
     return 0
 
 

@@ -584,3 +584,18 @@ def test_summary_names_the_cases_timed_under_a_dropped_clock():
     s = bench.summarize(cases, {})
     assert s["clock_drops"] == ["a"]
     assert "SM clock under 90% of the run's highest sample while timing 1 cases: a" in bench.format_summary(s, {})
+
+
+def test_host_overhead_selects_cases_by_name(capsys):
+    """``host_overhead.py --only``: the S=1k backward rows by substring, and a refusal that lists
+    the cases when nothing matches (both decided before it looks for a GPU)."""
+    spec = importlib.util.spec_from_file_location("flex_oracle_host_overhead", ROOT / "benchmarks" / "host_overhead.py")
+    host = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host)
+    names = [c[0] for c in host.cases()]
+    assert {"none bwd S1k D128", "causal bwd S1k D64", "document bwd S1k D128"} <= set(names)
+    assert host.main(["--only", "nothing-like-this", "--json", os.devnull]) == 2
+    assert "no case matches" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert host.main(["--only", "S1k", "--json", os.devnull]) == 2
+        assert "for 3 cases: none bwd S1k D128, causal bwd S1k D64, document bwd S1k D128" in capsys.readouterr().out
