@@ -4,7 +4,7 @@ On the H200 at S=1k two runs of the same cases disagreed by up to 1.5x on single
 both ours and PyTorch's, and one run's rounds agreed with each other while disagreeing with
 the other run (docs/PERFORMANCE.md, seventeenth session). A clock that drops while a case is
 timed (power or thermal capping, a neighbour on the same board) would explain that and is
-invisible in the times alone: ``ClockSampler`` runs ``nvidia-smi --query-gpu=... -lms N`` in
+invisible in the times alone: ``ClockSampler`` runs ``nvidia-smi --query-gpu=... --loop-ms=N`` in
 the background, and ``window(t0, t1)`` summarizes the samples taken between two
 ``time.monotonic()`` readings (``benchmarks/bench.py`` records one per case).
 
@@ -68,7 +68,7 @@ class ClockSampler:
         self.error = None
         self._proc = subprocess.Popen(
             [path, f"--query-gpu={','.join(self.fields)}", "--format=csv,noheader,nounits", "-i", str(device),
-             f"-lms={int(period_ms)}"],
+             f"--loop-ms={int(period_ms)}"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         self._thread = threading.Thread(target=self._read, name="gpu-clocks", daemon=True)

@@ -524,10 +524,10 @@ if "clocks_event_reasons" in args:  # an older driver: only the former name
     print("Field \\"clocks_event_reasons.active\\" is not a valid field to query.", file=sys.stderr)
     sys.exit(2)
 assert "-i 0" in args and "--format=csv,noheader,nounits" in args, args
-if "-lms=" not in args:
+if "--loop-ms=" not in args:
     print("1980, 100.5, 30, 0x0000000000000000")
     sys.exit(0)
-period = int(args.split("-lms=")[1].split()[0]) / 1000
+period = int(args.split("--loop-ms=")[1].split()[0]) / 1000
 n = 0
 while True:
     sm, reasons = (1500, "0x0000000000000004") if n % 4 == 2 else (1980, "0x0000000000000000")
