@@ -202,22 +202,15 @@ def _prewarm_one(task) -> tuple:
 
 
 def prewarm(cases_text: str, specs: list, device: str, args, jobs: int) -> list:
-    """``_prewarm_one`` for every case and variant in ``jobs`` spawned processes (compiles are
-    CPU-bound and cached on disk, the GPU work of one call is small); returns the errors, which
-    are printed and left for the timed run to raise."""
-    import multiprocessing as mp
+    """``_prewarm_one`` for every case and variant in ``jobs`` spawned processes
+    (``bench.run_prewarm``); returns the errors, which are printed and left for the timed run
+    to raise."""
+    from benchmarks import bench
 
     tasks = [(item, spec, device, args.dtype, args.seed, args.forward_only)
              for item in filter(None, cases_text.split(",")) for spec in specs]
-    t0 = time.monotonic()
-    errors = []
-    with mp.get_context("spawn").Pool(jobs) as pool:
-        for task, _, err in pool.imap_unordered(_prewarm_one, tasks):
-            if err:
-                errors.append(err)
-                print(f"prewarm {task[0]} {task[1][0]} {task[1][1]}: {err}", flush=True)
-    print(f"prewarmed {len(tasks)} compiles in {time.monotonic() - t0:.0f}s with {jobs} processes", flush=True)
-    return errors
+    return bench.run_prewarm(_prewarm_one, tasks, jobs, lambda msg: print(msg, flush=True),
+                             lambda task: f"{task[0]} {task[1][0]} {task[1][1]}")
 
 
 def main(argv=None) -> int:

@@ -20,11 +20,14 @@ and cuDNN backends where SDPA can express the case) it
    grad_out, retain_graph=True)``), as medians of CUDA-event timings
    (``triton.testing.do_bench``, which also flushes the L2 cache before every
    call), rotating over several input sets. Compilation happens in the check,
-   outside the timed region. The implementations of a case are timed in
-   ``--rounds`` interleaved rounds (the order reversed every other round), and
-   each reported time is the median over rounds: at S=1k a single measurement
-   now and then ran 30 to 50 % slow (a different case and implementation each
-   run on the H200), which one round reports as a real ratio.
+   outside the timed region. A graph that cannot run backward twice
+   (torch.compile's) is timed backward alone too, each timed call after an
+   untimed forward of its own (``timer(...).split``). The implementations of a
+   case are timed in ``--rounds`` interleaved rounds (the order reversed every
+   other round), more while their rounds disagree (``--max-rounds``), and each
+   reported time is the median over rounds: at S=1k a single measurement now
+   and then ran 30 to 50 % slow (a different case and implementation each run
+   on the H200), which one round reports as a real ratio.
 
 FLOPs count allowed (b, h, i, j) only: forward ``4 * B * Hq * L * S * D *
 density``, backward 2.5 times that, with the density measured exactly from the
@@ -1178,7 +1181,7 @@ def summarize(cases: list, ceilings: dict) -> dict:
             "geomean_bwd": _geomean([r.get("bwd") for r in train]),
             "min": min(e[:3] for e in every) if every else None,
             "min_settled": min(settled) if settled else None,
-            "unsettled": sorted(every, key=lambda e: -e[3])[:len(every) - len(settled)],
+            "unsettled": sorted((e for e in every if e[3] > SETTLED_SPREAD), key=lambda e: -e[3]),
             "by_mask": {m: [{"case": r["case"], "fwd": r["fwd"], "bwd": r.get("bwd")} for r in train if r["mask"] == m]
                         for m in ("document", "softcap", "gqa_document")},
             "decode": [{"case": r["case"], "bandwidth_ratio": r["fwd"]} for r in mine if r["kind"] == "decode"],
@@ -1486,16 +1489,27 @@ def _prewarm_one(task):
 
 
 def prewarm(cases: list, impl_names: list, seed: int, jobs: int, log) -> None:
-    import multiprocessing as mp
-
     tasks = [(c.mask, asdict(c.shape), _dtype_name(c.dtype), name, seed) for c in cases for name in impl_names
              if not IMPLS[name].slow_compile]
+    run_prewarm(_prewarm_one, tasks, jobs, log, lambda task: f"{task[0]} {task[3]}")
+
+
+def run_prewarm(worker: Callable, tasks: list, jobs: int, log: Callable, label: Callable) -> list:
+    """``worker(task)`` -> (task, seconds, error or None) for every task in ``jobs`` spawned
+    processes (compiles are CPU-bound and land in disk caches); logs each error with
+    ``label(task)`` and the total; returns the errors (the timed run reports them properly).
+    ``benchmarks/ab.py`` prewarms its variants through it too."""
+    import multiprocessing as mp
+
     t0 = time.monotonic()
+    errors = []
     with mp.get_context("spawn").Pool(jobs) as pool:
-        for task, secs, err in pool.imap_unordered(_prewarm_one, tasks):
+        for task, _, err in pool.imap_unordered(worker, tasks):
             if err:
-                log(f"prewarm {task[0]} {task[3]}: {err}")
+                errors.append(err)
+                log(f"prewarm {label(task)}: {err}")
     log(f"prewarmed {len(tasks)} compiles in {time.monotonic() - t0:.0f}s with {jobs} processes")
+    return errors
 
 
 def _write_json(path: str, env: dict, cases: list, not_started: list, summary, start: float) -> None:

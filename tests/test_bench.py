@@ -86,6 +86,8 @@ def test_dry_run_json_has_the_environment(dry_run):
     assert env["torch"] == torch.__version__
     assert "--quick" in env["command"] and env["argv"][-2:] == ["--json", env["argv"][-1]]
     assert doc["not_started"] == [] and doc["summary"]["failed_or_error"] == []
+    # --rounds 2 on the CPU, where --max-rounds defaults to --rounds: no extra rounds.
+    assert [c["rounds"] for c in doc["cases"]] == [2, 2]
 
 
 def test_dry_run_json_counts_and_checks(dry_run):
@@ -599,3 +601,29 @@ def test_host_overhead_selects_cases_by_name(capsys):
     if not torch.cuda.is_available():
         assert host.main(["--only", "S1k", "--json", os.devnull]) == 2
         assert "for 3 cases: none bwd S1k D128, causal bwd S1k D64, document bwd S1k D128" in capsys.readouterr().out
+
+
+def test_run_case_records_the_clocks_while_its_rounds_ran(monkeypatch):
+    """``run_case`` asks the clock sampler for the window of its timing rounds (after every
+    implementation's check) and records it as the case's ``gpu_clocks``; the summary then names
+    a case timed under a dropped clock."""
+    monkeypatch.setattr(bench, "_DEVICE", ["cpu"])
+    seen = []
+
+    class Sampler:
+        def window(self, t0, t1):
+            seen.append((t0, t1))
+            return {"samples": 3, "sm_mhz_min": 1400.0, "sm_mhz_median": 1980.0, "sm_mhz_max": 1980.0,
+                    "power_w_max": 500.0, "reasons": ["0x4"], "dropped": True}
+
+    case = bench.build_matrix(_args("--masks", "causal", "--seqlens", "1k", "--head-dims", "64", "--no-decode"),
+                              "cpu")[0]
+    ctx = bench.Context("cpu", [bench.IMPLS["ours"]], bench.timer("cpu", 0, 0, 1), "auto", 2, 0, None,
+                        lambda msg: None, Sampler(), 2)
+    t0 = time.monotonic()
+    record = bench.run_case(case, ctx)
+    assert record["rounds"] == 2 and record["results"][0]["status"] == "ok"
+    ((start, end),) = seen
+    assert t0 < start <= end <= time.monotonic()
+    assert record["gpu_clocks"]["dropped"]
+    assert bench.summarize([record], {})["clock_drops"] == [record["id"]]
