@@ -227,6 +227,7 @@ def main(argv=None) -> int:
     p.add_argument("--forward-only", action="store_true", help="no backward timings")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument("--pace", choices=("host", "gpu"), default="host", help="as bench.py's --pace")
     p.add_argument("--json", default=None, help="results file (default $OUT/ab.json if OUT is set)")
     p.add_argument("--prewarm-jobs", type=int, default=0, metavar="N",
                    help="first compile every (case, variant) in N processes, so that the timed run finds "
@@ -259,7 +260,7 @@ def main(argv=None) -> int:
         specs = [("rev", rev, i) for i, rev in enumerate(revs)]
         specs += [("options", options, None) for _, options in parse_options(args.options)] + [("tree", None, None)]
         prewarm(args.cases, specs, device, args, args.prewarm_jobs)
-    time_fn = bench.timer(device, args.warmup_ms, args.rep_ms, 3)
+    time_fn = bench.timer(device, args.warmup_ms, args.rep_ms, 3, args.pace)
     args.clocks = None
     if device == "cuda":  # the SM clock while each case is timed (benchmarks/gpu_clocks.py)
         args.clocks = bench.start_clock_sampler()
@@ -276,7 +277,7 @@ def _run(cases, variants, args, device, time_fn) -> int:
 
     results = []
     print(f"A/B on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}: {', '.join(v[0] for v in variants)}; "
-          f"{args.rounds} interleaved rounds, median round; speedup against {variants[0][0]}")
+          f"{args.rounds} interleaved rounds, median round, {args.pace} pace; speedup against {variants[0][0]}")
     print(f"{'case':30s} {'variant':24s} {'fwd ms':>8s} {'TF/s':>6s} {'x':>6s} {'bwd ms':>8s} {'TF/s':>6s} {'x':>6s}  diffs to the tree (out, dq, dk, dv)")
     t0 = time.monotonic()
     for label, shape, mask in cases:

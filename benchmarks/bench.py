@@ -27,7 +27,9 @@ and cuDNN backends where SDPA can express the case) it
    other round), more while their rounds disagree (``--max-rounds``), and each
    reported time is the median over rounds: at S=1k a single measurement now
    and then ran 30 to 50 % slow (a different case and implementation each run
-   on the H200), which one round reports as a real ratio.
+   on the H200), which one round reports as a real ratio. ``--pace gpu`` times
+   the kernels alone, each call enqueued behind a GPU hold longer than its host
+   work (``timer``): at S=1k the default timing runs at the host's pace.
 
 FLOPs count allowed (b, h, i, j) only: forward ``4 * B * Hq * L * S * D *
 density``, backward 2.5 times that, with the density measured exactly from the
@@ -668,21 +670,54 @@ def _quantiles(samples: list) -> tuple:
 L2_FLUSH_BYTES = 256 << 20  # as triton.testing.do_bench's
 
 
-def timer(device: str, warmup_ms: float, rep_ms: float, cpu_reps: int):
+PACES = ("host", "gpu")
+_CYCLES_PER_MS: list = []
+
+
+def cycles_per_ms() -> float:
+    """GPU clock cycles per ms, as ``torch.cuda._sleep`` counts them (measured once)."""
+    if not _CYCLES_PER_MS:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)  # the clock up first
+        start.record()
+        torch.cuda._sleep(4_000_000)
+        end.record()
+        torch.cuda.synchronize()
+        _CYCLES_PER_MS.append(4_000_000 / start.elapsed_time(end))
+    return _CYCLES_PER_MS[0]
+
+
+def timer(device: str, warmup_ms: float, rep_ms: float, cpu_reps: int, pace: str = "host"):
     """``time(fn)`` -> (median, p20, p80) in ms: CUDA events through ``triton.testing.do_bench``
     (warm-up and repetitions in ms; L2 flushed before each call), host clock on CPU.
 
     ``time.split(pre, fn)`` times ``fn`` alone where each call needs an untimed ``pre`` first
     (a forward whose graph the timed backward then consumes): on CUDA ``pre``, the L2 flush,
-    then events around ``fn``, as many calls as ``rep_ms`` holds after ``warmup_ms`` of warm-up."""
+    then events around ``fn``, as many calls as ``rep_ms`` holds after ``warmup_ms`` of warm-up.
+
+    ``pace="gpu"`` (CUDA only) times the GPU's work alone: before each timed call a
+    ``torch.cuda._sleep`` holds the GPU for twice the host time the call takes (measured first),
+    so the host has enqueued all of the call's kernels before the start event is reached, and
+    they run back to back. With ``pace="host"`` (``do_bench``'s way, the default) a call whose
+    host work outlasts the L2 flush is timed at the host's pace: on the H200 at S=1k our
+    backward's host work was 0.4 to 0.9 ms on tiny shapes and torch.compile's 0.6 ms, near
+    their GPU times of 0.6 to 1 ms (eighteenth session, docs/PERFORMANCE.md)."""
+    if pace not in PACES:
+        raise ValueError(f"Expected pace in {PACES}, got {pace!r}.")
     if device == "cuda":
         from triton.testing import do_bench
 
         def time_cuda(fn):
+            if pace == "gpu":
+                return events(None, fn)
             med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
             return med, p20, p80
 
         def split_cuda(pre, fn):
+            return events(pre, fn)
+
+        def events(pre, fn):
+            pre = pre or (lambda: None)
             flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
             pre()
             fn()
@@ -697,17 +732,37 @@ def timer(device: str, warmup_ms: float, rep_ms: float, cpu_reps: int):
             for _ in range(max(1, int(warmup_ms / per_call))):
                 pre()
                 fn()
-            n = min(2000, max(5, int(rep_ms / per_call)))
+            # Under pace="gpu" each timed call waits behind a hold of twice its host time (the
+            # most of 5 calls) plus 50 us: the host then has enqueued the call before the GPU
+            # leaves the hold, even if the GPU was idle when the hold was enqueued.
+            hold_cycles = int((2 * host_ms(pre, fn) + 0.05) * cycles_per_ms()) if pace == "gpu" else 0
+            hold_ms = hold_cycles / cycles_per_ms() if hold_cycles else 0.0
+            n = min(2000, max(5, int(rep_ms / (per_call + hold_ms))))
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
             for start, end in zip(starts, ends):
                 pre()
                 flush.zero_()
+                if hold_cycles:
+                    torch.cuda._sleep(hold_cycles)
                 start.record()
                 fn()
                 end.record()
             torch.cuda.synchronize()
             return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+        def host_ms(pre, fn) -> float:
+            """The host time of ``fn`` (ms, the most of 5 calls), enqueued behind a long hold."""
+            torch.cuda._sleep(int(50 * cycles_per_ms()))
+            samples = []
+            for _ in range(5):
+                pre()
+                t0 = time.perf_counter()
+                fn()
+                samples.append(1e3 * (time.perf_counter() - t0))
+            torch.cuda.synchronize()
+            return max(samples)
+
         time_cuda.split = split_cuda
         return time_cuda
 
@@ -1291,6 +1346,7 @@ def environment(device: str, args, argv: list) -> dict:
         "block_size": BLOCK,
         "warmup_ms": args.warmup_ms,
         "rep_ms": args.rep_ms,
+        "pace": args.pace if device == "cuda" else "host (the CPU dry run times on the host clock)",
         "check_mode": args.check_size,
     }
     if device == "cuda":
@@ -1333,6 +1389,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oracle check on the real shapes (auto: when they fit) or on a reduced case")
     p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up, ms")
     p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetitions, ms")
+    p.add_argument("--pace", choices=PACES, default="host",
+                   help="host: do_bench's timing, a call whose host work outlasts the L2 flush is timed at "
+                        "the host's pace; gpu: each timed call is enqueued behind a GPU hold of twice its "
+                        "host time, so its kernels run back to back (CUDA only)")
     p.add_argument("--rounds", type=_positive_int, default=None,
                    help="interleaved timing rounds per case; each time is the median over rounds "
                         "(default 3 on CUDA, 1 on CPU)")
@@ -1375,7 +1435,7 @@ def main(argv: Optional[list] = None) -> int:
     def log(msg: str) -> None:
         print(f"{time.monotonic() - start:6.0f}s {msg}", file=sys.stderr, flush=True)
 
-    time_fn = timer(device, args.warmup_ms, args.rep_ms, args.cpu_reps)
+    time_fn = timer(device, args.warmup_ms, args.rep_ms, args.cpu_reps, args.pace)
     env = environment(device, args, argv)
     env["impls"] = {i.name: i.description for i in impls}
     ceilings = device_ceilings(device, time_fn)

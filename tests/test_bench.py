@@ -221,6 +221,32 @@ def test_split_timing_times_the_second_call_alone():
     assert med < 20 and p20 <= med <= p80  # ms: the 50 ms of pre are outside
 
 
+def test_pace_flag_and_refusal():
+    assert _args().pace == "host" and _args("--pace", "gpu").pace == "gpu"
+    with pytest.raises(SystemExit):
+        _args("--pace", "device")
+    with pytest.raises(ValueError, match="Expected pace in .'host', 'gpu'., got 'fast'"):
+        bench.timer("cpu", 0, 0, 1, pace="fast")
+
+
+@pytest.mark.gpu
+def test_gpu_pace_times_the_kernels_not_the_host():
+    """A call that spends 3 ms on the host before a tiny kernel: ``do_bench``'s timing (the host
+    pace) reports about the 3 ms less the L2 flush; ``pace="gpu"`` holds the GPU behind each call
+    until the host has enqueued it, so only the kernel is timed, in both ``time`` and ``split``."""
+    x = torch.zeros(1024, device="cuda")
+
+    def slow_host():
+        time.sleep(0.003)
+        x.add_(1.0)
+
+    host = bench.timer("cuda", 5, 60, 1, pace="host")(slow_host)[0]
+    gpu = bench.timer("cuda", 5, 60, 1, pace="gpu")(slow_host)[0]
+    split = bench.timer("cuda", 5, 60, 1, pace="gpu").split(lambda: x.mul_(1.0), slow_host)[0]
+    assert host > 2.0, host  # ms: at the host's pace
+    assert gpu < 0.3 and split < 0.3, (gpu, split)  # a 4 KB add runs in microseconds
+
+
 def test_rounds_merge_to_the_median_round():
     """Each time is the median over the interleaved rounds, with that round's percentiles; an
     even count takes the lower middle round (a time that was measured, not an average)."""
