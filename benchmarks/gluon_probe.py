@@ -1,0 +1,648 @@
+"""A probe of the route past our Triton forward: a warp-specialized Hopper attention forward in Gluon.
+
+    PYTHONPATH=. python3 benchmarks/gluon_probe.py                  # on the H100/H200: checks, then times
+    TRITON_INTERPRET=0 python benchmarks/gluon_probe.py --compile-only   # any machine: sm_90 code report
+
+Issue 6's document and softcap targets (1.5x torch.compile) need a forward faster than our own
+dense Triton forward (docs/PERFORMANCE.md, seventeenth session); Triton 3.6 does not warp-specialize
+on sm_90. This is FlashAttention-3's structure written in Gluon (Triton's lower-level dialect,
+same wheel), to measure what it gains before any of it goes into ``kernels/``:
+
+* per CTA 128 query rows, split between two consumer warpgroups of 64 rows (the default
+  partition and a worker partition, 240 registers each after ``setmaxnreg``), and a one-warp
+  loader partition (24 registers) that issues TMA loads of the Q halves once and of K and V into
+  a ring of ``NUM_BUF`` stages, K and V on barriers of their own (QK^T starts before V lands);
+* ``overlap``: FlashAttention-3's intra-warpgroup overlap, QK^T of block j and P V of block j-1
+  in flight on the tensor cores while the warpgroup runs block j's softmax;
+* ``gluon_attention_document``: the same over PyTorch's 128 x 128 block lists (partial blocks
+  first, then full ones), with a document mask on the partial blocks.
+
+Scope: bf16, head dim 128, L and S multiples of 128, contiguous (B, H, L, D) inputs, no GQA, no
+score mod; the document variant also needs L == S. Out and LSE only (no backward).
+
+Measured on the H200 (eighteenth session, ``docs/perf/h200-gluon-probe-2026-12-04.txt``): the dense
+variants match the float32 reference exactly as closely as our Triton forward (the same max
+errors, 9.9e-4 in out and 9.5e-7 in the LSE at S=1k), and with ``overlap`` and 3 stages the dense
+forward ran 616 TFLOP/s at S=16k against our Triton forward's 513 (+20 %), 578 against 488 at
+4k, 451 against 406 at 1k. The document variant compiles for sm_90 (``--compile-only``) but has
+not run on a GPU yet: the session's device time ran out; ``tests/test_gluon_probe.py`` checks it
+against the reference on the next GPU run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.experimental.gluon.language.nvidia.hopper import tma, mbarrier, warpgroup_mma, warpgroup_mma_wait
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _consume(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale, WG: gl.constexpr):
+    q_smem, k_bufs, v_bufs = bufs
+    # Constexprs do not survive warp_specialize's argument tuple (Triton 3.6): read them from shapes.
+    HALF_M: gl.constexpr = q_smem.shape[1]
+    NUM_BUF: gl.constexpr = k_bufs.shape[0]
+    BLOCK_N: gl.constexpr = k_bufs.shape[1]
+    HEAD_D: gl.constexpr = k_bufs.shape[2]
+    q_ready, k_ready, v_ready, kv_empty = bars
+    out_ptr, lse_ptr = ptrs
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q = q_smem.index(WG)
+    mbarrier.wait(q_ready.index(WG), 0)
+    m_i = gl.full([HALF_M], float("-inf"), gl.float32, row_layout)
+    l_i = gl.full([HALF_M], 0.0, gl.float32, row_layout)
+    acc = gl.zeros([HALF_M, HEAD_D], gl.float32, o_layout)
+    zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
+    for j in range(n_blocks):
+        s = j % NUM_BUF
+        ph = (j // NUM_BUF) & 1
+        mbarrier.wait(k_ready.index(s), ph)
+        qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+        qk = qk * qk_scale
+        m_new = gl.maximum(m_i, gl.max(qk, 1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(qk - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, 1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+        m_i = m_new
+        pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        mbarrier.wait(v_ready.index(s), ph)
+        acc = warpgroup_mma(pb, v_bufs.index(s), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(kv_empty.index(s), count=1)
+    l_o = gl.convert_layout(l_i, orow_layout)
+    out = acc / gl.expand_dims(l_o, 1)
+    rows = row0 + WG * HALF_M + gl.arange(0, HALF_M, orow_layout)
+    cols = gl.arange(0, HEAD_D, gl.SliceLayout(0, o_layout))
+    offs = gl.expand_dims(rows.to(gl.int64) * HEAD_D, 1) + gl.expand_dims(cols, 0)
+    gl.store(out_ptr + offs, out.to(gl.bfloat16))
+    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+    rows_s = row0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout)
+    gl.store(lse_ptr + rows_s, lse)
+
+
+@gluon.jit
+def _consumer0(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale):
+    _consume(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale, 0)
+
+
+@gluon.jit
+def _consumer1(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale):
+    _consume(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale, 1)
+
+
+@gluon.jit
+def _softmax_step(qk, m_i, l_i, qk_scale):
+    qk = qk * qk_scale
+    m_new = gl.maximum(m_i, gl.max(qk, 1))
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(qk - gl.expand_dims(m_new, 1))
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _consume_overlap(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale, WG: gl.constexpr):
+    """FlashAttention-3's intra-warpgroup overlap: QK^T of block j and P V of block j-1 are in
+    flight on the tensor cores while this warpgroup runs block j's softmax."""
+    q_smem, k_bufs, v_bufs = bufs
+    q_ready, k_ready, v_ready, kv_empty = bars
+    out_ptr, lse_ptr = ptrs
+    HALF_M: gl.constexpr = q_smem.shape[1]
+    NUM_BUF: gl.constexpr = k_bufs.shape[0]
+    BLOCK_N: gl.constexpr = k_bufs.shape[1]
+    HEAD_D: gl.constexpr = k_bufs.shape[2]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q = q_smem.index(WG)
+    mbarrier.wait(q_ready.index(WG), 0)
+    m_i = gl.full([HALF_M], float("-inf"), gl.float32, row_layout)
+    l_i = gl.full([HALF_M], 0.0, gl.float32, row_layout)
+    acc = gl.zeros([HALF_M, HEAD_D], gl.float32, o_layout)
+    zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
+
+    mbarrier.wait(k_ready.index(0), 0)
+    qk = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+    p, m_i, l_i, alpha = _softmax_step(qk, m_i, l_i, qk_scale)
+    pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    for j in range(1, n_blocks):
+        s = j % NUM_BUF
+        ph = (j // NUM_BUF) & 1
+        sp = (j - 1) % NUM_BUF
+        php = ((j - 1) // NUM_BUF) & 1
+        mbarrier.wait(k_ready.index(s), ph)
+        qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(sp), php)
+        acc = warpgroup_mma(pb, v_bufs.index(sp), acc, is_async=True)
+        qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
+        p, m_i, l_i, alpha = _softmax_step(qk, m_i, l_i, qk_scale)
+        acc, pb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pb))
+        mbarrier.arrive(kv_empty.index(sp), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+        pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    sl = (n_blocks - 1) % NUM_BUF
+    phl = ((n_blocks - 1) // NUM_BUF) & 1
+    mbarrier.wait(v_ready.index(sl), phl)
+    acc = warpgroup_mma(pb, v_bufs.index(sl), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    mbarrier.arrive(kv_empty.index(sl), count=1)
+
+    l_o = gl.convert_layout(l_i, orow_layout)
+    out = acc / gl.expand_dims(l_o, 1)
+    rows = row0 + WG * HALF_M + gl.arange(0, HALF_M, orow_layout)
+    cols = gl.arange(0, HEAD_D, gl.SliceLayout(0, o_layout))
+    offs = gl.expand_dims(rows.to(gl.int64) * HEAD_D, 1) + gl.expand_dims(cols, 0)
+    gl.store(out_ptr + offs, out.to(gl.bfloat16))
+    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+    rows_s = row0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout)
+    gl.store(lse_ptr + rows_s, lse)
+
+
+@gluon.jit
+def _consumer0_overlap(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale):
+    _consume_overlap(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale, 0)
+
+
+@gluon.jit
+def _consumer1_overlap(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale):
+    _consume_overlap(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale, 1)
+
+
+@gluon.jit
+def _loader(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale):
+    q_desc, k_desc, v_desc = descs
+    q_smem, k_bufs, v_bufs = bufs
+    HALF_M: gl.constexpr = q_smem.shape[1]
+    NUM_BUF: gl.constexpr = k_bufs.shape[0]
+    BLOCK_N: gl.constexpr = k_bufs.shape[1]
+    q_ready, k_ready, v_ready, kv_empty = bars
+    for w in gl.static_range(2):
+        mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row0 + w * HALF_M, 0], q_ready.index(w), q_smem.index(w))
+    for j in range(n_blocks):
+        s = j % NUM_BUF
+        ph = (j // NUM_BUF) & 1
+        mbarrier.wait(kv_empty.index(s), ph ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row0 + j * BLOCK_N, 0], k_ready.index(s), k_bufs.index(s))
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [kv_row0 + j * BLOCK_N, 0], v_ready.index(s), v_bufs.index(s))
+
+
+@gluon.jit
+def gluon_attn_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, L, S, qk_scale,
+                   HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_BUF: gl.constexpr,
+                   OVERLAP: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    row0 = bh * L + pid_m * (2 * HALF_M)
+    kv_row0 = bh * S
+    n_blocks = S // BLOCK_N
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, HALF_M, HEAD_D], q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_BUF, BLOCK_N, HEAD_D], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [NUM_BUF, BLOCK_N, HEAD_D], v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+    for i in gl.static_range(NUM_BUF):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)
+    descs = (q_desc, k_desc, v_desc)
+    bufs = (q_smem, k_bufs, v_bufs)
+    bars = (q_ready, k_ready, v_ready, kv_empty)
+    ptrs = (out_ptr, lse_ptr)
+    args = (descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale)
+    if OVERLAP:
+        gl.warp_specialize([(_consumer0_overlap, args), (_consumer1_overlap, args), (_loader, args)],
+                           [4, 1], [CONSUMER_REGS, 24])
+    else:
+        gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader, args)], [4, 1], [CONSUMER_REGS, 24])
+
+
+def gluon_attention(q, k, v, scale=None, NUM_BUF=3, maxnreg=168, overlap=True, consumer_regs=240, launch=None,
+                    poison=False):
+    """Out and LSE of dense attention; ``poison`` fills both with NaN first (checks: an element the
+    kernel does not write then fails, where memory reused from an earlier result could pass)."""
+    B, H, L, D = q.shape
+    S = k.shape[2]
+    HALF_M, BLOCK_N = 64, 128
+    assert L % (2 * HALF_M) == 0 and S % BLOCK_N == 0 and D == 128 and q.dtype == torch.bfloat16
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q2, k2, v2 = (t.reshape(-1, D) for t in (q, k, v))
+    q_layout = gl.NVMMASharedLayout.get_default_for([HALF_M, D], gl.bfloat16)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gl.bfloat16)
+    q_desc = TensorDescriptor.from_tensor(q2, [HALF_M, D], q_layout)
+    k_desc = TensorDescriptor.from_tensor(k2, [BLOCK_N, D], kv_layout)
+    v_desc = TensorDescriptor.from_tensor(v2, [BLOCK_N, D], kv_layout)
+    out = torch.full_like(q, float("nan")) if poison else torch.empty_like(q)
+    lse = torch.full((B, H, L), float("nan"), dtype=torch.float32, device=q.device) if poison else \
+        torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    grid = (L // (2 * HALF_M), B * H)
+    args = (q_desc, k_desc, v_desc, out, lse, L, S, scale * LOG2E, HALF_M, BLOCK_N, D, NUM_BUF, overlap, consumer_regs)
+    if launch is not None:
+        return launch(gluon_attn_fwd, grid, args, dict(num_warps=4, maxnreg=maxnreg))
+    gluon_attn_fwd[grid](*args, num_warps=4, maxnreg=maxnreg)
+    return out, lse
+
+
+# --------------------------------------------------------------------------
+# block-sparse lists with a document mask on the partial blocks
+
+
+@gluon.jit
+def _block_of(j, n_partial, part_idx, full_idx):
+    if j < n_partial:
+        b = gl.load(part_idx + j)
+    else:
+        b = gl.load(full_idx + (j - n_partial))
+    return b
+
+
+@gluon.jit
+def _masked_softmax(qk, j, n_partial, part_idx, doc_ptr, q_doc, cols, m_i, l_i, qk_scale, BLOCK_N: gl.constexpr):
+    """One block's online-softmax step; on a partial block (the first n_partial) the document mask
+    first. A row with nothing allowed so far keeps m = -inf; its shift is 0, so p = 0, not NaN."""
+    qk = qk * qk_scale
+    if j < n_partial:
+        kv_doc = gl.load(doc_ptr + gl.load(part_idx + j) * BLOCK_N + cols)
+        keep = gl.expand_dims(q_doc, 1) == gl.expand_dims(kv_doc, 0)
+        qk = gl.where(keep, qk, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(qk, 1))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_use)
+    p = gl.exp2(qk - gl.expand_dims(m_use, 1))
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, WG: gl.constexpr):
+    q_smem, k_bufs, v_bufs = bufs
+    q_ready, k_ready, v_ready, kv_empty = bars
+    out_ptr, lse_ptr, doc_ptr, part_idx, full_idx, n_partial, n_blocks = lists
+    HALF_M: gl.constexpr = q_smem.shape[1]
+    NUM_BUF: gl.constexpr = k_bufs.shape[0]
+    BLOCK_N: gl.constexpr = k_bufs.shape[1]
+    HEAD_D: gl.constexpr = k_bufs.shape[2]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q = q_smem.index(WG)
+    q_doc = gl.load(doc_ptr + q0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout))
+    cols = gl.arange(0, BLOCK_N, col_layout)
+    mbarrier.wait(q_ready.index(WG), 0)
+    m_i = gl.full([HALF_M], float("-inf"), gl.float32, row_layout)
+    l_i = gl.full([HALF_M], 0.0, gl.float32, row_layout)
+    acc = gl.zeros([HALF_M, HEAD_D], gl.float32, o_layout)
+    zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
+    pb = gl.zeros([HALF_M, BLOCK_N], gl.bfloat16, p_layout)
+    if n_blocks > 0:
+        mbarrier.wait(k_ready.index(0), 0)
+        qk = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+        p, m_i, l_i, alpha = _masked_softmax(qk, 0, n_partial, part_idx, doc_ptr, q_doc, cols, m_i, l_i, qk_scale,
+                                             BLOCK_N)
+        pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    for j in range(1, n_blocks):
+        s = j % NUM_BUF
+        ph = (j // NUM_BUF) & 1
+        sp = (j - 1) % NUM_BUF
+        php = ((j - 1) // NUM_BUF) & 1
+        mbarrier.wait(k_ready.index(s), ph)
+        qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(sp), php)
+        acc = warpgroup_mma(pb, v_bufs.index(sp), acc, is_async=True)
+        qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
+        p, m_i, l_i, alpha = _masked_softmax(qk, j, n_partial, part_idx, doc_ptr, q_doc, cols, m_i, l_i, qk_scale,
+                                             BLOCK_N)
+        acc, pb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pb))
+        mbarrier.arrive(kv_empty.index(sp), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+        pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    if n_blocks > 0:
+        sl = (n_blocks - 1) % NUM_BUF
+        phl = ((n_blocks - 1) // NUM_BUF) & 1
+        mbarrier.wait(v_ready.index(sl), phl)
+        acc = warpgroup_mma(pb, v_bufs.index(sl), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(kv_empty.index(sl), count=1)
+
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / gl.expand_dims(gl.convert_layout(l_safe, orow_layout), 1)
+    rows = row0 + WG * HALF_M + gl.arange(0, HALF_M, orow_layout)
+    ocols = gl.arange(0, HEAD_D, gl.SliceLayout(0, o_layout))
+    offs = gl.expand_dims(rows.to(gl.int64) * HEAD_D, 1) + gl.expand_dims(ocols, 0)
+    gl.store(out_ptr + offs, out.to(gl.bfloat16))
+    lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
+    rows_s = row0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout)
+    gl.store(lse_ptr + rows_s, lse)
+
+
+@gluon.jit
+def _consumer0_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale):
+    _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, 0)
+
+
+@gluon.jit
+def _consumer1_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale):
+    _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, 1)
+
+
+@gluon.jit
+def _loader_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale):
+    q_desc, k_desc, v_desc = descs
+    q_smem, k_bufs, v_bufs = bufs
+    q_ready, k_ready, v_ready, kv_empty = bars
+    out_ptr, lse_ptr, doc_ptr, part_idx, full_idx, n_partial, n_blocks = lists
+    HALF_M: gl.constexpr = q_smem.shape[1]
+    NUM_BUF: gl.constexpr = k_bufs.shape[0]
+    BLOCK_N: gl.constexpr = k_bufs.shape[1]
+    for w in gl.static_range(2):
+        mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row0 + w * HALF_M, 0], q_ready.index(w), q_smem.index(w))
+    for j in range(n_blocks):
+        s = j % NUM_BUF
+        ph = (j // NUM_BUF) & 1
+        kv = kv_row0 + _block_of(j, n_partial, part_idx, full_idx) * BLOCK_N
+        mbarrier.wait(kv_empty.index(s), ph ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv, 0], k_ready.index(s), k_bufs.index(s))
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [kv, 0], v_ready.index(s), v_bufs.index(s))
+
+
+@gluon.jit
+def gluon_attn_fwd_sparse(q_desc, k_desc, v_desc, out_ptr, lse_ptr, doc_ptr,
+                          KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, L, S, H, MB, MH, NQ, NKV, qk_scale,
+                          HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                          NUM_BUF: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    q0 = pid_m * (2 * HALF_M)
+    row0 = bh * L + q0
+    kv_row0 = bh * S
+    row = ((bh // H) % MB * MH + (bh % H) % MH) * NQ + pid_m
+    n_partial = gl.load(KV_NUM + row)
+    n_blocks = n_partial + gl.load(FULL_NUM + row)
+    part_idx = KV_IDX + row.to(gl.int64) * NKV
+    full_idx = FULL_IDX + row.to(gl.int64) * NKV
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, HALF_M, HEAD_D], q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_BUF, BLOCK_N, HEAD_D], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [NUM_BUF, BLOCK_N, HEAD_D], v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+    for i in gl.static_range(NUM_BUF):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)
+    descs = (q_desc, k_desc, v_desc)
+    bufs = (q_smem, k_bufs, v_bufs)
+    bars = (q_ready, k_ready, v_ready, kv_empty)
+    lists = (out_ptr, lse_ptr, doc_ptr, part_idx, full_idx, n_partial, n_blocks)
+    args = (descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale)
+    gl.warp_specialize([(_consumer0_sparse, args), (_consumer1_sparse, args), (_loader_sparse, args)],
+                       [4, 1], [CONSUMER_REGS, 24])
+
+
+def gluon_attention_document(q, k, v, doc, block_mask, scale=None, NUM_BUF=3, maxnreg=168, consumer_regs=240,
+                             launch=None, poison=False):
+    """``doc``: int32 document id per position (L == S); ``block_mask``: PyTorch's BlockMask at 128 x 128;
+    ``poison`` as ``gluon_attention``'s."""
+    B, H, L, D = q.shape
+    S = k.shape[2]
+    HALF_M, BLOCK_N = 64, 128
+    assert L % (2 * HALF_M) == 0 and S % BLOCK_N == 0 and D == 128 and L == S
+    assert tuple(block_mask.BLOCK_SIZE) == (2 * HALF_M, BLOCK_N)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q2, k2, v2 = (t.reshape(-1, D) for t in (q, k, v))
+    q_layout = gl.NVMMASharedLayout.get_default_for([HALF_M, D], gl.bfloat16)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gl.bfloat16)
+    q_desc = TensorDescriptor.from_tensor(q2, [HALF_M, D], q_layout)
+    k_desc = TensorDescriptor.from_tensor(k2, [BLOCK_N, D], kv_layout)
+    v_desc = TensorDescriptor.from_tensor(v2, [BLOCK_N, D], kv_layout)
+    out = torch.full_like(q, float("nan")) if poison else torch.empty_like(q)
+    lse = torch.full((B, H, L), float("nan"), dtype=torch.float32, device=q.device) if poison else \
+        torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    kv_num, kv_idx = block_mask.kv_num_blocks, block_mask.kv_indices
+    full_num, full_idx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
+    MB, MH, NQ, NKV = kv_idx.shape
+    grid = (L // (2 * HALF_M), B * H)
+    args = (q_desc, k_desc, v_desc, out, lse, doc, kv_num, kv_idx, full_num, full_idx, L, S, H, MB, MH, NQ, NKV,
+            scale * LOG2E, HALF_M, BLOCK_N, D, NUM_BUF, consumer_regs)
+    if launch is not None:
+        return launch(gluon_attn_fwd_sparse, grid, args, dict(num_warps=4, maxnreg=maxnreg))
+    gluon_attn_fwd_sparse[grid](*args, num_warps=4, maxnreg=maxnreg)
+    return out, lse
+
+
+# --------------------------------------------------------------------------
+# the driver
+
+DENSE_VARIANTS = ((False, 2), (True, 2), (False, 3), (True, 3))  # (overlap, NUM_BUF)
+SHARED_LIMIT = 232448  # bytes of shared memory a block may have on sm_90
+
+
+def compile_for_sm90(kernel, grid, args, launch_kwargs) -> dict:
+    """Compile ``kernel`` for sm_90 as its launch would (no GPU needed) and report its code."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import create_function_from_signature
+
+    from benchmarks.codegen import ptxas_info
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, opts = binder(*args, **launch_kwargs)
+    opts, signature, constexprs, attrs = kernel._pack_args(backend, launch_kwargs, bound, specialization, opts)
+    out = triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=target, options=opts.__dict__)
+    ptx = out.asm["ptx"]
+    import re
+    return dict(ptxas_info(ptx), shared=out.metadata.shared,
+                setmaxnreg=sorted({int(n) for n in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)}),
+                wgmma=ptx.count("wgmma.mma_async"), tma_loads=ptx.count("cp.async.bulk.tensor"))
+
+
+def _lists_stand_in(n: int):
+    """Empty block lists of PyTorch's BlockMask layout, for compiling (the values are never read)."""
+    from types import SimpleNamespace
+
+    z = lambda *shape: torch.zeros(*shape, dtype=torch.int32)  # noqa: E731
+    return SimpleNamespace(BLOCK_SIZE=(128, 128), kv_num_blocks=z(1, 1, n), kv_indices=z(1, 1, n, n),
+                           full_kv_num_blocks=z(1, 1, n), full_kv_indices=z(1, 1, n, n))
+
+
+def compile_report() -> list:
+    q, k, v = (torch.empty(1, 2, 512, 128, dtype=torch.bfloat16) for _ in range(3))
+    rows = []
+    for overlap, bufs in DENSE_VARIANTS:
+        rep = gluon_attention(q, k, v, NUM_BUF=bufs, overlap=overlap, launch=compile_for_sm90)
+        rows.append(dict(variant=f"dense overlap={overlap} bufs={bufs}", **rep))
+    doc = torch.zeros(512, dtype=torch.int32)
+    rep = gluon_attention_document(q, k, v, doc, _lists_stand_in(4), launch=compile_for_sm90)
+    rows.append(dict(variant="document overlap=True bufs=3", **rep))
+    return rows
+
+
+def reference(q, k, v, allowed=None):
+    """Out and LSE in float32 (bf16 inputs are exact in it), ``allowed`` an optional [L, S] mask."""
+    s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, -1) @ v.float(), torch.logsumexp(s, -1)
+
+
+def document_case(S: int, docs: int = 12, seed: int = 0):
+    """bench.py's document row: the mod, its 128 x 128 BlockMask, the ids and the allowed share."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from kernels import mods
+
+    mod = mods.document.from_seed(S, docs, seed, device="cuda")
+    bm = create_block_mask(mod, None, None, S, S, device="cuda", BLOCK_SIZE=128)
+    ids = mod.q_ids.tensor.to(torch.int32).contiguous()
+    density = float((torch.bincount(ids.long()).double() ** 2).sum()) / S / S
+    return mod, bm, ids, density
+
+
+def _max_err(got, want) -> float:
+    """max |got - want|; NaN if ``got`` holds a NaN (a poisoned element the kernel did not write)."""
+    return float("nan") if torch.isnan(got).any() else (got.float() - want).abs().max().item()
+
+
+def check_rows(S: int = 1024, seed: int = 0) -> list:
+    """Max errors against the float32 reference: our Triton forward, every dense variant, the
+    document variant (B=2, H=4, D=128, bf16)."""
+    import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(2, 4, S, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    rows = []
+
+    def row(name, got, want):
+        (o, lse), (o_ref, lse_ref) = got, want
+        rows.append(dict(impl=name, out_err=_max_err(o, o_ref), lse_err=_max_err(lse, lse_ref)))
+    dense_ref = reference(q, k, v)
+    row("ours (Triton)", kernels.flex_attention(q, k, v, return_lse=True), dense_ref)
+    for overlap, bufs in DENSE_VARIANTS:
+        row(f"gluon overlap={overlap} bufs={bufs}",
+            gluon_attention(q, k, v, NUM_BUF=bufs, overlap=overlap, poison=True), dense_ref)
+    mod, bm, ids, _ = document_case(S)
+    doc_ref = reference(q, k, v, ids[:, None] == ids[None, :])
+    row("ours (Triton), document", kernels.flex_attention(q, k, v, block_mask=bm, return_lse=True), doc_ref)
+    row("gluon document", gluon_attention_document(q, k, v, ids, bm, poison=True), doc_ref)
+    return rows
+
+
+def time_rows(lengths=(16384, 4096, 1024), document: bool = True) -> list:
+    """GPU-paced medians (``bench.timer(..., pace="gpu")``) at bench.py's shapes (B * S = 16k,
+    H=16, D=128): dense, ours against the Gluon variants; document, ours, torch.compile and Gluon."""
+    import kernels
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from benchmarks import bench
+
+    time_fn = bench.timer("cuda", 25, 100, 1, pace="gpu")
+    compiled = torch.compile(flex_attention)
+    rows = []
+    for S in lengths:
+        B, H, D = max(1, 16384 // S), 16, 128
+        sets = [tuple(torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3)) for _ in range(2)]
+        turn = [0]
+
+        def nxt():
+            turn[0] += 1
+            return sets[turn[0] % 2]
+        cases = [("dense", 1.0, [("ours (Triton)", lambda: kernels.flex_attention(*nxt()))]
+                  + [(f"gluon overlap={o} bufs={b}", lambda o=o, b=b: gluon_attention(*nxt(), NUM_BUF=b, overlap=o))
+                     for o, b in DENSE_VARIANTS])]
+        if document:
+            mod, bm, ids, density = document_case(S)
+            cases.append(("document", density, [
+                ("ours (Triton)", lambda bm=bm: kernels.flex_attention(*nxt(), block_mask=bm)),
+                ("torch.compile", lambda bm=bm: compiled(*nxt(), block_mask=bm)),
+                ("gluon document", lambda bm=bm, ids=ids: gluon_attention_document(*nxt(), ids, bm))]))
+        for mask, density, impls in cases:
+            flops = 4 * B * H * S * S * D * density
+            for name, fn in impls:
+                fn()
+                torch.cuda.synchronize()
+                ms = time_fn(fn)[0]
+                rows.append(dict(S=S, B=B, H=H, D=D, mask=mask, impl=name, ms=ms, tflops=flops / ms / 1e9))
+                print(f"S={S:<6d} B={B:<3d} {mask:9s} {name:28s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s",
+                      flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--compile-only", action="store_true", help="compile every variant for sm_90 and report (no GPU)")
+    p.add_argument("--lengths", default="16384,4096,1024", help="timed sequence lengths")
+    p.add_argument("--no-document", action="store_true", help="time the dense variants only")
+    p.add_argument("--json", default=None, help="results file (default $OUT/gluon_probe.json if OUT is set)")
+    args = p.parse_args(argv)
+    if args.compile_only:
+        for row in compile_report():
+            print(json.dumps(row), flush=True)
+        return 0
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        print("gluon_probe: needs an sm_90 GPU (H100/H200); --compile-only runs anywhere", file=sys.stderr)
+        return 2
+    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    result["checks"] = check_rows()
+    for r in result["checks"]:
+        print(f"check {r['impl']:34s} out max err {r['out_err']:.3e}  lse max err {r['lse_err']:.3e}", flush=True)
+    result["times"] = time_rows(tuple(int(x) for x in args.lengths.split(",")), not args.no_document)
+    path = args.json or os.path.join(os.environ.get("OUT") or ".", "gluon_probe.json")
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""benchmarks/gluon_probe.py: the warp-specialized Gluon forward, compiled on the CPU, checked on the GPU.
+
+The probe is not part of ``kernels/``; these tests keep it compiling (every variant, for sm_90,
+in a fresh process with the interpreter off, as ``tests/test_codegen.py`` compiles our kernels) and,
+on the GPU, no less accurate than our Triton forward on the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gluon_probe.py"
+
+
+def test_every_variant_compiles_for_sm90_warp_specialized_without_spills():
+    cache = Path(os.environ.get("TMPDIR", "/tmp")) / "flex-oracle-gluon-cache"
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(cache))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    run = subprocess.run([sys.executable, str(SCRIPT), "--compile-only"], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert [r["variant"] for r in rows] == [
+        "dense overlap=False bufs=2", "dense overlap=True bufs=2", "dense overlap=False bufs=3",
+        "dense overlap=True bufs=3", "document overlap=True bufs=3"]
+    for r in rows:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["shared"] <= 232448, r  # a block's shared memory on sm_90; 3 stages take 229,688 bytes
+        # The partitions' register split: consumers raised to 240, the loader lowered to 24.
+        assert 240 in r["setmaxnreg"] and 24 in r["setmaxnreg"], r
+        assert r["wgmma"] > 0 and r["tma_loads"] > 0, r
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_forward_as_accurate_as_ours():
+    """Max errors against the float32 reference (S=1k, B=2, H=4, D=128, bf16), dense and document:
+    each Gluon variant within twice our Triton forward's error on the same inputs (our forward is
+    held to the float64 oracle by the rest of the suite; both round P to bf16 before P @ V, in a
+    different order of accumulation, hence the factor). On the H200 the dense variants' errors
+    equalled ours: 9.9e-4 in out, 9.5e-7 in the LSE."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gluon_probe
+
+    rows = {r["impl"]: r for r in gluon_probe.check_rows()}
+    ours, ours_doc = rows.pop("ours (Triton)"), rows.pop("ours (Triton), document")
+    for name, r in rows.items():
+        base = ours_doc if "document" in name else ours
+        assert r["out_err"] <= 2 * base["out_err"] + 1e-6, (name, r, base)
+        assert r["lse_err"] <= 2 * base["lse_err"] + 1e-6, (name, r, base)
