@@ -22,9 +22,10 @@ score mod; the document variant also needs L == S. Out and LSE only (no backward
 
 Measured on the H200 (eighteenth session, ``docs/perf/h200-gluon-probe-2026-12-04.txt``): the dense
 variants match the float32 reference exactly as closely as our Triton forward (the same max
-errors, 9.9e-4 in out and 9.5e-7 in the LSE at S=1k), and with ``overlap`` and 3 stages the dense
-forward ran 616 TFLOP/s at S=16k against our Triton forward's 513 (+20 %), 578 against 488 at
-4k, 451 against 406 at 1k. The document variant compiles for sm_90 (``--compile-only``) but has
+errors, 9.9e-4 in out and 9.5e-7 in the LSE at S=1k; outputs not poisoned in that run, as they
+now are in ``check_rows``), and with ``overlap`` and 3 stages the dense forward ran 608 to 616
+TFLOP/s at S=16k against our Triton forward's 512 to 513 (+19 to 20 %), 560 to 578 against 483
+to 492 at 4k, 442 to 451 against 405 to 406 at 1k. The document variant compiles for sm_90 (``--compile-only``) but has
 not run on a GPU yet: the session's device time ran out; ``tests/test_gluon_probe.py`` checks it
 against the reference on the next GPU run.
 """
