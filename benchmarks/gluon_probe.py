@@ -14,20 +14,22 @@ same wheel), to measure what it gains before any of it goes into ``kernels/``:
   a ring of ``NUM_BUF`` stages, K and V on barriers of their own (QK^T starts before V lands);
 * ``overlap``: FlashAttention-3's intra-warpgroup overlap, QK^T of block j and P V of block j-1
   in flight on the tensor cores while the warpgroup runs block j's softmax;
-* ``gluon_attention_document``: the same over PyTorch's 128 x 128 block lists (partial blocks
-  first, then full ones), with a document mask on the partial blocks.
+* ``gluon_attention_document`` and ``gluon_attention_softcap``: the overlapped kernel over
+  PyTorch's 128 x 128 block lists (partial blocks first, then full ones), with a document mask on
+  the partial blocks, or bench.py's softcap row (``tanh_softcap(30)``, its tanh computed as
+  ``kernels.mods`` does, on a causal mask).
 
 Scope: bf16, head dim 128, L and S multiples of 128, contiguous (B, H, L, D) inputs, no GQA, no
-score mod; the document variant also needs L == S. Out and LSE only (no backward).
+general mods; the block-list variants also need L == S. Out and LSE only (no backward).
 
 Measured on the H200 (eighteenth session, ``docs/perf/h200-gluon-probe-2026-12-04.txt``): the dense
 variants match the float32 reference exactly as closely as our Triton forward (the same max
 errors, 9.9e-4 in out and 9.5e-7 in the LSE at S=1k; outputs not poisoned in that run, as they
 now are in ``check_rows``), and with ``overlap`` and 3 stages the dense forward ran 608 to 616
 TFLOP/s at S=16k against our Triton forward's 512 to 513 (+19 to 20 %), 560 to 578 against 483
-to 492 at 4k, 442 to 451 against 405 to 406 at 1k. The document variant compiles for sm_90 (``--compile-only``) but has
-not run on a GPU yet: the session's device time ran out; ``tests/test_gluon_probe.py`` checks it
-against the reference on the next GPU run.
+to 492 at 4k, 442 to 451 against 405 to 406 at 1k. The document and softcap variants compile
+for sm_90 (``--compile-only``) but have not run on a GPU yet: the session's device time ran out.
+``tests/test_gluon_probe.py`` checks them against the reference on the next GPU run.
 """
 
 from __future__ import annotations
@@ -294,13 +296,45 @@ def _block_of(j, n_partial, part_idx, full_idx):
 
 
 @gluon.jit
-def _masked_softmax(qk, j, n_partial, part_idx, doc_ptr, q_doc, cols, m_i, l_i, qk_scale, BLOCK_N: gl.constexpr):
-    """One block's online-softmax step; on a partial block (the first n_partial) the document mask
-    first. A row with nothing allowed so far keeps m = -inf; its shift is 0, so p = 0, not NaN."""
-    qk = qk * qk_scale
+def _tanh(x):
+    """tanh as kernels.mods.tanh_softcap computes it: Eigen's 13/6 rational function of the clamped
+    argument, the division a rcp.approx and a multiply (mods.TANH_NUM / TANH_DEN)."""
+    x = gl.minimum(gl.maximum(x, -7.90531110763549805), 7.90531110763549805)
+    x2 = x * x
+    num = -2.76076847742355e-16
+    num = num * x2 + 2.00018790482477e-13
+    num = num * x2 - 8.60467152213735e-11
+    num = num * x2 + 5.12229709037114e-08
+    num = num * x2 + 1.48572235717979e-05
+    num = num * x2 + 6.37261928875436e-04
+    num = num * x2 + 4.89352455891786e-03
+    den = 1.19825839466702e-06
+    den = den * x2 + 1.18534705686654e-04
+    den = den * x2 + 2.26843463243900e-03
+    den = den * x2 + 4.89352518554385e-03
+    r = gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [den], dtype=gl.float32, is_pure=True,
+                                  pack=1)
+    return x * num * r
+
+
+@gluon.jit
+def _masked_softmax(qk, j, n_partial, part_idx, doc_ptr, q_doc, q_pos, cols, m_i, l_i, qk_scale,
+                    BLOCK_N: gl.constexpr, MASK_KIND: gl.constexpr, SOFTCAP: gl.constexpr):
+    """One block's online-softmax step (scores in base 2). With SOFTCAP > 0 the scores are first
+    ``cap * tanh(score / cap)``. On a partial block (the first n_partial) the mask applies:
+    MASK_KIND 0 is the document mask (ids in doc_ptr), 1 causal. A row with nothing allowed so far
+    keeps m = -inf; its shift is 0, so p = 0, not NaN."""
+    if SOFTCAP > 0:
+        qk = _tanh(qk * (qk_scale / (1.4426950408889634 * SOFTCAP))) * (SOFTCAP * 1.4426950408889634)
+    else:
+        qk = qk * qk_scale
     if j < n_partial:
-        kv_doc = gl.load(doc_ptr + gl.load(part_idx + j) * BLOCK_N + cols)
-        keep = gl.expand_dims(q_doc, 1) == gl.expand_dims(kv_doc, 0)
+        kv0 = gl.load(part_idx + j) * BLOCK_N
+        if MASK_KIND == 0:
+            kv_doc = gl.load(doc_ptr + kv0 + cols)
+            keep = gl.expand_dims(q_doc, 1) == gl.expand_dims(kv_doc, 0)
+        else:
+            keep = gl.expand_dims(q_pos, 1) >= gl.expand_dims(kv0 + cols, 0)
         qk = gl.where(keep, qk, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(qk, 1))
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -311,7 +345,8 @@ def _masked_softmax(qk, j, n_partial, part_idx, doc_ptr, q_doc, cols, m_i, l_i, 
 
 
 @gluon.jit
-def _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, WG: gl.constexpr):
+def _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, WG: gl.constexpr,
+                    MASK_KIND: gl.constexpr, SOFTCAP: gl.constexpr):
     q_smem, k_bufs, v_bufs = bufs
     q_ready, k_ready, v_ready, kv_empty = bars
     out_ptr, lse_ptr, doc_ptr, part_idx, full_idx, n_partial, n_blocks = lists
@@ -329,7 +364,11 @@ def _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, WG: g
     orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
 
     q = q_smem.index(WG)
-    q_doc = gl.load(doc_ptr + q0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout))
+    q_pos = q0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout)
+    if MASK_KIND == 0:
+        q_doc = gl.load(doc_ptr + q_pos)
+    else:
+        q_doc = q_pos
     cols = gl.arange(0, BLOCK_N, col_layout)
     mbarrier.wait(q_ready.index(WG), 0)
     m_i = gl.full([HALF_M], float("-inf"), gl.float32, row_layout)
@@ -341,8 +380,8 @@ def _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, WG: g
         mbarrier.wait(k_ready.index(0), 0)
         qk = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-        p, m_i, l_i, alpha = _masked_softmax(qk, 0, n_partial, part_idx, doc_ptr, q_doc, cols, m_i, l_i, qk_scale,
-                                             BLOCK_N)
+        p, m_i, l_i, alpha = _masked_softmax(qk, 0, n_partial, part_idx, doc_ptr, q_doc, q_pos, cols, m_i, l_i,
+                                             qk_scale, BLOCK_N, MASK_KIND, SOFTCAP)
         pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
     for j in range(1, n_blocks):
         s = j % NUM_BUF
@@ -354,8 +393,8 @@ def _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, WG: g
         mbarrier.wait(v_ready.index(sp), php)
         acc = warpgroup_mma(pb, v_bufs.index(sp), acc, is_async=True)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
-        p, m_i, l_i, alpha = _masked_softmax(qk, j, n_partial, part_idx, doc_ptr, q_doc, cols, m_i, l_i, qk_scale,
-                                             BLOCK_N)
+        p, m_i, l_i, alpha = _masked_softmax(qk, j, n_partial, part_idx, doc_ptr, q_doc, q_pos, cols, m_i, l_i,
+                                             qk_scale, BLOCK_N, MASK_KIND, SOFTCAP)
         acc, pb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pb))
         mbarrier.arrive(kv_empty.index(sp), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
@@ -379,14 +418,29 @@ def _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, WG: g
     gl.store(lse_ptr + rows_s, lse)
 
 
-@gluon.jit
-def _consumer0_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale):
-    _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, 0)
+# Constexprs do not pass through warp_specialize's argument tuple: one pair of consumer
+# partitions per (mask, softcap) variant, each passing its constants on.
+SOFTCAP = 30.0  # bench.py's softcap row: tanh_softcap(30) on a causal mask
 
 
 @gluon.jit
-def _consumer1_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale):
-    _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, 1)
+def _consumer0_document(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale):
+    _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, 0, 0, 0.0)
+
+
+@gluon.jit
+def _consumer1_document(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale):
+    _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, 1, 0, 0.0)
+
+
+@gluon.jit
+def _consumer0_softcap(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale):
+    _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, 0, 1, 30.0)
+
+
+@gluon.jit
+def _consumer1_softcap(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale):
+    _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, 1, 1, 30.0)
 
 
 @gluon.jit
@@ -416,7 +470,7 @@ def _loader_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale):
 def gluon_attn_fwd_sparse(q_desc, k_desc, v_desc, out_ptr, lse_ptr, doc_ptr,
                           KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, L, S, H, MB, MH, NQ, NKV, qk_scale,
                           HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                          NUM_BUF: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                          NUM_BUF: gl.constexpr, CONSUMER_REGS: gl.constexpr, SOFTCAP_CAUSAL: gl.constexpr):
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
     q0 = pid_m * (2 * HALF_M)
@@ -445,14 +499,20 @@ def gluon_attn_fwd_sparse(q_desc, k_desc, v_desc, out_ptr, lse_ptr, doc_ptr,
     bars = (q_ready, k_ready, v_ready, kv_empty)
     lists = (out_ptr, lse_ptr, doc_ptr, part_idx, full_idx, n_partial, n_blocks)
     args = (descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale)
-    gl.warp_specialize([(_consumer0_sparse, args), (_consumer1_sparse, args), (_loader_sparse, args)],
-                       [4, 1], [CONSUMER_REGS, 24])
+    if SOFTCAP_CAUSAL:
+        gl.warp_specialize([(_consumer0_softcap, args), (_consumer1_softcap, args), (_loader_sparse, args)],
+                           [4, 1], [CONSUMER_REGS, 24])
+    else:
+        gl.warp_specialize([(_consumer0_document, args), (_consumer1_document, args), (_loader_sparse, args)],
+                           [4, 1], [CONSUMER_REGS, 24])
 
 
-def gluon_attention_document(q, k, v, doc, block_mask, scale=None, NUM_BUF=3, maxnreg=168, consumer_regs=240,
-                             launch=None, poison=False):
-    """``doc``: int32 document id per position (L == S); ``block_mask``: PyTorch's BlockMask at 128 x 128;
-    ``poison`` as ``gluon_attention``'s."""
+def gluon_attention_sparse(q, k, v, block_mask, doc=None, scale=None, NUM_BUF=3, maxnreg=168, consumer_regs=240,
+                           launch=None, poison=False):
+    """Attention over ``block_mask``'s lists (PyTorch's BlockMask at 128 x 128; partial blocks
+    first, then full ones). With ``doc`` (int32 document id per position, L == S) the partial
+    blocks take the document mask; without it they are causal and every score is first
+    ``SOFTCAP * tanh(score / SOFTCAP)`` (bench.py's softcap row). ``poison`` as ``gluon_attention``'s."""
     B, H, L, D = q.shape
     S = k.shape[2]
     HALF_M, BLOCK_N = 64, 128
@@ -472,12 +532,22 @@ def gluon_attention_document(q, k, v, doc, block_mask, scale=None, NUM_BUF=3, ma
     full_num, full_idx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
     MB, MH, NQ, NKV = kv_idx.shape
     grid = (L // (2 * HALF_M), B * H)
-    args = (q_desc, k_desc, v_desc, out, lse, doc, kv_num, kv_idx, full_num, full_idx, L, S, H, MB, MH, NQ, NKV,
-            scale * LOG2E, HALF_M, BLOCK_N, D, NUM_BUF, consumer_regs)
+    args = (q_desc, k_desc, v_desc, out, lse, doc if doc is not None else kv_num, kv_num, kv_idx, full_num, full_idx,
+            L, S, H, MB, MH, NQ, NKV, scale * LOG2E, HALF_M, BLOCK_N, D, NUM_BUF, consumer_regs, doc is None)
     if launch is not None:
         return launch(gluon_attn_fwd_sparse, grid, args, dict(num_warps=4, maxnreg=maxnreg))
     gluon_attn_fwd_sparse[grid](*args, num_warps=4, maxnreg=maxnreg)
     return out, lse
+
+
+def gluon_attention_document(q, k, v, doc, block_mask, **kw):
+    """The document mask (``doc``: int32 id per position) over ``block_mask``'s lists."""
+    return gluon_attention_sparse(q, k, v, block_mask, doc=doc, **kw)
+
+
+def gluon_attention_softcap(q, k, v, block_mask, **kw):
+    """tanh_softcap(SOFTCAP) on a causal mask (``block_mask``: the causal BlockMask at 128 x 128)."""
+    return gluon_attention_sparse(q, k, v, block_mask, doc=None, **kw)
 
 
 # --------------------------------------------------------------------------
@@ -506,7 +576,8 @@ def compile_for_sm90(kernel, grid, args, launch_kwargs) -> dict:
     import re
     return dict(ptxas_info(ptx), shared=out.metadata.shared,
                 setmaxnreg=sorted({int(n) for n in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)}),
-                wgmma=ptx.count("wgmma.mma_async"), tma_loads=ptx.count("cp.async.bulk.tensor"))
+                wgmma=ptx.count("wgmma.mma_async"), tma_loads=ptx.count("cp.async.bulk.tensor"),
+                rcp_approx=ptx.count("rcp.approx"))
 
 
 def _lists_stand_in(n: int):
@@ -527,12 +598,17 @@ def compile_report() -> list:
     doc = torch.zeros(512, dtype=torch.int32)
     rep = gluon_attention_document(q, k, v, doc, _lists_stand_in(4), launch=compile_for_sm90)
     rows.append(dict(variant="document overlap=True bufs=3", **rep))
+    rep = gluon_attention_softcap(q, k, v, _lists_stand_in(4), launch=compile_for_sm90)
+    rows.append(dict(variant="softcap causal overlap=True bufs=3", **rep))
     return rows
 
 
-def reference(q, k, v, allowed=None):
-    """Out and LSE in float32 (bf16 inputs are exact in it), ``allowed`` an optional [L, S] mask."""
+def reference(q, k, v, allowed=None, softcap=None):
+    """Out and LSE in float32 (bf16 inputs are exact in it), ``allowed`` an optional [L, S] mask,
+    ``softcap`` an optional cap (``cap * tanh(score / cap)``, torch's tanh)."""
     s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     return torch.softmax(s, -1) @ v.float(), torch.logsumexp(s, -1)
@@ -551,6 +627,17 @@ def document_case(S: int, docs: int = 12, seed: int = 0):
     return mod, bm, ids, density
 
 
+def causal_case(S: int):
+    """bench.py's softcap row: tanh_softcap(SOFTCAP) on the causal mask; the mod, the 128 x 128
+    causal BlockMask and the allowed share."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from kernels import mods
+
+    bm = create_block_mask(mods.causal(), None, None, S, S, device="cuda", BLOCK_SIZE=128)
+    return mods.tanh_softcap(SOFTCAP), bm, (S + 1) / (2 * S)
+
+
 def _max_err(got, want) -> float:
     """max |got - want|; NaN if ``got`` holds a NaN (a poisoned element the kernel did not write)."""
     return float("nan") if torch.isnan(got).any() else (got.float() - want).abs().max().item()
@@ -558,7 +645,7 @@ def _max_err(got, want) -> float:
 
 def check_rows(S: int = 1024, seed: int = 0) -> list:
     """Max errors against the float32 reference: our Triton forward, every dense variant, the
-    document variant (B=2, H=4, D=128, bf16)."""
+    document variant, the softcap variant (B=2, H=4, D=128, bf16)."""
     import kernels
 
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -577,12 +664,19 @@ def check_rows(S: int = 1024, seed: int = 0) -> list:
     doc_ref = reference(q, k, v, ids[:, None] == ids[None, :])
     row("ours (Triton), document", kernels.flex_attention(q, k, v, block_mask=bm, return_lse=True), doc_ref)
     row("gluon document", gluon_attention_document(q, k, v, ids, bm, poison=True), doc_ref)
+    mod, bm, _ = causal_case(S)
+    pos = torch.arange(S, device="cuda")
+    cap_ref = reference(q, k, v, pos[:, None] >= pos[None, :], softcap=SOFTCAP)
+    row("ours (Triton), softcap", kernels.flex_attention(q, k, v, score_mod=mod, block_mask=bm, return_lse=True),
+        cap_ref)
+    row("gluon softcap", gluon_attention_softcap(q, k, v, bm, poison=True), cap_ref)
     return rows
 
 
 def time_rows(lengths=(16384, 4096, 1024), document: bool = True) -> list:
     """GPU-paced medians (``bench.timer(..., pace="gpu")``) at bench.py's shapes (B * S = 16k,
-    H=16, D=128): dense, ours against the Gluon variants; document, ours, torch.compile and Gluon."""
+    H=16, D=128): dense, ours against the Gluon variants; document and softcap, ours,
+    torch.compile and Gluon."""
     import kernels
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -608,6 +702,11 @@ def time_rows(lengths=(16384, 4096, 1024), document: bool = True) -> list:
                 ("ours (Triton)", lambda bm=bm: kernels.flex_attention(*nxt(), block_mask=bm)),
                 ("torch.compile", lambda bm=bm: compiled(*nxt(), block_mask=bm)),
                 ("gluon document", lambda bm=bm, ids=ids: gluon_attention_document(*nxt(), ids, bm))]))
+            mod, bm, density = causal_case(S)
+            cases.append(("softcap", density, [
+                ("ours (Triton)", lambda bm=bm, mod=mod: kernels.flex_attention(*nxt(), score_mod=mod, block_mask=bm)),
+                ("torch.compile", lambda bm=bm, mod=mod: compiled(*nxt(), score_mod=mod, block_mask=bm)),
+                ("gluon softcap", lambda bm=bm: gluon_attention_softcap(*nxt(), bm))]))
         for mask, density, impls in cases:
             flops = 4 * B * H * S * S * D * density
             for name, fn in impls:
@@ -624,7 +723,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--compile-only", action="store_true", help="compile every variant for sm_90 and report (no GPU)")
     p.add_argument("--lengths", default="16384,4096,1024", help="timed sequence lengths")
-    p.add_argument("--no-document", action="store_true", help="time the dense variants only")
+    p.add_argument("--no-document", action="store_true", help="time the dense variants only (no document, softcap)")
     p.add_argument("--json", default=None, help="results file (default $OUT/gluon_probe.json if OUT is set)")
     args = p.parse_args(argv)
     if args.compile_only:
