@@ -19,17 +19,24 @@ same wheel), to measure what it gains before any of it goes into ``kernels/``:
   the partial blocks, or bench.py's softcap row (``tanh_softcap(30)``, its tanh computed as
   ``kernels.mods`` does, on a causal mask).
 
-Scope: bf16, head dim 128, L and S multiples of 128, contiguous (B, H, L, D) inputs, no GQA, no
-general mods; the block-list variants also need L == S. Out and LSE only (no backward).
+* ``gluon_flex_attention``: the same kernel generated around any ``kernels.mods`` program
+  (``kernels.mods.gluon_functions`` emits the mods' Triton code with Gluon's names; one module
+  per program, since ``warp_specialize`` passes no constexpr or function to its partitions):
+  ``mask_mod`` on the partial blocks, ``score_mod`` on every block, GQA, bf16 or fp16.
+
+Scope: head dim 128, L and S multiples of 128, contiguous (B, H, L, D) inputs; the hand-written
+variants are bf16 only, without GQA, and the block-list ones need L == S. Out and LSE only (no
+backward).
 
 Measured on the H200 (eighteenth session, ``docs/perf/h200-gluon-probe-2026-12-04.txt``): the dense
 variants match the float32 reference exactly as closely as our Triton forward (the same max
 errors, 9.9e-4 in out and 9.5e-7 in the LSE at S=1k; outputs not poisoned in that run, as they
 now are in ``check_rows``), and with ``overlap`` and 3 stages the dense forward ran 608 to 616
 TFLOP/s at S=16k against our Triton forward's 512 to 513 (+19 to 20 %), 560 to 578 against 483
-to 492 at 4k, 442 to 451 against 405 to 406 at 1k. The document and softcap variants compile
-for sm_90 (``--compile-only``) but have not run on a GPU yet: the session's device time ran out.
-``tests/test_gluon_probe.py`` checks them against the reference on the next GPU run.
+to 492 at 4k, 442 to 451 against 405 to 406 at 1k. The document, softcap and generated
+variants compile for sm_90 without spills (``--compile-only``: nine mods programs) but have not
+run on a GPU yet: the session's device time ran out. ``tests/test_gluon_probe.py`` checks them
+against the reference (float32) and the oracle (float64) on the next GPU run.
 """
 
 from __future__ import annotations
@@ -551,6 +558,268 @@ def gluon_attention_softcap(q, k, v, block_mask, **kw):
 
 
 # --------------------------------------------------------------------------
+# any kernels.mods program: the kernel generated around the mods' own code
+
+# The consumer and loader partitions of the block-list kernel, with the mods' mask_fn and
+# score_fn (kernels.mods.gluon_functions) defined in the same generated module: warp_specialize
+# passes no constexpr (nor a function) to its partitions, so each program gets a module of its own.
+# @@MODS@@ is replaced by the mods' functions, @@SCORE@@ and @@MASK@@ by the lines that apply them.
+_FLEX_TEMPLATE = """
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import tma, mbarrier, warpgroup_mma, warpgroup_mma_wait
+
+
+@@MODS@@
+
+
+@gluon.jit
+def _block_of(j, n_partial, part_idx, full_idx):
+    if j < n_partial:
+        b = gl.load(part_idx + j)
+    else:
+        b = gl.load(full_idx + (j - n_partial))
+    return b
+
+
+@gluon.jit
+def _step(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
+    out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3 = lists
+    qk_scale, sm_scale = scales
+    n = gl.expand_dims(_block_of(j, n_partial, part_idx, full_idx) * BLOCK_N + cols, 0)
+@@SCORE@@
+@@MASK@@
+    m_new = gl.maximum(m_i, gl.max(t2, 1))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_use)
+    p = gl.exp2(t2 - gl.expand_dims(m_use, 1))
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constexpr):
+    q_smem, k_bufs, v_bufs = bufs
+    q_ready, k_ready, v_ready, kv_empty = bars
+    out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3 = lists
+    HALF_M: gl.constexpr = q_smem.shape[1]
+    NUM_BUF: gl.constexpr = k_bufs.shape[0]
+    BLOCK_N: gl.constexpr = k_bufs.shape[1]
+    HEAD_D: gl.constexpr = k_bufs.shape[2]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q = q_smem.index(WG)
+    m = gl.expand_dims(q0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout), 1)
+    cols = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+    mbarrier.wait(q_ready.index(WG), 0)
+    m_i = gl.full([HALF_M], float("-inf"), gl.float32, row_layout)
+    l_i = gl.full([HALF_M], 0.0, gl.float32, row_layout)
+    acc = gl.zeros([HALF_M, HEAD_D], gl.float32, o_layout)
+    zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
+    pb = gl.zeros([HALF_M, BLOCK_N], q_smem.dtype, p_layout)
+    if n_blocks > 0:
+        mbarrier.wait(k_ready.index(0), 0)
+        qk = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+        p, m_i, l_i, alpha = _step(qk, 0, lists, m, cols, m_i, l_i, scales, BLOCK_N)
+        pb = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+    for j in range(1, n_blocks):
+        s = j % NUM_BUF
+        ph = (j // NUM_BUF) & 1
+        sp = (j - 1) % NUM_BUF
+        php = ((j - 1) // NUM_BUF) & 1
+        mbarrier.wait(k_ready.index(s), ph)
+        qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(sp), php)
+        acc = warpgroup_mma(pb, v_bufs.index(sp), acc, is_async=True)
+        qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
+        p, m_i, l_i, alpha = _step(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N)
+        acc, pb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pb))
+        mbarrier.arrive(kv_empty.index(sp), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+        pb = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+    if n_blocks > 0:
+        sl = (n_blocks - 1) % NUM_BUF
+        phl = ((n_blocks - 1) // NUM_BUF) & 1
+        mbarrier.wait(v_ready.index(sl), phl)
+        acc = warpgroup_mma(pb, v_bufs.index(sl), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(kv_empty.index(sl), count=1)
+
+    # A row with nothing allowed: l = 0, m = -inf; out 0 and lse -inf (SPEC).
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / gl.expand_dims(gl.convert_layout(l_safe, orow_layout), 1)
+    rows = row0 + WG * HALF_M + gl.arange(0, HALF_M, orow_layout)
+    ocols = gl.arange(0, HEAD_D, gl.SliceLayout(0, o_layout))
+    offs = gl.expand_dims(rows.to(gl.int64) * HEAD_D, 1) + gl.expand_dims(ocols, 0)
+    gl.store(out_ptr + offs, out.to(q_smem.dtype))
+    lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
+    rows_s = row0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout)
+    gl.store(lse_ptr + rows_s, lse)
+
+
+@gluon.jit
+def _consumer0(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0)
+
+
+@gluon.jit
+def _consumer1(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1)
+
+
+@gluon.jit
+def _loader(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
+    q_desc, k_desc, v_desc = descs
+    q_smem, k_bufs, v_bufs = bufs
+    q_ready, k_ready, v_ready, kv_empty = bars
+    out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3 = lists
+    HALF_M: gl.constexpr = q_smem.shape[1]
+    NUM_BUF: gl.constexpr = k_bufs.shape[0]
+    BLOCK_N: gl.constexpr = k_bufs.shape[1]
+    for w in gl.static_range(2):
+        mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row0 + w * HALF_M, 0], q_ready.index(w), q_smem.index(w))
+    for j in range(n_blocks):
+        s = j % NUM_BUF
+        ph = (j // NUM_BUF) & 1
+        kv = kv_row0 + _block_of(j, n_partial, part_idx, full_idx) * BLOCK_N
+        mbarrier.wait(kv_empty.index(s), ph ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv, 0], k_ready.index(s), k_bufs.index(s))
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [kv, 0], v_ready.index(s), v_bufs.index(s))
+
+
+@gluon.jit
+def flex_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, B0, B1, B2, B3,
+             KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, L, S, H, G, MB, MH, NQ, NKV, qk_scale, sm_scale,
+             HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_BUF: gl.constexpr,
+             CONSUMER_REGS: gl.constexpr):
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    off_z = bh // H
+    off_h = bh % H
+    q0 = pid_m * (2 * HALF_M)
+    row0 = bh * L + q0
+    kv_row0 = (off_z * (H // G) + off_h // G) * S
+    row = ((off_z % MB) * MH + off_h % MH) * NQ + pid_m
+    n_partial = gl.load(KV_NUM + row)
+    n_blocks = n_partial + gl.load(FULL_NUM + row)
+    part_idx = KV_IDX + row.to(gl.int64) * NKV
+    full_idx = FULL_IDX + row.to(gl.int64) * NKV
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, HALF_M, HEAD_D], q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_BUF, BLOCK_N, HEAD_D], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [NUM_BUF, BLOCK_N, HEAD_D], v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+    for i in gl.static_range(NUM_BUF):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)
+    descs = (q_desc, k_desc, v_desc)
+    bufs = (q_smem, k_bufs, v_bufs)
+    bars = (q_ready, k_ready, v_ready, kv_empty)
+    lists = (out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3)
+    args = (descs, bufs, bars, lists, row0, kv_row0, q0, (qk_scale, sm_scale))
+    gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader, args)], [4, 1], [CONSUMER_REGS, 24])
+"""
+
+_SCORE_LINES = "    t2 = score_fn(qk * sm_scale, off_z, off_h, m, n, B0, B1, B2, B3) * 1.4426950408889634"
+_PLAIN_LINES = "    t2 = qk * qk_scale"
+_MASK_LINES = """    if j < n_partial:
+        t2 = gl.where(mask_fn(off_z, off_h, m, n, B0, B1, B2, B3), t2, float("-inf"))"""
+
+_FLEX_MODULES: dict = {}
+
+
+def flex_module(score_mod=None, mask_mod=None):
+    """The generated Gluon module (``flex_fwd`` and its partitions) for one pair of kernels.mods
+    mods, and its captured buffers in slot order."""
+    from kernels import mods
+
+    fns, buffers = mods.gluon_functions(score_mod, mask_mod)
+    source = (_FLEX_TEMPLATE.replace("@@MODS@@", fns)
+              .replace("@@SCORE@@", _SCORE_LINES if score_mod is not None else _PLAIN_LINES)
+              .replace("@@MASK@@", _MASK_LINES if mask_mod is not None else ""))
+    module = _FLEX_MODULES.get(source)
+    if module is None:
+        module = _FLEX_MODULES[source] = mods._load_source(source, interpret=False)
+    return module, buffers
+
+
+def _full_lists(B: int, H: int, L: int, S: int, device):
+    """No block mask: every block of every row full (PyTorch's BlockMask layout, broadcast over B, H)."""
+    from types import SimpleNamespace
+
+    nq, nkv = L // 128, S // 128
+    zero = torch.zeros(1, 1, nq, dtype=torch.int32, device=device)
+    idx = torch.arange(nkv, dtype=torch.int32, device=device).expand(1, 1, nq, nkv).contiguous()
+    return SimpleNamespace(BLOCK_SIZE=(128, 128), kv_num_blocks=zero, kv_indices=torch.zeros_like(idx),
+                           full_kv_num_blocks=torch.full_like(zero, nkv), full_kv_indices=idx, mask_mod=None)
+
+
+def gluon_flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, enable_gqa=False, NUM_BUF=3,
+                         maxnreg=168, consumer_regs=240, launch=None, poison=False):
+    """FlexAttention's forward (out, lse) with the Gluon kernel, for ``kernels.mods`` mods: the
+    block mask's 128 x 128 lists (partial blocks with its ``mask_mod``, then full blocks), the
+    ``score_mod`` on every listed block, GQA. bf16 or fp16, head dim 128 (q, k, v alike),
+    contiguous (B, H, L, D), L and S multiples of 128. ``poison`` as ``gluon_attention``'s."""
+    from kernels import mods
+
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    HALF_M, BLOCK_N = 64, 128
+    if L % (2 * HALF_M) or S % BLOCK_N or D != 128 or v.shape[-1] != 128 or q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"gluon_flex_attention covers bf16/fp16, D=128, L and S multiples of 128; got "
+                         f"{q.dtype}, q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if H != Hkv and (not enable_gqa or H % Hkv):
+        raise ValueError(f"Expected enable_gqa=True and Hq % Hkv == 0 for Hq={H}, Hkv={Hkv}.")
+    if not all(t.is_contiguous() for t in (q, k, v)):
+        raise ValueError("gluon_flex_attention takes contiguous (B, H, L, D) tensors; call .contiguous() first.")
+    if block_mask is None:
+        block_mask = _full_lists(B, H, L, S, q.device)
+    if tuple(block_mask.BLOCK_SIZE) != (2 * HALF_M, BLOCK_N):
+        raise ValueError(f"Expected a BlockMask of 128 x 128 blocks, got BLOCK_SIZE={tuple(block_mask.BLOCK_SIZE)}.")
+    mask_mod = mods.as_mask_mod(block_mask.mask_mod, "block_mask.mask_mod")
+    module, buffers = flex_module(mods.as_score_mod(score_mod), mask_mod)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    elem = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    q2, k2, v2 = (t.reshape(-1, D) for t in (q, k, v))
+    q_layout = gl.NVMMASharedLayout.get_default_for([HALF_M, D], elem)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], elem)
+    q_desc = TensorDescriptor.from_tensor(q2, [HALF_M, D], q_layout)
+    k_desc = TensorDescriptor.from_tensor(k2, [BLOCK_N, D], kv_layout)
+    v_desc = TensorDescriptor.from_tensor(v2, [BLOCK_N, D], kv_layout)
+    out = torch.full_like(q, float("nan")) if poison else torch.empty_like(q)
+    lse = torch.full((B, H, L), float("nan"), dtype=torch.float32, device=q.device) if poison else \
+        torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    bufs = [t.to(q.device) for t in buffers] + [lse] * (4 - len(buffers))
+    kv_num, kv_idx = block_mask.kv_num_blocks, block_mask.kv_indices
+    full_num = block_mask.full_kv_num_blocks if block_mask.full_kv_num_blocks is not None else torch.zeros_like(kv_num)
+    full_idx = block_mask.full_kv_indices if block_mask.full_kv_indices is not None else kv_idx
+    MB, MH, NQ, NKV = kv_idx.shape
+    grid = (L // (2 * HALF_M), B * H)
+    args = (q_desc, k_desc, v_desc, out, lse, *bufs, kv_num, kv_idx, full_num, full_idx, L, S, H, H // Hkv,
+            MB, MH, NQ, NKV, scale * LOG2E, scale, HALF_M, BLOCK_N, D, NUM_BUF, consumer_regs)
+    if launch is not None:
+        return launch(module.flex_fwd, grid, args, dict(num_warps=4, maxnreg=maxnreg))
+    module.flex_fwd[grid](*args, num_warps=4, maxnreg=maxnreg)
+    return out, lse
+
+
+# --------------------------------------------------------------------------
 # the driver
 
 DENSE_VARIANTS = ((False, 2), (True, 2), (False, 3), (True, 3))  # (overlap, NUM_BUF)
@@ -600,7 +869,34 @@ def compile_report() -> list:
     rows.append(dict(variant="document overlap=True bufs=3", **rep))
     rep = gluon_attention_softcap(q, k, v, _lists_stand_in(4), launch=compile_for_sm90)
     rows.append(dict(variant="softcap causal overlap=True bufs=3", **rep))
+    for name, kw in flex_programs(512, "cpu"):
+        rep = gluon_flex_attention(q, k, v, launch=compile_for_sm90, **kw)
+        rows.append(dict(variant=f"flex {name}", **rep))
     return rows
+
+
+def flex_programs(S: int, device) -> list:
+    """(name, gluon_flex_attention keyword arguments) for a spread of kernels.mods programs on
+    (B, 2, S, 128) inputs: bench.py's mask rows and a few more mods."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from kernels import mods
+
+    def blocks(mask_mod):
+        return create_block_mask(mask_mod, None, None, S, S, device=device, BLOCK_SIZE=128)
+    causal = blocks(mods.causal())
+    table = mods.seeded("normal", [2, S, S], 7, device=device).tensor
+    return [
+        ("none", {}),
+        ("causal", dict(block_mask=causal)),
+        ("sliding_window", dict(block_mask=blocks(mods.sliding_window(S // 4)))),
+        ("prefix_lm", dict(block_mask=blocks(mods.prefix_lm(S // 4)))),
+        ("document", dict(block_mask=blocks(mods.document.from_seed(S, 5, 0, device=device)))),
+        ("alibi causal", dict(score_mod=mods.alibi.standard(2, device=device), block_mask=causal)),
+        ("softcap causal", dict(score_mod=mods.tanh_softcap(30.0), block_mask=causal)),
+        ("bias hqk", dict(score_mod=mods.bias(table, "hqk"))),
+        ("table_mask", dict(block_mask=blocks(mods.table_mask.from_seed(2, S, S, 0.5, 3, device=device)))),
+    ]
 
 
 def reference(q, k, v, allowed=None, softcap=None):
@@ -639,8 +935,12 @@ def causal_case(S: int):
 
 
 def _max_err(got, want) -> float:
-    """max |got - want|; NaN if ``got`` holds a NaN (a poisoned element the kernel did not write)."""
-    return float("nan") if torch.isnan(got).any() else (got.float() - want).abs().max().item()
+    """max |got - want| (equal infinities, a fully masked row's LSE, count as 0); NaN if ``got``
+    holds a NaN (a poisoned element the kernel did not write)."""
+    if torch.isnan(got).any():
+        return float("nan")
+    got = got.to(want.dtype)
+    return torch.where(got == want, 0.0, got - want).abs().max().item()
 
 
 def check_rows(S: int = 1024, seed: int = 0) -> list:
@@ -673,6 +973,31 @@ def check_rows(S: int = 1024, seed: int = 0) -> list:
     return rows
 
 
+def check_flex_rows(S: int = 512, seed: int = 0) -> list:
+    """``gluon_flex_attention`` on ``flex_programs`` (B=2, H=2, S=512, bf16) and a GQA causal case
+    (Hq=4, Hkv=2): max errors of ours and of the Gluon kernel against the float64 oracle."""
+    import kernels
+    import oracle
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    rows = []
+    cases = [(name, kw, draw(2, 2, S, 128), draw(2, 2, S, 128), draw(2, 2, S, 128))
+             for name, kw in flex_programs(S, "cuda")]
+    causal = flex_programs(S, "cuda")[1][1]
+    cases.append(("gqa causal", dict(causal, enable_gqa=True), draw(2, 4, S, 128), draw(2, 2, S, 128),
+                  draw(2, 2, S, 128)))
+    for name, kw, q, k, v in cases:
+        o_ref, lse_ref = oracle.flex_attention(q, k, v, return_lse=True, **kw)
+        o, lse = kernels.flex_attention(q, k, v, return_lse=True, **kw)
+        og, lg = gluon_flex_attention(q, k, v, poison=True, **kw)
+        rows.append(dict(program=name, ours_out=_max_err(o, o_ref), ours_lse=_max_err(lse, lse_ref),
+                         gluon_out=_max_err(og, o_ref), gluon_lse=_max_err(lg, lse_ref)))
+    return rows
+
+
 def time_rows(lengths=(16384, 4096, 1024), document: bool = True) -> list:
     """GPU-paced medians (``bench.timer(..., pace="gpu")``) at bench.py's shapes (B * S = 16k,
     H=16, D=128): dense, ours against the Gluon variants; document and softcap, ours,
@@ -701,12 +1026,15 @@ def time_rows(lengths=(16384, 4096, 1024), document: bool = True) -> list:
             cases.append(("document", density, [
                 ("ours (Triton)", lambda bm=bm: kernels.flex_attention(*nxt(), block_mask=bm)),
                 ("torch.compile", lambda bm=bm: compiled(*nxt(), block_mask=bm)),
-                ("gluon document", lambda bm=bm, ids=ids: gluon_attention_document(*nxt(), ids, bm))]))
+                ("gluon document", lambda bm=bm, ids=ids: gluon_attention_document(*nxt(), ids, bm)),
+                ("gluon flex (generated)", lambda bm=bm: gluon_flex_attention(*nxt(), block_mask=bm))]))
             mod, bm, density = causal_case(S)
             cases.append(("softcap", density, [
                 ("ours (Triton)", lambda bm=bm, mod=mod: kernels.flex_attention(*nxt(), score_mod=mod, block_mask=bm)),
                 ("torch.compile", lambda bm=bm, mod=mod: compiled(*nxt(), score_mod=mod, block_mask=bm)),
-                ("gluon softcap", lambda bm=bm: gluon_attention_softcap(*nxt(), bm))]))
+                ("gluon softcap", lambda bm=bm: gluon_attention_softcap(*nxt(), bm)),
+                ("gluon flex (generated)", lambda bm=bm, mod=mod: gluon_flex_attention(*nxt(), score_mod=mod,
+                                                                                      block_mask=bm))]))
         for mask, density, impls in cases:
             flops = 4 * B * H * S * S * D * density
             for name, fn in impls:
@@ -737,6 +1065,10 @@ def main(argv=None) -> int:
     result["checks"] = check_rows()
     for r in result["checks"]:
         print(f"check {r['impl']:34s} out max err {r['out_err']:.3e}  lse max err {r['lse_err']:.3e}", flush=True)
+    result["flex_checks"] = check_flex_rows()
+    for r in result["flex_checks"]:
+        print(f"check flex {r['program']:16s} out max err ours {r['ours_out']:.3e} gluon {r['gluon_out']:.3e}  "
+              f"lse ours {r['ours_lse']:.3e} gluon {r['gluon_lse']:.3e}", flush=True)
     result["times"] = time_rows(tuple(int(x) for x in args.lengths.split(",")), not args.no_document)
     path = args.json or os.path.join(os.environ.get("OUT") or ".", "gluon_probe.json")
     with open(path, "w") as fh:

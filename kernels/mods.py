@@ -185,6 +185,28 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
     )
 
 
+def gluon_functions(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"]) -> tuple:
+    """The forward's ``mask_fn(b, h, m, n, B0..B3)`` and ``score_fn(score, b, h, m, n, B0..B3)`` as
+    Gluon source (``@gluon.jit``, ``gl.`` operations), for a Gluon kernel that defines them in its
+    own generated module (``benchmarks/gluon_probe.py``). The code is what ``compile_mods`` emits
+    for the GPU, with each ``tl.`` name replaced by Gluon's (``tl.math.fdiv`` is ``gl.fdiv``);
+    the index arguments carry the kernel's layouts. Returns ``(source, buffers)``, the buffers in
+    the slots ``compile_mods`` gives them. Forward only: no gradient code."""
+    buffers: list = []
+    mask_gen = _Gen(buffers)
+    mask_out = mask_mod._emit(mask_gen) if mask_mod is not None else "True"
+    fwd = _Gen(buffers)
+    s = "score"
+    for mod in _flatten_chain(score_mod):
+        s = mod._emit(fwd, s)
+    text = "\n\n\n".join([
+        _function("mask_fn", f"b, h, m, n, {_BUF_ARGS}", mask_gen.lines, mask_out),
+        _function("score_fn", f"score, b, h, m, n, {_BUF_ARGS}", fwd.lines, s),
+    ])
+    text = text.replace("@triton.jit", "@gluon.jit").replace("tl.math.fdiv", "gl.fdiv").replace("tl.", "gl.")
+    return text, buffers
+
+
 def _load_source(source: str, interpret: bool):
     # Triton reads a jitted function's source through inspect, so the code
     # must live in a real file. One file per program text; written atomically

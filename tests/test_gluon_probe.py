@@ -29,7 +29,9 @@ def test_every_variant_compiles_for_sm90_warp_specialized_without_spills():
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert [r["variant"] for r in rows] == [
         "dense overlap=False bufs=2", "dense overlap=True bufs=2", "dense overlap=False bufs=3",
-        "dense overlap=True bufs=3", "document overlap=True bufs=3", "softcap causal overlap=True bufs=3"]
+        "dense overlap=True bufs=3", "document overlap=True bufs=3", "softcap causal overlap=True bufs=3",
+        "flex none", "flex causal", "flex sliding_window", "flex prefix_lm", "flex document", "flex alibi causal",
+        "flex softcap causal", "flex bias hqk", "flex table_mask"]
     for r in rows:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert r["shared"] <= 232448, r  # a block's shared memory on sm_90; 3 stages take 229,688 bytes
@@ -38,7 +40,7 @@ def test_every_variant_compiles_for_sm90_warp_specialized_without_spills():
         assert r["wgmma"] > 0 and r["tma_loads"] > 0, r
         # Only the softcap variant divides (its tanh's rcp.approx): the constexpr that picks the
         # variant reached the consumer partitions, which warp_specialize's tuple does not promise.
-        assert (r["rcp_approx"] > 0) == r["variant"].startswith("softcap"), r
+        assert (r["rcp_approx"] > 0) == ("softcap" in r["variant"]), r
 
 
 @pytest.mark.gpu
@@ -59,3 +61,16 @@ def test_gpu_gluon_forward_as_accurate_as_ours():
         base = ours[next((kind for kind in ("document", "softcap") if kind in name), "dense")]
         assert r["out_err"] <= 2 * base["out_err"] + 1e-6, (name, r, base)
         assert r["lse_err"] <= 2 * base["lse_err"] + 1e-6, (name, r, base)
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_flex_forward_as_accurate_as_ours():
+    """``gluon_flex_attention`` (the kernel generated around kernels.mods' code) against the float64
+    oracle on nine mods programs and GQA (S=512, bf16): within twice our Triton forward's error on
+    the same inputs, for the reason given above; outputs poisoned, so an unwritten element fails."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gluon_probe
+
+    for r in gluon_probe.check_flex_rows():
+        assert r["gluon_out"] <= 2 * r["ours_out"] + 1e-6, r
+        assert r["gluon_lse"] <= 2 * r["ours_lse"] + 1e-6, r
