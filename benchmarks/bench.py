@@ -699,9 +699,9 @@ def timer(device: str, warmup_ms: float, rep_ms: float, cpu_reps: int, pace: str
     ``torch.cuda._sleep`` holds the GPU for twice the host time the call takes (measured first),
     so the host has enqueued all of the call's kernels before the start event is reached, and
     they run back to back. With ``pace="host"`` (``do_bench``'s way, the default) a call whose
-    host work outlasts the L2 flush is timed at the host's pace: on the H200 at S=1k our
-    backward's host work was 0.4 to 0.9 ms on tiny shapes and torch.compile's 0.6 ms, near
-    their GPU times of 0.6 to 1 ms (eighteenth session, docs/PERFORMANCE.md)."""
+    host work outlasts the L2 flush is timed at the host's pace: on the H200 our backward's
+    host work was 0.4 to 1.0 ms on tiny shapes and torch.compile's 0.6 ms, against GPU times
+    of 0.4 to 1.2 ms at S=1k (eighteenth session, docs/PERFORMANCE.md)."""
     if pace not in PACES:
         raise ValueError(f"Expected pace in {PACES}, got {pace!r}.")
     if device == "cuda":
