@@ -22,11 +22,12 @@ same wheel), to measure what it gains before any of it goes into ``kernels/``:
 * ``gluon_flex_attention``: the same kernel generated around any ``kernels.mods`` program
   (``kernels.mods.gluon_functions`` emits the mods' Triton code with Gluon's names; one module
   per program, since ``warp_specialize`` passes no constexpr or function to its partitions):
-  ``mask_mod`` on the partial blocks, ``score_mod`` on every block, GQA, bf16 or fp16.
+  ``mask_mod`` on the partial blocks, ``score_mod`` on every block, GQA, bf16 or fp16, head
+  dim 64 or 128, any L and S (a tail tile's columns past S masked, its rows past L not stored).
 
-Scope: head dim 128, L and S multiples of 128, contiguous (B, H, L, D) inputs; the hand-written
-variants are bf16 only, without GQA, and the block-list ones need L == S. Out and LSE only (no
-backward).
+Scope: contiguous (B, H, L, D) inputs, q, k and v of one head dim. The hand-written variants are
+bf16 at head dim 128 with L and S multiples of 128, without GQA; the block-list ones need L == S.
+Out and LSE only (no backward).
 
 Measured on the H200 (eighteenth session, ``docs/perf/h200-gluon-probe-2026-12-04.txt``): the dense
 variants match the float32 reference exactly as closely as our Triton forward (the same max
@@ -34,8 +35,8 @@ errors, 9.9e-4 in out and 9.5e-7 in the LSE at S=1k; outputs not poisoned in tha
 now are in ``check_rows``), and with ``overlap`` and 3 stages the dense forward ran 608 to 616
 TFLOP/s at S=16k against our Triton forward's 512 to 513 (+19 to 20 %), 560 to 578 against 483
 to 492 at 4k, 442 to 451 against 405 to 406 at 1k. The document, softcap and generated
-variants compile for sm_90 without spills (``--compile-only``: nine mods programs) but have not
-run on a GPU yet: the session's device time ran out. ``tests/test_gluon_probe.py`` checks them
+variants compile for sm_90 without spills (``--compile-only``: nine mods programs, head dim 64,
+tails) but have not run on a GPU yet: the session's device time ran out. ``tests/test_gluon_probe.py`` checks them
 against the reference (float32) and the oracle (float64) on the next GPU run.
 """
 
@@ -585,11 +586,13 @@ def _block_of(j, n_partial, part_idx, full_idx):
 
 @gluon.jit
 def _step(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
-    out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3 = lists
+    out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3, L, S = lists
     qk_scale, sm_scale = scales
     n = gl.expand_dims(_block_of(j, n_partial, part_idx, full_idx) * BLOCK_N + cols, 0)
+@@INDEX@@
 @@SCORE@@
 @@MASK@@
+@@TAIL@@
     m_new = gl.maximum(m_i, gl.max(t2, 1))
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = gl.exp2(m_i - m_use)
@@ -602,7 +605,7 @@ def _step(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
 def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constexpr):
     q_smem, k_bufs, v_bufs = bufs
     q_ready, k_ready, v_ready, kv_empty = bars
-    out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3 = lists
+    out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3, L, S = lists
     HALF_M: gl.constexpr = q_smem.shape[1]
     NUM_BUF: gl.constexpr = k_bufs.shape[0]
     BLOCK_N: gl.constexpr = k_bufs.shape[1]
@@ -659,10 +662,12 @@ def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constex
     rows = row0 + WG * HALF_M + gl.arange(0, HALF_M, orow_layout)
     ocols = gl.arange(0, HEAD_D, gl.SliceLayout(0, o_layout))
     offs = gl.expand_dims(rows.to(gl.int64) * HEAD_D, 1) + gl.expand_dims(ocols, 0)
-    gl.store(out_ptr + offs, out.to(q_smem.dtype))
+    # Rows past L (a tail tile) belong to the next head's rows or to nothing: not stored.
+    row_ok = q0 + WG * HALF_M + gl.arange(0, HALF_M, orow_layout) < L
+    gl.store(out_ptr + offs, out.to(q_smem.dtype), mask=gl.expand_dims(row_ok, 1))
     lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
     rows_s = row0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout)
-    gl.store(lse_ptr + rows_s, lse)
+    gl.store(lse_ptr + rows_s, lse, mask=q0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout) < L)
 
 
 @gluon.jit
@@ -680,7 +685,7 @@ def _loader(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
     q_desc, k_desc, v_desc = descs
     q_smem, k_bufs, v_bufs = bufs
     q_ready, k_ready, v_ready, kv_empty = bars
-    out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3 = lists
+    out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3, L, S = lists
     HALF_M: gl.constexpr = q_smem.shape[1]
     NUM_BUF: gl.constexpr = k_bufs.shape[0]
     BLOCK_N: gl.constexpr = k_bufs.shape[1]
@@ -731,28 +736,37 @@ def flex_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, B0, B1, B2, B3,
     descs = (q_desc, k_desc, v_desc)
     bufs = (q_smem, k_bufs, v_bufs)
     bars = (q_ready, k_ready, v_ready, kv_empty)
-    lists = (out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3)
+    lists = (out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3, L, S)
     args = (descs, bufs, bars, lists, row0, kv_row0, q0, (qk_scale, sm_scale))
     gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader, args)], [4, 1], [CONSUMER_REGS, 24])
 """
 
-_SCORE_LINES = "    t2 = score_fn(qk * sm_scale, off_z, off_h, m, n, B0, B1, B2, B3) * 1.4426950408889634"
+# The mods see indices in range (as kernels/ clamps them): a tail tile's rows past L and
+# columns past S wrap around; the columns past S are then masked, the rows past L not stored.
+_INDEX_LINES = {(True, True): "    m_mod = m\n    n_mod = n",
+                (True, False): "    m_mod = m\n    n_mod = n % S",
+                (False, True): "    m_mod = m % L\n    n_mod = n",
+                (False, False): "    m_mod = m % L\n    n_mod = n % S"}
+_SCORE_LINES = "    t2 = score_fn(qk * sm_scale, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * 1.4426950408889634"
 _PLAIN_LINES = "    t2 = qk * qk_scale"
 _MASK_LINES = """    if j < n_partial:
-        t2 = gl.where(mask_fn(off_z, off_h, m, n, B0, B1, B2, B3), t2, float("-inf"))"""
+        t2 = gl.where(mask_fn(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3), t2, float("-inf"))"""
+_TAIL_LINES = """    t2 = gl.where(n < S, t2, float("-inf"))"""
 
 _FLEX_MODULES: dict = {}
 
 
-def flex_module(score_mod=None, mask_mod=None):
+def flex_module(score_mod=None, mask_mod=None, q_divisible: bool = True, kv_divisible: bool = True):
     """The generated Gluon module (``flex_fwd`` and its partitions) for one pair of kernels.mods
-    mods, and its captured buffers in slot order."""
+    mods and whether L and S are multiples of 128, and its captured buffers in slot order."""
     from kernels import mods
 
     fns, buffers = mods.gluon_functions(score_mod, mask_mod)
     source = (_FLEX_TEMPLATE.replace("@@MODS@@", fns)
+              .replace("@@INDEX@@", _INDEX_LINES[(q_divisible, kv_divisible)])
               .replace("@@SCORE@@", _SCORE_LINES if score_mod is not None else _PLAIN_LINES)
-              .replace("@@MASK@@", _MASK_LINES if mask_mod is not None else ""))
+              .replace("@@MASK@@", _MASK_LINES if mask_mod is not None else "")
+              .replace("@@TAIL@@", "" if kv_divisible else _TAIL_LINES))
     module = _FLEX_MODULES.get(source)
     if module is None:
         module = _FLEX_MODULES[source] = mods._load_source(source, interpret=False)
@@ -763,7 +777,7 @@ def _full_lists(B: int, H: int, L: int, S: int, device):
     """No block mask: every block of every row full (PyTorch's BlockMask layout, broadcast over B, H)."""
     from types import SimpleNamespace
 
-    nq, nkv = L // 128, S // 128
+    nq, nkv = -(-L // 128), -(-S // 128)
     zero = torch.zeros(1, 1, nq, dtype=torch.int32, device=device)
     idx = torch.arange(nkv, dtype=torch.int32, device=device).expand(1, 1, nq, nkv).contiguous()
     return SimpleNamespace(BLOCK_SIZE=(128, 128), kv_num_blocks=zero, kv_indices=torch.zeros_like(idx),
@@ -774,15 +788,15 @@ def gluon_flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, e
                          maxnreg=168, consumer_regs=240, launch=None, poison=False):
     """FlexAttention's forward (out, lse) with the Gluon kernel, for ``kernels.mods`` mods: the
     block mask's 128 x 128 lists (partial blocks with its ``mask_mod``, then full blocks), the
-    ``score_mod`` on every listed block, GQA. bf16 or fp16, head dim 128 (q, k, v alike),
-    contiguous (B, H, L, D), L and S multiples of 128. ``poison`` as ``gluon_attention``'s."""
+    ``score_mod`` on every listed block, GQA, any L and S (tails masked). bf16 or fp16, head dim 64
+    or 128 (q, k, v alike), contiguous (B, H, L, D). ``poison`` as ``gluon_attention``'s."""
     from kernels import mods
 
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     HALF_M, BLOCK_N = 64, 128
-    if L % (2 * HALF_M) or S % BLOCK_N or D != 128 or v.shape[-1] != 128 or q.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"gluon_flex_attention covers bf16/fp16, D=128, L and S multiples of 128; got "
+    if D not in (64, 128) or k.shape[-1] != D or v.shape[-1] != D or q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"gluon_flex_attention covers bf16/fp16 with q, k, v head dims all 64 or all 128; got "
                          f"{q.dtype}, q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if H != Hkv and (not enable_gqa or H % Hkv):
         raise ValueError(f"Expected enable_gqa=True and Hq % Hkv == 0 for Hq={H}, Hkv={Hkv}.")
@@ -793,7 +807,7 @@ def gluon_flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, e
     if tuple(block_mask.BLOCK_SIZE) != (2 * HALF_M, BLOCK_N):
         raise ValueError(f"Expected a BlockMask of 128 x 128 blocks, got BLOCK_SIZE={tuple(block_mask.BLOCK_SIZE)}.")
     mask_mod = mods.as_mask_mod(block_mask.mask_mod, "block_mask.mask_mod")
-    module, buffers = flex_module(mods.as_score_mod(score_mod), mask_mod)
+    module, buffers = flex_module(mods.as_score_mod(score_mod), mask_mod, L % (2 * HALF_M) == 0, S % BLOCK_N == 0)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     elem = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     q2, k2, v2 = (t.reshape(-1, D) for t in (q, k, v))
@@ -810,7 +824,7 @@ def gluon_flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, e
     full_num = block_mask.full_kv_num_blocks if block_mask.full_kv_num_blocks is not None else torch.zeros_like(kv_num)
     full_idx = block_mask.full_kv_indices if block_mask.full_kv_indices is not None else kv_idx
     MB, MH, NQ, NKV = kv_idx.shape
-    grid = (L // (2 * HALF_M), B * H)
+    grid = (-(-L // (2 * HALF_M)), B * H)
     args = (q_desc, k_desc, v_desc, out, lse, *bufs, kv_num, kv_idx, full_num, full_idx, L, S, H, H // Hkv,
             MB, MH, NQ, NKV, scale * LOG2E, scale, HALF_M, BLOCK_N, D, NUM_BUF, consumer_regs)
     if launch is not None:
@@ -872,7 +886,33 @@ def compile_report() -> list:
     for name, kw in flex_programs(512, "cpu"):
         rep = gluon_flex_attention(q, k, v, launch=compile_for_sm90, **kw)
         rows.append(dict(variant=f"flex {name}", **rep))
+    for name, (q, k, v), kw in flex_edge_cases("cpu"):
+        rep = gluon_flex_attention(q, k, v, launch=compile_for_sm90, **kw)
+        rows.append(dict(variant=f"flex {name}", **rep))
     return rows
+
+
+def flex_edge_cases(device, draw=None) -> list:
+    """(name, (q, k, v), keyword arguments) beyond ``flex_programs``: head dim 64, tails (L and S
+    not multiples of 128, with a mask, a score mod and GQA)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from kernels import mods
+
+    draw = draw or (lambda *shape: torch.empty(*shape, dtype=torch.bfloat16, device=device))
+
+    def blocks(mask_mod, L, S):
+        return create_block_mask(mask_mod, None, None, L, S, device=device, BLOCK_SIZE=128)
+    return [
+        ("causal D=64", (draw(2, 2, 512, 64), draw(2, 2, 512, 64), draw(2, 2, 512, 64)),
+         dict(block_mask=blocks(mods.causal(), 512, 512))),
+        ("document tails L=S=1000", (draw(2, 2, 1000, 128), draw(2, 2, 1000, 128), draw(2, 2, 1000, 128)),
+         dict(block_mask=blocks(mods.document.from_seed(1000, 5, 0, device=device), 1000, 1000))),
+        ("softcap tails L=700 S=1000 GQA", (draw(2, 4, 700, 128), draw(2, 2, 1000, 128), draw(2, 2, 1000, 128)),
+         dict(score_mod=mods.tanh_softcap(30.0), enable_gqa=True)),
+        ("alibi causal tails D=64 L=S=333", (draw(1, 2, 333, 64), draw(1, 2, 333, 64), draw(1, 2, 333, 64)),
+         dict(score_mod=mods.alibi.standard(2, device=device), block_mask=blocks(mods.causal(), 333, 333))),
+    ]
 
 
 def flex_programs(S: int, device) -> list:
@@ -974,8 +1014,9 @@ def check_rows(S: int = 1024, seed: int = 0) -> list:
 
 
 def check_flex_rows(S: int = 512, seed: int = 0) -> list:
-    """``gluon_flex_attention`` on ``flex_programs`` (B=2, H=2, S=512, bf16) and a GQA causal case
-    (Hq=4, Hkv=2): max errors of ours and of the Gluon kernel against the float64 oracle."""
+    """``gluon_flex_attention`` on ``flex_programs`` (B=2, H=2, S=512, bf16), a GQA causal case
+    (Hq=4, Hkv=2) and ``flex_edge_cases`` (D=64, tails): max errors of ours and of the Gluon kernel
+    against the float64 oracle."""
     import kernels
     import oracle
 
@@ -989,6 +1030,7 @@ def check_flex_rows(S: int = 512, seed: int = 0) -> list:
     causal = flex_programs(S, "cuda")[1][1]
     cases.append(("gqa causal", dict(causal, enable_gqa=True), draw(2, 4, S, 128), draw(2, 2, S, 128),
                   draw(2, 2, S, 128)))
+    cases += [(name, kw, q, k, v) for name, (q, k, v), kw in flex_edge_cases("cuda", draw)]
     for name, kw, q, k, v in cases:
         o_ref, lse_ref = oracle.flex_attention(q, k, v, return_lse=True, **kw)
         o, lse = kernels.flex_attention(q, k, v, return_lse=True, **kw)

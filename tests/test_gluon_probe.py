@@ -31,7 +31,8 @@ def test_every_variant_compiles_for_sm90_warp_specialized_without_spills():
         "dense overlap=False bufs=2", "dense overlap=True bufs=2", "dense overlap=False bufs=3",
         "dense overlap=True bufs=3", "document overlap=True bufs=3", "softcap causal overlap=True bufs=3",
         "flex none", "flex causal", "flex sliding_window", "flex prefix_lm", "flex document", "flex alibi causal",
-        "flex softcap causal", "flex bias hqk", "flex table_mask"]
+        "flex softcap causal", "flex bias hqk", "flex table_mask", "flex causal D=64", "flex document tails L=S=1000",
+        "flex softcap tails L=700 S=1000 GQA", "flex alibi causal tails D=64 L=S=333"]
     for r in rows:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert r["shared"] <= 232448, r  # a block's shared memory on sm_90; 3 stages take 229,688 bytes
@@ -66,8 +67,9 @@ def test_gpu_gluon_forward_as_accurate_as_ours():
 @pytest.mark.gpu
 def test_gpu_gluon_flex_forward_as_accurate_as_ours():
     """``gluon_flex_attention`` (the kernel generated around kernels.mods' code) against the float64
-    oracle on nine mods programs and GQA (S=512, bf16): within twice our Triton forward's error on
-    the same inputs, for the reason given above; outputs poisoned, so an unwritten element fails."""
+    oracle on nine mods programs and GQA (S=512, bf16), head dim 64, and tails (L and S not multiples
+    of 128): within twice our Triton forward's error on the same inputs, for the reason given above;
+    outputs poisoned, so an unwritten element fails."""
     sys.path.insert(0, str(ROOT))
     from benchmarks import gluon_probe
 
