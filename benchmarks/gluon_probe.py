@@ -1013,10 +1013,15 @@ def check_rows(S: int = 1024, seed: int = 0) -> list:
     return rows
 
 
-def check_flex_rows(S: int = 512, seed: int = 0) -> list:
+FLEX_CASES = ("none", "causal", "sliding_window", "prefix_lm", "document", "alibi causal", "softcap causal",
+              "bias hqk", "table_mask", "gqa causal", "causal D=64", "document tails L=S=1000",
+              "softcap tails L=700 S=1000 GQA", "alibi causal tails D=64 L=S=333")
+
+
+def check_flex_rows(S: int = 512, seed: int = 0, only=None) -> list:
     """``gluon_flex_attention`` on ``flex_programs`` (B=2, H=2, S=512, bf16), a GQA causal case
     (Hq=4, Hkv=2) and ``flex_edge_cases`` (D=64, tails): max errors of ours and of the Gluon kernel
-    against the float64 oracle."""
+    against the float64 oracle; ``only``: the names (``FLEX_CASES``) to run."""
     import kernels
     import oracle
 
@@ -1031,7 +1036,10 @@ def check_flex_rows(S: int = 512, seed: int = 0) -> list:
     cases.append(("gqa causal", dict(causal, enable_gqa=True), draw(2, 4, S, 128), draw(2, 2, S, 128),
                   draw(2, 2, S, 128)))
     cases += [(name, kw, q, k, v) for name, (q, k, v), kw in flex_edge_cases("cuda", draw)]
+    assert tuple(c[0] for c in cases) == FLEX_CASES, [c[0] for c in cases]
     for name, kw, q, k, v in cases:
+        if only is not None and name not in only:
+            continue
         o_ref, lse_ref = oracle.flex_attention(q, k, v, return_lse=True, **kw)
         o, lse = kernels.flex_attention(q, k, v, return_lse=True, **kw)
         og, lg = gluon_flex_attention(q, k, v, poison=True, **kw)
