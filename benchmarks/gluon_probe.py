@@ -14,30 +14,29 @@ same wheel), to measure what it gains before any of it goes into ``kernels/``:
   a ring of ``NUM_BUF`` stages, K and V on barriers of their own (QK^T starts before V lands);
 * ``overlap``: FlashAttention-3's intra-warpgroup overlap, QK^T of block j and P V of block j-1
   in flight on the tensor cores while the warpgroup runs block j's softmax;
-* ``gluon_attention_document`` and ``gluon_attention_softcap``: the overlapped kernel over
-  PyTorch's 128 x 128 block lists (partial blocks first, then full ones), with a document mask on
-  the partial blocks, or bench.py's softcap row (``tanh_softcap(30)``, its tanh computed as
-  ``kernels.mods`` does, on a causal mask).
-
-* ``gluon_flex_attention``: the same kernel generated around any ``kernels.mods`` program
+* ``gluon_flex_attention``: the overlapped kernel over PyTorch's 128 x 128 block lists (partial
+  blocks first, then full ones), generated around any ``kernels.mods`` program
   (``kernels.mods.gluon_functions`` emits the mods' Triton code with Gluon's names; one module
   per program, since ``warp_specialize`` passes no constexpr or function to its partitions):
   ``mask_mod`` on the partial blocks, ``score_mod`` on every block, GQA, bf16 or fp16, head
   dim 64 or 128, any L and S (a tail tile's columns past S masked, its rows past L not stored).
+  The dense kernel and the generated ones share one consumer (``_consume``, its softmax step
+  passed in), loader (``_load``) and allocation (``_allocate``).
 
-Scope: contiguous (B, H, L, D) inputs, q, k and v of one head dim. The hand-written variants are
-bf16 at head dim 128 with L and S multiples of 128, without GQA; the block-list ones need L == S.
-Out and LSE only (no backward).
+Scope: contiguous (B, H, L, D) inputs, q, k and v of one head dim; the dense kernel is bf16 at
+head dim 128 with L and S multiples of 128. Out and LSE only (no backward).
 
 Measured on the H200 (eighteenth session, ``docs/perf/h200-gluon-probe-2026-12-04.txt``): the dense
 variants match the float32 reference exactly as closely as our Triton forward (the same max
 errors, 9.9e-4 in out and 9.5e-7 in the LSE at S=1k; outputs not poisoned in that run, as they
 now are in ``check_rows``), and with ``overlap`` and 3 stages the dense forward ran 608 to 616
 TFLOP/s at S=16k against our Triton forward's 512 to 513 (+19 to 20 %), 560 to 578 against 483
-to 492 at 4k, 442 to 451 against 405 to 406 at 1k. The document, softcap and generated
-variants compile for sm_90 without spills (``--compile-only``: nine mods programs, head dim 64,
-tails) but have not run on a GPU yet: the session's device time ran out. ``tests/test_gluon_probe.py`` checks them
-against the reference (float32) and the oracle (float64) on the next GPU run.
+to 492 at 4k, 442 to 451 against 405 to 406 at 1k. That run's dense kernel had consumers of its
+own; they have since been merged into the shared ``_consume`` (the same operations, in the same
+order), not yet re-timed. The generated kernels compile for sm_90 without spills
+(``--compile-only``: nine mods programs, head dim 64, tails) but have not run on a GPU yet: the
+session's device time ran out. ``tests/test_gluon_probe.py`` checks them against the reference
+(float32) and the oracle (float64) on the next GPU run.
 """
 
 from __future__ import annotations
@@ -62,183 +61,19 @@ if ROOT not in sys.path:
 LOG2E = 1.4426950408889634
 
 
-@gluon.jit
-def _consume(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale, WG: gl.constexpr):
-    q_smem, k_bufs, v_bufs = bufs
-    # Constexprs do not survive warp_specialize's argument tuple (Triton 3.6): read them from shapes.
-    HALF_M: gl.constexpr = q_smem.shape[1]
-    NUM_BUF: gl.constexpr = k_bufs.shape[0]
-    BLOCK_N: gl.constexpr = k_bufs.shape[1]
-    HEAD_D: gl.constexpr = k_bufs.shape[2]
-    q_ready, k_ready, v_ready, kv_empty = bars
-    out_ptr, lse_ptr = ptrs
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    q = q_smem.index(WG)
-    mbarrier.wait(q_ready.index(WG), 0)
-    m_i = gl.full([HALF_M], float("-inf"), gl.float32, row_layout)
-    l_i = gl.full([HALF_M], 0.0, gl.float32, row_layout)
-    acc = gl.zeros([HALF_M, HEAD_D], gl.float32, o_layout)
-    zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
-    for j in range(n_blocks):
-        s = j % NUM_BUF
-        ph = (j // NUM_BUF) & 1
-        mbarrier.wait(k_ready.index(s), ph)
-        qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-        qk = qk * qk_scale
-        m_new = gl.maximum(m_i, gl.max(qk, 1))
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(qk - gl.expand_dims(m_new, 1))
-        l_i = l_i * alpha + gl.sum(p, 1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-        m_i = m_new
-        pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-        mbarrier.wait(v_ready.index(s), ph)
-        acc = warpgroup_mma(pb, v_bufs.index(s), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(kv_empty.index(s), count=1)
-    l_o = gl.convert_layout(l_i, orow_layout)
-    out = acc / gl.expand_dims(l_o, 1)
-    rows = row0 + WG * HALF_M + gl.arange(0, HALF_M, orow_layout)
-    cols = gl.arange(0, HEAD_D, gl.SliceLayout(0, o_layout))
-    offs = gl.expand_dims(rows.to(gl.int64) * HEAD_D, 1) + gl.expand_dims(cols, 0)
-    gl.store(out_ptr + offs, out.to(gl.bfloat16))
-    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
-    rows_s = row0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout)
-    gl.store(lse_ptr + rows_s, lse)
+@gluon.constexpr_function
+def _mma_layout(n):
+    """The accumulator layout of a warpgroup's [64, n] products (one warpgroup, instruction N = n)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
 
 
 @gluon.jit
-def _consumer0(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale):
-    _consume(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale, 0)
-
-
-@gluon.jit
-def _consumer1(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale):
-    _consume(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale, 1)
-
-
-@gluon.jit
-def _softmax_step(qk, m_i, l_i, qk_scale):
-    qk = qk * qk_scale
-    m_new = gl.maximum(m_i, gl.max(qk, 1))
-    alpha = gl.exp2(m_i - m_new)
-    p = gl.exp2(qk - gl.expand_dims(m_new, 1))
-    l_i = l_i * alpha + gl.sum(p, 1)
-    return p, m_new, l_i, alpha
-
-
-@gluon.jit
-def _consume_overlap(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale, WG: gl.constexpr):
-    """FlashAttention-3's intra-warpgroup overlap: QK^T of block j and P V of block j-1 are in
-    flight on the tensor cores while this warpgroup runs block j's softmax."""
-    q_smem, k_bufs, v_bufs = bufs
-    q_ready, k_ready, v_ready, kv_empty = bars
-    out_ptr, lse_ptr = ptrs
-    HALF_M: gl.constexpr = q_smem.shape[1]
-    NUM_BUF: gl.constexpr = k_bufs.shape[0]
-    BLOCK_N: gl.constexpr = k_bufs.shape[1]
-    HEAD_D: gl.constexpr = k_bufs.shape[2]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    q = q_smem.index(WG)
-    mbarrier.wait(q_ready.index(WG), 0)
-    m_i = gl.full([HALF_M], float("-inf"), gl.float32, row_layout)
-    l_i = gl.full([HALF_M], 0.0, gl.float32, row_layout)
-    acc = gl.zeros([HALF_M, HEAD_D], gl.float32, o_layout)
-    zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
-
-    mbarrier.wait(k_ready.index(0), 0)
-    qk = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-    p, m_i, l_i, alpha = _softmax_step(qk, m_i, l_i, qk_scale)
-    pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-    for j in range(1, n_blocks):
-        s = j % NUM_BUF
-        ph = (j // NUM_BUF) & 1
-        sp = (j - 1) % NUM_BUF
-        php = ((j - 1) // NUM_BUF) & 1
-        mbarrier.wait(k_ready.index(s), ph)
-        qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(sp), php)
-        acc = warpgroup_mma(pb, v_bufs.index(sp), acc, is_async=True)
-        qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
-        p, m_i, l_i, alpha = _softmax_step(qk, m_i, l_i, qk_scale)
-        acc, pb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pb))
-        mbarrier.arrive(kv_empty.index(sp), count=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-        pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-    sl = (n_blocks - 1) % NUM_BUF
-    phl = ((n_blocks - 1) // NUM_BUF) & 1
-    mbarrier.wait(v_ready.index(sl), phl)
-    acc = warpgroup_mma(pb, v_bufs.index(sl), acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    mbarrier.arrive(kv_empty.index(sl), count=1)
-
-    l_o = gl.convert_layout(l_i, orow_layout)
-    out = acc / gl.expand_dims(l_o, 1)
-    rows = row0 + WG * HALF_M + gl.arange(0, HALF_M, orow_layout)
-    cols = gl.arange(0, HEAD_D, gl.SliceLayout(0, o_layout))
-    offs = gl.expand_dims(rows.to(gl.int64) * HEAD_D, 1) + gl.expand_dims(cols, 0)
-    gl.store(out_ptr + offs, out.to(gl.bfloat16))
-    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
-    rows_s = row0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout)
-    gl.store(lse_ptr + rows_s, lse)
-
-
-@gluon.jit
-def _consumer0_overlap(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale):
-    _consume_overlap(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale, 0)
-
-
-@gluon.jit
-def _consumer1_overlap(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale):
-    _consume_overlap(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale, 1)
-
-
-@gluon.jit
-def _loader(descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale):
-    q_desc, k_desc, v_desc = descs
-    q_smem, k_bufs, v_bufs = bufs
-    HALF_M: gl.constexpr = q_smem.shape[1]
-    NUM_BUF: gl.constexpr = k_bufs.shape[0]
-    BLOCK_N: gl.constexpr = k_bufs.shape[1]
-    q_ready, k_ready, v_ready, kv_empty = bars
-    for w in gl.static_range(2):
-        mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [row0 + w * HALF_M, 0], q_ready.index(w), q_smem.index(w))
-    for j in range(n_blocks):
-        s = j % NUM_BUF
-        ph = (j // NUM_BUF) & 1
-        mbarrier.wait(kv_empty.index(s), ph ^ 1)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kv_row0 + j * BLOCK_N, 0], k_ready.index(s), k_bufs.index(s))
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [kv_row0 + j * BLOCK_N, 0], v_ready.index(s), v_bufs.index(s))
-
-
-@gluon.jit
-def gluon_attn_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, L, S, qk_scale,
-                   HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_BUF: gl.constexpr,
-                   OVERLAP: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-    pid_m = gl.program_id(0)
-    bh = gl.program_id(1)
-    row0 = bh * L + pid_m * (2 * HALF_M)
-    kv_row0 = bh * S
-    n_blocks = S // BLOCK_N
+def _allocate(q_desc, k_desc, v_desc, NUM_BUF: gl.constexpr):
+    """Shared memory and barriers of one CTA: the two Q halves, a ring of NUM_BUF K and V tiles
+    (K and V ready on barriers of their own; a stage is empty when both consumers arrived)."""
+    HALF_M: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    HEAD_D: gl.constexpr = k_desc.block_type.shape[1]
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, HALF_M, HEAD_D], q_desc.layout)
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_BUF, BLOCK_N, HEAD_D], k_desc.layout)
     v_bufs = gl.allocate_shared_memory(v_desc.dtype, [NUM_BUF, BLOCK_N, HEAD_D], v_desc.layout)
@@ -252,349 +87,18 @@ def gluon_attn_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, L, S, qk_scale,
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=2)
-    descs = (q_desc, k_desc, v_desc)
-    bufs = (q_smem, k_bufs, v_bufs)
-    bars = (q_ready, k_ready, v_ready, kv_empty)
-    ptrs = (out_ptr, lse_ptr)
-    args = (descs, bufs, bars, ptrs, row0, kv_row0, n_blocks, qk_scale)
-    if OVERLAP:
-        gl.warp_specialize([(_consumer0_overlap, args), (_consumer1_overlap, args), (_loader, args)],
-                           [4, 1], [CONSUMER_REGS, 24])
-    else:
-        gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader, args)], [4, 1], [CONSUMER_REGS, 24])
-
-
-def gluon_attention(q, k, v, scale=None, NUM_BUF=3, maxnreg=168, overlap=True, consumer_regs=240, launch=None,
-                    poison=False):
-    """Out and LSE of dense attention; ``poison`` fills both with NaN first (checks: an element the
-    kernel does not write then fails, where memory reused from an earlier result could pass)."""
-    B, H, L, D = q.shape
-    S = k.shape[2]
-    HALF_M, BLOCK_N = 64, 128
-    assert L % (2 * HALF_M) == 0 and S % BLOCK_N == 0 and D == 128 and q.dtype == torch.bfloat16
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    q2, k2, v2 = (t.reshape(-1, D) for t in (q, k, v))
-    q_layout = gl.NVMMASharedLayout.get_default_for([HALF_M, D], gl.bfloat16)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gl.bfloat16)
-    q_desc = TensorDescriptor.from_tensor(q2, [HALF_M, D], q_layout)
-    k_desc = TensorDescriptor.from_tensor(k2, [BLOCK_N, D], kv_layout)
-    v_desc = TensorDescriptor.from_tensor(v2, [BLOCK_N, D], kv_layout)
-    out = torch.full_like(q, float("nan")) if poison else torch.empty_like(q)
-    lse = torch.full((B, H, L), float("nan"), dtype=torch.float32, device=q.device) if poison else \
-        torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    grid = (L // (2 * HALF_M), B * H)
-    args = (q_desc, k_desc, v_desc, out, lse, L, S, scale * LOG2E, HALF_M, BLOCK_N, D, NUM_BUF, overlap, consumer_regs)
-    if launch is not None:
-        return launch(gluon_attn_fwd, grid, args, dict(num_warps=4, maxnreg=maxnreg))
-    gluon_attn_fwd[grid](*args, num_warps=4, maxnreg=maxnreg)
-    return out, lse
-
-
-# --------------------------------------------------------------------------
-# block-sparse lists with a document mask on the partial blocks
+    return (q_smem, k_bufs, v_bufs), (q_ready, k_ready, v_ready, kv_empty)
 
 
 @gluon.jit
-def _block_of(j, n_partial, part_idx, full_idx):
-    if j < n_partial:
-        b = gl.load(part_idx + j)
-    else:
-        b = gl.load(full_idx + (j - n_partial))
-    return b
-
-
-@gluon.jit
-def _tanh(x):
-    """tanh as kernels.mods.tanh_softcap computes it: Eigen's 13/6 rational function of the clamped
-    argument, the division a rcp.approx and a multiply (mods.TANH_NUM / TANH_DEN)."""
-    x = gl.minimum(gl.maximum(x, -7.90531110763549805), 7.90531110763549805)
-    x2 = x * x
-    num = -2.76076847742355e-16
-    num = num * x2 + 2.00018790482477e-13
-    num = num * x2 - 8.60467152213735e-11
-    num = num * x2 + 5.12229709037114e-08
-    num = num * x2 + 1.48572235717979e-05
-    num = num * x2 + 6.37261928875436e-04
-    num = num * x2 + 4.89352455891786e-03
-    den = 1.19825839466702e-06
-    den = den * x2 + 1.18534705686654e-04
-    den = den * x2 + 2.26843463243900e-03
-    den = den * x2 + 4.89352518554385e-03
-    r = gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [den], dtype=gl.float32, is_pure=True,
-                                  pack=1)
-    return x * num * r
-
-
-@gluon.jit
-def _masked_softmax(qk, j, n_partial, part_idx, doc_ptr, q_doc, q_pos, cols, m_i, l_i, qk_scale,
-                    BLOCK_N: gl.constexpr, MASK_KIND: gl.constexpr, SOFTCAP: gl.constexpr):
-    """One block's online-softmax step (scores in base 2). With SOFTCAP > 0 the scores are first
-    ``cap * tanh(score / cap)``. On a partial block (the first n_partial) the mask applies:
-    MASK_KIND 0 is the document mask (ids in doc_ptr), 1 causal. A row with nothing allowed so far
-    keeps m = -inf; its shift is 0, so p = 0, not NaN."""
-    if SOFTCAP > 0:
-        qk = _tanh(qk * (qk_scale / (1.4426950408889634 * SOFTCAP))) * (SOFTCAP * 1.4426950408889634)
-    else:
-        qk = qk * qk_scale
-    if j < n_partial:
-        kv0 = gl.load(part_idx + j) * BLOCK_N
-        if MASK_KIND == 0:
-            kv_doc = gl.load(doc_ptr + kv0 + cols)
-            keep = gl.expand_dims(q_doc, 1) == gl.expand_dims(kv_doc, 0)
-        else:
-            keep = gl.expand_dims(q_pos, 1) >= gl.expand_dims(kv0 + cols, 0)
-        qk = gl.where(keep, qk, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(qk, 1))
-    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = gl.exp2(m_i - m_use)
-    p = gl.exp2(qk - gl.expand_dims(m_use, 1))
-    l_i = l_i * alpha + gl.sum(p, 1)
-    return p, m_new, l_i, alpha
-
-
-@gluon.jit
-def _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, WG: gl.constexpr,
-                    MASK_KIND: gl.constexpr, SOFTCAP: gl.constexpr):
-    q_smem, k_bufs, v_bufs = bufs
-    q_ready, k_ready, v_ready, kv_empty = bars
-    out_ptr, lse_ptr, doc_ptr, part_idx, full_idx, n_partial, n_blocks = lists
-    HALF_M: gl.constexpr = q_smem.shape[1]
-    NUM_BUF: gl.constexpr = k_bufs.shape[0]
-    BLOCK_N: gl.constexpr = k_bufs.shape[1]
-    HEAD_D: gl.constexpr = k_bufs.shape[2]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
-    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    q = q_smem.index(WG)
-    q_pos = q0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout)
-    if MASK_KIND == 0:
-        q_doc = gl.load(doc_ptr + q_pos)
-    else:
-        q_doc = q_pos
-    cols = gl.arange(0, BLOCK_N, col_layout)
-    mbarrier.wait(q_ready.index(WG), 0)
-    m_i = gl.full([HALF_M], float("-inf"), gl.float32, row_layout)
-    l_i = gl.full([HALF_M], 0.0, gl.float32, row_layout)
-    acc = gl.zeros([HALF_M, HEAD_D], gl.float32, o_layout)
-    zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
-    pb = gl.zeros([HALF_M, BLOCK_N], gl.bfloat16, p_layout)
-    if n_blocks > 0:
-        mbarrier.wait(k_ready.index(0), 0)
-        qk = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-        p, m_i, l_i, alpha = _masked_softmax(qk, 0, n_partial, part_idx, doc_ptr, q_doc, q_pos, cols, m_i, l_i,
-                                             qk_scale, BLOCK_N, MASK_KIND, SOFTCAP)
-        pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-    for j in range(1, n_blocks):
-        s = j % NUM_BUF
-        ph = (j // NUM_BUF) & 1
-        sp = (j - 1) % NUM_BUF
-        php = ((j - 1) // NUM_BUF) & 1
-        mbarrier.wait(k_ready.index(s), ph)
-        qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(sp), php)
-        acc = warpgroup_mma(pb, v_bufs.index(sp), acc, is_async=True)
-        qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
-        p, m_i, l_i, alpha = _masked_softmax(qk, j, n_partial, part_idx, doc_ptr, q_doc, q_pos, cols, m_i, l_i,
-                                             qk_scale, BLOCK_N, MASK_KIND, SOFTCAP)
-        acc, pb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pb))
-        mbarrier.arrive(kv_empty.index(sp), count=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-        pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-    if n_blocks > 0:
-        sl = (n_blocks - 1) % NUM_BUF
-        phl = ((n_blocks - 1) // NUM_BUF) & 1
-        mbarrier.wait(v_ready.index(sl), phl)
-        acc = warpgroup_mma(pb, v_bufs.index(sl), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(kv_empty.index(sl), count=1)
-
-    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / gl.expand_dims(gl.convert_layout(l_safe, orow_layout), 1)
-    rows = row0 + WG * HALF_M + gl.arange(0, HALF_M, orow_layout)
-    ocols = gl.arange(0, HEAD_D, gl.SliceLayout(0, o_layout))
-    offs = gl.expand_dims(rows.to(gl.int64) * HEAD_D, 1) + gl.expand_dims(ocols, 0)
-    gl.store(out_ptr + offs, out.to(gl.bfloat16))
-    lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
-    rows_s = row0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout)
-    gl.store(lse_ptr + rows_s, lse)
-
-
-# Constexprs do not pass through warp_specialize's argument tuple: one pair of consumer
-# partitions per (mask, softcap) variant, each passing its constants on.
-SOFTCAP = 30.0  # bench.py's softcap row: tanh_softcap(30) on a causal mask
-
-
-@gluon.jit
-def _consumer0_document(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale):
-    _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, 0, 0, 0.0)
-
-
-@gluon.jit
-def _consumer1_document(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale):
-    _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, 1, 0, 0.0)
-
-
-@gluon.jit
-def _consumer0_softcap(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale):
-    _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, 0, 1, 30.0)
-
-
-@gluon.jit
-def _consumer1_softcap(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale):
-    _consume_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale, 1, 1, 30.0)
-
-
-@gluon.jit
-def _loader_sparse(descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale):
-    q_desc, k_desc, v_desc = descs
-    q_smem, k_bufs, v_bufs = bufs
-    q_ready, k_ready, v_ready, kv_empty = bars
-    out_ptr, lse_ptr, doc_ptr, part_idx, full_idx, n_partial, n_blocks = lists
-    HALF_M: gl.constexpr = q_smem.shape[1]
-    NUM_BUF: gl.constexpr = k_bufs.shape[0]
-    BLOCK_N: gl.constexpr = k_bufs.shape[1]
-    for w in gl.static_range(2):
-        mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [row0 + w * HALF_M, 0], q_ready.index(w), q_smem.index(w))
-    for j in range(n_blocks):
-        s = j % NUM_BUF
-        ph = (j // NUM_BUF) & 1
-        kv = kv_row0 + _block_of(j, n_partial, part_idx, full_idx) * BLOCK_N
-        mbarrier.wait(kv_empty.index(s), ph ^ 1)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kv, 0], k_ready.index(s), k_bufs.index(s))
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [kv, 0], v_ready.index(s), v_bufs.index(s))
-
-
-@gluon.jit
-def gluon_attn_fwd_sparse(q_desc, k_desc, v_desc, out_ptr, lse_ptr, doc_ptr,
-                          KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, L, S, H, MB, MH, NQ, NKV, qk_scale,
-                          HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                          NUM_BUF: gl.constexpr, CONSUMER_REGS: gl.constexpr, SOFTCAP_CAUSAL: gl.constexpr):
-    pid_m = gl.program_id(0)
-    bh = gl.program_id(1)
-    q0 = pid_m * (2 * HALF_M)
-    row0 = bh * L + q0
-    kv_row0 = bh * S
-    row = ((bh // H) % MB * MH + (bh % H) % MH) * NQ + pid_m
-    n_partial = gl.load(KV_NUM + row)
-    n_blocks = n_partial + gl.load(FULL_NUM + row)
-    part_idx = KV_IDX + row.to(gl.int64) * NKV
-    full_idx = FULL_IDX + row.to(gl.int64) * NKV
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, HALF_M, HEAD_D], q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_BUF, BLOCK_N, HEAD_D], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [NUM_BUF, BLOCK_N, HEAD_D], v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(q_ready.index(i), count=1)
-    for i in gl.static_range(NUM_BUF):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=2)
-    descs = (q_desc, k_desc, v_desc)
-    bufs = (q_smem, k_bufs, v_bufs)
-    bars = (q_ready, k_ready, v_ready, kv_empty)
-    lists = (out_ptr, lse_ptr, doc_ptr, part_idx, full_idx, n_partial, n_blocks)
-    args = (descs, bufs, bars, lists, row0, kv_row0, q0, qk_scale)
-    if SOFTCAP_CAUSAL:
-        gl.warp_specialize([(_consumer0_softcap, args), (_consumer1_softcap, args), (_loader_sparse, args)],
-                           [4, 1], [CONSUMER_REGS, 24])
-    else:
-        gl.warp_specialize([(_consumer0_document, args), (_consumer1_document, args), (_loader_sparse, args)],
-                           [4, 1], [CONSUMER_REGS, 24])
-
-
-def gluon_attention_sparse(q, k, v, block_mask, doc=None, scale=None, NUM_BUF=3, maxnreg=168, consumer_regs=240,
-                           launch=None, poison=False):
-    """Attention over ``block_mask``'s lists (PyTorch's BlockMask at 128 x 128; partial blocks
-    first, then full ones). With ``doc`` (int32 document id per position, L == S) the partial
-    blocks take the document mask; without it they are causal and every score is first
-    ``SOFTCAP * tanh(score / SOFTCAP)`` (bench.py's softcap row). ``poison`` as ``gluon_attention``'s."""
-    B, H, L, D = q.shape
-    S = k.shape[2]
-    HALF_M, BLOCK_N = 64, 128
-    assert L % (2 * HALF_M) == 0 and S % BLOCK_N == 0 and D == 128 and L == S
-    assert tuple(block_mask.BLOCK_SIZE) == (2 * HALF_M, BLOCK_N)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    q2, k2, v2 = (t.reshape(-1, D) for t in (q, k, v))
-    q_layout = gl.NVMMASharedLayout.get_default_for([HALF_M, D], gl.bfloat16)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gl.bfloat16)
-    q_desc = TensorDescriptor.from_tensor(q2, [HALF_M, D], q_layout)
-    k_desc = TensorDescriptor.from_tensor(k2, [BLOCK_N, D], kv_layout)
-    v_desc = TensorDescriptor.from_tensor(v2, [BLOCK_N, D], kv_layout)
-    out = torch.full_like(q, float("nan")) if poison else torch.empty_like(q)
-    lse = torch.full((B, H, L), float("nan"), dtype=torch.float32, device=q.device) if poison else \
-        torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    kv_num, kv_idx = block_mask.kv_num_blocks, block_mask.kv_indices
-    full_num, full_idx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
-    MB, MH, NQ, NKV = kv_idx.shape
-    grid = (L // (2 * HALF_M), B * H)
-    args = (q_desc, k_desc, v_desc, out, lse, doc if doc is not None else kv_num, kv_num, kv_idx, full_num, full_idx,
-            L, S, H, MB, MH, NQ, NKV, scale * LOG2E, HALF_M, BLOCK_N, D, NUM_BUF, consumer_regs, doc is None)
-    if launch is not None:
-        return launch(gluon_attn_fwd_sparse, grid, args, dict(num_warps=4, maxnreg=maxnreg))
-    gluon_attn_fwd_sparse[grid](*args, num_warps=4, maxnreg=maxnreg)
-    return out, lse
-
-
-def gluon_attention_document(q, k, v, doc, block_mask, **kw):
-    """The document mask (``doc``: int32 id per position) over ``block_mask``'s lists."""
-    return gluon_attention_sparse(q, k, v, block_mask, doc=doc, **kw)
-
-
-def gluon_attention_softcap(q, k, v, block_mask, **kw):
-    """tanh_softcap(SOFTCAP) on a causal mask (``block_mask``: the causal BlockMask at 128 x 128)."""
-    return gluon_attention_sparse(q, k, v, block_mask, doc=None, **kw)
-
-
-# --------------------------------------------------------------------------
-# any kernels.mods program: the kernel generated around the mods' own code
-
-# The consumer and loader partitions of the block-list kernel, with the mods' mask_fn and
-# score_fn (kernels.mods.gluon_functions) defined in the same generated module: warp_specialize
-# passes no constexpr (nor a function) to its partitions, so each program gets a module of its own.
-# @@MODS@@ is replaced by the mods' functions, @@SCORE@@ and @@MASK@@ by the lines that apply them.
-_FLEX_TEMPLATE = """
-import triton
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import tma, mbarrier, warpgroup_mma, warpgroup_mma_wait
-
-
-@@MODS@@
-
-
-@gluon.jit
-def _block_of(j, n_partial, part_idx, full_idx):
-    if j < n_partial:
-        b = gl.load(part_idx + j)
-    else:
-        b = gl.load(full_idx + (j - n_partial))
-    return b
-
-
-@gluon.jit
-def _step(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
-    out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3, L, S = lists
-    qk_scale, sm_scale = scales
-    n = gl.expand_dims(_block_of(j, n_partial, part_idx, full_idx) * BLOCK_N + cols, 0)
-@@INDEX@@
-@@SCORE@@
-@@MASK@@
-@@TAIL@@
+def _online_softmax(t2, m_i, l_i, GUARD: gl.constexpr):
+    """One block's online-softmax update from base-2 scores ``t2``: (p, m, l, alpha). With GUARD
+    (masks), a row with nothing allowed so far keeps m = -inf and shifts by 0, so p = 0, not NaN."""
     m_new = gl.maximum(m_i, gl.max(t2, 1))
-    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    if GUARD:
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
     alpha = gl.exp2(m_i - m_use)
     p = gl.exp2(t2 - gl.expand_dims(m_use, 1))
     l_i = l_i * alpha + gl.sum(p, 1)
@@ -602,18 +106,33 @@ def _step(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constexpr):
+def _block_of(j, lists):
+    """The KV block of step j: the row's partial blocks first, then its full ones."""
+    out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3, L, S = lists
+    if j < n_partial:
+        b = gl.load(part_idx + j)
+    else:
+        b = gl.load(full_idx + (j - n_partial))
+    return b
+
+
+@gluon.jit
+def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constexpr, OVERLAP: gl.constexpr,
+             STEP: gl.constexpr):
+    """A consumer warpgroup: its 64 query rows against every listed block. ``STEP(qk, j, lists, m,
+    cols, m_i, l_i, scales, BLOCK_N)`` turns block j's products into the softmax update. With
+    OVERLAP, FlashAttention-3's intra-warpgroup overlap: QK^T of block j and P V of block j-1 in
+    flight on the tensor cores while this warpgroup runs block j's softmax."""
     q_smem, k_bufs, v_bufs = bufs
     q_ready, k_ready, v_ready, kv_empty = bars
     out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3, L, S = lists
+    # Constexprs do not survive warp_specialize's argument tuple (Triton 3.6): read them from shapes.
     HALF_M: gl.constexpr = q_smem.shape[1]
     NUM_BUF: gl.constexpr = k_bufs.shape[0]
     BLOCK_N: gl.constexpr = k_bufs.shape[1]
     HEAD_D: gl.constexpr = k_bufs.shape[2]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_D, 16])
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N)
+    o_layout: gl.constexpr = _mma_layout(HEAD_D)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -626,62 +145,64 @@ def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constex
     l_i = gl.full([HALF_M], 0.0, gl.float32, row_layout)
     acc = gl.zeros([HALF_M, HEAD_D], gl.float32, o_layout)
     zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
-    pb = gl.zeros([HALF_M, BLOCK_N], q_smem.dtype, p_layout)
-    if n_blocks > 0:
-        mbarrier.wait(k_ready.index(0), 0)
-        qk = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-        p, m_i, l_i, alpha = _step(qk, 0, lists, m, cols, m_i, l_i, scales, BLOCK_N)
-        pb = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-    for j in range(1, n_blocks):
-        s = j % NUM_BUF
-        ph = (j // NUM_BUF) & 1
-        sp = (j - 1) % NUM_BUF
-        php = ((j - 1) // NUM_BUF) & 1
-        mbarrier.wait(k_ready.index(s), ph)
-        qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(sp), php)
-        acc = warpgroup_mma(pb, v_bufs.index(sp), acc, is_async=True)
-        qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
-        p, m_i, l_i, alpha = _step(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N)
-        acc, pb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pb))
-        mbarrier.arrive(kv_empty.index(sp), count=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-        pb = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-    if n_blocks > 0:
-        sl = (n_blocks - 1) % NUM_BUF
-        phl = ((n_blocks - 1) // NUM_BUF) & 1
-        mbarrier.wait(v_ready.index(sl), phl)
-        acc = warpgroup_mma(pb, v_bufs.index(sl), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(kv_empty.index(sl), count=1)
+    if OVERLAP:
+        pb = gl.zeros([HALF_M, BLOCK_N], q_smem.dtype, p_layout)
+        if n_blocks > 0:
+            mbarrier.wait(k_ready.index(0), 0)
+            qk = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+            p, m_i, l_i, alpha = STEP(qk, 0, lists, m, cols, m_i, l_i, scales, BLOCK_N)
+            pb = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+        for j in range(1, n_blocks):
+            s = j % NUM_BUF
+            sp = (j - 1) % NUM_BUF
+            mbarrier.wait(k_ready.index(s), (j // NUM_BUF) & 1)
+            qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(sp), ((j - 1) // NUM_BUF) & 1)
+            acc = warpgroup_mma(pb, v_bufs.index(sp), acc, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
+            p, m_i, l_i, alpha = STEP(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N)
+            acc, pb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pb))
+            mbarrier.arrive(kv_empty.index(sp), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+            pb = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+        if n_blocks > 0:
+            sl = (n_blocks - 1) % NUM_BUF
+            mbarrier.wait(v_ready.index(sl), ((n_blocks - 1) // NUM_BUF) & 1)
+            acc = warpgroup_mma(pb, v_bufs.index(sl), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(kv_empty.index(sl), count=1)
+    else:
+        for j in range(n_blocks):
+            s = j % NUM_BUF
+            ph = (j // NUM_BUF) & 1
+            mbarrier.wait(k_ready.index(s), ph)
+            qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+            p, m_i, l_i, alpha = STEP(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+            pb = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+            mbarrier.wait(v_ready.index(s), ph)
+            acc = warpgroup_mma(pb, v_bufs.index(s), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(kv_empty.index(s), count=1)
 
-    # A row with nothing allowed: l = 0, m = -inf; out 0 and lse -inf (SPEC).
+    # A row with nothing allowed: l = 0, m = -inf; out 0 and lse -inf (SPEC). Rows past L (a tail
+    # tile) belong to the next head's rows or to nothing: not stored.
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
     out = acc / gl.expand_dims(gl.convert_layout(l_safe, orow_layout), 1)
-    rows = row0 + WG * HALF_M + gl.arange(0, HALF_M, orow_layout)
+    pos = q0 + WG * HALF_M + gl.arange(0, HALF_M, orow_layout)
     ocols = gl.arange(0, HEAD_D, gl.SliceLayout(0, o_layout))
-    offs = gl.expand_dims(rows.to(gl.int64) * HEAD_D, 1) + gl.expand_dims(ocols, 0)
-    # Rows past L (a tail tile) belong to the next head's rows or to nothing: not stored.
-    row_ok = q0 + WG * HALF_M + gl.arange(0, HALF_M, orow_layout) < L
-    gl.store(out_ptr + offs, out.to(q_smem.dtype), mask=gl.expand_dims(row_ok, 1))
-    lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
-    rows_s = row0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout)
-    gl.store(lse_ptr + rows_s, lse, mask=q0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout) < L)
+    offs = gl.expand_dims((row0 + WG * HALF_M + gl.arange(0, HALF_M, orow_layout)).to(gl.int64) * HEAD_D, 1)
+    gl.store(out_ptr + offs + gl.expand_dims(ocols, 0), out.to(q_smem.dtype), mask=gl.expand_dims(pos < L, 1))
+    rows_s = WG * HALF_M + gl.arange(0, HALF_M, row_layout)
+    gl.store(lse_ptr + row0 + rows_s, (m_i + gl.log2(l_safe)) * 0.6931471805599453, mask=q0 + rows_s < L)
 
 
 @gluon.jit
-def _consumer0(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
-    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0)
-
-
-@gluon.jit
-def _consumer1(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
-    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1)
-
-
-@gluon.jit
-def _loader(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
+def _load(descs, bufs, bars, lists, row0, kv_row0, LISTED: gl.constexpr):
+    """The loader warp: both Q halves once, then K and V of each step's block into the ring (the
+    block is step j itself, or with LISTED the row's j-th listed block)."""
     q_desc, k_desc, v_desc = descs
     q_smem, k_bufs, v_bufs = bufs
     q_ready, k_ready, v_ready, kv_empty = bars
@@ -694,50 +215,172 @@ def _loader(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
         tma.async_copy_global_to_shared(q_desc, [row0 + w * HALF_M, 0], q_ready.index(w), q_smem.index(w))
     for j in range(n_blocks):
         s = j % NUM_BUF
-        ph = (j // NUM_BUF) & 1
-        kv = kv_row0 + _block_of(j, n_partial, part_idx, full_idx) * BLOCK_N
-        mbarrier.wait(kv_empty.index(s), ph ^ 1)
+        if LISTED:
+            kv = kv_row0 + _block_of(j, lists) * BLOCK_N
+        else:
+            kv = kv_row0 + j * BLOCK_N
+        mbarrier.wait(kv_empty.index(s), ((j // NUM_BUF) & 1) ^ 1)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [kv, 0], k_ready.index(s), k_bufs.index(s))
         mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(v_desc, [kv, 0], v_ready.index(s), v_bufs.index(s))
 
 
+# --------------------------------------------------------------------------
+# dense: the measured probe
+
+
+@gluon.jit
+def _dense_step(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
+    qk_scale, sm_scale = scales
+    return _online_softmax(qk * qk_scale, m_i, l_i, False)
+
+
+# Constexprs (WG, OVERLAP, the step) do not pass through warp_specialize's argument tuple: each
+# partition is a function of its own that passes them on.
+@gluon.jit
+def _dense0(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0, False, _dense_step)
+
+
+@gluon.jit
+def _dense1(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1, False, _dense_step)
+
+
+@gluon.jit
+def _dense0_overlap(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0, True, _dense_step)
+
+
+@gluon.jit
+def _dense1_overlap(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1, True, _dense_step)
+
+
+@gluon.jit
+def _dense_loader(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
+    _load(descs, bufs, bars, lists, row0, kv_row0, False)
+
+
+@gluon.jit
+def gluon_attn_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, L, S, qk_scale,
+                   NUM_BUF: gl.constexpr, OVERLAP: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    HALF_M: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    q0 = pid_m * (2 * HALF_M)
+    bufs, bars = _allocate(q_desc, k_desc, v_desc, NUM_BUF)
+    # The block-list slots the dense kernel does not use hold stand-ins (out_ptr, 0).
+    lists = (out_ptr, lse_ptr, out_ptr, out_ptr, 0, S // BLOCK_N, 0, 0, out_ptr, out_ptr, out_ptr, out_ptr, L, S)
+    args = ((q_desc, k_desc, v_desc), bufs, bars, lists, bh * L + q0, bh * S, q0, (qk_scale, qk_scale))
+    if OVERLAP:
+        gl.warp_specialize([(_dense0_overlap, args), (_dense1_overlap, args), (_dense_loader, args)],
+                           [4, 1], [CONSUMER_REGS, 24])
+    else:
+        gl.warp_specialize([(_dense0, args), (_dense1, args), (_dense_loader, args)], [4, 1], [CONSUMER_REGS, 24])
+
+
+def _descriptors(q, k, v, HALF_M: int = 64, BLOCK_N: int = 128):
+    """TMA descriptors over (B * H * L, D) views of contiguous q, k, v: Q in halves of HALF_M rows,
+    K and V in tiles of BLOCK_N rows."""
+    D = q.shape[-1]
+    elem = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    q_layout = gl.NVMMASharedLayout.get_default_for([HALF_M, D], elem)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], elem)
+    return (TensorDescriptor.from_tensor(q.reshape(-1, D), [HALF_M, D], q_layout),
+            TensorDescriptor.from_tensor(k.reshape(-1, D), [BLOCK_N, D], kv_layout),
+            TensorDescriptor.from_tensor(v.reshape(-1, D), [BLOCK_N, D], kv_layout))
+
+
+def _outputs(q, poison: bool):
+    """out and lse; ``poison`` fills both with NaN first (checks: an element the kernel does not
+    write then fails, where memory reused from an earlier result could pass)."""
+    B, H, L = q.shape[:3]
+    if poison:
+        return torch.full_like(q, float("nan")), torch.full((B, H, L), float("nan"), device=q.device)
+    return torch.empty_like(q), torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+
+
+def gluon_attention(q, k, v, scale=None, NUM_BUF=3, maxnreg=168, overlap=True, consumer_regs=240, launch=None,
+                    poison=False):
+    """Out and LSE of dense attention (bf16, D=128, L and S multiples of 128, contiguous)."""
+    B, H, L, D = q.shape
+    S = k.shape[2]
+    assert L % 128 == 0 and S % 128 == 0 and D == 128 and q.dtype == torch.bfloat16
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out, lse = _outputs(q, poison)
+    grid = (L // 128, B * H)
+    args = (*_descriptors(q, k, v), out, lse, L, S, scale * LOG2E, NUM_BUF, overlap, consumer_regs)
+    if launch is not None:
+        return launch(gluon_attn_fwd, grid, args, dict(num_warps=4, maxnreg=maxnreg))
+    gluon_attn_fwd[grid](*args, num_warps=4, maxnreg=maxnreg)
+    return out, lse
+
+
+# --------------------------------------------------------------------------
+# any kernels.mods program: the kernel generated around the mods' own code
+
+# The step and the partitions of the block-list kernel, with the mods' mask_fn and score_fn
+# (kernels.mods.gluon_functions) defined in the same generated module: warp_specialize passes no
+# constexpr (nor a function) to its partitions, so each program gets a module of its own, whose
+# partitions pass the step on to the shared consumer above. @@MODS@@ is replaced by the mods'
+# functions, @@INDEX@@, @@SCORE@@, @@MASK@@ and @@TAIL@@ by the lines that apply them.
+_FLEX_TEMPLATE = """
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from benchmarks.gluon_probe import _allocate, _block_of, _consume, _load, _online_softmax
+
+
+@@MODS@@
+
+
+@gluon.jit
+def _step(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
+    out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3, L, S = lists
+    qk_scale, sm_scale = scales
+    n = gl.expand_dims(_block_of(j, lists) * BLOCK_N + cols, 0)
+@@INDEX@@
+@@SCORE@@
+@@MASK@@
+@@TAIL@@
+    return _online_softmax(t2, m_i, l_i, True)
+
+
+@gluon.jit
+def _consumer0(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0, True, _step)
+
+
+@gluon.jit
+def _consumer1(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1, True, _step)
+
+
+@gluon.jit
+def _loader(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
+    _load(descs, bufs, bars, lists, row0, kv_row0, True)
+
+
 @gluon.jit
 def flex_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, B0, B1, B2, B3,
              KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, L, S, H, G, MB, MH, NQ, NKV, qk_scale, sm_scale,
-             HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_BUF: gl.constexpr,
-             CONSUMER_REGS: gl.constexpr):
+             NUM_BUF: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    HALF_M: gl.constexpr = q_desc.block_type.shape[0]
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
     off_z = bh // H
     off_h = bh % H
     q0 = pid_m * (2 * HALF_M)
-    row0 = bh * L + q0
-    kv_row0 = (off_z * (H // G) + off_h // G) * S
     row = ((off_z % MB) * MH + off_h % MH) * NQ + pid_m
     n_partial = gl.load(KV_NUM + row)
-    n_blocks = n_partial + gl.load(FULL_NUM + row)
-    part_idx = KV_IDX + row.to(gl.int64) * NKV
-    full_idx = FULL_IDX + row.to(gl.int64) * NKV
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, HALF_M, HEAD_D], q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_BUF, BLOCK_N, HEAD_D], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [NUM_BUF, BLOCK_N, HEAD_D], v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(q_ready.index(i), count=1)
-    for i in gl.static_range(NUM_BUF):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=2)
-    descs = (q_desc, k_desc, v_desc)
-    bufs = (q_smem, k_bufs, v_bufs)
-    bars = (q_ready, k_ready, v_ready, kv_empty)
-    lists = (out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3, L, S)
-    args = (descs, bufs, bars, lists, row0, kv_row0, q0, (qk_scale, sm_scale))
+    lists = (out_ptr, lse_ptr, KV_IDX + row.to(gl.int64) * NKV, FULL_IDX + row.to(gl.int64) * NKV, n_partial,
+             n_partial + gl.load(FULL_NUM + row), off_z, off_h, B0, B1, B2, B3, L, S)
+    bufs, bars = _allocate(q_desc, k_desc, v_desc, NUM_BUF)
+    args = ((q_desc, k_desc, v_desc), bufs, bars, lists, bh * L + q0, (off_z * (H // G) + off_h // G) * S, q0,
+            (qk_scale, sm_scale))
     gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader, args)], [4, 1], [CONSUMER_REGS, 24])
 """
 
@@ -789,12 +432,11 @@ def gluon_flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, e
     """FlexAttention's forward (out, lse) with the Gluon kernel, for ``kernels.mods`` mods: the
     block mask's 128 x 128 lists (partial blocks with its ``mask_mod``, then full blocks), the
     ``score_mod`` on every listed block, GQA, any L and S (tails masked). bf16 or fp16, head dim 64
-    or 128 (q, k, v alike), contiguous (B, H, L, D). ``poison`` as ``gluon_attention``'s."""
+    or 128 (q, k, v alike), contiguous (B, H, L, D). ``poison`` as ``_outputs``'."""
     from kernels import mods
 
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    HALF_M, BLOCK_N = 64, 128
     if D not in (64, 128) or k.shape[-1] != D or v.shape[-1] != D or q.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"gluon_flex_attention covers bf16/fp16 with q, k, v head dims all 64 or all 128; got "
                          f"{q.dtype}, q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -804,29 +446,20 @@ def gluon_flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, e
         raise ValueError("gluon_flex_attention takes contiguous (B, H, L, D) tensors; call .contiguous() first.")
     if block_mask is None:
         block_mask = _full_lists(B, H, L, S, q.device)
-    if tuple(block_mask.BLOCK_SIZE) != (2 * HALF_M, BLOCK_N):
+    if tuple(block_mask.BLOCK_SIZE) != (128, 128):
         raise ValueError(f"Expected a BlockMask of 128 x 128 blocks, got BLOCK_SIZE={tuple(block_mask.BLOCK_SIZE)}.")
     mask_mod = mods.as_mask_mod(block_mask.mask_mod, "block_mask.mask_mod")
-    module, buffers = flex_module(mods.as_score_mod(score_mod), mask_mod, L % (2 * HALF_M) == 0, S % BLOCK_N == 0)
+    module, buffers = flex_module(mods.as_score_mod(score_mod), mask_mod, L % 128 == 0, S % 128 == 0)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    elem = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q2, k2, v2 = (t.reshape(-1, D) for t in (q, k, v))
-    q_layout = gl.NVMMASharedLayout.get_default_for([HALF_M, D], elem)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], elem)
-    q_desc = TensorDescriptor.from_tensor(q2, [HALF_M, D], q_layout)
-    k_desc = TensorDescriptor.from_tensor(k2, [BLOCK_N, D], kv_layout)
-    v_desc = TensorDescriptor.from_tensor(v2, [BLOCK_N, D], kv_layout)
-    out = torch.full_like(q, float("nan")) if poison else torch.empty_like(q)
-    lse = torch.full((B, H, L), float("nan"), dtype=torch.float32, device=q.device) if poison else \
-        torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    out, lse = _outputs(q, poison)
     bufs = [t.to(q.device) for t in buffers] + [lse] * (4 - len(buffers))
     kv_num, kv_idx = block_mask.kv_num_blocks, block_mask.kv_indices
     full_num = block_mask.full_kv_num_blocks if block_mask.full_kv_num_blocks is not None else torch.zeros_like(kv_num)
     full_idx = block_mask.full_kv_indices if block_mask.full_kv_indices is not None else kv_idx
     MB, MH, NQ, NKV = kv_idx.shape
-    grid = (-(-L // (2 * HALF_M)), B * H)
-    args = (q_desc, k_desc, v_desc, out, lse, *bufs, kv_num, kv_idx, full_num, full_idx, L, S, H, H // Hkv,
-            MB, MH, NQ, NKV, scale * LOG2E, scale, HALF_M, BLOCK_N, D, NUM_BUF, consumer_regs)
+    grid = (-(-L // 128), B * H)
+    args = (*_descriptors(q, k, v), out, lse, *bufs, kv_num, kv_idx, full_num, full_idx, L, S, H, H // Hkv,
+            MB, MH, NQ, NKV, scale * LOG2E, scale, NUM_BUF, consumer_regs)
     if launch is not None:
         return launch(module.flex_fwd, grid, args, dict(num_warps=4, maxnreg=maxnreg))
     module.flex_fwd[grid](*args, num_warps=4, maxnreg=maxnreg)
@@ -863,26 +496,12 @@ def compile_for_sm90(kernel, grid, args, launch_kwargs) -> dict:
                 rcp_approx=ptx.count("rcp.approx"))
 
 
-def _lists_stand_in(n: int):
-    """Empty block lists of PyTorch's BlockMask layout, for compiling (the values are never read)."""
-    from types import SimpleNamespace
-
-    z = lambda *shape: torch.zeros(*shape, dtype=torch.int32)  # noqa: E731
-    return SimpleNamespace(BLOCK_SIZE=(128, 128), kv_num_blocks=z(1, 1, n), kv_indices=z(1, 1, n, n),
-                           full_kv_num_blocks=z(1, 1, n), full_kv_indices=z(1, 1, n, n))
-
-
 def compile_report() -> list:
     q, k, v = (torch.empty(1, 2, 512, 128, dtype=torch.bfloat16) for _ in range(3))
     rows = []
     for overlap, bufs in DENSE_VARIANTS:
         rep = gluon_attention(q, k, v, NUM_BUF=bufs, overlap=overlap, launch=compile_for_sm90)
         rows.append(dict(variant=f"dense overlap={overlap} bufs={bufs}", **rep))
-    doc = torch.zeros(512, dtype=torch.int32)
-    rep = gluon_attention_document(q, k, v, doc, _lists_stand_in(4), launch=compile_for_sm90)
-    rows.append(dict(variant="document overlap=True bufs=3", **rep))
-    rep = gluon_attention_softcap(q, k, v, _lists_stand_in(4), launch=compile_for_sm90)
-    rows.append(dict(variant="softcap causal overlap=True bufs=3", **rep))
     for name, kw in flex_programs(512, "cpu"):
         rep = gluon_flex_attention(q, k, v, launch=compile_for_sm90, **kw)
         rows.append(dict(variant=f"flex {name}", **rep))
@@ -963,6 +582,9 @@ def document_case(S: int, docs: int = 12, seed: int = 0):
     return mod, bm, ids, density
 
 
+SOFTCAP = 30.0  # bench.py's softcap row: tanh_softcap(30) on a causal mask
+
+
 def causal_case(S: int):
     """bench.py's softcap row: tanh_softcap(SOFTCAP) on the causal mask; the mod, the 128 x 128
     causal BlockMask and the allowed share."""
@@ -984,8 +606,8 @@ def _max_err(got, want) -> float:
 
 
 def check_rows(S: int = 1024, seed: int = 0) -> list:
-    """Max errors against the float32 reference: our Triton forward, every dense variant, the
-    document variant, the softcap variant (B=2, H=4, D=128, bf16)."""
+    """Max errors against the float32 reference: our Triton forward and every dense variant;
+    ours and the generated kernel on bench.py's document and softcap rows (B=2, H=4, D=128, bf16)."""
     import kernels
 
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -1003,13 +625,13 @@ def check_rows(S: int = 1024, seed: int = 0) -> list:
     mod, bm, ids, _ = document_case(S)
     doc_ref = reference(q, k, v, ids[:, None] == ids[None, :])
     row("ours (Triton), document", kernels.flex_attention(q, k, v, block_mask=bm, return_lse=True), doc_ref)
-    row("gluon document", gluon_attention_document(q, k, v, ids, bm, poison=True), doc_ref)
+    row("gluon flex, document", gluon_flex_attention(q, k, v, block_mask=bm, poison=True), doc_ref)
     mod, bm, _ = causal_case(S)
     pos = torch.arange(S, device="cuda")
     cap_ref = reference(q, k, v, pos[:, None] >= pos[None, :], softcap=SOFTCAP)
     row("ours (Triton), softcap", kernels.flex_attention(q, k, v, score_mod=mod, block_mask=bm, return_lse=True),
         cap_ref)
-    row("gluon softcap", gluon_attention_softcap(q, k, v, bm, poison=True), cap_ref)
+    row("gluon flex, softcap", gluon_flex_attention(q, k, v, score_mod=mod, block_mask=bm, poison=True), cap_ref)
     return rows
 
 
@@ -1072,19 +694,16 @@ def time_rows(lengths=(16384, 4096, 1024), document: bool = True) -> list:
                   + [(f"gluon overlap={o} bufs={b}", lambda o=o, b=b: gluon_attention(*nxt(), NUM_BUF=b, overlap=o))
                      for o, b in DENSE_VARIANTS])]
         if document:
-            mod, bm, ids, density = document_case(S)
+            mod, bm, _, density = document_case(S)
             cases.append(("document", density, [
                 ("ours (Triton)", lambda bm=bm: kernels.flex_attention(*nxt(), block_mask=bm)),
                 ("torch.compile", lambda bm=bm: compiled(*nxt(), block_mask=bm)),
-                ("gluon document", lambda bm=bm, ids=ids: gluon_attention_document(*nxt(), ids, bm)),
-                ("gluon flex (generated)", lambda bm=bm: gluon_flex_attention(*nxt(), block_mask=bm))]))
+                ("gluon flex", lambda bm=bm: gluon_flex_attention(*nxt(), block_mask=bm))]))
             mod, bm, density = causal_case(S)
             cases.append(("softcap", density, [
                 ("ours (Triton)", lambda bm=bm, mod=mod: kernels.flex_attention(*nxt(), score_mod=mod, block_mask=bm)),
                 ("torch.compile", lambda bm=bm, mod=mod: compiled(*nxt(), score_mod=mod, block_mask=bm)),
-                ("gluon softcap", lambda bm=bm: gluon_attention_softcap(*nxt(), bm)),
-                ("gluon flex (generated)", lambda bm=bm, mod=mod: gluon_flex_attention(*nxt(), score_mod=mod,
-                                                                                      block_mask=bm))]))
+                ("gluon flex", lambda bm=bm, mod=mod: gluon_flex_attention(*nxt(), score_mod=mod, block_mask=bm))]))
         for mask, density, impls in cases:
             flops = 4 * B * H * S * S * D * density
             for name, fn in impls:
