@@ -32,8 +32,8 @@ errors, 9.9e-4 in out and 9.5e-7 in the LSE at S=1k; outputs not poisoned in tha
 now are in ``check_rows``), and with ``overlap`` and 3 stages the dense forward ran 608 to 616
 TFLOP/s at S=16k against our Triton forward's 512 to 513 (+19 to 20 %), 560 to 578 against 483
 to 492 at 4k, 442 to 451 against 405 to 406 at 1k. That run's dense kernel had consumers of its
-own; they have since been merged into the shared ``_consume`` (the same operations, in the same
-order), not yet re-timed. The generated kernels compile for sm_90 without spills
+own; they have since been merged into the shared ``_consume`` (the same loop; the store now also
+masks rows past L and guards l = 0), not yet re-timed. The generated kernels compile for sm_90 without spills
 (``--compile-only``: nine mods programs, head dim 64, tails) but have not run on a GPU yet: the
 session's device time ran out. ``tests/test_gluon_probe.py`` checks them against the reference
 (float32) and the oracle (float64) on the next GPU run.
