@@ -493,7 +493,7 @@ def compile_for_sm90(kernel, grid, args, launch_kwargs) -> dict:
     return dict(ptxas_info(ptx), shared=out.metadata.shared,
                 setmaxnreg=sorted({int(n) for n in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)}),
                 wgmma=ptx.count("wgmma.mma_async"), tma_loads=ptx.count("cp.async.bulk.tensor"),
-                rcp_approx=ptx.count("rcp.approx"))
+                rcp_approx=ptx.count("rcp.approx"), atomics=len(re.findall(r"\b(?:atom|red)\.global", ptx)))
 
 
 def compile_report() -> list:

@@ -185,13 +185,17 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
     )
 
 
-def gluon_functions(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"]) -> tuple:
+def gluon_functions(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"], *,
+                    backward: bool = False) -> tuple:
     """The forward's ``mask_fn(b, h, m, n, B0..B3)`` and ``score_fn(score, b, h, m, n, B0..B3)`` as
     Gluon source (``@gluon.jit``, ``gl.`` operations), for a Gluon kernel that defines them in its
-    own generated module (``benchmarks/gluon_probe.py``). The code is what ``compile_mods`` emits
-    for the GPU, with each ``tl.`` name replaced by Gluon's (``tl.math.fdiv`` is ``gl.fdiv``);
-    the index arguments carry the kernel's layouts. Returns ``(source, buffers)``, the buffers in
-    the slots ``compile_mods`` gives them. Forward only: no gradient code."""
+    own generated module (``benchmarks/gluon_probe.py``, ``benchmarks/gluon_probe_bwd.py``). The
+    code is what ``compile_mods`` emits for the GPU, with each ``tl.`` name replaced by Gluon's
+    (``tl.math.fdiv`` is ``gl.fdiv``); the index arguments carry the kernel's layouts. With
+    ``backward``, also ``score_bwd_fn(score, dt, b, h, m, n, B0..B3)``: d loss / d score given
+    ``dt`` = d loss / d (modded score), the chain rule of ``compile_mods`` without its scatter of
+    learnable tensors' gradients (a learnable captured tensor is refused). Returns ``(source,
+    buffers)``, the buffers in the slots ``compile_mods`` gives them."""
     buffers: list = []
     mask_gen = _Gen(buffers)
     mask_out = mask_mod._emit(mask_gen) if mask_mod is not None else "True"
@@ -199,10 +203,31 @@ def gluon_functions(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod
     s = "score"
     for mod in _flatten_chain(score_mod):
         s = mod._emit(fwd, s)
-    text = "\n\n\n".join([
+    fns = [
         _function("mask_fn", f"b, h, m, n, {_BUF_ARGS}", mask_gen.lines, mask_out),
         _function("score_fn", f"score, b, h, m, n, {_BUF_ARGS}", fwd.lines, s),
-    ])
+    ]
+    if backward:
+        learnable = [t for t in buffers if t.requires_grad]
+        if learnable:
+            raise ValueError(
+                f"Expected no learnable captured tensor in the mods of a Gluon backward, got "
+                f"{len(learnable)} that require grad (shapes {[tuple(t.shape) for t in learnable]}); "
+                f"detach them, or use kernels.flex_attention, which returns their gradients.")
+        bwd = _Gen(buffers)
+        vals = []
+        s = "score"
+        for mod in _flatten_chain(score_mod):
+            out = mod._emit(bwd, s)
+            vals.append((mod, s, out))
+            s = out
+        grad = "dt"
+        for mod, s_in, out in reversed(vals):
+            local = mod._emit_grad(bwd, s_in, out)
+            if local != "1.0":
+                grad = bwd.tmp(f"{grad} * {local}")
+        fns.append(_function("score_bwd_fn", f"score, dt, b, h, m, n, {_BUF_ARGS}", bwd.lines, grad))
+    text = "\n\n\n".join(fns)
     text = text.replace("@triton.jit", "@gluon.jit").replace("tl.math.fdiv", "gl.fdiv").replace("tl.", "gl.")
     return text, buffers
 
