@@ -181,8 +181,9 @@ def _bwd_consume(descs, bufs, bars, lists, WG: gl.constexpr, ATOMIC_DQ: gl.const
     zero_dq = gl.zeros([BM, DQ_N], gl.float32, dq_layout)
     dk = gl.zeros([HALF_N, HEAD_D], gl.float32, acc_layout)
     dv = gl.zeros([HALF_N, HEAD_D], gl.float32, acc_layout)
-    dq_rows = gl.arange(0, BM, gl.SliceLayout(1, dq_layout))
-    dq_cols = gl.arange(0, DQ_N, gl.SliceLayout(0, dq_layout))
+    add_layout: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])  # [BM, DQ_N] for the atomics
+    dq_rows = gl.arange(0, BM, gl.SliceLayout(1, add_layout))
+    dq_cols = gl.arange(0, DQ_N, gl.SliceLayout(0, add_layout))
     mbarrier.wait(kv_ready.index(0), 0)
     it = 0
     for g in range(G):
@@ -195,15 +196,15 @@ def _bwd_consume(descs, bufs, bars, lists, WG: gl.constexpr, ATOMIC_DQ: gl.const
             ph = (it // NUM_BUF) & 1
             q_s = q_bufs.index(s)
             do_s = do_bufs.index(s)
-            mbarrier.wait(q_ready.index(s), ph)
-            qk = warpgroup_mma(q_s, k_half.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            mbarrier.wait(do_ready.index(s), ph)
-            dp = warpgroup_mma(do_s, v_half.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            # LSE2 and DELTA are padded to whole blocks (rows past L hold 0; PROBS masks them).
+            # LSE2 and DELTA are padded to whole blocks (rows past L hold 0; GRADS masks them).
             m1 = q0 + rows_s
             lse2 = gl.load(LSE2 + q_pad + m1)
             delta = gl.load(DELTA + q_pad + m1)
             m = gl.expand_dims(m1, 1)
+            mbarrier.wait(q_ready.index(s), ph)
+            mbarrier.wait(do_ready.index(s), ph)
+            qk = warpgroup_mma(q_s, k_half.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            dp = warpgroup_mma(do_s, v_half.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             qk, dp = warpgroup_mma_wait(num_outstanding=0, deps=(qk, dp))
             p, ds = GRADS(qk, dp, m, n, i // (128 // BM) < n_partial, hq, lists, lse2, delta)
             p_mine.store(p.to(dtype))
@@ -220,8 +221,10 @@ def _bwd_consume(descs, bufs, bars, lists, WG: gl.constexpr, ATOMIC_DQ: gl.const
                     dq = warpgroup_mma(ds_mine, k_half.slice(c * DQ_N, DQ_N, dim=1), zero_dq, use_acc=False,
                                        is_async=True)
                     dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
+                    # Four adjacent columns per thread (vector atomics, a quarter of the addresses).
+                    dq = gl.convert_layout(dq * sm_scale, add_layout)
                     offs = gl.expand_dims(dq_rows * HEAD_D, 1) + gl.expand_dims(dq_cols + c * DQ_N, 0)
-                    gl.atomic_add(dq_ptr + offs, dq * sm_scale, mask=keep, sem="relaxed")
+                    gl.atomic_add(dq_ptr + offs, dq, mask=keep, sem="relaxed")
             dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
             mbarrier.arrive(qdo_empty.index(s), count=1)
             it += 1

@@ -41,9 +41,10 @@ def test_every_backward_program_compiles_for_sm90_warp_specialized():
         # Only the softcap programs divide (the tanh's rcp.approx), in the probabilities and again
         # in the softcap's derivative: the mods' forward and backward code reached the consumers.
         assert (r["rcp_approx"] > 0) == ("softcap" in name), r
-    # Head dim 64, and dK/dV without dQ at 128, fit the consumers' 240 registers; the programs
-    # with dQ at 128 spill (recorded in the report, measured on the GPU, not asserted).
-    for name in ("bwd none dK/dV only", "bwd causal D=64", "bwd alibi causal tails D=64 L=S=333"):
+    # Without a mod, and at head dim 64, the consumers fit in their 240 registers (2026-12-04,
+    # Triton 3.6); the masks and score mods at head dim 128 spill 64 to 444 bytes (the report
+    # prints them; what they cost is for the GPU to measure, not asserted here).
+    for name in ("bwd none", "bwd none dK/dV only", "bwd causal D=64"):
         assert rows[name]["spill_stores"] == 0 and rows[name]["spill_loads"] == 0, rows[name]
 
 
