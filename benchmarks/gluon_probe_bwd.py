@@ -341,9 +341,11 @@ def bwd_module(score_mod=None, mask_mod=None, q_divisible: bool = True, kv_divis
 
 
 @triton.jit
-def _delta_kernel(O, DO, LSE, LSE2, DELTA, L, L_PAD, D: tl.constexpr, ROWS: tl.constexpr):
-    """Per (batch x head, ROWS rows): delta = rowsum(dO * O) in float32 and the LSE in base 2 (a
-    row with nothing allowed, LSE -inf, shifts by 0), both padded to L_PAD rows with zeros."""
+def _delta_kernel(O, DO, LSE, DLSE, LSE2, DELTA, L, L_PAD, D: tl.constexpr, ROWS: tl.constexpr,
+                  HAS_DLSE: tl.constexpr):
+    """Per (batch x head, ROWS rows): delta = rowsum(dO * O) - dlse in float32 (SPEC section 4;
+    the LSE's own gradient enters only here) and the LSE in base 2 (a row with nothing allowed,
+    LSE -inf, shifts by 0), both padded to L_PAD rows with zeros."""
     bh = tl.program_id(1)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, D)
@@ -351,9 +353,12 @@ def _delta_kernel(O, DO, LSE, LSE2, DELTA, L, L_PAD, D: tl.constexpr, ROWS: tl.c
     offs = (bh * L + rows[:, None]).to(tl.int64) * D + cols[None, :]
     o = tl.load(O + offs, mask=keep[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + offs, mask=keep[:, None], other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh * L + rows, mask=keep, other=0.0).to(tl.float32)
     lse = tl.load(LSE + bh * L + rows, mask=keep, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    tl.store(DELTA + bh * L_PAD + rows, tl.sum(o * do, 1), mask=rows < L_PAD)
+    tl.store(DELTA + bh * L_PAD + rows, delta, mask=rows < L_PAD)
     tl.store(LSE2 + bh * L_PAD + rows, lse2, mask=rows < L_PAD)
 
 
@@ -379,11 +384,12 @@ def _q_lists(block_mask, B: int, H: int, L: int, S: int, device):
 
 
 def gluon_flex_backward(q, k, v, out, lse, dout, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
-                        NUM_BUF=2, atomic_dq=True, maxnreg=168, consumer_regs=240, loader_regs=24, launch=None, poison=False):
+                        dlse=None, NUM_BUF=2, atomic_dq=True, maxnreg=168, consumer_regs=240, loader_regs=24,
+                        launch=None, poison=False):
     """(dq, dk, dv) of FlexAttention's backward for ``kernels.mods`` mods, from the forward's ``out``
-    and ``lse`` (natural log) and the incoming ``dout``: the block mask's q-side 128 x 128 lists
-    (partial blocks with its ``mask_mod``, then full ones), the ``score_mod`` and its gradient on
-    every listed block, GQA, any L and S. bf16 or fp16, head dim 64 or 128, contiguous (B, H, L,
+    and ``lse`` (natural log) and the incoming ``dout`` (and ``dlse``, the LSE's, if any): the
+    block mask's q-side 128 x 128 lists (partial blocks with its ``mask_mod``, then full ones),
+    the ``score_mod`` and its gradient on every listed block, GQA, any L and S. bf16 or fp16, head dim 64 or 128, contiguous (B, H, L,
     D). Without ``atomic_dq`` dq is not computed (returned as None): the dK/dV work alone, for
     timing. ``poison`` fills dk and dv with NaN first, so that an element the kernel does not
     write fails a check. ``launch(kernel, grid, args, kwargs)``, if given, replaces the launch
@@ -426,7 +432,9 @@ def gluon_flex_backward(q, k, v, out, lse, dout, score_mod=None, block_mask=None
     if launch is not None:
         return launch(module.flex_bwd, grid, args, kwargs)
     rows = 64
-    _delta_kernel[(L_pad // rows, B * H)](out, dout, lse.contiguous(), lse2, delta, L, L_pad, D, rows)
+    has_dlse = dlse is not None
+    _delta_kernel[(L_pad // rows, B * H)](out, dout, lse.contiguous(), dlse.contiguous() if has_dlse else lse, lse2,
+                                          delta, L, L_pad, D, rows, has_dlse)
     module.flex_bwd[grid](*args, **kwargs)
     return (dq.to(q.dtype) if atomic_dq else None), dk, dv
 

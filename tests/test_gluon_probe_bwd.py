@@ -89,3 +89,102 @@ def test_gpu_gluon_backward_as_accurate_as_ours(case):
     (r,) = gluon_probe_bwd.check_bwd_rows(only={case})
     for w in "qkv":
         assert r[f"gluon_d{w}"] <= 2 * r[f"ours_d{w}"] + 1e-5, (w, r)
+
+
+def test_delta_kernel_pads_base2_lse_and_delta_and_subtracts_dlse():
+    """The backward's first kernel (plain Triton: the interpreter on the CPU): delta = rowsum(dO * O)
+    - dlse in float32 and the LSE in base 2, a row with nothing allowed (LSE -inf) shifting by 0,
+    both padded with zeros past L to whole 128-row blocks."""
+    import math
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gluon_probe_bwd as gb
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    B, H, L, D, L_pad = 2, 3, 200, 64, 256
+    g = torch.Generator().manual_seed(0)
+    out, do = (torch.randn(B, H, L, D, generator=g).to(torch.bfloat16).to(device) for _ in range(2))
+    lse, dlse = (torch.randn(B, H, L, generator=g).to(device) for _ in range(2))
+    lse[0, 1, 5] = float("-inf")
+    terms = out.double() * do.double()  # bf16 x bf16 products are exact in float32
+    # A float32 sum of D exact terms is off by at most (D - 1) * 2^-24 * sum |term| (a row's bound).
+    bound = (D - 1) * 2.0 ** -24 * terms.abs().sum(-1)
+    for has_dlse in (True, False):
+        delta = torch.full((B, H, L_pad), float("nan"), device=device)
+        lse2 = torch.full_like(delta, float("nan"))
+        gb._delta_kernel[(L_pad // 64, B * H)](out, do, lse, dlse if has_dlse else lse, lse2, delta, L, L_pad, D,
+                                               64, has_dlse)
+        want = terms.sum(-1) - (dlse.double() if has_dlse else 0.0)
+        assert ((delta[..., :L].double() - want).abs() <= bound + (2.0 ** -24) * want.abs()).all()
+        assert (delta[..., L:] == 0).all() and (lse2[..., L:] == 0).all()
+        want2 = torch.where(lse == float("-inf"), 0.0, lse.double() * (1 / math.log(2)))
+        assert lse2[0, 1, 5] == 0 and torch.allclose(lse2[..., :L].double(), want2, rtol=2 ** -22, atol=0)
+
+
+def test_gluon_impl_and_wrapper_name_what_they_do_not_cover(monkeypatch):
+    """bench.py's ``gluon`` implementation is n/a off sm_90; ``gluon_flex.unsupported_shapes`` names
+    each limit of the probes (checked here with the capability query answering sm_90)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bench, gluon_flex
+    from kernels import mods
+
+    case = bench.Case("causal", bench.Shape(1, 2, 2, 256, 256, 64), torch.bfloat16)
+    monkeypatch.setattr(bench, "_DEVICE", ["cpu"])
+    with pytest.raises(bench.NotApplicable, match="sm_90"):
+        bench.IMPLS["gluon"].prepare(case, None, None)
+    assert "sm_90" in gluon_flex.unsupported_shapes("cpu", torch.bfloat16, (1, 2, 256, 64), (1, 2, 256, 64))
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+    def why(dtype=torch.bfloat16, q=(1, 4, 256, 128), k=(1, 4, 256, 128), **kw):
+        return gluon_flex.unsupported_shapes("cuda", dtype, q, k, **kw)
+    assert why() is None and why(q=(1, 8, 256, 128), enable_gqa=True) is None
+    assert "bf16 or fp16" in why(torch.float32)
+    assert "head dim 64 or 128" in why(q=(1, 4, 256, 96), k=(1, 4, 256, 96))
+    assert "no decode kernel" in why(q=(1, 4, 1, 128))
+    assert "without enable_gqa" in why(q=(1, 8, 256, 128))
+    table = torch.zeros(4, 256, 256, requires_grad=True)
+    assert "learnable" in why(score_mod=mods.bias(table, "hqk"))
+    assert "kernels.mods score mods" in why(score_mod=lambda s, b, h, m, n: s)
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_flex_autograd_through_out_and_lse():
+    """``benchmarks/gluon_flex.flex_attention`` (the Gluon forward and backward behind one autograd
+    function) on document masks with tails, GQA and the softcap, the loss through out and lse
+    (so dlse enters delta): dq, dk, dv within twice our kernels' error against the float64 oracle,
+    for the reason given above. Not yet run (no GPU in the session that wrote it)."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sys.path.insert(0, str(ROOT))
+    import kernels
+    import oracle
+    from benchmarks import gluon_flex
+    from kernels import mods
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    L = S = 1000
+    draw = lambda *shape: torch.randn(*shape, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
+    q, k, v, do = draw(2, 4, L, 128), draw(2, 2, S, 128), draw(2, 2, S, 128), draw(2, 4, L, 128)
+    dlse = torch.randn(2, 4, L, device="cuda", generator=g)
+    bm = create_block_mask(mods.document.from_seed(L, 5, 0, device="cuda"), None, None, L, S, device="cuda",
+                           BLOCK_SIZE=128)
+    kw = dict(score_mod=mods.tanh_softcap(30.0), block_mask=bm, enable_gqa=True)
+
+    def grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*leaves, **kw)
+        torch.autograd.backward((out, lse), (do.to(out.dtype), dlse.to(lse.dtype)))
+        return [t.grad for t in leaves]
+    want = grads(lambda *a, **k_: oracle.flex_attention(*a, return_lse=True, **k_), torch.float64)
+    ours = grads(lambda *a, **k_: kernels.flex_attention(*a, return_lse=True, **k_), torch.bfloat16)
+    mine = grads(gluon_flex.flex_attention, torch.bfloat16)
+    for name, w, o, m in zip("qkv", want, ours, mine):
+        err_ours = (o.double() - w).abs().max().item()
+        err_mine = (m.double() - w).abs().max().item()
+        assert err_mine <= 2 * err_ours + 1e-5, (name, err_mine, err_ours)

@@ -1,0 +1,90 @@
+"""FlexAttention on the Gluon probes: ``benchmarks/gluon_probe.py``'s forward and
+``benchmarks/gluon_probe_bwd.py``'s backward behind one autograd function.
+
+    PYTHONPATH=. python3 benchmarks/bench.py --impls ours,gluon,torch-compile --no-decode   # on the H100/H200
+
+For measurement, not for use: ``bench.py``'s ``gluon`` implementation, so that the probes run
+the benchmark's whole matrix with every output and gradient checked against the float64 oracle
+before it is timed. ``unsupported`` names what the probes do not cover (anything but sm_90,
+bf16/fp16 q, k and v of head dim 64 or 128, contiguous, 128 x 128 block masks, ``kernels.mods``
+mods without learnable tensors, training shapes); ``bench.py`` reports those cases as n/a.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def unsupported_shapes(device, dtype, q_shape, k_shape, score_mod=None, block_mask=None,
+                       enable_gqa=False) -> Optional[str]:
+    """Why the probes cannot run a call on (B, H, L, D) q and k, v of these shapes, or None."""
+    from kernels import mods
+
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return "the Gluon probes are written for sm_90 (H100/H200) only"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"the Gluon probes take bf16 or fp16, got {dtype}"
+    if q_shape[-1] not in (64, 128) or k_shape[-1] != q_shape[-1]:
+        return f"the Gluon probes take q, k, v of head dim 64 or 128 alike, got {q_shape[-1]} and {k_shape[-1]}"
+    if q_shape[2] < 128:
+        return f"the Gluon probes have no decode kernel (L={q_shape[2]} < 128)"
+    if q_shape[1] != k_shape[1] and (not enable_gqa or q_shape[1] % k_shape[1]):
+        return f"Hq={q_shape[1]}, Hkv={k_shape[1]} without enable_gqa"
+    if block_mask is not None and tuple(block_mask.BLOCK_SIZE) != (128, 128):
+        return f"the Gluon probes walk 128 x 128 block lists, got BLOCK_SIZE={tuple(block_mask.BLOCK_SIZE)}"
+    if not isinstance(score_mod, (type(None), mods.ScoreMod)):
+        return "the Gluon probes inline kernels.mods score mods only"
+    if block_mask is not None and not isinstance(block_mask.mask_mod, (type(None), mods.MaskMod)):
+        return "the Gluon probes inline kernels.mods mask mods only"
+    if score_mod is not None and any(t.requires_grad for t in score_mod.tensors()):
+        return "the Gluon backward returns no gradient for a learnable captured tensor"
+    return None
+
+
+def unsupported(q, k, v, score_mod=None, block_mask=None, enable_gqa=False) -> Optional[str]:
+    """Why the probes cannot run this call, or None."""
+    if not (q.dtype == k.dtype == v.dtype) or v.shape[-1] != k.shape[-1]:
+        return f"the Gluon probes take q, k, v of one dtype and head dim, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if not all(t.is_contiguous() for t in (q, k, v)):
+        return "the Gluon probes take contiguous (B, H, L, D) q, k, v"
+    return unsupported_shapes(q.device, q.dtype, q.shape, k.shape, score_mod, block_mask, enable_gqa)
+
+
+class _GluonFlex(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, score_mod, block_mask, scale, enable_gqa):
+        from benchmarks.gluon_probe import gluon_flex_attention
+
+        out, lse = gluon_flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                        enable_gqa=enable_gqa)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mods = (score_mod, block_mask, scale, enable_gqa)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        from benchmarks.gluon_probe_bwd import gluon_flex_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        score_mod, block_mask, scale, enable_gqa = ctx.mods
+        dq, dk, dv = gluon_flex_backward(q, k, v, out, lse, dout.contiguous(), score_mod=score_mod,
+                                         block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, dlse=dlse)
+        return dq, dk, dv, None, None, None, None
+
+
+def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False):
+    """``(out, lse)`` of FlexAttention with the Gluon probes, differentiable in query, key and value
+    (and through ``lse``); ValueError naming the reason for a call they do not cover."""
+    reason = unsupported(query, key, value, score_mod, block_mask, enable_gqa)
+    if reason is not None:
+        raise ValueError(f"benchmarks.gluon_flex cannot run this call: {reason}.")
+    return _GluonFlex.apply(query, key, value, score_mod, block_mask, scale, enable_gqa)
