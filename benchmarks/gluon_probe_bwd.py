@@ -17,11 +17,14 @@ warp-specialize on sm_90. This is FlashAttention-3's backward structure, written
 * a step per 64 query rows of the key tile's listed 128-row query blocks (PyTorch's q-side block
   lists: partial blocks with the ``mask_mod``, then full ones), for each of the kv head's G
   query heads (GQA sums their dK and dV in the accumulators);
-* scores transposed, key rows by query columns, so that P^T and dS^T stay in registers as the
-  A operands of dV += P^T dO and dK += dS^T Q; five products per step: S^T = K Q^T and
-  dP^T = V dO^T in flight together, then dV, dK, and with ``ATOMIC_DQ`` dQ = dS K from dS^T
-  written to shared memory, added into a float32 dQ with atomics (FlashAttention-3 adds it
-  with TMA bulk reductions, which Gluon 3.6 does not expose);
+* a step's products: S = Q K^T and dP = dO V^T (query rows by the consumer's 64 key columns) in
+  flight together; P and dS written to shared memory, read back transposed as the A operands of
+  dV += P^T dO and dK += dS^T Q; then dQ = dS K, added into a float32 dQ with atomics (four
+  columns per thread), in one of two ways (``dq``): "warpgroup", each consumer its key half's
+  share over all of dQ's columns, or "shared", FlashAttention-3's split, the consumers meeting on
+  a barrier once both halves of dS are in and each adding half of dQ's columns over the whole
+  key tile (half the atomics). FlashAttention-3 adds dQ with TMA bulk reductions, which Gluon
+  3.6 does not expose;
 * the kernel is generated around any ``kernels.mods`` program without learnable tensors
   (``kernels.mods.gluon_functions(..., backward=True)``: the mods' own code and the chain rule
   of their score mods), one module per program as in the forward probe.
@@ -64,10 +67,17 @@ from benchmarks.gluon_probe import LOG2E, _max_err, _mma_layout, compile_for_sm9
 BLOCK_M = 64  # query rows per step
 BLOCK_N = 128  # key rows per CTA, 64 per consumer warpgroup
 MASK_BLOCK = 128  # the block mask's block size, both sides
+# Who computes dQ (the consumers' DQ argument): nobody (dK and dV alone, for timing); each
+# consumer its key half's share, all columns; or the consumers together, half the columns each.
+DQ_NONE = gl.constexpr(0)
+DQ_WARPGROUP = gl.constexpr(1)
+DQ_SHARED = gl.constexpr(2)
+DQ_MODES = {None: 0, "warpgroup": 1, "shared": 2}
 
 
 @gluon.jit
-def _bwd_allocate(q_desc, k_desc, DS_LAYOUT: gl.constexpr, NUM_BUF: gl.constexpr):
+def _bwd_allocate(q_desc, k_desc, P_LAYOUT: gl.constexpr, DS_LAYOUT: gl.constexpr, NUM_BUF: gl.constexpr,
+                  DQ: gl.constexpr):
     """Shared memory and barriers of one CTA: K and V (both halves), a ring of NUM_BUF Q and dO
     tiles (each ready on a barrier of its own; a stage is empty when both consumers arrived), and
     each consumer's dS^T tile (the A operand of its dQ product, read transposed)."""
@@ -78,8 +88,11 @@ def _bwd_allocate(q_desc, k_desc, DS_LAYOUT: gl.constexpr, NUM_BUF: gl.constexpr
     v_smem = gl.allocate_shared_memory(k_desc.dtype, [BN, HEAD_D], k_desc.layout)
     q_bufs = gl.allocate_shared_memory(q_desc.dtype, [NUM_BUF, BM, HEAD_D], q_desc.layout)
     do_bufs = gl.allocate_shared_memory(q_desc.dtype, [NUM_BUF, BM, HEAD_D], q_desc.layout)
-    p_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BM, BN // 2], DS_LAYOUT)
-    ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BM, BN // 2], DS_LAYOUT)
+    p_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BM, BN // 2], P_LAYOUT)
+    # dS of the step, [BM, BN], each consumer writing its key half; with DQ_SHARED two buffers
+    # (steps alternate), each consumer's dQ columns reading both halves.
+    ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2 if DQ == DQ_SHARED else 1, BM, BN], DS_LAYOUT)
+    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     kv_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
@@ -89,14 +102,16 @@ def _bwd_allocate(q_desc, k_desc, DS_LAYOUT: gl.constexpr, NUM_BUF: gl.constexpr
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(do_ready.index(i), count=1)
         mbarrier.init(qdo_empty.index(i), count=2)
-    return (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem), (kv_ready, q_ready, do_ready, qdo_empty)
+    for i in gl.static_range(2):
+        mbarrier.init(ds_ready.index(i), count=2)
+    return (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem), (kv_ready, q_ready, do_ready, qdo_empty, ds_ready)
 
 
 @gluon.jit
 def _head_lists(ptrs, dims, g):
     """Query head g of the CTA's kv head: its index, its q-side lists of the CTA's key block
     (partial and full) and their lengths."""
-    LSE2, DELTA, DQ, DK, DV, Q_NUM, Q_IDX, FULL_NUM, FULL_IDX = ptrs
+    LSE2, DELTA, DQ_PTR, DK, DV, Q_NUM, Q_IDX, FULL_NUM, FULL_IDX = ptrs
     off_z, off_hkv, kvb, G, H, L, S, MB, MH, NKVB, NQB = dims
     hq = off_hkv * G + g
     row = ((off_z % MB) * MH + hq % MH) * NKVB + kvb
@@ -123,7 +138,7 @@ def _bwd_load(descs, bufs, bars, lists):
     """The loader warp: K and V of the key tile once, then Q and dO of every step into the ring."""
     q_desc, k_desc, v_desc, do_desc = descs
     k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem = bufs
-    kv_ready, q_ready, do_ready, qdo_empty = bars
+    kv_ready, q_ready, do_ready, qdo_empty, ds_ready = bars
     ptrs, dims, mods, scales = lists
     off_z, off_hkv, kvb, G, H, L, S, MB, MH, NKVB, NQB = dims
     NUM_BUF: gl.constexpr = q_bufs.shape[0]
@@ -149,22 +164,27 @@ def _bwd_load(descs, bufs, bars, lists):
 
 
 @gluon.jit
-def _bwd_consume(descs, bufs, bars, lists, WG: gl.constexpr, ATOMIC_DQ: gl.constexpr, GRADS: gl.constexpr):
-    """A consumer warpgroup: dK and dV of its 64 key rows over every step, and (ATOMIC_DQ) each
-    step's share of dQ. ``GRADS(qk, dp, m, n, partial, hq, lists, lse2, delta)`` gives P and dS
-    (d loss / d (q k^T * scale)) from the raw products Q K^T and dO V^T, query rows by key
-    columns (m the query and n the key indices, broadcast). One function for both, so that the
-    score mod's recomputation needs no second copy of the scores in registers."""
+def _bwd_consume(descs, bufs, bars, lists, WG: gl.constexpr, DQ: gl.constexpr, GRADS: gl.constexpr):
+    """A consumer warpgroup: dK and dV of its 64 key rows over every step, and each step's share
+    of dQ: with DQ_WARPGROUP its key half's, all D columns (dS of its half times its K half);
+    with DQ_SHARED half of dQ's columns from both halves (both consumers' dS, met on a barrier:
+    FlashAttention-3's split, half the atomics); DQ_NONE none.
+
+    ``GRADS(qk, dp, m, n, partial, hq, lists, lse2, delta)`` gives P and dS (d loss / d (q k^T *
+    scale)) from the raw products Q K^T and dO V^T, query rows by key columns (m the query and n
+    the key indices, broadcast). One function for both, so that the score mod's recomputation
+    needs no second copy of the scores in registers."""
     k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem = bufs
-    kv_ready, q_ready, do_ready, qdo_empty = bars
+    kv_ready, q_ready, do_ready, qdo_empty, ds_ready = bars
     ptrs, dims, mods, scales = lists
-    LSE2, DELTA, DQ, DK, DV, Q_NUM, Q_IDX, FULL_NUM, FULL_IDX = ptrs
+    LSE2, DELTA, DQ_PTR, DK, DV, Q_NUM, Q_IDX, FULL_NUM, FULL_IDX = ptrs
     off_z, off_hkv, kvb, G, H, L, S, MB, MH, NKVB, NQB = dims
     sm_scale, qk_scale = scales
     NUM_BUF: gl.constexpr = q_bufs.shape[0]
     BM: gl.constexpr = q_bufs.shape[1]
     HEAD_D: gl.constexpr = q_bufs.shape[2]
-    HALF_N: gl.constexpr = ds_smem.shape[2]
+    HALF_N: gl.constexpr = p_smem.shape[2]
+    DS_BUFS: gl.constexpr = ds_smem.shape[0]
     DQ_N: gl.constexpr = 64  # dQ's columns per product
     s_layout: gl.constexpr = _mma_layout(HALF_N)  # [BM, HALF_N]: S, dP
     acc_layout: gl.constexpr = _mma_layout(HEAD_D)  # [HALF_N, D]: dK, dV
@@ -174,7 +194,6 @@ def _bwd_consume(descs, bufs, bars, lists, WG: gl.constexpr, ATOMIC_DQ: gl.const
     k_half = k_smem.slice(WG * HALF_N, HALF_N)
     v_half = v_smem.slice(WG * HALF_N, HALF_N)
     p_mine = p_smem.index(WG)
-    ds_mine = ds_smem.index(WG)
     n = gl.expand_dims(kvb * (2 * HALF_N) + WG * HALF_N + gl.arange(0, HALF_N, gl.SliceLayout(0, s_layout)), 0)
     rows_s = gl.arange(0, BM, gl.SliceLayout(1, s_layout))
     zero_s = gl.zeros([BM, HALF_N], gl.float32, s_layout)
@@ -207,16 +226,18 @@ def _bwd_consume(descs, bufs, bars, lists, WG: gl.constexpr, ATOMIC_DQ: gl.const
             dp = warpgroup_mma(do_s, v_half.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             qk, dp = warpgroup_mma_wait(num_outstanding=0, deps=(qk, dp))
             p, ds = GRADS(qk, dp, m, n, i // (128 // BM) < n_partial, hq, lists, lse2, delta)
+            ds_all = ds_smem.index(it % DS_BUFS)
+            ds_mine = ds_all.slice(WG * HALF_N, HALF_N, dim=1)
             p_mine.store(p.to(dtype))
             ds_mine.store(ds.to(dtype))
             fence_async_shared()
             # dV += P^T dO and dK += dS^T Q, P and dS read transposed from shared memory.
             dv = warpgroup_mma(p_mine.permute((1, 0)), do_s, dv, is_async=True)
             dk = warpgroup_mma(ds_mine.permute((1, 0)), q_s, dk, is_async=True)
-            if ATOMIC_DQ:
+            if DQ == DQ_WARPGROUP:
                 # dQ's share of this key half, dS K, in column chunks of DQ_N, added in with atomics.
                 keep = gl.expand_dims(q0 + dq_rows < L, 1)
-                dq_ptr = DQ + (q_row + q0).to(gl.int64) * HEAD_D
+                dq_ptr = DQ_PTR + (q_row + q0).to(gl.int64) * HEAD_D
                 for c in gl.static_range(HEAD_D // DQ_N):
                     dq = warpgroup_mma(ds_mine, k_half.slice(c * DQ_N, DQ_N, dim=1), zero_dq, use_acc=False,
                                        is_async=True)
@@ -225,6 +246,17 @@ def _bwd_consume(descs, bufs, bars, lists, WG: gl.constexpr, ATOMIC_DQ: gl.const
                     dq = gl.convert_layout(dq * sm_scale, add_layout)
                     offs = gl.expand_dims(dq_rows * HEAD_D, 1) + gl.expand_dims(dq_cols + c * DQ_N, 0)
                     gl.atomic_add(dq_ptr + offs, dq, mask=keep, sem="relaxed")
+            if DQ == DQ_SHARED:
+                # Columns WG * DQ_N.. of dQ over the whole key tile, once both halves of dS are in.
+                mbarrier.arrive(ds_ready.index(it % 2), count=1)
+                mbarrier.wait(ds_ready.index(it % 2), (it // 2) & 1)
+                dq = warpgroup_mma(ds_all, k_smem.slice(WG * DQ_N, DQ_N, dim=1), zero_dq, use_acc=False,
+                                   is_async=True)
+                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
+                dq = gl.convert_layout(dq * sm_scale, add_layout)
+                keep = gl.expand_dims(q0 + dq_rows < L, 1)
+                offs = gl.expand_dims(dq_rows * HEAD_D, 1) + gl.expand_dims(dq_cols + WG * DQ_N, 0)
+                gl.atomic_add(DQ_PTR + (q_row + q0).to(gl.int64) * HEAD_D + offs, dq, mask=keep, sem="relaxed")
             dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
             mbarrier.arrive(qdo_empty.index(s), count=1)
             it += 1
@@ -270,12 +302,12 @@ def _grads(qk, dp, m, n, partial, hq, lists, lse2, delta):
 
 @gluon.jit
 def _consumer0(descs, bufs, bars, lists):
-    _bwd_consume(descs, bufs, bars, lists, 0, @@ATOMIC@@, _grads)
+    _bwd_consume(descs, bufs, bars, lists, 0, @@DQ@@, _grads)
 
 
 @gluon.jit
 def _consumer1(descs, bufs, bars, lists):
-    _bwd_consume(descs, bufs, bars, lists, 1, @@ATOMIC@@, _grads)
+    _bwd_consume(descs, bufs, bars, lists, 1, @@DQ@@, _grads)
 
 
 @gluon.jit
@@ -284,16 +316,17 @@ def _loader(descs, bufs, bars, lists):
 
 
 @gluon.jit
-def flex_bwd(q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DQ, DK, DV, B0, B1, B2, B3,
+def flex_bwd(q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DQ_PTR, DK, DV, B0, B1, B2, B3,
              Q_NUM, Q_IDX, FULL_NUM, FULL_IDX, L, S, H, G, MB, MH, NKVB, NQB, sm_scale, qk_scale,
-             DS_LAYOUT: gl.constexpr, NUM_BUF: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+             P_LAYOUT: gl.constexpr, DS_LAYOUT: gl.constexpr, NUM_BUF: gl.constexpr, DQ: gl.constexpr,
+             CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     kvb = gl.program_id(0)
     bh = gl.program_id(1)
     Hkv = H // G
     off_z = bh // Hkv
     off_hkv = bh % Hkv
-    bufs, bars = _bwd_allocate(q_desc, k_desc, DS_LAYOUT, NUM_BUF)
-    lists = ((LSE2, DELTA, DQ, DK, DV, Q_NUM, Q_IDX, FULL_NUM, FULL_IDX),
+    bufs, bars = _bwd_allocate(q_desc, k_desc, P_LAYOUT, DS_LAYOUT, NUM_BUF, DQ)
+    lists = ((LSE2, DELTA, DQ_PTR, DK, DV, Q_NUM, Q_IDX, FULL_NUM, FULL_IDX),
              (off_z, off_hkv, kvb, G, H, L, S, MB, MH, NKVB, NQB), (B0, B1, B2, B3), (sm_scale, qk_scale))
     args = ((q_desc, k_desc, v_desc, do_desc), bufs, bars, lists)
     gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader, args)], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -318,9 +351,9 @@ _BWD_MODULES: dict = {}
 
 
 def bwd_module(score_mod=None, mask_mod=None, q_divisible: bool = True, kv_divisible: bool = True,
-               atomic_dq: bool = True):
+               dq="warpgroup"):
     """The generated Gluon module (``flex_bwd`` and its partitions) for one pair of kernels.mods
-    mods, whether L and S are multiples of 128, and whether dQ is added in (``atomic_dq``); and
+    mods, whether L and S are multiples of 128, and who computes dQ (``dq``, a key of DQ_MODES); and
     the mods' captured buffers in slot order."""
     from kernels import mods
 
@@ -333,7 +366,7 @@ def bwd_module(score_mod=None, mask_mod=None, q_divisible: bool = True, kv_divis
               .replace("@@MASK@@", _MASK_LINES if mask_mod is not None else "")
               .replace("@@TAIL@@", "\n".join(tails))
               .replace("@@DSCORE@@", _DSCORE_LINES if score_mod is not None else _PLAIN_DSCORE_LINES)
-              .replace("@@ATOMIC@@", repr(bool(atomic_dq))))
+              .replace("@@DQ@@", str(DQ_MODES[dq])))
     module = _BWD_MODULES.get(source)
     if module is None:
         module = _BWD_MODULES[source] = mods._load_source(source, interpret=False)
@@ -384,16 +417,20 @@ def _q_lists(block_mask, B: int, H: int, L: int, S: int, device):
 
 
 def gluon_flex_backward(q, k, v, out, lse, dout, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
-                        dlse=None, NUM_BUF=2, atomic_dq=True, maxnreg=168, consumer_regs=240, loader_regs=24,
+                        dlse=None, NUM_BUF=2, dq="warpgroup", maxnreg=168, consumer_regs=240, loader_regs=24,
                         launch=None, poison=False):
     """(dq, dk, dv) of FlexAttention's backward for ``kernels.mods`` mods, from the forward's ``out``
     and ``lse`` (natural log) and the incoming ``dout`` (and ``dlse``, the LSE's, if any): the
     block mask's q-side 128 x 128 lists (partial blocks with its ``mask_mod``, then full ones),
-    the ``score_mod`` and its gradient on every listed block, GQA, any L and S. bf16 or fp16, head dim 64 or 128, contiguous (B, H, L,
-    D). Without ``atomic_dq`` dq is not computed (returned as None): the dK/dV work alone, for
-    timing. ``poison`` fills dk and dv with NaN first, so that an element the kernel does not
-    write fails a check. ``launch(kernel, grid, args, kwargs)``, if given, replaces the launch
-    (``compile_for_sm90``) and its result is returned."""
+    the ``score_mod`` and its gradient on every listed block, GQA, any L and S. bf16 or fp16,
+    head dim 64 or 128, contiguous (B, H, L, D).
+
+    ``dq``: "warpgroup" (each consumer adds its key half's share of dQ, all columns), "shared"
+    (head dim 128: the consumers meet on a barrier and each adds half of dQ's columns over the
+    whole key tile, half the atomics), or None (dq not computed, returned as None: the dK/dV
+    work alone, for timing). ``poison`` fills dk and dv with NaN first, so that an element the
+    kernel does not write fails a check. ``launch(kernel, grid, args, kwargs)``, if given,
+    replaces the launch (``compile_for_sm90``) and its result is returned."""
     from kernels import mods as kmods
 
     B, H, L, D = q.shape
@@ -405,15 +442,18 @@ def gluon_flex_backward(q, k, v, out, lse, dout, score_mod=None, block_mask=None
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout)):
         if not t.is_contiguous() or t.shape[-1] != D:
             raise ValueError(f"Expected {name} contiguous with head dim {D}, got strides {t.stride()}.")
+    if dq not in DQ_MODES or (dq == "shared" and D != 128):
+        raise ValueError(f"Expected dq in {list(DQ_MODES)} (\"shared\" at head dim 128 only), got dq={dq!r}, D={D}.")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     num, idx, full_num, full_idx, mask_mod = _q_lists(block_mask, B, H, L, S, q.device)
     module, buffers = bwd_module(kmods.as_score_mod(score_mod), kmods.as_mask_mod(mask_mod, "block_mask.mask_mod"),
-                                 L % MASK_BLOCK == 0, S % MASK_BLOCK == 0, atomic_dq)
+                                 L % MASK_BLOCK == 0, S % MASK_BLOCK == 0, dq)
     bufs = [t.to(q.device) for t in buffers] + [q] * (kmods.MAX_BUFFERS - len(buffers))
     elem = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], elem)
     kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], elem)
-    ds_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2], elem)
+    p_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2], elem)
+    ds_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], elem)
     descs = (TensorDescriptor.from_tensor(q.reshape(-1, D), [BLOCK_M, D], q_layout),
              TensorDescriptor.from_tensor(k.reshape(-1, D), [BLOCK_N, D], kv_layout),
              TensorDescriptor.from_tensor(v.reshape(-1, D), [BLOCK_N, D], kv_layout),
@@ -421,13 +461,14 @@ def gluon_flex_backward(q, k, v, out, lse, dout, score_mod=None, block_mask=None
     L_pad = -(-L // MASK_BLOCK) * MASK_BLOCK
     delta = torch.empty(B, H, L_pad, dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
-    dq = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device) if atomic_dq else delta
+    dq_acc = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device) if dq is not None else delta
     fill = torch.full_like if poison else (lambda t, _: torch.empty_like(t))
     dk, dv = fill(k, float("nan")), fill(v, float("nan"))
     MB, MH, NKVB, NQB = idx.shape
     grid = (-(-S // BLOCK_N), B * Hkv)
-    args = (*descs, lse2, delta, dq, dk, dv, *bufs, num, idx, full_num, full_idx, L, S, H, H // Hkv,
-            MB, MH, NKVB, NQB, scale, scale * LOG2E, ds_layout, NUM_BUF, consumer_regs, loader_regs)
+    args = (*descs, lse2, delta, dq_acc, dk, dv, *bufs, num, idx, full_num, full_idx, L, S, H, H // Hkv,
+            MB, MH, NKVB, NQB, scale, scale * LOG2E, p_layout, ds_layout, NUM_BUF, DQ_MODES[dq], consumer_regs,
+            loader_regs)
     kwargs = dict(num_warps=4, maxnreg=maxnreg)
     if launch is not None:
         return launch(module.flex_bwd, grid, args, kwargs)
@@ -436,7 +477,7 @@ def gluon_flex_backward(q, k, v, out, lse, dout, score_mod=None, block_mask=None
     _delta_kernel[(L_pad // rows, B * H)](out, dout, lse.contiguous(), dlse.contiguous() if has_dlse else lse, lse2,
                                           delta, L, L_pad, D, rows, has_dlse)
     module.flex_bwd[grid](*args, **kwargs)
-    return (dq.to(q.dtype) if atomic_dq else None), dk, dv
+    return (dq_acc.to(q.dtype) if dq is not None else None), dk, dv
 
 
 # --------------------------------------------------------------------------
@@ -454,8 +495,12 @@ def compile_report() -> list:
     for name, kw in flex_programs(512, "cpu"):
         rep = gluon_flex_backward(q, k, v, q, lse, q, launch=compile_for_sm90, **kw)
         rows.append(dict(variant=f"bwd {name}", **rep))
-    rep = gluon_flex_backward(q, k, v, q, lse, q, atomic_dq=False, launch=compile_for_sm90)
+    rep = gluon_flex_backward(q, k, v, q, lse, q, dq=None, launch=compile_for_sm90)
     rows.append(dict(variant="bwd none dK/dV only", **rep))
+    for name, kw in flex_programs(512, "cpu"):
+        if name in ("none", "document", "softcap causal"):
+            rep = gluon_flex_backward(q, k, v, q, lse, q, dq="shared", launch=compile_for_sm90, **kw)
+            rows.append(dict(variant=f"bwd {name} dQ shared", **rep))
     for name, (q, k, v), kw in flex_edge_cases("cpu"):
         lse = torch.empty(q.shape[:3])
         rep = gluon_flex_backward(q, k, v, q, lse, q, launch=compile_for_sm90, **kw)
@@ -468,10 +513,11 @@ BWD_CASES = ("none", "causal", "sliding_window", "prefix_lm", "document", "alibi
              "softcap tails L=700 S=1000 GQA", "alibi causal tails D=64 L=S=333")
 
 
-def check_bwd_rows(S: int = 512, seed: int = 0, only=None) -> list:
+def check_bwd_rows(S: int = 512, seed: int = 0, only=None, dq: str = "warpgroup") -> list:
     """Gradients of the forward probe's programs (B=2, H=2, S=512, bf16), GQA causal (Hq=4, Hkv=2)
     and its edge cases: max errors of our Triton backward and of the Gluon one (from our forward's
-    out and LSE and the same dout) against the float64 oracle's, per gradient."""
+    out and LSE and the same dout) against the float64 oracle's, per gradient; ``dq`` as
+    ``gluon_flex_backward``'s."""
     import kernels
     import oracle
     from benchmarks.gluon_probe import flex_edge_cases, flex_programs
@@ -497,7 +543,7 @@ def check_bwd_rows(S: int = 512, seed: int = 0, only=None) -> list:
         mine = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         o, lse = kernels.flex_attention(*mine, return_lse=True, **kw)
         o.backward(dout)
-        got = gluon_flex_backward(q, k, v, o.detach().contiguous(), lse.detach(), dout, poison=True, **kw)
+        got = gluon_flex_backward(q, k, v, o.detach().contiguous(), lse.detach(), dout, dq=dq, poison=True, **kw)
         row = dict(program=name)
         for which, want, ours, gluon_grad in zip("qkv", ref, mine, got):
             row[f"ours_d{which}"] = _max_err(ours.grad, want.grad)
@@ -534,7 +580,8 @@ def time_rows(lengths=(16384, 4096, 1024)) -> list:
             impls = [("ours (Triton)", lambda: torch.autograd.grad(o_ours, leaves, dout, retain_graph=True)),
                      ("torch.compile", lambda: torch.autograd.grad(o_tc, leaves, dout, retain_graph=True)),
                      ("gluon", lambda: gluon_flex_backward(q, k, v, o, lse, dout, **kw)),
-                     ("gluon dK/dV only", lambda: gluon_flex_backward(q, k, v, o, lse, dout, atomic_dq=False, **kw))]
+                     ("gluon dQ shared", lambda: gluon_flex_backward(q, k, v, o, lse, dout, dq="shared", **kw)),
+                     ("gluon dK/dV only", lambda: gluon_flex_backward(q, k, v, o, lse, dout, dq=None, **kw))]
             for name, fn in impls:
                 fn()
                 torch.cuda.synchronize()
@@ -560,9 +607,11 @@ def main(argv=None) -> int:
         print("gluon_probe_bwd: needs an sm_90 GPU (H100/H200); --compile-only runs anywhere", file=sys.stderr)
         return 2
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
-    result["checks"] = check_bwd_rows()
+    d128 = set(BWD_CASES) - {"causal D=64", "alibi causal tails D=64 L=S=333"}
+    result["checks"] = ([dict(r, dq="warpgroup") for r in check_bwd_rows()]
+                        + [dict(r, dq="shared") for r in check_bwd_rows(only=d128, dq="shared")])
     for r in result["checks"]:
-        print(f"check bwd {r['program']:32s} " + "  ".join(
+        print(f"check bwd {r['program']:32s} dQ {r['dq']:9s} " + "  ".join(
             f"d{w} ours {r[f'ours_d{w}']:.3e} gluon {r[f'gluon_d{w}']:.3e}" for w in "qkv"), flush=True)
     if not args.no_time:
         result["times"] = time_rows(tuple(int(x) for x in args.lengths.split(",")))
