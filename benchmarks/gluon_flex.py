@@ -59,15 +59,51 @@ def unsupported(q, k, v, score_mod=None, block_mask=None, enable_gqa=False) -> O
     return unsupported_shapes(q.device, q.dtype, q.shape, k.shape, score_mod, block_mask, enable_gqa)
 
 
+# Refine the lists to 64 rows or keys on an axis when that lists at least this share fewer
+# elements (our Triton backward's threshold, kernels.api.AUTO_REFINE_BWD_SAVING; what a 64-wide
+# tile costs the Gluon kernels is not measured yet).
+REFINE_SAVING = 0.05
+_CHOICES: dict = {}
+
+
+def refine_choice(block_mask, B: int, H: int, L: int, S: int, device) -> tuple:
+    """(kv_block, q_block): 64 on an axis whose refined lists hold at least REFINE_SAVING fewer
+    elements than the 128 x 128 ones (the forward's key axis, the backward's query axis), else
+    128; decided once per block mask."""
+    from benchmarks.gluon_probe import refined_lists
+
+    if block_mask is None:
+        return 128, 128
+    key = (id(block_mask), B, H, L, S, str(device))
+    hit = _CHOICES.get(key)
+    if hit is not None and hit[0] is block_mask:
+        return hit[1]
+
+    def listed(lists, area):
+        return sum(int(n.sum()) for n in lists) * area
+    base = refined_lists(block_mask, B, H, L, S, device)
+    kv64 = refined_lists(block_mask, B, H, L, S, device, kv_block=64)
+    q64 = refined_lists(block_mask, B, H, L, S, device, q_block=64)
+    whole = listed((base[0], base[2]), 128 * 128)
+    kv_block = 64 if listed((kv64[0], kv64[2]), 128 * 64) <= (1 - REFINE_SAVING) * whole else 128
+    q_block = 64 if listed((q64[4], q64[6]), 64 * 128) <= (1 - REFINE_SAVING) * whole else 128
+    if len(_CHOICES) > 16:
+        _CHOICES.clear()
+    _CHOICES[key] = (block_mask, (kv_block, q_block))
+    return kv_block, q_block
+
+
 class _GluonFlex(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, score_mod, block_mask, scale, enable_gqa):
+    def forward(ctx, q, k, v, score_mod, block_mask, scale, enable_gqa, refine):
         from benchmarks.gluon_probe import gluon_flex_attention
 
+        B, H, L = q.shape[:3]
+        kv_block, q_block = refine_choice(block_mask, B, H, L, k.shape[2], q.device) if refine else (128, 128)
         out, lse = gluon_flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                                        enable_gqa=enable_gqa)
+                                        enable_gqa=enable_gqa, kv_block=kv_block, NUM_BUF=3 if kv_block == 128 else 4)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mods = (score_mod, block_mask, scale, enable_gqa)
+        ctx.mods = (score_mod, block_mask, scale, enable_gqa, q_block)
         return out, lse
 
     @staticmethod
@@ -75,16 +111,19 @@ class _GluonFlex(torch.autograd.Function):
         from benchmarks.gluon_probe_bwd import gluon_flex_backward
 
         q, k, v, out, lse = ctx.saved_tensors
-        score_mod, block_mask, scale, enable_gqa = ctx.mods
+        score_mod, block_mask, scale, enable_gqa, q_block = ctx.mods
         dq, dk, dv = gluon_flex_backward(q, k, v, out, lse, dout.contiguous(), score_mod=score_mod,
-                                         block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, dlse=dlse)
-        return dq, dk, dv, None, None, None, None
+                                         block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, dlse=dlse,
+                                         q_block=q_block)
+        return dq, dk, dv, None, None, None, None, None
 
 
-def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False):
+def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
+                   refine: bool = True):
     """``(out, lse)`` of FlexAttention with the Gluon probes, differentiable in query, key and value
-    (and through ``lse``); ValueError naming the reason for a call they do not cover."""
+    (and through ``lse``); ValueError naming the reason for a call they do not cover. ``refine``:
+    the lists refined where ``refine_choice`` says so (else 128 x 128 throughout)."""
     reason = unsupported(query, key, value, score_mod, block_mask, enable_gqa)
     if reason is not None:
         raise ValueError(f"benchmarks.gluon_flex cannot run this call: {reason}.")
-    return _GluonFlex.apply(query, key, value, score_mod, block_mask, scale, enable_gqa)
+    return _GluonFlex.apply(query, key, value, score_mod, block_mask, scale, enable_gqa, refine)

@@ -416,23 +416,64 @@ def flex_module(score_mod=None, mask_mod=None, q_divisible: bool = True, kv_divi
     return module, buffers
 
 
+_FULL_MASKS: dict = {}
+
+
 def _full_lists(B: int, H: int, L: int, S: int, device):
-    """No block mask: every block of every row full (PyTorch's BlockMask layout, broadcast over B, H)."""
-    from types import SimpleNamespace
+    """No block mask: a BlockMask with every block of every row full (broadcast over B, H), one
+    per lengths and device (so that the lists cached on it are found again)."""
+    key = (L, S, str(device))
+    if key not in _FULL_MASKS:
+        _FULL_MASKS[key] = _new_full_mask(L, S, device)
+    return _FULL_MASKS[key]
+
+
+def _new_full_mask(L: int, S: int, device):
+    from torch.nn.attention.flex_attention import BlockMask
 
     nq, nkv = -(-L // 128), -(-S // 128)
     zero = torch.zeros(1, 1, nq, dtype=torch.int32, device=device)
     idx = torch.arange(nkv, dtype=torch.int32, device=device).expand(1, 1, nq, nkv).contiguous()
-    return SimpleNamespace(BLOCK_SIZE=(128, 128), kv_num_blocks=zero, kv_indices=torch.zeros_like(idx),
-                           full_kv_num_blocks=torch.full_like(zero, nkv), full_kv_indices=idx, mask_mod=None)
+    args = (zero, torch.zeros_like(idx), torch.full_like(zero, nkv), idx)
+    try:
+        return BlockMask.from_kv_blocks(*args, BLOCK_SIZE=128, mask_mod=None, seq_lengths=(L, S))
+    except TypeError:  # a PyTorch without seq_lengths
+        return BlockMask.from_kv_blocks(*args, BLOCK_SIZE=128, mask_mod=None)
+
+
+def refined_lists(block_mask, B: int, H: int, L: int, S: int, device, kv_block: int = 128, q_block: int = 128):
+    """The block mask's kv-side lists (num, idx, full num, full idx) and q-side ones (the same,
+    transposed), refined to ``q_block`` x ``kv_block`` sub-blocks when either is 64
+    (``kernels.api``'s refinement, the one our Triton kernels run); None: every block full.
+    Without full blocks, the full lists are empty (counts 0)."""
+    from kernels import api
+
+    if block_mask is None:
+        block_mask = _full_lists(B, H, L, S, device)
+    # Both cached in kernels.api (per block mask, and per lists, mask mod and granularity), so
+    # that a timed loop does not refine again at every call.
+    sparse = api._cached_block_lists(block_mask, B, H, L, S, device)
+    if (q_block, kv_block) != (128, 128):
+        sparse = api._refined_lists(sparse, block_mask.mask_mod, B, H, L, S, kv_block, q_block)
+    full_num = sparse.full_kv_num if sparse.has_full else torch.zeros_like(sparse.kv_num)
+    full_idx = sparse.full_kv_idx if sparse.has_full else sparse.kv_idx
+    full_q_num = sparse.full_q_num if sparse.has_full else torch.zeros_like(sparse.q_num)
+    full_q_idx = sparse.full_q_idx if sparse.has_full else sparse.q_idx
+    return sparse.kv_num, sparse.kv_idx, full_num, full_idx, sparse.q_num, sparse.q_idx, full_q_num, full_q_idx
 
 
 def gluon_flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, enable_gqa=False, NUM_BUF=3,
-                         maxnreg=168, consumer_regs=240, launch=None, poison=False):
+                         kv_block=128, maxnreg=168, consumer_regs=240, launch=None, poison=False):
     """FlexAttention's forward (out, lse) with the Gluon kernel, for ``kernels.mods`` mods: the
     block mask's 128 x 128 lists (partial blocks with its ``mask_mod``, then full blocks), the
     ``score_mod`` on every listed block, GQA, any L and S (tails masked). bf16 or fp16, head dim 64
-    or 128 (q, k, v alike), contiguous (B, H, L, D). ``poison`` as ``_outputs``'."""
+    or 128 (q, k, v alike), contiguous (B, H, L, D). ``poison`` as ``_outputs``'.
+
+    ``kv_block=64``: the lists refined to 128 x 64 sub-blocks first (``kernels.api._refine_kv``,
+    as our Triton forward refines them: a sub-block the mask allows nothing of is dropped, one it
+    allows everything of made full) and K/V tiles of 64 keys, so that a document boundary costs
+    the sub-blocks it touches (on bench.py's 4k document row, 1.46 listed elements per allowed
+    one against 1.61 at 128 x 128)."""
     from kernels import mods
 
     B, H, L, D = q.shape
@@ -444,22 +485,20 @@ def gluon_flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, e
         raise ValueError(f"Expected enable_gqa=True and Hq % Hkv == 0 for Hq={H}, Hkv={Hkv}.")
     if not all(t.is_contiguous() for t in (q, k, v)):
         raise ValueError("gluon_flex_attention takes contiguous (B, H, L, D) tensors; call .contiguous() first.")
-    if block_mask is None:
-        block_mask = _full_lists(B, H, L, S, q.device)
-    if tuple(block_mask.BLOCK_SIZE) != (128, 128):
+    if kv_block not in (64, 128):
+        raise ValueError(f"Expected kv_block 64 or 128, got {kv_block!r}.")
+    if block_mask is not None and tuple(block_mask.BLOCK_SIZE) != (128, 128):
         raise ValueError(f"Expected a BlockMask of 128 x 128 blocks, got BLOCK_SIZE={tuple(block_mask.BLOCK_SIZE)}.")
-    mask_mod = mods.as_mask_mod(block_mask.mask_mod, "block_mask.mask_mod")
+    mask_mod = mods.as_mask_mod(block_mask.mask_mod if block_mask is not None else None, "block_mask.mask_mod")
     module, buffers = flex_module(mods.as_score_mod(score_mod), mask_mod, L % 128 == 0, S % 128 == 0)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     out, lse = _outputs(q, poison)
     bufs = [t.to(q.device) for t in buffers] + [lse] * (4 - len(buffers))
-    kv_num, kv_idx = block_mask.kv_num_blocks, block_mask.kv_indices
-    full_num = block_mask.full_kv_num_blocks if block_mask.full_kv_num_blocks is not None else torch.zeros_like(kv_num)
-    full_idx = block_mask.full_kv_indices if block_mask.full_kv_indices is not None else kv_idx
+    kv_num, kv_idx, full_num, full_idx = refined_lists(block_mask, B, H, L, S, q.device, kv_block=kv_block)[:4]
     MB, MH, NQ, NKV = kv_idx.shape
     grid = (-(-L // 128), B * H)
-    args = (*_descriptors(q, k, v), out, lse, *bufs, kv_num, kv_idx, full_num, full_idx, L, S, H, H // Hkv,
-            MB, MH, NQ, NKV, scale * LOG2E, scale, NUM_BUF, consumer_regs)
+    args = (*_descriptors(q, k, v, BLOCK_N=kv_block), out, lse, *bufs, kv_num, kv_idx, full_num, full_idx, L, S, H,
+            H // Hkv, MB, MH, NQ, NKV, scale * LOG2E, scale, NUM_BUF, consumer_regs)
     if launch is not None:
         return launch(module.flex_fwd, grid, args, dict(num_warps=4, maxnreg=maxnreg))
     module.flex_fwd[grid](*args, num_warps=4, maxnreg=maxnreg)
@@ -505,6 +544,10 @@ def compile_report() -> list:
     for name, kw in flex_programs(512, "cpu"):
         rep = gluon_flex_attention(q, k, v, launch=compile_for_sm90, **kw)
         rows.append(dict(variant=f"flex {name}", **rep))
+    for name, kw in flex_programs(512, "cpu"):
+        if name in ("document", "softcap causal"):
+            rep = gluon_flex_attention(q, k, v, kv_block=64, NUM_BUF=4, launch=compile_for_sm90, **kw)
+            rows.append(dict(variant=f"flex {name} kv_block=64", **rep))
     for name, (q, k, v), kw in flex_edge_cases("cpu"):
         rep = gluon_flex_attention(q, k, v, launch=compile_for_sm90, **kw)
         rows.append(dict(variant=f"flex {name}", **rep))
@@ -640,10 +683,11 @@ FLEX_CASES = ("none", "causal", "sliding_window", "prefix_lm", "document", "alib
               "softcap tails L=700 S=1000 GQA", "alibi causal tails D=64 L=S=333")
 
 
-def check_flex_rows(S: int = 512, seed: int = 0, only=None) -> list:
+def check_flex_rows(S: int = 512, seed: int = 0, only=None, kv_block: int = 128) -> list:
     """``gluon_flex_attention`` on ``flex_programs`` (B=2, H=2, S=512, bf16), a GQA causal case
     (Hq=4, Hkv=2) and ``flex_edge_cases`` (D=64, tails): max errors of ours and of the Gluon kernel
-    against the float64 oracle; ``only``: the names (``FLEX_CASES``) to run."""
+    against the float64 oracle; ``only``: the names (``FLEX_CASES``) to run; ``kv_block`` as
+    ``gluon_flex_attention``'s (64: refined lists, 4 stages)."""
     import kernels
     import oracle
 
@@ -664,7 +708,8 @@ def check_flex_rows(S: int = 512, seed: int = 0, only=None) -> list:
             continue
         o_ref, lse_ref = oracle.flex_attention(q, k, v, return_lse=True, **kw)
         o, lse = kernels.flex_attention(q, k, v, return_lse=True, **kw)
-        og, lg = gluon_flex_attention(q, k, v, poison=True, **kw)
+        og, lg = gluon_flex_attention(q, k, v, poison=True, kv_block=kv_block, NUM_BUF=3 if kv_block == 128 else 4,
+                                      **kw)
         rows.append(dict(program=name, ours_out=_max_err(o, o_ref), ours_lse=_max_err(lse, lse_ref),
                          gluon_out=_max_err(og, o_ref), gluon_lse=_max_err(lg, lse_ref)))
     return rows
@@ -698,7 +743,9 @@ def time_rows(lengths=(16384, 4096, 1024), document: bool = True) -> list:
             cases.append(("document", density, [
                 ("ours (Triton)", lambda bm=bm: kernels.flex_attention(*nxt(), block_mask=bm)),
                 ("torch.compile", lambda bm=bm: compiled(*nxt(), block_mask=bm)),
-                ("gluon flex", lambda bm=bm: gluon_flex_attention(*nxt(), block_mask=bm))]))
+                ("gluon flex", lambda bm=bm: gluon_flex_attention(*nxt(), block_mask=bm)),
+                ("gluon flex kv_block=64", lambda bm=bm: gluon_flex_attention(*nxt(), block_mask=bm, kv_block=64,
+                                                                               NUM_BUF=4))]))
             mod, bm, density = causal_case(S)
             cases.append(("softcap", density, [
                 ("ours (Triton)", lambda bm=bm, mod=mod: kernels.flex_attention(*nxt(), score_mod=mod, block_mask=bm)),

@@ -62,7 +62,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.gluon_probe import LOG2E, _max_err, _mma_layout, compile_for_sm90  # noqa: E402
+from benchmarks.gluon_probe import LOG2E, _max_err, _mma_layout, compile_for_sm90, refined_lists  # noqa: E402
 
 BLOCK_M = 64  # query rows per step
 BLOCK_N = 128  # key rows per CTA, 64 per consumer warpgroup
@@ -112,7 +112,7 @@ def _head_lists(ptrs, dims, g):
     """Query head g of the CTA's kv head: its index, its q-side lists of the CTA's key block
     (partial and full) and their lengths."""
     LSE2, DELTA, DQ_PTR, DK, DV, Q_NUM, Q_IDX, FULL_NUM, FULL_IDX = ptrs
-    off_z, off_hkv, kvb, G, H, L, S, MB, MH, NKVB, NQB = dims
+    off_z, off_hkv, kvb, G, H, L, S, MB, MH, NKVB, NQB, QBLK, L_PAD = dims
     hq = off_hkv * G + g
     row = ((off_z % MB) * MH + hq % MH) * NKVB + kvb
     n_partial = gl.load(Q_NUM + row)
@@ -121,16 +121,17 @@ def _head_lists(ptrs, dims, g):
 
 
 @gluon.jit
-def _q_start(i, part_idx, full_idx, n_partial, BM: gl.constexpr):
+def _q_start(i, part_idx, full_idx, n_partial, QBLK, BM: gl.constexpr):
     """The first query row of step i: the (i // SUB)-th listed block's (i % SUB)-th BM rows,
-    partial blocks first (SUB = 128 // BM steps per listed block)."""
-    SUB: gl.constexpr = 128 // BM
+    partial blocks first (the lists' blocks are QBLK rows, 128 or 64: SUB = QBLK // BM steps
+    per listed block)."""
+    SUB = QBLK // BM
     j = i // SUB
     if j < n_partial:
         b = gl.load(part_idx + j)
     else:
         b = gl.load(full_idx + (j - n_partial))
-    return b * 128 + (i % SUB) * BM
+    return b * QBLK + (i % SUB) * BM
 
 
 @gluon.jit
@@ -140,7 +141,7 @@ def _bwd_load(descs, bufs, bars, lists):
     k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem = bufs
     kv_ready, q_ready, do_ready, qdo_empty, ds_ready = bars
     ptrs, dims, mods, scales = lists
-    off_z, off_hkv, kvb, G, H, L, S, MB, MH, NKVB, NQB = dims
+    off_z, off_hkv, kvb, G, H, L, S, MB, MH, NKVB, NQB, QBLK, L_PAD = dims
     NUM_BUF: gl.constexpr = q_bufs.shape[0]
     BM: gl.constexpr = q_bufs.shape[1]
     BN: gl.constexpr = k_smem.shape[0]
@@ -152,8 +153,8 @@ def _bwd_load(descs, bufs, bars, lists):
     for g in range(G):
         hq, part_idx, full_idx, n_partial, n_listed = _head_lists(ptrs, dims, g)
         q_row = (off_z * H + hq) * L
-        for i in range(n_listed * (128 // BM)):
-            q0 = _q_start(i, part_idx, full_idx, n_partial, BM)
+        for i in range(n_listed * (QBLK // BM)):
+            q0 = _q_start(i, part_idx, full_idx, n_partial, QBLK, BM)
             s = it % NUM_BUF
             mbarrier.wait(qdo_empty.index(s), ((it // NUM_BUF) & 1) ^ 1)
             mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
@@ -178,7 +179,7 @@ def _bwd_consume(descs, bufs, bars, lists, WG: gl.constexpr, DQ: gl.constexpr, G
     kv_ready, q_ready, do_ready, qdo_empty, ds_ready = bars
     ptrs, dims, mods, scales = lists
     LSE2, DELTA, DQ_PTR, DK, DV, Q_NUM, Q_IDX, FULL_NUM, FULL_IDX = ptrs
-    off_z, off_hkv, kvb, G, H, L, S, MB, MH, NKVB, NQB = dims
+    off_z, off_hkv, kvb, G, H, L, S, MB, MH, NKVB, NQB, QBLK, L_PAD = dims
     sm_scale, qk_scale = scales
     NUM_BUF: gl.constexpr = q_bufs.shape[0]
     BM: gl.constexpr = q_bufs.shape[1]
@@ -208,9 +209,9 @@ def _bwd_consume(descs, bufs, bars, lists, WG: gl.constexpr, DQ: gl.constexpr, G
     for g in range(G):
         hq, part_idx, full_idx, n_partial, n_listed = _head_lists(ptrs, dims, g)
         q_row = (off_z * H + hq) * L
-        q_pad = (off_z * H + hq) * (NQB * 128)
-        for i in range(n_listed * (128 // BM)):
-            q0 = _q_start(i, part_idx, full_idx, n_partial, BM)
+        q_pad = (off_z * H + hq) * L_PAD
+        for i in range(n_listed * (QBLK // BM)):
+            q0 = _q_start(i, part_idx, full_idx, n_partial, QBLK, BM)
             s = it % NUM_BUF
             ph = (it // NUM_BUF) & 1
             q_s = q_bufs.index(s)
@@ -225,7 +226,7 @@ def _bwd_consume(descs, bufs, bars, lists, WG: gl.constexpr, DQ: gl.constexpr, G
             qk = warpgroup_mma(q_s, k_half.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             dp = warpgroup_mma(do_s, v_half.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             qk, dp = warpgroup_mma_wait(num_outstanding=0, deps=(qk, dp))
-            p, ds = GRADS(qk, dp, m, n, i // (128 // BM) < n_partial, hq, lists, lse2, delta)
+            p, ds = GRADS(qk, dp, m, n, i // (QBLK // BM) < n_partial, hq, lists, lse2, delta)
             ds_all = ds_smem.index(it % DS_BUFS)
             ds_mine = ds_all.slice(WG * HALF_N, HALF_N, dim=1)
             p_mine.store(p.to(dtype))
@@ -287,7 +288,7 @@ from benchmarks.gluon_probe_bwd import _bwd_allocate, _bwd_consume, _bwd_load
 @gluon.jit
 def _grads(qk, dp, m, n, partial, hq, lists, lse2, delta):
     ptrs, dims, mods, scales = lists
-    off_z, off_hkv, kvb, G, H, L, S, MB, MH, NKVB, NQB = dims
+    off_z, off_hkv, kvb, G, H, L, S, MB, MH, NKVB, NQB, QBLK, L_PAD = dims
     B0, B1, B2, B3 = mods
     sm_scale, qk_scale = scales
 @@INDEX@@
@@ -317,7 +318,7 @@ def _loader(descs, bufs, bars, lists):
 
 @gluon.jit
 def flex_bwd(q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DQ_PTR, DK, DV, B0, B1, B2, B3,
-             Q_NUM, Q_IDX, FULL_NUM, FULL_IDX, L, S, H, G, MB, MH, NKVB, NQB, sm_scale, qk_scale,
+             Q_NUM, Q_IDX, FULL_NUM, FULL_IDX, L, S, H, G, MB, MH, NKVB, NQB, QBLK, L_PAD, sm_scale, qk_scale,
              P_LAYOUT: gl.constexpr, DS_LAYOUT: gl.constexpr, NUM_BUF: gl.constexpr, DQ: gl.constexpr,
              CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     kvb = gl.program_id(0)
@@ -327,7 +328,8 @@ def flex_bwd(q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DQ_PTR, DK, DV, B0, B
     off_hkv = bh % Hkv
     bufs, bars = _bwd_allocate(q_desc, k_desc, P_LAYOUT, DS_LAYOUT, NUM_BUF, DQ)
     lists = ((LSE2, DELTA, DQ_PTR, DK, DV, Q_NUM, Q_IDX, FULL_NUM, FULL_IDX),
-             (off_z, off_hkv, kvb, G, H, L, S, MB, MH, NKVB, NQB), (B0, B1, B2, B3), (sm_scale, qk_scale))
+             (off_z, off_hkv, kvb, G, H, L, S, MB, MH, NKVB, NQB, QBLK, L_PAD), (B0, B1, B2, B3),
+             (sm_scale, qk_scale))
     args = ((q_desc, k_desc, v_desc, do_desc), bufs, bars, lists)
     gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader, args)], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 """
@@ -395,30 +397,9 @@ def _delta_kernel(O, DO, LSE, DLSE, LSE2, DELTA, L, L_PAD, D: tl.constexpr, ROWS
     tl.store(LSE2 + bh * L_PAD + rows, lse2, mask=rows < L_PAD)
 
 
-def _q_lists(block_mask, B: int, H: int, L: int, S: int, device):
-    """The q-side lists (num, idx, full num, full idx) of ``block_mask``, or with None of a mask
-    that allows everything (every query block of every key block full)."""
-    if block_mask is None:
-        nq, nkv = -(-L // MASK_BLOCK), -(-S // MASK_BLOCK)
-        zero = torch.zeros(1, 1, nkv, dtype=torch.int32, device=device)
-        idx = torch.arange(nq, dtype=torch.int32, device=device).expand(1, 1, nkv, nq).contiguous()
-        return zero, torch.zeros_like(idx), torch.full_like(zero, nq), idx, None
-    if tuple(block_mask.BLOCK_SIZE) != (MASK_BLOCK, MASK_BLOCK):
-        raise ValueError(f"Expected block_mask.BLOCK_SIZE == (128, 128) (the probe's lists), got "
-                         f"{tuple(block_mask.BLOCK_SIZE)}; build it with BLOCK_SIZE=128.")
-    num = block_mask.q_num_blocks.to(torch.int32).contiguous()
-    idx = block_mask.q_indices.to(torch.int32).contiguous()
-    if block_mask.full_q_num_blocks is not None:
-        full_num = block_mask.full_q_num_blocks.to(torch.int32).contiguous()
-        full_idx = block_mask.full_q_indices.to(torch.int32).contiguous()
-    else:
-        full_num, full_idx = torch.zeros_like(num), idx
-    return num, idx, full_num, full_idx, block_mask.mask_mod
-
-
 def gluon_flex_backward(q, k, v, out, lse, dout, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
-                        dlse=None, NUM_BUF=2, dq="warpgroup", maxnreg=168, consumer_regs=240, loader_regs=24,
-                        launch=None, poison=False):
+                        dlse=None, NUM_BUF=2, dq="warpgroup", q_block=128, maxnreg=168, consumer_regs=240,
+                        loader_regs=24, launch=None, poison=False):
     """(dq, dk, dv) of FlexAttention's backward for ``kernels.mods`` mods, from the forward's ``out``
     and ``lse`` (natural log) and the incoming ``dout`` (and ``dlse``, the LSE's, if any): the
     block mask's q-side 128 x 128 lists (partial blocks with its ``mask_mod``, then full ones),
@@ -428,8 +409,11 @@ def gluon_flex_backward(q, k, v, out, lse, dout, score_mod=None, block_mask=None
     ``dq``: "warpgroup" (each consumer adds its key half's share of dQ, all columns), "shared"
     (head dim 128: the consumers meet on a barrier and each adds half of dQ's columns over the
     whole key tile, half the atomics), or None (dq not computed, returned as None: the dK/dV
-    work alone, for timing). ``poison`` fills dk and dv with NaN first, so that an element the
-    kernel does not write fails a check. ``launch(kernel, grid, args, kwargs)``, if given,
+    work alone, for timing). ``q_block=64``: the q-side lists refined to 64 x 128 sub-blocks
+    first (``kernels.api._refine_kv``, as our Triton dK/dV kernel refines them), so that a step
+    whose 64 query rows the mask allows nothing of is not listed, and one it allows everything
+    of skips the mask. ``poison`` fills dk and dv with NaN first, so that an element the kernel
+    does not write fails a check. ``launch(kernel, grid, args, kwargs)``, if given,
     replaces the launch (``compile_for_sm90``) and its result is returned."""
     from kernels import mods as kmods
 
@@ -445,7 +429,13 @@ def gluon_flex_backward(q, k, v, out, lse, dout, score_mod=None, block_mask=None
     if dq not in DQ_MODES or (dq == "shared" and D != 128):
         raise ValueError(f"Expected dq in {list(DQ_MODES)} (\"shared\" at head dim 128 only), got dq={dq!r}, D={D}.")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    num, idx, full_num, full_idx, mask_mod = _q_lists(block_mask, B, H, L, S, q.device)
+    if q_block not in (64, 128):
+        raise ValueError(f"Expected q_block 64 or 128, got {q_block!r}.")
+    if block_mask is not None and tuple(block_mask.BLOCK_SIZE) != (MASK_BLOCK, MASK_BLOCK):
+        raise ValueError(f"Expected block_mask.BLOCK_SIZE == (128, 128) (the probe's lists), got "
+                         f"{tuple(block_mask.BLOCK_SIZE)}; build it with BLOCK_SIZE=128.")
+    num, idx, full_num, full_idx = refined_lists(block_mask, B, H, L, S, q.device, q_block=q_block)[4:]
+    mask_mod = block_mask.mask_mod if block_mask is not None else None
     module, buffers = bwd_module(kmods.as_score_mod(score_mod), kmods.as_mask_mod(mask_mod, "block_mask.mask_mod"),
                                  L % MASK_BLOCK == 0, S % MASK_BLOCK == 0, dq)
     bufs = [t.to(q.device) for t in buffers] + [q] * (kmods.MAX_BUFFERS - len(buffers))
@@ -467,8 +457,8 @@ def gluon_flex_backward(q, k, v, out, lse, dout, score_mod=None, block_mask=None
     MB, MH, NKVB, NQB = idx.shape
     grid = (-(-S // BLOCK_N), B * Hkv)
     args = (*descs, lse2, delta, dq_acc, dk, dv, *bufs, num, idx, full_num, full_idx, L, S, H, H // Hkv,
-            MB, MH, NKVB, NQB, scale, scale * LOG2E, p_layout, ds_layout, NUM_BUF, DQ_MODES[dq], consumer_regs,
-            loader_regs)
+            MB, MH, NKVB, NQB, q_block, L_pad, scale, scale * LOG2E, p_layout, ds_layout, NUM_BUF, DQ_MODES[dq],
+            consumer_regs, loader_regs)
     kwargs = dict(num_warps=4, maxnreg=maxnreg)
     if launch is not None:
         return launch(module.flex_bwd, grid, args, kwargs)
@@ -501,6 +491,11 @@ def compile_report() -> list:
         if name in ("none", "document", "softcap causal"):
             rep = gluon_flex_backward(q, k, v, q, lse, q, dq="shared", launch=compile_for_sm90, **kw)
             rows.append(dict(variant=f"bwd {name} dQ shared", **rep))
+    for name, kw in flex_programs(512, "cpu"):
+        if name == "document":
+            for dq in ("warpgroup", "shared"):
+                rep = gluon_flex_backward(q, k, v, q, lse, q, dq=dq, q_block=64, launch=compile_for_sm90, **kw)
+                rows.append(dict(variant=f"bwd {name} dQ {dq} q_block=64", **rep))
     for name, (q, k, v), kw in flex_edge_cases("cpu"):
         lse = torch.empty(q.shape[:3])
         rep = gluon_flex_backward(q, k, v, q, lse, q, launch=compile_for_sm90, **kw)
@@ -513,11 +508,15 @@ BWD_CASES = ("none", "causal", "sliding_window", "prefix_lm", "document", "alibi
              "softcap tails L=700 S=1000 GQA", "alibi causal tails D=64 L=S=333")
 
 
-def check_bwd_rows(S: int = 512, seed: int = 0, only=None, dq: str = "warpgroup") -> list:
+# The head-dim-128 masked cases, checked with the q-side lists refined to 64 rows as well.
+REFINED_CASES = ("causal", "sliding_window", "document", "softcap causal", "table_mask", "document tails L=S=1000")
+
+
+def check_bwd_rows(S: int = 512, seed: int = 0, only=None, dq: str = "warpgroup", q_block: int = 128) -> list:
     """Gradients of the forward probe's programs (B=2, H=2, S=512, bf16), GQA causal (Hq=4, Hkv=2)
     and its edge cases: max errors of our Triton backward and of the Gluon one (from our forward's
-    out and LSE and the same dout) against the float64 oracle's, per gradient; ``dq`` as
-    ``gluon_flex_backward``'s."""
+    out and LSE and the same dout) against the float64 oracle's, per gradient; ``dq`` and
+    ``q_block`` as ``gluon_flex_backward``'s."""
     import kernels
     import oracle
     from benchmarks.gluon_probe import flex_edge_cases, flex_programs
@@ -543,7 +542,8 @@ def check_bwd_rows(S: int = 512, seed: int = 0, only=None, dq: str = "warpgroup"
         mine = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         o, lse = kernels.flex_attention(*mine, return_lse=True, **kw)
         o.backward(dout)
-        got = gluon_flex_backward(q, k, v, o.detach().contiguous(), lse.detach(), dout, dq=dq, poison=True, **kw)
+        got = gluon_flex_backward(q, k, v, o.detach().contiguous(), lse.detach(), dout, dq=dq, q_block=q_block,
+                                  poison=True, **kw)
         row = dict(program=name)
         for which, want, ours, gluon_grad in zip("qkv", ref, mine, got):
             row[f"ours_d{which}"] = _max_err(ours.grad, want.grad)
@@ -555,7 +555,8 @@ def check_bwd_rows(S: int = 512, seed: int = 0, only=None, dq: str = "warpgroup"
 def time_rows(lengths=(16384, 4096, 1024)) -> list:
     """GPU-paced medians (``bench.timer(..., pace="gpu")``) of the backward alone at bench.py's shapes
     (B * S = 16k, H=16, D=128, bf16) on the dense, document and softcap rows: ours (Triton),
-    torch.compile, Gluon (with dQ, and dK/dV only); each from its own forward's saved tensors."""
+    torch.compile, Gluon (both dQ modes, dK/dV only, and on the document row the q-side lists
+    refined to 64 rows); each from its own forward's saved tensors."""
     import kernels
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -582,12 +583,16 @@ def time_rows(lengths=(16384, 4096, 1024)) -> list:
                      ("gluon", lambda: gluon_flex_backward(q, k, v, o, lse, dout, **kw)),
                      ("gluon dQ shared", lambda: gluon_flex_backward(q, k, v, o, lse, dout, dq="shared", **kw)),
                      ("gluon dK/dV only", lambda: gluon_flex_backward(q, k, v, o, lse, dout, dq=None, **kw))]
+            if mask == "document":
+                impls += [(f"gluon dQ {dq} q_block=64",
+                           lambda dq=dq: gluon_flex_backward(q, k, v, o, lse, dout, dq=dq, q_block=64, **kw))
+                          for dq in ("warpgroup", "shared")]
             for name, fn in impls:
                 fn()
                 torch.cuda.synchronize()
                 ms = time_fn(fn)[0]
                 rows.append(dict(S=S, B=B, H=H, D=D, mask=mask, impl=name, ms=ms, tflops=flops / ms / 1e9))
-                print(f"S={S:<6d} B={B:<3d} {mask:9s} {name:18s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s",
+                print(f"S={S:<6d} B={B:<3d} {mask:9s} {name:28s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s",
                       flush=True)
     return rows
 
@@ -608,10 +613,12 @@ def main(argv=None) -> int:
         return 2
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     d128 = set(BWD_CASES) - {"causal D=64", "alibi causal tails D=64 L=S=333"}
-    result["checks"] = ([dict(r, dq="warpgroup") for r in check_bwd_rows()]
-                        + [dict(r, dq="shared") for r in check_bwd_rows(only=d128, dq="shared")])
+    result["checks"] = ([dict(r, dq="warpgroup", q_block=128) for r in check_bwd_rows()]
+                        + [dict(r, dq="shared", q_block=128) for r in check_bwd_rows(only=d128, dq="shared")]
+                        + [dict(r, dq=dq, q_block=64) for dq in ("warpgroup", "shared")
+                           for r in check_bwd_rows(only=REFINED_CASES, dq=dq, q_block=64)])
     for r in result["checks"]:
-        print(f"check bwd {r['program']:32s} dQ {r['dq']:9s} " + "  ".join(
+        print(f"check bwd {r['program']:32s} dQ {r['dq']:9s} q_block {r['q_block']:3d} " + "  ".join(
             f"d{w} ours {r[f'ours_d{w}']:.3e} gluon {r[f'gluon_d{w}']:.3e}" for w in "qkv"), flush=True)
     if not args.no_time:
         result["times"] = time_rows(tuple(int(x) for x in args.lengths.split(",")))

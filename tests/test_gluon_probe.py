@@ -30,8 +30,9 @@ def test_every_variant_compiles_for_sm90_warp_specialized_without_spills():
     assert [r["variant"] for r in rows] == [
         "dense overlap=False bufs=2", "dense overlap=True bufs=2", "dense overlap=False bufs=3",
         "dense overlap=True bufs=3", "flex none", "flex causal", "flex sliding_window", "flex prefix_lm",
-        "flex document", "flex alibi causal", "flex softcap causal", "flex bias hqk", "flex table_mask", "flex causal D=64", "flex document tails L=S=1000",
-        "flex softcap tails L=700 S=1000 GQA", "flex alibi causal tails D=64 L=S=333"]
+        "flex document", "flex alibi causal", "flex softcap causal", "flex bias hqk", "flex table_mask",
+        "flex document kv_block=64", "flex softcap causal kv_block=64", "flex causal D=64",
+        "flex document tails L=S=1000", "flex softcap tails L=700 S=1000 GQA", "flex alibi causal tails D=64 L=S=333"]
     for r in rows:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert r["shared"] <= 232448, r  # a block's shared memory on sm_90; 3 stages take 229,688 bytes
@@ -83,5 +84,19 @@ def test_gpu_gluon_flex_forward_as_accurate_as_ours(case):
     from benchmarks import gluon_probe
 
     (r,) = gluon_probe.check_flex_rows(only={case})
+    assert r["gluon_out"] <= 2 * r["ours_out"] + 1e-6, r
+    assert r["gluon_lse"] <= 2 * r["ours_lse"] + 1e-6, r
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ("causal", "sliding_window", "document", "softcap causal", "table_mask",
+                                  "document tails L=S=1000", "alibi causal tails D=64 L=S=333"))
+def test_gpu_gluon_flex_forward_refined_as_accurate_as_ours(case):
+    """The same with ``kv_block=64``: the lists refined to 128 x 64 sub-blocks (dropped and full
+    sub-blocks from kernels.api's refinement), K/V tiles of 64 keys, 4 stages."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gluon_probe
+
+    (r,) = gluon_probe.check_flex_rows(only={case}, kv_block=64)
     assert r["gluon_out"] <= 2 * r["ours_out"] + 1e-6, r
     assert r["gluon_lse"] <= 2 * r["ours_lse"] + 1e-6, r

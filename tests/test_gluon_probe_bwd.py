@@ -30,7 +30,8 @@ def test_every_backward_program_compiles_for_sm90_warp_specialized():
     assert list(rows) == [
         "bwd none", "bwd causal", "bwd sliding_window", "bwd prefix_lm", "bwd document", "bwd alibi causal",
         "bwd softcap causal", "bwd bias hqk", "bwd table_mask", "bwd none dK/dV only", "bwd none dQ shared",
-        "bwd document dQ shared", "bwd softcap causal dQ shared", "bwd causal D=64",
+        "bwd document dQ shared", "bwd softcap causal dQ shared", "bwd document dQ warpgroup q_block=64",
+        "bwd document dQ shared q_block=64", "bwd causal D=64",
         "bwd document tails L=S=1000", "bwd softcap tails L=700 S=1000 GQA", "bwd alibi causal tails D=64 L=S=333"]
     for name, r in rows.items():
         assert r["shared"] <= 232448, r  # a block's shared memory on sm_90
@@ -40,7 +41,7 @@ def test_every_backward_program_compiles_for_sm90_warp_specialized():
         assert r["wgmma"] > 0 and r["tma_loads"] > 0, r
         assert (r["atomics"] > 0) == ("dK/dV only" not in name), r
         # dQ shared: each consumer adds half of dQ's columns, half the atomics of its own share.
-        if name.endswith(" dQ shared"):
+        if name.endswith(" dQ shared") and "q_block" not in name:
             own = rows[name[:-len(" dQ shared")]]
             assert r["atomics"] * 2 == own["atomics"], (r, own)
         # Only the softcap programs divide (the tanh's rcp.approx), in the probabilities and again
@@ -92,6 +93,27 @@ def test_gpu_gluon_backward_as_accurate_as_ours(case):
     from benchmarks import gluon_probe_bwd
 
     (r,) = gluon_probe_bwd.check_bwd_rows(only={case})
+    for w in "qkv":
+        assert r[f"gluon_d{w}"] <= 2 * r[f"ours_d{w}"] + 1e-5, (w, r)
+
+
+def _refined_cases() -> tuple:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gluon_probe_bwd
+
+    return gluon_probe_bwd.REFINED_CASES
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dq", ("warpgroup", "shared"))
+@pytest.mark.parametrize("case", _refined_cases())
+def test_gpu_gluon_backward_refined_as_accurate_as_ours(case, dq):
+    """The same with ``q_block=64`` (the q-side lists refined to 64 x 128 sub-blocks: dropped and
+    full ones from kernels.api's refinement, one step per listed sub-block), both dQ modes."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gluon_probe_bwd
+
+    (r,) = gluon_probe_bwd.check_bwd_rows(only={case}, dq=dq, q_block=64)
     for w in "qkv":
         assert r[f"gluon_d{w}"] <= 2 * r[f"ours_d{w}"] + 1e-5, (w, r)
 
