@@ -45,6 +45,7 @@ def test_every_variant_compiles_for_sm90_warp_specialized_without_spills():
 
 
 @pytest.mark.gpu
+@pytest.mark.probe
 def test_gpu_gluon_forward_as_accurate_as_ours():
     """Max errors against the float32 reference (S=1k, B=2, H=4, D=128, bf16): the dense variants,
     and the generated kernel on bench.py's document and softcap (tanh_softcap(30), causal) rows;
@@ -74,6 +75,7 @@ def _flex_cases() -> tuple:
 
 
 @pytest.mark.gpu
+@pytest.mark.probe
 @pytest.mark.parametrize("case", _flex_cases())
 def test_gpu_gluon_flex_forward_as_accurate_as_ours(case):
     """``gluon_flex_attention`` (the kernel generated around kernels.mods' code) against the float64
@@ -89,6 +91,7 @@ def test_gpu_gluon_flex_forward_as_accurate_as_ours(case):
 
 
 @pytest.mark.gpu
+@pytest.mark.probe
 @pytest.mark.parametrize("case", ("causal", "sliding_window", "document", "softcap causal", "table_mask",
                                   "document tails L=S=1000", "alibi causal tails D=64 L=S=333"))
 def test_gpu_gluon_flex_forward_refined_as_accurate_as_ours(case):

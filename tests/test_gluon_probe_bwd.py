@@ -82,6 +82,7 @@ def _cases() -> tuple:
 
 
 @pytest.mark.gpu
+@pytest.mark.probe
 @pytest.mark.parametrize("case", _cases())
 def test_gpu_gluon_backward_as_accurate_as_ours(case):
     """dq, dk, dv of ``gluon_flex_backward`` against the float64 oracle's (S=512, bf16; GQA, head dim
@@ -105,6 +106,7 @@ def _refined_cases() -> tuple:
 
 
 @pytest.mark.gpu
+@pytest.mark.probe
 @pytest.mark.parametrize("dq", ("warpgroup", "shared"))
 @pytest.mark.parametrize("case", _refined_cases())
 def test_gpu_gluon_backward_refined_as_accurate_as_ours(case, dq):
@@ -119,6 +121,7 @@ def test_gpu_gluon_backward_refined_as_accurate_as_ours(case, dq):
 
 
 @pytest.mark.gpu
+@pytest.mark.probe
 @pytest.mark.parametrize("case", ("none", "document", "softcap causal", "gqa causal", "document tails L=S=1000",
                                   "softcap tails L=700 S=1000 GQA"))
 def test_gpu_gluon_backward_dq_shared_as_accurate_as_ours(case):
@@ -194,6 +197,7 @@ def test_gluon_impl_and_wrapper_name_what_they_do_not_cover(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.probe
 def test_gpu_gluon_flex_autograd_through_out_and_lse():
     """``benchmarks/gluon_flex.flex_attention`` (the Gluon forward and backward behind one autograd
     function) on document masks with tails, GQA and the softcap, the loss through out and lse

@@ -19,3 +19,20 @@ def test_fuzz_refuses_a_log_folder_holding_an_earlier_run(tmp_path):
     assert run.returncode == 2, run.stdout + run.stderr
     assert f"FUZZ_LOG_DIR={logs} holds files of an earlier run" in run.stderr
     assert not (tmp_path / "out" / "fuzz_failures.tgz").exists()
+
+
+def test_probe_tests_run_apart_from_the_gpu_tests(tmp_path):
+    """The tests step leaves the probe-marked tests out; the probes step (not a default) runs them
+    alone under a timeout of its own, into its own log."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\necho "$@"\n')
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, STEPS="tests probes", OUT=str(out), PYTHON=str(stub))
+    run = subprocess.run([str(ROOT / ".ci" / "gpu-nightly")], capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "-m pytest -m gpu and not probe -n 8" in (out / "gpu_tests.log").read_text()
+    assert "-m pytest -m gpu and probe -n 8" in (out / "gpu_probe_tests.log").read_text()
+    default = subprocess.run(["grep", "-n", "^STEPS=", str(ROOT / ".ci" / "gpu-nightly")], capture_output=True,
+                             text=True).stdout
+    assert "probes" not in default, default
