@@ -24,7 +24,10 @@ same wheel), to measure what it gains before any of it goes into ``kernels/``:
   passed in), loader (``_load``) and allocation (``_allocate``).
 
 Scope: contiguous (B, H, L, D) inputs, q, k and v of one head dim; the dense kernel is bf16 at
-head dim 128 with L and S multiples of 128. Out and LSE only (no backward).
+head dim 128 with L and S multiples of 128. The generated kernel walks the 128 x 128 lists, or
+(``kv_block=64``) the lists refined to 128 x 64 sub-blocks with K/V tiles of 64 keys. Out and
+LSE only: the backward is ``benchmarks/gluon_probe_bwd.py``'s, and ``benchmarks/gluon_flex.py``
+puts the two behind one autograd function.
 
 Measured on the H200 (eighteenth session, ``docs/perf/h200-gluon-probe-2026-12-04.txt``): the dense
 variants match the float32 reference exactly as closely as our Triton forward (the same max

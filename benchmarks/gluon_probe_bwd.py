@@ -14,9 +14,10 @@ warp-specialize on sm_90. This is FlashAttention-3's backward structure, written
   (240 registers after ``setmaxnreg``), a one-warp loader (24) issues TMA loads of K and V once
   and of each step's 64 query rows of Q and dO into a ring of ``NUM_BUF`` stages, freed when
   both consumers are done with them;
-* a step per 64 query rows of the key tile's listed 128-row query blocks (PyTorch's q-side block
-  lists: partial blocks with the ``mask_mod``, then full ones), for each of the kv head's G
-  query heads (GQA sums their dK and dV in the accumulators);
+* a step per 64 query rows of the key tile's listed query blocks (PyTorch's q-side block lists,
+  128 rows, or with ``q_block=64`` refined to 64 by ``kernels.api``: partial blocks with the
+  ``mask_mod``, then full ones), for each of the kv head's G query heads (GQA sums their dK and
+  dV in the accumulators);
 * a step's products: S = Q K^T and dP = dO V^T (query rows by the consumer's 64 key columns) in
   flight together; P and dS written to shared memory, read back transposed as the A operands of
   dV += P^T dO and dK += dS^T Q; then dQ = dS K, added into a float32 dQ with atomics (four
@@ -32,13 +33,15 @@ warp-specialize on sm_90. This is FlashAttention-3's backward structure, written
 Scope: contiguous (B, H, L, D) q, k, v, out, dout of one head dim (64 or 128), bf16 or fp16,
 128 x 128 block masks, any L and S (tails masked: a step's query rows past L and a tile's key
 rows past S count for nothing, and nothing is stored past them). The LSE is the forward's
-(natural log, ``benchmarks/gluon_probe.py`` or ``kernels``), delta = rowsum(dO * O) comes from a
-small Triton kernel here, and dQ's float32 sum is rounded to the inputs' dtype by PyTorch.
+(natural log, ``benchmarks/gluon_probe.py`` or ``kernels``), delta = rowsum(dO * O) - dlse
+comes from a small Triton kernel here, and dQ's float32 sum is rounded to the inputs' dtype by
+PyTorch.
 
-Status: compiles for sm_90 (``--compile-only``); it has not run on a GPU yet (the nineteenth
-session was lent no device). Run it on the GPU under ``timeout``: a barrier phase mistake hangs
-the kernel rather than failing it. ``tests/test_gluon_probe_bwd.py`` checks its gradients
-against the float64 oracle's on the next GPU run.
+Status: compiles for sm_90 (``--compile-only``: every program, both dQ modes, head dim 64 and
+tails; at head dim 128 most programs spill 12 to 476 bytes, docs/PERFORMANCE.md). It has not run
+on a GPU yet (the nineteenth session was lent no device). Run it on the GPU under ``timeout``: a
+barrier phase mistake hangs the kernel rather than failing it. ``tests/test_gluon_probe_bwd.py``
+checks its gradients against the float64 oracle's (``.ci/gpu-nightly`` with ``STEPS=probes``).
 """
 
 from __future__ import annotations
