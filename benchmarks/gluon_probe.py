@@ -755,15 +755,34 @@ def time_rows(lengths=(16384, 4096, 1024), document: bool = True) -> list:
                 ("torch.compile", lambda bm=bm, mod=mod: compiled(*nxt(), score_mod=mod, block_mask=bm)),
                 ("gluon flex", lambda bm=bm, mod=mod: gluon_flex_attention(*nxt(), score_mod=mod, block_mask=bm))]))
         for mask, density, impls in cases:
-            flops = 4 * B * H * S * S * D * density
-            for name, fn in impls:
-                fn()
-                torch.cuda.synchronize()
-                ms = time_fn(fn)[0]
-                rows.append(dict(S=S, B=B, H=H, D=D, mask=mask, impl=name, ms=ms, tflops=flops / ms / 1e9))
-                print(f"S={S:<6d} B={B:<3d} {mask:9s} {name:28s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s",
-                      flush=True)
+            time_impls(time_fn, impls, 4 * B * H * S * S * D * density, rows, S=S, B=B, H=H, D=D, mask=mask)
     return rows
+
+
+def time_impls(time_fn, impls, flops: float, rows: list, **meta) -> None:
+    """Time each ``(name, fn)`` of ``impls`` (one untimed call first) and append its row: ``meta``,
+    the median ms and the TFLOP/s of ``flops``; a line per row as it goes."""
+    for name, fn in impls:
+        fn()
+        torch.cuda.synchronize()
+        ms = time_fn(fn)[0]
+        rows.append(dict(meta, impl=name, ms=ms, tflops=flops / ms / 1e9))
+        print(f"S={meta['S']:<6d} B={meta['B']:<3d} {meta['mask']:9s} {name:28s} {ms:8.3f} ms "
+              f"{flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
+
+
+def start(args, name: str, report):
+    """A probe's main up to its checks: with ``--compile-only`` the sm_90 report (``report()``'s
+    rows, one JSON line each) and exit status 0; off an sm_90 GPU status 2; else the result's
+    header (GPU, versions)."""
+    if args.compile_only:
+        for row in report():
+            print(json.dumps(row), flush=True)
+        return 0
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        print(f"{name}: needs an sm_90 GPU (H100/H200); --compile-only runs anywhere", file=sys.stderr)
+        return 2
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
 
 
 def main(argv=None) -> int:
@@ -773,14 +792,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-document", action="store_true", help="time the dense variants only (no document, softcap)")
     p.add_argument("--json", default=None, help="results file (default $OUT/gluon_probe.json if OUT is set)")
     args = p.parse_args(argv)
-    if args.compile_only:
-        for row in compile_report():
-            print(json.dumps(row), flush=True)
-        return 0
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
-        print("gluon_probe: needs an sm_90 GPU (H100/H200); --compile-only runs anywhere", file=sys.stderr)
-        return 2
-    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    result = start(args, "gluon_probe", compile_report)
+    if isinstance(result, int):
+        return result
     result["checks"] = check_rows()
     for r in result["checks"]:
         print(f"check {r['impl']:34s} out max err {r['out_err']:.3e}  lse max err {r['lse_err']:.3e}", flush=True)

@@ -65,7 +65,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.gluon_probe import LOG2E, _max_err, _mma_layout, compile_for_sm90, refined_lists  # noqa: E402
+from benchmarks.gluon_probe import LOG2E, _max_err, _mma_layout, compile_for_sm90, refined_lists, start  # noqa: E402
 
 BLOCK_M = 64  # query rows per step
 BLOCK_N = 128  # key rows per CTA, 64 per consumer warpgroup
@@ -564,7 +564,7 @@ def time_rows(lengths=(16384, 4096, 1024)) -> list:
     from torch.nn.attention.flex_attention import flex_attention
 
     from benchmarks import bench
-    from benchmarks.gluon_probe import causal_case, document_case
+    from benchmarks.gluon_probe import causal_case, document_case, time_impls
 
     time_fn = bench.timer("cuda", 25, 100, 1, pace="gpu")
     compiled = torch.compile(flex_attention)
@@ -590,13 +590,7 @@ def time_rows(lengths=(16384, 4096, 1024)) -> list:
                 impls += [(f"gluon dQ {dq} q_block=64",
                            lambda dq=dq: gluon_flex_backward(q, k, v, o, lse, dout, dq=dq, q_block=64, **kw))
                           for dq in ("warpgroup", "shared")]
-            for name, fn in impls:
-                fn()
-                torch.cuda.synchronize()
-                ms = time_fn(fn)[0]
-                rows.append(dict(S=S, B=B, H=H, D=D, mask=mask, impl=name, ms=ms, tflops=flops / ms / 1e9))
-                print(f"S={S:<6d} B={B:<3d} {mask:9s} {name:28s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s",
-                      flush=True)
+            time_impls(time_fn, impls, flops, rows, S=S, B=B, H=H, D=D, mask=mask)
     return rows
 
 
@@ -607,14 +601,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-time", action="store_true", help="checks only")
     p.add_argument("--json", default=None, help="results file (default $OUT/gluon_probe_bwd.json if OUT is set)")
     args = p.parse_args(argv)
-    if args.compile_only:
-        for row in compile_report():
-            print(json.dumps(row), flush=True)
-        return 0
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
-        print("gluon_probe_bwd: needs an sm_90 GPU (H100/H200); --compile-only runs anywhere", file=sys.stderr)
-        return 2
-    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    result = start(args, "gluon_probe_bwd", compile_report)
+    if isinstance(result, int):
+        return result
     d128 = set(BWD_CASES) - {"causal D=64", "alibi causal tails D=64 L=S=333"}
     result["checks"] = ([dict(r, dq="warpgroup", q_block=128) for r in check_bwd_rows()]
                         + [dict(r, dq="shared", q_block=128) for r in check_bwd_rows(only=d128, dq="shared")]

@@ -73,17 +73,17 @@ def test_backward_functions_of_the_mods_in_gluon():
     assert len(buffers) == 1 and "return dt" in text
 
 
-def _cases() -> tuple:
-    # The names only (importing the probe needs no GPU), so that each case is a test of its own.
+def _names(attr: str) -> tuple:
+    # Case names only (importing the probe needs no GPU), so that each case is a test of its own.
     sys.path.insert(0, str(ROOT))
     from benchmarks import gluon_probe_bwd
 
-    return gluon_probe_bwd.BWD_CASES
+    return getattr(gluon_probe_bwd, attr)
 
 
 @pytest.mark.gpu
 @pytest.mark.probe
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case", _names("BWD_CASES"))
 def test_gpu_gluon_backward_as_accurate_as_ours(case):
     """dq, dk, dv of ``gluon_flex_backward`` against the float64 oracle's (S=512, bf16; GQA, head dim
     64 and tails among the cases), from our forward's out and LSE: each within twice our Triton
@@ -98,17 +98,10 @@ def test_gpu_gluon_backward_as_accurate_as_ours(case):
         assert r[f"gluon_d{w}"] <= 2 * r[f"ours_d{w}"] + 1e-5, (w, r)
 
 
-def _refined_cases() -> tuple:
-    sys.path.insert(0, str(ROOT))
-    from benchmarks import gluon_probe_bwd
-
-    return gluon_probe_bwd.REFINED_CASES
-
-
 @pytest.mark.gpu
 @pytest.mark.probe
 @pytest.mark.parametrize("dq", ("warpgroup", "shared"))
-@pytest.mark.parametrize("case", _refined_cases())
+@pytest.mark.parametrize("case", _names("REFINED_CASES"))
 def test_gpu_gluon_backward_refined_as_accurate_as_ours(case, dq):
     """The same with ``q_block=64`` (the q-side lists refined to 64 x 128 sub-blocks: dropped and
     full ones from kernels.api's refinement, one step per listed sub-block), both dQ modes."""
