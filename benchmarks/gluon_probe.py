@@ -453,6 +453,12 @@ def refined_lists(block_mask, B: int, H: int, L: int, S: int, device, kv_block: 
 
     if block_mask is None:
         block_mask = _full_lists(B, H, L, S, device)
+    n_q, n_kv = block_mask.kv_indices.shape[-2:]
+    if (n_q, n_kv) != (-(-L // 128), -(-S // 128)):
+        # The kernels mask rows past L and keys past S only inside the last block: a block mask
+        # built for longer sequences would list blocks wholly past them.
+        raise ValueError(f"Expected a block mask of {-(-L // 128)} x {-(-S // 128)} blocks for L={L}, S={S}, got "
+                         f"{n_q} x {n_kv}; build it with create_block_mask for these lengths.")
     # Both cached in kernels.api (per block mask, and per lists, mask mod and granularity), so
     # that a timed loop does not refine again at every call.
     sparse = api._cached_block_lists(block_mask, B, H, L, S, device)

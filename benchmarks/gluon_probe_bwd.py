@@ -82,8 +82,9 @@ DQ_MODES = {None: 0, "warpgroup": 1, "shared": 2}
 def _bwd_allocate(q_desc, k_desc, P_LAYOUT: gl.constexpr, DS_LAYOUT: gl.constexpr, NUM_BUF: gl.constexpr,
                   DQ: gl.constexpr):
     """Shared memory and barriers of one CTA: K and V (both halves), a ring of NUM_BUF Q and dO
-    tiles (each ready on a barrier of its own; a stage is empty when both consumers arrived), and
-    each consumer's dS^T tile (the A operand of its dQ product, read transposed)."""
+    tiles (each ready on a barrier of its own; a stage is empty when both consumers arrived),
+    each consumer's P tile, and dS (with DQ_SHARED two, and barriers on which both consumers
+    meet before reading each other's half)."""
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BN: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_D: gl.constexpr = k_desc.block_type.shape[1]

@@ -226,3 +226,38 @@ def test_gpu_gluon_flex_autograd_through_out_and_lse():
         err_ours = (o.double() - w).abs().max().item()
         err_mine = (m.double() - w).abs().max().item()
         assert err_mine <= 2 * err_ours + 1e-5, (name, err_mine, err_ours)
+
+
+def test_refined_q_side_lists_the_backward_walks():
+    """``gluon_probe.refined_lists(..., q_block=64)``, the lists the backward walks with
+    ``q_block=64``: per 128-key block, the 64-row query blocks the document mask allows something
+    of (partial, or full where it allows every in-range element), as a dense count says; a block
+    mask built for other lengths is refused (the kernels mask only inside the last block)."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.gluon_probe import refined_lists
+    from kernels import mods
+
+    L = S = 1000
+    mod = mods.document.from_seed(L, 5, 0, device="cpu")
+    bm = create_block_mask(mod, None, None, L, S, device="cpu", BLOCK_SIZE=128)
+    q_num, q_idx, full_num, full_idx = refined_lists(bm, 1, 1, L, S, "cpu", q_block=64)[4:]
+    ids = mod.q_ids.tensor
+    allowed = ids[:, None] == ids[None, :]
+    for kv_block in range(-(-S // 128)):
+        cols = allowed[:, kv_block * 128:(kv_block + 1) * 128]
+        want_partial, want_full = [], []
+        for qb in range(-(-L // 64)):
+            cell = cols[qb * 64:(qb + 1) * 64]
+            if cell.all():
+                want_full.append(qb)
+            elif cell.any():
+                want_partial.append(qb)
+        got_partial = q_idx[0, 0, kv_block, :q_num[0, 0, kv_block]].tolist()
+        got_full = full_idx[0, 0, kv_block, :full_num[0, 0, kv_block]].tolist()
+        assert (got_partial, got_full) == (want_partial, want_full), kv_block
+    longer = create_block_mask(mods.causal(), None, None, 2048, 2048, device="cpu", BLOCK_SIZE=128)
+    with pytest.raises(ValueError, match="8 x 8 blocks for L=1000, S=1000, got 16 x 16"):
+        refined_lists(longer, 1, 1, L, S, "cpu")
