@@ -600,19 +600,22 @@ def main(argv=None) -> int:
     p.add_argument("--compile-only", action="store_true", help="compile every variant for sm_90 and report (no GPU)")
     p.add_argument("--lengths", default="16384,4096,1024", help="timed sequence lengths")
     p.add_argument("--no-time", action="store_true", help="checks only")
+    p.add_argument("--no-check", action="store_true",
+                   help="time only (the probe-marked GPU tests check the same kernels, in parallel)")
     p.add_argument("--json", default=None, help="results file (default $OUT/gluon_probe_bwd.json if OUT is set)")
     args = p.parse_args(argv)
     result = start(args, "gluon_probe_bwd", compile_report)
     if isinstance(result, int):
         return result
-    d128 = set(BWD_CASES) - {"causal D=64", "alibi causal tails D=64 L=S=333"}
-    result["checks"] = ([dict(r, dq="warpgroup", q_block=128) for r in check_bwd_rows()]
-                        + [dict(r, dq="shared", q_block=128) for r in check_bwd_rows(only=d128, dq="shared")]
-                        + [dict(r, dq=dq, q_block=64) for dq in ("warpgroup", "shared")
-                           for r in check_bwd_rows(only=REFINED_CASES, dq=dq, q_block=64)])
-    for r in result["checks"]:
-        print(f"check bwd {r['program']:32s} dQ {r['dq']:9s} q_block {r['q_block']:3d} " + "  ".join(
-            f"d{w} ours {r[f'ours_d{w}']:.3e} gluon {r[f'gluon_d{w}']:.3e}" for w in "qkv"), flush=True)
+    if not args.no_check:
+        d128 = set(BWD_CASES) - {"causal D=64", "alibi causal tails D=64 L=S=333"}
+        result["checks"] = ([dict(r, dq="warpgroup", q_block=128) for r in check_bwd_rows()]
+                            + [dict(r, dq="shared", q_block=128) for r in check_bwd_rows(only=d128, dq="shared")]
+                            + [dict(r, dq=dq, q_block=64) for dq in ("warpgroup", "shared")
+                               for r in check_bwd_rows(only=REFINED_CASES, dq=dq, q_block=64)])
+        for r in result["checks"]:
+            print(f"check bwd {r['program']:32s} dQ {r['dq']:9s} q_block {r['q_block']:3d} " + "  ".join(
+                f"d{w} ours {r[f'ours_d{w}']:.3e} gluon {r[f'gluon_d{w}']:.3e}" for w in "qkv"), flush=True)
     if not args.no_time:
         result["times"] = time_rows(tuple(int(x) for x in args.lengths.split(",")))
     path = args.json or os.path.join(os.environ.get("OUT") or ".", "gluon_probe_bwd.json")
