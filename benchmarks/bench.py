@@ -428,6 +428,8 @@ _ours_dkdv_side = _ours_with("backward", "SIDE_KERNEL", "dkdv")
 _ours_one_stream = _ours_with("backward", "SIDE_KERNEL", None)
 # Without the automatic backward refinement (kernels.api.AUTO_REFINE_BWD).
 _ours_bwd_unrefined = _ours_with("api", "AUTO_REFINE_BWD", False)
+# No dQ kernel: the dK/dV kernel adds dQ with atomics (kernels.backward.DQ_ATOMIC).
+_ours_dq_atomic = _ours_with("backward", "DQ_ATOMIC", True)
 
 
 _COMPILED: dict = {}
@@ -566,6 +568,9 @@ IMPLS = {
                            "priority, dQ on the caller's"),
     "ours-one-stream": Impl("ours-one-stream", _ours_one_stream, True,
                             "kernels.flex_attention with both backward kernels on one stream, dK/dV first"),
+    "ours-dq-atomic": Impl("ours-dq-atomic", _ours_dq_atomic, True,
+                           "kernels.flex_attention with backward.DQ_ATOMIC (no dQ kernel: the dK/dV kernel adds "
+                           "dS K into float32 dQ with atomics)"),
     "torch-compile": Impl("torch-compile", _torch_flex(None), True,
                           "torch.compile(flex_attention, dynamic=False), default mode"),
     "torch-compile-max-autotune": Impl(

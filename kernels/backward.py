@@ -15,6 +15,9 @@ Two kernels, and with ``CONCURRENT`` (the default) a third before them:
 
 Probabilities are recomputed from the stored LSE (base 2 inside the kernels).
 
+With ``DQ_ATOMIC`` (off by default, not yet timed on a GPU) there is no dQ kernel: after
+delta_kernel, the dK/dV kernel also adds each tile's dS K into a float32 dQ with atomic adds.
+
 With ``CONCURRENT`` on CUDA, the dQ kernel runs on a side stream beside the
 dK/dV kernel (``SIDE_KERNEL``), so that one kernel's last wave overlaps the
 other's work (the interpreter runs them in turn). The backward walks the block mask's own lists
@@ -53,6 +56,13 @@ DELTA_ROWS = 64  # query rows a delta_kernel program reduces
 # would also take the multiprocessors ahead of the caller's own concurrent work.
 SIDE_KERNEL: Optional[str] = "dq"
 SIDE_KERNELS = ("dkdv", "dq", None)
+
+# DQ_ATOMIC: no dQ kernel; the dK/dV kernel adds each step's dQ share, dS K, into a float32 dQ
+# with atomics (FlashAttention-2's and -3's way: five matrix products per score tile where the
+# two kernels run seven, the dQ kernel recomputing S and dP), after delta_kernel. Off: not yet
+# timed on a GPU (written in the nineteenth session, which was lent none); the interpreter's
+# tests hold it to the oracle. bench.py's ``ours-dq-atomic`` times it beside the default.
+DQ_ATOMIC = False
 
 
 @triton.jit
@@ -137,7 +147,7 @@ def dq_tiles(
 def dkdv_tiles(
     dk, dv, k, v,
     Q, QS, DO, LSE2, DELTA, stride_qm, stride_qd, stride_qsm, stride_qsd, stride_dom, stride_dod,
-    IDX, num_blocks,
+    DQA, IDX, num_blocks,
     off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
     B0, B1, B2, B3, G0, G1, G2, G3,
     SCORE_FN: tl.constexpr, SCORE_BWD_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
@@ -145,9 +155,11 @@ def dkdv_tiles(
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr,
-    FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):
-    """Accumulate dK and dV over one query head's listed Q blocks (k, v stay in SRAM).
+    """Accumulate dK and dV over one query head's listed Q blocks (k, v stay in SRAM); with
+    DQ_ATOMIC also add each tile's dQ share, dS K * scale, into the float32 rows of ``DQA``
+    (the head's contiguous ``[Q_LEN, QK_DIM]`` accumulator).
 
     Tiles are transposed: rows are keys ``[BLOCK_N]``, columns are queries ``[BLOCK_M]``.
     With PRESCALE, ``QS`` holds the forward's rounded ``q * scale * log2(e)`` (the dQ
@@ -220,6 +232,14 @@ def dkdv_tiles(
         else:
             dsT = dtT
         dk = mma(cast(dsT, Q.dtype.element_ty, UPCAST), tl.trans(qT), dk, FP32_PRECISION, UPCAST)
+        if DQ_ATOMIC:
+            # dS's rows and columns past L or S are 0 (pT is, or is exp2 of a full block's
+            # in-range scores); the rows past L are not added.
+            dq = mma(tl.trans(cast(dsT, Q.dtype.element_ty, UPCAST)), k,
+                     tl.zeros([BLOCK_M, QK_PAD], dtype=tl.float32), FP32_PRECISION, UPCAST)
+            dq_ptrs = DQA + offs_m[:, None].to(tl.int64) * QK_DIM + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq * SM_SCALE, mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_DIM),
+                          sem="relaxed")
     return dk, dv
 
 
@@ -370,7 +390,7 @@ def dq_kernel(
 
 @triton.jit
 def dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE2, DELTA, QS,
+    Q, K, V, DO, DK, DV, LSE2, DELTA, QS, DQA,
     Q_NUM, Q_IDX, FULL_NUM, FULL_IDX,
     B0, B1, B2, B3, G0, G1, G2, G3,
     stride_qz, stride_qh, stride_qm, stride_qd,
@@ -386,7 +406,7 @@ def dkdv_kernel(
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
-    PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_zh = tl.program_id(1)  # (query batch, kv head)
@@ -416,27 +436,28 @@ def dkdv_kernel(
         qs_ptr = QS + off_z.to(tl.int64) * stride_qsz + off_h.to(tl.int64) * stride_qsh
         do_ptr = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
         stat = (off_z * HQ + off_h).to(tl.int64) * Q_LEN
+        dqa_ptr = DQA + stat * QK_DIM  # with DQ_ATOMIC: the head's float32 dQ, [Q_LEN, QK_DIM]
         col = ((off_z % SPARSE_Z) * SPARSE_H + off_h % SPARSE_H) * NUM_KV_SPARSE + kv_block
         dk, dv = dkdv_tiles(
             dk, dv, k, v, q_ptr, qs_ptr, do_ptr, LSE2 + stat, DELTA + stat,
             stride_qm, stride_qd, stride_qsm, stride_qsd, stride_dom, stride_dod,
-            Q_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(Q_NUM + col),
+            dqa_ptr, Q_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(Q_NUM + col),
             off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
             B0, B1, B2, B3, G0, G1, G2, G3,
             SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, False,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
-            Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
+            Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC,
         )
         if HAS_FULL:
             dk, dv = dkdv_tiles(
                 dk, dv, k, v, q_ptr, qs_ptr, do_ptr, LSE2 + stat, DELTA + stat,
                 stride_qm, stride_qd, stride_qsm, stride_qsd, stride_dom, stride_dod,
-                FULL_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(FULL_NUM + col),
+                dqa_ptr, FULL_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(FULL_NUM + col),
                 off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
                 B0, B1, B2, B3, G0, G1, G2, G3,
                 SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, True,
                 QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
-                Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
+                Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC,
             )
     dk = dk * SM_SCALE
     n_ok = offs_n[:, None] < KV_LEN
@@ -449,10 +470,13 @@ def dkdv_kernel(
 
 
 def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_grads: bool,
-                 concurrent: Optional[bool] = None, side: Optional[str] = "default"):
+                 concurrent: Optional[bool] = None, side: Optional[str] = "default",
+                 dq_atomic: Optional[bool] = None):
     """Gradients for q, k, v and the learnable tensors of the score mod (in slot order).
     ``concurrent`` (default: ``CONCURRENT``) takes delta_kernel and, on CUDA, the side stream;
-    ``side`` (default: ``SIDE_KERNEL``) which kernel runs there."""
+    ``side`` (default: ``SIDE_KERNEL``) which kernel runs there; ``dq_atomic`` (default:
+    ``DQ_ATOMIC``) replaces the dQ kernel by the dK/dV kernel's atomic adds (after delta_kernel,
+    on the caller's stream)."""
     import torch
 
     side = SIDE_KERNEL if side == "default" else side
@@ -504,7 +528,10 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     # Under the interpreter (no streams) CONCURRENT still takes delta_kernel and DELTA_READY:
     # the CPU tests check that path against the fused one.
     concurrent = CONCURRENT if concurrent is None else concurrent
-    if concurrent:
+    dq_atomic = DQ_ATOMIC if dq_atomic is None else dq_atomic
+    # With DQ_ATOMIC the dK/dV kernel adds dQ into float32 rows [B, Hq, L, E], zeroed here.
+    dqa = torch.zeros((B, Hq, L, E), dtype=torch.float32, device=dev) if dq_atomic else lse
+    if concurrent or dq_atomic:
         _runtime.launch(
             delta_kernel, (_runtime.cdiv(L, DELTA_ROWS), B * Hq),
             query, dout, out, dlse if dlse is not None else lse, delta, qs, lse, lse2,
@@ -524,17 +551,20 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         q_full_idx = sp.full_q_idx if sp.has_full else sp.q_idx
         _runtime.launch(
             dkdv_kernel, (_runtime.cdiv(S, tiles["BLOCK_N1"]), B * Hkv),
-            query, key, value, dout, dk, dv, lse2, delta, qs,
+            query, key, value, dout, dk, dv, lse2, delta, qs, dqa,
             sp.q_num, sp.q_idx, q_full_num, q_full_idx, *bufs, *grad_args,
             *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *qs.stride(),
             plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
-            GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable),
+            GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable), DQ_ATOMIC=dq_atomic,
             BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **common, **_sparse_consts(sp, L, S),
             options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
         )
 
-    if not concurrent:
+    if dq_atomic:
+        launch_dkdv()
+        dq.copy_(dqa)
+    elif not concurrent:
         launch_dq()  # it computes delta and the base-2 LSE the dK/dV kernel reads
         launch_dkdv()
     elif dev.type != "cuda" or side is None:  # one stream (or none): dQ first under "dq", as on CUDA

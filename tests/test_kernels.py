@@ -882,6 +882,52 @@ def test_backward_side_kernel_is_checked():
         backward.run_backward(None, None, None, None, None, None, None, None, need_buffer_grads=False, side="dk")
 
 
+_DQ_ATOMIC_CASES = {
+    # GQA, a learnable table, an LSE gradient, PRESCALE_QK (delta_kernel writes the scaled q),
+    # lengths that divide no block, a broadcast key batch (float32 dK/dV per query batch)
+    "gqa-table-prescale": lambda device: check(
+        B=2, Hq=4, Hkv=2, L=77, S=90, E=24, Ev=40, dtype=torch.bfloat16, device=device, Bk=1,
+        score_mod=mods.bias.from_seed([4, 77, 90], seed=2, requires_grad=True, device=device),
+        mask_mod=mods.causal(), kernel_options={"PRESCALE_QK": True}),
+    # a document mask with partial and full blocks, tails on both sides, float16
+    "document-tails": lambda device: check(
+        B=1, Hq=2, L=300, S=300, E=64, dtype=torch.float16, device=device,
+        mask_mod=mods.document.from_seed(300, 4, 1, device=device), block_size=64),
+    # a score mod with a derivative, and a band: partial blocks on both of its edges
+    "softcap-window": lambda device: check(
+        B=1, Hq=2, L=129, S=200, E=32, dtype=torch.bfloat16, device=device,
+        score_mod=mods.tanh_softcap(5.0), mask_mod=mods.sliding_window(40)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_DQ_ATOMIC_CASES))
+def test_dq_atomic_backward_matches_the_oracle(case):
+    """``kernels.backward.DQ_ATOMIC`` (no dQ kernel: the dK/dV kernel adds dS K into float32 dQ
+    with atomic adds): every gradient against the oracle, under the interpreter, on the shapes and
+    options that move where dQ's rows live (GQA heads, broadcast batches, tails, PRESCALE)."""
+    from kernels import backward
+
+    assert backward.DQ_ATOMIC is False  # the default: not yet timed on a GPU
+    backward.DQ_ATOMIC = True
+    try:
+        _DQ_ATOMIC_CASES[case](DEVICE)
+    finally:
+        backward.DQ_ATOMIC = False
+
+
+@pytest.mark.gpu
+def test_gpu_dq_atomic_backward_matches_the_oracle():
+    """The same cases on CUDA, where the atomic adds of the dK/dV kernel's programs race."""
+    from kernels import backward
+
+    backward.DQ_ATOMIC = True
+    try:
+        for case in sorted(_DQ_ATOMIC_CASES):
+            _DQ_ATOMIC_CASES[case]("cuda")
+    finally:
+        backward.DQ_ATOMIC = False
+
+
 @pytest.mark.gpu
 def test_gpu_concurrent_backward_matches_the_oracle():
     """On CUDA the dQ kernel runs on a side stream beside dK/dV (SIDE_KERNEL): the same
