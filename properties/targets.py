@@ -7,6 +7,8 @@ enable_gqa=False, return_lse=False, kernel_options=None)``) and
 case (None when it can). Built-ins:
 
 * ``kernels``: ours (``kernels.flex_attention``), on CPU under the Triton interpreter.
+* ``kernels-dq-atomic``: ours with ``kernels.backward.DQ_ATOMIC`` (no dQ kernel: the dK/dV
+  kernel adds dQ with atomics), a variant not yet on by default.
 * ``torch-compile``: ``torch.compile(flex_attention)``; needs CUDA here.
 * ``torch-eager``: PyTorch's eager ``flex_attention`` (mask_mod semantics;
   forward only on CPU, where PyTorch has no backward).
@@ -111,6 +113,17 @@ def _kernels_fn(*args, **kwargs):
     import kernels
 
     return kernels.flex_attention(*args, **kwargs)
+
+
+def _kernels_dq_atomic_fn(*args, **kwargs):
+    from kernels import backward
+
+    # Read when the forward runs (the autograd function keeps it for its backward).
+    before, backward.DQ_ATOMIC = backward.DQ_ATOMIC, True
+    try:
+        return _kernels_fn(*args, **kwargs)
+    finally:
+        backward.DQ_ATOMIC = before
 
 
 def _kernels_declines(exc: BaseException) -> Optional[str]:
@@ -298,6 +311,10 @@ def _sdpa_fn(query, key, value, score_mod=None, block_mask=None, scale=None, ena
 TARGETS: dict = {
     "kernels": Target("kernels", _kernels_fn, _kernels_check, returns_lse=True, returns_max=True,
                       declines=_kernels_declines, description="our Triton kernels (kernels.flex_attention)"),
+    "kernels-dq-atomic": Target("kernels-dq-atomic", _kernels_dq_atomic_fn, _kernels_check, returns_lse=True,
+                                returns_max=True, declines=_kernels_declines,
+                                description="our Triton kernels with backward.DQ_ATOMIC (dQ added by the "
+                                            "dK/dV kernel with atomics)"),
     "torch-compile": Target("torch-compile", _torch_compile_fn, _torch_compile_check,
                             description="torch.compile(torch.nn.attention.flex_attention.flex_attention)"),
     "torch-eager": Target("torch-eager", _torch_eager_fn, _torch_eager_check,
@@ -309,8 +326,8 @@ TARGETS: dict = {
 
 
 def resolve_target(spec) -> Target:
-    """A ``Target`` from a built-in name (``kernels``, ``torch-compile``, ``torch-eager``,
-    ``sdpa``), from ``"module:attribute"`` (a ``Target`` or a function with FlexAttention's
+    """A ``Target`` from a built-in name (``kernels``, ``kernels-dq-atomic``, ``torch-compile``,
+    ``torch-eager``, ``sdpa``), from ``"module:attribute"`` (a ``Target`` or a function with FlexAttention's
     signature), or a ``Target`` itself."""
     if isinstance(spec, Target):
         return spec

@@ -1003,3 +1003,21 @@ def test_reversed_block_lists_keep_membership_and_reverse_order():
     assert n >= 2  # a sink block and window blocks, with a gap between them
     assert reversed_bm.kv_indices[0, 0, 5, :n].tolist() == bm.kv_indices[0, 0, 5, :n].flip(0).tolist()
     assert not oracle.check_block_mask(reversed_bm, 1, 2, 100, 100)
+
+
+def test_kernels_dq_atomic_target_runs_the_variant_and_restores_the_default(monkeypatch):
+    """``kernels-dq-atomic``: our kernels with backward.DQ_ATOMIC on for its calls alone (the dK/dV
+    kernel adds dQ; the dQ kernel never launches), matching the oracle with a GQA case, a mask, an
+    LSE gradient and tails; the default is back afterwards."""
+    from kernels import backward
+
+    launched = []
+    real = backward._launch_dq
+    monkeypatch.setattr(backward, "_launch_dq", lambda *a, **k: launched.append(1) or real(*a, **k))
+    target = resolve_target("kernels-dq-atomic")
+    assert target.name == "kernels-dq-atomic" and target.returns_lse
+    c = case(Hq=4, Hkv=2, L=37, S=45, mask=mods.causal().spec(), block_size=(16, 16))
+    matches_oracle(target, c, "cpu")
+    assert launched == [] and backward.DQ_ATOMIC is False
+    matches_oracle("kernels", c, "cpu")
+    assert launched  # the default target does launch the dQ kernel
