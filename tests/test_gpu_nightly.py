@@ -36,3 +36,22 @@ def test_probe_tests_run_apart_from_the_gpu_tests(tmp_path):
     default = subprocess.run(["grep", "-n", "^STEPS=", str(ROOT / ".ci" / "gpu-nightly")], capture_output=True,
                              text=True).stdout
     assert "probes" not in default, default
+
+
+def test_fuzz_target_is_chosen_by_fuzz_target(tmp_path):
+    """FUZZ_TARGET picks what the fuzz processes run (default: our kernels). A slot starts a
+    process while more than 20 s of FUZZ_SECONDS are left, hence 25."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\necho "$@"\n')
+    stub.chmod(0o755)
+    for target, want in ((None, "--target kernels --device cuda"),
+                         ("kernels-dq-atomic", "--target kernels-dq-atomic --device cuda")):
+        logs = tmp_path / f"fz-{target}"
+        env = dict(os.environ, STEPS="fuzz", FUZZ_PROCS="1", FUZZ_SECONDS="25", FUZZ_LOG_DIR=str(logs),
+                   OUT=str(tmp_path / f"out-{target}"), PYTHON=str(stub))
+        if target:
+            env["FUZZ_TARGET"] = target
+        run = subprocess.run([str(ROOT / ".ci" / "gpu-nightly")], capture_output=True, text=True, env=env,
+                             timeout=60)
+        text = run.stdout + run.stderr + "".join(p.read_text() for p in logs.rglob("*") if p.is_file())
+        assert want in text, text
