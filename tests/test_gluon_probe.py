@@ -7,26 +7,18 @@ on the GPU, no less accurate than our Triton forward on the same inputs.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from probes import compile_only_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gluon_probe.py"
 
 
 def test_every_variant_compiles_for_sm90_warp_specialized_without_spills():
-    cache = Path(os.environ.get("TMPDIR", "/tmp")) / "flex-oracle-gluon-cache"
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(cache))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    run = subprocess.run([sys.executable, str(SCRIPT), "--compile-only"], capture_output=True, text=True,
-                         cwd=ROOT, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    rows = compile_only_rows(SCRIPT)
     assert [r["variant"] for r in rows] == [
         "dense overlap=False bufs=2", "dense overlap=True bufs=2", "dense overlap=False bufs=3",
         "dense overlap=True bufs=3", "flex none", "flex causal", "flex sliding_window", "flex prefix_lm",
