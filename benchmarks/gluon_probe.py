@@ -297,6 +297,17 @@ def _descriptors(q, k, v, HALF_M: int = 64, BLOCK_N: int = 128):
             TensorDescriptor.from_tensor(v.reshape(-1, D), [BLOCK_N, D], kv_layout))
 
 
+def run_kernel(kernel, grid, args, kwargs, device, seed: int = 0) -> None:
+    """Launch a Gluon kernel: on the GPU as usual, on CPU tensors through
+    ``kernels.gluon_emulator`` (``seed`` picks the emulated schedule of its partitions)."""
+    if torch.device(device).type == "cpu":
+        from kernels import gluon_emulator
+
+        gluon_emulator.launch(kernel, grid, args, kwargs, seed=seed)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
 def _outputs(q, poison: bool):
     """out and lse; ``poison`` fills both with NaN first (checks: an element the kernel does not
     write then fails, where memory reused from an earlier result could pass)."""
@@ -307,8 +318,9 @@ def _outputs(q, poison: bool):
 
 
 def gluon_attention(q, k, v, scale=None, NUM_BUF=3, maxnreg=168, overlap=True, consumer_regs=240, launch=None,
-                    poison=False):
-    """Out and LSE of dense attention (bf16, D=128, L and S multiples of 128, contiguous)."""
+                    poison=False, seed=0):
+    """Out and LSE of dense attention (bf16, D=128, L and S multiples of 128, contiguous). On CPU
+    tensors the kernel runs in ``kernels.gluon_emulator`` under schedule ``seed``."""
     B, H, L, D = q.shape
     S = k.shape[2]
     assert L % 128 == 0 and S % 128 == 0 and D == 128 and q.dtype == torch.bfloat16
@@ -318,7 +330,7 @@ def gluon_attention(q, k, v, scale=None, NUM_BUF=3, maxnreg=168, overlap=True, c
     args = (*_descriptors(q, k, v), out, lse, L, S, scale * LOG2E, NUM_BUF, overlap, consumer_regs)
     if launch is not None:
         return launch(gluon_attn_fwd, grid, args, dict(num_warps=4, maxnreg=maxnreg))
-    gluon_attn_fwd[grid](*args, num_warps=4, maxnreg=maxnreg)
+    run_kernel(gluon_attn_fwd, grid, args, dict(num_warps=4, maxnreg=maxnreg), q.device, seed)
     return out, lse
 
 
@@ -472,7 +484,7 @@ def refined_lists(block_mask, B: int, H: int, L: int, S: int, device, kv_block: 
 
 
 def gluon_flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, enable_gqa=False, NUM_BUF=3,
-                         kv_block=128, maxnreg=168, consumer_regs=240, launch=None, poison=False):
+                         kv_block=128, maxnreg=168, consumer_regs=240, launch=None, poison=False, seed=0):
     """FlexAttention's forward (out, lse) with the Gluon kernel, for ``kernels.mods`` mods: the
     block mask's 128 x 128 lists (partial blocks with its ``mask_mod``, then full blocks), the
     ``score_mod`` on every listed block, GQA, any L and S (tails masked). bf16 or fp16, head dim 64
@@ -482,7 +494,8 @@ def gluon_flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, e
     as our Triton forward refines them: a sub-block the mask allows nothing of is dropped, one it
     allows everything of made full) and K/V tiles of 64 keys, so that a document boundary costs
     the sub-blocks it touches (on bench.py's 4k document row, 1.46 listed elements per allowed
-    one against 1.61 at 128 x 128)."""
+    one against 1.61 at 128 x 128). On CPU tensors the kernel runs in ``kernels.gluon_emulator``
+    under schedule ``seed``."""
     from kernels import mods
 
     B, H, L, D = q.shape
@@ -510,7 +523,7 @@ def gluon_flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, e
             H // Hkv, MB, MH, NQ, NKV, scale * LOG2E, scale, NUM_BUF, consumer_regs)
     if launch is not None:
         return launch(module.flex_fwd, grid, args, dict(num_warps=4, maxnreg=maxnreg))
-    module.flex_fwd[grid](*args, num_warps=4, maxnreg=maxnreg)
+    run_kernel(module.flex_fwd, grid, args, dict(num_warps=4, maxnreg=maxnreg), q.device, seed)
     return out, lse
 
 
@@ -692,25 +705,28 @@ FLEX_CASES = ("none", "causal", "sliding_window", "prefix_lm", "document", "alib
               "softcap tails L=700 S=1000 GQA", "alibi causal tails D=64 L=S=333")
 
 
-def check_flex_rows(S: int = 512, seed: int = 0, only=None, kv_block: int = 128) -> list:
+def check_flex_rows(S: int = 512, seed: int = 0, only=None, kv_block: int = 128, device: str = "cuda",
+                    schedule: int = 0) -> list:
     """``gluon_flex_attention`` on ``flex_programs`` (B=2, H=2, S=512, bf16), a GQA causal case
     (Hq=4, Hkv=2) and ``flex_edge_cases`` (D=64, tails): max errors of ours and of the Gluon kernel
     against the float64 oracle; ``only``: the names (``FLEX_CASES``) to run; ``kv_block`` as
-    ``gluon_flex_attention``'s (64: refined lists, 4 stages)."""
+    ``gluon_flex_attention``'s (64: refined lists, 4 stages). On ``device="cpu"`` ours runs in
+    Triton's interpreter and the Gluon kernel in ``kernels.gluon_emulator`` under schedule
+    ``schedule``."""
     import kernels
     import oracle
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def draw(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16, generator=g)
     rows = []
     cases = [(name, kw, draw(2, 2, S, 128), draw(2, 2, S, 128), draw(2, 2, S, 128))
-             for name, kw in flex_programs(S, "cuda")]
-    causal = flex_programs(S, "cuda")[1][1]
+             for name, kw in flex_programs(S, device)]
+    causal = flex_programs(S, device)[1][1]
     cases.append(("gqa causal", dict(causal, enable_gqa=True), draw(2, 4, S, 128), draw(2, 2, S, 128),
                   draw(2, 2, S, 128)))
-    cases += [(name, kw, q, k, v) for name, (q, k, v), kw in flex_edge_cases("cuda", draw)]
+    cases += [(name, kw, q, k, v) for name, (q, k, v), kw in flex_edge_cases(device, draw)]
     assert tuple(c[0] for c in cases) == FLEX_CASES, [c[0] for c in cases]
     for name, kw, q, k, v in cases:
         if only is not None and name not in only:
@@ -718,7 +734,7 @@ def check_flex_rows(S: int = 512, seed: int = 0, only=None, kv_block: int = 128)
         o_ref, lse_ref = oracle.flex_attention(q, k, v, return_lse=True, **kw)
         o, lse = kernels.flex_attention(q, k, v, return_lse=True, **kw)
         og, lg = gluon_flex_attention(q, k, v, poison=True, kv_block=kv_block, NUM_BUF=3 if kv_block == 128 else 4,
-                                      **kw)
+                                      seed=schedule, **kw)
         rows.append(dict(program=name, ours_out=_max_err(o, o_ref), ours_lse=_max_err(lse, lse_ref),
                          gluon_out=_max_err(og, o_ref), gluon_lse=_max_err(lg, lse_ref)))
     return rows

@@ -65,7 +65,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.gluon_probe import LOG2E, _max_err, _mma_layout, compile_for_sm90, refined_lists, start  # noqa: E402
+from benchmarks.gluon_probe import (LOG2E, _max_err, _mma_layout, compile_for_sm90, refined_lists,  # noqa: E402
+                                    run_kernel, start)
 
 BLOCK_M = 64  # query rows per step
 BLOCK_N = 128  # key rows per CTA, 64 per consumer warpgroup
@@ -403,7 +404,7 @@ def _delta_kernel(O, DO, LSE, DLSE, LSE2, DELTA, L, L_PAD, D: tl.constexpr, ROWS
 
 def gluon_flex_backward(q, k, v, out, lse, dout, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
                         dlse=None, NUM_BUF=2, dq="warpgroup", q_block=128, maxnreg=168, consumer_regs=240,
-                        loader_regs=24, launch=None, poison=False):
+                        loader_regs=24, launch=None, poison=False, seed=0):
     """(dq, dk, dv) of FlexAttention's backward for ``kernels.mods`` mods, from the forward's ``out``
     and ``lse`` (natural log) and the incoming ``dout`` (and ``dlse``, the LSE's, if any): the
     block mask's q-side 128 x 128 lists (partial blocks with its ``mask_mod``, then full ones),
@@ -418,7 +419,9 @@ def gluon_flex_backward(q, k, v, out, lse, dout, score_mod=None, block_mask=None
     whose 64 query rows the mask allows nothing of is not listed, and one it allows everything
     of skips the mask. ``poison`` fills dk and dv with NaN first, so that an element the kernel
     does not write fails a check. ``launch(kernel, grid, args, kwargs)``, if given,
-    replaces the launch (``compile_for_sm90``) and its result is returned."""
+    replaces the launch (``compile_for_sm90``) and its result is returned. On CPU tensors the
+    delta kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``) and the Gluon kernel in
+    ``kernels.gluon_emulator`` under schedule ``seed``."""
     from kernels import mods as kmods
 
     B, H, L, D = q.shape
@@ -470,7 +473,7 @@ def gluon_flex_backward(q, k, v, out, lse, dout, score_mod=None, block_mask=None
     has_dlse = dlse is not None
     _delta_kernel[(L_pad // rows, B * H)](out, dout, lse.contiguous(), dlse.contiguous() if has_dlse else lse, lse2,
                                           delta, L, L_pad, D, rows, has_dlse)
-    module.flex_bwd[grid](*args, **kwargs)
+    run_kernel(module.flex_bwd, grid, args, kwargs, q.device, seed)
     return (dq_acc.to(q.dtype) if dq is not None else None), dk, dv
 
 
@@ -516,25 +519,27 @@ BWD_CASES = ("none", "causal", "sliding_window", "prefix_lm", "document", "alibi
 REFINED_CASES = ("causal", "sliding_window", "document", "softcap causal", "table_mask", "document tails L=S=1000")
 
 
-def check_bwd_rows(S: int = 512, seed: int = 0, only=None, dq: str = "warpgroup", q_block: int = 128) -> list:
+def check_bwd_rows(S: int = 512, seed: int = 0, only=None, dq: str = "warpgroup", q_block: int = 128,
+                   device: str = "cuda", schedule: int = 0) -> list:
     """Gradients of the forward probe's programs (B=2, H=2, S=512, bf16), GQA causal (Hq=4, Hkv=2)
     and its edge cases: max errors of our Triton backward and of the Gluon one (from our forward's
     out and LSE and the same dout) against the float64 oracle's, per gradient; ``dq`` and
-    ``q_block`` as ``gluon_flex_backward``'s."""
+    ``q_block`` as ``gluon_flex_backward``'s. On ``device="cpu"`` ours runs in Triton's interpreter
+    and the Gluon kernel in ``kernels.gluon_emulator`` under schedule ``schedule``."""
     import kernels
     import oracle
     from benchmarks.gluon_probe import flex_edge_cases, flex_programs
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def draw(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16, generator=g)
     cases = [(name, kw, draw(2, 2, S, 128), draw(2, 2, S, 128), draw(2, 2, S, 128))
-             for name, kw in flex_programs(S, "cuda")]
-    causal = flex_programs(S, "cuda")[1][1]
+             for name, kw in flex_programs(S, device)]
+    causal = flex_programs(S, device)[1][1]
     cases.append(("gqa causal", dict(causal, enable_gqa=True), draw(2, 4, S, 128), draw(2, 2, S, 128),
                   draw(2, 2, S, 128)))
-    cases += [(name, kw, q, k, v) for name, (q, k, v), kw in flex_edge_cases("cuda", draw)]
+    cases += [(name, kw, q, k, v) for name, (q, k, v), kw in flex_edge_cases(device, draw)]
     assert tuple(c[0] for c in cases) == BWD_CASES, [c[0] for c in cases]
     rows = []
     for name, kw, q, k, v in cases:
@@ -547,7 +552,7 @@ def check_bwd_rows(S: int = 512, seed: int = 0, only=None, dq: str = "warpgroup"
         o, lse = kernels.flex_attention(*mine, return_lse=True, **kw)
         o.backward(dout)
         got = gluon_flex_backward(q, k, v, o.detach().contiguous(), lse.detach(), dout, dq=dq, q_block=q_block,
-                                  poison=True, **kw)
+                                  poison=True, seed=schedule, **kw)
         row = dict(program=name)
         for which, want, ours, gluon_grad in zip("qkv", ref, mine, got):
             row[f"ours_d{which}"] = _max_err(ours.grad, want.grad)
