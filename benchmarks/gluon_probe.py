@@ -670,6 +670,13 @@ def _max_err(got, want) -> float:
     return torch.where(got == want, 0.0, got - want).abs().max().item()
 
 
+def _worst(a, b) -> float:
+    """The larger of two max errors, NaN (an unwritten element) if either is; ``a`` None: ``b``."""
+    if a is None or math.isnan(b):
+        return b
+    return a if math.isnan(a) else max(a, b)
+
+
 def check_rows(S: int = 1024, seed: int = 0) -> list:
     """Max errors against the float32 reference: our Triton forward and every dense variant;
     ours and the generated kernel on bench.py's document and softcap rows (B=2, H=4, D=128, bf16)."""
@@ -706,13 +713,13 @@ FLEX_CASES = ("none", "causal", "sliding_window", "prefix_lm", "document", "alib
 
 
 def check_flex_rows(S: int = 512, seed: int = 0, only=None, kv_block: int = 128, device: str = "cuda",
-                    schedule: int = 0) -> list:
+                    schedules=(0, )) -> list:
     """``gluon_flex_attention`` on ``flex_programs`` (B=2, H=2, S=512, bf16), a GQA causal case
     (Hq=4, Hkv=2) and ``flex_edge_cases`` (D=64, tails): max errors of ours and of the Gluon kernel
     against the float64 oracle; ``only``: the names (``FLEX_CASES``) to run; ``kv_block`` as
     ``gluon_flex_attention``'s (64: refined lists, 4 stages). On ``device="cpu"`` ours runs in
-    Triton's interpreter and the Gluon kernel in ``kernels.gluon_emulator`` under schedule
-    ``schedule``."""
+    Triton's interpreter and the Gluon kernel in ``kernels.gluon_emulator`` under each of
+    ``schedules`` (the Gluon errors are the largest over them; one run on the GPU)."""
     import kernels
     import oracle
 
@@ -733,10 +740,13 @@ def check_flex_rows(S: int = 512, seed: int = 0, only=None, kv_block: int = 128,
             continue
         o_ref, lse_ref = oracle.flex_attention(q, k, v, return_lse=True, **kw)
         o, lse = kernels.flex_attention(q, k, v, return_lse=True, **kw)
-        og, lg = gluon_flex_attention(q, k, v, poison=True, kv_block=kv_block, NUM_BUF=3 if kv_block == 128 else 4,
-                                      seed=schedule, **kw)
-        rows.append(dict(program=name, ours_out=_max_err(o, o_ref), ours_lse=_max_err(lse, lse_ref),
-                         gluon_out=_max_err(og, o_ref), gluon_lse=_max_err(lg, lse_ref)))
+        row = dict(program=name, ours_out=_max_err(o, o_ref), ours_lse=_max_err(lse, lse_ref))
+        for seed in schedules if torch.device(device).type == "cpu" else (0, ):
+            og, lg = gluon_flex_attention(q, k, v, poison=True, kv_block=kv_block,
+                                          NUM_BUF=3 if kv_block == 128 else 4, seed=seed, **kw)
+            row["gluon_out"] = _worst(row.get("gluon_out"), _max_err(og, o_ref))
+            row["gluon_lse"] = _worst(row.get("gluon_lse"), _max_err(lg, lse_ref))
+        rows.append(row)
     return rows
 
 

@@ -137,10 +137,15 @@ def test_a_consumer_that_never_releases_its_stage_deadlocks_the_loader():
 def test_reading_a_stage_without_waiting_for_its_copy_is_a_race_some_schedule_loses():
     # The first tile multiplied without waiting on its barrier: under schedules where its copy
     # has not landed when the MMA reads it, the stage's unwritten shared memory (NaN) goes in.
+    # The next wait on that stage then expects the wrong phase: some schedules go on a round
+    # early (NaN or a stale tile), some leave both partitions waiting (a hang on the GPU).
     outcomes = []
     for seed in SEEDS:
-        out, want = _ring(NO_READY_WAIT, seed)
-        outcomes.append(torch.allclose(out, want, rtol=1e-6, atol=1e-6))
+        try:
+            out, want = _ring(NO_READY_WAIT, seed)
+            outcomes.append(torch.allclose(out, want, rtol=1e-6, atol=1e-6))
+        except emu.Deadlock:
+            outcomes.append(False)
     assert not all(outcomes) and any(outcomes), outcomes
 
 

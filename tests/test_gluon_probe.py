@@ -66,6 +66,57 @@ def _flex_cases() -> tuple:
     return gluon_probe.FLEX_CASES
 
 
+REFINED_FORWARD = ("causal", "sliding_window", "document", "softcap causal", "table_mask", "document tails L=S=1000",
+                   "alibi causal tails D=64 L=S=333")
+
+
+@pytest.mark.parametrize("case,kv_block", [(c, 128) for c in _flex_cases()] + [(c, 64) for c in REFINED_FORWARD])
+def test_emulated_gluon_flex_forward_as_accurate_as_ours(case, kv_block):
+    """The generated forward on the CPU (``kernels.gluon_emulator``; ours in Triton's interpreter),
+    S=256 (the edge cases at their own lengths), on the 128 x 128 lists and (the masked cases) on
+    the refined 128 x 64 ones: against the float64 oracle within twice our Triton forward's error, as on the GPU
+    (below), with outputs poisoned. The emulator runs the partitions under a seeded interleaving
+    and fails a deadlock, an unfenced store read by an MMA, an MMA result used unwaited or an
+    out-of-bounds access outright."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gluon_probe
+
+    (r,) = gluon_probe.check_flex_rows(S=256, only={case}, kv_block=kv_block, device="cpu")
+    assert r["gluon_out"] <= 2 * r["ours_out"] + 1e-6, r
+    assert r["gluon_lse"] <= 2 * r["ours_lse"] + 1e-6, r
+
+
+def test_emulated_gluon_flex_forward_under_other_schedules():
+    """Three more interleavings of the partitions (and landings of the TMA copies) on the case with
+    the most going on: document mask, tails, refined lists."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gluon_probe
+
+    (r,) = gluon_probe.check_flex_rows(S=256, only={"document tails L=S=1000"}, kv_block=64, device="cpu",
+                                       schedules=(1, 2, 3))
+    assert r["gluon_out"] <= 2 * r["ours_out"] + 1e-6, r
+    assert r["gluon_lse"] <= 2 * r["ours_lse"] + 1e-6, r
+
+
+def test_emulated_dense_gluon_forward_matches_float32():
+    """The dense kernel (both consumer loops, 2 and 3 stages) on the CPU against the float32
+    reference, within twice our Triton forward's error (S=256, B=1, H=2)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import kernels
+    from benchmarks import gluon_probe
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 128, generator=g).to(torch.bfloat16) for _ in range(3))
+    o_ref, lse_ref = gluon_probe.reference(q, k, v)
+    o, lse = kernels.flex_attention(q, k, v, return_lse=True)
+    for overlap, bufs in gluon_probe.DENSE_VARIANTS:
+        og, lg = gluon_probe.gluon_attention(q, k, v, NUM_BUF=bufs, overlap=overlap, poison=True)
+        assert gluon_probe._max_err(og, o_ref) <= 2 * gluon_probe._max_err(o, o_ref) + 1e-6, (overlap, bufs)
+        assert gluon_probe._max_err(lg, lse_ref) <= 2 * gluon_probe._max_err(lse, lse_ref) + 1e-6, (overlap, bufs)
+
+
 @pytest.mark.gpu
 @pytest.mark.probe
 @pytest.mark.parametrize("case", _flex_cases())
@@ -84,8 +135,7 @@ def test_gpu_gluon_flex_forward_as_accurate_as_ours(case):
 
 @pytest.mark.gpu
 @pytest.mark.probe
-@pytest.mark.parametrize("case", ("causal", "sliding_window", "document", "softcap causal", "table_mask",
-                                  "document tails L=S=1000", "alibi causal tails D=64 L=S=333"))
+@pytest.mark.parametrize("case", REFINED_FORWARD)
 def test_gpu_gluon_flex_forward_refined_as_accurate_as_ours(case):
     """The same with ``kv_block=64``: the lists refined to 128 x 64 sub-blocks (dropped and full
     sub-blocks from kernels.api's refinement), K/V tiles of 64 keys, 4 stages."""
