@@ -116,9 +116,10 @@ class _Task:
 
 
 # At a switch point where the running partition could go on, the chance that the schedule
-# chooses again among all runnable ones (a blocked partition always hands over). Lower is
-# faster (each hand-over is a thread switch, about 0.3 ms) and still reaches every order of the
-# barrier operations over seeds; tests/test_gluon_emulator.py finds its races at this value.
+# chooses again among all runnable ones. A blocked partition always hands over, and so does one
+# whose arrival completed a barrier's phase (the waiters it released may go first: where a race
+# is). Lower is faster (a hand-over to another partition is a thread switch, about 0.3 ms);
+# tests/test_gluon_emulator.py finds its races at this value.
 SWITCH_P = 0.25
 
 
@@ -174,9 +175,9 @@ class _Scheduler:
                 lines.append(f"  partition {t.name!r} (program {t.pid}) waits for {t.waiting}")
         return "\n".join(lines)
 
-    def switch(self, task, pred=None, waiting=None):
+    def switch(self, task, pred=None, waiting=None, force=False):
         with self.cv:
-            if pred is None and self.rng.random() >= SWITCH_P:
+            if pred is None and not force and self.rng.random() >= SWITCH_P:
                 self._land_some()  # the running partition goes on
                 return
             task.pred, task.waiting = pred, waiting
@@ -278,22 +279,35 @@ def _atomic_add(ptr, value, mask=None, sem=None, scope=None):
 
 
 class _Root:
-    """One shared-memory allocation: where it was made, and per element which partition stored
-    to it since that partition's last fence (0: none; else the partition's number)."""
+    """One shared-memory allocation: where it was made; per element, which partition stored to it
+    since that partition's last fence (0: none; else the partition's number), how many
+    asynchronous MMAs in flight read it, and the latest of them."""
 
-    def __init__(self, site, shape):
-        self.site = site
+    def __init__(self, site, shape, tasks):
+        self.site, self.tasks = site, tasks
         self.unfenced = torch.zeros(shape, dtype=torch.int32)
+        self.reading = torch.zeros(shape, dtype=torch.int32)
+        self.reader = torch.zeros(shape, dtype=torch.int64)
+        self.incoming = torch.zeros(shape, dtype=torch.int32)  # TMA copies in flight into it
         self.stores: dict = {}  # partition number -> site of its last store
+        self.copies: dict = {}  # id of an in-flight copy -> its site
 
 
 class _Shared:
-    """A shared-memory descriptor: a view ``t`` of an allocation and the same view ``u`` of its
-    unfenced-store map."""
+    """A shared-memory descriptor: a view ``t`` of an allocation and the same view (``u``, ``r``,
+    ``w``, ``i``) of its unfenced-store map, in-flight read count, latest reader and in-flight
+    TMA copies."""
 
-    def __init__(self, t, root, u=None):
-        self.t, self.root = t, root
-        self.u = root.unfenced if u is None else u
+    def __init__(self, root, views):
+        self.root = root
+        self.t, self.u, self.r, self.w, self.i = views
+
+    @classmethod
+    def allocation(cls, t, root):
+        return cls(root, (t, root.unfenced, root.reading, root.reader, root.incoming))
+
+    def _view(self, f):
+        return _Shared(self.root, tuple(f(v) for v in (self.t, self.u, self.r, self.w, self.i)))
 
     @property
     def shape(self):
@@ -304,18 +318,18 @@ class _Shared:
         return self.t.dtype
 
     def index(self, i):
-        return _Shared(self.t[int(i)], self.root, self.u[int(i)])
+        return self._view(lambda v: v[int(i)])
 
     def slice(self, start, length, dim=0):
-        args = (int(dim), int(start), int(length))
-        return _Shared(self.t.narrow(*args), self.root, self.u.narrow(*args))
+        return self._view(lambda v: v.narrow(int(dim), int(start), int(length)))
 
     def permute(self, order):
         order = [int(o) for o in order]
-        return _Shared(self.t.permute(*order), self.root, self.u.permute(*order))
+        return self._view(lambda v: v.permute(*order))
 
     def load(self, layout=None):
         _point()
+        self._check_landed(f"the load at {_site(2)}")
         return self.t.clone()
 
     def store(self, value):
@@ -323,10 +337,25 @@ class _Shared:
         value = _value(value, "a shared-memory store")
         if list(value.shape) != self.shape:
             raise EmulationError(f"storing a {list(value.shape)} tensor into shared memory of shape {self.shape}")
+        self._check_unread(f"a store at {_site(2)}")
         self.t.copy_(value.to(self.t.dtype))
         task = _tls.task
         self.u.fill_(task.number)
         self.root.stores[task.number] = _site(2)
+
+    def _check_landed(self, what):
+        """A read of memory that a TMA copy is still writing: nothing waited on its barrier."""
+        if bool(self.i.any()):
+            raise EmulationError(f"{what} reads shared memory (allocated at {self.root.site}) that the TMA load at "
+                                 f"{next(iter(self.root.copies.values()))} still writes: wait on its barrier first")
+
+    def _check_unread(self, what):
+        """A write to memory that an asynchronous MMA still in flight reads: on the GPU the MMA may
+        read the old values or the new ones."""
+        if bool(self.r.any()):
+            token = _PENDING[int(self.w.max())]
+            raise EmulationError(f"{what} writes shared memory (allocated at {self.root.site}) that the asynchronous "
+                                 f"warpgroup_mma at {token.site} reads and that has not been waited for")
 
 
 class _Barrier:
@@ -374,25 +403,41 @@ def _allocate_shared_memory(dtype, shape, layout=None, value=None):
     t.fill_(float("nan") if t.dtype.is_floating_point else 0)
     if value is not None:
         t.copy_(_value(value, "an allocation's initial value"))
-    root = _Root(site, shape)
-    root.sched_tasks = _tls.task.sched.tasks
+    root = _Root(site, shape, _tls.task.sched.tasks)
     _tls.task.sched.roots.append(root)
-    return _Shared(t, root)
+    return _Shared.allocation(t, root)
 
 
 # --------------------------------------------------------------------------
 # asynchronous MMAs
 
 
+_PENDING: dict = {}  # id -> asynchronous MMA in flight (for the messages of _check_unread)
+_IDS = itertools.count(1)
+
+
 class _Pending:
-    """An asynchronous warpgroup MMA's accumulator token: a value only after warpgroup_mma_wait."""
+    """An asynchronous warpgroup MMA's accumulator token: a value only after warpgroup_mma_wait.
+    While in flight its shared-memory operands count it as a reader."""
 
     def __init__(self, a, b, acc, use_acc, site):
         self.a, self.b, self.acc, self.use_acc, self.site = a, b, acc, use_acc, site
         self.value = None
+        self.reads = [op for op in (a, b) if isinstance(op, _Shared)]
+
+    def start(self):
+        self.id = next(_IDS)
+        _PENDING[self.id] = self
+        for op in self.reads:
+            op.r.add_(1)
+            op.w.fill_(self.id)
 
     def resolve(self):
         if self.value is None:
+            if self.id is not None:
+                for op in self.reads:
+                    op.r.sub_(1)
+                _PENDING.pop(self.id, None)
             a = self.a.t if isinstance(self.a, _Shared) else self.a
             out = a.float() @ self.b.t.float()
             if self.use_acc:
@@ -420,7 +465,7 @@ def _value(x, what):
 def _check_fenced(op, site):
     if isinstance(op, _Shared) and bool(op.u.any()):
         number = int(op.u.max())
-        task = op.root.sched_tasks[number - 1]
+        task = op.root.tasks[number - 1]
         raise EmulationError(f"warpgroup_mma at {site} reads shared memory (allocated at {op.root.site}) that "
                              f"partition {task.name!r} stored to at {op.root.stores[number]} with no "
                              f"fence_async_shared since")
@@ -440,10 +485,14 @@ def _warpgroup_mma(a, b, acc, *, use_acc=True, precision=None, max_num_imprecise
         raise EmulationError(f"warpgroup_mma at {site}: operands of types {a_dtype} and {b.dtype}")
     for op in (a, b):
         _check_fenced(op, site)
+        if isinstance(op, _Shared):
+            op._check_landed(f"warpgroup_mma at {site}")
     tok = _Pending(a, b, acc, bool(use_acc), site)
     tok.acc_shape = acc_shape
+    tok.id = None
     if not is_async:
         return tok.resolve()
+    tok.start()
     _tls.task.mmas.append(tok)
     return tok
 
@@ -498,7 +547,11 @@ def _mb_expect(bar, bytes, pred=True):
 def _mb_arrive(bar, *, count=1, pred=True):
     _point()
     if pred:
+        phase = bar.phase
         bar._arrive(int(count))
+        if bar.phase != phase:  # a phase completed: its waiters may go on now, before this partition
+            task = _tls.task
+            task.sched.switch(task, force=True)
 
 
 def _mb_wait(bar, phase, pred=True, deps=()):
@@ -566,10 +619,17 @@ def _tma_load(tensor_desc, coord, barrier, result, pred=True):
         raise EmulationError(f"TMA load at {site}: a {tensor_desc.block_shape} {tensor_desc.dtype} box into shared "
                              f"memory of {result.shape} {result.dtype}")
     barrier._check()
+    result._check_unread(f"the TMA load at {site}")
     nbytes = tensor_desc.block_type.nbytes
+
+    copy_id = next(_IDS)
+    result.i.add_(1)
+    result.root.copies[copy_id] = site
 
     def land():
         result.t.copy_(tensor_desc.box(coord))
+        result.i.sub_(1)
+        del result.root.copies[copy_id]
         barrier.tx -= nbytes
         barrier._maybe_complete()
     _tls.task.sched.copies.append(land)
