@@ -7,7 +7,9 @@ For measurement, not for use: ``bench.py``'s ``gluon`` implementation, so that t
 the benchmark's whole matrix with every output and gradient checked against the float64 oracle
 before it is timed. ``unsupported`` names what the probes do not cover (anything but sm_90,
 bf16/fp16 q, k and v of head dim 64 or 128, contiguous, 128 x 128 block masks, ``kernels.mods``
-mods without learnable tensors, training shapes); ``bench.py`` reports those cases as n/a.
+mods without learnable tensors, training shapes); ``bench.py`` reports those cases as n/a. On CPU
+tensors the Gluon kernels run in ``kernels.gluon_emulator`` (and the delta kernel in Triton's
+interpreter, ``TRITON_INTERPRET=1``): slow, for checking, as in ``bench.py --device cpu``.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ def unsupported_shapes(device, dtype, q_shape, k_shape, score_mod=None, block_ma
     from kernels import mods
 
     device = torch.device(device)
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] != 9:
         return "the Gluon probes are written for sm_90 (H100/H200) only"
+    if device.type not in ("cuda", "cpu"):
+        return f"the Gluon probes run on sm_90 GPUs (and on the CPU in kernels.gluon_emulator), not on {device.type}"
     if dtype not in (torch.bfloat16, torch.float16):
         return f"the Gluon probes take bf16 or fp16, got {dtype}"
     if q_shape[-1] not in (64, 128) or k_shape[-1] != q_shape[-1]:

@@ -92,6 +92,11 @@ class _Task:
 
     def _main(self):
         _tls.task = self
+        # Grad mode is per thread: a kernel writes its outputs in place, whatever the caller's mode.
+        with torch.no_grad():
+            self._run()
+
+    def _run(self):
         sched = self.sched
         try:
             with sched.cv:
@@ -111,7 +116,10 @@ class _Task:
             with sched.cv:
                 self.done = True
                 if sched.error is None and sched.current is self:
-                    sched._hand_off()
+                    try:
+                        sched._hand_off()
+                    except BaseException as e:  # noqa: BLE001 - a copy that failed to land
+                        sched.error, sched.current = e, None
                 sched.cv.notify_all()
 
 
@@ -121,6 +129,7 @@ class _Task:
 # is). Lower is faster (a hand-over to another partition is a thread switch, about 0.3 ms);
 # tests/test_gluon_emulator.py finds its races at this value.
 SWITCH_P = 0.25
+STALL_SECONDS = 300  # launch() gives up on a program whose partitions stop handing over
 
 
 class _Scheduler:
@@ -135,6 +144,7 @@ class _Scheduler:
         self.error = None
         self.copies: list = []  # in-flight TMA copies (callables that land them), oldest first
         self.roots: list = []  # the program's shared-memory allocations
+        self.hand_offs = 0
 
     def spawn(self, name, fn, pid):
         task = _Task(self, name, fn, pid)
@@ -153,6 +163,7 @@ class _Scheduler:
 
     def _hand_off(self):
         # Called with cv held by the running task (or by launch to start): choose who runs next.
+        self.hand_offs += 1
         self._land_some()
         while True:
             ready = [t for t in self.tasks if not t.done and (t.pred is None or t.pred())]
@@ -818,12 +829,22 @@ def launch(kernel, grid, args, kwargs=None, seed: int = 0) -> None:
 
 def _run_program(body, values, pid, seed):
     sched = _Scheduler(seed)
+    with torch.no_grad():
+        _schedule(sched, body, values, pid)
+
+
+def _schedule(sched, body, values, pid):
     with sched.cv:
         sched.spawn("program", lambda: body(*values), pid)
         sched._hand_off()
     with sched.cv:
         while sched.error is None and not all(t.done for t in sched.tasks):
-            sched.cv.wait()
+            seen = sched.hand_offs
+            if not sched.cv.wait(timeout=STALL_SECONDS) and sched.hand_offs == seen:
+                # No partition handed over for that long: a partition stuck outside the schedule
+                # (an emulator bug, or a kernel looping without touching memory).
+                sched.error = EmulationError(f"no progress in {STALL_SECONDS} s: {sched._describe()}")
+                sched.cv.notify_all()
     for t in sched.tasks:
         t.thread.join(timeout=10)
     if sched.error is not None:

@@ -59,6 +59,23 @@ def dry_run(tmp_path_factory):
     return proc.stdout, json.loads(path.read_text())
 
 
+def test_dry_run_of_the_gluon_probes_checks_them_against_the_oracle(tmp_path):
+    """``--impls ours,gluon`` on the CPU: the Gluon probes' forward and backward run in
+    kernels/gluon_emulator.py behind bench.py's gluon implementation, and the benchmark holds
+    their outputs and gradients to the oracle before timing them, as it will on the GPU."""
+    path = tmp_path / "result.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--no-decode", "--impls", "ours,gluon", "--json",
+         str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("causal S256")]
+    assert [r[5] for r in rows] == ["ours", "gluon"] and all(r[-1] == "pass" for r in rows), proc.stdout
+
+
 def test_dry_run_prints_the_table_and_the_summary(dry_run):
     stdout, _ = dry_run
     lines = stdout.splitlines()
