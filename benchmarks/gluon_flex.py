@@ -6,7 +6,7 @@
 For measurement, not for use: ``bench.py``'s ``gluon`` implementation, so that the probes run
 the benchmark's whole matrix with every output and gradient checked against the float64 oracle
 before it is timed. ``unsupported`` names what the probes do not cover (anything but sm_90,
-bf16/fp16 q, k and v of head dim 64 or 128, contiguous, 128 x 128 block masks, ``kernels.mods``
+bf16/fp16 q, k and v of head dim 64 or 128 and one batch, 128 x 128 block masks, ``kernels.mods``
 mods without learnable tensors, training shapes); ``bench.py`` reports those cases as n/a. On CPU
 tensors the Gluon kernels run in ``kernels.gluon_emulator`` (and the delta kernel in Triton's
 interpreter, ``TRITON_INTERPRET=1``): slow, for checking, as in ``bench.py --device cpu``.
@@ -39,8 +39,6 @@ def unsupported_shapes(device, dtype, q_shape, k_shape, score_mod=None, block_ma
         return f"the Gluon probes take bf16 or fp16, got {dtype}"
     if q_shape[-1] not in (64, 128) or k_shape[-1] != q_shape[-1]:
         return f"the Gluon probes take q, k, v of head dim 64 or 128 alike, got {q_shape[-1]} and {k_shape[-1]}"
-    if q_shape[2] < 128:
-        return f"the Gluon probes have no decode kernel (L={q_shape[2]} < 128)"
     if q_shape[1] != k_shape[1] and (not enable_gqa or q_shape[1] % k_shape[1]):
         return f"Hq={q_shape[1]}, Hkv={k_shape[1]} without enable_gqa"
     if block_mask is not None and tuple(block_mask.BLOCK_SIZE) != (128, 128):
@@ -55,12 +53,21 @@ def unsupported_shapes(device, dtype, q_shape, k_shape, score_mod=None, block_ma
 
 
 def unsupported(q, k, v, score_mod=None, block_mask=None, enable_gqa=False) -> Optional[str]:
-    """Why the probes cannot run this call, or None."""
+    """Why the probes cannot run this call, or None (any layout: ``flex_attention`` copies what a
+    TMA descriptor cannot take)."""
     if not (q.dtype == k.dtype == v.dtype) or v.shape[-1] != k.shape[-1]:
         return f"the Gluon probes take q, k, v of one dtype and head dim, got {q.dtype}, {k.dtype}, {v.dtype}"
-    if not all(t.is_contiguous() for t in (q, k, v)):
-        return "the Gluon probes take contiguous (B, H, L, D) q, k, v"
+    if k.shape[0] != q.shape[0]:
+        return f"the Gluon probes take k and v of q's batch ({q.shape[0]}), got {k.shape[0]}"
     return unsupported_shapes(q.device, q.dtype, q.shape, k.shape, score_mod, block_mask, enable_gqa)
+
+
+def tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if a TMA descriptor can take it (contiguous, its data 16-byte aligned), else a
+    contiguous copy (a view at an odd storage offset, or a strided one)."""
+    if t.is_contiguous() and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 # Refine the lists to 64 rows or keys on an axis when that lists at least this share fewer
@@ -116,7 +123,7 @@ class _GluonFlex(torch.autograd.Function):
 
         q, k, v, out, lse = ctx.saved_tensors
         score_mod, block_mask, scale, enable_gqa, q_block = ctx.mods
-        dq, dk, dv = gluon_flex_backward(q, k, v, out, lse, dout.contiguous(), score_mod=score_mod,
+        dq, dk, dv = gluon_flex_backward(q, k, v, out, lse, tma_ready(dout), score_mod=score_mod,
                                          block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, dlse=dlse,
                                          q_block=q_block)
         return dq, dk, dv, None, None, None, None, None
@@ -130,4 +137,5 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     reason = unsupported(query, key, value, score_mod, block_mask, enable_gqa)
     if reason is not None:
         raise ValueError(f"benchmarks.gluon_flex cannot run this call: {reason}.")
+    query, key, value = (tma_ready(t) for t in (query, key, value))
     return _GluonFlex.apply(query, key, value, score_mod, block_mask, scale, enable_gqa, refine)

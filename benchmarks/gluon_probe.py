@@ -297,6 +297,18 @@ def _descriptors(q, k, v, HALF_M: int = 64, BLOCK_N: int = 128):
             TensorDescriptor.from_tensor(v.reshape(-1, D), [BLOCK_N, D], kv_layout))
 
 
+def check_tma(name: str, t: torch.Tensor) -> None:
+    """A clear error where a TMA descriptor cannot take ``t``: not contiguous, or its data not
+    16-byte aligned (a view at an odd storage offset; Triton's own check is a bare assert)."""
+    if not t.is_contiguous():
+        raise ValueError(f"Expected {name} contiguous (B, H, L, D), got strides {t.stride()}; pass "
+                         f"{name}.contiguous().")
+    if t.data_ptr() % 16:
+        raise ValueError(f"Expected {name}'s data 16-byte aligned (a TMA descriptor's base), got an address "
+                         f"{t.data_ptr() % 16} bytes past it (storage offset {t.storage_offset()}); pass "
+                         f"{name}.clone().")
+
+
 def run_kernel(kernel, grid, args, kwargs, device, seed: int = 0) -> None:
     """Launch a Gluon kernel: on the GPU as usual, on CPU tensors through
     ``kernels.gluon_emulator`` (``seed`` picks the emulated schedule of its partitions)."""
@@ -505,8 +517,8 @@ def gluon_flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, e
                          f"{q.dtype}, q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if H != Hkv and (not enable_gqa or H % Hkv):
         raise ValueError(f"Expected enable_gqa=True and Hq % Hkv == 0 for Hq={H}, Hkv={Hkv}.")
-    if not all(t.is_contiguous() for t in (q, k, v)):
-        raise ValueError("gluon_flex_attention takes contiguous (B, H, L, D) tensors; call .contiguous() first.")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tma(name, t)
     if kv_block not in (64, 128):
         raise ValueError(f"Expected kv_block 64 or 128, got {kv_block!r}.")
     if block_mask is not None and tuple(block_mask.BLOCK_SIZE) != (128, 128):

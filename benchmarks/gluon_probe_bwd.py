@@ -65,8 +65,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.gluon_probe import (LOG2E, _max_err, _mma_layout, _worst, compile_for_sm90,  # noqa: E402
-                                    refined_lists, run_kernel, start)
+from benchmarks.gluon_probe import (LOG2E, _max_err, _mma_layout, _worst, check_tma,  # noqa: E402
+                                    compile_for_sm90, refined_lists, run_kernel, start)
 
 BLOCK_M = 64  # query rows per step
 BLOCK_N = 128  # key rows per CTA, 64 per consumer warpgroup
@@ -431,8 +431,9 @@ def gluon_flex_backward(q, k, v, out, lse, dout, score_mod=None, block_mask=None
     if H != Hkv and not (enable_gqa and H % Hkv == 0):
         raise ValueError(f"Expected Hq == Hkv, or enable_gqa=True with Hq % Hkv == 0, got Hq={H}, Hkv={Hkv}.")
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout)):
-        if not t.is_contiguous() or t.shape[-1] != D:
-            raise ValueError(f"Expected {name} contiguous with head dim {D}, got strides {t.stride()}.")
+        if t.shape[-1] != D:
+            raise ValueError(f"Expected {name} of head dim {D}, got shape {tuple(t.shape)}.")
+        check_tma(name, t)
     if dq not in DQ_MODES or (dq == "shared" and D != 128):
         raise ValueError(f"Expected dq in {list(DQ_MODES)} (\"shared\" at head dim 128 only), got dq={dq!r}, D={D}.")
     scale = 1.0 / math.sqrt(D) if scale is None else scale

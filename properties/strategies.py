@@ -176,7 +176,8 @@ def shapes(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads: in
            max_heads: Optional[int] = None, min_group: int = 1, max_group: int = 8,
            max_batch_heads: Optional[int] = None, min_len: int = 1, max_len: Optional[int] = None,
            min_head_dim: int = 1, max_head_dim: Optional[int] = None, long_kv_len: Optional[int] = None,
-           boundaries: Sequence[int] = BLOCK_CHOICES, device="cpu") -> st.SearchStrategy[Shape]:
+           boundaries: Sequence[int] = BLOCK_CHOICES, head_dims: Optional[Sequence[int]] = None,
+           equal_head_dims: bool = False, device="cpu") -> st.SearchStrategy[Shape]:
     """Shapes with ``min_batch <= B <= max_batch``, ``min_heads <= Hq <= max_heads``,
     GQA group ``G = Hq // Hkv`` in ``[min_group, max_group]`` (1, or 2, 3, 4, 5, 6, 8),
     ``B * Hq <= max_batch_heads``, ``min_len <= L, S <= max_len``,
@@ -188,6 +189,9 @@ def shapes(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads: in
     ``max_len``, up to it, leaning to 128 blocks of a boundary size, where block lists
     reach 128 entries. Unset, it comes from ``bounds_for(device)`` (CUDA: 8448; the
     CPU has none) when ``max_len`` is unset too, else there is none.
+
+    ``head_dims``: E and Ev drawn from these only (within the head-dim bounds), E = Ev in
+    one case in two (always with ``equal_head_dims``), for a target that covers a few head dims.
     """
     d = bounds_for(device)
     max_batch = d["max_batch"] if max_batch is None else max_batch
@@ -211,6 +215,10 @@ def shapes(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads: in
             f"max_group={max_group}, min_batch={min_batch}, max_batch_heads={max_batch_heads}."
         )
     boundaries = tuple(boundaries)
+    if head_dims is not None:
+        head_dims = tuple(h for h in head_dims if min_head_dim <= h <= max_head_dim)
+        if not head_dims:
+            raise InvalidArgument(f"Expected head_dims within [{min_head_dim}, {max_head_dim}], got none.")
 
     def _draw_heads(draw):
         many = (max_batch > min_batch and max(2, min_batch) * min_heads <= max_batch_heads
@@ -268,8 +276,12 @@ def shapes(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads: in
         # later draws moved the stream.
         if long_kv_len and draw(st.booleans()) and draw(st.booleans()) and draw(st.booleans()):
             S = _many_blocks_length(draw, max_len + 1, long_kv_len, boundaries)
-        E = _head_dim(draw, min_head_dim, max_head_dim)
-        Ev = _head_dim(draw, min_head_dim, max_head_dim) if draw(st.booleans()) else E
+        if head_dims is not None:
+            E = draw(st.sampled_from(head_dims))
+            Ev = draw(st.sampled_from(head_dims)) if not equal_head_dims and draw(st.booleans()) else E
+        else:
+            E = _head_dim(draw, min_head_dim, max_head_dim)
+            Ev = _head_dim(draw, min_head_dim, max_head_dim) if not equal_head_dims and draw(st.booleans()) else E
         return Shape(B, Hq, Hkv, Bk, L, S, E, Ev)
 
     return draw_shape()
@@ -540,8 +552,10 @@ def _promises(mask_mod, case_dims: dict, block: Optional[BlockSize]) -> tuple:
 def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads: int = 1,
                max_heads: Optional[int] = None, min_group: int = 1, max_group: int = 8,
                max_batch_heads: Optional[int] = None, min_len: int = 1, max_len: Optional[int] = None,
-               min_head_dim: int = 1, max_head_dim: Optional[int] = None,
-               dtypes: Optional[Sequence[str]] = None, block_mask: Optional[bool] = None,
+               min_head_dim: int = 1, max_head_dim: Optional[int] = None, head_dims: Optional[Sequence[int]] = None,
+               equal_head_dims: bool = False, block_choices: Sequence[int] = BLOCK_CHOICES,
+               learnable: bool = True, dtypes: Optional[Sequence[str]] = None,
+               block_mask: Optional[bool] = None,
                score_mod: Optional[bool] = None, backward: Optional[bool] = None,
                kernel_options: Optional[bool] = None, layouts: Optional[Sequence[str]] = None,
                exclude_options: Sequence[str] = (), exclude_mods: Sequence[str] = (), max_mask_depth: int = 2,
@@ -552,6 +566,9 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
     or draw (None) whether the case has one; ``exclude_options`` names kernel options
     never drawn (say ``("PRESCALE_QK",)`` while a known bug there is open), and
     ``exclude_mods`` mask or score mod kinds never drawn (say ``("tanh_softcap",)``).
+    ``head_dims`` (as ``shapes()``'s), ``equal_head_dims`` (Ev = E always), ``block_choices``
+    (the block masks' tile sizes) and ``learnable=False`` (no learnable captured tables) keep
+    the draws within what a narrow target covers (``properties.targets.Target.draw_bounds``).
 
     Drawn in this order: dtype, whether a block mask and its tile size, the shape
     (lengths leaning to the tile boundaries), whether a score mod, the mask mod (in one
@@ -572,8 +589,10 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
     shape_kw = dict(min_batch=min_batch, max_batch=max_batch, min_heads=min_heads, max_heads=max_heads,
                     min_group=min_group, max_group=max_group, max_batch_heads=max_batch_heads,
                     min_len=min_len, max_len=max_len, min_head_dim=min_head_dim,
-                    max_head_dim=max_head_dim, device=device)
+                    max_head_dim=max_head_dim, head_dims=head_dims, equal_head_dims=equal_head_dims,
+                    device=device)
     shapes(**shape_kw)  # validates the bounds now
+    block_sizes(choices=block_choices)  # likewise
     long_len = bounds_for(device)["max_len"] if max_len is None else max_len
     exclude_mods = frozenset(exclude_mods)
     mask_exclude = exclude_mods & set(_MASK_LEAVES + _MASK_COMBINATORS)
@@ -597,7 +616,7 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
             has_mask = block_mask
         else:
             has_mask = draw(st.integers(0, 7)) > 2 if _long(long_len) else _often(draw)
-        block = draw(block_sizes()) if has_mask else None
+        block = draw(block_sizes(choices=block_choices)) if has_mask else None
         boundaries = sorted({_DENSE_BLOCK} | (set(block) if block else set()))
         shape = draw(shapes(boundaries=boundaries, **shape_kw))
         # Three in four: a score mod carries the learnable tables whose gradients three faults
@@ -656,7 +675,7 @@ def flex_cases(*, min_batch: int = 1, max_batch: Optional[int] = None, min_heads
                                     # without the lean, 1 of the first 25 GPU cases of seed 0 had
                                     # one (they survived there), and the CPU's hunts, which leaned
                                     # only from the ninth session, found them at case 22.
-                                    lean_learnable=True))
+                                    learnable=learnable, lean_learnable=learnable))
 
         mask_B, mask_H = shape.B, shape.Hq
         if mask is not None:

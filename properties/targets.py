@@ -9,6 +9,10 @@ case (None when it can). Built-ins:
 * ``kernels``: ours (``kernels.flex_attention``), on CPU under the Triton interpreter.
 * ``kernels-dq-atomic``: ours with ``kernels.backward.DQ_ATOMIC`` (no dQ kernel: the dK/dV
   kernel adds dQ with atomics), a variant not yet on by default.
+* ``gluon``: the Gluon probes (``benchmarks/gluon_flex.py``: a warp-specialized forward and
+  backward, not yet part of ``kernels``), on sm_90 GPUs, or on the CPU in
+  ``kernels.gluon_emulator``; bf16/fp16, head dim 64 or 128, 128 x 128 block masks. Needs a
+  clone of the repository (the probes live in ``benchmarks/``).
 * ``torch-compile``: ``torch.compile(flex_attention)``; needs CUDA here.
 * ``torch-eager``: PyTorch's eager ``flex_attention`` (mask_mod semantics;
   forward only on CPU, where PyTorch has no backward).
@@ -89,6 +93,9 @@ class Target:
     # A reason when an exception the target raised, in its forward or its backward, says
     # that it cannot run the case as asked (the case is then not applicable); None: an error.
     declines: Callable[[BaseException], Optional[str]] = field(default=lambda exc: None)
+    # Keyword arguments of properties.strategies.flex_cases that keep ``flex-oracle fuzz``'s
+    # draws within what the target covers (say head_dims=(64, 128)); empty: the full space.
+    draw_bounds: dict = field(default_factory=dict)
 
     def applicable(self, case: FlexCase, device=None) -> Optional[str]:
         """Why this target cannot run ``case`` on ``device`` (default: the best device), or None."""
@@ -155,6 +162,65 @@ def _kernels_check(case: FlexCase, device: torch.device) -> Optional[str]:
     if case.block_size is not None and (case.block_size[0] % 16 or case.block_size[1] % 16):
         return f"our kernels need block sizes that are multiples of 16, got {case.block_size}"
     return None
+
+
+# --------------------------------------------------------------------------
+# the Gluon probes
+
+
+class GluonDeclines(ValueError):
+    """The Gluon probes cannot run a materialized case (a learnable captured tensor, say)."""
+
+
+def _gluon_flex():
+    import os
+    import sys
+
+    import kernels
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(kernels.__file__)))
+    if not os.path.exists(os.path.join(root, "benchmarks", "gluon_flex.py")):
+        return None
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import gluon_flex
+
+    return gluon_flex
+
+
+def _gluon_check(case: FlexCase, device: torch.device) -> Optional[str]:
+    reason = _kernels_check(case, device)  # Triton's mode: the delta kernel is plain Triton
+    if reason is not None:
+        return reason
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] != 9:
+        return "the Gluon probes are written for sm_90 (H100/H200)"
+    if _gluon_flex() is None:
+        return "the Gluon probes live in the repository's benchmarks/; run from a clone"
+    if case.dtype not in ("bfloat16", "float16"):
+        return f"the Gluon probes take bfloat16 or float16, got {case.dtype}"
+    if case.E != case.Ev or case.E not in (64, 128):
+        return f"the Gluon probes take head dims 64 or 128 alike, got E={case.E}, Ev={case.Ev}"
+    if case.block_size is not None and tuple(case.block_size) != (128, 128):
+        return f"the Gluon probes walk 128 x 128 block lists, got block_size={tuple(case.block_size)}"
+    return None
+
+
+def _gluon_fn(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False, return_lse=False):
+    gluon_flex = _gluon_flex()
+    # A key batch broadcast over the queries' (Bk = 1), as the probes take it (gluon_flex copies
+    # layouts a TMA descriptor cannot take).
+    key, value = (t.expand(query.shape[0], *t.shape[1:]) for t in (key, value))
+    q, k, v = query, key, value
+    reason = gluon_flex.unsupported(q, k, v, score_mod, block_mask, enable_gqa)
+    if reason is not None:
+        raise GluonDeclines(reason)
+    out, lse = gluon_flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                         enable_gqa=enable_gqa)
+    return (out, lse) if return_lse else out
+
+
+def _gluon_declines(exc: BaseException) -> Optional[str]:
+    return str(exc) if isinstance(exc, GluonDeclines) else None
 
 
 # --------------------------------------------------------------------------
@@ -315,6 +381,12 @@ TARGETS: dict = {
                                 returns_max=True, declines=_kernels_declines,
                                 description="our Triton kernels with backward.DQ_ATOMIC (dQ added by the "
                                             "dK/dV kernel with atomics)"),
+    "gluon": Target("gluon", _gluon_fn, _gluon_check, returns_lse=True, takes_kernel_options=False,
+                    declines=_gluon_declines,
+                    draw_bounds=dict(dtypes=("bfloat16", "float16"), head_dims=(64, 128), equal_head_dims=True,
+                                     max_head_dim=128, block_choices=(128, ), learnable=False),
+                    description="the Gluon probes (benchmarks/gluon_flex.py), on CPU tensors in "
+                                "kernels.gluon_emulator"),
     "torch-compile": Target("torch-compile", _torch_compile_fn, _torch_compile_check,
                             description="torch.compile(torch.nn.attention.flex_attention.flex_attention)"),
     "torch-eager": Target("torch-eager", _torch_eager_fn, _torch_eager_check,
@@ -326,7 +398,7 @@ TARGETS: dict = {
 
 
 def resolve_target(spec) -> Target:
-    """A ``Target`` from a built-in name (``kernels``, ``kernels-dq-atomic``, ``torch-compile``,
+    """A ``Target`` from a built-in name (``kernels``, ``kernels-dq-atomic``, ``gluon``, ``torch-compile``,
     ``torch-eager``, ``sdpa``), from ``"module:attribute"`` (a ``Target`` or a function with FlexAttention's
     signature), or a ``Target`` itself."""
     if isinstance(spec, Target):

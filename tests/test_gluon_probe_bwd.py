@@ -222,7 +222,7 @@ def test_gluon_impl_and_wrapper_name_what_they_do_not_cover(monkeypatch):
     assert why() is None and why(q=(1, 8, 256, 128), enable_gqa=True) is None
     assert "bf16 or fp16" in why(torch.float32)
     assert "head dim 64 or 128" in why(q=(1, 4, 256, 96), k=(1, 4, 256, 96))
-    assert "no decode kernel" in why(q=(1, 4, 1, 128))
+    assert why(q=(1, 4, 1, 128)) is None  # one query row: a tail tile (bench.py leaves decode out itself)
     assert "without enable_gqa" in why(q=(1, 8, 256, 128))
     table = torch.zeros(4, 256, 256, requires_grad=True)
     assert "learnable" in why(score_mod=mods.bias(table, "hqk"))

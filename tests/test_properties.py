@@ -1021,3 +1021,36 @@ def test_kernels_dq_atomic_target_runs_the_variant_and_restores_the_default(monk
     assert launched == [] and backward.DQ_ATOMIC is False
     matches_oracle("kernels", c, "cpu")
     assert launched  # the default target does launch the dQ kernel
+
+
+def test_gluon_target_matches_the_oracle_in_the_emulator():
+    """``gluon``: the Gluon probes (benchmarks/gluon_flex.py) on CPU tensors, their kernels in
+    kernels/gluon_emulator.py: a broadcast key batch, GQA, tails past a block, a mask with its
+    block mask, the softcap, an LSE gradient, at a storage offset no TMA descriptor takes (the
+    target copies it); cases outside the probes' reach are not applicable, each with its reason."""
+    target = resolve_target("gluon")
+    assert target.returns_lse and not target.takes_kernel_options
+    c = case(B=2, Bk=1, Hq=4, Hkv=2, L=130, S=140, E=64, Ev=64, dtype="bfloat16", layout="offset",
+             mask=mods.sliding_window(40).spec(), block_size=(128, 128), score=mods.tanh_softcap(20.0).spec())
+    assert target.applicable(c, "cpu") is None
+    matches_oracle(target, c, "cpu")
+    for changes, reason in ((dict(dtype="float32"), "bfloat16 or float16"),
+                            (dict(E=64, Ev=128), "head dims 64 or 128 alike"),
+                            (dict(E=32, Ev=32), "head dims 64 or 128 alike"),
+                            (dict(block_size=(64, 64)), "128 x 128 block lists")):
+        assert reason in target.applicable(c.replace(**changes), "cpu")
+    table = mods.bias.from_seed([4, 130, 140], 0, "hqk", std=1.0, requires_grad=True)
+    with pytest.raises(NotApplicable, match="no gradient for a learnable captured tensor"):
+        matches_oracle(target, c.replace(score=table.spec()), "cpu")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(flex_cases(device="cpu", **resolve_target("gluon").draw_bounds))
+def test_a_targets_draw_bounds_draw_cases_it_can_run(c):
+    """``Target.draw_bounds`` (flex_cases' head_dims, equal_head_dims, block_choices, learnable):
+    ``flex-oracle fuzz --target gluon`` draws only cases the probes can run, where unbounded draws
+    left six in ten not applicable (a 2,400-case run, seed 2001)."""
+    assert resolve_target("gluon").applicable(c, "cpu") is None, c
+    assert c.E == c.Ev and c.E in (64, 128) and c.dtype in ("bfloat16", "float16")
+    assert c.block_size in (None, (128, 128), [128, 128])
+    assert c.score is None or "requires_grad\": true" not in json.dumps(c.score)
