@@ -815,6 +815,17 @@ def time_impls(time_fn, impls, flops: float, rows: list, **meta) -> None:
               f"{flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
 
 
+def probe_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The options both probes take: --compile-only, --lengths, --no-check, --json."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--compile-only", action="store_true", help="compile every variant for sm_90 and report (no GPU)")
+    p.add_argument("--lengths", default="16384,4096,1024", help="timed sequence lengths")
+    p.add_argument("--no-check", action="store_true",
+                   help="time only (the probe-marked GPU tests check the same kernels, in parallel)")
+    p.add_argument("--json", default=None, help=f"results file (default $OUT/{name}.json if OUT is set)")
+    return p
+
+
 def start(args, name: str, report):
     """A probe's main up to its checks: with ``--compile-only`` the sm_90 report (``report()``'s
     rows, one JSON line each) and exit status 0; off an sm_90 GPU status 2; else the result's
@@ -830,13 +841,8 @@ def start(args, name: str, report):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--compile-only", action="store_true", help="compile every variant for sm_90 and report (no GPU)")
-    p.add_argument("--lengths", default="16384,4096,1024", help="timed sequence lengths")
+    p = probe_parser(__doc__, "gluon_probe")
     p.add_argument("--no-document", action="store_true", help="time the dense variants only (no document, softcap)")
-    p.add_argument("--no-check", action="store_true",
-                   help="time only (the probe-marked GPU tests check the same kernels, in parallel)")
-    p.add_argument("--json", default=None, help="results file (default $OUT/gluon_probe.json if OUT is set)")
     args = p.parse_args(argv)
     result = start(args, "gluon_probe", compile_report)
     if isinstance(result, int):

@@ -46,7 +46,6 @@ checks its gradients against the float64 oracle's (``.ci/gpu-nightly`` with ``ST
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -66,7 +65,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.gluon_probe import (LOG2E, _max_err, _mma_layout, _worst, check_tma,  # noqa: E402
-                                    compile_for_sm90, refined_lists, run_kernel, start)
+                                    compile_for_sm90, probe_parser, refined_lists, run_kernel, start)
 
 BLOCK_M = 64  # query rows per step
 BLOCK_N = 128  # key rows per CTA, 64 per consumer warpgroup
@@ -605,13 +604,8 @@ def time_rows(lengths=(16384, 4096, 1024)) -> list:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--compile-only", action="store_true", help="compile every variant for sm_90 and report (no GPU)")
-    p.add_argument("--lengths", default="16384,4096,1024", help="timed sequence lengths")
+    p = probe_parser(__doc__, "gluon_probe_bwd")
     p.add_argument("--no-time", action="store_true", help="checks only")
-    p.add_argument("--no-check", action="store_true",
-                   help="time only (the probe-marked GPU tests check the same kernels, in parallel)")
-    p.add_argument("--json", default=None, help="results file (default $OUT/gluon_probe_bwd.json if OUT is set)")
     args = p.parse_args(argv)
     result = start(args, "gluon_probe_bwd", compile_report)
     if isinstance(result, int):

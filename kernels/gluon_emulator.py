@@ -301,6 +301,7 @@ class _Root:
         self.reader = torch.zeros(shape, dtype=torch.int64)
         self.incoming = torch.zeros(shape, dtype=torch.int32)  # TMA copies in flight into it
         self.stores: dict = {}  # partition number -> site of its last store
+        self.pending: dict = {}  # id -> asynchronous MMA in flight that reads it
         self.copies: dict = {}  # id of an in-flight copy -> its site
 
 
@@ -364,7 +365,7 @@ class _Shared:
         """A write to memory that an asynchronous MMA still in flight reads: on the GPU the MMA may
         read the old values or the new ones."""
         if bool(self.r.any()):
-            token = _PENDING[int(self.w.max())]
+            token = self.root.pending[int(self.w.max())]
             raise EmulationError(f"{what} writes shared memory (allocated at {self.root.site}) that the asynchronous "
                                  f"warpgroup_mma at {token.site} reads and that has not been waited for")
 
@@ -423,23 +424,24 @@ def _allocate_shared_memory(dtype, shape, layout=None, value=None):
 # asynchronous MMAs
 
 
-_PENDING: dict = {}  # id -> asynchronous MMA in flight (for the messages of _check_unread)
-_IDS = itertools.count(1)
+_IDS = itertools.count(1)  # asynchronous MMAs and TMA copies
 
 
 class _Pending:
     """An asynchronous warpgroup MMA's accumulator token: a value only after warpgroup_mma_wait.
     While in flight its shared-memory operands count it as a reader."""
 
-    def __init__(self, a, b, acc, use_acc, site):
+    def __init__(self, a, b, acc, acc_shape, use_acc, site):
         self.a, self.b, self.acc, self.use_acc, self.site = a, b, acc, use_acc, site
+        self.acc_shape = acc_shape
         self.value = None
+        self.id = None  # set while in flight
         self.reads = [op for op in (a, b) if isinstance(op, _Shared)]
 
     def start(self):
         self.id = next(_IDS)
-        _PENDING[self.id] = self
         for op in self.reads:
+            op.root.pending[self.id] = self
             op.r.add_(1)
             op.w.fill_(self.id)
 
@@ -448,7 +450,7 @@ class _Pending:
             if self.id is not None:
                 for op in self.reads:
                     op.r.sub_(1)
-                _PENDING.pop(self.id, None)
+                    op.root.pending.pop(self.id, None)
             a = self.a.t if isinstance(self.a, _Shared) else self.a
             out = a.float() @ self.b.t.float()
             if self.use_acc:
@@ -498,9 +500,7 @@ def _warpgroup_mma(a, b, acc, *, use_acc=True, precision=None, max_num_imprecise
         _check_fenced(op, site)
         if isinstance(op, _Shared):
             op._check_landed(f"warpgroup_mma at {site}")
-    tok = _Pending(a, b, acc, bool(use_acc), site)
-    tok.acc_shape = acc_shape
-    tok.id = None
+    tok = _Pending(a, b, acc, acc_shape, bool(use_acc), site)
     if not is_async:
         return tok.resolve()
     tok.start()

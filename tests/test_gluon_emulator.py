@@ -10,6 +10,7 @@ tests/test_gluon_probe_bwd.py.
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,30 @@ def test_launch_refuses_gpu_tensors_and_wrong_argument_counts():
     if torch.cuda.is_available():
         with pytest.raises(emu.EmulationError, match="emulator runs on CPU tensors"):
             emu.launch(_ring_kernel, (1, ), (desc, x.cuda(), 1, OK, 2))
+
+
+_RELEASE = threading.Event()
+
+
+@gluon.jit
+def _store_kernel(out_ptr):
+    gl.store(out_ptr, 1.0)
+
+
+def test_a_program_that_stops_handing_over_is_reported_not_hung(monkeypatch):
+    """The safety net for a partition stuck outside the schedule (an emulator bug, or a kernel
+    spinning without touching memory; here a store made to block): launch gives up after
+    STALL_SECONDS with the partitions' states, instead of hanging the test run."""
+    def stuck(*args, **kwargs):
+        _RELEASE.wait(30)
+    monkeypatch.setattr(emu, "STALL_SECONDS", 0.3)
+    monkeypatch.setattr(emu.GL, "store", stuck)
+    _RELEASE.clear()
+    timer = threading.Timer(1.0, _RELEASE.set)  # frees the stuck thread once the error is out
+    timer.start()
+    try:
+        with pytest.raises(emu.EmulationError, match="no progress in 0.3 s"):
+            emu.launch(_store_kernel, (1, ), (torch.zeros(1), ))
+    finally:
+        _RELEASE.set()
+        timer.cancel()

@@ -98,6 +98,30 @@ def test_emulated_gluon_flex_forward_under_other_schedules():
     assert r["gluon_lse"] <= 2 * r["ours_lse"] + 1e-6, r
 
 
+def test_probes_name_an_input_a_tma_descriptor_cannot_take():
+    """Triton's own check of a descriptor's base is a bare assert: the probes say which argument,
+    why and the fix, for a strided view and for one at a storage offset that is not 16-byte
+    aligned (``gluon_flex`` copies both instead)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gluon_flex, gluon_probe, gluon_probe_bwd
+
+    q = torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16)
+    shifted = torch.zeros(q.numel() + 1, dtype=torch.bfloat16)[1:].view(q.shape)
+    with pytest.raises(ValueError, match=r"Expected k's data 16-byte aligned .* 2 bytes past it \(storage offset 1\)"
+                                         r"; pass k.clone\(\)"):
+        gluon_probe.gluon_flex_attention(q, shifted, q)
+    with pytest.raises(ValueError, match=r"Expected v contiguous .*; pass v.contiguous\(\)"):
+        gluon_probe.gluon_flex_attention(q, q, q.transpose(2, 3).contiguous().transpose(2, 3))
+    lse = torch.zeros(1, 2, 256)
+    with pytest.raises(ValueError, match=r"Expected dout's data 16-byte aligned"):
+        gluon_probe_bwd.gluon_flex_backward(q, q, q, q, lse, shifted)
+    assert gluon_flex.tma_ready(q) is q
+    copy = gluon_flex.tma_ready(shifted)
+    assert copy.data_ptr() % 16 == 0 and torch.equal(copy, shifted)
+
+
 def test_emulated_dense_gluon_forward_matches_float32():
     """The dense kernel (both consumer loops, 2 and 3 stages) on the CPU against the float32
     reference, within twice our Triton forward's error (S=256, B=1, H=2)."""
