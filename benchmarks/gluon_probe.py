@@ -120,12 +120,24 @@ def _block_of(j, lists):
 
 
 @gluon.jit
+def _step_block(j, lists, LISTED: gl.constexpr):
+    """The KV block of step j: the row's j-th listed block, or with LISTED false block j itself.
+    The consumers ask for it before their barrier waits, so that the load of a listed index runs
+    while they wait, not between the QK^T product and the softmax that needs it."""
+    if LISTED:
+        b = _block_of(j, lists)
+    else:
+        b = j
+    return b
+
+
+@gluon.jit
 def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constexpr, OVERLAP: gl.constexpr,
-             STEP: gl.constexpr):
-    """A consumer warpgroup: its 64 query rows against every listed block. ``STEP(qk, j, lists, m,
-    cols, m_i, l_i, scales, BLOCK_N)`` turns block j's products into the softmax update. With
-    OVERLAP, FlashAttention-3's intra-warpgroup overlap: QK^T of block j and P V of block j-1 in
-    flight on the tensor cores while this warpgroup runs block j's softmax."""
+             STEP: gl.constexpr, LISTED: gl.constexpr):
+    """A consumer warpgroup: its 64 query rows against every listed block. ``STEP(qk, j, b, lists, m,
+    cols, m_i, l_i, scales, BLOCK_N)`` turns step j's products (KV block b) into the softmax update.
+    With OVERLAP, FlashAttention-3's intra-warpgroup overlap: QK^T of block j and P V of block j-1
+    in flight on the tensor cores while this warpgroup runs block j's softmax."""
     q_smem, k_bufs, v_bufs = bufs
     q_ready, k_ready, v_ready, kv_empty = bars
     out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3, L, S = lists
@@ -151,20 +163,22 @@ def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constex
     if OVERLAP:
         pb = gl.zeros([HALF_M, BLOCK_N], q_smem.dtype, p_layout)
         if n_blocks > 0:
+            b = _step_block(0, lists, LISTED)
             mbarrier.wait(k_ready.index(0), 0)
             qk = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-            p, m_i, l_i, alpha = STEP(qk, 0, lists, m, cols, m_i, l_i, scales, BLOCK_N)
+            p, m_i, l_i, alpha = STEP(qk, 0, b, lists, m, cols, m_i, l_i, scales, BLOCK_N)
             pb = gl.convert_layout(p.to(q_smem.dtype), p_layout)
         for j in range(1, n_blocks):
             s = j % NUM_BUF
             sp = (j - 1) % NUM_BUF
+            b = _step_block(j, lists, LISTED)
             mbarrier.wait(k_ready.index(s), (j // NUM_BUF) & 1)
             qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(sp), ((j - 1) // NUM_BUF) & 1)
             acc = warpgroup_mma(pb, v_bufs.index(sp), acc, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
-            p, m_i, l_i, alpha = STEP(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N)
+            p, m_i, l_i, alpha = STEP(qk, j, b, lists, m, cols, m_i, l_i, scales, BLOCK_N)
             acc, pb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pb))
             mbarrier.arrive(kv_empty.index(sp), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
@@ -179,10 +193,11 @@ def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constex
         for j in range(n_blocks):
             s = j % NUM_BUF
             ph = (j // NUM_BUF) & 1
+            b = _step_block(j, lists, LISTED)
             mbarrier.wait(k_ready.index(s), ph)
             qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-            p, m_i, l_i, alpha = STEP(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N)
+            p, m_i, l_i, alpha = STEP(qk, j, b, lists, m, cols, m_i, l_i, scales, BLOCK_N)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
             pb = gl.convert_layout(p.to(q_smem.dtype), p_layout)
             mbarrier.wait(v_ready.index(s), ph)
@@ -234,7 +249,7 @@ def _load(descs, bufs, bars, lists, row0, kv_row0, LISTED: gl.constexpr):
 
 
 @gluon.jit
-def _dense_step(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
+def _dense_step(qk, j, b, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
     qk_scale, sm_scale = scales
     return _online_softmax(qk * qk_scale, m_i, l_i, False)
 
@@ -243,22 +258,22 @@ def _dense_step(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
 # partition is a function of its own that passes them on.
 @gluon.jit
 def _dense0(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
-    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0, False, _dense_step)
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0, False, _dense_step, False)
 
 
 @gluon.jit
 def _dense1(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
-    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1, False, _dense_step)
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1, False, _dense_step, False)
 
 
 @gluon.jit
 def _dense0_overlap(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
-    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0, True, _dense_step)
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0, True, _dense_step, False)
 
 
 @gluon.jit
 def _dense1_overlap(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
-    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1, True, _dense_step)
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1, True, _dense_step, False)
 
 
 @gluon.jit
@@ -365,10 +380,10 @@ from benchmarks.gluon_probe import _allocate, _block_of, _consume, _load, _onlin
 
 
 @gluon.jit
-def _step(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
+def _step(qk, j, b, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
     out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3, L, S = lists
     qk_scale, sm_scale = scales
-    n = gl.expand_dims(_block_of(j, lists) * BLOCK_N + cols, 0)
+    n = gl.expand_dims(b * BLOCK_N + cols, 0)
 @@INDEX@@
 @@SCORE@@
 @@MASK@@
@@ -378,12 +393,12 @@ def _step(qk, j, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
 
 @gluon.jit
 def _consumer0(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
-    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0, True, _step)
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0, True, _step, True)
 
 
 @gluon.jit
 def _consumer1(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
-    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1, True, _step)
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1, True, _step, True)
 
 
 @gluon.jit

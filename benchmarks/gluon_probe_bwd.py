@@ -574,7 +574,11 @@ def time_rows(lengths=(16384, 4096, 1024)) -> list:
 
     from benchmarks import bench
     from benchmarks.gluon_probe import causal_case, document_case, time_impls
+    from benchmarks.sweep import _no_donated_buffers
 
+    # torch.compile's backward is timed with retain_graph=True, which its donated buffers forbid
+    # (torch 2.11 raised this at S=4k, B=4 after the 16k rows had run).
+    _no_donated_buffers()
     time_fn = bench.timer("cuda", 25, 100, 1, pace="gpu")
     compiled = torch.compile(flex_attention)
     rows = []
