@@ -520,7 +520,7 @@ def _sdpa(backend_name: str):
     return prepare
 
 
-def _gluon(refine: bool):
+def _gluon(refine: bool, persistent: bool = False):
     # The Gluon probes (benchmarks/gluon_flex.py): measured beside ours, not part of kernels/.
     def prepare(case: Case, score_mod, block_mask):
         if case.decode:
@@ -535,7 +535,7 @@ def _gluon(refine: bool):
 
         def fn(q, k, v):
             return gluon_flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa,
-                                             refine=refine)
+                                             refine=refine, persistent=persistent)
         return fn
     return prepare
 
@@ -544,6 +544,8 @@ IMPLS = {
     "ours": Impl("ours", _ours, True, "kernels.flex_attention (Triton)"),
     "gluon": Impl("gluon", _gluon(True), True, "benchmarks/gluon_flex.py: the Gluon forward and backward probes, "
                   "lists refined to 64 on an axis where that saves 5% (sm_90, or the CPU emulated; only with --impls)"),
+    "gluon-persistent": Impl("gluon-persistent", _gluon(True, True), True,
+                             "the Gluon probes with the persistent forward (only with --impls)"),
     "gluon-unrefined": Impl("gluon-unrefined", _gluon(False), True,
                             "the Gluon probes on the block mask's 128 x 128 lists (only with --impls)"),
     "ours-refined": Impl("ours-refined", _ours_refined, True,

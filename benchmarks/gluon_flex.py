@@ -106,13 +106,14 @@ def refine_choice(block_mask, B: int, H: int, L: int, S: int, device) -> tuple:
 
 class _GluonFlex(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, score_mod, block_mask, scale, enable_gqa, refine):
+    def forward(ctx, q, k, v, score_mod, block_mask, scale, enable_gqa, refine, persistent):
         from benchmarks.gluon_probe import gluon_flex_attention
 
         B, H, L = q.shape[:3]
         kv_block, q_block = refine_choice(block_mask, B, H, L, k.shape[2], q.device) if refine else (128, 128)
         out, lse = gluon_flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                                        enable_gqa=enable_gqa, kv_block=kv_block, NUM_BUF=3 if kv_block == 128 else 4)
+                                        enable_gqa=enable_gqa, kv_block=kv_block, NUM_BUF=3 if kv_block == 128 else 4,
+                                        persistent=persistent)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mods = (score_mod, block_mask, scale, enable_gqa, q_block)
         return out, lse
@@ -126,16 +127,17 @@ class _GluonFlex(torch.autograd.Function):
         dq, dk, dv = gluon_flex_backward(q, k, v, out, lse, tma_ready(dout), score_mod=score_mod,
                                          block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, dlse=dlse,
                                          q_block=q_block)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
-                   refine: bool = True):
+                   refine: bool = True, persistent: bool = False):
     """``(out, lse)`` of FlexAttention with the Gluon probes, differentiable in query, key and value
     (and through ``lse``); ValueError naming the reason for a call they do not cover. ``refine``:
-    the lists refined where ``refine_choice`` says so (else 128 x 128 throughout)."""
+    the lists refined where ``refine_choice`` says so (else 128 x 128 throughout). ``persistent``:
+    the persistent forward (one CTA per SM walking the tiles)."""
     reason = unsupported(query, key, value, score_mod, block_mask, enable_gqa)
     if reason is not None:
         raise ValueError(f"benchmarks.gluon_flex cannot run this call: {reason}.")
     query, key, value = (tma_ready(t) for t in (query, key, value))
-    return _GluonFlex.apply(query, key, value, score_mod, block_mask, scale, enable_gqa, refine)
+    return _GluonFlex.apply(query, key, value, score_mod, block_mask, scale, enable_gqa, refine, persistent)

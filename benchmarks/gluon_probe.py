@@ -71,9 +71,10 @@ def _mma_layout(n):
 
 
 @gluon.jit
-def _allocate(q_desc, k_desc, v_desc, NUM_BUF: gl.constexpr):
+def _allocate(q_desc, k_desc, v_desc, NUM_BUF: gl.constexpr, PERSISTENT: gl.constexpr):
     """Shared memory and barriers of one CTA: the two Q halves, a ring of NUM_BUF K and V tiles
-    (K and V ready on barriers of their own; a stage is empty when both consumers arrived)."""
+    (K and V ready on barriers of their own; a stage is empty when both consumers arrived), and
+    for the persistent kernel a Q half's empty barrier (its consumer is done with the tile's Q)."""
     HALF_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_D: gl.constexpr = k_desc.block_type.shape[1]
@@ -86,11 +87,17 @@ def _allocate(q_desc, k_desc, v_desc, NUM_BUF: gl.constexpr):
     kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_ready.index(i), count=1)
+    if PERSISTENT:
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_empty.index(i), count=1)
+    else:
+        q_empty = q_ready  # a stand-in: only the persistent kernel waits on or arrives at q_empty
     for i in gl.static_range(NUM_BUF):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=2)
-    return (q_smem, k_bufs, v_bufs), (q_ready, k_ready, v_ready, kv_empty)
+    return (q_smem, k_bufs, v_bufs), (q_ready, k_ready, v_ready, kv_empty, q_empty)
 
 
 @gluon.jit
@@ -120,6 +127,25 @@ def _block_of(j, lists):
 
 
 @gluon.jit
+def _tile(t, tab, BLOCK_M: gl.constexpr):
+    """Tile t of the persistent forward, as (lists, row0, kv_row0, q0) for ``_consume`` and
+    ``_load``. Tiles run the last query block of every (batch, head) first, then the one before:
+    under a causal mask the longest rows start first, and the short ones fill in at the end."""
+    out_ptr, lse_ptr, B0, B1, B2, B3, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, L, S, H, G, MB, MH, NQ, NKV, BH = tab
+    n_q = (L + BLOCK_M - 1) // BLOCK_M
+    bh = t % BH
+    pid_m = n_q - 1 - t // BH
+    off_z = bh // H
+    off_h = bh % H
+    q0 = pid_m * BLOCK_M
+    row = ((off_z % MB) * MH + off_h % MH) * NQ + pid_m
+    n_partial = gl.load(KV_NUM + row)
+    lists = (out_ptr, lse_ptr, KV_IDX + row.to(gl.int64) * NKV, FULL_IDX + row.to(gl.int64) * NKV, n_partial,
+             n_partial + gl.load(FULL_NUM + row), off_z, off_h, B0, B1, B2, B3, L, S)
+    return lists, bh * L + q0, (off_z * (H // G) + off_h // G) * S, q0
+
+
+@gluon.jit
 def _step_block(j, lists, LISTED: gl.constexpr):
     """The KV block of step j: the row's j-th listed block, or with LISTED false block j itself.
     The consumers ask for it before their barrier waits, so that the load of a listed index runs
@@ -133,13 +159,16 @@ def _step_block(j, lists, LISTED: gl.constexpr):
 
 @gluon.jit
 def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constexpr, OVERLAP: gl.constexpr,
-             STEP: gl.constexpr, LISTED: gl.constexpr):
+             STEP: gl.constexpr, LISTED: gl.constexpr, it0, q_phase, RELEASE_Q: gl.constexpr):
     """A consumer warpgroup: its 64 query rows against every listed block. ``STEP(qk, j, b, lists, m,
     cols, m_i, l_i, scales, BLOCK_N)`` turns step j's products (KV block b) into the softmax update.
     With OVERLAP, FlashAttention-3's intra-warpgroup overlap: QK^T of block j and P V of block j-1
-    in flight on the tensor cores while this warpgroup runs block j's softmax."""
+    in flight on the tensor cores while this warpgroup runs block j's softmax. The tile's steps
+    take ring slots it0, it0 + 1, ... and its Q phase is q_phase (0 and 0 for one tile per CTA);
+    with RELEASE_Q the warpgroup arrives on its Q half's empty barrier once its last QK^T product
+    is waited for, before the tile's last P V and its stores."""
     q_smem, k_bufs, v_bufs = bufs
-    q_ready, k_ready, v_ready, kv_empty = bars
+    q_ready, k_ready, v_ready, kv_empty, q_empty = bars
     out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3, L, S = lists
     # Constexprs do not survive warp_specialize's argument tuple (Triton 3.6): read them from shapes.
     HALF_M: gl.constexpr = q_smem.shape[1]
@@ -155,7 +184,7 @@ def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constex
     q = q_smem.index(WG)
     m = gl.expand_dims(q0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout), 1)
     cols = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
-    mbarrier.wait(q_ready.index(WG), 0)
+    mbarrier.wait(q_ready.index(WG), q_phase)
     m_i = gl.full([HALF_M], float("-inf"), gl.float32, row_layout)
     l_i = gl.full([HALF_M], 0.0, gl.float32, row_layout)
     acc = gl.zeros([HALF_M, HEAD_D], gl.float32, o_layout)
@@ -164,18 +193,19 @@ def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constex
         pb = gl.zeros([HALF_M, BLOCK_N], q_smem.dtype, p_layout)
         if n_blocks > 0:
             b = _step_block(0, lists, LISTED)
-            mbarrier.wait(k_ready.index(0), 0)
-            qk = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            s0 = it0 % NUM_BUF
+            mbarrier.wait(k_ready.index(s0), (it0 // NUM_BUF) & 1)
+            qk = warpgroup_mma(q, k_bufs.index(s0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
             p, m_i, l_i, alpha = STEP(qk, 0, b, lists, m, cols, m_i, l_i, scales, BLOCK_N)
             pb = gl.convert_layout(p.to(q_smem.dtype), p_layout)
         for j in range(1, n_blocks):
-            s = j % NUM_BUF
-            sp = (j - 1) % NUM_BUF
+            s = (it0 + j) % NUM_BUF
+            sp = (it0 + j - 1) % NUM_BUF
             b = _step_block(j, lists, LISTED)
-            mbarrier.wait(k_ready.index(s), (j // NUM_BUF) & 1)
+            mbarrier.wait(k_ready.index(s), ((it0 + j) // NUM_BUF) & 1)
             qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            mbarrier.wait(v_ready.index(sp), ((j - 1) // NUM_BUF) & 1)
+            mbarrier.wait(v_ready.index(sp), ((it0 + j - 1) // NUM_BUF) & 1)
             acc = warpgroup_mma(pb, v_bufs.index(sp), acc, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
             p, m_i, l_i, alpha = STEP(qk, j, b, lists, m, cols, m_i, l_i, scales, BLOCK_N)
@@ -183,16 +213,18 @@ def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constex
             mbarrier.arrive(kv_empty.index(sp), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
             pb = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+        if RELEASE_Q:
+            mbarrier.arrive(q_empty.index(WG), count=1)
         if n_blocks > 0:
-            sl = (n_blocks - 1) % NUM_BUF
-            mbarrier.wait(v_ready.index(sl), ((n_blocks - 1) // NUM_BUF) & 1)
+            sl = (it0 + n_blocks - 1) % NUM_BUF
+            mbarrier.wait(v_ready.index(sl), ((it0 + n_blocks - 1) // NUM_BUF) & 1)
             acc = warpgroup_mma(pb, v_bufs.index(sl), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(kv_empty.index(sl), count=1)
     else:
         for j in range(n_blocks):
-            s = j % NUM_BUF
-            ph = (j // NUM_BUF) & 1
+            s = (it0 + j) % NUM_BUF
+            ph = ((it0 + j) // NUM_BUF) & 1
             b = _step_block(j, lists, LISTED)
             mbarrier.wait(k_ready.index(s), ph)
             qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
@@ -204,6 +236,8 @@ def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constex
             acc = warpgroup_mma(pb, v_bufs.index(s), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(kv_empty.index(s), count=1)
+        if RELEASE_Q:
+            mbarrier.arrive(q_empty.index(WG), count=1)
 
     # A row with nothing allowed: l = 0, m = -inf; out 0 and lse -inf (SPEC). Rows past L (a tail
     # tile) belong to the next head's rows or to nothing: not stored.
@@ -218,26 +252,30 @@ def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constex
 
 
 @gluon.jit
-def _load(descs, bufs, bars, lists, row0, kv_row0, LISTED: gl.constexpr):
-    """The loader warp: both Q halves once, then K and V of each step's block into the ring (the
-    block is step j itself, or with LISTED the row's j-th listed block)."""
+def _load(descs, bufs, bars, lists, row0, kv_row0, LISTED: gl.constexpr, it0, q_phase, WAIT_Q: gl.constexpr):
+    """The loader warp: both Q halves of the tile, then K and V of each step's block into the ring
+    from slot it0 on (the block is step j itself, or with LISTED the row's j-th listed block).
+    With WAIT_Q (the persistent kernel) a Q half is loaded once its consumer released the last
+    tile's; q_phase is the tile's parity."""
     q_desc, k_desc, v_desc = descs
     q_smem, k_bufs, v_bufs = bufs
-    q_ready, k_ready, v_ready, kv_empty = bars
+    q_ready, k_ready, v_ready, kv_empty, q_empty = bars
     out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3, L, S = lists
     HALF_M: gl.constexpr = q_smem.shape[1]
     NUM_BUF: gl.constexpr = k_bufs.shape[0]
     BLOCK_N: gl.constexpr = k_bufs.shape[1]
     for w in gl.static_range(2):
+        if WAIT_Q:
+            mbarrier.wait(q_empty.index(w), q_phase ^ 1)
         mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [row0 + w * HALF_M, 0], q_ready.index(w), q_smem.index(w))
     for j in range(n_blocks):
-        s = j % NUM_BUF
+        s = (it0 + j) % NUM_BUF
         if LISTED:
             kv = kv_row0 + _block_of(j, lists) * BLOCK_N
         else:
             kv = kv_row0 + j * BLOCK_N
-        mbarrier.wait(kv_empty.index(s), ((j // NUM_BUF) & 1) ^ 1)
+        mbarrier.wait(kv_empty.index(s), (((it0 + j) // NUM_BUF) & 1) ^ 1)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [kv, 0], k_ready.index(s), k_bufs.index(s))
         mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
@@ -258,27 +296,27 @@ def _dense_step(qk, j, b, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexp
 # partition is a function of its own that passes them on.
 @gluon.jit
 def _dense0(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
-    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0, False, _dense_step, False)
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0, False, _dense_step, False, 0, 0, False)
 
 
 @gluon.jit
 def _dense1(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
-    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1, False, _dense_step, False)
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1, False, _dense_step, False, 0, 0, False)
 
 
 @gluon.jit
 def _dense0_overlap(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
-    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0, True, _dense_step, False)
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0, True, _dense_step, False, 0, 0, False)
 
 
 @gluon.jit
 def _dense1_overlap(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
-    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1, True, _dense_step, False)
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1, True, _dense_step, False, 0, 0, False)
 
 
 @gluon.jit
 def _dense_loader(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
-    _load(descs, bufs, bars, lists, row0, kv_row0, False)
+    _load(descs, bufs, bars, lists, row0, kv_row0, False, 0, 0, False)
 
 
 @gluon.jit
@@ -289,7 +327,7 @@ def gluon_attn_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, L, S, qk_scale,
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
     q0 = pid_m * (2 * HALF_M)
-    bufs, bars = _allocate(q_desc, k_desc, v_desc, NUM_BUF)
+    bufs, bars = _allocate(q_desc, k_desc, v_desc, NUM_BUF, False)
     # The block-list slots the dense kernel does not use hold stand-ins (out_ptr, 0).
     lists = (out_ptr, lse_ptr, out_ptr, out_ptr, 0, S // BLOCK_N, 0, 0, out_ptr, out_ptr, out_ptr, out_ptr, L, S)
     args = ((q_desc, k_desc, v_desc), bufs, bars, lists, bh * L + q0, bh * S, q0, (qk_scale, qk_scale))
@@ -373,7 +411,7 @@ _FLEX_TEMPLATE = """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from benchmarks.gluon_probe import _allocate, _block_of, _consume, _load, _online_softmax
+from benchmarks.gluon_probe import _allocate, _block_of, _consume, _load, _online_softmax, _tile
 
 
 @@MODS@@
@@ -393,17 +431,17 @@ def _step(qk, j, b, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
 
 @gluon.jit
 def _consumer0(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
-    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0, True, _step, True)
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 0, True, _step, True, 0, 0, False)
 
 
 @gluon.jit
 def _consumer1(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
-    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1, True, _step, True)
+    _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, 1, True, _step, True, 0, 0, False)
 
 
 @gluon.jit
 def _loader(descs, bufs, bars, lists, row0, kv_row0, q0, scales):
-    _load(descs, bufs, bars, lists, row0, kv_row0, True)
+    _load(descs, bufs, bars, lists, row0, kv_row0, True, 0, 0, False)
 
 
 @gluon.jit
@@ -420,10 +458,61 @@ def flex_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, B0, B1, B2, B3,
     n_partial = gl.load(KV_NUM + row)
     lists = (out_ptr, lse_ptr, KV_IDX + row.to(gl.int64) * NKV, FULL_IDX + row.to(gl.int64) * NKV, n_partial,
              n_partial + gl.load(FULL_NUM + row), off_z, off_h, B0, B1, B2, B3, L, S)
-    bufs, bars = _allocate(q_desc, k_desc, v_desc, NUM_BUF)
+    bufs, bars = _allocate(q_desc, k_desc, v_desc, NUM_BUF, False)
     args = ((q_desc, k_desc, v_desc), bufs, bars, lists, bh * L + q0, (off_z * (H // G) + off_h // G) * S, q0,
             (qk_scale, sm_scale))
     gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader, args)], [4, 1], [CONSUMER_REGS, 24])
+
+
+# The persistent forward: one CTA per SM walks the tiles t = pid, pid + grid, ...; the loader
+# fetches the next tile's Q and K/V while the consumers finish the last one (its P V, its
+# stores), so that a short row's fixed costs overlap the work of another.
+@gluon.jit
+def _persistent_consume(descs, bufs, bars, tab, scales, WG: gl.constexpr):
+    q_smem = bufs[0]
+    BLOCK_M: gl.constexpr = 2 * q_smem.shape[1]
+    n_tiles = ((tab[10] + BLOCK_M - 1) // BLOCK_M) * tab[18]
+    it = 0
+    n_done = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        lists, row0, kv_row0, q0 = _tile(t, tab, BLOCK_M)
+        _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG, True, _step, True, it, n_done & 1, True)
+        it += lists[5]
+        n_done += 1
+
+
+@gluon.jit
+def _pconsumer0(descs, bufs, bars, tab, scales):
+    _persistent_consume(descs, bufs, bars, tab, scales, 0)
+
+
+@gluon.jit
+def _pconsumer1(descs, bufs, bars, tab, scales):
+    _persistent_consume(descs, bufs, bars, tab, scales, 1)
+
+
+@gluon.jit
+def _ploader(descs, bufs, bars, tab, scales):
+    q_smem = bufs[0]
+    BLOCK_M: gl.constexpr = 2 * q_smem.shape[1]
+    n_tiles = ((tab[10] + BLOCK_M - 1) // BLOCK_M) * tab[18]
+    it = 0
+    n_done = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        lists, row0, kv_row0, q0 = _tile(t, tab, BLOCK_M)
+        _load(descs, bufs, bars, lists, row0, kv_row0, True, it, n_done & 1, True)
+        it += lists[5]
+        n_done += 1
+
+
+@gluon.jit
+def flex_fwd_persistent(q_desc, k_desc, v_desc, out_ptr, lse_ptr, B0, B1, B2, B3,
+                        KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, L, S, H, G, MB, MH, NQ, NKV, qk_scale, sm_scale, BH,
+                        NUM_BUF: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    bufs, bars = _allocate(q_desc, k_desc, v_desc, NUM_BUF, True)
+    tab = (out_ptr, lse_ptr, B0, B1, B2, B3, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, L, S, H, G, MB, MH, NQ, NKV, BH)
+    args = ((q_desc, k_desc, v_desc), bufs, bars, tab, (qk_scale, sm_scale))
+    gl.warp_specialize([(_pconsumer0, args), (_pconsumer1, args), (_ploader, args)], [4, 1], [CONSUMER_REGS, 24])
 """
 
 # The mods see indices in range (as kernels/ clamps them): a tail tile's rows past L and
@@ -511,7 +600,8 @@ def refined_lists(block_mask, B: int, H: int, L: int, S: int, device, kv_block: 
 
 
 def gluon_flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, enable_gqa=False, NUM_BUF=3,
-                         kv_block=128, maxnreg=168, consumer_regs=240, launch=None, poison=False, seed=0):
+                         kv_block=128, maxnreg=168, consumer_regs=240, launch=None, poison=False, seed=0,
+                         persistent=False, programs=None):
     """FlexAttention's forward (out, lse) with the Gluon kernel, for ``kernels.mods`` mods: the
     block mask's 128 x 128 lists (partial blocks with its ``mask_mod``, then full blocks), the
     ``score_mod`` on every listed block, GQA, any L and S (tails masked). bf16 or fp16, head dim 64
@@ -522,7 +612,10 @@ def gluon_flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, e
     allows everything of made full) and K/V tiles of 64 keys, so that a document boundary costs
     the sub-blocks it touches (on bench.py's 4k document row, 1.46 listed elements per allowed
     one against 1.61 at 128 x 128). On CPU tensors the kernel runs in ``kernels.gluon_emulator``
-    under schedule ``seed``."""
+    under schedule ``seed``.
+
+    ``persistent``: ``flex_fwd_persistent``, ``programs`` CTAs (default the GPU's SM count, 2 on
+    the CPU) walking the (query block, batch and head) tiles, the last query blocks first."""
     from kernels import mods
 
     B, H, L, D = q.shape
@@ -547,10 +640,16 @@ def gluon_flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, e
     MB, MH, NQ, NKV = kv_idx.shape
     grid = (-(-L // 128), B * H)
     args = (*_descriptors(q, k, v, BLOCK_N=kv_block), out, lse, *bufs, kv_num, kv_idx, full_num, full_idx, L, S, H,
-            H // Hkv, MB, MH, NQ, NKV, scale * LOG2E, scale, NUM_BUF, consumer_regs)
+            H // Hkv, MB, MH, NQ, NKV, scale * LOG2E, scale)
+    kernel = module.flex_fwd
+    if persistent:
+        if programs is None:
+            programs = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
+        kernel, grid, args = module.flex_fwd_persistent, (max(1, min(int(programs), grid[0] * grid[1])), ), args + (B * H, )
+    args += (NUM_BUF, consumer_regs)
     if launch is not None:
-        return launch(module.flex_fwd, grid, args, dict(num_warps=4, maxnreg=maxnreg))
-    run_kernel(module.flex_fwd, grid, args, dict(num_warps=4, maxnreg=maxnreg), q.device, seed)
+        return launch(kernel, grid, args, dict(num_warps=4, maxnreg=maxnreg))
+    run_kernel(kernel, grid, args, dict(num_warps=4, maxnreg=maxnreg), q.device, seed)
     return out, lse
 
 
@@ -597,6 +696,9 @@ def compile_report() -> list:
         if name in ("document", "softcap causal"):
             rep = gluon_flex_attention(q, k, v, kv_block=64, NUM_BUF=4, launch=compile_for_sm90, **kw)
             rows.append(dict(variant=f"flex {name} kv_block=64", **rep))
+        if name in ("document", "softcap causal", "causal"):
+            rep = gluon_flex_attention(q, k, v, persistent=True, launch=compile_for_sm90, **kw)
+            rows.append(dict(variant=f"flex {name} persistent", **rep))
     for name, (q, k, v), kw in flex_edge_cases("cpu"):
         rep = gluon_flex_attention(q, k, v, launch=compile_for_sm90, **kw)
         rows.append(dict(variant=f"flex {name}", **rep))
@@ -740,13 +842,14 @@ FLEX_CASES = ("none", "causal", "sliding_window", "prefix_lm", "document", "alib
 
 
 def check_flex_rows(S: int = 512, seed: int = 0, only=None, kv_block: int = 128, device: str = "cuda",
-                    schedules=(0, )) -> list:
+                    schedules=(0, ), programs=None) -> list:
     """``gluon_flex_attention`` on ``flex_programs`` (B=2, H=2, S=512, bf16), a GQA causal case
     (Hq=4, Hkv=2) and ``flex_edge_cases`` (D=64, tails): max errors of ours and of the Gluon kernel
     against the float64 oracle; ``only``: the names (``FLEX_CASES``) to run; ``kv_block`` as
     ``gluon_flex_attention``'s (64: refined lists, 4 stages). On ``device="cpu"`` ours runs in
     Triton's interpreter and the Gluon kernel in ``kernels.gluon_emulator`` under each of
-    ``schedules`` (the Gluon errors are the largest over them; one run on the GPU)."""
+    ``schedules`` (the Gluon errors are the largest over them; one run on the GPU). ``programs``:
+    the persistent kernel on that many CTAs (3 walks each case's tiles unevenly, several per CTA)."""
     import kernels
     import oracle
 
@@ -770,7 +873,8 @@ def check_flex_rows(S: int = 512, seed: int = 0, only=None, kv_block: int = 128,
         row = dict(program=name, ours_out=_max_err(o, o_ref), ours_lse=_max_err(lse, lse_ref))
         for seed in schedules if torch.device(device).type == "cpu" else (0, ):
             og, lg = gluon_flex_attention(q, k, v, poison=True, kv_block=kv_block,
-                                          NUM_BUF=3 if kv_block == 128 else 4, seed=seed, **kw)
+                                          NUM_BUF=3 if kv_block == 128 else 4, seed=seed,
+                                          persistent=programs is not None, programs=programs, **kw)
             row["gluon_out"] = _worst(row.get("gluon_out"), _max_err(og, o_ref))
             row["gluon_lse"] = _worst(row.get("gluon_lse"), _max_err(lg, lse_ref))
         rows.append(row)
@@ -807,12 +911,17 @@ def time_rows(lengths=(16384, 4096, 1024), document: bool = True) -> list:
                 ("torch.compile", lambda bm=bm: compiled(*nxt(), block_mask=bm)),
                 ("gluon flex", lambda bm=bm: gluon_flex_attention(*nxt(), block_mask=bm)),
                 ("gluon flex kv_block=64", lambda bm=bm: gluon_flex_attention(*nxt(), block_mask=bm, kv_block=64,
-                                                                               NUM_BUF=4))]))
+                                                                               NUM_BUF=4)),
+                ("gluon flex persistent", lambda bm=bm: gluon_flex_attention(*nxt(), block_mask=bm, persistent=True)),
+                ("gluon flex persistent kv_block=64",
+                 lambda bm=bm: gluon_flex_attention(*nxt(), block_mask=bm, kv_block=64, NUM_BUF=4, persistent=True))]))
             mod, bm, density = causal_case(S)
             cases.append(("softcap", density, [
                 ("ours (Triton)", lambda bm=bm, mod=mod: kernels.flex_attention(*nxt(), score_mod=mod, block_mask=bm)),
                 ("torch.compile", lambda bm=bm, mod=mod: compiled(*nxt(), score_mod=mod, block_mask=bm)),
-                ("gluon flex", lambda bm=bm, mod=mod: gluon_flex_attention(*nxt(), score_mod=mod, block_mask=bm))]))
+                ("gluon flex", lambda bm=bm, mod=mod: gluon_flex_attention(*nxt(), score_mod=mod, block_mask=bm)),
+                ("gluon flex persistent", lambda bm=bm, mod=mod: gluon_flex_attention(*nxt(), score_mod=mod,
+                                                                                     block_mask=bm, persistent=True))]))
         for mask, density, impls in cases:
             time_impls(time_fn, impls, 4 * B * H * S * S * D * density, rows, S=S, B=B, H=H, D=D, mask=mask)
     return rows

@@ -708,6 +708,10 @@ def _program_id(axis):
     return torch.tensor(_tls.task.pid[int(axis)], dtype=torch.int32)
 
 
+def _num_programs(axis):
+    return torch.tensor(_tls.task.sched.grid[int(axis)], dtype=torch.int32)
+
+
 def _reduce(f):
     def op(x, axis=None, *args, **kwargs):
         x = _value(x, f.__name__)
@@ -717,7 +721,7 @@ def _reduce(f):
 
 GL = types.SimpleNamespace(
     constexpr=lambda x: x, static_range=lambda *a: range(*(int(x) for x in a)),
-    program_id=_program_id, num_warps=lambda: 4,
+    program_id=_program_id, num_programs=_num_programs, num_warps=lambda: 4,
     arange=_arange, full=_full, zeros=_zeros, where=_where,
     expand_dims=lambda x, axis: _value(x, "gl.expand_dims").unsqueeze(int(axis)),
     convert_layout=lambda x, layout, assert_trivial=False: _value(x, "gl.convert_layout"),
@@ -824,11 +828,12 @@ def launch(kernel, grid, args, kwargs=None, seed: int = 0) -> None:
     body = _body(kernel)
     grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
     for pid in itertools.product(*(range(g) for g in grid)):
-        _run_program(body, values, pid, hash((seed, pid)) & 0xFFFFFFFF)
+        _run_program(body, values, pid, hash((seed, pid)) & 0xFFFFFFFF, grid)
 
 
-def _run_program(body, values, pid, seed):
+def _run_program(body, values, pid, seed, grid):
     sched = _Scheduler(seed)
+    sched.grid = grid
     with torch.no_grad():
         _schedule(sched, body, values, pid)
 

@@ -217,8 +217,10 @@ def delta_allowances(query, key, value, out, grad_out, *, score_mod=None, block_
     float32; the rounding error ``d_i`` (standard deviation about
     ``eps / sqrt(12) * ||dO_i * O_i||`` for the stored O, the same again with
     float32's eps times ``sqrt(Ev)`` for the sum) shifts every ``ds[i, j]`` of
-    row i by ``-p[i, j] * d_i``. So dq[i] moves by ``scale * d_i * sum_j p[i, j]
-    K[j]`` and dk[j] by ``scale * sum_i p[i, j] d_i Q[i]``: coherent errors,
+    row i by ``-p[i, j] * f'[i, j] * d_i`` (``f'`` the score mod's derivative,
+    1 without one). So dq[i] moves by ``d_i * scale * sum_j p[i, j] f'[i, j] K[j]``,
+    which is ``d_i`` times the gradient of ``lse[i]`` in ``Q[i]``, and dk[j] by at most
+    ``scale * sum_i p[i, j] d_i |Q[i]|`` (``|f'| <= 1`` for the mods here): coherent errors,
     which the score gradient's own cancellation (``sum_j ds[i, j] = 0``) does not
     average away in rows with few keys. The emulation makes this error too, with
     its own rounding; where its ``d_i`` happens to be tiny it sets no tolerance
@@ -230,11 +232,16 @@ def delta_allowances(query, key, value, out, grad_out, *, score_mod=None, block_
     a backward recomputes P (``_exponent_allowance`` for dv, ``_exponent_ds_allowance``
     for dq and dk; ``grad_lse`` enters delta there), and in bf16 and fp16 dq's and dk's
     scale for the rounding of ``ds`` before its products (``_ds_rounding_allowance``).
+    dq's scale keeps ``f'``: an element where ``sum_j p K`` cancels need not cancel
+    under a saturating softcap, whose ``f'`` weighs the keys unevenly (the H200's
+    fuzz of the Gluon probes, seed 21006: bf16, v mean 16, ``tanh_softcap(0.5)``
+    at scale 2; dq at 1.1 times an allowance of 0.0048 taken from ``|sum_j p K|``,
+    where the gradient of the LSE gives 0.045; ours' largest dq error on that case
+    was as large, 0.159, elsewhere in the tensor). dk's bound needs no ``f'``.
     Returns ``{"dq", "dk", "dv"}`` in float64, shaped as q, k and v, and ``"dbuffer{n}"``
     for each learnable table of the score mod (``_table_delta_allowances``), and with
     ``table_grads`` (their true gradients) also the float32 accumulation of each entry's
     terms (``_table_accumulation_allowances``), in quadrature.
-    The score mod's derivative (at most 1 for the mods here) is left out.
     """
     eps = torch.finfo(query.dtype).eps
     eps32 = torch.finfo(torch.float32).eps
@@ -248,9 +255,11 @@ def delta_allowances(query, key, value, out, grad_out, *, score_mod=None, block_
     # gives sum_i p[i, j] d_i |Q[i]| (summed over a GQA group and a broadcast batch).
     kv = k.clone().requires_grad_(True)
     vv = value.detach().double().requires_grad_(True)
+    qv = q.clone().requires_grad_(True)
     kw = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
     with torch.enable_grad():
-        mean_key = oracle.flex_attention(q, k, kv, **kw)
+        mean_key, lse_q = oracle.flex_attention(qv, k, kv, return_lse=True, **kw)
+        (grad_q,) = torch.autograd.grad(lse_q, qv, d, retain_graph=True)
         (grad_k,) = torch.autograd.grad(mean_key, kv, d.unsqueeze(-1) * q.abs())
         # dV = P^T dO with P rounded to the dtype first, as normalised probabilities (the
         # emulation rounds the unnormalised weights): per-term errors of eps / sqrt(12) * p dO,
@@ -260,7 +269,8 @@ def delta_allowances(query, key, value, out, grad_out, *, score_mod=None, block_
         do2 = grad_out.detach().double().pow(2)
         (grad_v,) = torch.autograd.grad(out2, vv, do2)
     dv = eps / 12 ** 0.5 * grad_v.clamp_min(0).sqrt()
-    dq = size * d.unsqueeze(-1) * mean_key.detach().abs()
+    # A row with nothing allowed has lse = -inf and no gradient: no dq to err.
+    dq = torch.nan_to_num(grad_q, nan=0.0, posinf=0.0, neginf=0.0).abs()
     dk = size * grad_k.abs()
     tables = _table_delta_allowances(q, k, vv.detach(), d, lse.detach(), **kw)
     if table_grads and tables:

@@ -781,6 +781,49 @@ def test_ds_rounding_allowance_covers_an_honest_bf16_kernel():
     assert 1.5 < error / rounding[b, h, i, d].item() < 2.0
 
 
+def test_dq_delta_allowance_weighs_keys_by_the_score_mods_derivative():
+    """dq's allowance for delta's rounding is ``d_i * |scale * sum_j p[i, j] f'[i, j] K[j]|``, f' the
+    score mod's derivative, checked against that sum written out: on the saved softcap case (where
+    the old ``|sum_j p K|`` gave 0.0048 at the failing element and this gives 0.045) and, with no
+    score mod (f' = 1), against the old formula at every element."""
+    import json
+    import math
+    from pathlib import Path
+
+    from properties import check
+    from properties.case import FlexCase
+
+    path = Path(__file__).parent / "cases" / "dq-softcap-delta-rounding-bf16.json"
+    case = FlexCase.from_dict(json.loads(path.read_text())["case"])
+    m = case.materialize("cpu")
+    q, k, v, do = (t.detach() for t in (m.query, m.key, m.value, m.grad_out))
+    for score_mod in (m.score_mod, None):
+        kw = dict(score_mod=score_mod, block_mask=m.block_mask, scale=m.scale, enable_gqa=m.enable_gqa)
+        out = oracle.flex_attention(q.double(), k.double(), v.double(), **kw)
+        allow = check.delta_allowances(q, k, v, out, do, **kw)["dq"]
+        eps, eps32 = torch.finfo(torch.bfloat16).eps, torch.finfo(torch.float32).eps
+        d = (eps + eps32 * 64 ** 0.5) / 12 ** 0.5 * (do.double() * out).pow(2).sum(-1).sqrt()
+        qd, kd = q.double(), k.double()
+        raw = m.scale * qd @ kd.transpose(-1, -2)  # [B, H, L, S], Hq = Hkv here
+        if score_mod is None:
+            weight = torch.softmax(raw, -1)
+        else:
+            # tanh_softcap(0.5) then relative_position: the bias adds after the cap, f' = 1 - tanh^2.
+            scores = oracle.flex_attention(qd, kd, torch.eye(case.S, dtype=torch.float64).expand(1, case.Hq, -1, -1),
+                                           **kw)  # p itself, as attention with V = I
+            weight = scores * (1 - torch.tanh(raw / 0.5).pow(2))
+        want = d.unsqueeze(-1) * (abs(m.scale) * weight @ kd).abs()
+        # bf16 adds the rounding of ds in quadrature (test above); take it out.
+        lse = oracle.flex_attention(qd, kd, v.double(), return_lse=True, **kw)[1]
+        rounding = check._ds_rounding_allowance(qd, kd, v, do, out, None, lse, abs(m.scale), eps, **kw)[0]
+        torch.testing.assert_close(torch.sqrt((allow.pow(2) - rounding.pow(2)).clamp_min(0)), want, rtol=1e-6,
+                                   atol=1e-9)
+        if score_mod is not None:
+            assert want[0, 6, 86, 33].item() > 0.04
+            old = d[0, 6, 86] * abs(m.scale) * (scores[0, 6, 86] @ kd[0, 6])[33].abs()
+            assert old.item() < 0.005 and math.isfinite(old.item())
+
+
 def test_table_accumulation_allowance_is_the_dense_bridge():
     """A learnable table's allowance for the float32 accumulation of its terms equals
     u / sqrt(12) * sqrt(n / 3 * S**2 + n / 6 * sum x**2) per entry, with n, S and sum x**2
