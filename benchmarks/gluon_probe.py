@@ -146,6 +146,13 @@ def _tile(t, tab, BLOCK_M: gl.constexpr):
 
 
 @gluon.jit
+def _n_tiles(tab, BLOCK_M: gl.constexpr):
+    """The persistent forward's tile count: query blocks times batch-heads."""
+    out_ptr, lse_ptr, B0, B1, B2, B3, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, L, S, H, G, MB, MH, NQ, NKV, BH = tab
+    return ((L + BLOCK_M - 1) // BLOCK_M) * BH
+
+
+@gluon.jit
 def _step_block(j, lists, LISTED: gl.constexpr):
     """The KV block of step j: the row's j-th listed block, or with LISTED false block j itself.
     The consumers ask for it before their barrier waits, so that the load of a listed index runs
@@ -411,7 +418,7 @@ _FLEX_TEMPLATE = """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from benchmarks.gluon_probe import _allocate, _block_of, _consume, _load, _online_softmax, _tile
+from benchmarks.gluon_probe import _allocate, _block_of, _consume, _load, _n_tiles, _online_softmax, _tile
 
 
 @@MODS@@
@@ -468,41 +475,36 @@ def flex_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, B0, B1, B2, B3,
 # fetches the next tile's Q and K/V while the consumers finish the last one (its P V, its
 # stores), so that a short row's fixed costs overlap the work of another.
 @gluon.jit
-def _persistent_consume(descs, bufs, bars, tab, scales, WG: gl.constexpr):
-    q_smem = bufs[0]
-    BLOCK_M: gl.constexpr = 2 * q_smem.shape[1]
-    n_tiles = ((tab[10] + BLOCK_M - 1) // BLOCK_M) * tab[18]
+def _persistent_walk(descs, bufs, bars, tab, scales, ROLE: gl.constexpr):
+    # One partition's walk over the CTA's tiles: ROLE 0 and 1 the consumer warpgroups, 2 the
+    # loader. Both sides count the ring slots and the tiles alike, so their phases agree.
+    BLOCK_M: gl.constexpr = 2 * bufs[0].shape[1]
     it = 0
     n_done = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+    for t in range(gl.program_id(0), _n_tiles(tab, BLOCK_M), gl.num_programs(0)):
         lists, row0, kv_row0, q0 = _tile(t, tab, BLOCK_M)
-        _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG, True, _step, True, it, n_done & 1, True)
+        if ROLE == 2:
+            _load(descs, bufs, bars, lists, row0, kv_row0, True, it, n_done & 1, True)
+        else:
+            _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, ROLE, True, _step, True, it, n_done & 1,
+                     True)
         it += lists[5]
         n_done += 1
 
 
 @gluon.jit
 def _pconsumer0(descs, bufs, bars, tab, scales):
-    _persistent_consume(descs, bufs, bars, tab, scales, 0)
+    _persistent_walk(descs, bufs, bars, tab, scales, 0)
 
 
 @gluon.jit
 def _pconsumer1(descs, bufs, bars, tab, scales):
-    _persistent_consume(descs, bufs, bars, tab, scales, 1)
+    _persistent_walk(descs, bufs, bars, tab, scales, 1)
 
 
 @gluon.jit
 def _ploader(descs, bufs, bars, tab, scales):
-    q_smem = bufs[0]
-    BLOCK_M: gl.constexpr = 2 * q_smem.shape[1]
-    n_tiles = ((tab[10] + BLOCK_M - 1) // BLOCK_M) * tab[18]
-    it = 0
-    n_done = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        lists, row0, kv_row0, q0 = _tile(t, tab, BLOCK_M)
-        _load(descs, bufs, bars, lists, row0, kv_row0, True, it, n_done & 1, True)
-        it += lists[5]
-        n_done += 1
+    _persistent_walk(descs, bufs, bars, tab, scales, 2)
 
 
 @gluon.jit
