@@ -167,8 +167,9 @@ def _step_block(j, lists, LISTED: gl.constexpr):
 @gluon.jit
 def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constexpr, OVERLAP: gl.constexpr,
              STEP: gl.constexpr, LISTED: gl.constexpr, it0, q_phase, RELEASE_Q: gl.constexpr):
-    """A consumer warpgroup: its 64 query rows against every listed block. ``STEP(qk, j, b, lists, m,
-    cols, m_i, l_i, scales, BLOCK_N)`` turns step j's products (KV block b) into the softmax update.
+    """A consumer warpgroup: its 64 query rows against every listed block. ``STEP(qk, j, b, lists,
+    rows, cols, m_i, l_i, scales, BLOCK_N)`` turns step j's products (KV block b; ``rows`` the query
+    indices, ``cols`` the block's column offsets, both 1D) into the softmax update.
     With OVERLAP, FlashAttention-3's intra-warpgroup overlap: QK^T of block j and P V of block j-1
     in flight on the tensor cores while this warpgroup runs block j's softmax. The tile's steps
     take ring slots it0, it0 + 1, ... and its Q phase is q_phase (0 and 0 for one tile per CTA);
@@ -189,7 +190,7 @@ def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constex
     orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
 
     q = q_smem.index(WG)
-    m = gl.expand_dims(q0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout), 1)
+    rows = q0 + WG * HALF_M + gl.arange(0, HALF_M, row_layout)
     cols = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
     mbarrier.wait(q_ready.index(WG), q_phase)
     m_i = gl.full([HALF_M], float("-inf"), gl.float32, row_layout)
@@ -204,7 +205,7 @@ def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constex
             mbarrier.wait(k_ready.index(s0), (it0 // NUM_BUF) & 1)
             qk = warpgroup_mma(q, k_bufs.index(s0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-            p, m_i, l_i, alpha = STEP(qk, 0, b, lists, m, cols, m_i, l_i, scales, BLOCK_N)
+            p, m_i, l_i, alpha = STEP(qk, 0, b, lists, rows, cols, m_i, l_i, scales, BLOCK_N)
             pb = gl.convert_layout(p.to(q_smem.dtype), p_layout)
         for j in range(1, n_blocks):
             s = (it0 + j) % NUM_BUF
@@ -215,7 +216,7 @@ def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constex
             mbarrier.wait(v_ready.index(sp), ((it0 + j - 1) // NUM_BUF) & 1)
             acc = warpgroup_mma(pb, v_bufs.index(sp), acc, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
-            p, m_i, l_i, alpha = STEP(qk, j, b, lists, m, cols, m_i, l_i, scales, BLOCK_N)
+            p, m_i, l_i, alpha = STEP(qk, j, b, lists, rows, cols, m_i, l_i, scales, BLOCK_N)
             acc, pb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pb))
             mbarrier.arrive(kv_empty.index(sp), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
@@ -236,7 +237,7 @@ def _consume(descs, bufs, bars, lists, row0, kv_row0, q0, scales, WG: gl.constex
             mbarrier.wait(k_ready.index(s), ph)
             qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-            p, m_i, l_i, alpha = STEP(qk, j, b, lists, m, cols, m_i, l_i, scales, BLOCK_N)
+            p, m_i, l_i, alpha = STEP(qk, j, b, lists, rows, cols, m_i, l_i, scales, BLOCK_N)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
             pb = gl.convert_layout(p.to(q_smem.dtype), p_layout)
             mbarrier.wait(v_ready.index(s), ph)
@@ -294,7 +295,7 @@ def _load(descs, bufs, bars, lists, row0, kv_row0, LISTED: gl.constexpr, it0, q_
 
 
 @gluon.jit
-def _dense_step(qk, j, b, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
+def _dense_step(qk, j, b, lists, rows, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
     qk_scale, sm_scale = scales
     return _online_softmax(qk * qk_scale, m_i, l_i, False)
 
@@ -425,10 +426,13 @@ from benchmarks.gluon_probe import _allocate, _block_of, _consume, _load, _n_til
 
 
 @gluon.jit
-def _step(qk, j, b, lists, m, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
+def _step(qk, j, b, lists, rows, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
     out_ptr, lse_ptr, part_idx, full_idx, n_partial, n_blocks, off_z, off_h, B0, B1, B2, B3, L, S = lists
     qk_scale, sm_scale = scales
-    n = gl.expand_dims(b * BLOCK_N + cols, 0)
+    mr = rows
+    nr = b * BLOCK_N + cols
+    m = gl.expand_dims(mr, 1)
+    n = gl.expand_dims(nr, 0)
 @@INDEX@@
 @@SCORE@@
 @@MASK@@
@@ -519,14 +523,16 @@ def flex_fwd_persistent(q_desc, k_desc, v_desc, out_ptr, lse_ptr, B0, B1, B2, B3
 
 # The mods see indices in range (as kernels/ clamps them): a tail tile's rows past L and
 # columns past S wrap around; the columns past S are then masked, the rows past L not stored.
-_INDEX_LINES = {(True, True): "    m_mod = m\n    n_mod = n",
-                (True, False): "    m_mod = m\n    n_mod = n % S",
-                (False, True): "    m_mod = m % L\n    n_mod = n",
-                (False, False): "    m_mod = m % L\n    n_mod = n % S"}
-_SCORE_LINES = "    t2 = score_fn(qk * sm_scale, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * 1.4426950408889634"
+# They get them 1D (mr_mod, nr_mod: a gather by one of them loads once per index) and broadcast.
+_INDEX_LINES = {key: lines + "\n    m_mod = gl.expand_dims(mr_mod, 1)\n    n_mod = gl.expand_dims(nr_mod, 0)"
+                for key, lines in {(True, True): "    mr_mod = mr\n    nr_mod = nr",
+                (True, False): "    mr_mod = mr\n    nr_mod = nr % S",
+                (False, True): "    mr_mod = mr % L\n    nr_mod = nr",
+                (False, False): "    mr_mod = mr % L\n    nr_mod = nr % S"}.items()}
+_SCORE_LINES = "    t2 = score_fn(qk * sm_scale, off_z, off_h, m_mod, n_mod, mr_mod, nr_mod, B0, B1, B2, B3) * 1.4426950408889634"
 _PLAIN_LINES = "    t2 = qk * qk_scale"
 _MASK_LINES = """    if j < n_partial:
-        t2 = gl.where(mask_fn(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3), t2, float("-inf"))"""
+        t2 = gl.where(mask_fn(off_z, off_h, m_mod, n_mod, mr_mod, nr_mod, B0, B1, B2, B3), t2, float("-inf"))"""
 _TAIL_LINES = """    t2 = gl.where(n < S, t2, float("-inf"))"""
 
 _FLEX_MODULES: dict = {}

@@ -175,9 +175,9 @@ def _bwd_consume(descs, bufs, bars, lists, WG: gl.constexpr, DQ: gl.constexpr, G
     with DQ_SHARED half of dQ's columns from both halves (both consumers' dS, met on a barrier:
     FlashAttention-3's split, half the atomics); DQ_NONE none.
 
-    ``GRADS(qk, dp, m, n, partial, hq, lists, lse2, delta)`` gives P and dS (d loss / d (q k^T *
-    scale)) from the raw products Q K^T and dO V^T, query rows by key columns (m the query and n
-    the key indices, broadcast). One function for both, so that the score mod's recomputation
+    ``GRADS(qk, dp, mr, nr, partial, hq, lists, lse2, delta)`` gives P and dS (d loss / d (q k^T *
+    scale)) from the raw products Q K^T and dO V^T, query rows by key columns (mr the query and nr
+    the key indices, 1D). One function for both, so that the score mod's recomputation
     needs no second copy of the scores in registers."""
     k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem = bufs
     kv_ready, q_ready, do_ready, qdo_empty, ds_ready = bars
@@ -199,7 +199,7 @@ def _bwd_consume(descs, bufs, bars, lists, WG: gl.constexpr, DQ: gl.constexpr, G
     k_half = k_smem.slice(WG * HALF_N, HALF_N)
     v_half = v_smem.slice(WG * HALF_N, HALF_N)
     p_mine = p_smem.index(WG)
-    n = gl.expand_dims(kvb * (2 * HALF_N) + WG * HALF_N + gl.arange(0, HALF_N, gl.SliceLayout(0, s_layout)), 0)
+    n1 = kvb * (2 * HALF_N) + WG * HALF_N + gl.arange(0, HALF_N, gl.SliceLayout(0, s_layout))
     rows_s = gl.arange(0, BM, gl.SliceLayout(1, s_layout))
     zero_s = gl.zeros([BM, HALF_N], gl.float32, s_layout)
     zero_dq = gl.zeros([BM, DQ_N], gl.float32, dq_layout)
@@ -224,13 +224,12 @@ def _bwd_consume(descs, bufs, bars, lists, WG: gl.constexpr, DQ: gl.constexpr, G
             m1 = q0 + rows_s
             lse2 = gl.load(LSE2 + q_pad + m1)
             delta = gl.load(DELTA + q_pad + m1)
-            m = gl.expand_dims(m1, 1)
             mbarrier.wait(q_ready.index(s), ph)
             mbarrier.wait(do_ready.index(s), ph)
             qk = warpgroup_mma(q_s, k_half.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             dp = warpgroup_mma(do_s, v_half.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             qk, dp = warpgroup_mma_wait(num_outstanding=0, deps=(qk, dp))
-            p, ds = GRADS(qk, dp, m, n, i // (QBLK // BM) < n_partial, hq, lists, lse2, delta)
+            p, ds = GRADS(qk, dp, m1, n1, i // (QBLK // BM) < n_partial, hq, lists, lse2, delta)
             ds_all = ds_smem.index(it % DS_BUFS)
             ds_mine = ds_all.slice(WG * HALF_N, HALF_N, dim=1)
             p_mine.store(p.to(dtype))
@@ -290,8 +289,10 @@ from benchmarks.gluon_probe_bwd import _bwd_allocate, _bwd_consume, _bwd_load
 
 
 @gluon.jit
-def _grads(qk, dp, m, n, partial, hq, lists, lse2, delta):
+def _grads(qk, dp, mr, nr, partial, hq, lists, lse2, delta):
     ptrs, dims, mods, scales = lists
+    m = gl.expand_dims(mr, 1)
+    n = gl.expand_dims(nr, 0)
     off_z, off_hkv, kvb, G, H, L, S, MB, MH, NKVB, NQB, QBLK, L_PAD = dims
     B0, B1, B2, B3 = mods
     sm_scale, qk_scale = scales
@@ -340,17 +341,18 @@ def flex_bwd(q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DQ_PTR, DK, DV, B0, B
 
 # As the forward probe (and kernels/): the mods see indices in range, a tail's rows past L and
 # columns past S wrapped around; their scores are then masked.
-_INDEX_LINES = {(True, True): "    m_mod = m\n    n_mod = n",
-                (True, False): "    m_mod = m\n    n_mod = n % S",
-                (False, True): "    m_mod = m % L\n    n_mod = n",
-                (False, False): "    m_mod = m % L\n    n_mod = n % S"}
-_SCORE_LINES = "    t2 = score_fn(qk * sm_scale, off_z, hq, m_mod, n_mod, B0, B1, B2, B3) * 1.4426950408889634"
+_INDEX_LINES = {key: lines + "\n    m_mod = gl.expand_dims(mr_mod, 1)\n    n_mod = gl.expand_dims(nr_mod, 0)"
+                for key, lines in {(True, True): "    mr_mod = mr\n    nr_mod = nr",
+                (True, False): "    mr_mod = mr\n    nr_mod = nr % S",
+                (False, True): "    mr_mod = mr % L\n    nr_mod = nr",
+                (False, False): "    mr_mod = mr % L\n    nr_mod = nr % S"}.items()}
+_SCORE_LINES = "    t2 = score_fn(qk * sm_scale, off_z, hq, m_mod, n_mod, mr_mod, nr_mod, B0, B1, B2, B3) * 1.4426950408889634"
 _PLAIN_LINES = "    t2 = qk * qk_scale"
 _MASK_LINES = """    if partial:
-        t2 = gl.where(mask_fn(off_z, hq, m_mod, n_mod, B0, B1, B2, B3), t2, float("-inf"))"""
+        t2 = gl.where(mask_fn(off_z, hq, m_mod, n_mod, mr_mod, nr_mod, B0, B1, B2, B3), t2, float("-inf"))"""
 _Q_TAIL_LINES = """    t2 = gl.where(m < L, t2, float("-inf"))"""
 _KV_TAIL_LINES = """    t2 = gl.where(n < S, t2, float("-inf"))"""
-_DSCORE_LINES = "    ds = score_bwd_fn(qk * sm_scale, dt, off_z, hq, m_mod, n_mod, B0, B1, B2, B3)"
+_DSCORE_LINES = "    ds = score_bwd_fn(qk * sm_scale, dt, off_z, hq, m_mod, n_mod, mr_mod, nr_mod, B0, B1, B2, B3)"
 _PLAIN_DSCORE_LINES = "    ds = dt"
 
 _BWD_MODULES: dict = {}

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -46,10 +47,11 @@ MAX_BUFFERS = 4
 class _Gen:
     """Collects the statements of one generated Triton function."""
 
-    def __init__(self, buffers: list, interpret: bool = False):
+    def __init__(self, buffers: list, interpret: bool = False, gluon: bool = False):
         self.lines: list[str] = []
         self.buffers = buffers  # shared by the mask and score functions of one program
         self.interpret = interpret  # for the Triton interpreter: no inline PTX
+        self.gluon = gluon  # gluon_functions: 1D row and column loads (load below)
         self._n = 0
 
     def tmp(self, expr: str) -> str:
@@ -78,6 +80,15 @@ class _Gen:
         name = self.buffer(tensor)
         strides = _contiguous_strides(tensor.shape)
         offset = " + ".join(f"({ix}) * {st}" for ix, st in zip(indices, strides))
+        if self.gluon:
+            # Gluon keeps the broadcast [M, 1] m and [1, N] n in the score tile's layout, one
+            # register (and one load) per element a thread holds: a gather indexed by the row or
+            # the column alone (and b, h) is loaded on the 1D mr or nr instead, then expanded.
+            names = set(re.findall(r"[A-Za-z_]\w*", offset))
+            for axis, var in ((1, "m"), (0, "n")):
+                if var in names and names <= {"b", "h", var}:
+                    offset = re.sub(rf"\b{var}\b", f"{var}r", offset)
+                    return f"tl.expand_dims(tl.load({name} + {offset}), {axis})"
         return f"tl.load({name} + {offset})"
 
 
@@ -187,25 +198,27 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
 
 def gluon_functions(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"], *,
                     backward: bool = False) -> tuple:
-    """The forward's ``mask_fn(b, h, m, n, B0..B3)`` and ``score_fn(score, b, h, m, n, B0..B3)`` as
-    Gluon source (``@gluon.jit``, ``gl.`` operations), for a Gluon kernel that defines them in its
-    own generated module (``benchmarks/gluon_probe.py``, ``benchmarks/gluon_probe_bwd.py``). The
-    code is what ``compile_mods`` emits for the GPU, with each ``tl.`` name replaced by Gluon's
-    (``tl.math.fdiv`` is ``gl.fdiv``); the index arguments carry the kernel's layouts. With
-    ``backward``, also ``score_bwd_fn(score, dt, b, h, m, n, B0..B3)``: d loss / d score given
+    """The forward's ``mask_fn(b, h, m, n, mr, nr, B0..B3)`` and ``score_fn(score, b, h, m, n, mr, nr,
+    B0..B3)`` as Gluon source (``@gluon.jit``, ``gl.`` operations), for a Gluon kernel that defines
+    them in its own generated module (``benchmarks/gluon_probe.py``, ``benchmarks/gluon_probe_bwd.py``).
+    The code is what ``compile_mods`` emits for the GPU, with each ``tl.`` name replaced by Gluon's
+    (``tl.math.fdiv`` is ``gl.fdiv``); the index arguments carry the kernel's layouts: ``m`` [M, 1]
+    and ``n`` [1, N] broadcast in the score tile's layout, ``mr`` and ``nr`` the same indices 1D in
+    its slices (a gather by the row or the column alone loads on those, ``_Gen.load``). With
+    ``backward``, also ``score_bwd_fn(score, dt, b, h, m, n, mr, nr, B0..B3)``: d loss / d score given
     ``dt`` = d loss / d (modded score), the chain rule of ``compile_mods`` without its scatter of
     learnable tensors' gradients (a learnable captured tensor is refused). Returns ``(source,
     buffers)``, the buffers in the slots ``compile_mods`` gives them."""
     buffers: list = []
-    mask_gen = _Gen(buffers)
+    mask_gen = _Gen(buffers, gluon=True)
     mask_out = mask_mod._emit(mask_gen) if mask_mod is not None else "True"
-    fwd = _Gen(buffers)
+    fwd = _Gen(buffers, gluon=True)
     s = "score"
     for mod in _flatten_chain(score_mod):
         s = mod._emit(fwd, s)
     fns = [
-        _function("mask_fn", f"b, h, m, n, {_BUF_ARGS}", mask_gen.lines, mask_out),
-        _function("score_fn", f"score, b, h, m, n, {_BUF_ARGS}", fwd.lines, s),
+        _function("mask_fn", f"b, h, m, n, mr, nr, {_BUF_ARGS}", mask_gen.lines, mask_out),
+        _function("score_fn", f"score, b, h, m, n, mr, nr, {_BUF_ARGS}", fwd.lines, s),
     ]
     if backward:
         learnable = [t for t in buffers if t.requires_grad]
@@ -214,7 +227,7 @@ def gluon_functions(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod
                 f"Expected no learnable captured tensor in the mods of a Gluon backward, got "
                 f"{len(learnable)} that require grad (shapes {[tuple(t.shape) for t in learnable]}); "
                 f"detach them, or use kernels.flex_attention, which returns their gradients.")
-        bwd = _Gen(buffers)
+        bwd = _Gen(buffers, gluon=True)
         vals = []
         s = "score"
         for mod in _flatten_chain(score_mod):
@@ -226,7 +239,7 @@ def gluon_functions(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod
             local = mod._emit_grad(bwd, s_in, out)
             if local != "1.0":
                 grad = bwd.tmp(f"{grad} * {local}")
-        fns.append(_function("score_bwd_fn", f"score, dt, b, h, m, n, {_BUF_ARGS}", bwd.lines, grad))
+        fns.append(_function("score_bwd_fn", f"score, dt, b, h, m, n, mr, nr, {_BUF_ARGS}", bwd.lines, grad))
     text = "\n\n\n".join(fns)
     text = text.replace("@triton.jit", "@gluon.jit").replace("tl.math.fdiv", "gl.fdiv").replace("tl.", "gl.")
     return text, buffers

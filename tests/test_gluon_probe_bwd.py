@@ -55,7 +55,7 @@ def test_backward_functions_of_the_mods_in_gluon():
     from kernels import mods
 
     text, buffers = mods.gluon_functions(mods.tanh_softcap(30.0), mods.causal(), backward=True)
-    assert "def score_bwd_fn(score, dt, b, h, m, n, B0, B1, B2, B3)" in text
+    assert "def score_bwd_fn(score, dt, b, h, m, n, mr, nr, B0, B1, B2, B3)" in text
     assert "1.0 - " in text and "tl." not in text and buffers == []
     assert "score_bwd_fn" not in mods.gluon_functions(mods.tanh_softcap(30.0), None)[0]
     table = torch.zeros(2, 8, 8, requires_grad=True)
@@ -63,6 +63,29 @@ def test_backward_functions_of_the_mods_in_gluon():
         mods.gluon_functions(mods.bias(table, "hqk"), None, backward=True)
     text, buffers = mods.gluon_functions(mods.bias(table.detach(), "hqk"), None, backward=True)
     assert len(buffers) == 1 and "return dt" in text
+
+
+def test_gluon_mods_gather_by_row_or_column_on_1d_indices():
+    """A gather indexed by the query (or key) index alone, with b and h, loads on the 1D ``mr``
+    (``nr``) and is expanded: on the broadcast [M, 1] ``m`` Gluon loads once per element a thread
+    holds (the document forward's PTX: 396 ld.global, 84 with the 1D loads). A gather by both keeps
+    the 2D load; the Triton text (``compile_mods``) is unchanged."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from kernels import mods
+
+    doc = mods.document.from_seed(512, 5, 0)
+    text, _ = mods.gluon_functions(None, doc)
+    assert "gl.expand_dims(gl.load(B0 + (mr) * 1), 1) == gl.expand_dims(gl.load(B0 + (nr) * 1), 0)" in text, text
+    table = mods.table_mask.from_seed(2, 64, 64, 0.5, 3)
+    text, _ = mods.gluon_functions(None, table)
+    assert "gl.load(B0 + (h % 2) * 4096 + (m) * 64 + (n) * 1)" in text and "expand_dims" not in text, text
+    text, _ = mods.gluon_functions(mods.alibi.standard(2), None)
+    assert "gl.load(B0 + (h) * 1)" in text and "expand_dims" not in text, text  # a scalar gather as it was
+    ids = torch.zeros(8, dtype=torch.int32)
+    assert mods._Gen([]).load(ids, "m") == "tl.load(B0 + (m) * 1)"  # Triton's kernels: as before
+    assert mods._Gen([], gluon=True).load(ids, "m") == "tl.expand_dims(tl.load(B0 + (mr) * 1), 1)"
 
 
 def _names(attr: str) -> tuple:
