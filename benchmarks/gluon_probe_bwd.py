@@ -64,7 +64,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.gluon_probe import (LOG2E, _max_err, _mma_layout, _worst, check_tma,  # noqa: E402
+from benchmarks.gluon_probe import (_INDEX_LINES, LOG2E, _max_err, _mma_layout, _worst, check_tma,  # noqa: E402
                                     compile_for_sm90, probe_parser, refined_lists, run_kernel, start)
 
 BLOCK_M = 64  # query rows per step
@@ -339,13 +339,8 @@ def flex_bwd(q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DQ_PTR, DK, DV, B0, B
     gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader, args)], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 """
 
-# As the forward probe (and kernels/): the mods see indices in range, a tail's rows past L and
-# columns past S wrapped around; their scores are then masked.
-_INDEX_LINES = {key: lines + "\n    m_mod = gl.expand_dims(mr_mod, 1)\n    n_mod = gl.expand_dims(nr_mod, 0)"
-                for key, lines in {(True, True): "    mr_mod = mr\n    nr_mod = nr",
-                (True, False): "    mr_mod = mr\n    nr_mod = nr % S",
-                (False, True): "    mr_mod = mr % L\n    nr_mod = nr",
-                (False, False): "    mr_mod = mr % L\n    nr_mod = nr % S"}.items()}
+# The index lines are the forward probe's (_INDEX_LINES, imported above): the mods see indices in
+# range, a tail's rows past L and columns past S wrapped around; their scores are then masked.
 _SCORE_LINES = "    t2 = score_fn(qk * sm_scale, off_z, hq, m_mod, n_mod, mr_mod, nr_mod, B0, B1, B2, B3) * 1.4426950408889634"
 _PLAIN_LINES = "    t2 = qk * qk_scale"
 _MASK_LINES = """    if partial:
