@@ -21,7 +21,10 @@ same wheel), to measure what it gains before any of it goes into ``kernels/``:
   ``mask_mod`` on the partial blocks, ``score_mod`` on every block, GQA, bf16 or fp16, head
   dim 64 or 128, any L and S (a tail tile's columns past S masked, its rows past L not stored).
   The dense kernel and the generated ones share one consumer (``_consume``, its softmax step
-  passed in), loader (``_load``) and allocation (``_allocate``).
+  passed in), loader (``_load``) and allocation (``_allocate``);
+* ``persistent=True``: ``flex_fwd_persistent``, one CTA per SM walking the tiles (last query
+  blocks first), the loader fetching the next tile's Q (handed over on ``q_empty`` barriers) and
+  K/V while the consumers finish the last.
 
 Scope: contiguous (B, H, L, D) inputs, q, k and v of one head dim; the dense kernel is bf16 at
 head dim 128 with L and S multiples of 128. The generated kernel walks the 128 x 128 lists, or
@@ -36,10 +39,12 @@ now are in ``check_rows``), and with ``overlap`` and 3 stages the dense forward 
 TFLOP/s at S=16k against our Triton forward's 512 to 513 (+19 to 20 %), 560 to 578 against 483
 to 492 at 4k, 442 to 451 against 405 to 406 at 1k. That run's dense kernel had consumers of its
 own; they have since been merged into the shared ``_consume`` (the same loop; the store now also
-masks rows past L and guards l = 0), not yet re-timed. The generated kernels compile for sm_90 without spills
-(``--compile-only``: nine mods programs, head dim 64, tails) but have not run on a GPU yet: the
-session's device time ran out. ``tests/test_gluon_probe.py`` checks them against the reference
-(float32) and the oracle (float64) on the next GPU run.
+masks rows past L and guards l = 0), re-timed in the twenty-first session at 684 TFLOP/s (S=16k).
+The generated kernels compile for sm_90 without spills (``--compile-only``; the persistent
+softcap's 20 / 36 spill bytes aside) and passed their GPU tests against the oracle on the H200
+(twenty-first session). Against our Triton forward they won only the 16k document row (488
+TFLOP/s against 410) and lost document at 4k and 1k and softcap everywhere
+(docs/PERFORMANCE.md); the persistent kernel helped only short softcap rows.
 """
 
 from __future__ import annotations
@@ -431,7 +436,6 @@ def _step(qk, j, b, lists, rows, cols, m_i, l_i, scales, BLOCK_N: gl.constexpr):
     qk_scale, sm_scale = scales
     mr = rows
     nr = b * BLOCK_N + cols
-    m = gl.expand_dims(mr, 1)
     n = gl.expand_dims(nr, 0)
 @@INDEX@@
 @@SCORE@@
@@ -524,11 +528,12 @@ def flex_fwd_persistent(q_desc, k_desc, v_desc, out_ptr, lse_ptr, B0, B1, B2, B3
 # The mods see indices in range (as kernels/ clamps them): a tail tile's rows past L and
 # columns past S wrap around; the columns past S are then masked, the rows past L not stored.
 # They get them 1D (mr_mod, nr_mod: a gather by one of them loads once per index) and broadcast.
+_INDEX_1D = {(True, True): "    mr_mod = mr\n    nr_mod = nr",  # key: (L, S) multiples of 128
+             (True, False): "    mr_mod = mr\n    nr_mod = nr % S",
+             (False, True): "    mr_mod = mr % L\n    nr_mod = nr",
+             (False, False): "    mr_mod = mr % L\n    nr_mod = nr % S"}
 _INDEX_LINES = {key: lines + "\n    m_mod = gl.expand_dims(mr_mod, 1)\n    n_mod = gl.expand_dims(nr_mod, 0)"
-                for key, lines in {(True, True): "    mr_mod = mr\n    nr_mod = nr",
-                (True, False): "    mr_mod = mr\n    nr_mod = nr % S",
-                (False, True): "    mr_mod = mr % L\n    nr_mod = nr",
-                (False, False): "    mr_mod = mr % L\n    nr_mod = nr % S"}.items()}
+                for key, lines in _INDEX_1D.items()}
 _SCORE_LINES = "    t2 = score_fn(qk * sm_scale, off_z, off_h, m_mod, n_mod, mr_mod, nr_mod, B0, B1, B2, B3) * 1.4426950408889634"
 _PLAIN_LINES = "    t2 = qk * qk_scale"
 _MASK_LINES = """    if j < n_partial:
