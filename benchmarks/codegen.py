@@ -11,6 +11,7 @@ before any device time is spent. Nothing is timed and nothing runs: the outputs 
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks causal,softcap --head-dims 128
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks softcap --options BLOCK_M1=64,BLOCK_N1=64
     TRITON_INTERPRET=0 python benchmarks/codegen.py --decode-seqlens 32k
+    TRITON_INTERPRET=0 python benchmarks/codegen.py --masks softcap --loops   # + SASS per loop trip
 
 The interpreter must be off (``TRITON_INTERPRET=0``): under it every ``triton.jit``
 function is an interpreted one, which cannot compile. ``tests/codegen.py`` (run by
@@ -54,6 +55,73 @@ def ptxas_info(ptx: str, arch: str = "sm_90a") -> dict:
     return {"regs": int(regs.group(1)) if regs else None,
             "spill_stores": int(spills.group(1)) if spills else 0,
             "spill_loads": int(spills.group(2)) if spills else 0}
+
+
+# sm_90's rates per multiprocessor and clock (H100, H200): four warp schedulers issuing one
+# instruction each; the multi-function unit (MUFU: ex2, rcp, ...) 16 results; dense bf16 / fp16
+# tensor cores 4096 FLOP (989 TFLOP/s over 132 multiprocessors at 1.83 GHz).
+ISSUE_PER_CLK = 4
+MUFU_PER_CLK = 16
+TENSOR_FLOP_PER_CLK = 4096
+
+
+def sass(ptx: str, arch: str = "sm_90a") -> str:
+    """The SASS of ``ptx`` (ptxas, then nvdisasm, both from Triton's wheel)."""
+    bin_dir = os.path.dirname(_ptxas_path())
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        subprocess.run([_ptxas_path(), f"-arch={arch}", src, "-o", cubin], capture_output=True, check=True)
+        return subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout
+
+
+_INSTR = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\S*)")
+_HGMMA = re.compile(r"^\.(\d+)x(\d+)x(\d+)")
+
+
+def loop_mix(sass_text: str, num_warps: int) -> list:
+    """Per loop of a kernel's SASS (a label that a later branch jumps back to), what one trip
+    issues per thread: ``instrs``, ``mufu``, ``fp32`` (FFMA, FMUL, FADD), ``spill`` (LDL, STL), and
+    the tensor cores' FLOP of its HGMMA instructions per warpgroup; then the trip's clocks per
+    multiprocessor at sm_90's rates for a CTA of ``num_warps`` warps alone on it: ``issue_clk``,
+    ``mufu_clk`` and ``tensor_clk``, and ``bound``, the largest's name. A static floor, not a
+    time: it leaves out latencies, dependencies and the memory system."""
+    lines = sass_text.splitlines()
+    labels = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = i
+    loops = []
+    for i, line in enumerate(lines):
+        m = re.search(r"\bBRA\b.*?(\.L_x_\d+)", line)
+        if not m or labels.get(m.group(1), i) >= i:
+            continue
+        counts: dict = {}
+        flop = 0
+        for body in lines[labels[m.group(1)]:i + 1]:
+            ins = _INSTR.match(body)
+            if ins is None:
+                continue
+            op = ins.group(1)
+            counts[op] = counts.get(op, 0) + 1
+            shape = _HGMMA.match(ins.group(2)) if op == "HGMMA" else None
+            if shape:
+                flop += 2 * int(shape.group(1)) * int(shape.group(2)) * int(shape.group(3))
+        instrs = sum(counts.values())
+        if instrs < 8:  # a trap or spin loop, not work
+            continue
+        row = {"label": m.group(1), "instrs": instrs, "mufu": counts.get("MUFU", 0),
+               "fp32": sum(counts.get(k, 0) for k in ("FFMA", "FMUL", "FADD")),
+               "spill": counts.get("LDL", 0) + counts.get("STL", 0), "hgmma_flop": flop,
+               "issue_clk": instrs * num_warps / ISSUE_PER_CLK,
+               "mufu_clk": counts.get("MUFU", 0) * 32 * num_warps / MUFU_PER_CLK,
+               "tensor_clk": flop * (num_warps / 4) / TENSOR_FLOP_PER_CLK}
+        row["bound"] = max(("issue", "mufu", "tensor"), key=lambda k: row[f"{k}_clk"])
+        loops.append(row)
+    return loops
 
 
 @contextlib.contextmanager
@@ -149,6 +217,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(bench.DTYPES), default="bfloat16")
     p.add_argument("--options", type=_parse_options, default={}, help="kernel_options, NAME=VALUE,...")
     p.add_argument("--forward-only", action="store_true")
+    p.add_argument("--loops", action="store_true",
+                   help="also each kernel loop's instructions per trip and its static floor (loop_mix)")
     args = p.parse_args(argv)
 
     dtype = bench.DTYPES[args.dtype]
@@ -167,6 +237,12 @@ def main(argv=None) -> int:
                 tiles = ",".join(f"{k}={v}" for k, v in r["tiles"].items())
                 print(f"{name:30s} {r['kernel']:22s} {tiles:28s} {r['num_warps']:5d} {r['num_stages']:6d} "
                       f"{r['regs']:4d} {r['spill_stores']:5d}/{r['spill_loads']:<5d} {r['shared']:7d}")
+                if args.loops:
+                    for loop in loop_mix(sass(r["ptx"]), r["num_warps"]):
+                        print(f"{'':30s}   loop {loop['label']:8s} {loop['instrs']:5d} instrs, {loop['mufu']:3d} MUFU, "
+                              f"{loop['fp32']:4d} FP32, {loop['spill']:3d} LDL/STL per thread; clocks: issue "
+                              f"{loop['issue_clk']:6.0f}  MUFU {loop['mufu_clk']:6.0f}  tensor {loop['tensor_clk']:6.0f}"
+                              f"  ({loop['bound']})")
     return 0
 
 
