@@ -24,7 +24,7 @@ _EXPORTS = {
                    "kernel_options", "Shape", "BlockSize"),
     "targets": ("Target", "TARGETS", "resolve_target", "best_device", "NotApplicable", "TargetError"),
     "properties": ("PROPERTIES", "METAMORPHIC", "Mismatch", "Outcome", "evaluate", "run_target",
-                   "relabel_full_as_partial", "reverse_block_order", "matches_oracle",
+                   "relabel_full_as_partial", "reverse_block_order", "matches_oracle", "out_alone_matches_oracle",
                    "full_blocks_as_partial_change_nothing", "block_order_changes_nothing",
                    "block_size_change_nothing", "options_change_nothing",
                    "lse_merge_of_disjoint_masks_equals_union", "ones_value_gives_one",

@@ -231,6 +231,21 @@ def matches_oracle(target, case: FlexCase, device=None) -> None:
                  f"target {target.name!r} disagrees with the float64 oracle", m.query.dtype)
 
 
+def out_alone_matches_oracle(target, case: FlexCase, device=None) -> None:
+    """Asked for ``out`` alone (no LSE, no max: the call a training step makes), the target's
+    out and gradients agree with the float64 oracle. A kernel may serve that call by another
+    path than the one ``matches_oracle`` checks (ours: a softcap's faster tanh in bf16 and fp16,
+    where no float32 result would show its error)."""
+    __tracebackhide__ = True
+    target, case, device = _setup(target, case.replace(grad_lse=False), device)
+    if not (target.returns_lse or target.returns_max):
+        raise NotApplicable(f"{target.name} returns out alone already: matches_oracle checks that call")
+    m = case.materialize(device)
+    alone = dataclasses.replace(target, returns_lse=False, returns_max=False)
+    _agree("out_alone_matches_oracle", "out alone asked for (no LSE, no max)", target, m,
+           run_target(alone, m, want_max=False), lambda: run_target(target, m, want_max=False))
+
+
 def relabel_full_as_partial(block_mask):
     """The same ``BlockMask`` with every full block listed as partial (no full lists)."""
     from torch.nn.attention.flex_attention import BlockMask
@@ -507,7 +522,7 @@ def runs_are_bit_identical(target, case: FlexCase, device=None) -> None:
 
 PROPERTIES: dict = {
     fn.__name__: fn for fn in (
-        matches_oracle, full_blocks_as_partial_change_nothing, block_order_changes_nothing,
+        matches_oracle, out_alone_matches_oracle, full_blocks_as_partial_change_nothing, block_order_changes_nothing,
         block_size_change_nothing,
         options_change_nothing, lse_merge_of_disjoint_masks_equals_union, ones_value_gives_one,
         gqa_equals_repeated_heads, broadcast_batch_equals_expanded, decode_equals_non_decode,
