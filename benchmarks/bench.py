@@ -456,7 +456,20 @@ def _compiled_flex(mode: Optional[str]):
     return _COMPILED[mode]
 
 
-def _torch_flex(mode: Optional[str]):
+def _ours_out(case: Case, score_mod, block_mask):
+    # The call a training step makes: out alone. The LSE stays inside for the backward; in bf16
+    # and fp16 the forward then takes the mods' cheaper formulas (kernels.api.DTYPE_ROUNDING).
+    import kernels
+
+    gqa = case.shape.gqa
+
+    def fn(q, k, v):
+        return kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
+    return fn
+
+
+def _torch_flex(mode: Optional[str], lse: bool = True):
+    # lse=False: called for out alone, as a training step calls it.
     def prepare(case: Case, score_mod, block_mask):
         if torch.device(_DEVICE[0]).type != "cuda":
             raise NotApplicable("torch.compile(flex_attention) runs on CUDA only here (on CPU, "
@@ -470,6 +483,8 @@ def _torch_flex(mode: Optional[str]):
         def fn(q, k, v):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                if not lse:
+                    return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
                 if aux is not None:
                     out, extra = compiled(q, k, v, score_mod=score_mod, block_mask=block_mask,
                                           enable_gqa=gqa, return_aux=aux)
@@ -573,6 +588,12 @@ IMPLS = {
                            "dS K into float32 dQ with atomics)"),
     "torch-compile": Impl("torch-compile", _torch_flex(None), True,
                           "torch.compile(flex_attention, dynamic=False), default mode"),
+    "ours-out": Impl("ours-out", _ours_out, False,
+                     "kernels.flex_attention called for out alone, as a training step calls it (in bf16 the "
+                     "softcap's cheaper tanh in the forward too; only with --impls)"),
+    "torch-compile-out": Impl("torch-compile-out", _torch_flex(None, lse=False), False,
+                              "torch.compile(flex_attention, dynamic=False) called for out alone (only with "
+                              "--impls)"),
     "torch-compile-max-autotune": Impl(
         "torch-compile-max-autotune", _torch_flex("max-autotune-no-cudagraphs"), True,
         "torch.compile(flex_attention, dynamic=False, mode='max-autotune-no-cudagraphs')", slow_compile=True),

@@ -5,16 +5,18 @@
 
 Every flag is bench.py's; this adds implementations that are ``ours`` with the softcap's
 tanh emitted another way (``tanh_softcap(cap)`` swapped for a subclass whose ``_emit``
-differs; the generated source differs, so each compiles on its own):
+differs; the generated source differs, so each compiles on its own; a subclass's formula is
+its forward's and its backward's alike):
 
 | impl | tanh(x), x = score / cap |
 | --- | --- |
-| ``ours`` | the kernels' own: Eigen's 13/6 rational, division by ``rcp.approx`` and a multiply |
+| ``ours`` | the kernels' own: Eigen's 13/6 rational, division by ``rcp.approx`` and a multiply; in bf16 / fp16 (the backward, and a forward that returns out alone, as bench.py times it) ``1 - 2 r``, ``r = rcp.approx(exp2(2 x log2 e) + 1)`` (``kernels.mods.TANH_FAST_ERR``) |
 | ``ours-fdiv`` | the same rational, division by ``tl.math.fdiv`` (``div.full.f32``), before 2026-12-03 |
 | ``ours-exp2`` | ``1 - 2 / (exp2(2 x log2 e) + 1)`` with ``fdiv`` |
 | ``ours-exp2rcp`` | the same with ``rcp.approx`` |
 | ``ours-hybrid`` | ``x P(x^2)`` (degree 4 fit) for ``|x| < 0.55``, else ``(1 - e) / (1 + e)``, ``e = exp2(-2|x| log2 e)`` |
 | ``ours-approx`` | ``tanh.approx.f32`` (one MUFU instruction) |
+| ``ours-rational`` | ``ours``' rational everywhere, in bf16 too (``ours`` before 2026-12-05) |
 
 On CUDA it first prints each formula's worst error in float32 ulps of float64 tanh over the
 4 million points of tests/test_kernels.py::test_gpu_softcap_tanh_accuracy (which holds the
@@ -94,8 +96,16 @@ class TanhApprox(M._TanhSoftcap):
         return g.tmp(f"{self.cap!r} * {th}")
 
 
+@dataclass(frozen=True, repr=False)
+class TanhRationalEverywhere(M._TanhSoftcap):
+    """The kernels' rational everywhere, bf16 included, as before 2026-12-05 (``ours`` then)."""
+
+    def fast(self, rounding: float) -> bool:
+        return False
+
+
 VARIANTS = {"ours-fdiv": TanhFdiv, "ours-exp2": TanhExp2, "ours-exp2rcp": TanhExp2Rcp,
-            "ours-hybrid": TanhHybrid, "ours-approx": TanhApprox}
+            "ours-hybrid": TanhHybrid, "ours-approx": TanhApprox, "ours-rational": TanhRationalEverywhere}
 
 
 def _swap(mod, cls):

@@ -732,19 +732,28 @@ def _cached_block_lists(block_mask, B, Hq, L, S, device) -> Sparse:
 
 _PROGRAM_CACHE: dict = {}
 
+# The rounding (compile_mods) of the mods where no float32 result comes of them, by the
+# inputs' dtype: the unit roundoff of bf16 and fp16. The backward always: dq, dk and dv are
+# rounded to it, and P and dS before their products. The forward when the call returns out
+# alone: out is rounded to it, and the LSE kept for the backward is read only by the backward.
+# A call that returns the LSE or the row max (float32 results) gets the exact mods, and float32
+# inputs get them everywhere. On the CPU (interpreter) the same choice, so that the CPU tests
+# check the code the GPU runs.
+DTYPE_ROUNDING = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
-def _cached_program(score, mask, interpret: bool) -> ModProgram:
-    """``compile_mods`` once per pair of mod objects: generating and hashing the
-    Triton source costs more host time than a whole decode step's kernels.
+
+def _cached_program(score, mask, interpret: bool, rounding: float = 0.0) -> ModProgram:
+    """``compile_mods`` once per pair of mod objects (and ``rounding``): generating and
+    hashing the Triton source costs more host time than a whole decode step's kernels.
     Mods are immutable and the entry holds them, so their ids stay theirs; the
     tables they capture are read through the program's buffers on every call,
     so in-place updates of a learnable table are still seen."""
-    key = (id(score), id(mask), interpret)
+    key = (id(score), id(mask), interpret, rounding)
     hit = _PROGRAM_CACHE.get(key)
     # The source depends on which tables require grad and on their shapes (strides are baked in).
     if hit is not None and hit[0] is score and hit[1] is mask and hit[3] == _table_state(hit[2]):
         return hit[2]
-    program = compile_mods(score, mask, interpret=interpret)
+    program = compile_mods(score, mask, interpret=interpret, rounding=rounding)
     _PROGRAM_CACHE[key] = (score, mask, program, _table_state(program))
     while len(_PROGRAM_CACHE) > 64:
         _PROGRAM_CACHE.pop(next(iter(_PROGRAM_CACHE)))
@@ -812,6 +821,12 @@ class Plan:
     # backward refinement took them (AUTO_REFINE_BWD; None: backward_sparse).
     sparse_dq: Optional[Sparse] = None
     sparse_dkdv: Optional[Sparse] = None
+    # The backward's mods, compiled with DTYPE_ROUNDING's rounding (None: program).
+    program_bwd: Optional[ModProgram] = None
+
+    @property
+    def backward_program(self) -> ModProgram:
+        return self.program_bwd if self.program_bwd is not None else self.program
 
     @property
     def backward_sparse(self) -> Sparse:
@@ -947,6 +962,12 @@ def flex_attention(
     log, float32) if ``return_lse`` and the row max (float32) if ``return_max``.
     Fully masked rows give 0 and -inf, and zero gradients.
 
+    Precision: in bf16 and fp16, the backward and a forward that returns out alone compute a
+    ``tanh_softcap``'s tanh by a cheaper formula, within 3e-7 of tanh (``kernels.mods.
+    TANH_FAST_ERR``: under a hundredth of the rounding the results get; ``DTYPE_ROUNDING``).
+    A call that returns the LSE or the max, whose float32 values would show it, and every
+    float32 call keep the float32-accurate rational.
+
     ``kernel_options`` takes PyTorch's names (SPEC section 5) and three of ours: ``SPLIT_KV``
     (the decode kernel's number of key splits), ``REFINE_KV_BLOCK`` and ``REFINE_Q_BLOCK``
     (powers of two dividing the block mask's KV_BLOCK / Q_BLOCK: the forward's block lists are
@@ -983,6 +1004,12 @@ def flex_attention(
             if refined is not None:
                 sparse, auto = refined, True
     program = _cached_program(score, mask, interpret)
+    program_bwd = None
+    rounding = DTYPE_ROUNDING.get(query.dtype, 0.0)
+    if rounding and program.has_score:  # the same program without a score mod
+        program_bwd = _cached_program(score, mask, interpret, rounding)
+        if not (return_lse or return_max):
+            program = program_bwd
     options = _cached_options(
         kernel_options, dtype=query.dtype, head_dim=max(E, Ev), q_block=sparse.q_block,
         kv_block=sparse.kv_block, device=device, interpret=interpret,
@@ -1002,7 +1029,8 @@ def flex_attention(
     plan = Plan(
         B=B, Hq=Hq, Hkv=Hkv, Bk=Bk, L=L, S=S, E=E, Ev=Ev,
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(E),
-        program=program, sparse=sparse, sparse_bwd=sparse_bwd, sparse_dq=sparse_dq, sparse_dkdv=sparse_dkdv,
+        program=program, program_bwd=program_bwd, sparse=sparse, sparse_bwd=sparse_bwd, sparse_dq=sparse_dq,
+        sparse_dkdv=sparse_dkdv,
         options=options, interpret=interpret,
         fp32_precision="ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32",
         return_max=return_max,

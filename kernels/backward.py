@@ -15,6 +15,14 @@ Two kernels, and with ``CONCURRENT`` (the default) a third before them:
 
 Probabilities are recomputed from the stored LSE (base 2 inside the kernels).
 
+The mods run as ``Plan.backward_program``: in bf16 and fp16 compiled with the rounding of
+``kernels.api.DTYPE_ROUNDING`` (as the forward's are when it returns out alone), where a
+softcap's tanh comes from exp2 and one reciprocal
+(``kernels.mods.TANH_FAST_ERR``; 3e-7 absolute at most, against the 2**-8 to which P, dS and the
+gradients are rounded): 9 instructions per score where Eigen's rational took 20, so that on
+sm_90 the softcap's dQ loop went from 982 instructions per step to 629 and the dK/dV loop from
+1,103 to 746 (docs/PERFORMANCE.md, twenty-second session).
+
 With ``DQ_ATOMIC`` (off by default, not yet timed on a GPU) there is no dQ kernel: after
 delta_kernel, the dK/dV kernel also adds each tile's dS K into a float32 dQ with atomic adds.
 
@@ -486,7 +494,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     from .api import _empty_like_layout
 
     B, Hq, Hkv, L, S, E, Ev = plan.B, plan.Hq, plan.Hkv, plan.L, plan.S, plan.E, plan.Ev
-    opt, prog = plan.options, plan.program
+    opt, prog = plan.options, plan.backward_program
     dev = query.device
     if dout is None:
         dout = torch.zeros_like(out)

@@ -47,11 +47,13 @@ MAX_BUFFERS = 4
 class _Gen:
     """Collects the statements of one generated Triton function."""
 
-    def __init__(self, buffers: list, interpret: bool = False, gluon: bool = False):
+    def __init__(self, buffers: list, interpret: bool = False, gluon: bool = False, rounding: float = 0.0):
         self.lines: list[str] = []
         self.buffers = buffers  # shared by the mask and score functions of one program
         self.interpret = interpret  # for the Triton interpreter: no inline PTX
         self.gluon = gluon  # gluon_functions: 1D row and column loads (load below)
+        self.rounding = rounding  # compile_mods' rounding: what a cheaper formula may cost
+        self.notes: dict = {}  # a mod's intermediates by its output's name, for its _emit_grad
         self._n = 0
 
     def tmp(self, expr: str) -> str:
@@ -136,15 +138,24 @@ _PROGRAMS: dict = {}
 
 
 def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"], *,
-                 interpret: bool = False) -> ModProgram:
+                 interpret: bool = False, rounding: float = 0.0) -> ModProgram:
     """Generate (or fetch from the cache) the Triton functions for the two mods.
 
     ``interpret`` asks for functions the Triton interpreter can call (CPU tensors).
+
+    ``rounding``: the unit roundoff of the dtype that every value computed from these
+    functions is rounded to before it reaches an output, or 0 (the default: some result
+    reaches a float32 output, as the forward's LSE does). A mod may then emit a cheaper
+    formula whose error bound is at most ``rounding / 100`` in the modded score
+    (``tanh_softcap``, ``TANH_FAST_ERR``). ``kernels.api.DTYPE_ROUNDING`` asks for it in bf16
+    and fp16: in the backward, where dq, dk and dv are rounded to the inputs' dtype and P and
+    dS before their products, and in a forward that returns out alone. A program with a
+    learnable captured tensor ignores it: that tensor's gradient is a float32 output.
     """
     buffers: list = []
     mask_gen = _Gen(buffers, interpret)
     mask_out = mask_mod._emit(mask_gen) if mask_mod is not None else "True"
-    fwd = _Gen(buffers, interpret)
+    fwd = _Gen(buffers, interpret, rounding=rounding)
     chain_vals = []
     s = "score"
     mods = _flatten_chain(score_mod)
@@ -155,7 +166,7 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
     score_out = s
 
     # Backward: recompute forward values, then sweep the chain in reverse.
-    bwd = _Gen(buffers, interpret)
+    bwd = _Gen(buffers, interpret, rounding=rounding)
     vals = []
     s = "score"
     for mod in mods:
@@ -170,6 +181,8 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
             grad = bwd.tmp(f"{grad} * {local}")
 
     learnable = [k for k, t in enumerate(buffers) if t.requires_grad]
+    if learnable and rounding:
+        return compile_mods(score_mod, mask_mod, interpret=interpret)
     fns = [
         _function("mask_fn", f"b, h, m, n, {_BUF_ARGS}", mask_gen.lines, mask_out),
         _function("score_fn", f"score, b, h, m, n, {_BUF_ARGS}", fwd.lines, score_out),
@@ -971,6 +984,24 @@ TANH_NUM = ("-2.76076847742355e-16", "2.00018790482477e-13", "-8.60467152213735e
             "1.48572235717979e-05", "6.37261928875436e-04", "4.89352455891786e-03")
 TANH_DEN = ("1.19825839466702e-06", "1.18534705686654e-04", "2.26843463243900e-03", "4.89352518554385e-03")
 
+# The fast tanh of a program compiled with a rounding (compile_mods), from exp2 and one
+# reciprocal: e = exp2(2 x log2(e)), r = 1 / (1 + e), tanh(x) = 1 - 2 r and its derivative
+# 1 - tanh(x)**2 = 4 r (1 - r), where 1 - r is exact for r >= 1/2 and r keeps its relative
+# accuracy for r < 1/2, so that only r stays live between the two. On the GPU e is ex2.approx
+# (2 ulps at most) and the reciprocal rcp.approx (1 ulp): with u = 2**-24, r is off by at most
+# r (2 (1 - r) + 0.5 + 1) u <= 2 u, so tanh by 4 u, plus (1 - tanh**2) |x| u <= 0.45 u from the
+# rounding of the exponent's argument (any formula has that one) and 0.5 u from the last
+# rounding: 5 u = 3e-7 in all; the derivative by about twice that. That absolute error is far
+# from x's own rounding where |x| is small (the relative error that makes it no formula for
+# the forward's float32 LSE), and harmless where every result is rounded to bf16: the
+# backward's 9 instructions per score against the rational's 20 (sm_90 SASS, kernels/
+# backward.py). TANH_FAST_ERR bounds it with room; a softcap takes the formula when
+# cap * TANH_FAST_ERR, its bound in the modded score, is at most rounding / 100: cap <= 78 in
+# bf16, cap <= 9.7 in fp16. tests/test_kernels.py holds the compiled formula to the bound (the
+# interpreter's 3 u and 6 u for tanh and its derivative, from 1e-9 to 200).
+TANH_FAST_ERR = 5e-7
+_TWO_LOG2E = 2.0 * 1.4426950408889634
+
 
 def _horner(coefs, x: str) -> str:
     """The polynomial with ``coefs`` (highest power first) at ``x``, as Horner's expression."""
@@ -994,7 +1025,29 @@ class _TanhSoftcap(ScoreMod):
     def __call__(self, score, b, h, q_idx, kv_idx):
         return self.cap * torch.tanh(score / self.cap)
 
+    def fast(self, rounding: float) -> bool:
+        """Whether a program compiled with ``rounding`` (compile_mods) computes this softcap's
+        tanh by the fast formula (TANH_FAST_ERR)."""
+        return rounding > 0 and self.cap * TANH_FAST_ERR <= rounding / 100
+
+    def _emit_fast(self, g, s):
+        # No clamp: where exp2 overflows to inf, r = 0, tanh = 1 and the derivative 0, as they
+        # should; where it underflows to 0, r = 1, tanh = -1 and the derivative 0.
+        arg = f"{s} * {_TWO_LOG2E / self.cap!r}"
+        if g.interpret:  # the same values without NumPy's overflow warning (exp2(126) is 8.5e37)
+            e = g.tmp(f"tl.math.exp2(tl.minimum({arg}, 126.0))")
+            r = g.tmp(f"1.0 / ({e} + 1.0)")
+        else:
+            e = g.tmp(f"tl.math.exp2({arg})")
+            r = g.tmp('tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", '
+                      f'[{e} + 1.0], dtype=tl.float32, is_pure=True, pack=1)')
+        out = g.tmp(f"{self.cap!r} - {2.0 * self.cap!r} * {r}")  # cap * (1 - 2 r)
+        g.notes[out] = r
+        return out
+
     def _emit(self, g, s):
+        if self.fast(g.rounding):
+            return self._emit_fast(g, s)
         # tanh as a 13/6 rational function of the clamped argument (Eigen's
         # fast tanh): multiply-adds and one reciprocal, no library call.
         # tests/test_kernels.py::test_gpu_softcap_tanh_accuracy holds the
@@ -1022,6 +1075,9 @@ class _TanhSoftcap(ScoreMod):
         return g.tmp(f"{self.cap!r} * {th}")
 
     def _emit_grad(self, g, s, out):
+        if out in g.notes:  # the fast formula's: 1 - tanh**2 = 4 r (1 - r), 1 - r exact for r >= 1/2
+            r = g.notes[out]
+            return g.tmp(f"(4.0 * {r}) * (1.0 - {r})")
         th = g.tmp(f"{out} * {1.0 / self.cap!r}")
         return g.tmp(f"1.0 - {th} * {th}")
 

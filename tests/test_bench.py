@@ -438,8 +438,10 @@ def test_ours_refined_asks_for_refined_lists_only_with_a_block_mask(monkeypatch)
 
 def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
     """benchmarks/softcap_tanh.py: ours with the softcap's tanh emitted another way, in bench.py's
-    dry run (the interpreter runs no inline PTX, so the fdiv and exp2 variants only), each
-    checked against the oracle; every variant's generated score function differs from ours."""
+    dry run (the interpreter runs no inline PTX, so the fdiv, exp2 and rational variants
+    only), and bench.py's ours-out (out alone: the forward's fast tanh), each checked against
+    the oracle; every variant's generated score function differs from ours (ours-rational's
+    only where bf16 takes the fast tanh)."""
     from kernels import mods
 
     spec = importlib.util.spec_from_file_location("flex_oracle_softcap_tanh", ROOT / "benchmarks" / "softcap_tanh.py")
@@ -448,9 +450,14 @@ def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
     spec.loader.exec_module(module)
     ours = mods.compile_mods(mods.tanh_softcap(30.0), None).source
     assert "rcp.approx" in ours and "fdiv" not in ours.split("def score_fn")[1].split("def score_bwd_fn")[0]
-    sources = {name: mods.compile_mods(cls(30.0), None).source for name, cls in module.VARIANTS.items()}
+    sources = {name: mods.compile_mods(cls(30.0), None).source for name, cls in module.VARIANTS.items()
+               if name != "ours-rational"}
     assert len(set(sources.values()) | {ours}) == len(sources) + 1
     assert "tanh.approx.f32" in sources["ours-approx"] and "fdiv" in sources["ours-fdiv"]
+    # ours-rational: the rational wherever ours takes exp2 (bf16 with out alone, and the backward)
+    rational = module.VARIANTS["ours-rational"](30.0)
+    assert mods.compile_mods(rational, None, rounding=2.0 ** -8).source == ours
+    assert mods.compile_mods(mods.tanh_softcap(30.0), None, rounding=2.0 ** -8).source != ours
 
     path = tmp_path / "tanh.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -458,12 +465,14 @@ def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
     env.pop("OUT", None)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "softcap_tanh.py"), "--device", "cpu", "--quick",
-         "--impls", "ours,ours-fdiv,ours-exp2", "--masks", "softcap", "--no-decode", "--json", str(path)],
+         "--impls", "ours,ours-fdiv,ours-exp2,ours-rational,ours-out", "--masks", "softcap", "--no-decode",
+         "--json", str(path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, f"exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     results = json.loads(path.read_text())["cases"][0]["results"]
-    assert {r["impl"]: r["status"] for r in results} == {"ours": "ok", "ours-fdiv": "ok", "ours-exp2": "ok"}
+    assert {r["impl"]: r["status"] for r in results} == {"ours": "ok", "ours-fdiv": "ok", "ours-exp2": "ok",
+                                                          "ours-rational": "ok", "ours-out": "ok"}
 
 
 # --------------------------------------------------------------------------

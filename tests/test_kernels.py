@@ -764,29 +764,158 @@ def test_tiles_too_large_name_the_callers_options(monkeypatch):
     assert outcome.status == "skipped" and "BLOCK_M1=128" in outcome.reason, outcome
 
 
-@pytest.mark.gpu
-def test_gpu_softcap_tanh_accuracy():
-    """The softcap's compiled tanh (a rational function and rcp.approx) stays within
-    8 float32 ulps of float64 tanh over 4 million points, small arguments included (the
-    exp2 formula it replaced lost 1e-5 relative near 0, which a float32 LSE check catches)."""
+def _softcap_points(device, scale: int = 1) -> torch.Tensor:
+    """4 million float32 arguments for a tanh (``scale`` divides the count): [-12, 12]
+    evenly, 1e-9 to 1 logarithmically on both sides, and out to 200 where exp2 overflows."""
+    big = torch.linspace(-12.0, 12.0, (1 << 21) // scale, dtype=torch.float64)
+    small = torch.logspace(-9, 0, (1 << 20) // scale, dtype=torch.float64)
+    far = torch.linspace(12.0, 200.0, (1 << 12) // scale, dtype=torch.float64)
+    return torch.cat([big, small, -small, far, -far]).to(torch.float32).to(device)
+
+
+def _softcap_fns(x: torch.Tensor, cap: float, rounding: float = 0.0):
+    """``tanh_softcap(cap)``'s compiled ``score_fn`` and its derivative (``score_bwd_fn`` at
+    dt = 1) at the scores ``x``, by Triton on x's device (the interpreter on the CPU)."""
     import triton
     import triton.language as tl
 
     from kernels.mods import compile_mods
 
     @triton.jit
-    def apply(X, Y, N, FN: tl.constexpr, B0, B1, B2, B3, BLOCK: tl.constexpr):
+    def apply(X, Y, DY, N, FN: tl.constexpr, BWD_FN: tl.constexpr, B0, B1, B2, B3, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(X + offs, mask=offs < N, other=0.0)
         tl.store(Y + offs, FN(x, 0, 0, offs, offs, B0, B1, B2, B3), mask=offs < N)
+        one = tl.full([BLOCK], 1.0, tl.float32)
+        grad = BWD_FN(x, one, 0, 0, offs, offs, offs < N, B0, B1, B2, B3, B0, B1, B2, B3, False)
+        tl.store(DY + offs, grad, mask=offs < N)
 
-    prog = compile_mods(mods.tanh_softcap(1.0), None)
-    big = torch.linspace(-12.0, 12.0, 1 << 21, dtype=torch.float64)
-    small = torch.logspace(-9, 0, 1 << 20, dtype=torch.float64)
-    x = torch.cat([big, small, -small]).to(torch.float32).cuda()
-    y = torch.empty_like(x)
+    prog = compile_mods(mods.tanh_softcap(cap), None, interpret=x.device.type == "cpu", rounding=rounding)
+    y, dy = torch.empty_like(x), torch.empty_like(x)
     dummy = x[:1]
-    apply[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), prog.score_fn, dummy, dummy, dummy, dummy, BLOCK=1024)
+    block = 1024 if x.is_cuda else 1 << 16
+    apply[(triton.cdiv(x.numel(), block),)](x, y, dy, x.numel(), prog.score_fn, prog.score_bwd_fn,
+                                            dummy, dummy, dummy, dummy, BLOCK=block)
+    return prog, y, dy
+
+
+def _fast_tanh_errors(device, scale: int = 1):
+    """The backward's fast tanh (bf16's rounding, cap 1): its worst absolute errors in tanh
+    and in 1 - tanh**2 against float64, and the program's source."""
+    x = _softcap_points(device, scale)
+    prog, y, dy = _softcap_fns(x, 1.0, rounding=2.0 ** -8)
+    ref = torch.tanh(x.double())
+    return ((y.double() - ref).abs().max().item(), (dy.double() - (1 - ref * ref)).abs().max().item(),
+            prog.source)
+
+
+def test_softcap_fast_tanh_only_where_the_rounding_hides_it():
+    """``compile_mods(..., rounding=...)``: a softcap computes its tanh from exp2 and one
+    reciprocal when ``cap * TANH_FAST_ERR`` is at most ``rounding / 100`` (bf16's 2**-8: cap up
+    to 78; fp16's 2**-11: cap up to 9.7), never without a rounding (the forward: its LSE is a
+    float32 output) nor with a learnable table (its gradient is a float32 output)."""
+    from kernels.mods import compile_mods
+
+    def fast(score_mod, rounding):
+        return "exp2" in compile_mods(score_mod, None, rounding=rounding).source
+
+    assert not fast(mods.tanh_softcap(30.0), 0.0)
+    assert fast(mods.tanh_softcap(30.0), 2.0 ** -8) and fast(mods.tanh_softcap(78.0), 2.0 ** -8)
+    assert not fast(mods.tanh_softcap(80.0), 2.0 ** -8)
+    assert fast(mods.tanh_softcap(9.5), 2.0 ** -11) and not fast(mods.tanh_softcap(30.0), 2.0 ** -11)
+    assert fast(mods.chain(mods.alibi.standard(2), mods.tanh_softcap(4.0)), 2.0 ** -8)
+    table = mods.bias.from_seed([2], seed=4, layout="h", requires_grad=True)
+    assert not fast(mods.chain(table, mods.tanh_softcap(3.0)), 2.0 ** -8)
+    assert fast(mods.chain(mods.bias.from_seed([2], seed=4, layout="h"), mods.tanh_softcap(3.0)), 2.0 ** -8)
+
+
+@pytest.mark.parametrize("dtype,fast", [(torch.bfloat16, True), (torch.float16, True), (torch.float32, False),
+                                        ("learnable", False)], ids=str)
+def test_backward_compiles_its_mods_with_the_dtypes_rounding(dtype, fast, monkeypatch):
+    """``kernels.flex_attention``'s backward runs the mods compiled with
+    ``kernels.api.DTYPE_ROUNDING`` of the inputs' dtype (the fast tanh in bf16 and fp16),
+    its forward the exact ones; a float32 call and a learnable table keep the exact ones."""
+    from kernels import _runtime
+
+    backward = _runtime.module("backward")
+    seen = []
+
+    def spy(plan, *args, **kwargs):
+        seen.append((plan.program.source, plan.backward_program.source))
+        return run(plan, *args, **kwargs)
+
+    run = backward.run_backward
+    monkeypatch.setattr(backward, "run_backward", spy)
+    score_mod = mods.tanh_softcap(5.0)
+    if dtype == "learnable":
+        table = mods.bias.from_seed([2], seed=4, layout="h", requires_grad=True)
+        score_mod, dtype = mods.chain(table, score_mod), torch.bfloat16
+    check(L=40, S=40, dtype=dtype, score_mod=score_mod, mask_mod=mods.causal())
+    assert seen, "no backward ran"
+    forward_source, backward_source = seen[-1]
+    assert "exp2" not in forward_source
+    assert ("exp2" in backward_source) == fast
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_forward_of_out_alone_takes_the_fast_tanh_and_matches_the_oracle(dtype, monkeypatch):
+    """A bf16 or fp16 call that returns out alone runs its forward with the mods of
+    ``kernels.api.DTYPE_ROUNDING`` (the fast tanh), the forward and the decode kernel alike, and
+    its out and gradients agree with the float64 oracle (``out_alone_matches_oracle``); a
+    float32 call keeps the exact mods."""
+    from kernels import api
+    from properties import FlexCase, out_alone_matches_oracle
+
+    seen = []
+    use_decode = api.use_decode
+
+    def spy(plan):
+        seen.append((plan.L, plan.program.source))
+        return use_decode(plan)
+
+    monkeypatch.setattr(api, "use_decode", spy)
+    for L in (40, 130):  # the decode kernel (L < 128) and the forward kernel
+        case = FlexCase(B=1, Hq=2, Hkv=1, Bk=1, L=L, S=70, E=16, Ev=16, dtype=dtype, seed=1,
+                        score=mods.tanh_softcap(5.0).spec(), mask=mods.causal().spec(), block_size=(32, 32))
+        out_alone_matches_oracle("kernels", case, "cpu")
+    assert {L for L, _ in seen} == {40, 130}
+    assert all(("exp2" in source) == (dtype != "float32") for _, source in seen)
+
+
+def test_softcap_fast_tanh_error_bound_in_the_interpreter():
+    """The fast tanh's formula, run by the interpreter (numpy's exp2 and an IEEE division
+    where the GPU has ex2.approx and rcp.approx), within ``TANH_FAST_ERR`` of float64's tanh
+    and its derivative within twice that, from 1e-9 to past exp2's overflow.
+    ``test_gpu_softcap_fast_tanh_error_bound`` holds the GPU's instructions to the same."""
+    from kernels.mods import TANH_FAST_ERR
+
+    err, derr, source = _fast_tanh_errors("cpu", scale=16)
+    assert "exp2" in source
+    assert err <= TANH_FAST_ERR, f"fast tanh: {err:.3g} from float64 tanh, bound {TANH_FAST_ERR:g}"
+    assert derr <= 2 * TANH_FAST_ERR, f"fast tanh's derivative: {derr:.3g} from float64, bound {2 * TANH_FAST_ERR:g}"
+
+
+@pytest.mark.gpu
+def test_gpu_softcap_fast_tanh_error_bound():
+    """The backward's fast tanh on the GPU (ex2.approx, rcp.approx): within ``TANH_FAST_ERR``
+    (absolute) of float64 tanh over the 4 million points, its derivative within twice that,
+    the bound ``kernels.mods`` derives from the instructions' documented errors."""
+    from kernels.mods import TANH_FAST_ERR
+
+    err, derr, source = _fast_tanh_errors("cuda")
+    assert "rcp.approx" in source
+    assert err <= TANH_FAST_ERR, f"fast tanh: {err:.3g} from float64 tanh, bound {TANH_FAST_ERR:g}"
+    assert derr <= 2 * TANH_FAST_ERR, f"fast tanh's derivative: {derr:.3g} from float64, bound {2 * TANH_FAST_ERR:g}"
+
+
+@pytest.mark.gpu
+def test_gpu_softcap_tanh_accuracy():
+    """The softcap's compiled tanh (a rational function and rcp.approx) stays within
+    8 float32 ulps of float64 tanh over 4 million points, small arguments included (the
+    exp2 formula it replaced lost 1e-5 relative near 0, which a float32 LSE check catches;
+    the backward takes that one in bf16 and fp16, ``test_gpu_softcap_fast_tanh_error_bound``)."""
+    x = _softcap_points("cuda")
+    _, y, _ = _softcap_fns(x, 1.0)
     ref = torch.tanh(x.double())
     ulp = torch.finfo(torch.float32).eps * ref.abs().clamp_min(torch.finfo(torch.float32).tiny)
     worst = ((y.double() - ref).abs() / ulp).max().item()
