@@ -800,8 +800,8 @@ def _softcap_fns(x: torch.Tensor, cap: float, rounding: float = 0.0):
 
 
 def _fast_tanh_errors(device, scale: int = 1):
-    """The backward's fast tanh (bf16's rounding, cap 1): its worst absolute errors in tanh
-    and in 1 - tanh**2 against float64, and the program's source."""
+    """The fast tanh (bf16's rounding, cap 1): its worst absolute errors in tanh and in
+    1 - tanh**2 against float64, and the program's source."""
     x = _softcap_points(device, scale)
     prog, y, dy = _softcap_fns(x, 1.0, rounding=2.0 ** -8)
     ref = torch.tanh(x.double())
@@ -812,8 +812,9 @@ def _fast_tanh_errors(device, scale: int = 1):
 def test_softcap_fast_tanh_only_where_the_rounding_hides_it():
     """``compile_mods(..., rounding=...)``: a softcap computes its tanh from exp2 and one
     reciprocal when ``cap * TANH_FAST_ERR`` is at most ``rounding / 100`` (bf16's 2**-8: cap up
-    to 78; fp16's 2**-11: cap up to 9.7), never without a rounding (the forward: its LSE is a
-    float32 output) nor with a learnable table (its gradient is a float32 output)."""
+    to 78; fp16's 2**-11: cap up to 9.7), never without a rounding (a call that returns the
+    float32 LSE, and float32 inputs) nor with a learnable table (its gradient is a float32
+    output)."""
     from kernels.mods import compile_mods
 
     def fast(score_mod, rounding):
@@ -885,8 +886,9 @@ def test_forward_of_out_alone_takes_the_fast_tanh_and_matches_the_oracle(dtype, 
 def test_softcap_fast_tanh_error_bound_in_the_interpreter():
     """The fast tanh's formula, run by the interpreter (numpy's exp2 and an IEEE division
     where the GPU has ex2.approx and rcp.approx), within ``TANH_FAST_ERR`` of float64's tanh
-    and its derivative within twice that, from 1e-9 to past exp2's overflow.
-    ``test_gpu_softcap_fast_tanh_error_bound`` holds the GPU's instructions to the same."""
+    and its derivative within twice that, from 1e-9 to 200 (the GPU's exp2 overflows past 44,
+    the interpreter's argument stops at 126). ``test_gpu_softcap_fast_tanh_error_bound`` holds
+    the GPU's instructions to the same."""
     from kernels.mods import TANH_FAST_ERR
 
     err, derr, source = _fast_tanh_errors("cpu", scale=16)
