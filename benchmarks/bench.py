@@ -376,14 +376,17 @@ class Impl:
     refusal_is_na: bool = False  # SDPA: "No available kernel" means it cannot express the case
 
 
-def _ours(case: Case, score_mod, block_mask, kernel_options=None):
+def _ours(case: Case, score_mod, block_mask, kernel_options=None, lse: bool = True):
+    # lse=False: called for out alone, as a training step calls it. The LSE then stays inside for
+    # the backward, and in bf16 and fp16 the forward takes the mods' cheaper formulas
+    # (kernels.api.DTYPE_ROUNDING).
     import kernels
 
     gqa = case.shape.gqa
 
     def fn(q, k, v):
         return kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                      enable_gqa=gqa, return_lse=True, kernel_options=kernel_options)
+                                      enable_gqa=gqa, return_lse=lse, kernel_options=kernel_options)
     return fn
 
 
@@ -457,15 +460,7 @@ def _compiled_flex(mode: Optional[str]):
 
 
 def _ours_out(case: Case, score_mod, block_mask):
-    # The call a training step makes: out alone. The LSE stays inside for the backward; in bf16
-    # and fp16 the forward then takes the mods' cheaper formulas (kernels.api.DTYPE_ROUNDING).
-    import kernels
-
-    gqa = case.shape.gqa
-
-    def fn(q, k, v):
-        return kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
-    return fn
+    return _ours(case, score_mod, block_mask, lse=False)
 
 
 def _torch_flex(mode: Optional[str], lse: bool = True):

@@ -10,7 +10,7 @@ its forward's and its backward's alike):
 
 | impl | tanh(x), x = score / cap |
 | --- | --- |
-| ``ours`` | the kernels' own: Eigen's 13/6 rational, division by ``rcp.approx`` and a multiply; in bf16 / fp16 (the backward, and a forward that returns out alone, as bench.py times it) ``1 - 2 r``, ``r = rcp.approx(exp2(2 x log2 e) + 1)`` (``kernels.mods.TANH_FAST_ERR``) |
+| ``ours`` | the kernels' own: Eigen's 13/6 rational, division by ``rcp.approx`` and a multiply; in bf16 / fp16 (the backward, and a forward that returns out alone: bench.py's ``ours-out``, not ``ours``, which asks for the LSE) ``1 - 2 r``, ``r = rcp.approx(exp2(2 x log2 e) + 1)`` (``kernels.mods.TANH_FAST_ERR``) |
 | ``ours-fdiv`` | the same rational, division by ``tl.math.fdiv`` (``div.full.f32``), before 2026-12-03 |
 | ``ours-exp2`` | ``1 - 2 / (exp2(2 x log2 e) + 1)`` with ``fdiv`` |
 | ``ours-exp2rcp`` | the same with ``rcp.approx`` |

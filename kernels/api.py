@@ -1006,7 +1006,7 @@ def flex_attention(
     program = _cached_program(score, mask, interpret)
     program_bwd = None
     rounding = DTYPE_ROUNDING.get(query.dtype, 0.0)
-    if rounding and program.has_score:  # the same program without a score mod
+    if rounding and program.has_score:  # (a mask alone compiles the same at any rounding)
         program_bwd = _cached_program(score, mask, interpret, rounding)
         if not (return_lse or return_max):
             program = program_bwd
