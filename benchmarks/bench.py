@@ -433,6 +433,8 @@ _ours_one_stream = _ours_with("backward", "SIDE_KERNEL", None)
 _ours_bwd_unrefined = _ours_with("api", "AUTO_REFINE_BWD", False)
 # No dQ kernel: the dK/dV kernel adds dQ with atomics (kernels.backward.DQ_ATOMIC).
 _ours_dq_atomic = _ours_with("backward", "DQ_ATOMIC", True)
+# The forward's partial and full blocks in one loop (kernels.forward.ONE_LOOP).
+_ours_one_loop = _ours_with("forward", "ONE_LOOP", True)
 
 
 _COMPILED: dict = {}
@@ -581,6 +583,9 @@ IMPLS = {
     "ours-dq-atomic": Impl("ours-dq-atomic", _ours_dq_atomic, True,
                            "kernels.flex_attention with backward.DQ_ATOMIC (no dQ kernel: the dK/dV kernel adds "
                            "dS K into float32 dQ with atomics)"),
+    "ours-one-loop": Impl("ours-one-loop", _ours_one_loop, True,
+                          "kernels.flex_attention with forward.ONE_LOOP (one forward loop over a query tile's "
+                          "partial and full blocks)"),
     "torch-compile": Impl("torch-compile", _torch_flex(None), True,
                           "torch.compile(flex_attention, dynamic=False), default mode"),
     "ours-out": Impl("ours-out", _ours_out, False,

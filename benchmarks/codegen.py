@@ -12,6 +12,7 @@ before any device time is spent. Nothing is timed and nothing runs: the outputs 
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks softcap --options BLOCK_M1=64,BLOCK_N1=64
     TRITON_INTERPRET=0 python benchmarks/codegen.py --decode-seqlens 32k
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks softcap --loops   # + SASS per loop trip
+    TRITON_INTERPRET=0 python benchmarks/codegen.py --masks document --loops --one-loop --forward-only
 
 The interpreter must be off (``TRITON_INTERPRET=0``): under it every ``triton.jit``
 function is an interpreted one, which cannot compile. ``tests/codegen.py`` (run by
@@ -87,7 +88,9 @@ def loop_mix(sass_text: str, num_warps: int) -> list:
     the tensor cores' FLOP of its HGMMA instructions per warpgroup; then the trip's clocks per
     multiprocessor at sm_90's rates for a CTA of ``num_warps`` warps alone on it: ``issue_clk``,
     ``mufu_clk`` and ``tensor_clk``, and ``bound``, the largest's name. A static floor, not a
-    time: it leaves out latencies, dependencies and the memory system."""
+    time: it leaves out latencies, dependencies and the memory system. ``skippable`` lists the
+    instructions of each forward branch inside the trip (code a trip may jump over, such as
+    ``kernels.forward.ONE_LOOP``'s mask of partial blocks); the counts above include them."""
     lines = sass_text.splitlines()
     labels = {}
     for i, line in enumerate(lines):
@@ -113,7 +116,12 @@ def loop_mix(sass_text: str, num_warps: int) -> list:
         instrs = sum(counts.values())
         if instrs < 8:  # a trap or spin loop, not work
             continue
-        row = {"label": m.group(1), "instrs": instrs, "mufu": counts.get("MUFU", 0),
+        skippable = []
+        for j in range(labels[m.group(1)], i):
+            jump = re.search(r"@!?U?P\w+\s+BRA\b.*?(\.L_x_\d+)", lines[j])
+            if jump and j < labels.get(jump.group(1), -1) < i:
+                skippable.append(sum(1 for body in lines[j + 1:labels[jump.group(1)]] if _INSTR.match(body)))
+        row = {"label": m.group(1), "instrs": instrs, "mufu": counts.get("MUFU", 0), "skippable": skippable,
                "fp32": sum(counts.get(k, 0) for k in ("FFMA", "FMUL", "FADD")),
                "spill": counts.get("LDL", 0) + counts.get("STL", 0), "hgmma_flop": flop,
                "issue_clk": instrs * num_warps / ISSUE_PER_CLK,
@@ -219,7 +227,12 @@ def main(argv=None) -> int:
     p.add_argument("--forward-only", action="store_true")
     p.add_argument("--loops", action="store_true",
                    help="also each kernel loop's instructions per trip and its static floor (loop_mix)")
+    p.add_argument("--one-loop", action="store_true",
+                   help="the forward with kernels.forward.ONE_LOOP: one loop over partial and full blocks")
     args = p.parse_args(argv)
+    if args.one_loop:
+        from kernels import forward
+        forward.ONE_LOOP = True
 
     dtype = bench.DTYPES[args.dtype]
     cases = [(m, bench.train_shape(m, S, D, "cuda")) for D in args.head_dims for S in args.seqlens for m in args.masks]
@@ -239,10 +252,12 @@ def main(argv=None) -> int:
                       f"{r['regs']:4d} {r['spill_stores']:5d}/{r['spill_loads']:<5d} {r['shared']:7d}")
                 if args.loops:
                     for loop in loop_mix(sass(r["ptx"]), r["num_warps"]):
+                        skip = (f"; {'/'.join(map(str, loop['skippable']))} in branches a trip may skip"
+                                if loop["skippable"] else "")
                         print(f"{'':30s}   loop {loop['label']:8s} {loop['instrs']:5d} instrs, {loop['mufu']:3d} MUFU, "
                               f"{loop['fp32']:4d} FP32, {loop['spill']:3d} LDL/STL per thread; clocks: issue "
                               f"{loop['issue_clk']:6.0f}  MUFU {loop['mufu_clk']:6.0f}  tensor {loop['tensor_clk']:6.0f}"
-                              f"  ({loop['bound']})")
+                              f"  ({loop['bound']}){skip}")
     return 0
 
 

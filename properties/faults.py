@@ -208,21 +208,21 @@ CATALOGUE: tuple = (
     # ---- forward: which blocks are visited -----------------------------------------------------
     Fault(
         "fwd_partial_as_full", "partial block treated as full",
-        (Patch("forward", "SCORE_FN, MASK_FN, HAS_SCORE, False,", "SCORE_FN, MASK_FN, HAS_SCORE, True,"),),
+        (Patch("forward", "SCORE_FN, MASK_FN, HAS_SCORE, False, False,", "SCORE_FN, MASK_FN, HAS_SCORE, True, False,"),),
         "The forward kernel walks partial blocks without evaluating mask_mod, as if they were full.",
         "A block classified full that is only partial: the block-mask mistake the two lists invite.",
     ),
     Fault(
         "fwd_full_blocks_skipped", "full-block pass skipped",
-        (Patch("forward", "    if HAS_FULL:\n        acc, l_i, m_i = forward_tiles(",
-               "    if False:\n        acc, l_i, m_i = forward_tiles("),),
+        (Patch("forward", "        if HAS_FULL:\n            full_idx = ",
+               "        if False:\n            full_idx = "),),
         "The forward kernel never walks the full-block lists, so every full block is left out.",
         "The second (full-block) loop of FlexAttention's kernels forgotten or misconfigured.",
     ),
     Fault(
         "fwd_block_count_overrun", "block indices past the row's count",
-        (Patch("forward", "KV_IDX + row.to(tl.int64) * NUM_KV_SPARSE, tl.load(KV_NUM + row),",
-               "KV_IDX + row.to(tl.int64) * NUM_KV_SPARSE, tl.minimum(tl.load(KV_NUM + row) + 1, NUM_KV_SPARSE),"),),
+        (Patch("forward", "n_part = tl.load(KV_NUM + row)",
+               "n_part = tl.minimum(tl.load(KV_NUM + row) + 1, NUM_KV_SPARSE)"),),
         "The forward kernel reads one entry past each row's partial-block count (within the row's "
         "capacity) and visits that block too, as a partial block.",
         "kv_indices rows are padded past kv_num_blocks with the unlisted (or fully listed) block "

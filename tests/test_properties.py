@@ -1097,6 +1097,27 @@ def test_kernels_dq_atomic_target_runs_the_variant_and_restores_the_default(monk
     assert launched  # the default target does launch the dQ kernel
 
 
+def test_kernels_one_loop_target_runs_the_variant_and_restores_the_default(monkeypatch):
+    """``kernels-one-loop``: our kernels with forward.ONE_LOOP on for its calls alone (the forward
+    kernel is launched with it), matching the oracle on a causal case whose rows list partial and
+    full blocks, with GQA, tails and an LSE gradient; the default is back afterwards."""
+    from kernels import _runtime, forward
+
+    flags = []
+    real = _runtime.launch
+    monkeypatch.setattr(_runtime, "launch", lambda kernel, *a, **k: (
+        flags.append(k["ONE_LOOP"]) if "ONE_LOOP" in k else None) or real(kernel, *a, **k))
+    target = resolve_target("kernels-one-loop")
+    assert target.name == "kernels-one-loop" and target.returns_lse and target.returns_max
+    # L >= 128: shorter query lengths take the decode kernel (kernels.api.use_decode)
+    c = case(Hq=4, Hkv=2, L=150, S=165, mask=mods.causal().spec(), block_size=(32, 32))
+    matches_oracle(target, c, "cpu")
+    assert flags and all(flags) and forward.ONE_LOOP is False
+    flags.clear()
+    matches_oracle("kernels", c, "cpu")
+    assert flags and not any(flags)
+
+
 def test_gluon_target_matches_the_oracle_in_the_emulator():
     """``gluon``: the Gluon probes (benchmarks/gluon_flex.py) on CPU tensors, their kernels in
     kernels/gluon_emulator.py: a broadcast key batch, GQA, tails past a block, a mask with its
