@@ -401,22 +401,25 @@ def _refined(options: dict):
 _ours_refined = _refined({"REFINE_KV_BLOCK": 64})
 
 
-def _ours_with(module: str, flag: str, value):
-    # ours with ``kernels.<module>.<flag>`` set to ``value`` around this implementation's calls
-    # alone (such flags are read when the forward runs; the backward's choice is captured then).
+def _ours_with(module: str, flag: str, value, *more: tuple):
+    # ours with ``kernels.<module>.<flag>`` set to ``value`` (and each further (module, flag, value)
+    # of ``more``) around this implementation's calls alone (such flags are read when the forward
+    # runs; the backward's choice is captured then).
     def prepare(case: Case, score_mod, block_mask):
         import importlib
 
-        mod = importlib.import_module(f"kernels.{module}")
+        settings = [(importlib.import_module(f"kernels.{m}"), f, v) for m, f, v in ((module, flag, value), *more)]
         inner = _ours(case, score_mod, block_mask)
 
         def fn(q, k, v):
-            before = getattr(mod, flag)
-            setattr(mod, flag, value)
+            before = [getattr(mod, f) for mod, f, _ in settings]
+            for mod, f, val in settings:
+                setattr(mod, f, val)
             try:
                 return inner(q, k, v)
             finally:
-                setattr(mod, flag, before)
+                for (mod, f, _), old in zip(settings, before):
+                    setattr(mod, f, old)
         return fn
     return prepare
 
@@ -433,8 +436,9 @@ _ours_one_stream = _ours_with("backward", "SIDE_KERNEL", None)
 _ours_bwd_unrefined = _ours_with("api", "AUTO_REFINE_BWD", False)
 # No dQ kernel: the dK/dV kernel adds dQ with atomics (kernels.backward.DQ_ATOMIC).
 _ours_dq_atomic = _ours_with("backward", "DQ_ATOMIC", True)
-# The forward's partial and full blocks in one loop (kernels.forward.ONE_LOOP).
-_ours_one_loop = _ours_with("forward", "ONE_LOOP", True)
+# The forward's and the dQ kernel's partial and full blocks in one loop (kernels.forward.ONE_LOOP,
+# kernels.backward.ONE_LOOP): the forward's time is the forward flag's, the backward's the other's.
+_ours_one_loop = _ours_with("forward", "ONE_LOOP", True, ("backward", "ONE_LOOP", True))
 
 
 _COMPILED: dict = {}
@@ -584,8 +588,8 @@ IMPLS = {
                            "kernels.flex_attention with backward.DQ_ATOMIC (no dQ kernel: the dK/dV kernel adds "
                            "dS K into float32 dQ with atomics)"),
     "ours-one-loop": Impl("ours-one-loop", _ours_one_loop, True,
-                          "kernels.flex_attention with forward.ONE_LOOP (one forward loop over a query tile's "
-                          "partial and full blocks)"),
+                          "kernels.flex_attention with forward.ONE_LOOP and backward.ONE_LOOP (one loop over "
+                          "a tile's partial and full blocks in the forward and dQ kernels)"),
     "torch-compile": Impl("torch-compile", _torch_flex(None), True,
                           "torch.compile(flex_attention, dynamic=False), default mode"),
     "ours-out": Impl("ours-out", _ours_out, False,

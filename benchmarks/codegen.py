@@ -12,7 +12,7 @@ before any device time is spent. Nothing is timed and nothing runs: the outputs 
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks softcap --options BLOCK_M1=64,BLOCK_N1=64
     TRITON_INTERPRET=0 python benchmarks/codegen.py --decode-seqlens 32k
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks softcap --loops   # + SASS per loop trip
-    TRITON_INTERPRET=0 python benchmarks/codegen.py --masks document --loops --one-loop --forward-only
+    TRITON_INTERPRET=0 python benchmarks/codegen.py --masks document --loops --one-loop   # forward, dQ: ONE_LOOP
 
 The interpreter must be off (``TRITON_INTERPRET=0``): under it every ``triton.jit``
 function is an interpreted one, which cannot compile. ``tests/codegen.py`` (run by
@@ -228,11 +228,11 @@ def main(argv=None) -> int:
     p.add_argument("--loops", action="store_true",
                    help="also each kernel loop's instructions per trip and its static floor (loop_mix)")
     p.add_argument("--one-loop", action="store_true",
-                   help="the forward with kernels.forward.ONE_LOOP: one loop over partial and full blocks")
+                   help="kernels.forward.ONE_LOOP and kernels.backward.ONE_LOOP: one loop over partial and full blocks")
     args = p.parse_args(argv)
     if args.one_loop:
-        from kernels import forward
-        forward.ONE_LOOP = True
+        from kernels import backward, forward
+        forward.ONE_LOOP = backward.ONE_LOOP = True
 
     dtype = bench.DTYPES[args.dtype]
     cases = [(m, bench.train_shape(m, S, D, "cuda")) for D in args.head_dims for S in args.seqlens for m in args.masks]

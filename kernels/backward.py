@@ -43,7 +43,7 @@ import triton.language as tl
 
 from . import _runtime
 
-from .forward import LN2, LOG2E, cast, head_pads, load_tile, mma, next_listed
+from .forward import LN2, LOG2E, cast, head_pads, list_start, load_tile, mma, next_listed, next_listed_of_two
 
 # delta in a kernel of its own, then (on CUDA) the dQ kernel on a side stream beside the dK/dV
 # kernel (the module docstring). Measured on the H200 (S=4k, D=128, bf16; docs/PERFORMANCE.md):
@@ -72,6 +72,14 @@ SIDE_KERNELS = ("dkdv", "dq", None)
 # tests hold it to the oracle. bench.py's ``ours-dq-atomic`` times it beside the default.
 DQ_ATOMIC = False
 
+# ONE_LOOP: the dQ kernel walks a query tile's partial and then full KV blocks in one loop, as
+# ``kernels.forward.ONE_LOOP`` does the forward's. Off: not yet timed on a GPU (twenty-third
+# session); the interpreter's tests hold it to the two loops bit for bit. Read when the forward
+# runs. The dK/dV kernel keeps its two loops: at 255 registers, one loop compiled to more spills
+# (sm_90, bf16, D=128, S=4k: softcap 220/164 bytes against 136/116, 81 spill instructions per
+# trip against 17; causal 60/40 against none).
+ONE_LOOP = False
+
 
 @triton.jit
 def base2_scores(qk, SM_SCALE, PRESCALE: tl.constexpr):
@@ -89,11 +97,11 @@ def base2_scores(qk, SM_SCALE, PRESCALE: tl.constexpr):
 def dq_tiles(
     dq, q, do, lse2, delta,
     K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-    IDX, num_blocks,
+    IDX, num_blocks, FIDX, num_part,
     off_z, off_h, m_mod, Q_LEN, KV_LEN, SM_SCALE,
     B0, B1, B2, B3,
     SCORE_FN: tl.constexpr, SCORE_BWD_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
-    IS_FULL: tl.constexpr,
+    IS_FULL: tl.constexpr, MIXED: tl.constexpr,
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV: tl.constexpr,
     KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr,
@@ -102,18 +110,21 @@ def dq_tiles(
     """Accumulate sum_j ds[i, j] * K[j] over the row's listed KV blocks (q, do stay in SRAM).
 
     With PRESCALE, ``q`` is the forward's pre-scaled, rounded ``q * scale * log2(e)``,
-    so that P is recomputed exactly as the forward's LSE saw it.
+    so that P is recomputed exactly as the forward's LSE saw it. MIXED (``ONE_LOOP``): one loop
+    over the partial list and then the full one, as ``forward_tiles``.
     """
     TILES: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_d = tl.arange(0, QK_PAD)
     offs_v = tl.arange(0, V_PAD)
-    first = tl.load(IDX)
-    kv_block = first
+    first, f_first, kv_block = list_start(IDX, FIDX, num_part, MIXED)
     # One flat loop over every tile of every listed block (the pipeliner then
     # prefetches across block boundaries; the next block is carried, see next_listed).
     for it in range(0, num_blocks * TILES):
         offs_n = kv_block * SPARSE_KV + (it % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
-        kv_block = next_listed(IDX, first, it, num_blocks, TILES, CONTIGUOUS)
+        if MIXED:
+            kv_block = next_listed_of_two(IDX, FIDX, first, f_first, it, num_part, num_blocks, TILES, CONTIGUOUS)
+        else:
+            kv_block = next_listed(IDX, first, it, num_blocks, TILES, CONTIGUOUS)
         kT = load_tile(K, offs_d, offs_n, stride_kd, stride_kn, QK_DIM, KV_LEN,
                        QK_DIM != QK_PAD, not KV_DIVISIBLE)
         vT = load_tile(V, offs_v, offs_n, stride_vd, stride_vn, V_DIM, KV_LEN,
@@ -133,13 +144,25 @@ def dq_tiles(
         else:
             t2 = base2_scores(qk, SM_SCALE, PRESCALE)
         keep = n2 < KV_LEN
-        if not IS_FULL:
-            keep = keep & MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
-        if IS_FULL and KV_DIVISIBLE:
-            # Every element of a full block is allowed (rows past L are never stored).
-            p = tl.math.exp2(t2 - lse2[:, None])
+        if MIXED:
+            # As a full block, then the mask behind a branch on a partial block's step alone (see
+            # forward_tiles); keep takes the tile's shape first, which the branch's must match.
+            if KV_DIVISIBLE:
+                p = tl.math.exp2(t2 - lse2[:, None])
+            else:
+                p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
+            keep = tl.broadcast_to(keep, [BLOCK_M, BLOCK_N])
+            if it < num_part * TILES:
+                keep = keep & MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+                p = tl.where(keep, p, 0.0)
         else:
-            p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
+            if not IS_FULL:
+                keep = keep & MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+            if IS_FULL and KV_DIVISIBLE:
+                # Every element of a full block is allowed (rows past L are never stored).
+                p = tl.math.exp2(t2 - lse2[:, None])
+            else:
+                p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
         dp = mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
         dt = p * (dp - delta[:, None])
         if HAS_SCORE:
@@ -326,7 +349,7 @@ def dq_kernel(
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
-    PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_LOOP: tl.constexpr = False,
 ):
     # Query tiles run last-first: under a causal mask the last tiles have the
     # most blocks, and starting them first leaves the short ones for the tail.
@@ -373,23 +396,37 @@ def dq_kernel(
     q_block = (pid_m * BLOCK_M) // SPARSE_Q
     row = ((off_z % SPARSE_Z) * SPARSE_H + off_h % SPARSE_H) * NUM_Q_SPARSE + q_block
     dq = tl.zeros([BLOCK_M, QK_PAD], dtype=tl.float32)
-    dq = dq_tiles(
-        dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-        KV_IDX + row.to(tl.int64) * NUM_KV_SPARSE, tl.load(KV_NUM + row),
-        off_z, off_h, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
-        SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, False,
-        QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
-        KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
-    )
-    if HAS_FULL:
+    part_idx = KV_IDX + row.to(tl.int64) * NUM_KV_SPARSE
+    n_part = tl.load(KV_NUM + row)
+    if ONE_LOOP and HAS_FULL:
         dq = dq_tiles(
             dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-            FULL_IDX + row.to(tl.int64) * NUM_KV_SPARSE, tl.load(FULL_NUM + row),
+            part_idx, n_part + tl.load(FULL_NUM + row), FULL_IDX + row.to(tl.int64) * NUM_KV_SPARSE, n_part,
             off_z, off_h, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
-            SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, True,
+            SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, False, True,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
             KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
         )
+    else:
+        dq = dq_tiles(
+            dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+            part_idx, n_part, part_idx, n_part,
+            off_z, off_h, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
+            SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, False, False,
+            QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
+            KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
+        )
+        if HAS_FULL:
+            full_idx = FULL_IDX + row.to(tl.int64) * NUM_KV_SPARSE
+            n_full = tl.load(FULL_NUM + row)
+            dq = dq_tiles(
+                dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                full_idx, n_full, full_idx, n_full,
+                off_z, off_h, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
+                SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, True, False,
+                QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
+                KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
+            )
     dq = dq * SM_SCALE
     ptrs = (DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
             + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd)
@@ -479,12 +516,13 @@ def dkdv_kernel(
 
 def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_grads: bool,
                  concurrent: Optional[bool] = None, side: Optional[str] = "default",
-                 dq_atomic: Optional[bool] = None):
+                 dq_atomic: Optional[bool] = None, one_loop: Optional[bool] = None):
     """Gradients for q, k, v and the learnable tensors of the score mod (in slot order).
     ``concurrent`` (default: ``CONCURRENT``) takes delta_kernel and, on CUDA, the side stream;
     ``side`` (default: ``SIDE_KERNEL``) which kernel runs there; ``dq_atomic`` (default:
     ``DQ_ATOMIC``) replaces the dQ kernel by the dK/dV kernel's atomic adds (after delta_kernel,
-    on the caller's stream)."""
+    on the caller's stream); ``one_loop`` (default: ``ONE_LOOP``) walks the dQ kernel's two lists
+    in one loop."""
     import torch
 
     side = SIDE_KERNEL if side == "default" else side
@@ -530,6 +568,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         FP32_PRECISION=plan.fp32_precision, UPCAST=plan.interpret,
         num_warps=opt.bwd.num_warps, num_stages=opt.bwd.num_stages,
     )
+    one_loop = ONE_LOOP if one_loop is None else one_loop
     tiles = opt.bwd.tiles
     bufs = plan.buffer_args(query)
 
@@ -550,7 +589,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
 
     def launch_dq():
         _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2, bufs,
-                   concurrent, opt.bwd.options_for("BLOCK_M2", "BLOCK_N2"))
+                   concurrent, opt.bwd.options_for("BLOCK_M2", "BLOCK_N2"), one_loop)
 
     def launch_dkdv():
         sp = plan.dkdv_sparse  # the dK/dV kernel walks its query lists
@@ -602,7 +641,7 @@ def _sparse_consts(sp, L: int, S: int) -> dict:
 
 
 def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2, bufs, delta_ready,
-               options=None):
+               options=None, one_loop=False):
     sp, B, Hq, L, S = plan.dq_sparse, plan.B, plan.Hq, plan.L, plan.S  # the dQ kernel walks its key lists
     kv_full_num = sp.full_kv_num if sp.has_full else sp.kv_num
     kv_full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
@@ -613,7 +652,7 @@ def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out
         *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dq.stride(), *out.stride(),
         *qs.stride(),
         plan.scale, Hq, L, S, plan.Bk, *sp.kv_idx.shape[:2], sp.kv_idx.shape[-2], sp.kv_idx.shape[-1],
-        HAS_DLSE=dlse is not None, DELTA_READY=delta_ready,
+        HAS_DLSE=dlse is not None, DELTA_READY=delta_ready, ONE_LOOP=one_loop,
         BLOCK_M=tiles["BLOCK_M2"], BLOCK_N=tiles["BLOCK_N2"], **common, **_sparse_consts(sp, L, S),
         options=options,
     )

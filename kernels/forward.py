@@ -57,6 +57,20 @@ def next_listed(IDX, first, it, num_blocks, TILES: tl.constexpr, CONTIGUOUS: tl.
 
 
 @triton.jit
+def list_start(IDX, FIDX, num_part, MIXED: tl.constexpr):
+    """(first, f_first, the block of step 0) for a loop over the list ``IDX``, or with MIXED over
+    its ``num_part`` partial blocks and then the full list ``FIDX`` (``next_listed_of_two``)."""
+    first = tl.load(IDX)
+    if MIXED:
+        f_first = tl.load(FIDX)
+        block = tl.where(num_part > 0, first, f_first)
+    else:
+        f_first = first
+        block = first
+    return first, f_first, block
+
+
+@triton.jit
 def next_listed_of_two(IDX, FIDX, first, f_first, it, num_part, num_blocks, TILES: tl.constexpr,
                        CONTIGUOUS: tl.constexpr):
     """``next_listed`` for one loop over two lists: the row's ``num_part`` partial blocks (``IDX``,
@@ -147,13 +161,7 @@ def forward_tiles(
     TILES: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_d = tl.arange(0, QK_PAD)
     offs_v = tl.arange(0, V_PAD)
-    first = tl.load(IDX)
-    if MIXED:
-        f_first = tl.load(FIDX)
-        kv_block = tl.where(num_part > 0, first, f_first)
-    else:
-        f_first = first
-        kv_block = first
+    first, f_first, kv_block = list_start(IDX, FIDX, num_part, MIXED)
     # One flat loop over every tile of every listed block, so that Triton's
     # pipeliner prefetches the next tile's K and V across block boundaries too.
     for it in range(0, num_blocks * TILES):

@@ -362,7 +362,7 @@ CATALOGUE: tuple = (
     ),
     Fault(
         "bwd_dq_full_blocks_skipped", "full-block pass skipped",
-        (Patch("backward", "    if HAS_FULL:\n        dq = dq_tiles(", "    if False:\n        dq = dq_tiles("),),
+        (Patch("backward", "        if HAS_FULL:\n            full_idx = ", "        if False:\n            full_idx = "),),
         "The dQ kernel never walks the full-block lists.",
         "The full-block loop of the dQ pass forgotten.",
     ),

@@ -9,8 +9,9 @@ case (None when it can). Built-ins:
 * ``kernels``: ours (``kernels.flex_attention``), on CPU under the Triton interpreter.
 * ``kernels-dq-atomic``: ours with ``kernels.backward.DQ_ATOMIC`` (no dQ kernel: the dK/dV
   kernel adds dQ with atomics), a variant not yet on by default.
-* ``kernels-one-loop``: ours with ``kernels.forward.ONE_LOOP`` (one forward loop over a query
-  tile's partial and full blocks), a variant not yet on by default.
+* ``kernels-one-loop``: ours with ``kernels.forward.ONE_LOOP`` and ``kernels.backward.ONE_LOOP``
+  (one loop over a tile's partial and full blocks in the forward and dQ kernels), a variant not
+  yet on by default.
 * ``gluon``: the Gluon probes (``benchmarks/gluon_flex.py``: a warp-specialized forward and
   backward, not yet part of ``kernels``), on sm_90 GPUs, or on the CPU in
   ``kernels.gluon_emulator``; bf16/fp16, head dim 64 or 128, 128 x 128 block masks. Needs a
@@ -124,24 +125,27 @@ def _kernels_fn(*args, **kwargs):
     return kernels.flex_attention(*args, **kwargs)
 
 
-def _kernels_with(module: str, flag: str):
-    """Ours with ``kernels.<module>.<flag>`` on for the call alone. Such flags are read when the
-    forward runs; the autograd function keeps the backward's for its backward."""
+def _kernels_with(*flags: tuple):
+    """Ours with each ``kernels.<module>.<flag>`` of ``flags`` ((module, flag) pairs) on for the
+    call alone. Such flags are read when the forward runs; the autograd function keeps the
+    backward's for its backward."""
     def fn(*args, **kwargs):
         import importlib
 
-        mod = importlib.import_module(f"kernels.{module}")
-        before = getattr(mod, flag)
-        setattr(mod, flag, True)
+        modules = [importlib.import_module(f"kernels.{module}") for module, _ in flags]
+        before = [getattr(mod, flag) for mod, (_, flag) in zip(modules, flags)]
+        for mod, (_, flag) in zip(modules, flags):
+            setattr(mod, flag, True)
         try:
             return _kernels_fn(*args, **kwargs)
         finally:
-            setattr(mod, flag, before)
+            for mod, (_, flag), old in zip(modules, flags, before):
+                setattr(mod, flag, old)
     return fn
 
 
-_kernels_dq_atomic_fn = _kernels_with("backward", "DQ_ATOMIC")
-_kernels_one_loop_fn = _kernels_with("forward", "ONE_LOOP")
+_kernels_dq_atomic_fn = _kernels_with(("backward", "DQ_ATOMIC"))
+_kernels_one_loop_fn = _kernels_with(("forward", "ONE_LOOP"), ("backward", "ONE_LOOP"))
 
 
 def _kernels_declines(exc: BaseException) -> Optional[str]:
@@ -394,8 +398,8 @@ TARGETS: dict = {
                                             "dK/dV kernel with atomics)"),
     "kernels-one-loop": Target("kernels-one-loop", _kernels_one_loop_fn, _kernels_check, returns_lse=True,
                                returns_max=True, declines=_kernels_declines,
-                               description="our Triton kernels with forward.ONE_LOOP (one forward loop over "
-                                           "a query tile's partial and full blocks)"),
+                               description="our Triton kernels with forward.ONE_LOOP and backward.ONE_LOOP "
+                                           "(one loop over a tile's partial and full blocks, forward and dQ)"),
     "gluon": Target("gluon", _gluon_fn, _gluon_check, returns_lse=True, takes_kernel_options=False,
                     declines=_gluon_declines,
                     draw_bounds=dict(dtypes=("bfloat16", "float16"), head_dims=(64, 128), equal_head_dims=True,

@@ -1059,8 +1059,9 @@ def test_gpu_dq_atomic_backward_matches_the_oracle():
         backward.DQ_ATOMIC = False
 
 
-# kernels.forward.ONE_LOOP's cases: (B, Hq, Hkv, L, S, E, mask_mod, score_mod, block size, kernel_options,
-# dtype), each with rows of partial blocks only, of full blocks after partial ones, and of full ones only.
+# ONE_LOOP's cases (kernels.forward and kernels.backward): (B, Hq, Hkv, L, S, E, mask_mod, score_mod,
+# block size, kernel_options, dtype), each with rows of partial blocks only, of full blocks after
+# partial ones, and of full ones only.
 _ONE_LOOP_CASES = {
     # a document mask with tails on both sides: gathers in the mask, lists that start with either kind
     "document-tails": lambda device: (1, 2, 2, 300, 300, 64, mods.document.from_seed(300, 4, 1, device=device),
@@ -1068,9 +1069,13 @@ _ONE_LOOP_CASES = {
     # a band with partial blocks on both edges and full ones between, under a score mod
     "softcap-window": lambda device: (1, 2, 2, 129, 200, 32, mods.sliding_window(80), mods.tanh_softcap(5.0),
                                       32, None, torch.bfloat16),
-    # GQA, and two key tiles per listed block (the step's block is it // TILES)
-    "causal-gqa-two-tiles": lambda device: (2, 4, 2, 256, 256, 32, mods.causal(), None, 128,
-                                            {"BLOCK_M": 64, "BLOCK_N": 64}, torch.bfloat16),
+    # GQA, a learnable table (the mask's keep guards its gradient), PRESCALE_QK, and two key tiles
+    # per listed block in the forward
+    "bias-gqa-prescale": lambda device: (2, 4, 2, 256, 230, 32, mods.causal(),
+                                         mods.bias.from_seed([4, 256, 230], seed=4, requires_grad=True,
+                                                             device=device),
+                                         128, {"BLOCK_M": 64, "BLOCK_N": 64, "PRESCALE_QK": True},
+                                         torch.bfloat16),
     # BLOCKS_ARE_CONTIGUOUS (true of causal's lists: the diagonal, and the blocks before it): the
     # next block is counted on from each list's first, not read
     "causal-contiguous": lambda device: (1, 2, 2, 200, 200, 32, mods.causal(), None, 32,
@@ -1078,53 +1083,59 @@ _ONE_LOOP_CASES = {
 }
 
 
-def _one_loop_outputs(case, device, one_loop):
-    from kernels import forward
+def _one_loop_results(case, device, one_loop):
+    """out, lse and every gradient of one training step, with both ONE_LOOP flags set to one_loop."""
+    from kernels import backward, forward
 
     B, Hq, Hkv, L, S, E, mask_mod, score_mod, block, options, dtype = case
-    (q, k, v), _, _ = _inputs(B, Hq, Hkv, L, S, E, E, dtype, device, seed=3)
+    (q, k, v), do, dl = _inputs(B, Hq, Hkv, L, S, E, E, dtype, device, seed=3)
     bm = create_block_mask(mask_mod, B, Hq, L, S, device=device, BLOCK_SIZE=block)
     assert bm.full_kv_num_blocks is not None and int(bm.full_kv_num_blocks.sum()) > 0  # both lists walked
-    forward.ONE_LOOP = one_loop
+    forward.ONE_LOOP = backward.ONE_LOOP = one_loop
     try:
-        with torch.no_grad():
-            return kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=Hq != Hkv,
-                                          return_lse=True, kernel_options=options), (q, k, v, bm)
+        out, lse = kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=Hq != Hkv,
+                                          return_lse=True, kernel_options=options)
     finally:
-        forward.ONE_LOOP = False
+        forward.ONE_LOOP = backward.ONE_LOOP = False  # the backward's was read by the forward
+    tables = [t for t in (score_mod.tensors() if score_mod is not None else []) if t.requires_grad]
+    grads = torch.autograd.grad((out * do).sum() + (lse * dl).sum(), [q, k, v, *tables])
+    return [out, lse, *grads]
 
 
 @pytest.mark.parametrize("case", sorted(_ONE_LOOP_CASES))
-def test_one_loop_forward_is_the_two_loops_bit_for_bit(case):
-    """``kernels.forward.ONE_LOOP`` (off by default, not yet timed on a GPU) walks a query tile's
-    partial and full KV blocks in one loop, the mask on the partial ones behind a branch. It runs
-    the same operations in the same order as the two loops, so under the interpreter out and the
-    LSE are the same bits. A step counted to the wrong list (the mask left off each row's last
-    partial block) breaks that on every case: out off by 0.8 to 3.4 (checked)."""
-    from kernels import forward
+def test_one_loop_is_the_two_loops_bit_for_bit(case):
+    """``ONE_LOOP`` (``kernels.forward`` and ``kernels.backward``, whose dQ kernel it changes; off
+    by default, not yet timed on a GPU) walks a tile's partial and full blocks in one loop, the
+    mask on the partial ones behind a branch. It runs the same operations in the same order as
+    the two loops, so under the interpreter out, the LSE and every gradient are the same bits. A
+    step counted to the wrong list (the mask left off each row's last partial block) breaks that
+    on every case, planted in either kernel (checked): out off by 0.8 to 3.4, dq by 2.8 to
+    11,648."""
+    from kernels import backward, forward
 
-    assert forward.ONE_LOOP is False  # the default: not yet timed on a GPU
+    assert forward.ONE_LOOP is False and backward.ONE_LOOP is False  # the defaults: not yet timed on a GPU
     args = _ONE_LOOP_CASES[case](DEVICE)
-    (out2, lse2), _ = _one_loop_outputs(args, DEVICE, False)
-    (out1, lse1), _ = _one_loop_outputs(args, DEVICE, True)
-    assert torch.equal(out1, out2), (out1 - out2).abs().max()
-    assert torch.equal(lse1, lse2), (lse1 - lse2).abs().max()
+    two = _one_loop_results(args, DEVICE, False)
+    one = _one_loop_results(args, DEVICE, True)
+    names = ["out", "lse", "dq", "dk", "dv", "dtable"]
+    for name, a, b in zip(names, one, two):
+        assert torch.equal(a, b), (name, (a.float() - b.float()).abs().max())
 
 
 @pytest.mark.gpu
-def test_gpu_one_loop_forward_matches_the_oracle():
+def test_gpu_one_loop_matches_the_oracle():
     """The same cases compiled for the GPU, where the one loop is software-pipelined across the two
-    lists: out and the LSE against the float64 oracle (the backward is the default one)."""
-    from kernels import forward
+    lists: out, the LSE and every gradient against the float64 oracle."""
+    from kernels import backward, forward
 
     for case in sorted(_ONE_LOOP_CASES):
         B, Hq, Hkv, L, S, E, mask_mod, score_mod, block, options, dtype = _ONE_LOOP_CASES[case]("cuda")
-        forward.ONE_LOOP = True
+        forward.ONE_LOOP = backward.ONE_LOOP = True
         try:
             check(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, dtype=dtype, score_mod=score_mod, mask_mod=mask_mod,
                   block_size=block, kernel_options=options, device="cuda", seed=3)
         finally:
-            forward.ONE_LOOP = False
+            forward.ONE_LOOP = backward.ONE_LOOP = False
 
 
 @pytest.mark.gpu

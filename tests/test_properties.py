@@ -1098,10 +1098,11 @@ def test_kernels_dq_atomic_target_runs_the_variant_and_restores_the_default(monk
 
 
 def test_kernels_one_loop_target_runs_the_variant_and_restores_the_default(monkeypatch):
-    """``kernels-one-loop``: our kernels with forward.ONE_LOOP on for its calls alone (the forward
-    kernel is launched with it), matching the oracle on a causal case whose rows list partial and
-    full blocks, with GQA, tails and an LSE gradient; the default is back afterwards."""
-    from kernels import _runtime, forward
+    """``kernels-one-loop``: our kernels with forward.ONE_LOOP and backward.ONE_LOOP on for its
+    calls alone (the forward and dQ kernels are launched with it), matching the oracle on a
+    causal case whose rows list partial and full blocks, with GQA, tails and an LSE gradient; the
+    defaults are back afterwards."""
+    from kernels import _runtime, backward, forward
 
     flags = []
     real = _runtime.launch
@@ -1112,10 +1113,10 @@ def test_kernels_one_loop_target_runs_the_variant_and_restores_the_default(monke
     # L >= 128: shorter query lengths take the decode kernel (kernels.api.use_decode)
     c = case(Hq=4, Hkv=2, L=150, S=165, mask=mods.causal().spec(), block_size=(32, 32))
     matches_oracle(target, c, "cpu")
-    assert flags and all(flags) and forward.ONE_LOOP is False
+    assert len(flags) == 2 and all(flags) and forward.ONE_LOOP is False and backward.ONE_LOOP is False
     flags.clear()
     matches_oracle("kernels", c, "cpu")
-    assert flags and not any(flags)
+    assert len(flags) == 2 and not any(flags)
 
 
 def test_gluon_target_matches_the_oracle_in_the_emulator():
