@@ -19,8 +19,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 # ONE_LOOP: one loop over a query tile's partial and then full KV blocks (``forward_tiles``'s
 # MIXED), where the default runs a loop for each list and drains Triton's pipeline between them.
-# Off: not yet timed on a GPU (written in the twenty-third session, which was lent none); the
-# interpreter's tests hold it to the oracle, and bench.py's ``ours-one-loop`` times it.
+# Off for now. Timed once, on an H100 (docs/PERFORMANCE.md, twenty-third session): 4 to 7 % faster
+# on short causal and sliding-window rows, even on document (its ids are no longer prefetched),
+# 2.5 % slower on softcap at 4k. The interpreter's tests hold it to the two loops bit for bit, and
+# bench.py's ``ours-one-loop`` times it.
 ONE_LOOP = False
 
 

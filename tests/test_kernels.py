@@ -1110,7 +1110,7 @@ def _one_loop_results(case, device, one_loop):
 @pytest.mark.parametrize("case", sorted(_ONE_LOOP_CASES))
 def test_one_loop_is_the_two_loops_bit_for_bit(case):
     """``ONE_LOOP`` (``kernels.forward`` and ``kernels.backward``, whose dQ kernel it changes; off
-    by default, not yet timed on a GPU) walks a tile's partial and full blocks in one loop, the
+    by default) walks a tile's partial and full blocks in one loop, the
     mask on the partial ones behind a branch. It runs the same operations in the same order as
     the two loops, so under the interpreter out, the LSE and every gradient are the same bits. A
     step counted to the wrong list (the mask left off each row's last partial block) breaks that
@@ -1118,7 +1118,7 @@ def test_one_loop_is_the_two_loops_bit_for_bit(case):
     11,648."""
     from kernels import backward, forward
 
-    assert forward.ONE_LOOP is False and backward.ONE_LOOP is False  # the defaults: not yet timed on a GPU
+    assert forward.ONE_LOOP is False and backward.ONE_LOOP is False  # the defaults (timed once: PERFORMANCE.md)
     args = _ONE_LOOP_CASES[case](DEVICE)
     two = _one_loop_results(args, DEVICE, False)
     one = _one_loop_results(args, DEVICE, True)
