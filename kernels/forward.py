@@ -22,8 +22,19 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Off for now. Timed once, on an H100 (docs/PERFORMANCE.md, twenty-third session): 4 to 7 % faster
 # on short causal and sliding-window rows, even on document (its ids are no longer prefetched),
 # 2.5 % slower on softcap at 4k. The interpreter's tests hold it to the two loops bit for bit, and
-# bench.py's ``ours-one-loop`` times it.
+# bench.py's ``ours-one-loop`` times it. None: ``one_loop_for``'s rule, per program.
 ONE_LOOP = False
+
+
+def one_loop_for(program) -> bool:
+    """Whether the forward walks a program's partial and full blocks in one loop: ``ONE_LOOP`` when
+    it is a bool; with None, the rule the H100 timing suggests (docs/PERFORMANCE.md, twenty-third
+    session): on for a mask that loads nothing (causal, sliding window, prefix LM), with no score
+    mod. A mask's gathers (document ids) sit behind the one loop's branch, where the pipeliner no
+    longer prefetches them; a program without a mask has no partial block to join."""
+    if ONE_LOOP is not None:
+        return bool(ONE_LOOP)
+    return program.has_mask and not program.mask_loads and not program.has_score
 
 
 @triton.jit
@@ -388,7 +399,7 @@ def run_forward(plan, query, key, value):
         ROWS_SAFE=opt.rows_safe, CONTIGUOUS=opt.contiguous, PRESCALE=opt.prescale,
         RAW_MAX=not prog.has_score and not opt.prescale and plan.scale > 0,
         OUTPUT_LSE=True, OUTPUT_MAX=plan.return_max,
-        FP32_PRECISION=plan.fp32_precision, UPCAST=plan.interpret, ONE_LOOP=ONE_LOOP,
+        FP32_PRECISION=plan.fp32_precision, UPCAST=plan.interpret, ONE_LOOP=one_loop_for(prog),
         num_warps=opt.fwd.num_warps, num_stages=opt.fwd.num_stages,
         options=opt.fwd.options_for("BLOCK_M", "BLOCK_N"),
     )

@@ -132,6 +132,7 @@ class ModProgram:
     learnable: list  # slot indices whose tensor requires grad
     has_score: bool
     has_mask: bool
+    mask_loads: bool = False  # the mask function gathers from a captured tensor (document ids, a table)
 
 
 _PROGRAMS: dict = {}
@@ -155,6 +156,7 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
     buffers: list = []
     mask_gen = _Gen(buffers, interpret)
     mask_out = mask_mod._emit(mask_gen) if mask_mod is not None else "True"
+    mask_loads = bool(buffers)  # every captured tensor the mask reads went through _Gen.buffer
     fwd = _Gen(buffers, interpret, rounding=rounding)
     chain_vals = []
     s = "score"
@@ -206,6 +208,7 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
         learnable=learnable,
         has_score=bool(mods),
         has_mask=mask_mod is not None,
+        mask_loads=mask_loads,
     )
 
 

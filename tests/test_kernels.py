@@ -1127,6 +1127,43 @@ def test_one_loop_is_the_two_loops_bit_for_bit(case):
         assert torch.equal(a, b), (name, (a.float() - b.float()).abs().max())
 
 
+def test_one_loop_rule_picks_masks_without_loads(monkeypatch):
+    """``kernels.forward.ONE_LOOP = None`` leaves the choice to ``one_loop_for``: one loop for a mask
+    that reads no captured tensor and no score mod (the rows where the H100 timed it faster), two
+    for document ids, a block table, a score mod or no mask; a bool forces either. What the kernel
+    is launched with is what is checked, so a rule that is computed but not passed fails."""
+    from kernels import _runtime, forward
+
+    seen = []
+    real = _runtime.launch
+    monkeypatch.setattr(_runtime, "launch", lambda kernel, *a, **k: (
+        seen.append(k["ONE_LOOP"]) if kernel is forward.forward_kernel else None) or real(kernel, *a, **k))
+    # L >= 128: shorter query lengths take the decode kernel (kernels.api.use_decode)
+    (q, k, v), _, _ = _inputs(1, 2, 2, 160, 160, 16, 16, torch.float16, DEVICE, seed=5)
+    rows = [
+        (mods.causal(), None, True),
+        (mods.sliding_window(40), None, True),
+        (mods.prefix_lm(30), None, True),
+        (mods.causal() & mods.chunked(48), None, True),
+        (mods.document.from_seed(160, 3, 0, device=DEVICE), None, False),
+        (mods.causal() & mods.table_mask(torch.rand(1, 160, 160, device=DEVICE) < 0.5), None, False),
+        (mods.causal(), mods.tanh_softcap(5.0), False),
+        (None, None, False),
+    ]
+    monkeypatch.setattr(forward, "ONE_LOOP", None)
+    for mask_mod, score_mod, expected in rows:
+        bm = None if mask_mod is None else create_block_mask(mask_mod, 1, 2, 160, 160, device=DEVICE, BLOCK_SIZE=32)
+        seen.clear()
+        kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm)
+        assert seen == [expected], (mask_mod, score_mod)
+    for forced in (True, False):
+        monkeypatch.setattr(forward, "ONE_LOOP", forced)
+        seen.clear()
+        kernels.flex_attention(q, k, v, block_mask=create_block_mask(
+            mods.document.from_seed(160, 3, 0, device=DEVICE), 1, 2, 160, 160, device=DEVICE, BLOCK_SIZE=32))
+        assert seen == [forced]
+
+
 @pytest.mark.gpu
 def test_gpu_one_loop_matches_the_oracle():
     """The same cases compiled for the GPU, where the one loop is software-pipelined across the two
