@@ -439,6 +439,9 @@ _ours_dq_atomic = _ours_with("backward", "DQ_ATOMIC", True)
 # The forward's and the dQ kernel's partial and full blocks in one loop (kernels.forward.ONE_LOOP,
 # kernels.backward.ONE_LOOP): the forward's time is the forward flag's, the backward's the other's.
 _ours_one_loop = _ours_with("forward", "ONE_LOOP", True, ("backward", "ONE_LOOP", True))
+# The forward's one loop alone, its mask called on every step (kernels.forward.ONE_LOOP_EAGER_MASK):
+# the mask's gathers prefetched. The backward is ours.
+_ours_one_loop_eager = _ours_with("forward", "ONE_LOOP", True, ("forward", "ONE_LOOP_EAGER_MASK", True))
 
 
 _COMPILED: dict = {}
@@ -590,6 +593,9 @@ IMPLS = {
     "ours-one-loop": Impl("ours-one-loop", _ours_one_loop, True,
                           "kernels.flex_attention with forward.ONE_LOOP and backward.ONE_LOOP (one loop over "
                           "a tile's partial and full blocks in the forward and dQ kernels)"),
+    "ours-one-loop-eager": Impl("ours-one-loop-eager", _ours_one_loop_eager, True,
+                                "kernels.flex_attention with forward.ONE_LOOP and forward.ONE_LOOP_EAGER_MASK (the "
+                                "forward's one loop, its mask's gathers prefetched; the backward as ours)"),
     "torch-compile": Impl("torch-compile", _torch_flex(None), True,
                           "torch.compile(flex_attention, dynamic=False), default mode"),
     "ours-out": Impl("ours-out", _ours_out, False,

@@ -229,10 +229,13 @@ def main(argv=None) -> int:
                    help="also each kernel loop's instructions per trip and its static floor (loop_mix)")
     p.add_argument("--one-loop", action="store_true",
                    help="kernels.forward.ONE_LOOP and kernels.backward.ONE_LOOP: one loop over partial and full blocks")
+    p.add_argument("--eager-mask", action="store_true",
+                   help="with --one-loop, kernels.forward.ONE_LOOP_EAGER_MASK: the forward's mask called on every step")
     args = p.parse_args(argv)
     if args.one_loop:
         from kernels import backward, forward
         forward.ONE_LOOP = backward.ONE_LOOP = True
+        forward.ONE_LOOP_EAGER_MASK = args.eager_mask
 
     dtype = bench.DTYPES[args.dtype]
     cases = [(m, bench.train_shape(m, S, D, "cuda")) for D in args.head_dims for S in args.seqlens for m in args.masks]

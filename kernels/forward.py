@@ -24,6 +24,13 @@ LN2 = tl.constexpr(0.6931471805599453)
 # 2.5 % slower on softcap at 4k. The interpreter's tests hold it to the two loops bit for bit, and
 # bench.py's ``ours-one-loop`` times it. None: ``one_loop_for``'s rule, per program.
 ONE_LOOP = False
+# ONE_LOOP_EAGER_MASK: the one loop calls the mask on every step and applies it in the branch of
+# the partial steps, where ONE_LOOP alone calls it in that branch. The mask's gathers (document ids)
+# are then in the loop's body, where the pipeliner prefetches them, as in the two loops' partial
+# loop; its arithmetic is sunk into the branch by LLVM. sm_90 SASS per trip (document, S=4k, full /
+# partial step): 415 / 489 against ONE_LOOP's 396 / 494 and the two loops' 376 / 474, with 512
+# bytes more shared memory (the ids' stages). Off; not yet timed.
+ONE_LOOP_EAGER_MASK = False
 
 
 def one_loop_for(program) -> bool:
@@ -154,6 +161,7 @@ def forward_tiles(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV: tl.constexpr,
     KV_DIVISIBLE: tl.constexpr, ROWS_SAFE: tl.constexpr, CONTIGUOUS: tl.constexpr,
     PRESCALE: tl.constexpr, RAW_MAX: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    EAGER_MASK: tl.constexpr = False,
 ):
     """Fold the row's listed KV blocks into (acc, l_i, m_i); base-2 units throughout.
 
@@ -204,7 +212,13 @@ def forward_tiles(
             s = qk  # scaled inside the exponent's FMA below
         else:
             s = qk * (SM_SCALE * LOG2E)  # one multiply per score
-        if MIXED:
+        if MIXED and EAGER_MASK:
+            # The mask computed on every step, applied in the branch: its loads are then in the
+            # loop's body, where the pipeliner prefetches them (ONE_LOOP_EAGER_MASK).
+            keep = MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+            if it < num_part * TILES:  # a partial block's step
+                s = tl.where(keep, s, float("-inf"))
+        elif MIXED:
             # A branch, not a select: full blocks skip the mask's work (its loads are then not
             # prefetched by the pipeliner, as the two loops' partial one prefetches them).
             if it < num_part * TILES:  # a partial block's step
@@ -257,6 +271,7 @@ def forward_kernel(
     ROWS_SAFE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr, RAW_MAX: tl.constexpr,
     OUTPUT_LSE: tl.constexpr, OUTPUT_MAX: tl.constexpr,
     FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_LOOP: tl.constexpr = False,
+    ONE_LOOP_EAGER_MASK: tl.constexpr = False,
 ):
     # Query tiles run last-first: under a causal mask the last tiles have the
     # most blocks, and starting them first leaves the short ones for the tail.
@@ -300,7 +315,7 @@ def forward_kernel(
             off_z, off_h, offs_m, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
             SCORE_FN, MASK_FN, HAS_SCORE, False, True,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
-            KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST,
+            KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, ONE_LOOP_EAGER_MASK,
         )
     else:
         acc, l_i, m_i = forward_tiles(
@@ -399,7 +414,8 @@ def run_forward(plan, query, key, value):
         ROWS_SAFE=opt.rows_safe, CONTIGUOUS=opt.contiguous, PRESCALE=opt.prescale,
         RAW_MAX=not prog.has_score and not opt.prescale and plan.scale > 0,
         OUTPUT_LSE=True, OUTPUT_MAX=plan.return_max,
-        FP32_PRECISION=plan.fp32_precision, UPCAST=plan.interpret, ONE_LOOP=one_loop_for(prog),
+        FP32_PRECISION=plan.fp32_precision, UPCAST=plan.interpret,
+        ONE_LOOP=one_loop_for(prog), ONE_LOOP_EAGER_MASK=ONE_LOOP_EAGER_MASK,
         num_warps=opt.fwd.num_warps, num_stages=opt.fwd.num_stages,
         options=opt.fwd.options_for("BLOCK_M", "BLOCK_N"),
     )

@@ -1086,8 +1086,9 @@ _ONE_LOOP_CASES = {
 }
 
 
-def _one_loop_results(case, device, one_loop):
-    """out, lse and every gradient of one training step, with both ONE_LOOP flags set to one_loop."""
+def _one_loop_results(case, device, one_loop, eager=False):
+    """out, lse and every gradient of one training step, with both ONE_LOOP flags set to one_loop
+    (and the forward's ONE_LOOP_EAGER_MASK to eager)."""
     from kernels import backward, forward
 
     B, Hq, Hkv, L, S, E, mask_mod, score_mod, block, options, dtype = case
@@ -1097,11 +1098,13 @@ def _one_loop_results(case, device, one_loop):
     if (options or {}).get("BLOCKS_ARE_CONTIGUOUS"):
         assert not oracle.check_block_mask(bm, B, Hq, L, S, blocks_are_contiguous=True)  # a promise kept
     forward.ONE_LOOP = backward.ONE_LOOP = one_loop
+    forward.ONE_LOOP_EAGER_MASK = eager
     try:
         out, lse = kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=Hq != Hkv,
                                           return_lse=True, kernel_options=options)
     finally:
         forward.ONE_LOOP = backward.ONE_LOOP = False  # the backward's was read by the forward
+        forward.ONE_LOOP_EAGER_MASK = False
     tables = [t for t in (score_mod.tensors() if score_mod is not None else []) if t.requires_grad]
     grads = torch.autograd.grad((out * do).sum() + (lse * dl).sum(), [q, k, v, *tables])
     return [out, lse, *grads]
@@ -1115,16 +1118,20 @@ def test_one_loop_is_the_two_loops_bit_for_bit(case):
     the two loops, so under the interpreter out, the LSE and every gradient are the same bits. A
     step counted to the wrong list (the mask left off each row's last partial block) breaks that
     on every case, planted in either kernel (checked): out off by 0.8 to 3.4, dq by 2.8 to
-    11,648."""
+    11,648. ``ONE_LOOP_EAGER_MASK`` (the forward's mask called on every step, applied on the
+    partial ones) must give the same bits too."""
     from kernels import backward, forward
 
     assert forward.ONE_LOOP is False and backward.ONE_LOOP is False  # the defaults (timed once: PERFORMANCE.md)
+    assert forward.ONE_LOOP_EAGER_MASK is False
     args = _ONE_LOOP_CASES[case](DEVICE)
     two = _one_loop_results(args, DEVICE, False)
     one = _one_loop_results(args, DEVICE, True)
+    eager = _one_loop_results(args, DEVICE, True, eager=True)  # the mask called on every step
     names = ["out", "lse", "dq", "dk", "dv", "dtable"]
-    for name, a, b in zip(names, one, two):
-        assert torch.equal(a, b), (name, (a.float() - b.float()).abs().max())
+    for variant, results in (("one loop", one), ("eager mask", eager)):
+        for name, a, b in zip(names, results, two):
+            assert torch.equal(a, b), (variant, name, (a.float() - b.float()).abs().max())
 
 
 def test_one_loop_rule_picks_masks_without_loads(monkeypatch):
@@ -1175,12 +1182,15 @@ def test_gpu_one_loop_matches_the_oracle():
         if (options or {}).get("BLOCKS_ARE_CONTIGUOUS"):
             bm = create_block_mask(mask_mod, B, Hq, L, S, device="cuda", BLOCK_SIZE=block)
             assert not oracle.check_block_mask(bm, B, Hq, L, S, blocks_are_contiguous=True)  # a promise kept
-        forward.ONE_LOOP = backward.ONE_LOOP = True
-        try:
-            check(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, dtype=dtype, score_mod=score_mod, mask_mod=mask_mod,
-                  block_size=block, kernel_options=options, device="cuda", seed=3)
-        finally:
-            forward.ONE_LOOP = backward.ONE_LOOP = False
+        for eager in (False, True):
+            forward.ONE_LOOP = backward.ONE_LOOP = True
+            forward.ONE_LOOP_EAGER_MASK = eager
+            try:
+                check(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, dtype=dtype, score_mod=score_mod, mask_mod=mask_mod,
+                      block_size=block, kernel_options=options, device="cuda", seed=3)
+            finally:
+                forward.ONE_LOOP = backward.ONE_LOOP = False
+                forward.ONE_LOOP_EAGER_MASK = False
 
 
 @pytest.mark.gpu
