@@ -12,6 +12,8 @@ case (None when it can). Built-ins:
 * ``kernels-one-loop``: ours with ``kernels.forward.ONE_LOOP`` and ``kernels.backward.ONE_LOOP``
   (one loop over a tile's partial and full blocks in the forward and dQ kernels), a variant not
   yet on by default.
+* ``kernels-one-loop-eager``: ours with the forward's one loop (``kernels.forward.ONE_LOOP``) and
+  its mask called on every step (``kernels.forward.ONE_LOOP_EAGER_MASK``); the backward is ours.
 * ``gluon``: the Gluon probes (``benchmarks/gluon_flex.py``: a warp-specialized forward and
   backward, not yet part of ``kernels``), on sm_90 GPUs, or on the CPU in
   ``kernels.gluon_emulator``; bf16/fp16, head dim 64 or 128, 128 x 128 block masks. Needs a
@@ -146,6 +148,7 @@ def _kernels_with(*flags: tuple):
 
 _kernels_dq_atomic_fn = _kernels_with(("backward", "DQ_ATOMIC"))
 _kernels_one_loop_fn = _kernels_with(("forward", "ONE_LOOP"), ("backward", "ONE_LOOP"))
+_kernels_one_loop_eager_fn = _kernels_with(("forward", "ONE_LOOP"), ("forward", "ONE_LOOP_EAGER_MASK"))
 
 
 def _kernels_declines(exc: BaseException) -> Optional[str]:
@@ -400,6 +403,11 @@ TARGETS: dict = {
                                returns_max=True, declines=_kernels_declines,
                                description="our Triton kernels with forward.ONE_LOOP and backward.ONE_LOOP "
                                            "(one loop over a tile's partial and full blocks, forward and dQ)"),
+    "kernels-one-loop-eager": Target("kernels-one-loop-eager", _kernels_one_loop_eager_fn, _kernels_check,
+                                     returns_lse=True, returns_max=True, declines=_kernels_declines,
+                                     description="our Triton kernels with forward.ONE_LOOP and "
+                                                 "forward.ONE_LOOP_EAGER_MASK (the forward's one loop, its "
+                                                 "mask called on every step)"),
     "gluon": Target("gluon", _gluon_fn, _gluon_check, returns_lse=True, takes_kernel_options=False,
                     declines=_gluon_declines,
                     draw_bounds=dict(dtypes=("bfloat16", "float16"), head_dims=(64, 128), equal_head_dims=True,
@@ -417,7 +425,8 @@ TARGETS: dict = {
 
 
 def resolve_target(spec) -> Target:
-    """A ``Target`` from a built-in name (``kernels``, ``kernels-dq-atomic``, ``kernels-one-loop``, ``gluon``, ``torch-compile``,
+    """A ``Target`` from a built-in name (``kernels``, ``kernels-dq-atomic``, ``kernels-one-loop``,
+    ``kernels-one-loop-eager``, ``gluon``, ``torch-compile``,
     ``torch-eager``, ``sdpa``), from ``"module:attribute"`` (a ``Target`` or a function with FlexAttention's
     signature), or a ``Target`` itself."""
     if isinstance(spec, Target):

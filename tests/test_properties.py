@@ -1119,6 +1119,26 @@ def test_kernels_one_loop_target_runs_the_variant_and_restores_the_default(monke
     assert len(flags) == 2 and not any(flags)
 
 
+def test_kernels_one_loop_eager_target_runs_the_variant_and_restores_the_default(monkeypatch):
+    """``kernels-one-loop-eager``: the forward launched with ONE_LOOP and ONE_LOOP_EAGER_MASK, the
+    dQ kernel without its one loop, matching the oracle on a document case (the mask's gathers are
+    what the variant moves) with full and partial blocks; the defaults are back afterwards."""
+    from kernels import _runtime, backward, forward
+
+    launches = []
+    real = _runtime.launch
+    monkeypatch.setattr(_runtime, "launch", lambda kernel, *a, **k: (
+        launches.append((k["ONE_LOOP"], k.get("ONE_LOOP_EAGER_MASK"))) if "ONE_LOOP" in k else None)
+        or real(kernel, *a, **k))
+    target = resolve_target("kernels-one-loop-eager")
+    assert target.name == "kernels-one-loop-eager" and target.returns_lse and target.returns_max
+    doc = mods.document.from_seed(170, 3, 2)
+    c = case(Hq=2, Hkv=2, L=170, S=170, mask=doc.spec(), block_size=(32, 32))
+    matches_oracle(target, c, "cpu")
+    assert launches == [(True, True), (False, None)], launches  # forward, then the dQ kernel
+    assert forward.ONE_LOOP is False and forward.ONE_LOOP_EAGER_MASK is False and backward.ONE_LOOP is False
+
+
 def test_gluon_target_matches_the_oracle_in_the_emulator():
     """``gluon``: the Gluon probes (benchmarks/gluon_flex.py) on CPU tensors, their kernels in
     kernels/gluon_emulator.py: a broadcast key batch, GQA, tails past a block, a mask with its
