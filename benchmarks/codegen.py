@@ -232,6 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--eager-mask", action="store_true",
                    help="with --one-loop, kernels.forward.ONE_LOOP_EAGER_MASK: the forward's mask called on every step")
     args = p.parse_args(argv)
+    if args.eager_mask and not args.one_loop:
+        p.error("--eager-mask changes the forward's one loop: pass --one-loop with it")
     if args.one_loop:
         from kernels import backward, forward
         forward.ONE_LOOP = backward.ONE_LOOP = True

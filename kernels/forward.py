@@ -29,7 +29,8 @@ ONE_LOOP = False
 # are then in the loop's body, where the pipeliner prefetches them, as in the two loops' partial
 # loop; its arithmetic is sunk into the branch by LLVM. sm_90 SASS per trip (document, S=4k, full /
 # partial step): 415 / 489 against ONE_LOOP's 396 / 494 and the two loops' 376 / 474, with 512
-# bytes more shared memory (the ids' stages). Off; not yet timed.
+# bytes more shared memory (the ids' stages). It changes only a forward that runs the one loop
+# (ONE_LOOP, or one_loop_for's rule). Off; not yet timed.
 ONE_LOOP_EAGER_MASK = False
 
 
