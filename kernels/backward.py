@@ -75,7 +75,8 @@ DQ_ATOMIC = False
 # ONE_LOOP: the dQ kernel walks a query tile's partial and then full KV blocks in one loop, as
 # ``kernels.forward.ONE_LOOP`` does the forward's. Off: timed once, on an H100, it made the
 # backward 1 to 6 % slower on all ten rows it ran (docs/PERFORMANCE.md, twenty-third session).
-# The interpreter's tests hold it to the two loops bit for bit. Read when the forward runs. The dK/dV kernel keeps its two loops: at 255 registers, one loop compiled to more spills
+# The interpreter's tests hold it to the two loops bit for bit. Read when the forward runs. The
+# dK/dV kernel keeps its two loops: at 255 registers, one loop compiled to more spills
 # (sm_90, bf16, D=128, S=4k: softcap 220/164 bytes against 136/116, 81 spill instructions per
 # trip against 17; causal 60/40 against none).
 ONE_LOOP = False

@@ -1132,7 +1132,11 @@ def test_kernels_one_loop_eager_target_runs_the_variant_and_restores_the_default
         or real(kernel, *a, **k))
     target = resolve_target("kernels-one-loop-eager")
     assert target.name == "kernels-one-loop-eager" and target.returns_lse and target.returns_max
+    from torch.nn.attention.flex_attention import create_block_mask
+
     doc = mods.document.from_seed(170, 3, 2)
+    bm = create_block_mask(doc, 1, 1, 170, 170, device="cpu", BLOCK_SIZE=32)
+    assert int(bm.kv_num_blocks.sum()) > 0 and int(bm.full_kv_num_blocks.sum()) > 0  # both kinds of step
     c = case(Hq=2, Hkv=2, L=170, S=170, mask=doc.spec(), block_size=(32, 32))
     matches_oracle(target, c, "cpu")
     assert launches == [(True, True), (False, None)], launches  # forward, then the dQ kernel
