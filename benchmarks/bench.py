@@ -436,12 +436,19 @@ _ours_one_stream = _ours_with("backward", "SIDE_KERNEL", None)
 _ours_bwd_unrefined = _ours_with("api", "AUTO_REFINE_BWD", False)
 # No dQ kernel: the dK/dV kernel adds dQ with atomics (kernels.backward.DQ_ATOMIC).
 _ours_dq_atomic = _ours_with("backward", "DQ_ATOMIC", True)
-# The forward's and the dQ kernel's partial and full blocks in one loop (kernels.forward.ONE_LOOP,
-# kernels.backward.ONE_LOOP): the forward's time is the forward flag's, the backward's the other's.
+# The forward's and the dQ kernel's partial and full blocks in one loop on every mask
+# (kernels.forward.ONE_LOOP, kernels.backward.ONE_LOOP): the forward's time is the forward flag's,
+# the backward's the other's.
 _ours_one_loop = _ours_with("forward", "ONE_LOOP", True, ("backward", "ONE_LOOP", True))
 # The forward's one loop alone, its mask called on every step (kernels.forward.ONE_LOOP_EAGER_MASK):
 # the mask's gathers prefetched. The backward is ours.
 _ours_one_loop_eager = _ours_with("forward", "ONE_LOOP", True, ("forward", "ONE_LOOP_EAGER_MASK", True))
+# The forward's two loops on every mask (kernels.forward.ONE_LOOP = False): ours before the
+# twenty-fifth session, where the rule (kernels.forward.one_loop_for) now takes one loop.
+_ours_two_loops = _ours_with("forward", "ONE_LOOP", False)
+# The dK/dV kernel walking a kv head's G query heads in each of its two loops where the block mask
+# has one head (kernels.backward.HEADS_IN_LOOP): the GQA rows' backward. The forward is ours.
+_ours_heads_in_loop = _ours_with("backward", "HEADS_IN_LOOP", True)
 
 
 _COMPILED: dict = {}
@@ -596,6 +603,12 @@ IMPLS = {
     "ours-one-loop-eager": Impl("ours-one-loop-eager", _ours_one_loop_eager, True,
                                 "kernels.flex_attention with forward.ONE_LOOP and forward.ONE_LOOP_EAGER_MASK (the "
                                 "forward's one loop, its mask's gathers prefetched; the backward as ours)"),
+    "ours-two-loops": Impl("ours-two-loops", _ours_two_loops, True,
+                           "kernels.flex_attention with forward.ONE_LOOP = False (the forward's two loops on "
+                           "every mask; the default's rule takes one loop for masks that load nothing)"),
+    "ours-heads-in-loop": Impl("ours-heads-in-loop", _ours_heads_in_loop, True,
+                               "kernels.flex_attention with backward.HEADS_IN_LOOP (the dK/dV kernel walks a kv "
+                               "head's query heads in each loop where the block mask has one head)"),
     "torch-compile": Impl("torch-compile", _torch_flex(None), True,
                           "torch.compile(flex_attention, dynamic=False), default mode"),
     "ours-out": Impl("ours-out", _ours_out, False,

@@ -13,6 +13,8 @@ before any device time is spent. Nothing is timed and nothing runs: the outputs 
     TRITON_INTERPRET=0 python benchmarks/codegen.py --decode-seqlens 32k
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks softcap --loops   # + SASS per loop trip
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks document --loops --one-loop   # forward, dQ: ONE_LOOP
+    TRITON_INTERPRET=0 python benchmarks/codegen.py --masks causal --loops --two-loops   # the forward's two loops
+    TRITON_INTERPRET=0 python benchmarks/codegen.py --masks gqa_document --loops --heads-in-loop   # dK/dV: HEADS_IN_LOOP
 
 The interpreter must be off (``TRITON_INTERPRET=0``): under it every ``triton.jit``
 function is an interpreted one, which cannot compile. ``tests/codegen.py`` (run by
@@ -231,7 +233,20 @@ def main(argv=None) -> int:
                    help="kernels.forward.ONE_LOOP and kernels.backward.ONE_LOOP: one loop over partial and full blocks")
     p.add_argument("--eager-mask", action="store_true",
                    help="with --one-loop, kernels.forward.ONE_LOOP_EAGER_MASK: the forward's mask called on every step")
+    p.add_argument("--two-loops", action="store_true",
+                   help="kernels.forward.ONE_LOOP = False: the forward's two loops on every mask (the default "
+                        "takes one loop where kernels.forward.one_loop_for says)")
+    p.add_argument("--heads-in-loop", action="store_true",
+                   help="kernels.backward.HEADS_IN_LOOP: the dK/dV kernel walks a kv head's query heads in each loop")
     args = p.parse_args(argv)
+    if args.two_loops and args.one_loop:
+        p.error("--two-loops and --one-loop contradict each other: pass one")
+    if args.two_loops:
+        from kernels import forward
+        forward.ONE_LOOP = False
+    if args.heads_in_loop:
+        from kernels import backward
+        backward.HEADS_IN_LOOP = True
     if args.eager_mask and not args.one_loop:
         p.error("--eager-mask changes the forward's one loop: pass --one-loop with it")
     if args.one_loop:

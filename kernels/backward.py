@@ -73,13 +73,27 @@ SIDE_KERNELS = ("dkdv", "dq", None)
 DQ_ATOMIC = False
 
 # ONE_LOOP: the dQ kernel walks a query tile's partial and then full KV blocks in one loop, as
-# ``kernels.forward.ONE_LOOP`` does the forward's. Off: timed once, on an H100, it made the
-# backward 1 to 6 % slower on all ten rows it ran (docs/PERFORMANCE.md, twenty-third session).
+# ``kernels.forward.ONE_LOOP`` does the forward's. Off: it made the backward 1 to 6 % slower on all
+# ten rows the H100 ran (docs/PERFORMANCE.md, twenty-third session) and on 13 of the 14 the H200
+# ran (twenty-fifth session; 1.0 % faster on block_sparse at S=1k).
 # The interpreter's tests hold it to the two loops bit for bit. Read when the forward runs. The
 # dK/dV kernel keeps its two loops: at 255 registers, one loop compiled to more spills
 # (sm_90, bf16, D=128, S=4k: softcap 220/164 bytes against 136/116, 81 spill instructions per
 # trip against 17; causal 60/40 against none).
 ONE_LOOP = False
+
+# HEADS_IN_LOOP: where the block mask is one for every head (its H is 1) and G > 1, the dK/dV
+# kernel walks all G query heads of its kv head in each of its two loops, the heads' steps one
+# after another on each listed block, where it ran two loops per head. A program then pays for
+# two pipeline prologues and drains instead of 2 G. The query heads' statistics, tiles and mods'
+# head move with the step. The case it is for: GQA document, where a key tile of 128 lists about
+# three query blocks of 128 at S=4k, so each of the G = 4 heads' loops ran some six 64-row steps
+# between prologue and drain. Off: on the H200 (docs/PERFORMANCE.md, twenty-fifth session) the GQA
+# document backward was only 0.9 % faster at S=4k and 1.9 % at 1k, the other rows unchanged; its
+# GPU test passed, no GPU fuzz has run. sm_90, S=4k: no spills (80 bytes before, in the loop over
+# heads), 425 instructions per full step against 403. The sums into dK and dV take another order
+# (all heads' partial blocks, then all full ones).
+HEADS_IN_LOOP = False
 
 
 @triton.jit
@@ -179,6 +193,7 @@ def dq_tiles(
 def dkdv_tiles(
     dk, dv, k, v,
     Q, QS, DO, LSE2, DELTA, stride_qm, stride_qd, stride_qsm, stride_qsd, stride_dom, stride_dod,
+    stride_qh, stride_qsh, stride_doh,
     DQA, IDX, num_blocks,
     off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
     B0, B1, B2, B3, G0, G1, G2, G3,
@@ -187,7 +202,7 @@ def dkdv_tiles(
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr,
-    FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DQ_ATOMIC: tl.constexpr, HEADS: tl.constexpr = 1,
 ):
     """Accumulate dK and dV over one query head's listed Q blocks (k, v stay in SRAM); with
     DQ_ATOMIC also add each tile's dQ share, dS K * scale, into the float32 rows of ``DQA``
@@ -201,6 +216,11 @@ def dkdv_tiles(
     dK wrong by up to 100 times its tolerance, run to run different; found by the H200
     false-alarm count, ``tests/cases/prescale-dk-pipeline-race-*.json``; Triton issue 6691
     has the same pattern). Every tile this loop loads now feeds matrix products only.
+
+    HEADS > 1 (``HEADS_IN_LOOP``): one loop over ``HEADS`` query heads that share the list, heads
+    ``off_h`` to ``off_h + HEADS - 1``. Each listed block takes ``TILES`` steps for each head in
+    turn; the pointers, the rows' statistics and the mods' head move with the step's head
+    (``stride_qh``, ``stride_qsh``, ``stride_doh``; ``Q_LEN`` rows of statistics per head).
     """
     TILES: tl.constexpr = SPARSE_Q // BLOCK_M
     offs_d = tl.arange(0, QK_PAD)
@@ -209,12 +229,25 @@ def dkdv_tiles(
     q_block = first
     # One flat loop over every tile of every listed block (the pipeliner then
     # prefetches across block boundaries; the next block is carried, see next_listed).
-    for it in range(0, num_blocks * TILES):
+    for it in range(0, num_blocks * TILES * HEADS):
         offs_m = q_block * SPARSE_Q + (it % TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
-        q_block = next_listed(IDX, first, it, num_blocks, TILES, CONTIGUOUS)
-        qT = load_tile(Q, offs_d, offs_m, stride_qd, stride_qm, QK_DIM, Q_LEN,
+        q_block = next_listed(IDX, first, it, num_blocks, TILES * HEADS, CONTIGUOUS)
+        if HEADS > 1:
+            g = (it // TILES) % HEADS  # the step's head, off_h + g
+            h = off_h + g
+            g = g.to(tl.int64)
+            Q_h = Q + g * stride_qh
+            QS_h = QS + g * stride_qsh
+            DO_h = DO + g * stride_doh
+            LSE2_h = LSE2 + g * Q_LEN
+            DELTA_h = DELTA + g * Q_LEN
+            DQA_h = DQA + g * Q_LEN * QK_DIM
+        else:
+            h = off_h
+            Q_h, QS_h, DO_h, LSE2_h, DELTA_h, DQA_h = Q, QS, DO, LSE2, DELTA, DQA
+        qT = load_tile(Q_h, offs_d, offs_m, stride_qd, stride_qm, QK_DIM, Q_LEN,
                        QK_DIM != QK_PAD, not Q_DIVISIBLE)
-        do = load_tile(DO, offs_m, offs_v, stride_dom, stride_dod, Q_LEN, V_DIM,
+        do = load_tile(DO_h, offs_m, offs_v, stride_dom, stride_dod, Q_LEN, V_DIM,
                        not Q_DIVISIBLE, V_DIM != V_PAD)
         # LSE2: the LSE in base 2, a fully masked row's -inf as 0 (row_lse2), made once per
         # row rather than once per key tile here (a multiply, a compare and a select for
@@ -222,11 +255,11 @@ def dkdv_tiles(
         # at D=128). With base2_scores: a 3 to 8 % faster backward at D=64 on the H200 (none,
         # causal, GQA causal), no change at D=128 (docs/PERFORMANCE.md, fifteenth session).
         if Q_DIVISIBLE:
-            lse2 = tl.load(LSE2 + offs_m)
-            delta = tl.load(DELTA + offs_m)
+            lse2 = tl.load(LSE2_h + offs_m)
+            delta = tl.load(DELTA_h + offs_m)
         else:
-            lse2 = tl.load(LSE2 + offs_m, mask=offs_m < Q_LEN, other=0.0)
-            delta = tl.load(DELTA + offs_m, mask=offs_m < Q_LEN, other=0.0)
+            lse2 = tl.load(LSE2_h + offs_m, mask=offs_m < Q_LEN, other=0.0)
+            delta = tl.load(DELTA_h + offs_m, mask=offs_m < Q_LEN, other=0.0)
         m2 = offs_m[None, :]
         if Q_DIVISIBLE:
             m_mod = m2
@@ -234,7 +267,7 @@ def dkdv_tiles(
             m_mod = m2 % Q_LEN
         if PRESCALE:
             # Scores from the forward's rounded q * scale * log2(e); dK still uses q itself.
-            q_scaled = load_tile(QS, offs_d, offs_m, stride_qsd, stride_qsm, QK_DIM, Q_LEN,
+            q_scaled = load_tile(QS_h, offs_d, offs_m, stride_qsd, stride_qsm, QK_DIM, Q_LEN,
                                  QK_DIM != QK_PAD, not Q_DIVISIBLE)
             qkT = mma(k, q_scaled, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
         else:
@@ -244,12 +277,12 @@ def dkdv_tiles(
                 sT = qkT * LN2
             else:
                 sT = qkT * SM_SCALE
-            tT2 = SCORE_FN(sT, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
+            tT2 = SCORE_FN(sT, off_z, h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
         else:
             tT2 = base2_scores(qkT, SM_SCALE, PRESCALE)
         keep = (m2 < Q_LEN) & (offs_n[:, None] < KV_LEN)
         if not IS_FULL:
-            keep = keep & MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+            keep = keep & MASK_FN(off_z, h, m_mod, n_mod, B0, B1, B2, B3)
         if IS_FULL and Q_DIVISIBLE and KV_DIVISIBLE:
             # Every element of a full block is allowed; keep only guards the tables' gradients.
             pT = tl.math.exp2(tT2 - lse2[None, :])
@@ -259,7 +292,7 @@ def dkdv_tiles(
         dpT = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
         dtT = pT * (dpT - delta[None, :])
         if HAS_SCORE:
-            dsT = SCORE_BWD_FN(sT, dtT, off_z, off_h, m_mod, n_mod, keep, B0, B1, B2, B3,
+            dsT = SCORE_BWD_FN(sT, dtT, off_z, h, m_mod, n_mod, keep, B0, B1, B2, B3,
                                G0, G1, G2, G3, GRAD_BUFFERS)
         else:
             dsT = dtT
@@ -269,7 +302,7 @@ def dkdv_tiles(
             # in-range scores); the rows past L are not added.
             dq = mma(tl.trans(cast(dsT, Q.dtype.element_ty, UPCAST)), k,
                      tl.zeros([BLOCK_M, QK_PAD], dtype=tl.float32), FP32_PRECISION, UPCAST)
-            dq_ptrs = DQA + offs_m[:, None].to(tl.int64) * QK_DIM + offs_d[None, :]
+            dq_ptrs = DQA_h + offs_m[:, None].to(tl.int64) * QK_DIM + offs_d[None, :]
             tl.atomic_add(dq_ptrs, dq * SM_SCALE, mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_DIM),
                           sem="relaxed")
     return dk, dv
@@ -453,6 +486,7 @@ def dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
     PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    HEADS: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(0)
     pid_zh = tl.program_id(1)  # (query batch, kv head)
@@ -475,9 +509,10 @@ def dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, QK_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, V_PAD], dtype=tl.float32)
-    # k and v stay in SRAM while every query head of this kv head passes by.
-    for g in range(0, G):
-        off_h = off_hkv * G + g
+    # k and v stay in SRAM while every query head of this kv head passes by: one head at a time,
+    # or with HEADS = G (HEADS_IN_LOOP, every head on one list) all G in each loop.
+    for g in range(0, G // HEADS):
+        off_h = off_hkv * G + g * HEADS
         q_ptr = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
         qs_ptr = QS + off_z.to(tl.int64) * stride_qsz + off_h.to(tl.int64) * stride_qsh
         do_ptr = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
@@ -487,23 +522,23 @@ def dkdv_kernel(
         dk, dv = dkdv_tiles(
             dk, dv, k, v, q_ptr, qs_ptr, do_ptr, LSE2 + stat, DELTA + stat,
             stride_qm, stride_qd, stride_qsm, stride_qsd, stride_dom, stride_dod,
-            dqa_ptr, Q_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(Q_NUM + col),
+            stride_qh, stride_qsh, stride_doh, dqa_ptr, Q_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(Q_NUM + col),
             off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
             B0, B1, B2, B3, G0, G1, G2, G3,
             SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, False,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
-            Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC,
+            Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC, HEADS,
         )
         if HAS_FULL:
             dk, dv = dkdv_tiles(
                 dk, dv, k, v, q_ptr, qs_ptr, do_ptr, LSE2 + stat, DELTA + stat,
                 stride_qm, stride_qd, stride_qsm, stride_qsd, stride_dom, stride_dod,
-                dqa_ptr, FULL_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(FULL_NUM + col),
+                stride_qh, stride_qsh, stride_doh, dqa_ptr, FULL_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(FULL_NUM + col),
                 off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
                 B0, B1, B2, B3, G0, G1, G2, G3,
                 SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, True,
                 QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
-                Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC,
+                Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC, HEADS,
             )
     dk = dk * SM_SCALE
     n_ok = offs_n[:, None] < KV_LEN
@@ -517,13 +552,15 @@ def dkdv_kernel(
 
 def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_grads: bool,
                  concurrent: Optional[bool] = None, side: Optional[str] = "default",
-                 dq_atomic: Optional[bool] = None, one_loop: Optional[bool] = None):
+                 dq_atomic: Optional[bool] = None, one_loop: Optional[bool] = None,
+                 heads_in_loop: Optional[bool] = None):
     """Gradients for q, k, v and the learnable tensors of the score mod (in slot order).
     ``concurrent`` (default: ``CONCURRENT``) takes delta_kernel and, on CUDA, the side stream;
     ``side`` (default: ``SIDE_KERNEL``) which kernel runs there; ``dq_atomic`` (default:
     ``DQ_ATOMIC``) replaces the dQ kernel by the dK/dV kernel's atomic adds (after delta_kernel,
     on the caller's stream); ``one_loop`` (default: ``ONE_LOOP``) walks the dQ kernel's two lists
-    in one loop."""
+    in one loop; ``heads_in_loop`` (default: ``HEADS_IN_LOOP``) walks a kv head's G query heads in
+    the dK/dV kernel's loops together where the block mask has one head."""
     import torch
 
     side = SIDE_KERNEL if side == "default" else side
@@ -570,6 +607,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         num_warps=opt.bwd.num_warps, num_stages=opt.bwd.num_stages,
     )
     one_loop = ONE_LOOP if one_loop is None else one_loop
+    heads_in_loop = HEADS_IN_LOOP if heads_in_loop is None else heads_in_loop
     tiles = opt.bwd.tiles
     bufs = plan.buffer_args(query)
 
@@ -605,6 +643,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
             *qs.stride(),
             plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
             GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable), DQ_ATOMIC=dq_atomic,
+            HEADS=dkdv_heads(plan.G, MH, heads_in_loop),
             BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **common, **_sparse_consts(sp, L, S),
             options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
         )
@@ -632,6 +671,12 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         dv = dv.sum(0, keepdim=True).to(value.dtype)
     dbufs = [grads[k].view(plan.buffers[k].shape).to(plan.buffers[k].dtype) for k in prog.learnable]
     return dq, dk, dv, dbufs
+
+
+def dkdv_heads(G: int, sparse_heads: int, heads_in_loop: bool) -> int:
+    """How many query heads each of the dK/dV kernel's loops walks: G with ``heads_in_loop`` where
+    every head reads the same lists (the block mask's H is 1), else 1."""
+    return G if heads_in_loop and sparse_heads == 1 and G > 1 else 1
 
 
 def _sparse_consts(sp, L: int, S: int) -> dict:

@@ -18,28 +18,37 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 # ONE_LOOP: one loop over a query tile's partial and then full KV blocks (``forward_tiles``'s
-# MIXED), where the default runs a loop for each list and drains Triton's pipeline between them.
-# Off for now. Timed once, on an H100 (docs/PERFORMANCE.md, twenty-third session): 4 to 7 % faster
-# on short causal and sliding-window rows, even on document (its ids are no longer prefetched),
-# 2.5 % slower on softcap at 4k. The interpreter's tests hold it to the two loops bit for bit, and
-# bench.py's ``ours-one-loop`` times it. None: ``one_loop_for``'s rule, per program.
-ONE_LOOP = False
+# MIXED), where two loops, one for each list, drain Triton's pipeline between them. None (the
+# default since the twenty-fifth session): ``one_loop_for``'s rule, per program; True or False
+# forces it. Timed on an H200 (docs/PERFORMANCE.md, twenty-fifth session; D=128, bf16) for the
+# rule's masks, forward ms against two loops: causal -6.0 % at S=1k and -1.0 % at 4k, sliding
+# window -7.3 % and -5.9 %, prefix LM -5.0 % and +1.1 %, block_sparse -7.8 % and -1.1 %; not timed
+# at 16k, where rows are four times as long and the one-time costs it saves matter less. Softcap
+# +1.7 % at 4k, and document +0.8 % at 4k (its ids are no longer prefetched): the rule leaves both
+# on two loops. The interpreter's tests hold it to the two loops bit for bit; on the H200 its GPU tests
+# and 971 fuzzed cases (target ``kernels-one-loop``) passed. bench.py's ``ours-one-loop`` forces it.
+ONE_LOOP = None
 # ONE_LOOP_EAGER_MASK: the one loop calls the mask on every step and applies it in the branch of
 # the partial steps, where ONE_LOOP alone calls it in that branch. The mask's gathers (document ids)
 # are then in the loop's body, where the pipeliner prefetches them, as in the two loops' partial
 # loop; its arithmetic is sunk into the branch by LLVM. sm_90 SASS per trip (document, S=4k, full /
 # partial step): 415 / 489 against ONE_LOOP's 396 / 494 and the two loops' 376 / 474, with 512
 # bytes more shared memory (the ids' stages). It changes only a forward that runs the one loop
-# (ONE_LOOP, or one_loop_for's rule). Off; not yet timed.
+# (ONE_LOOP True; the rule gives document two loops). Off: on the H200 (twenty-fifth session), with
+# ONE_LOOP forced, document's forward was 2.5 % faster than two loops at S=1k and 0.6 % at 4k (GQA
+# document 2.3 % and 0.6 %), and a mask that gathers a tile of a table would load it on every
+# full step too. Its GPU tests and 1,049 fuzzed cases (``kernels-one-loop-eager``) passed.
 ONE_LOOP_EAGER_MASK = False
 
 
 def one_loop_for(program) -> bool:
     """Whether the forward walks a program's partial and full blocks in one loop: ``ONE_LOOP`` when
-    it is a bool; with None, the rule the H100 timing suggests (docs/PERFORMANCE.md, twenty-third
-    session): on for a mask that loads nothing (causal, sliding window, prefix LM), with no score
-    mod. A mask's gathers (document ids) sit behind the one loop's branch, where the pipeliner no
-    longer prefetches them; a program without a mask has no partial block to join."""
+    it is a bool; with None (the default), the rule the H100 and H200 timings support
+    (docs/PERFORMANCE.md, twenty-third and twenty-fifth sessions): on for a mask that loads nothing
+    (causal, sliding window, prefix LM, chunked, block_sparse's ``full()``), with no score mod. A
+    mask's gathers (document ids) sit behind the one loop's branch, where the pipeliner no longer
+    prefetches them; a score mod's longer step outweighed the join at S=4k; a program without a mask
+    has no partial block to join."""
     if ONE_LOOP is not None:
         return bool(ONE_LOOP)
     return program.has_mask and not program.mask_loads and not program.has_score

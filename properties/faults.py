@@ -208,15 +208,21 @@ CATALOGUE: tuple = (
     # ---- forward: which blocks are visited -----------------------------------------------------
     Fault(
         "fwd_partial_as_full", "partial block treated as full",
-        (Patch("forward", "SCORE_FN, MASK_FN, HAS_SCORE, False, False,", "SCORE_FN, MASK_FN, HAS_SCORE, True, False,"),),
-        "The forward kernel walks partial blocks without evaluating mask_mod, as if they were full.",
+        (Patch("forward", "SCORE_FN, MASK_FN, HAS_SCORE, False, False,", "SCORE_FN, MASK_FN, HAS_SCORE, True, False,"),
+         Patch("forward", "if it < num_part * TILES:  # a partial block's step",
+               "if False:  # a partial block's step", count=2)),
+        "The forward kernel walks partial blocks without evaluating mask_mod, as if they were full "
+        "(in either loop form: two loops, or one with the mask in a branch).",
         "A block classified full that is only partial: the block-mask mistake the two lists invite.",
     ),
     Fault(
         "fwd_full_blocks_skipped", "full-block pass skipped",
         (Patch("forward", "        if HAS_FULL:\n            full_idx = ",
-               "        if False:\n            full_idx = "),),
-        "The forward kernel never walks the full-block lists, so every full block is left out.",
+               "        if False:\n            full_idx = "),
+         Patch("forward", "part_idx, n_part + tl.load(FULL_NUM + row), FULL_IDX",
+               "part_idx, n_part + 0 * tl.load(FULL_NUM + row), FULL_IDX")),
+        "The forward kernel never walks the full-block lists, so every full block is left out (in "
+        "either loop form).",
         "The second (full-block) loop of FlexAttention's kernels forgotten or misconfigured.",
     ),
     Fault(
@@ -229,9 +235,20 @@ CATALOGUE: tuple = (
         "ids; a kernel that trusts the capacity, not the count, visits them.",
     ),
     Fault(
+        "fwd_one_loop_join_early", "partial block treated as full",
+        (Patch("forward", "if it < num_part * TILES:  # a partial block's step",
+               "if it < (num_part - 1) * TILES:  # a partial block's step", count=2),),
+        "The forward's one loop (kernels.forward.ONE_LOOP, the default for masks that load nothing) "
+        "counts each row's last partial block to the full list, so mask_mod is not applied there.",
+        "An off-by-one at the join of two block lists walked in one loop: the step where the "
+        "partial list ends and the full list begins.",
+    ),
+    Fault(
         "fwd_contiguous_assumed", "jump between non-contiguous blocks",
         (Patch("forward", "kv_block = next_listed(IDX, first, it, num_blocks, TILES, CONTIGUOUS)",
-               "kv_block = next_listed(IDX, first, it, num_blocks, TILES, True)"),),
+               "kv_block = next_listed(IDX, first, it, num_blocks, TILES, True)"),
+         Patch("forward", "next_listed_of_two(IDX, FIDX, first, f_first, it, num_part, num_blocks, TILES, CONTIGUOUS)",
+               "next_listed_of_two(IDX, FIDX, first, f_first, it, num_part, num_blocks, TILES, True)")),
         "The forward kernel assumes each row's blocks are consecutive (first + k) even without "
         "BLOCKS_ARE_CONTIGUOUS, so it visits the wrong blocks after a gap.",
         "The seed's pointer-jump arithmetic between listed blocks (get_offset_for_next_block).",
@@ -323,7 +340,7 @@ CATALOGUE: tuple = (
     ),
     Fault(
         "bwd_gqa_first_head_only", "GQA head mapping",
-        (Patch("backward", "for g in range(0, G):", "for g in range(0, 1):"),),
+        (Patch("backward", "for g in range(0, G // HEADS):", "for g in range(0, 1):"),),
         "dK and dV sum over the first query head of each GQA group only.",
         "GQA backward passes that forget to reduce dK/dV over the query heads of a group.",
     ),
@@ -341,15 +358,15 @@ CATALOGUE: tuple = (
     ),
     Fault(
         "bwd_bias_grad_batch_lost", "captured-bias gradient",
-        (Patch("backward", "dsT = SCORE_BWD_FN(sT, dtT, off_z, off_h, m_mod, n_mod, keep, B0, B1, B2, B3,",
-               "dsT = SCORE_BWD_FN(sT, dtT, off_z, off_h, m_mod, n_mod, keep & (off_z == 0), B0, B1, B2, B3,"),),
+        (Patch("backward", "dsT = SCORE_BWD_FN(sT, dtT, off_z, h, m_mod, n_mod, keep, B0, B1, B2, B3,",
+               "dsT = SCORE_BWD_FN(sT, dtT, off_z, h, m_mod, n_mod, keep & (off_z == 0), B0, B1, B2, B3,"),),
         "A learnable table's gradient collects batch 0's contributions only.",
         "Captured-buffer gradients accumulated for one batch only.",
     ),
     Fault(
         "bwd_bias_grad_head_lost", "captured-bias gradient",
-        (Patch("backward", "dsT = SCORE_BWD_FN(sT, dtT, off_z, off_h, m_mod, n_mod, keep, B0, B1, B2, B3,",
-               "dsT = SCORE_BWD_FN(sT, dtT, off_z, off_h, m_mod, n_mod, keep & (off_h == 0), B0, B1, B2, B3,"),),
+        (Patch("backward", "dsT = SCORE_BWD_FN(sT, dtT, off_z, h, m_mod, n_mod, keep, B0, B1, B2, B3,",
+               "dsT = SCORE_BWD_FN(sT, dtT, off_z, h, m_mod, n_mod, keep & (h == 0), B0, B1, B2, B3,"),),
         "A learnable table's gradient collects query head 0's contributions only.",
         "Captured-buffer gradients accumulated for one head only.",
     ),

@@ -10,10 +10,13 @@ case (None when it can). Built-ins:
 * ``kernels-dq-atomic``: ours with ``kernels.backward.DQ_ATOMIC`` (no dQ kernel: the dK/dV
   kernel adds dQ with atomics), a variant not yet on by default.
 * ``kernels-one-loop``: ours with ``kernels.forward.ONE_LOOP`` and ``kernels.backward.ONE_LOOP``
-  (one loop over a tile's partial and full blocks in the forward and dQ kernels), a variant not
-  yet on by default.
+  (one loop over a tile's partial and full blocks in the forward and dQ kernels) on every mask;
+  the default takes the forward's one loop only where ``kernels.forward.one_loop_for`` says.
 * ``kernels-one-loop-eager``: ours with the forward's one loop (``kernels.forward.ONE_LOOP``) and
   its mask called on every step (``kernels.forward.ONE_LOOP_EAGER_MASK``); the backward is ours.
+* ``kernels-heads-in-loop``: ours with ``kernels.backward.HEADS_IN_LOOP`` (the dK/dV kernel walks
+  a kv head's query heads in each of its loops where the block mask has one head), a variant not
+  yet on by default.
 * ``gluon``: the Gluon probes (``benchmarks/gluon_flex.py``: a warp-specialized forward and
   backward, not yet part of ``kernels``), on sm_90 GPUs, or on the CPU in
   ``kernels.gluon_emulator``; bf16/fp16, head dim 64 or 128, 128 x 128 block masks. Needs a
@@ -149,6 +152,7 @@ def _kernels_with(*flags: tuple):
 _kernels_dq_atomic_fn = _kernels_with(("backward", "DQ_ATOMIC"))
 _kernels_one_loop_fn = _kernels_with(("forward", "ONE_LOOP"), ("backward", "ONE_LOOP"))
 _kernels_one_loop_eager_fn = _kernels_with(("forward", "ONE_LOOP"), ("forward", "ONE_LOOP_EAGER_MASK"))
+_kernels_heads_in_loop_fn = _kernels_with(("backward", "HEADS_IN_LOOP"))
 
 
 def _kernels_declines(exc: BaseException) -> Optional[str]:
@@ -408,6 +412,10 @@ TARGETS: dict = {
                                      description="our Triton kernels with forward.ONE_LOOP and "
                                                  "forward.ONE_LOOP_EAGER_MASK (the forward's one loop, its "
                                                  "mask called on every step)"),
+    "kernels-heads-in-loop": Target("kernels-heads-in-loop", _kernels_heads_in_loop_fn, _kernels_check,
+                                    returns_lse=True, returns_max=True, declines=_kernels_declines,
+                                    description="our Triton kernels with backward.HEADS_IN_LOOP (the dK/dV "
+                                                "kernel walks a kv head's query heads in each loop)"),
     "gluon": Target("gluon", _gluon_fn, _gluon_check, returns_lse=True, takes_kernel_options=False,
                     declines=_gluon_declines,
                     draw_bounds=dict(dtypes=("bfloat16", "float16"), head_dims=(64, 128), equal_head_dims=True,
@@ -426,7 +434,7 @@ TARGETS: dict = {
 
 def resolve_target(spec) -> Target:
     """A ``Target`` from a built-in name (``kernels``, ``kernels-dq-atomic``, ``kernels-one-loop``,
-    ``kernels-one-loop-eager``, ``gluon``, ``torch-compile``,
+    ``kernels-one-loop-eager``, ``kernels-heads-in-loop``, ``gluon``, ``torch-compile``,
     ``torch-eager``, ``sdpa``), from ``"module:attribute"`` (a ``Target`` or a function with FlexAttention's
     signature), or a ``Target`` itself."""
     if isinstance(spec, Target):

@@ -1097,14 +1097,15 @@ def _one_loop_results(case, device, one_loop, eager=False):
     assert bm.full_kv_num_blocks is not None and int(bm.full_kv_num_blocks.sum()) > 0  # both lists walked
     if (options or {}).get("BLOCKS_ARE_CONTIGUOUS"):
         assert not oracle.check_block_mask(bm, B, Hq, L, S, blocks_are_contiguous=True)  # a promise kept
+    defaults = forward.ONE_LOOP, backward.ONE_LOOP, forward.ONE_LOOP_EAGER_MASK
     forward.ONE_LOOP = backward.ONE_LOOP = one_loop
     forward.ONE_LOOP_EAGER_MASK = eager
     try:
         out, lse = kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=Hq != Hkv,
                                           return_lse=True, kernel_options=options)
     finally:
-        forward.ONE_LOOP = backward.ONE_LOOP = False  # the backward's was read by the forward
-        forward.ONE_LOOP_EAGER_MASK = False
+        # the backward's was read by the forward
+        forward.ONE_LOOP, backward.ONE_LOOP, forward.ONE_LOOP_EAGER_MASK = defaults
     tables = [t for t in (score_mod.tensors() if score_mod is not None else []) if t.requires_grad]
     grads = torch.autograd.grad((out * do).sum() + (lse * dl).sum(), [q, k, v, *tables])
     return [out, lse, *grads]
@@ -1122,7 +1123,8 @@ def test_one_loop_is_the_two_loops_bit_for_bit(case):
     partial ones) must give the same bits too."""
     from kernels import backward, forward
 
-    assert forward.ONE_LOOP is False and backward.ONE_LOOP is False  # the defaults (timed once: PERFORMANCE.md)
+    # the defaults: the forward's rule, the dQ kernel's two loops, no eager mask (PERFORMANCE.md)
+    assert forward.ONE_LOOP is None and backward.ONE_LOOP is False
     assert forward.ONE_LOOP_EAGER_MASK is False
     args = _ONE_LOOP_CASES[case](DEVICE)
     two = _one_loop_results(args, DEVICE, False)
@@ -1135,11 +1137,14 @@ def test_one_loop_is_the_two_loops_bit_for_bit(case):
 
 
 def test_one_loop_rule_picks_masks_without_loads(monkeypatch):
-    """``kernels.forward.ONE_LOOP = None`` leaves the choice to ``one_loop_for``: one loop for a mask
-    that reads no captured tensor and no score mod (the rows where the H100 timed it faster), two
-    for document ids, a block table, a score mod or no mask; a bool forces either. What the kernel
-    is launched with is what is checked, so a rule that is computed but not passed fails."""
+    """``kernels.forward.ONE_LOOP = None`` (the default) leaves the choice to ``one_loop_for``: one
+    loop for a mask that reads no captured tensor and no score mod (the rows where the H100 and the
+    H200 timed it faster), two for document ids, a block table, a score mod or no mask; a bool
+    forces either. What the kernel is launched with is what is checked, so a rule that is computed
+    but not passed fails."""
     from kernels import _runtime, forward
+
+    assert forward.ONE_LOOP is None
 
     seen = []
     real = _runtime.launch
@@ -1183,14 +1188,94 @@ def test_gpu_one_loop_matches_the_oracle():
             bm = create_block_mask(mask_mod, B, Hq, L, S, device="cuda", BLOCK_SIZE=block)
             assert not oracle.check_block_mask(bm, B, Hq, L, S, blocks_are_contiguous=True)  # a promise kept
         for eager in (False, True):
+            defaults = forward.ONE_LOOP, backward.ONE_LOOP, forward.ONE_LOOP_EAGER_MASK
             forward.ONE_LOOP = backward.ONE_LOOP = True
             forward.ONE_LOOP_EAGER_MASK = eager
             try:
                 check(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, dtype=dtype, score_mod=score_mod, mask_mod=mask_mod,
                       block_size=block, kernel_options=options, device="cuda", seed=3)
             finally:
-                forward.ONE_LOOP = backward.ONE_LOOP = False
-                forward.ONE_LOOP_EAGER_MASK = False
+                forward.ONE_LOOP, backward.ONE_LOOP, forward.ONE_LOOP_EAGER_MASK = defaults
+
+
+# HEADS_IN_LOOP's cases (kernels.backward): every one with a block mask of one head (mask_H=1), so that
+# the dK/dV kernel walks its kv head's G query heads in each loop; (check's keyword arguments, DQ_ATOMIC).
+_HEADS_IN_LOOP_CASES = {
+    # G = 4, a document mask with partial and full blocks and tails on both sides, two batches
+    "document-g4": lambda device: (dict(
+        B=2, Hq=4, Hkv=1, L=300, S=300, E=64, dtype=torch.float16, mask_H=1, block_size=64,
+        mask_mod=mods.document.from_seed(300, 4, 1, device=device)), False),
+    # a learnable table read per head (the step's head in the mods and in the table's gradient),
+    # PRESCALE_QK (the prescaled q of the step's head), a broadcast key batch, tails, G = 2
+    "bias-prescale-g2": lambda device: (dict(
+        B=2, Hq=4, Hkv=2, L=77, S=90, E=24, Ev=40, dtype=torch.bfloat16, Bk=1, mask_H=1,
+        score_mod=mods.bias.from_seed([4, 77, 90], seed=2, requires_grad=True, device=device),
+        mask_mod=mods.causal(), kernel_options={"PRESCALE_QK": True}), False),
+    # G = 3 (not a power of two), a score mod with a derivative, a band, and DQ_ATOMIC (the dQ rows
+    # of the step's head)
+    "softcap-window-g3-atomic": lambda device: (dict(
+        B=1, Hq=6, Hkv=2, L=129, S=200, E=32, dtype=torch.bfloat16, mask_H=1,
+        score_mod=mods.tanh_softcap(5.0), mask_mod=mods.sliding_window(40)), True),
+}
+
+
+def _heads_in_loop_check(case, device):
+    from kernels import backward
+
+    kwargs, dq_atomic = _HEADS_IN_LOOP_CASES[case](device)
+    backward.HEADS_IN_LOOP, backward.DQ_ATOMIC = True, dq_atomic
+    try:
+        check(device=device, **kwargs)
+    finally:
+        backward.HEADS_IN_LOOP, backward.DQ_ATOMIC = False, False
+    return kwargs
+
+
+@pytest.mark.parametrize("case", sorted(_HEADS_IN_LOOP_CASES))
+def test_heads_in_loop_backward_matches_the_oracle(case, monkeypatch):
+    """``kernels.backward.HEADS_IN_LOOP`` (off by default): where the block mask has one head, the
+    dK/dV kernel walks all G query heads of its kv head in each of its two loops, each head's steps
+    in turn on every listed block. The step's head moves its q, prescaled q and dO tiles, its rows'
+    LSE and delta, the mods' head and, with DQ_ATOMIC, its dQ rows. Every gradient against the
+    oracle, under the interpreter; the kernel must be launched with HEADS = G. Each of the step's
+    head offsets left at the loop's first head fails a case (checked: the mods' head fails the
+    table's case, dk 81 times its allowance; the LSE's fails both cases it was run on, 69 and 363
+    times; the prescaled q's the PRESCALE case, 175 times)."""
+    from kernels import _runtime, backward
+
+    assert backward.HEADS_IN_LOOP is False  # the default: not yet timed on a GPU
+    heads = []
+    real = _runtime.launch
+    monkeypatch.setattr(_runtime, "launch", lambda kernel, *a, **k: (
+        heads.append(k["HEADS"]) if kernel is backward.dkdv_kernel else None) or real(kernel, *a, **k))
+    kwargs = _heads_in_loop_check(case, DEVICE)
+    assert heads == [kwargs["Hq"] // kwargs["Hkv"]], heads
+
+
+def test_heads_in_loop_only_where_the_heads_share_their_lists(monkeypatch):
+    """HEADS = G only where every query head reads the same lists: a block mask with one head and
+    G > 1. A block mask with a head per query head, G = 1, or the flag off keep one head a loop."""
+    from kernels import _runtime, backward
+
+    heads = []
+    real = _runtime.launch
+    monkeypatch.setattr(_runtime, "launch", lambda kernel, *a, **k: (
+        heads.append(k["HEADS"]) if kernel is backward.dkdv_kernel else None) or real(kernel, *a, **k))
+    for flag, Hq, Hkv, mask_H, expected in ((True, 4, 2, 1, 2), (True, 4, 2, 4, 1), (True, 2, 2, 1, 1),
+                                            (False, 4, 2, 1, 1)):
+        monkeypatch.setattr(backward, "HEADS_IN_LOOP", flag)
+        heads.clear()
+        check(B=1, Hq=Hq, Hkv=Hkv, L=40, S=50, E=16, dtype=torch.float16, mask_mod=mods.causal(), mask_H=mask_H)
+        assert heads == [expected], (flag, Hq, Hkv, mask_H, heads)
+    assert backward.dkdv_heads(8, 1, True) == 8 and backward.dkdv_heads(8, 8, True) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_heads_in_loop_matches_the_oracle():
+    """The same cases compiled for the GPU, where the heads' steps are software-pipelined as one
+    loop: every gradient against the float64 oracle."""
+    for case in sorted(_HEADS_IN_LOOP_CASES):
+        _heads_in_loop_check(case, "cuda")
 
 
 @pytest.mark.gpu

@@ -1113,10 +1113,10 @@ def test_kernels_one_loop_target_runs_the_variant_and_restores_the_default(monke
     # L >= 128: shorter query lengths take the decode kernel (kernels.api.use_decode)
     c = case(Hq=4, Hkv=2, L=150, S=165, mask=mods.causal().spec(), block_size=(32, 32))
     matches_oracle(target, c, "cpu")
-    assert len(flags) == 2 and all(flags) and forward.ONE_LOOP is False and backward.ONE_LOOP is False
+    assert len(flags) == 2 and all(flags) and forward.ONE_LOOP is None and backward.ONE_LOOP is False
     flags.clear()
     matches_oracle("kernels", c, "cpu")
-    assert len(flags) == 2 and not any(flags)
+    assert flags == [True, False]  # the defaults: the forward's rule takes causal to one loop, dQ two
 
 
 def test_kernels_one_loop_eager_target_runs_the_variant_and_restores_the_default(monkeypatch):
@@ -1140,7 +1140,28 @@ def test_kernels_one_loop_eager_target_runs_the_variant_and_restores_the_default
     c = case(Hq=2, Hkv=2, L=170, S=170, mask=doc.spec(), block_size=(32, 32))
     matches_oracle(target, c, "cpu")
     assert launches == [(True, True), (False, None)], launches  # forward, then the dQ kernel
-    assert forward.ONE_LOOP is False and forward.ONE_LOOP_EAGER_MASK is False and backward.ONE_LOOP is False
+    assert forward.ONE_LOOP is None and forward.ONE_LOOP_EAGER_MASK is False and backward.ONE_LOOP is False
+
+
+def test_kernels_heads_in_loop_target_runs_the_variant_and_restores_the_default(monkeypatch):
+    """``kernels-heads-in-loop``: the dK/dV kernel launched with HEADS = G on a GQA case whose block
+    mask has one head (the case's default), matching the oracle with tails and an LSE gradient; the
+    default is back afterwards and launches one head a loop."""
+    from kernels import _runtime, backward
+
+    heads = []
+    real = _runtime.launch
+    monkeypatch.setattr(_runtime, "launch", lambda kernel, *a, **k: (
+        heads.append(k["HEADS"]) if kernel is backward.dkdv_kernel else None) or real(kernel, *a, **k))
+    target = resolve_target("kernels-heads-in-loop")
+    assert target.name == "kernels-heads-in-loop" and target.returns_lse and target.returns_max
+    c = case(Hq=4, Hkv=2, L=37, S=45, mask=mods.causal().spec(), block_size=(16, 16))
+    assert c.mask_H == 1
+    matches_oracle(target, c, "cpu")
+    assert heads == [2] and backward.HEADS_IN_LOOP is False
+    heads.clear()
+    matches_oracle("kernels", c, "cpu")
+    assert heads == [1]
 
 
 def test_gluon_target_matches_the_oracle_in_the_emulator():
