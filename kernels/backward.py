@@ -75,11 +75,11 @@ DQ_ATOMIC = False
 # ONE_LOOP: the dQ kernel walks a query tile's partial and then full KV blocks in one loop, as
 # ``kernels.forward.ONE_LOOP`` does the forward's. Off: it made the backward 1 to 6 % slower on all
 # ten rows the H100 ran (docs/PERFORMANCE.md, twenty-third session) and on 13 of the 14 the H200
-# ran (twenty-fifth session; 1.0 % faster on block_sparse at S=1k).
-# The interpreter's tests hold it to the two loops bit for bit. Read when the forward runs. The
-# dK/dV kernel keeps its two loops: at 255 registers, one loop compiled to more spills
-# (sm_90, bf16, D=128, S=4k: softcap 220/164 bytes against 136/116, 81 spill instructions per
-# trip against 17; causal 60/40 against none).
+# ran (twenty-fifth session; 1.0 % faster on block_sparse at S=1k). The interpreter's tests hold
+# it to the two loops bit for bit. Read when the forward runs. The dK/dV kernel keeps its two
+# loops: at 255 registers, one loop compiled to more spills (sm_90, bf16, D=128, S=4k: softcap
+# 220/164 bytes against 136/116, 81 spill instructions per trip against 17; causal 60/40 against
+# none).
 ONE_LOOP = False
 
 # HEADS_IN_LOOP: where the block mask is one for every head (its H is 1) and G > 1, the dK/dV
@@ -522,7 +522,8 @@ def dkdv_kernel(
         dk, dv = dkdv_tiles(
             dk, dv, k, v, q_ptr, qs_ptr, do_ptr, LSE2 + stat, DELTA + stat,
             stride_qm, stride_qd, stride_qsm, stride_qsd, stride_dom, stride_dod,
-            stride_qh, stride_qsh, stride_doh, dqa_ptr, Q_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(Q_NUM + col),
+            stride_qh, stride_qsh, stride_doh,
+            dqa_ptr, Q_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(Q_NUM + col),
             off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
             B0, B1, B2, B3, G0, G1, G2, G3,
             SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, False,
@@ -533,7 +534,8 @@ def dkdv_kernel(
             dk, dv = dkdv_tiles(
                 dk, dv, k, v, q_ptr, qs_ptr, do_ptr, LSE2 + stat, DELTA + stat,
                 stride_qm, stride_qd, stride_qsm, stride_qsd, stride_dom, stride_dod,
-                stride_qh, stride_qsh, stride_doh, dqa_ptr, FULL_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(FULL_NUM + col),
+                stride_qh, stride_qsh, stride_doh,
+                dqa_ptr, FULL_IDX + col.to(tl.int64) * NUM_Q_SPARSE, tl.load(FULL_NUM + col),
                 off_z, off_h, offs_n, n_mod, Q_LEN, KV_LEN, SM_SCALE,
                 B0, B1, B2, B3, G0, G1, G2, G3,
                 SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, True,

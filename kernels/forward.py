@@ -25,8 +25,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 # window -7.3 % and -5.9 %, prefix LM -5.0 % and +1.1 %, block_sparse -7.8 % and -1.1 %; not timed
 # at 16k, where rows are four times as long and the one-time costs it saves matter less. Softcap
 # +1.7 % at 4k, and document +0.8 % at 4k (its ids are no longer prefetched): the rule leaves both
-# on two loops. The interpreter's tests hold it to the two loops bit for bit; on the H200 its GPU tests
-# and 971 fuzzed cases (target ``kernels-one-loop``) passed. bench.py's ``ours-one-loop`` forces it.
+# on two loops. The interpreter's tests hold it to the two loops bit for bit; on the H200 its GPU
+# tests and 971 fuzzed cases (target ``kernels-one-loop``) passed. bench.py's ``ours-one-loop``
+# forces it on, ``ours-two-loops`` off.
 ONE_LOOP = None
 # ONE_LOOP_EAGER_MASK: the one loop calls the mask on every step and applies it in the branch of
 # the partial steps, where ONE_LOOP alone calls it in that branch. The mask's gathers (document ids)

@@ -436,6 +436,30 @@ def test_ours_refined_asks_for_refined_lists_only_with_a_block_mask(monkeypatch)
     assert seen == [{"REFINE_KV_BLOCK": 64}, None]
 
 
+@pytest.mark.parametrize("impl,flags", [
+    ("ours-two-loops", {("forward", "ONE_LOOP"): False}),
+    ("ours-one-loop", {("forward", "ONE_LOOP"): True, ("backward", "ONE_LOOP"): True}),
+    ("ours-one-loop-eager", {("forward", "ONE_LOOP"): True, ("forward", "ONE_LOOP_EAGER_MASK"): True}),
+    ("ours-heads-in-loop", {("backward", "HEADS_IN_LOOP"): True}),
+    ("ours-dq-atomic", {("backward", "DQ_ATOMIC"): True}),
+])
+def test_flag_variants_set_their_flags_for_their_calls_alone(monkeypatch, impl, flags):
+    """The implementations that are ours with a kernels flag set: the flags hold during the call
+    (as kernels.flex_attention reads them) and are back to their defaults after it."""
+    import importlib
+
+    import kernels
+
+    seen = []
+    monkeypatch.setattr(kernels, "flex_attention", lambda *a, **kw: seen.append(
+        {(m, f): getattr(importlib.import_module(f"kernels.{m}"), f) for m, f in flags}))
+    before = {(m, f): getattr(importlib.import_module(f"kernels.{m}"), f) for m, f in flags}
+    case = bench.Case("causal", bench.Shape(1, 2, 2, 256, 256, 64), torch.bfloat16)
+    bench.IMPLS[impl].prepare(case, None, "a block mask")(None, None, None)
+    assert seen == [flags]
+    assert {(m, f): getattr(importlib.import_module(f"kernels.{m}"), f) for m, f in flags} == before
+
+
 def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
     """benchmarks/softcap_tanh.py: ours with the softcap's tanh emitted another way, in bench.py's
     dry run (the interpreter runs no inline PTX, so the fdiv, exp2 and rational variants

@@ -99,6 +99,21 @@ def test_tile_loads_are_prefetched_more_than_one_step_ahead():
         assert max(v["async_waits"]) > 0, v
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--two-loops", "--one-loop"], "contradict"),
+    (["--eager-mask"], "pass --one-loop"),
+])
+def test_codegen_refuses_contradicting_loop_flags(argv, message, capsys):
+    """codegen.py's loop flags: --two-loops (the forward's old two loops) with --one-loop, and
+    --eager-mask without --one-loop, are usage errors before anything compiles."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.codegen import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_codegen_report_prints_registers_and_spills():
     """``benchmarks/codegen.py``: bench.py's causal row at S=1k, D=64, forward, as ptxas reports it."""
     out = _run("--masks", "causal", "--seqlens", "1k", "--head-dims", "64", "--forward-only",
