@@ -361,9 +361,25 @@ class Sparse:
     full_q_num: Optional[torch.Tensor]
     full_q_idx: Optional[torch.Tensor]
 
+    _row_keys: dict = field(default_factory=dict, repr=False, compare=False)
+
     @property
     def has_full(self) -> bool:
         return self.full_kv_num is not None
+
+    def mean_row_keys(self, L: int) -> float:
+        """The keys a query tile's row lists on average (partial and full blocks together), over
+        the rows of ``L`` queries and every listed batch and head; read back to the host once per
+        ``L`` (the lists are cached per block mask, so a training loop pays it once)."""
+        hit = self._row_keys.get(L)
+        if hit is None:
+            rows = -(-L // self.q_block)
+            listed = self.kv_num[..., :rows].sum(dtype=torch.int64)
+            if self.full_kv_num is not None:
+                listed = listed + self.full_kv_num[..., :rows].sum(dtype=torch.int64)
+            n = self.kv_num[..., :rows].numel()
+            hit = self._row_keys[L] = float(listed) * self.kv_block / max(n, 1)
+        return hit
 
 
 def _transpose_lists(num: torch.Tensor, idx: torch.Tensor, n_cols: int):

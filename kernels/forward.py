@@ -19,16 +19,26 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 # ONE_LOOP: one loop over a query tile's partial and then full KV blocks (``forward_tiles``'s
 # MIXED), where two loops, one for each list, drain Triton's pipeline between them. None (the
-# default since the twenty-fifth session): ``one_loop_for``'s rule, per program; True or False
-# forces it. Timed on an H200 (docs/PERFORMANCE.md, twenty-fifth session; D=128, bf16) for the
-# rule's masks, forward ms against two loops: causal -6.0 % at S=1k and -1.0 % at 4k, sliding
-# window -7.3 % and -5.9 %, prefix LM -5.0 % and +1.1 %, block_sparse -7.8 % and -1.1 %; not timed
-# at 16k, where rows are four times as long and the one-time costs it saves matter less. Softcap
-# +1.7 % at 4k, and document +0.8 % at 4k (its ids are no longer prefetched): the rule leaves both
-# on two loops. The interpreter's tests hold it to the two loops bit for bit; on the H200 its GPU
-# tests and 971 fuzzed cases (target ``kernels-one-loop``) passed. bench.py's ``ours-one-loop``
-# forces it on, ``ours-two-loops`` off.
+# default since the twenty-fifth session): ``one_loop_for``'s rule, per program and block lists;
+# True or False forces it. Timed on an H200 (docs/PERFORMANCE.md, twenty-fifth session; D=128,
+# bf16) for the rule's masks, forward ms against two loops: causal -6.0 % at S=1k and -1.0 % at
+# 4k, sliding window -7.3 % and -5.9 %, prefix LM -5.0 % and +1.1 %, block_sparse -7.8 % and
+# -1.1 %. Softcap +1.7 % at 4k, and document +0.8 % at 4k (its ids are no longer prefetched): the
+# rule leaves both on two loops. At S=16k on an H100 (twenty-sixth session) the join's one-time
+# saving is spread over rows four times as long: prefix LM +4.0 % (D=128) and +2.0 % (D=64),
+# causal -0.7 % and +1.7 %, block_sparse +0.5 % and -0.8 %, sliding window (whose rows do not
+# grow) -6.8 % and -0.7 %; hence the rule's cap on the mean row, ONE_LOOP_MAX_ROW_KEYS. The
+# interpreter's tests hold it to the two loops bit for bit; on the H200 its GPU tests and 971
+# fuzzed cases (target ``kernels-one-loop``) passed. bench.py's ``ours-one-loop`` forces it on,
+# ``ours-two-loops`` off.
 ONE_LOOP = None
+# The rule's cap: one loop only where the query tiles' rows list at most this many keys on average
+# (partial and full blocks together; 12 blocks of 128 keys). Below it lie every S=1k row and
+# sliding window 1024 at any S (about 9 blocks); above it causal and prefix LM at S=4k (16.5 and
+# 17.5 blocks) and 16k (64.5 and 68), and block_sparse 25 % at 16k (32), where the one loop was
+# even or slower (numbers above). A two-point model fitted to 1k and 4k put the break-even at
+# 41 blocks for causal, 16 for block_sparse and 11 for prefix LM; the cap sits near the lowest.
+ONE_LOOP_MAX_ROW_KEYS = 1536
 # ONE_LOOP_EAGER_MASK: the one loop calls the mask on every step and applies it in the branch of
 # the partial steps, where ONE_LOOP alone calls it in that branch. The mask's gathers (document ids)
 # are then in the loop's body, where the pipeliner prefetches them, as in the two loops' partial
@@ -42,17 +52,22 @@ ONE_LOOP = None
 ONE_LOOP_EAGER_MASK = False
 
 
-def one_loop_for(program) -> bool:
+def one_loop_for(program, sparse, L: int) -> bool:
     """Whether the forward walks a program's partial and full blocks in one loop: ``ONE_LOOP`` when
     it is a bool; with None (the default), the rule the H100 and H200 timings support
-    (docs/PERFORMANCE.md, twenty-third and twenty-fifth sessions): on for a mask that loads nothing
-    (causal, sliding window, prefix LM, chunked, block_sparse's ``full()``), with no score mod. A
-    mask's gathers (document ids) sit behind the one loop's branch, where the pipeliner no longer
-    prefetches them; a score mod's longer step outweighed the join at S=4k; a program without a mask
-    has no partial block to join."""
+    (docs/PERFORMANCE.md, twenty-third, twenty-fifth and twenty-sixth sessions): on for a mask that
+    loads nothing (causal, sliding window, prefix LM, chunked, block_sparse's ``full()``), with no
+    score mod, whose lists (``sparse``, the forward's own) hold at most ``ONE_LOOP_MAX_ROW_KEYS``
+    keys per query tile on average. A mask's gathers (document ids) sit behind the one loop's
+    branch, where the pipeliner no longer prefetches them; a score mod's longer step outweighed the
+    join at S=4k; a program without a mask has no partial block to join; on long rows the one
+    loop's dearer steps outweigh the join it saves once per row. The mean is read back to the host
+    once per block lists (``Sparse.mean_row_keys``), and only where the rest of the rule holds."""
     if ONE_LOOP is not None:
         return bool(ONE_LOOP)
-    return program.has_mask and not program.mask_loads and not program.has_score
+    if not program.has_mask or program.mask_loads or program.has_score:
+        return False
+    return sparse.mean_row_keys(L) <= ONE_LOOP_MAX_ROW_KEYS
 
 
 @triton.jit
@@ -426,7 +441,7 @@ def run_forward(plan, query, key, value):
         RAW_MAX=not prog.has_score and not opt.prescale and plan.scale > 0,
         OUTPUT_LSE=True, OUTPUT_MAX=plan.return_max,
         FP32_PRECISION=plan.fp32_precision, UPCAST=plan.interpret,
-        ONE_LOOP=one_loop_for(prog), ONE_LOOP_EAGER_MASK=ONE_LOOP_EAGER_MASK,
+        ONE_LOOP=one_loop_for(prog, sp, L), ONE_LOOP_EAGER_MASK=ONE_LOOP_EAGER_MASK,
         num_warps=opt.fwd.num_warps, num_stages=opt.fwd.num_stages,
         options=opt.fwd.options_for("BLOCK_M", "BLOCK_N"),
     )

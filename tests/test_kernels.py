@@ -1168,12 +1168,43 @@ def test_one_loop_rule_picks_masks_without_loads(monkeypatch):
         seen.clear()
         kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm)
         assert seen == [expected], (mask_mod, score_mod)
+    # The cap on the mean row: causal's 5 query tiles of 32 list 1 to 5 blocks of 32 keys, 96 keys
+    # on average; a cap just under it gives two loops, one at it one loop.
+    causal_bm = create_block_mask(mods.causal(), 1, 2, 160, 160, device=DEVICE, BLOCK_SIZE=32)
+    for cap, expected in ((95, False), (96, True)):
+        monkeypatch.setattr(forward, "ONE_LOOP_MAX_ROW_KEYS", cap)
+        seen.clear()
+        kernels.flex_attention(q, k, v, block_mask=causal_bm)
+        assert seen == [expected], cap
     for forced in (True, False):
         monkeypatch.setattr(forward, "ONE_LOOP", forced)
         seen.clear()
         kernels.flex_attention(q, k, v, block_mask=create_block_mask(
             mods.document.from_seed(160, 3, 0, device=DEVICE), 1, 2, 160, 160, device=DEVICE, BLOCK_SIZE=32))
         assert seen == [forced]
+
+
+def test_one_loop_rule_counts_the_rows_it_runs():
+    """``Sparse.mean_row_keys``, what the one loop's cap compares: the keys a query tile lists,
+    partial and full together, averaged over the rows of L queries alone. Causal with 128-key
+    blocks lists 1, 2, ..., n blocks in its n rows: (n + 1) / 2 * 128 keys on average, 576 at
+    S=1k and 2112 at 4k, under and over the cap of 1536 (12 blocks)."""
+    from kernels import api, forward
+
+    assert forward.ONE_LOOP_MAX_ROW_KEYS == 1536
+    bm = create_block_mask(mods.causal(), 1, 1, 4096, 4096, device=DEVICE)
+    sp = api._block_lists(bm, 1, 1, 4096, 4096, DEVICE)
+    assert sp.has_full
+    assert sp.mean_row_keys(4096) == 2112.0
+    assert sp.mean_row_keys(1024) == 576.0  # the first 8 rows: a mask built longer than the call
+    assert sp.mean_row_keys(1000) == 576.0  # a tail row counts whole
+    program = kernels.api._cached_program(None, bm.mask_mod, True)
+    assert forward.one_loop_for(program, sp, 1024) and not forward.one_loop_for(program, sp, 4096)
+    # no full list: every listed block partial, the same count
+    partial = api._block_lists(create_block_mask(mods.causal(), 1, 1, 1024, 1024, device=DEVICE),
+                               1, 1, 1024, 1024, DEVICE)
+    partial.full_kv_num = partial.full_kv_idx = None
+    assert partial.mean_row_keys(1024) == 128.0  # the diagonal alone: 8 blocks over 8 rows
 
 
 @pytest.mark.gpu
