@@ -718,9 +718,10 @@ def compile_report() -> list:
     return rows
 
 
-def flex_edge_cases(device, draw=None) -> list:
+def flex_edge_cases(device, draw=None, batch: int = 2) -> list:
     """(name, (q, k, v), keyword arguments) beyond ``flex_programs``: head dim 64, tails (L and S
-    not multiples of 128, with a mask, a score mod and GQA)."""
+    not multiples of 128, with a mask, a score mod and GQA). ``batch``: the batch of the cases of
+    two (the CPU backward check takes one, its emulator's time being per program)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     from kernels import mods
@@ -730,11 +731,12 @@ def flex_edge_cases(device, draw=None) -> list:
     def blocks(mask_mod, L, S):
         return create_block_mask(mask_mod, None, None, L, S, device=device, BLOCK_SIZE=128)
     return [
-        ("causal D=64", (draw(2, 2, 512, 64), draw(2, 2, 512, 64), draw(2, 2, 512, 64)),
+        ("causal D=64", (draw(batch, 2, 512, 64), draw(batch, 2, 512, 64), draw(batch, 2, 512, 64)),
          dict(block_mask=blocks(mods.causal(), 512, 512))),
-        ("document tails L=S=1000", (draw(2, 2, 1000, 128), draw(2, 2, 1000, 128), draw(2, 2, 1000, 128)),
+        ("document tails L=S=1000", (draw(batch, 2, 1000, 128), draw(batch, 2, 1000, 128), draw(batch, 2, 1000, 128)),
          dict(block_mask=blocks(mods.document.from_seed(1000, 5, 0, device=device), 1000, 1000))),
-        ("softcap tails L=700 S=1000 GQA", (draw(2, 4, 700, 128), draw(2, 2, 1000, 128), draw(2, 2, 1000, 128)),
+        ("softcap tails L=700 S=1000 GQA",
+         (draw(batch, 4, 700, 128), draw(batch, 2, 1000, 128), draw(batch, 2, 1000, 128)),
          dict(score_mod=mods.tanh_softcap(30.0), enable_gqa=True)),
         ("alibi causal tails D=64 L=S=333", (draw(1, 2, 333, 64), draw(1, 2, 333, 64), draw(1, 2, 333, 64)),
          dict(score_mod=mods.alibi.standard(2, device=device), block_mask=blocks(mods.causal(), 333, 333))),

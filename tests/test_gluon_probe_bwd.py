@@ -99,7 +99,7 @@ def _names(attr: str) -> tuple:
 @pytest.mark.parametrize("case", _names("BWD_CASES"))
 def test_emulated_gluon_backward_as_accurate_as_ours(case):
     """The Gluon backward on the CPU (``kernels.gluon_emulator``; ours and the delta kernel in
-    Triton's interpreter), S=256 (the edge cases at their own lengths): dq, dk, dv against the
+    Triton's interpreter), S=256 (the edge cases at their own lengths, one batch): dq, dk, dv against the
     float64 oracle within twice our Triton backward's error, as on the GPU (below), dk and dv
     poisoned. The emulator fails a deadlock, an unfenced store read by an MMA, an MMA result used
     unwaited or an out-of-bounds access outright."""
