@@ -6,7 +6,8 @@
 Where ``bench.py`` says how long a backward takes, this says which kernel took it: each
 implementation runs ``--iters`` steps of the bench's shapes and mods under ``torch.profiler``
 and the table lists every CUDA kernel's mean time per step (and the step's wall time between
-synchronisations, which also holds the gaps between kernels). Not a benchmark of record:
+synchronisations, which also holds the gaps between kernels, and the time the GPU ran at least one
+kernel: below the kernels' sum where kernels on two streams overlapped). Not a benchmark of record:
 the profiler adds a little to each launch, and no input rotation or cache flush is done.
 """
 
@@ -28,8 +29,22 @@ if ROOT not in sys.path:
 from benchmarks import bench  # noqa: E402
 
 
+def busy_ms(intervals) -> float:
+    """The time at least one of ``intervals`` ((start, end) pairs) covers: their union's length.
+    Kernels on two streams (the backward's dQ and dK/dV kernels, ``kernels.backward.CONCURRENT``)
+    that overlap count once here and twice in the kernels' sum."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
 def profile_impl(name: str, case, iters: int) -> tuple:
-    """(per-kernel mean ms per step, mean wall ms per step) for one implementation."""
+    """(per-kernel mean ms per step, mean wall ms per step, mean GPU-busy ms per step) for one
+    implementation."""
     from torch.profiler import ProfilerActivity, profile
 
     score_mod, block_mask = bench.attention_args(case.mask, case.shape, "cuda")
@@ -53,6 +68,9 @@ def profile_impl(name: str, case, iters: int) -> tuple:
         for _ in range(iters):
             step()
         torch.cuda.synchronize()
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = busy_ms(spans) / 1e3 / iters
     times = defaultdict(float)
     for evt in prof.key_averages():
         cuda_us = getattr(evt, "device_time_total", None)
@@ -60,7 +78,7 @@ def profile_impl(name: str, case, iters: int) -> tuple:
             cuda_us = getattr(evt, "cuda_time_total", 0.0)
         if cuda_us and evt.device_type == torch.autograd.DeviceType.CUDA:
             times[evt.key] += cuda_us / 1e3 / iters
-    return dict(times), wall
+    return dict(times), wall, busy
 
 
 def main(argv=None) -> int:
@@ -81,12 +99,13 @@ def main(argv=None) -> int:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     try:
-                        times, wall = profile_impl(name, case, args.iters)
+                        times, wall, busy = profile_impl(name, case, args.iters)
                     except Exception as exc:  # report and go on with the next
                         print(f"  {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                         continue
                 total = sum(times.values())
-                print(f"  {name}: wall {wall:.3f} ms/step, kernels {total:.3f} ms")
+                print(f"  {name}: wall {wall:.3f} ms/step, kernels {total:.3f} ms, GPU busy {busy:.3f} ms "
+                      f"(kernels on two streams overlapped {total - busy:.3f} ms)")
                 for key, ms in sorted(times.items(), key=lambda t: -t[1])[:8]:
                     print(f"    {ms:8.3f} ms  {key[:100]}")
             sys.stdout.flush()

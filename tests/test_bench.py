@@ -703,3 +703,16 @@ def test_run_case_records_the_clocks_while_its_rounds_ran(monkeypatch):
     assert t0 < start <= end <= time.monotonic()
     assert record["gpu_clocks"]["dropped"]
     assert bench.summarize([record], {})["clock_drops"] == [record["id"]]
+
+
+def test_kernel_times_counts_overlapped_kernels_once():
+    """kernel_times.py's GPU-busy time is the union of the kernels' spans: two kernels on two
+    streams that overlap count once (the backward's dQ and dK/dV kernels, side by side), a gap
+    counts not at all, and a span inside another adds nothing."""
+    from benchmarks import kernel_times
+
+    assert kernel_times.busy_ms([]) == 0.0
+    assert kernel_times.busy_ms([(0.0, 4.0), (6.0, 7.0)]) == 5.0  # apart: the sum, the gap left out
+    assert kernel_times.busy_ms([(2.0, 6.0), (0.0, 4.0)]) == 6.0  # overlapping, in any order
+    assert kernel_times.busy_ms([(0.0, 10.0), (2.0, 3.0), (4.0, 12.0)]) == 12.0  # one inside another
+    assert kernel_times.busy_ms([(0.0, 1.0), (1.0, 2.0)]) == 2.0  # end to end
