@@ -67,9 +67,11 @@ SIDE_KERNELS = ("dkdv", "dq", None)
 
 # DQ_ATOMIC: no dQ kernel; the dK/dV kernel adds each step's dQ share, dS K, into a float32 dQ
 # with atomics (FlashAttention-2's and -3's way: five matrix products per score tile where the
-# two kernels run seven, the dQ kernel recomputing S and dP), after delta_kernel. Off: not yet
-# timed on a GPU (written in the nineteenth session, which was lent none); the interpreter's
-# tests hold it to the oracle. bench.py's ``ours-dq-atomic`` times it beside the default.
+# two kernels run seven, the dQ kernel recomputing S and dP), after delta_kernel. Off: on the
+# H200 (docs/PERFORMANCE.md, twenty-first session; document, GQA document and softcap at S=4k
+# and 16k, D=128) the backward took 1.07 to 1.32 times the default's, but for softcap at 16k
+# (5 % faster). The interpreter's tests hold it to the oracle. bench.py's ``ours-dq-atomic``
+# times it beside the default.
 DQ_ATOMIC = False
 
 # ONE_LOOP: the dQ kernel walks a query tile's partial and then full KV blocks in one loop, as
