@@ -33,11 +33,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 # ``ours-two-loops`` off.
 ONE_LOOP = None
 # The rule's cap: one loop only where the query tiles' rows list at most this many keys on average
-# (partial and full blocks together; 12 blocks of 128 keys). Below it lie every S=1k row and
-# sliding window 1024 at any S (about 9 blocks); above it causal and prefix LM at S=4k (16.5 and
-# 17.5 blocks) and 16k (64.5 and 68), and block_sparse 25 % at 16k (32), where the one loop was
-# even or slower (numbers above). A two-point model fitted to 1k and 4k put the break-even at
-# 41 blocks for causal, 16 for block_sparse and 11 for prefix LM; the cap sits near the lowest.
+# (partial and full blocks together; 12 blocks of 128 keys). Below it lie bench.py's S=1k rows
+# (2 to 4.6 blocks), sliding window 1024 at any S (7.9 at 4k, 8.7 at 16k) and block_sparse 25 % at
+# 4k (8); above it causal and prefix LM at 4k (16.5 and 17.4) and 16k (64.5 and 68.4), and
+# block_sparse at 16k (32), where the one loop gained at most 1 % and lost up to 4 % (numbers
+# above). A two-point model fitted to 1k and 4k put the break-even at 41 blocks for causal, 16
+# for block_sparse and 11 for prefix LM; the cap sits near the lowest.
 ONE_LOOP_MAX_ROW_KEYS = 1536
 # ONE_LOOP_EAGER_MASK: the one loop calls the mask on every step and applies it in the branch of
 # the partial steps, where ONE_LOOP alone calls it in that branch. The mask's gathers (document ids)
