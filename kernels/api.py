@@ -585,20 +585,24 @@ def _auto_refined(sparse: Sparse, mask_mod, B, Hq, L, S) -> Optional[Sparse]:
 
 def _auto_refined_bwd(sparse: Sparse, mask_mod, B, Hq, L, S, tiles: dict) -> tuple:
     """``(dQ's lists, dK/dV's lists)`` of the automatic backward refinement
-    (``AUTO_REFINE_BWD``), each None where it is not taken. One axis per kernel, so that no
-    tile shrinks: the dQ kernel steps through a query block's keys BLOCK_N2 at a time, so its
-    lists are refined to key sub-blocks of BLOCK_N2; the dK/dV kernel steps through a key
-    block's queries BLOCK_M1 at a time, so its lists to query sub-blocks of BLOCK_M1. Taken
-    where that lists at least ``AUTO_REFINE_BWD_SAVING`` fewer elements."""
+    (``AUTO_REFINE_BWD``), each None where it is not taken. Each kernel's lists are refined to
+    its own tiles, so that no tile shrinks: the dQ kernel steps through a query block's keys
+    BLOCK_N2 at a time, so its lists are refined to key sub-blocks of BLOCK_N2; the dK/dV kernel
+    steps through a key block's queries BLOCK_M1 at a time, so its lists to query sub-blocks of
+    BLOCK_M1. A program narrower than a block (BLOCK_M2 queries, BLOCK_N1 keys; the default tiles
+    are as wide as the block mask's 128) gets the lists of its own sub-block too, not those of the
+    whole block, whose steps its part of the block may not need. Taken where that lists at least
+    ``AUTO_REFINE_BWD_SAVING`` fewer elements."""
     if not AUTO_REFINE_BWD or mask_mod is None:
         return None, None
-    n2, m1 = tiles["BLOCK_N2"], tiles["BLOCK_M1"]
-    dq = dkdv = None
-    if n2 < sparse.kv_block:
-        dq = _refined_if_saving(sparse, mask_mod, B, Hq, L, S, n2, None, AUTO_REFINE_BWD_SAVING)
-    if m1 < sparse.q_block:
-        dkdv = _refined_if_saving(sparse, mask_mod, B, Hq, L, S, None, m1, AUTO_REFINE_BWD_SAVING)
-    return dq, dkdv
+
+    def refined(q_tile, kv_tile):
+        sub = kv_tile if kv_tile < sparse.kv_block else None
+        q_sub = q_tile if q_tile < sparse.q_block else None
+        if sub is None and q_sub is None:
+            return None
+        return _refined_if_saving(sparse, mask_mod, B, Hq, L, S, sub, q_sub, AUTO_REFINE_BWD_SAVING)
+    return (refined(tiles["BLOCK_M2"], tiles["BLOCK_N2"]), refined(tiles["BLOCK_M1"], tiles["BLOCK_N1"]))
 
 
 def _refined_if_saving(sparse: Sparse, mask_mod, B, Hq, L, S, sub: Optional[int], q_sub: Optional[int],

@@ -477,8 +477,9 @@ def test_automatic_refinement_keeps_asked_for_tiles_of_128(monkeypatch, tiles):
 def test_automatic_backward_refinement_end_to_end(monkeypatch):
     """The backward's automatic refinement (AUTO_REFINE_BWD; on the GPU only, here with the
     interpreter let in): the dQ kernel walks key lists refined to its BLOCK_N2, the dK/dV
-    kernel query lists refined to its BLOCK_M1, tiles unchanged, and the oracle agrees, GQA,
-    a learnable bias and a query/key tail included. Without a saving, nothing is refined."""
+    kernel query lists refined to its BLOCK_M1, and a program narrower than a block the lists
+    of its own sub-block; tiles unchanged, and the oracle agrees, GQA, a learnable bias and a
+    query/key tail included. Without a saving, nothing is refined."""
     seen = _open_automatic_refinement(monkeypatch, "_auto_refined_bwd")
     L, S = 250, 270
     mask_mod = mods.document.from_seed(L, 6, 2, kv_length=S)
@@ -489,6 +490,14 @@ def test_automatic_backward_refinement_end_to_end(monkeypatch):
     dq, dkdv = seen[-1]
     assert dq is not None and (dq.q_block, dq.kv_block) == (128, 32)
     assert dkdv is not None and (dkdv.q_block, dkdv.kv_block) == (32, 128)
+    # Programs narrower than the blocks (64 queries in the dQ kernel, 64 keys in the dK/dV kernel)
+    # get their own sub-blocks' lists: both axes refined, and the oracle agrees.
+    narrow = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}
+    check(B=2, Hq=2, Hkv=1, L=L, S=S, E=16, mask_mod=mask_mod, block_size=128, score_mod=bias,
+          kernel_options=narrow)
+    dq, dkdv = seen[-1]
+    assert dq is not None and (dq.q_block, dq.kv_block) == (64, 32)
+    assert dkdv is not None and (dkdv.q_block, dkdv.kv_block) == (32, 64)
     # A causal mask on these tiles saves under AUTO_REFINE_BWD_SAVING: the lists stay.
     check(B=1, Hq=2, L=L, S=L, E=16, mask_mod=mods.causal(), block_size=128, kernel_options=tiles)
     assert seen[-1] == (None, None)
