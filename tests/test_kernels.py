@@ -485,19 +485,15 @@ def test_automatic_backward_refinement_end_to_end(monkeypatch):
     mask_mod = mods.document.from_seed(L, 6, 2, kv_length=S)
     bias = mods.bias.from_seed([2, L, S], seed=6, layout="hqk", requires_grad=True)
     tiles = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 32}
-    check(B=2, Hq=2, Hkv=1, L=L, S=S, E=16, mask_mod=mask_mod, block_size=128, score_mod=bias,
-          kernel_options=tiles)
-    dq, dkdv = seen[-1]
-    assert dq is not None and (dq.q_block, dq.kv_block) == (128, 32)
-    assert dkdv is not None and (dkdv.q_block, dkdv.kv_block) == (32, 128)
-    # Programs narrower than the blocks (64 queries in the dQ kernel, 64 keys in the dK/dV kernel)
-    # get their own sub-blocks' lists: both axes refined, and the oracle agrees.
+    # Then programs narrower than the blocks (64 queries in the dQ kernel, 64 keys in the dK/dV
+    # kernel): they get their own sub-blocks' lists, both axes refined.
     narrow = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}
-    check(B=2, Hq=2, Hkv=1, L=L, S=S, E=16, mask_mod=mask_mod, block_size=128, score_mod=bias,
-          kernel_options=narrow)
-    dq, dkdv = seen[-1]
-    assert dq is not None and (dq.q_block, dq.kv_block) == (64, 32)
-    assert dkdv is not None and (dkdv.q_block, dkdv.kv_block) == (32, 64)
+    for options, dq_blocks, dkdv_blocks in ((tiles, (128, 32), (32, 128)), (narrow, (64, 32), (32, 64))):
+        check(B=2, Hq=2, Hkv=1, L=L, S=S, E=16, mask_mod=mask_mod, block_size=128, score_mod=bias,
+              kernel_options=options)
+        dq, dkdv = seen[-1]
+        assert dq is not None and (dq.q_block, dq.kv_block) == dq_blocks, options
+        assert dkdv is not None and (dkdv.q_block, dkdv.kv_block) == dkdv_blocks, options
     # A causal mask on these tiles saves under AUTO_REFINE_BWD_SAVING: the lists stay.
     check(B=1, Hq=2, L=L, S=L, E=16, mask_mod=mods.causal(), block_size=128, kernel_options=tiles)
     assert seen[-1] == (None, None)
