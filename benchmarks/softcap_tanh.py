@@ -10,13 +10,16 @@ its forward's and its backward's alike):
 
 | impl | tanh(x), x = score / cap |
 | --- | --- |
-| ``ours`` | the kernels' own: Eigen's 13/6 rational, division by ``rcp.approx`` and a multiply; in bf16 / fp16 (the backward, and a forward that returns out alone: bench.py's ``ours-out``, not ``ours``, which asks for the LSE) ``1 - 2 r``, ``r = rcp.approx(exp2(2 x log2 e) + 1)`` (``kernels.mods.TANH_FAST_ERR``) |
+| ``ours`` | the kernels' own: Eigen's 13/6 rational, division by ``rcp.approx`` and a multiply; in bf16 / fp16 (the backward, and a forward that returns out alone: bench.py's ``ours-out``, not ``ours``, which asks for the LSE) ``1 - 2 r``, ``r = 1 / (exp2(2 x log2 e) + 1)`` (``kernels.mods.TANH_FAST_ERR``), half the reciprocals by ``rcp.approx`` and half by Newton's method (``kernels.mods.TANH_RCP``) |
 | ``ours-fdiv`` | the same rational, division by ``tl.math.fdiv`` (``div.full.f32``), before 2026-12-03 |
 | ``ours-exp2`` | ``1 - 2 / (exp2(2 x log2 e) + 1)`` with ``fdiv`` |
 | ``ours-exp2rcp`` | the same with ``rcp.approx`` |
 | ``ours-hybrid`` | ``x P(x^2)`` (degree 4 fit) for ``|x| < 0.55``, else ``(1 - e) / (1 + e)``, ``e = exp2(-2|x| log2 e)`` |
 | ``ours-approx`` | ``tanh.approx.f32`` (one MUFU instruction) |
 | ``ours-rational`` | ``ours``' rational everywhere, in bf16 too (``ours`` before 2026-12-05) |
+| ``ours-rcp`` | ``ours`` with the fast formula's every reciprocal by ``rcp.approx`` (``ours`` before the twenty-seventh session) |
+| ``ours-newton`` | ``ours`` with the fast formula's every reciprocal by Newton's method |
+| ``ours-out-rcp``, ``ours-out-newton`` | the two above called for out alone (bench.py's ``ours-out``), so that the forward takes the fast formula too |
 
 On CUDA it first prints each formula's worst error in float32 ulps of float64 tanh over the
 4 million points of tests/test_kernels.py::test_gpu_softcap_tanh_accuracy (which holds the
@@ -104,8 +107,23 @@ class TanhRationalEverywhere(M._TanhSoftcap):
         return False
 
 
+@dataclass(frozen=True, repr=False)
+class TanhFastRcp(M._TanhSoftcap):
+    """The fast formula (where it applies) with every reciprocal by rcp.approx, as before
+    2026-12-05 (``kernels.mods.TANH_RCP = "mufu"``)."""
+    RCP = "mufu"
+
+
+@dataclass(frozen=True, repr=False)
+class TanhFastNewton(M._TanhSoftcap):
+    """The fast formula (where it applies) with every reciprocal by Newton's method
+    (``kernels.mods.TANH_RCP = "newton"``)."""
+    RCP = "newton"
+
+
 VARIANTS = {"ours-fdiv": TanhFdiv, "ours-exp2": TanhExp2, "ours-exp2rcp": TanhExp2Rcp,
-            "ours-hybrid": TanhHybrid, "ours-approx": TanhApprox, "ours-rational": TanhRationalEverywhere}
+            "ours-hybrid": TanhHybrid, "ours-approx": TanhApprox, "ours-rational": TanhRationalEverywhere,
+            "ours-rcp": TanhFastRcp, "ours-newton": TanhFastNewton}
 
 
 def _swap(mod, cls):
@@ -116,10 +134,15 @@ def _swap(mod, cls):
     return mod
 
 
-def _variant(cls):
+def _variant(cls, lse: bool = True):
     def prepare(case, score_mod, block_mask):
-        return bench._ours(case, _swap(score_mod, cls), block_mask)
+        return bench._ours(case, _swap(score_mod, cls), block_mask, lse=lse)
     return prepare
+
+
+# The fast formula's variants called for out alone too: their forward then takes the fast
+# formula as well (bench.py's ``ours-out``).
+OUT_VARIANTS = {"ours-out-rcp": TanhFastRcp, "ours-out-newton": TanhFastNewton}
 
 
 def accuracy() -> None:
@@ -149,11 +172,29 @@ def accuracy() -> None:
         near0 = err[x.abs() < 0.1].max().item()
         print(f"tanh accuracy  {name:13s} worst {err.max().item():12.1f} ulps; |x| < 0.1: {near0:12.1f}",
               file=sys.stderr, flush=True)
+    # The fast formula (a program compiled with bf16's rounding) is bounded in absolute terms:
+    # kernels.mods.TANH_FAST_ERR, 5e-7 = 8.4 units of 2^-24.
+    for name, cls in (("ours", M._TanhSoftcap), ("ours-rcp", TanhFastRcp), ("ours-newton", TanhFastNewton)):
+        prog = M.compile_mods(cls(1.0), None, rounding=2.0 ** -8)
+        y = torch.empty_like(x)
+        dummy = x[:1]
+        apply[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), prog.score_fn, dummy, dummy, dummy, dummy,
+                                               BLOCK=1024)
+        err = (y.double() - ref).abs().max().item() / 2.0 ** -24
+        special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1e30, -1e30], device=x.device)
+        got = torch.empty_like(special)
+        apply[(1,)](special, got, special.numel(), prog.score_fn, dummy, dummy, dummy, dummy, BLOCK=1024)
+        print(f"fast tanh      {name:13s} worst absolute error {err:6.2f} units of 2^-24 "
+              f"(bound {M.TANH_FAST_ERR / 2.0 ** -24:.1f}); at nan, inf, -inf, 0, 1e30, -1e30: {got.tolist()}",
+              file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
     for name, cls in VARIANTS.items():
         bench.IMPLS[name] = bench.Impl(name, _variant(cls), True, f"ours with the softcap's tanh as {cls.__name__}")
+    for name, cls in OUT_VARIANTS.items():
+        bench.IMPLS[name] = bench.Impl(name, _variant(cls, lse=False), False,
+                                       f"ours called for out alone, the softcap's tanh as {cls.__name__}")
     argv = list(sys.argv if argv is None else argv)
     import torch
 

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import struct
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -991,7 +992,8 @@ TANH_DEN = ("1.19825839466702e-06", "1.18534705686654e-04", "2.26843463243900e-0
 # reciprocal: e = exp2(2 x log2(e)), r = 1 / (1 + e), tanh(x) = 1 - 2 r and its derivative
 # 1 - tanh(x)**2 = 4 r (1 - r), where 1 - r is exact for r >= 1/2 and r keeps its relative
 # accuracy for r < 1/2, so that only r stays live between the two. On the GPU e is ex2.approx
-# (2 ulps at most) and the reciprocal rcp.approx (1 ulp): with u = 2**-24, r is off by at most
+# (2 ulps at most) and the reciprocal rcp.approx or Newton's method (1 ulp and 0.78 ulp,
+# TANH_RCP below): with u = 2**-24, r is off by at most
 # r (2 (1 - r) + 0.5 + 1) u <= 2 u, so tanh by 4 u, plus (1 - tanh**2) |x| u <= 0.45 u from the
 # rounding of the exponent's argument (any formula has that one) and 0.5 u from the last
 # rounding: 5 u = 3e-7 in all; the derivative by about twice that. That absolute error is far
@@ -1005,6 +1007,80 @@ TANH_DEN = ("1.19825839466702e-06", "1.18534705686654e-04", "2.26843463243900e-0
 TANH_FAST_ERR = 5e-7
 _TWO_LOG2E = 2.0 * 1.4426950408889634
 
+# The fast tanh's reciprocal r = 1 / y, y = 1 + e, on the GPU. Its three MUFU operations per score
+# (two exp2 and rcp.approx) bound the loop of a forward that returns out alone (sm_90 SASS,
+# benchmarks/codegen.py --loops, bf16, D=128: 3,104 MUFU clocks a trip against 2,002 of issue and
+# 2,048 of tensor). With TANH_RCP = "split", of each two adjacent elements a thread holds (inline
+# PTX, pack 2) one takes rcp.approx and the other Newton's method on the FMA pipes: 2,592 MUFU
+# clocks against 2,386 of issue. Newton's method: y clamped to RCP_CLAMP (a NaN kept), so that the
+# seed RCP_SEED - bits(y) is a normal float (5 % from 1 / y at worst over every mantissa), then
+# RCP_STEPS: "newton" (e = 1 - y r; r = r + r e: 2 FMAs, the error squared) and "cubic" (r = r + r
+# (e + e e): 3 FMAs, cubed), 0.78 float32 ulps from 1 / y at worst over every mantissa
+# (rcp_newton_reference, tests/test_kernels.py), against rcp.approx's 1 ulp, so TANH_FAST_ERR's
+# derivation holds for either. Past the clamp (|x| > 22) tanh is 1 in float32 either way, and the
+# derivative 4 r is off by under 4e-19. Measured on the H200 (docs/PERFORMANCE.md, twenty-seventh
+# session, bench.py's softcap row, bf16): the forward for out alone 4 % (S=1k) and 6 % (4k) faster
+# at D=128, 2 % and 7 % at D=64; the backward 1 to 2 % faster. "mufu": rcp.approx for every
+# element (before); "newton": Newton's method for every element (slower than the split: the issue
+# then bounds the loop).
+TANH_RCP = "split"
+TANH_RCPS = ("split", "mufu", "newton")
+RCP_SEED = 0x7EF311C7
+RCP_STEPS = ("newton", "cubic")
+RCP_CLAMP = 2.0 ** 64
+
+
+def _rcp_newton_ptx(y: str, out: str) -> str:
+    """PTX for ``out = 1 / y`` by Newton's method (RCP_SEED, RCP_STEPS, RCP_CLAMP) in the
+    registers ``a``, ``r``, ``e`` and the predicate ``p``, which the caller declares."""
+    clamp = struct.unpack("<I", struct.pack("<f", RCP_CLAMP))[0]
+    lines = [f"setp.gt.f32 p, {y}, 0f{clamp:08X};", f"selp.b32 a, 0f{clamp:08X}, {y}, p;",
+             f"sub.s32 r, {RCP_SEED:#x}, a;", "neg.f32 a, a;"]
+    for k, step in enumerate(RCP_STEPS):
+        dst = out if k == len(RCP_STEPS) - 1 else "r"
+        lines.append("fma.rn.ftz.f32 e, a, r, 0f3F800000;")
+        if step == "cubic":
+            lines.append("fma.rn.ftz.f32 e, e, e, e;")
+        elif step != "newton":
+            raise ValueError(f"Expected RCP_STEPS of 'newton' and 'cubic', got {step!r}.")
+        lines.append(f"fma.rn.ftz.f32 {dst}, r, e, r;")
+    return " ".join(lines)
+
+
+def rcp_newton_reference(y):
+    """``_rcp_newton_ptx``'s result for a float32 numpy array ``y``, step for step: each FMA
+    exact in float64 and rounded once to float32 (flushing nothing: the seed of a clamped y is a
+    normal float). For the tests; the GPU's own is tests/test_kernels.py's GPU test."""
+    import numpy as np
+
+    y = np.asarray(y, dtype=np.float32)
+
+    def fma(a, b, c):
+        return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+
+    a = np.where(y > np.float32(RCP_CLAMP), np.float32(RCP_CLAMP), y).astype(np.float32)
+    r = (np.uint32(RCP_SEED) - a.view(np.uint32)).view(np.float32)
+    one = np.ones_like(a)
+    for step in RCP_STEPS:
+        e = fma(-a, r, one)
+        if step == "cubic":
+            e = fma(e, e, e)
+        r = fma(r, e, r)
+    return r
+
+
+def _rcp_asm(how: str) -> tuple:
+    """``(asm, constraints, pack)`` of ``tl.inline_asm_elementwise`` for the fast tanh's
+    reciprocal (TANH_RCP)."""
+    regs = "{ .reg .b32 a, r, e; .reg .pred p; "
+    if how == "mufu":
+        return "rcp.approx.ftz.f32 $0, $1;", "=r,r", 1
+    if how == "newton":
+        return regs + _rcp_newton_ptx("$1", "$0") + " }", "=r,r", 1
+    if how == "split":
+        return regs + "rcp.approx.ftz.f32 $0, $2; " + _rcp_newton_ptx("$3", "$1") + " }", "=r,=r,r,r", 2
+    raise ValueError(f"Expected kernels.mods.TANH_RCP in {TANH_RCPS}, got {how!r}.")
+
 
 def _horner(coefs, x: str) -> str:
     """The polynomial with ``coefs`` (highest power first) at ``x``, as Horner's expression."""
@@ -1017,6 +1093,7 @@ def _horner(coefs, x: str) -> str:
 @dataclass(frozen=True, repr=False)
 class _TanhSoftcap(ScoreMod):
     cap: float
+    RCP = None  # the fast formula's reciprocal (TANH_RCP's choices); None: TANH_RCP
 
     @property
     def name(self):
@@ -1042,8 +1119,9 @@ class _TanhSoftcap(ScoreMod):
             r = g.tmp(f"1.0 / ({e} + 1.0)")
         else:
             e = g.tmp(f"tl.math.exp2({arg})")
-            r = g.tmp('tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", '
-                      f'[{e} + 1.0], dtype=tl.float32, is_pure=True, pack=1)')
+            asm, constraints, pack = _rcp_asm(self.RCP or TANH_RCP)
+            r = g.tmp(f'tl.inline_asm_elementwise("{asm}", "{constraints}", [{e} + 1.0], dtype=tl.float32, '
+                      f'is_pure=True, pack={pack})')
         out = g.tmp(f"{self.cap!r} - {2.0 * self.cap!r} * {r}")  # cap * (1 - 2 r)
         g.notes[out] = r
         return out

@@ -464,8 +464,8 @@ def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
     """benchmarks/softcap_tanh.py: ours with the softcap's tanh emitted another way, in bench.py's
     dry run (the interpreter runs no inline PTX, so the fdiv, exp2 and rational variants
     only), and bench.py's ours-out (out alone: the forward's fast tanh), each checked against
-    the oracle; every variant's generated score function differs from ours (ours-rational's
-    only where bf16 takes the fast tanh)."""
+    the oracle; every variant's generated score function differs from ours (ours-rational's,
+    ours-rcp's and ours-newton's only where bf16 takes the fast tanh)."""
     from kernels import mods
 
     spec = importlib.util.spec_from_file_location("flex_oracle_softcap_tanh", ROOT / "benchmarks" / "softcap_tanh.py")
@@ -474,14 +474,23 @@ def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
     spec.loader.exec_module(module)
     ours = mods.compile_mods(mods.tanh_softcap(30.0), None).source
     assert "rcp.approx" in ours and "fdiv" not in ours.split("def score_fn")[1].split("def score_bwd_fn")[0]
+    fast_only = ("ours-rational", "ours-rcp", "ours-newton")
     sources = {name: mods.compile_mods(cls(30.0), None).source for name, cls in module.VARIANTS.items()
-               if name != "ours-rational"}
+               if name not in fast_only}
     assert len(set(sources.values()) | {ours}) == len(sources) + 1
     assert "tanh.approx.f32" in sources["ours-approx"] and "fdiv" in sources["ours-fdiv"]
     # ours-rational: the rational wherever ours takes exp2 (bf16 with out alone, and the backward)
     rational = module.VARIANTS["ours-rational"](30.0)
     assert mods.compile_mods(rational, None, rounding=2.0 ** -8).source == ours
     assert mods.compile_mods(mods.tanh_softcap(30.0), None, rounding=2.0 ** -8).source != ours
+    # ours-rcp and ours-newton: the fast formula's reciprocal all by rcp.approx / all by Newton's
+    # method, where ours takes half of each (kernels.mods.TANH_RCP)
+    fast = {name: mods.compile_mods(cls(30.0), None, rounding=2.0 ** -8).source
+            for name, cls in [("ours", type(mods.tanh_softcap(30.0)))] + [(n, module.VARIANTS[n]) for n in fast_only[1:]]}
+    assert len(set(fast.values())) == 3
+    assert "rcp.approx" in fast["ours"] and "fma.rn" in fast["ours"] and "pack=2" in fast["ours"]
+    assert "fma.rn" not in fast["ours-rcp"] and "rcp.approx" not in fast["ours-newton"]
+    assert all(mods.compile_mods(module.VARIANTS[n](30.0), None).source == ours for n in fast_only[1:])
 
     path = tmp_path / "tanh.json"
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -172,8 +172,10 @@ def _loop_report(out: str) -> dict:
 def test_softcap_backward_loops_cost_few_instructions_per_score():
     """``benchmarks/codegen.py --loops`` (SASS per loop trip) on bench.py's softcap row (causal
     plus ``tanh_softcap(30)``) against its causal row, bf16, D=128: the softcap costs the dQ and
-    dK/dV loops at most 14 instructions per score, two of them MUFU (exp2 and a reciprocal: the
-    backward's fast tanh, ``kernels.mods.TANH_FAST_ERR``). With Eigen's rational there, as in
+    dK/dV loops at most 14 instructions per score, 1.5 of them MUFU (exp2, and a reciprocal on
+    every other score: the backward's fast tanh, ``kernels.mods.TANH_FAST_ERR``, whose other
+    reciprocals take Newton's method, ``TANH_RCP``, 6 instructions more each: 13.1 and 13.9 per
+    score, against 10 and 11 with rcp.approx on every score). With Eigen's rational there, as in
     the forward, it cost 21 and 22 (982 and 1,103 instructions per trip against causal's 307 and
     396), and those loops were issue-bound."""
     out = _run("--masks", "causal,softcap", "--seqlens", "1k", "--head-dims", "128", "--loops",
@@ -186,4 +188,4 @@ def test_softcap_backward_loops_cost_few_instructions_per_score():
         # The cheapest loop of each: the full blocks' (no mask), the one most trips take.
         (soft_instrs, soft_mufu), (plain_instrs, plain_mufu) = min(soft), min(plain)
         assert (soft_instrs - plain_instrs) / scores <= 14, (kernel, soft_instrs, plain_instrs, scores)
-        assert (soft_mufu - plain_mufu) / scores == 2, (kernel, soft_mufu, plain_mufu, scores)
+        assert (soft_mufu - plain_mufu) / scores == 1.5, (kernel, soft_mufu, plain_mufu, scores)

@@ -889,6 +889,34 @@ def test_forward_of_out_alone_takes_the_fast_tanh_and_matches_the_oracle(dtype, 
     assert all(("exp2" in source) == (dtype != "float32") for _, source in seen)
 
 
+def test_fast_tanh_reciprocal_by_newton_within_one_ulp(monkeypatch):
+    """The Newton reciprocal of the fast tanh (``kernels.mods.rcp_newton_reference``, step for
+    step the PTX of ``_rcp_newton_ptx``) is within 1 float32 ulp of 1 / y, rcp.approx's bound,
+    which ``TANH_FAST_ERR``'s derivation assumes: over every mantissa in [1, 2) (the seed's and
+    the steps' relative error repeats in every binade) and y = 1 + e from 1 to past the clamp,
+    inf included. One Newton step fewer (two quadratic steps) would miss it."""
+    import numpy as np
+
+    from kernels import mods as M
+
+    def worst_ulps(y):
+        r = M.rcp_newton_reference(y).astype(np.float64)
+        exact = 1.0 / y.astype(np.float64)
+        finite = np.isfinite(y) & (y <= M.RCP_CLAMP)
+        assert (r[~finite] <= 1.0 / M.RCP_CLAMP * (1 + 1e-6)).all() and (r[~finite] > 0).all()
+        return (np.abs(r - exact) / np.spacing(exact.astype(np.float32)))[finite].max()
+
+    mantissas = (1.0 + np.arange(1 << 23, dtype=np.float64) / (1 << 23)).astype(np.float32)
+    assert worst_ulps(mantissas) <= 0.8
+    wide = np.concatenate([np.float32(2.0) ** np.arange(0, 70, dtype=np.float32),
+                           np.geomspace(1.0, 1e25, 100001).astype(np.float32), [np.float32(np.inf)]])
+    assert worst_ulps(wide) <= 0.8
+    ptx = M._rcp_newton_ptx("$1", "$0")
+    assert f"{M.RCP_SEED:#x}" in ptx and "0f5F800000" in ptx and ptx.count("fma.rn") == 5
+    monkeypatch.setattr(M, "RCP_STEPS", ("newton", "newton"))
+    assert worst_ulps(mantissas) > 1.0
+
+
 def test_softcap_fast_tanh_error_bound_in_the_interpreter():
     """The fast tanh's formula, run by the interpreter (numpy's exp2 and an IEEE division
     where the GPU has ex2.approx and rcp.approx), within ``TANH_FAST_ERR`` of float64's tanh
@@ -904,14 +932,25 @@ def test_softcap_fast_tanh_error_bound_in_the_interpreter():
 
 
 @pytest.mark.gpu
-def test_gpu_softcap_fast_tanh_error_bound():
-    """The backward's fast tanh on the GPU (ex2.approx, rcp.approx): within ``TANH_FAST_ERR``
+@pytest.mark.parametrize("how", ["split", "mufu", "newton"])
+def test_gpu_softcap_fast_tanh_error_bound(how, monkeypatch):
+    """The backward's fast tanh on the GPU (ex2.approx, then the reciprocal by rcp.approx, by
+    Newton's method, or half and half: ``kernels.mods.TANH_RCP``): within ``TANH_FAST_ERR``
     (absolute) of float64 tanh over the 4 million points, its derivative within twice that,
-    the bound ``kernels.mods`` derives from the instructions' documented errors."""
+    the bound ``kernels.mods`` derives from the instructions' documented errors. A NaN score
+    stays NaN whichever reciprocal it takes, without making its pair's other element NaN, and
+    scores past the clamp saturate."""
+    from kernels import mods as M
     from kernels.mods import TANH_FAST_ERR
 
+    monkeypatch.setattr(M, "TANH_RCP", how)
     err, derr, source = _fast_tanh_errors("cuda")
-    assert "rcp.approx" in source
+    assert ("rcp.approx" in source) == (how != "newton") and ("fma.rn" in source) == (how != "mufu")
+    special = torch.tensor([float("nan"), 0.5, 0.5, float("nan"), float("inf"), -float("inf"), 1e30, 0.0],
+                           device="cuda")
+    _, y, _ = _softcap_fns(special, 1.0, rounding=2.0 ** -8)
+    assert y.isnan().tolist() == [True, False, False, True, False, False, False, False], y
+    assert y[4:].tolist() == [1.0, -1.0, 1.0, 0.0], y
     assert err <= TANH_FAST_ERR, f"fast tanh: {err:.3g} from float64 tanh, bound {TANH_FAST_ERR:g}"
     assert derr <= 2 * TANH_FAST_ERR, f"fast tanh's derivative: {derr:.3g} from float64, bound {2 * TANH_FAST_ERR:g}"
 
