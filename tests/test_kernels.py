@@ -915,6 +915,10 @@ def test_fast_tanh_reciprocal_by_newton_within_one_ulp(monkeypatch):
     assert f"{M.RCP_SEED:#x}" in ptx and "0f5F800000" in ptx and ptx.count("fma.rn") == 5
     monkeypatch.setattr(M, "RCP_STEPS", ("newton", "newton"))
     assert worst_ulps(mantissas) > 1.0
+    # A choice the kernels do not know is refused when the softcap compiles, naming it.
+    monkeypatch.setattr(M, "TANH_RCP", "fast")
+    with pytest.raises(ValueError, match=r"TANH_RCP in \('split', 'mufu', 'newton'\), got 'fast'"):
+        M.compile_mods(mods.tanh_softcap(1.0), None, rounding=2.0 ** -8)
 
 
 def test_softcap_fast_tanh_error_bound_in_the_interpreter():
