@@ -180,13 +180,17 @@ def dq_tiles(
                 p = tl.math.exp2(t2 - lse2[:, None])
             else:
                 p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
-        dp = mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
-        dt = p * (dp - delta[:, None])
         if HAS_SCORE:
-            ds = SCORE_BWD_FN(s, dt, off_z, off_h, m_mod, n_mod, keep, B0, B1, B2, B3,
+            # The score mods' backward with no buffer gradients (the dK/dV kernel adds those) is
+            # dt times d t / d s, linear in dt: P times that factor now, and ds = (P t') (dP -
+            # delta) after the product, so that s and the mods' values (the fast tanh's r) do not
+            # live across it.
+            pg = SCORE_BWD_FN(s, p, off_z, off_h, m_mod, n_mod, keep, B0, B1, B2, B3,
                               B0, B1, B2, B3, False)
         else:
-            ds = dt
+            pg = p
+        dp = mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
+        ds = pg * (dp - delta[:, None])
         dq = mma(cast(ds, K.dtype.element_ty, UPCAST), tl.trans(kT), dq, FP32_PRECISION, UPCAST)
     return dq
 
@@ -290,14 +294,22 @@ def dkdv_tiles(
             pT = tl.math.exp2(tT2 - lse2[None, :])
         else:
             pT = tl.where(keep, tl.math.exp2(tT2 - lse2[None, :]), 0.0)
+        if HAS_SCORE and not GRAD_BUFFERS:
+            # Without buffer gradients the score mods' backward is dt times d t / d s, linear in
+            # dt: P times that factor now, so that s and the mods' values die before the two
+            # products rather than live across them (see dq_tiles).
+            pgT = SCORE_BWD_FN(sT, pT, off_z, h, m_mod, n_mod, keep, B0, B1, B2, B3,
+                               G0, G1, G2, G3, False)
         dv = mma(cast(pT, DO.dtype.element_ty, UPCAST), do, dv, FP32_PRECISION, UPCAST)
         dpT = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
-        dtT = pT * (dpT - delta[None, :])
-        if HAS_SCORE:
+        if HAS_SCORE and not GRAD_BUFFERS:
+            dsT = pgT * (dpT - delta[None, :])
+        elif HAS_SCORE:
+            dtT = pT * (dpT - delta[None, :])
             dsT = SCORE_BWD_FN(sT, dtT, off_z, h, m_mod, n_mod, keep, B0, B1, B2, B3,
                                G0, G1, G2, G3, GRAD_BUFFERS)
         else:
-            dsT = dtT
+            dsT = pT * (dpT - delta[None, :])
         dk = mma(cast(dsT, Q.dtype.element_ty, UPCAST), tl.trans(qT), dk, FP32_PRECISION, UPCAST)
         if DQ_ATOMIC:
             # dS's rows and columns past L or S are 0 (pT is, or is exp2 of a full block's
