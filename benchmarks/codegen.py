@@ -15,6 +15,7 @@ before any device time is spent. Nothing is timed and nothing runs: the outputs 
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks document --loops --one-loop   # forward, dQ: ONE_LOOP
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks causal --loops --two-loops   # the forward's two loops
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks gqa_document --loops --heads-in-loop   # dK/dV: HEADS_IN_LOOP
+    TRITON_INTERPRET=0 python benchmarks/codegen.py --masks softcap --loops --tanh-rcp-dkdv mufu   # mods.TANH_RCP_DKDV
 
 The interpreter must be off (``TRITON_INTERPRET=0``): under it every ``triton.jit``
 function is an interpreted one, which cannot compile. ``tests/codegen.py`` (run by
@@ -238,7 +239,16 @@ def main(argv=None) -> int:
                         "takes one loop where kernels.forward.one_loop_for says)")
     p.add_argument("--heads-in-loop", action="store_true",
                    help="kernels.backward.HEADS_IN_LOOP: the dK/dV kernel walks a kv head's query heads in each loop")
+    from kernels import mods
+    p.add_argument("--tanh-rcp", choices=mods.TANH_RCPS,
+                   help="kernels.mods.TANH_RCP: the softcap's fast tanh's reciprocal (default: the module's)")
+    p.add_argument("--tanh-rcp-dkdv", choices=mods.TANH_RCPS,
+                   help="kernels.mods.TANH_RCP_DKDV: the dK/dV kernel's own (default: the module's)")
     args = p.parse_args(argv)
+    if args.tanh_rcp:
+        mods.TANH_RCP = args.tanh_rcp
+    if args.tanh_rcp_dkdv:
+        mods.TANH_RCP_DKDV = args.tanh_rcp_dkdv
     if args.two_loops and args.one_loop:
         p.error("--two-loops and --one-loop contradict each other: pass one")
     if args.two_loops:

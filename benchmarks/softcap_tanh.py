@@ -20,6 +20,8 @@ its forward's and its backward's alike):
 | ``ours-rcp`` | ``ours`` with the fast formula's every reciprocal by ``rcp.approx`` (``ours`` before the twenty-seventh session) |
 | ``ours-newton`` | ``ours`` with the fast formula's every reciprocal by Newton's method |
 | ``ours-out-rcp``, ``ours-out-newton`` | the two above called for out alone (bench.py's ``ours-out``), so that the forward takes the fast formula too |
+| ``ours-grad-mul`` | ``ours`` with the fast formula's derivative as ``(4 r) (1 - r)`` (before the twenty-eighth session) where ours takes ``r (4 - 4 r)`` (an FMA and a multiply), one instruction per score fewer |
+| ``ours-dkdv-mufu`` | ``ours`` with ``kernels.mods.TANH_RCP_DKDV = "mufu"``: the dK/dV kernel's reciprocals all by ``rcp.approx``, the dQ kernel's and the forward's split |
 
 On CUDA it first prints each formula's worst error in float32 ulps of float64 tanh over the
 4 million points of tests/test_kernels.py::test_gpu_softcap_tanh_accuracy (which holds the
@@ -121,9 +123,24 @@ class TanhFastNewton(M._TanhSoftcap):
     RCP = "newton"
 
 
+@dataclass(frozen=True, repr=False)
+class TanhGradMul(M._TanhSoftcap):
+    """The fast formula's derivative as ``(4 r) (1 - r)``, 3 instructions per score, as before the
+    twenty-eighth session; ours takes ``r (4 - 4 r)`` with an FMA, 2."""
+
+    def _emit_grad(self, g, s, out):
+        if out in g.notes:
+            r = g.notes[out]
+            return g.tmp(f"(4.0 * {r}) * (1.0 - {r})")
+        return super()._emit_grad(g, s, out)
+
+
 VARIANTS = {"ours-fdiv": TanhFdiv, "ours-exp2": TanhExp2, "ours-exp2rcp": TanhExp2Rcp,
             "ours-hybrid": TanhHybrid, "ours-approx": TanhApprox, "ours-rational": TanhRationalEverywhere,
-            "ours-rcp": TanhFastRcp, "ours-newton": TanhFastNewton}
+            "ours-rcp": TanhFastRcp, "ours-newton": TanhFastNewton, "ours-grad-mul": TanhGradMul}
+# ours with kernels.mods.TANH_RCP_DKDV = "mufu": the dK/dV kernel's fast tanh on rcp.approx alone,
+# the dQ kernel's and the forward's on TANH_RCP.
+_ours_dkdv_mufu = bench._ours_with("mods", "TANH_RCP_DKDV", "mufu")
 
 
 def _swap(mod, cls):
@@ -195,6 +212,8 @@ def main(argv=None) -> int:
     for name, cls in OUT_VARIANTS.items():
         bench.IMPLS[name] = bench.Impl(name, _variant(cls, lse=False), False,
                                        f"ours called for out alone, the softcap's tanh as {cls.__name__}")
+    bench.IMPLS["ours-dkdv-mufu"] = bench.Impl("ours-dkdv-mufu", _ours_dkdv_mufu, True,
+                                               "ours with kernels.mods.TANH_RCP_DKDV = 'mufu'")
     argv = list(sys.argv if argv is None else argv)
     import torch
 

@@ -16,6 +16,7 @@ import torch
 import triton
 
 from . import _runtime
+from . import mods as _mods
 from .mods import ModProgram, as_mask_mod, as_score_mod, compile_mods
 
 __all__ = ["flex_attention", "Options", "parse_kernel_options", "DTYPES"]
@@ -762,18 +763,18 @@ _PROGRAM_CACHE: dict = {}
 DTYPE_ROUNDING = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
-def _cached_program(score, mask, interpret: bool, rounding: float = 0.0) -> ModProgram:
-    """``compile_mods`` once per pair of mod objects (and ``rounding``): generating and
+def _cached_program(score, mask, interpret: bool, rounding: float = 0.0, rcp: Optional[str] = None) -> ModProgram:
+    """``compile_mods`` once per pair of mod objects (and ``rounding``, ``rcp``): generating and
     hashing the Triton source costs more host time than a whole decode step's kernels.
     Mods are immutable and the entry holds them, so their ids stay theirs; the
     tables they capture are read through the program's buffers on every call,
     so in-place updates of a learnable table are still seen."""
-    key = (id(score), id(mask), interpret, rounding)
+    key = (id(score), id(mask), interpret, rounding, rcp)
     hit = _PROGRAM_CACHE.get(key)
     # The source depends on which tables require grad and on their shapes (strides are baked in).
     if hit is not None and hit[0] is score and hit[1] is mask and hit[3] == _table_state(hit[2]):
         return hit[2]
-    program = compile_mods(score, mask, interpret=interpret, rounding=rounding)
+    program = compile_mods(score, mask, interpret=interpret, rounding=rounding, rcp=rcp)
     _PROGRAM_CACHE[key] = (score, mask, program, _table_state(program))
     while len(_PROGRAM_CACHE) > 64:
         _PROGRAM_CACHE.pop(next(iter(_PROGRAM_CACHE)))
@@ -843,10 +844,16 @@ class Plan:
     sparse_dkdv: Optional[Sparse] = None
     # The backward's mods, compiled with DTYPE_ROUNDING's rounding (None: program).
     program_bwd: Optional[ModProgram] = None
+    # The dK/dV kernel's, where kernels.mods.TANH_RCP_DKDV asks for its own (None: program_bwd).
+    program_dkdv: Optional[ModProgram] = None
 
     @property
     def backward_program(self) -> ModProgram:
         return self.program_bwd if self.program_bwd is not None else self.program
+
+    @property
+    def dkdv_program(self) -> ModProgram:
+        return self.program_dkdv if self.program_dkdv is not None else self.backward_program
 
     @property
     def backward_sparse(self) -> Sparse:
@@ -1027,10 +1034,16 @@ def flex_attention(
             if refined is not None:
                 sparse, auto = refined, True
     program = _cached_program(score, mask, interpret)
-    program_bwd = None
+    program_bwd = program_dkdv = None
     rounding = DTYPE_ROUNDING.get(query.dtype, 0.0)
     if rounding and program.has_score:  # (a mask alone compiles the same at any rounding)
         program_bwd = _cached_program(score, mask, interpret, rounding)
+        rcp_dkdv = _mods.TANH_RCP_DKDV
+        if rcp_dkdv is not None:
+            if rcp_dkdv not in _mods.TANH_RCPS:
+                raise ValueError(f"Expected kernels.mods.TANH_RCP_DKDV in {(None, *_mods.TANH_RCPS)}, "
+                                 f"got {rcp_dkdv!r}.")
+            program_dkdv = _cached_program(score, mask, interpret, rounding, rcp=rcp_dkdv)
         if not (return_lse or return_max):
             program = program_bwd
     options = _cached_options(
@@ -1052,8 +1065,8 @@ def flex_attention(
     plan = Plan(
         B=B, Hq=Hq, Hkv=Hkv, Bk=Bk, L=L, S=S, E=E, Ev=Ev,
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(E),
-        program=program, program_bwd=program_bwd, sparse=sparse, sparse_bwd=sparse_bwd, sparse_dq=sparse_dq,
-        sparse_dkdv=sparse_dkdv,
+        program=program, program_bwd=program_bwd, program_dkdv=program_dkdv, sparse=sparse, sparse_bwd=sparse_bwd,
+        sparse_dq=sparse_dq, sparse_dkdv=sparse_dkdv,
         options=options, interpret=interpret,
         fp32_precision="ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32",
         return_max=return_max,

@@ -651,6 +651,8 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         MB, MH = sp.kv_idx.shape[:2]
         q_full_num = sp.full_q_num if sp.has_full else sp.q_num
         q_full_idx = sp.full_q_idx if sp.has_full else sp.q_idx
+        kv_prog = plan.dkdv_program  # the backward's, or one with TANH_RCP_DKDV's reciprocal
+        fns = dict(SCORE_FN=kv_prog.score_fn, SCORE_BWD_FN=kv_prog.score_bwd_fn, MASK_FN=kv_prog.mask_fn)
         _runtime.launch(
             dkdv_kernel, (_runtime.cdiv(S, tiles["BLOCK_N1"]), B * Hkv),
             query, key, value, dout, dk, dv, lse2, delta, qs, dqa,
@@ -660,7 +662,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
             plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
             GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable), DQ_ATOMIC=dq_atomic,
             HEADS=dkdv_heads(plan.G, MH, heads_in_loop),
-            BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **common, **_sparse_consts(sp, L, S),
+            BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **dict(common, **fns), **_sparse_consts(sp, L, S),
             options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
         )
 

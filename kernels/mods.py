@@ -48,12 +48,14 @@ MAX_BUFFERS = 4
 class _Gen:
     """Collects the statements of one generated Triton function."""
 
-    def __init__(self, buffers: list, interpret: bool = False, gluon: bool = False, rounding: float = 0.0):
+    def __init__(self, buffers: list, interpret: bool = False, gluon: bool = False, rounding: float = 0.0,
+                 rcp: Optional[str] = None):
         self.lines: list[str] = []
         self.buffers = buffers  # shared by the mask and score functions of one program
         self.interpret = interpret  # for the Triton interpreter: no inline PTX
         self.gluon = gluon  # gluon_functions: 1D row and column loads (load below)
         self.rounding = rounding  # compile_mods' rounding: what a cheaper formula may cost
+        self.rcp = rcp  # compile_mods' rcp: the fast tanh's reciprocal (None: TANH_RCP)
         self.notes: dict = {}  # a mod's intermediates by its output's name, for its _emit_grad
         self._n = 0
 
@@ -140,7 +142,7 @@ _PROGRAMS: dict = {}
 
 
 def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"], *,
-                 interpret: bool = False, rounding: float = 0.0) -> ModProgram:
+                 interpret: bool = False, rounding: float = 0.0, rcp: Optional[str] = None) -> ModProgram:
     """Generate (or fetch from the cache) the Triton functions for the two mods.
 
     ``interpret`` asks for functions the Triton interpreter can call (CPU tensors).
@@ -153,12 +155,18 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
     and fp16: in the backward, where dq, dk and dv are rounded to the inputs' dtype and P and
     dS before their products, and in a forward that returns out alone. A program with a
     learnable captured tensor ignores it: that tensor's gradient is a float32 output.
+
+    ``rcp``: how the fast tanh takes its reciprocal on the GPU in this program, one of
+    ``TANH_RCPS`` (None: ``TANH_RCP``; a softcap class's own ``RCP`` comes first). The dK/dV
+    kernel's program takes ``TANH_RCP_DKDV`` here (``kernels.api``).
     """
+    if rcp is not None and rcp not in TANH_RCPS:
+        raise ValueError(f"Expected rcp in {TANH_RCPS} or None, got rcp={rcp!r}.")
     buffers: list = []
     mask_gen = _Gen(buffers, interpret)
     mask_out = mask_mod._emit(mask_gen) if mask_mod is not None else "True"
     mask_loads = bool(buffers)  # every captured tensor the mask reads went through _Gen.buffer
-    fwd = _Gen(buffers, interpret, rounding=rounding)
+    fwd = _Gen(buffers, interpret, rounding=rounding, rcp=rcp)
     chain_vals = []
     s = "score"
     mods = _flatten_chain(score_mod)
@@ -169,7 +177,7 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
     score_out = s
 
     # Backward: recompute forward values, then sweep the chain in reverse.
-    bwd = _Gen(buffers, interpret, rounding=rounding)
+    bwd = _Gen(buffers, interpret, rounding=rounding, rcp=rcp)
     vals = []
     s = "score"
     for mod in mods:
@@ -1025,6 +1033,13 @@ _TWO_LOG2E = 2.0 * 1.4426950408889634
 # then bounds the loop).
 TANH_RCP = "split"
 TANH_RCPS = ("split", "mufu", "newton")
+# The dK/dV kernel's own choice (None: TANH_RCP), read when the forward builds its plan
+# (kernels.api). Its full-block loop is tensor-bound on paper either way (sm_90 SASS, bf16, D=128:
+# 2,048 tensor clocks a trip against 1,598 of issue and 1,280 of MUFU with "split", 1,448 and 1,536
+# with "mufu"), where the split's Newton steps are 3 instructions per score more; the dQ kernel's
+# and the forward's loops gain from the split (MUFU-bound, or tied, on "mufu"). Untimed:
+# benchmarks/softcap_tanh.py's ours-dkdv-mufu is the A/B.
+TANH_RCP_DKDV: Optional[str] = None
 RCP_SEED = 0x7EF311C7
 RCP_STEPS = ("newton", "cubic")
 RCP_CLAMP = 2.0 ** 64
@@ -1119,7 +1134,7 @@ class _TanhSoftcap(ScoreMod):
             r = g.tmp(f"1.0 / ({e} + 1.0)")
         else:
             e = g.tmp(f"tl.math.exp2({arg})")
-            asm, constraints, pack = _rcp_asm(self.RCP or TANH_RCP)
+            asm, constraints, pack = _rcp_asm(self.RCP or g.rcp or TANH_RCP)
             r = g.tmp(f'tl.inline_asm_elementwise("{asm}", "{constraints}", [{e} + 1.0], dtype=tl.float32, '
                       f'is_pure=True, pack={pack})')
         out = g.tmp(f"{self.cap!r} - {2.0 * self.cap!r} * {r}")  # cap * (1 - 2 r)

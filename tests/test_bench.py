@@ -465,7 +465,8 @@ def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
     dry run (the interpreter runs no inline PTX, so the fdiv, exp2 and rational variants
     only), and bench.py's ours-out (out alone: the forward's fast tanh), each checked against
     the oracle; every variant's generated score function differs from ours (ours-rational's,
-    ours-rcp's and ours-newton's only where bf16 takes the fast tanh)."""
+    ours-rcp's, ours-newton's and ours-grad-mul's only where bf16 takes the fast tanh); and
+    ours-dkdv-mufu (kernels.mods.TANH_RCP_DKDV) runs."""
     from kernels import mods
 
     spec = importlib.util.spec_from_file_location("flex_oracle_softcap_tanh", ROOT / "benchmarks" / "softcap_tanh.py")
@@ -474,7 +475,7 @@ def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
     spec.loader.exec_module(module)
     ours = mods.compile_mods(mods.tanh_softcap(30.0), None).source
     assert "rcp.approx" in ours and "fdiv" not in ours.split("def score_fn")[1].split("def score_bwd_fn")[0]
-    fast_only = ("ours-rational", "ours-rcp", "ours-newton")
+    fast_only = ("ours-rational", "ours-rcp", "ours-newton", "ours-grad-mul")
     sources = {name: mods.compile_mods(cls(30.0), None).source for name, cls in module.VARIANTS.items()
                if name not in fast_only}
     assert len(set(sources.values()) | {ours}) == len(sources) + 1
@@ -484,12 +485,14 @@ def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
     assert mods.compile_mods(rational, None, rounding=2.0 ** -8).source == ours
     assert mods.compile_mods(mods.tanh_softcap(30.0), None, rounding=2.0 ** -8).source != ours
     # ours-rcp and ours-newton: the fast formula's reciprocal all by rcp.approx / all by Newton's
-    # method, where ours takes half of each (kernels.mods.TANH_RCP)
+    # method, where ours takes half of each (kernels.mods.TANH_RCP); ours-grad-mul: its derivative
+    # (4 r) (1 - r), where ours takes r (4 - 4 r) with an FMA
     fast = {name: mods.compile_mods(cls(30.0), None, rounding=2.0 ** -8).source
             for name, cls in [("ours", type(mods.tanh_softcap(30.0)))] + [(n, module.VARIANTS[n]) for n in fast_only[1:]]}
-    assert len(set(fast.values())) == 3
+    assert len(set(fast.values())) == 4
     assert "rcp.approx" in fast["ours"] and "fma.rn" in fast["ours"] and "pack=2" in fast["ours"]
     assert "fma.rn" not in fast["ours-rcp"] and "rcp.approx" not in fast["ours-newton"]
+    assert "tl.fma" in fast["ours"] and "tl.fma" not in fast["ours-grad-mul"]
     assert all(mods.compile_mods(module.VARIANTS[n](30.0), None).source == ours for n in fast_only[1:])
 
     path = tmp_path / "tanh.json"
@@ -498,14 +501,16 @@ def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
     env.pop("OUT", None)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "softcap_tanh.py"), "--device", "cpu", "--quick",
-         "--impls", "ours,ours-fdiv,ours-exp2,ours-rational,ours-out", "--masks", "softcap", "--no-decode",
+         "--impls", "ours,ours-fdiv,ours-exp2,ours-rational,ours-out,ours-grad-mul,ours-dkdv-mufu", "--masks",
+         "softcap", "--no-decode",
          "--json", str(path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, f"exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     results = json.loads(path.read_text())["cases"][0]["results"]
-    assert {r["impl"]: r["status"] for r in results} == {"ours": "ok", "ours-fdiv": "ok", "ours-exp2": "ok",
-                                                          "ours-rational": "ok", "ours-out": "ok"}
+    assert {r["impl"]: r["status"] for r in results} == {
+        "ours": "ok", "ours-fdiv": "ok", "ours-exp2": "ok", "ours-rational": "ok", "ours-out": "ok",
+        "ours-grad-mul": "ok", "ours-dkdv-mufu": "ok"}
 
 
 # --------------------------------------------------------------------------

@@ -921,6 +921,35 @@ def test_fast_tanh_reciprocal_by_newton_within_one_ulp(monkeypatch):
         M.compile_mods(mods.tanh_softcap(1.0), None, rounding=2.0 ** -8)
 
 
+def test_dkdv_kernel_takes_its_own_reciprocal(monkeypatch):
+    """``compile_mods(..., rcp=...)`` gives a program's fast tanh that reciprocal (a softcap
+    class's own ``RCP`` still first, ``TANH_RCP`` where neither is set), and
+    ``kernels.mods.TANH_RCP_DKDV`` gives the dK/dV kernel such a program of its own; the backward
+    then still agrees with the oracle. An unknown choice is refused by name, in either place.
+    ``tests/test_codegen.py`` checks on sm_90 code that the dK/dV kernel alone takes it (the
+    interpreter runs no PTX, so here the two programs' sources are the same)."""
+    from kernels import mods as M
+
+    def source(mod=None, **kw):
+        return M.compile_mods(mod or mods.tanh_softcap(1.0), None, rounding=2.0 ** -8, **kw).source
+
+    assert "rcp.approx" in source() and "fma.rn" in source() and "pack=2" in source()
+    assert "fma.rn" not in source(rcp="mufu") and "rcp.approx" not in source(rcp="newton")
+
+    class Newton(M._TanhSoftcap):
+        RCP = "newton"
+
+    assert "rcp.approx" not in source(Newton(1.0), rcp="mufu")
+    with pytest.raises(ValueError, match=r"rcp in \('split', 'mufu', 'newton'\) or None, got rcp='fast'"):
+        source(rcp="fast")
+    monkeypatch.setattr(M, "TANH_RCP_DKDV", "mufu")
+    check(L=40, S=40, dtype=torch.bfloat16, score_mod=mods.tanh_softcap(5.0), mask_mod=mods.causal())
+    monkeypatch.setattr(M, "TANH_RCP_DKDV", "fast")
+    with pytest.raises(ValueError, match=r"kernels.mods.TANH_RCP_DKDV in \(None, 'split', 'mufu', 'newton'\), "
+                                         r"got 'fast'"):
+        check(L=40, S=40, dtype=torch.bfloat16, score_mod=mods.tanh_softcap(5.0), mask_mod=mods.causal())
+
+
 def test_softcap_fast_tanh_error_bound_in_the_interpreter():
     """The fast tanh's formula, run by the interpreter (numpy's exp2 and an IEEE division
     where the GPU has ex2.approx and rcp.approx), within ``TANH_FAST_ERR`` of float64's tanh
