@@ -16,6 +16,7 @@ before any device time is spent. Nothing is timed and nothing runs: the outputs 
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks causal --loops --two-loops   # the forward's two loops
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks gqa_document --loops --heads-in-loop   # dK/dV: HEADS_IN_LOOP
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks softcap --loops --tanh-rcp-dkdv mufu   # mods.TANH_RCP_DKDV
+    TRITON_INTERPRET=0 python benchmarks/codegen.py --masks causal,softcap --loops --forward-only --lse   # the rational
 
 The interpreter must be off (``TRITON_INTERPRET=0``): under it every ``triton.jit``
 function is an interpreted one, which cannot compile. ``tests/codegen.py`` (run by
@@ -188,9 +189,11 @@ def sm90_launches(ptxas: bool = True):
         (_runtime.check_device, _runtime.DIRECT_LAUNCH, _runtime._launch_retrying, api._arch, api.sm_count) = saved
 
 
-def run_case(mask: str, s, dtype, options: Optional[dict], grad: bool) -> None:
+def run_case(mask: str, s, dtype, options: Optional[dict], grad: bool, lse: bool = False) -> None:
     """One training step (or forward) of bench.py's case ``mask`` on shape ``s`` through
-    ``kernels.flex_attention`` on empty CPU tensors: inside ``sm90_launches`` it compiles."""
+    ``kernels.flex_attention`` on empty CPU tensors: inside ``sm90_launches`` it compiles. ``lse``
+    asks for the LSE too (bench.py's ``ours``): a forward with a float32 result takes the exact
+    mods (``kernels.api.DTYPE_ROUNDING``: the softcap's rational)."""
     from benchmarks import bench
     import kernels
 
@@ -199,7 +202,9 @@ def run_case(mask: str, s, dtype, options: Optional[dict], grad: bool) -> None:
     k = torch.empty(s.B, s.Hkv, s.S, s.D, dtype=dtype, requires_grad=grad)
     v = torch.empty(s.B, s.Hkv, s.S, s.D, dtype=dtype, requires_grad=grad)
     out = kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                 enable_gqa=s.Hq != s.Hkv, kernel_options=options)
+                                 enable_gqa=s.Hq != s.Hkv, kernel_options=options, return_lse=lse)
+    if lse:
+        out = out[0]
     if grad:
         # A gradient with the output's own layout, as bench.py's: out.sum().backward() would
         # pass an expanded one (stride 0), a specialization no training step runs (its dK/dV
@@ -228,6 +233,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(bench.DTYPES), default="bfloat16")
     p.add_argument("--options", type=_parse_options, default={}, help="kernel_options, NAME=VALUE,...")
     p.add_argument("--forward-only", action="store_true")
+    p.add_argument("--lse", action="store_true",
+                   help="the forward also returns the LSE (bench.py's ours): the exact mods, the softcap's rational")
     p.add_argument("--loops", action="store_true",
                    help="also each kernel loop's instructions per trip and its static floor (loop_mix)")
     p.add_argument("--one-loop", action="store_true",
@@ -274,7 +281,7 @@ def main(argv=None) -> int:
     with sm90_launches() as records:
         for mask, s in cases:
             before = len(records)
-            run_case(mask, s, dtype, args.options or None, grad=not args.forward_only and s.L > 1)
+            run_case(mask, s, dtype, args.options or None, grad=not args.forward_only and s.L > 1, lse=args.lse)
             name = f"{mask} S={s.S} D={s.D}"
             for r in records[before:]:
                 tiles = ",".join(f"{k}={v}" for k, v in r["tiles"].items())

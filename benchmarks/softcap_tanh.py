@@ -10,8 +10,9 @@ its forward's and its backward's alike):
 
 | impl | tanh(x), x = score / cap |
 | --- | --- |
-| ``ours`` | the kernels' own: Eigen's 13/6 rational, division by ``rcp.approx`` and a multiply; in bf16 / fp16 (the backward, and a forward that returns out alone: bench.py's ``ours-out``, not ``ours``, which asks for the LSE) ``1 - 2 r``, ``r = 1 / (exp2(2 x log2 e) + 1)`` (``kernels.mods.TANH_FAST_ERR``), half the reciprocals by ``rcp.approx`` and half by Newton's method (``kernels.mods.TANH_RCP``) |
-| ``ours-fdiv`` | the same rational, division by ``tl.math.fdiv`` (``div.full.f32``), before 2026-12-03 |
+| ``ours`` | the kernels' own: a 9/6 rational (``kernels.mods.TANH_NUM``, ``fit_rational``) with ``cap`` folded into its numerator, division by ``rcp.approx`` and a multiply; in bf16 / fp16 (the backward, and a forward that returns out alone: bench.py's ``ours-out``, not ``ours``, which asks for the LSE) ``1 - 2 r``, ``r = 1 / (exp2(2 x log2 e) + 1)`` (``kernels.mods.TANH_FAST_ERR``), half the reciprocals by ``rcp.approx`` and half by Newton's method (``kernels.mods.TANH_RCP``) |
+| ``ours-eigen`` | Eigen's 13/6 rational (``EIGEN_NUM``) with ``rcp.approx``, times ``cap``: ours before the twenty-eighth session where the rational applies (2 FMAs and a multiply per score more) |
+| ``ours-fdiv`` | Eigen's rational, division by ``tl.math.fdiv`` (``div.full.f32``), before 2026-12-03 |
 | ``ours-exp2`` | ``1 - 2 / (exp2(2 x log2 e) + 1)`` with ``fdiv`` |
 | ``ours-exp2rcp`` | the same with ``rcp.approx`` |
 | ``ours-hybrid`` | ``x P(x^2)`` (degree 4 fit) for ``|x| < 0.55``, else ``(1 - e) / (1 + e)``, ``e = exp2(-2|x| log2 e)`` |
@@ -51,10 +52,88 @@ _SMALL = ("0.0163238047039211", "-0.05259439681475426", "0.13318973262595915", "
           "0.9999999681771625")
 
 
-def _rational(g, s, cap):
-    x = g.tmp(f"tl.minimum(tl.maximum({s} * {1.0 / cap!r}, -7.90531110763549805), 7.90531110763549805)")
+# Eigen's fast tanh (generic_fast_tanh_float): tanh(x) = x * num(x^2) / den(x^2), a 13/6 rational
+# on [-TANH_CLAMP, TANH_CLAMP], coefficients highest power first. The kernels' rational until the
+# twenty-eighth session (kernels.mods.TANH_NUM, TANH_DEN now: fit_rational's 9/6).
+EIGEN_NUM = ("-2.76076847742355e-16", "2.00018790482477e-13", "-8.60467152213735e-11", "5.12229709037114e-08",
+             "1.48572235717979e-05", "6.37261928875436e-04", "4.89352455891786e-03")
+EIGEN_DEN = ("1.19825839466702e-06", "1.18534705686654e-04", "2.26843463243900e-03", "4.89352518554385e-03")
+
+
+def _rational(g, s, cap, num=EIGEN_NUM, den=EIGEN_DEN):
+    x = g.tmp(f"tl.minimum(tl.maximum({s} * {1.0 / cap!r}, {-M.TANH_CLAMP!r}), {M.TANH_CLAMP!r})")
     x2 = g.tmp(f"{x} * {x}")
-    return x, M._horner(M.TANH_NUM, x2), M._horner(M.TANH_DEN, x2)
+    return x, M._horner(num, x2), M._horner(den, x2)
+
+
+def fit_rational(p: int = 4, q: int = 3, clamp: float = M.TANH_CLAMP, iters: int = 400):
+    """tanh(x) / x ~ P(t) / Q(t), t = x^2, P of degree ``p`` and Q of degree ``q`` with Q(0) = 1,
+    on x in [0, ``clamp``], fitted for the least worst relative error by Lawson's iteration of
+    weighted linear least squares (Loeb's linearisation: P - f Q over f Q of the last step), in
+    float64 on 22,000 points (Chebyshev-spaced in x, and logarithmic below 1). Returns the worst
+    relative error of the fit in exact arithmetic and the coefficients in t, highest power first,
+    as ``kernels.mods.TANH_NUM`` and ``TANH_DEN`` hold them (``tests/test_kernels.py`` refits them).
+    The kernels' 9/6 (p=4, q=3): 1.95e-7; Eigen's 13/6 form (p=6, q=3) refits to 1.5e-9, 5/3 to
+    1.7e-8, 4/2 to 9e-6; float32 evaluation adds about 3 ulps to any of them (emulated_ulps)."""
+    import numpy as np
+
+    theta = np.linspace(0.0, np.pi, 20000)
+    x = np.unique(np.concatenate([clamp * (1 - np.cos(theta)) / 2, np.geomspace(1e-6, 1.0, 2000)]))
+    u = (x / clamp) ** 2  # the fit's variable, in [0, 1] for conditioning
+    f = np.tanh(x) / np.where(x > 0, x, 1.0)
+    f[x == 0] = 1.0
+    vp, vq = np.vander(u, p + 1, increasing=True), np.vander(u, q + 1, increasing=True)
+    weights, q_prev, best = np.ones_like(u), np.ones_like(u), None
+    for _ in range(iters):
+        scale = np.sqrt(weights) / (f * q_prev)
+        a = np.hstack([vp, -f[:, None] * vq[:, 1:]]) * scale[:, None]
+        sol = np.linalg.lstsq(a, f * scale, rcond=None)[0]
+        num, den = sol[:p + 1], np.concatenate([[1.0], sol[p + 1:]])
+        q_prev = vq @ den
+        err = (vp @ num / q_prev - f) / f
+        worst = float(np.abs(err).max())
+        if best is None or worst < best[0]:
+            best = (worst, num, den)
+        weights = weights * np.abs(err)
+        weights *= len(weights) / weights.sum()
+    worst, num, den = best
+    to_t = lambda c: tuple(repr(float(c[k] / clamp ** (2 * k))) for k in reversed(range(len(c))))
+    return worst, to_t(num), to_t(den)
+
+
+def emulated_ulps(num=None, den=None, cap: float = 1.0, rcp_ulps: float = 0.0, clamp: float = M.TANH_CLAMP):
+    """Worst error of the kernels' rational softcap ``cap * tanh(s / cap)`` (``kernels.mods``' code:
+    x clamped, Horner's FMAs in x^2, the reciprocal of den, x * num * r with ``cap`` folded into num)
+    in float32 ulps (eps * |tanh|) of float64 over tests/test_kernels.py's 4 million points, emulated
+    in numpy: each FMA exact in float64 then rounded to float32 once (as sm_90's FFMA), the
+    reciprocal exactly rounded and then moved by ``rcp_ulps`` ulps (rcp.approx is within 1)."""
+    import numpy as np
+
+    num = M.TANH_NUM if num is None else num
+    den = M.TANH_DEN if den is None else den
+    f32 = np.float32
+
+    def horner(coefs, t):
+        acc = np.full_like(t, f32(float(coefs[0])))
+        for c in coefs[1:]:
+            acc = (acc.astype(np.float64) * t + np.float64(f32(float(c)))).astype(f32)
+        return acc
+
+    big = np.linspace(-12.0, 12.0, 1 << 21)
+    small = np.logspace(-9, 0, 1 << 20)
+    far = np.linspace(12.0, 200.0, 1 << 12)
+    s = (np.concatenate([big, small, -small, far, -far]).astype(f32) * f32(cap)).astype(f32)
+    x = np.clip((s * f32(1.0 / cap)).astype(f32), f32(-clamp), f32(clamp))
+    t2 = (x * x).astype(f32)
+    fold = M.tanh_cap_folds(cap)
+    r = ((1.0 / horner(den, t2).astype(np.float64)) * (1 + rcp_ulps * 2.0 ** -23)).astype(f32)
+    n = horner([repr(float(c) * cap) for c in num] if fold else num, t2)
+    y = ((x * n).astype(f32) * r).astype(f32)
+    if not fold:
+        y = (f32(cap) * y).astype(f32)
+    ref = cap * np.tanh(s.astype(np.float64) / cap)
+    ulp = np.finfo(f32).eps * np.maximum(np.abs(ref), np.finfo(f32).tiny)
+    return float((np.abs(y.astype(np.float64) - ref) / ulp).max())
 
 
 @dataclass(frozen=True, repr=False)
@@ -62,6 +141,21 @@ class TanhFdiv(M._TanhSoftcap):
     def _emit(self, g, s):
         x, num, den = _rational(g, s, self.cap)
         th = g.tmp(f"tl.math.fdiv({x} * ({num}), {den})")
+        return g.tmp(f"{self.cap!r} * {th}")
+
+
+@dataclass(frozen=True, repr=False)
+class TanhEigen(M._TanhSoftcap):
+    """Eigen's 13/6 rational with rcp.approx, then times cap (the fast formula where it applies)."""
+
+    def _emit(self, g, s):
+        if self.fast(g.rounding):
+            return self._emit_fast(g, s)
+        x, num, den = _rational(g, s, self.cap)
+        if g.interpret:
+            th = g.tmp(f"tl.math.fdiv({x} * ({num}), {den})")
+        else:
+            th = g.tmp(f"{x} * ({num}) * " + _RCP.format(den))
         return g.tmp(f"{self.cap!r} * {th}")
 
 
@@ -135,7 +229,7 @@ class TanhGradMul(M._TanhSoftcap):
         return super()._emit_grad(g, s, out)
 
 
-VARIANTS = {"ours-fdiv": TanhFdiv, "ours-exp2": TanhExp2, "ours-exp2rcp": TanhExp2Rcp,
+VARIANTS = {"ours-eigen": TanhEigen, "ours-fdiv": TanhFdiv, "ours-exp2": TanhExp2, "ours-exp2rcp": TanhExp2Rcp,
             "ours-hybrid": TanhHybrid, "ours-approx": TanhApprox, "ours-rational": TanhRationalEverywhere,
             "ours-rcp": TanhFastRcp, "ours-newton": TanhFastNewton, "ours-grad-mul": TanhGradMul}
 # ours with kernels.mods.TANH_RCP_DKDV = "mufu": the dK/dV kernel's fast tanh on rcp.approx alone,

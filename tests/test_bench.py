@@ -501,7 +501,7 @@ def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
     env.pop("OUT", None)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "softcap_tanh.py"), "--device", "cpu", "--quick",
-         "--impls", "ours,ours-fdiv,ours-exp2,ours-rational,ours-out,ours-grad-mul,ours-dkdv-mufu", "--masks",
+         "--impls", "ours,ours-eigen,ours-fdiv,ours-exp2,ours-rational,ours-out,ours-grad-mul,ours-dkdv-mufu", "--masks",
          "softcap", "--no-decode",
          "--json", str(path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
@@ -509,7 +509,7 @@ def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
     assert proc.returncode == 0, f"exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     results = json.loads(path.read_text())["cases"][0]["results"]
     assert {r["impl"]: r["status"] for r in results} == {
-        "ours": "ok", "ours-fdiv": "ok", "ours-exp2": "ok", "ours-rational": "ok", "ours-out": "ok",
+        "ours": "ok", "ours-eigen": "ok", "ours-fdiv": "ok", "ours-exp2": "ok", "ours-rational": "ok", "ours-out": "ok",
         "ours-grad-mul": "ok", "ours-dkdv-mufu": "ok"}
 
 

@@ -988,6 +988,35 @@ def test_gpu_softcap_fast_tanh_error_bound(how, monkeypatch):
     assert derr <= 2 * TANH_FAST_ERR, f"fast tanh's derivative: {derr:.3g} from float64, bound {2 * TANH_FAST_ERR:g}"
 
 
+def test_softcap_rational_is_its_fit_and_within_the_bound_in_float32():
+    """``kernels.mods.TANH_NUM`` / ``TANH_DEN`` (the rational softcap's tanh, where a float32
+    result needs it) are what ``benchmarks/softcap_tanh.py``'s ``fit_rational(4, 3)`` gives, and
+    in float32 arithmetic as sm_90 runs them (FMAs rounded once, rcp.approx 1 ulp off either way,
+    ``emulated_ulps``) within 6 of the 8 ulps that ``test_gpu_softcap_tanh_accuracy`` allows, at caps
+    from 0.01 to 1e4 and at caps too large to fold into the numerator. One numerator coefficient
+    fewer (4/2) would be 9e-6 relative at worst, 78 ulps. The generated source, run by the
+    interpreter (numpy's float32, an IEEE division), is within 6 ulps as well, ``cap`` folded or not."""
+    from benchmarks import softcap_tanh
+    from kernels import mods as M
+
+    worst, num, den = softcap_tanh.fit_rational(4, 3)
+    assert worst < 2e-7
+    assert [float(c) for c in M.TANH_NUM] == pytest.approx([float(c) for c in num], rel=1e-6)
+    assert [float(c) for c in M.TANH_DEN] == pytest.approx([float(c) for c in den], rel=1e-6)
+    assert softcap_tanh.fit_rational(4, 2, iters=60)[0] > 5e-6
+    for cap in (1.0, 30.0, 0.01, 1e4, 2.0 ** 70):
+        assert M.tanh_cap_folds(cap) == (cap < 2.0 ** 64)
+        for rcp_ulps in (-1.0, 1.0):
+            assert softcap_tanh.emulated_ulps(cap=cap, rcp_ulps=rcp_ulps) <= 6.0, (cap, rcp_ulps)
+        if cap in (30.0, 2.0 ** 70):
+            x = _softcap_points("cpu", scale=16) * cap
+            prog, y, _ = _softcap_fns(x, cap)
+            assert (f"{cap!r} * " in prog.source.split("def score_bwd_fn")[0]) == (cap > 2.0 ** 64)
+            ref = cap * torch.tanh(x.double() / cap)
+            ulp = torch.finfo(torch.float32).eps * ref.abs().clamp_min(torch.finfo(torch.float32).tiny)
+            assert ((y.double() - ref).abs() / ulp).max().item() <= 6.0, cap
+
+
 @pytest.mark.gpu
 def test_gpu_softcap_tanh_accuracy():
     """The softcap's compiled tanh (a rational function and rcp.approx) stays within
