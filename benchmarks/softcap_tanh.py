@@ -266,7 +266,7 @@ def accuracy() -> None:
     def apply(X, Y, N, FN: tl.constexpr, B0, B1, B2, B3, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(X + offs, mask=offs < N, other=0.0)
-        tl.store(Y + offs, FN(x, 0, 0, offs, offs, B0, B1, B2, B3), mask=offs < N)
+        tl.store(Y + offs, FN(x, 1.0, 0, 0, offs, offs, B0, B1, B2, B3), mask=offs < N)
 
     big = torch.linspace(-12.0, 12.0, 1 << 21, dtype=torch.float64)
     small = torch.logspace(-9, 0, 1 << 20, dtype=torch.float64)

@@ -153,11 +153,12 @@ def dq_tiles(
             n_mod = n2 % KV_LEN
         qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
         if HAS_SCORE:
+            # The mods take the score as qk and its scale (kernels.mods._Scaled).
             if PRESCALE:
-                s = qk * LN2
+                scale = LN2
             else:
-                s = qk * SM_SCALE
-            t2 = SCORE_FN(s, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
+                scale = SM_SCALE
+            t2 = SCORE_FN(qk, scale, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
         else:
             t2 = base2_scores(qk, SM_SCALE, PRESCALE)
         keep = n2 < KV_LEN
@@ -185,7 +186,7 @@ def dq_tiles(
             # dt times d t / d s, linear in dt: P times that factor now, and ds = (P t') (dP -
             # delta) after the product, so that s and the mods' values (the fast tanh's r) do not
             # live across it.
-            pg = SCORE_BWD_FN(s, p, off_z, off_h, m_mod, n_mod, keep, B0, B1, B2, B3,
+            pg = SCORE_BWD_FN(qk, scale, p, off_z, off_h, m_mod, n_mod, keep, B0, B1, B2, B3,
                               B0, B1, B2, B3, False)
         else:
             pg = p
@@ -279,11 +280,12 @@ def dkdv_tiles(
         else:
             qkT = mma(k, qT, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
         if HAS_SCORE:
+            # The mods take the score as qk and its scale (kernels.mods._Scaled).
             if PRESCALE:
-                sT = qkT * LN2
+                scale = LN2
             else:
-                sT = qkT * SM_SCALE
-            tT2 = SCORE_FN(sT, off_z, h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
+                scale = SM_SCALE
+            tT2 = SCORE_FN(qkT, scale, off_z, h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
         else:
             tT2 = base2_scores(qkT, SM_SCALE, PRESCALE)
         keep = (m2 < Q_LEN) & (offs_n[:, None] < KV_LEN)
@@ -298,7 +300,7 @@ def dkdv_tiles(
             # Without buffer gradients the score mods' backward is dt times d t / d s, linear in
             # dt: P times that factor now, so that s and the mods' values die before the two
             # products rather than live across them (see dq_tiles).
-            pgT = SCORE_BWD_FN(sT, pT, off_z, h, m_mod, n_mod, keep, B0, B1, B2, B3,
+            pgT = SCORE_BWD_FN(qkT, scale, pT, off_z, h, m_mod, n_mod, keep, B0, B1, B2, B3,
                                G0, G1, G2, G3, False)
         dv = mma(cast(pT, DO.dtype.element_ty, UPCAST), do, dv, FP32_PRECISION, UPCAST)
         dpT = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
@@ -306,7 +308,7 @@ def dkdv_tiles(
             dsT = pgT * (dpT - delta[None, :])
         elif HAS_SCORE:
             dtT = pT * (dpT - delta[None, :])
-            dsT = SCORE_BWD_FN(sT, dtT, off_z, h, m_mod, n_mod, keep, B0, B1, B2, B3,
+            dsT = SCORE_BWD_FN(qkT, scale, dtT, off_z, h, m_mod, n_mod, keep, B0, B1, B2, B3,
                                G0, G1, G2, G3, GRAD_BUFFERS)
         else:
             dsT = pT * (dpT - delta[None, :])

@@ -114,11 +114,11 @@ def decode_split_kernel(
                 n_mod = n_row % KV_LEN  # keep mods' table reads in range
             if PRESCALE:
                 if HAS_SCORE:
-                    s = SCORE_FN(qk * LN2, off_z, h_col, m_col, n_mod, B0, B1, B2, B3) * LOG2E
+                    s = SCORE_FN(qk, LN2, off_z, h_col, m_col, n_mod, B0, B1, B2, B3) * LOG2E
                 else:
                     s = qk
             elif HAS_SCORE:
-                s = SCORE_FN(qk * SM_SCALE, off_z, h_col, m_col, n_mod, B0, B1, B2, B3) * LOG2E
+                s = SCORE_FN(qk, SM_SCALE, off_z, h_col, m_col, n_mod, B0, B1, B2, B3) * LOG2E
             else:
                 s = qk * (SM_SCALE * LOG2E)  # one multiply per score
             # Base-2 units from here on. Rows listing the block as full skip

@@ -230,11 +230,11 @@ def forward_tiles(
             n_mod = n2 % KV_LEN  # keep mods' table reads in range
         if PRESCALE:
             if HAS_SCORE:
-                s = SCORE_FN(qk * LN2, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
+                s = SCORE_FN(qk, LN2, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
             else:
                 s = qk
         elif HAS_SCORE:
-            s = SCORE_FN(qk * SM_SCALE, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
+            s = SCORE_FN(qk, SM_SCALE, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
         elif RAW_MAX:
             s = qk  # scaled inside the exponent's FMA below
         else:

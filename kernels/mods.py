@@ -109,6 +109,25 @@ _BUF_ARGS = ", ".join(f"B{k}" for k in range(MAX_BUFFERS))
 _GRAD_ARGS = ", ".join(f"G{k}" for k in range(MAX_BUFFERS))
 
 
+class _Scaled(str):
+    """The score a chain's first mod receives: the expression ``(qk * scale)`` (a str, which any mod
+    may use as it is), with its two factors, so that a mod that multiplies the score by a constant
+    first can fold that constant into the scale (``_times``): one multiply per score fewer."""
+
+    def __new__(cls, qk: str, scale: str):
+        self = super().__new__(cls, f"({qk} * {scale})")
+        self.qk, self.scale = qk, scale
+        return self
+
+
+def _times(s: str, const: float) -> str:
+    """``s * const``, as ``qk * (scale * const)`` where ``s`` is a chain's ``_Scaled`` input: the
+    product of the two scalars is taken once per call, not once per score."""
+    if isinstance(s, _Scaled):
+        return f"{s.qk} * ({s.scale} * {const!r})"
+    return f"{s} * {const!r}"
+
+
 def _function(name: str, args: str, body: list[str], ret: Optional[str]) -> str:
     lines = ["@triton.jit", f"def {name}({args}):"]
     lines += [f"    {line}" for line in body]
@@ -120,8 +139,10 @@ def _function(name: str, args: str, body: list[str], ret: Optional[str]) -> str:
 class ModProgram:
     """The generated Triton functions for one (score_mod, mask_mod) pair.
 
-    ``score_fn(score, b, h, m, n, B0..B3)``: the modified score (natural units).
-    ``score_bwd_fn(score, dt, b, h, m, n, valid, B0..B3, G0..G3, GRAD_BUFFERS)``:
+    ``score_fn(qk, scale, b, h, m, n, B0..B3)``: the modified score (natural units) of the
+    score ``qk * scale`` (the kernels pass the raw product and the scale apart, so that a mod
+    can fold its own constant into the scale, ``_Scaled``).
+    ``score_bwd_fn(qk, scale, dt, b, h, m, n, valid, B0..B3, G0..G3, GRAD_BUFFERS)``:
     returns the score gradient and, when ``GRAD_BUFFERS``, atomically adds the
     gradients of learnable tensors into ``G*`` at the ``valid`` elements.
     ``mask_fn(b, h, m, n, B0..B3)``: the boolean mask.
@@ -168,7 +189,7 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
     mask_loads = bool(buffers)  # every captured tensor the mask reads went through _Gen.buffer
     fwd = _Gen(buffers, interpret, rounding=rounding, rcp=rcp)
     chain_vals = []
-    s = "score"
+    s = _Scaled("qk", "scale")
     mods = _flatten_chain(score_mod)
     for mod in mods:
         out = mod._emit(fwd, s)
@@ -179,7 +200,7 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
     # Backward: recompute forward values, then sweep the chain in reverse.
     bwd = _Gen(buffers, interpret, rounding=rounding, rcp=rcp)
     vals = []
-    s = "score"
+    s = _Scaled("qk", "scale")
     for mod in mods:
         out = mod._emit(bwd, s)
         vals.append((mod, s, out))
@@ -196,10 +217,10 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
         return compile_mods(score_mod, mask_mod, interpret=interpret)
     fns = [
         _function("mask_fn", f"b, h, m, n, {_BUF_ARGS}", mask_gen.lines, mask_out),
-        _function("score_fn", f"score, b, h, m, n, {_BUF_ARGS}", fwd.lines, score_out),
+        _function("score_fn", f"qk, scale, b, h, m, n, {_BUF_ARGS}", fwd.lines, score_out),
         _function(
             "score_bwd_fn",
-            f"score, dt, b, h, m, n, valid, {_BUF_ARGS}, {_GRAD_ARGS}, GRAD_BUFFERS: tl.constexpr",
+            f"qk, scale, dt, b, h, m, n, valid, {_BUF_ARGS}, {_GRAD_ARGS}, GRAD_BUFFERS: tl.constexpr",
             bwd.lines, grad,
         ),
     ]
@@ -1143,7 +1164,7 @@ class _TanhSoftcap(ScoreMod):
     def _emit_fast(self, g, s):
         # No clamp: where exp2 overflows to inf, r = 0, tanh = 1 and the derivative 0, as they
         # should; where it underflows to 0, r = 1, tanh = -1 and the derivative 0.
-        arg = f"{s} * {_TWO_LOG2E / self.cap!r}"
+        arg = _times(s, _TWO_LOG2E / self.cap)
         if g.interpret:  # the same values without NumPy's overflow warning (exp2(126) is 8.5e37)
             e = g.tmp(f"tl.math.exp2(tl.minimum({arg}, 126.0))")
             r = g.tmp(f"1.0 / ({e} + 1.0)")
@@ -1167,7 +1188,7 @@ class _TanhSoftcap(ScoreMod):
         # form below, 2026-12-03; benchmarks/softcap_tanh.py prints the ulps).
         # The textbook 1 - 2 / (exp(2x) + 1) cancels for small x: 1e-5
         # relative error at x = 0.01, which the float32 LSE check caught.
-        x = g.tmp(f"tl.minimum(tl.maximum({s} * {1.0 / self.cap!r}, {-TANH_CLAMP!r}), {TANH_CLAMP!r})")
+        x = g.tmp(f"tl.minimum(tl.maximum({_times(s, 1.0 / self.cap)}, {-TANH_CLAMP!r}), {TANH_CLAMP!r})")
         x2 = g.tmp(f"{x} * {x}")
         fold = tanh_cap_folds(self.cap)  # cap * x num / den as x (cap num) / den
         num = _horner([repr(float(c) * self.cap) for c in TANH_NUM] if fold else TANH_NUM, x2)

@@ -791,9 +791,9 @@ def _softcap_fns(x: torch.Tensor, cap: float, rounding: float = 0.0):
     def apply(X, Y, DY, N, FN: tl.constexpr, BWD_FN: tl.constexpr, B0, B1, B2, B3, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(X + offs, mask=offs < N, other=0.0)
-        tl.store(Y + offs, FN(x, 0, 0, offs, offs, B0, B1, B2, B3), mask=offs < N)
+        tl.store(Y + offs, FN(x, 1.0, 0, 0, offs, offs, B0, B1, B2, B3), mask=offs < N)
         one = tl.full([BLOCK], 1.0, tl.float32)
-        grad = BWD_FN(x, one, 0, 0, offs, offs, offs < N, B0, B1, B2, B3, B0, B1, B2, B3, False)
+        grad = BWD_FN(x, 1.0, one, 0, 0, offs, offs, offs < N, B0, B1, B2, B3, B0, B1, B2, B3, False)
         tl.store(DY + offs, grad, mask=offs < N)
 
     prog = compile_mods(mods.tanh_softcap(cap), None, interpret=x.device.type == "cpu", rounding=rounding)
