@@ -248,7 +248,8 @@ def gluon_functions(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod
     B0..B3)`` as Gluon source (``@gluon.jit``, ``gl.`` operations), for a Gluon kernel that defines
     them in its own generated module (``benchmarks/gluon_probe.py``, ``benchmarks/gluon_probe_bwd.py``).
     The code is what ``compile_mods`` emits for the GPU, with each ``tl.`` name replaced by Gluon's
-    (``tl.math.fdiv`` is ``gl.fdiv``); the index arguments carry the kernel's layouts: ``m`` [M, 1]
+    (``tl.math.fdiv`` is ``gl.fdiv``), except that these take the score itself where
+    ``compile_mods``' functions take ``qk`` and its scale (``_Scaled``); the index arguments carry the kernel's layouts: ``m`` [M, 1]
     and ``n`` [1, N] broadcast in the score tile's layout, ``mr`` and ``nr`` the same indices 1D in
     its slices (a gather by the row or the column alone loads on those, ``_Gen.load``). With
     ``backward``, also ``score_bwd_fn(score, dt, b, h, m, n, mr, nr, B0..B3)``: d loss / d score given
@@ -1071,10 +1072,10 @@ TANH_RCP = "split"
 TANH_RCPS = ("split", "mufu", "newton")
 # The dK/dV kernel's own choice (None: TANH_RCP), read when the forward builds its plan
 # (kernels.api). Its full-block loop is tensor-bound on paper either way (sm_90 SASS, bf16, D=128:
-# 2,048 tensor clocks a trip against 1,598 of issue and 1,280 of MUFU with "split", 1,448 and 1,536
-# with "mufu"), where the split's Newton steps are 3 instructions per score more; the dQ kernel's
-# and the forward's loops gain from the split (MUFU-bound, or tied, on "mufu"). Untimed:
-# benchmarks/softcap_tanh.py's ours-dkdv-mufu is the A/B.
+# 2,048 tensor clocks a trip against 1,534 of issue and 1,280 of MUFU with "split", 1,384 and 1,536
+# with "mufu"), where the split's Newton steps are 2.3 instructions per score more; the dQ kernel's
+# and the forward's loops gain from the split (MUFU-bound, or tied, on "mufu"). At D=64 the split
+# is the better one on paper. Untimed: benchmarks/softcap_tanh.py's ours-dkdv-mufu is the A/B.
 TANH_RCP_DKDV: Optional[str] = None
 RCP_SEED = 0x7EF311C7
 RCP_STEPS = ("newton", "cubic")
