@@ -101,10 +101,21 @@ def fit_rational(p: int = 4, q: int = 3, clamp: float = M.TANH_CLAMP, iters: int
     return worst, to_t(num), to_t(den)
 
 
+def tanh_points():
+    """tests/test_kernels.py's 4 million float32 arguments of a tanh (``_softcap_points``), in
+    numpy: [-12, 12] evenly, 1e-9 to 1 logarithmically on both sides, and out to 200."""
+    import numpy as np
+
+    big = np.linspace(-12.0, 12.0, 1 << 21)
+    small = np.logspace(-9, 0, 1 << 20)
+    far = np.linspace(12.0, 200.0, 1 << 12)
+    return np.concatenate([big, small, -small, far, -far]).astype(np.float32)
+
+
 def emulated_ulps(num=None, den=None, cap: float = 1.0, rcp_ulps: float = 0.0, clamp: float = M.TANH_CLAMP):
     """Worst error of the kernels' rational softcap ``cap * tanh(s / cap)`` (``kernels.mods``' code:
     x clamped, Horner's FMAs in x^2, the reciprocal of den, x * num * r with ``cap`` folded into num)
-    in float32 ulps (eps * |tanh|) of float64 over tests/test_kernels.py's 4 million points, emulated
+    in float32 ulps (eps * |tanh|) of float64 over ``tanh_points`` times ``cap``, emulated
     in numpy: each FMA exact in float64 then rounded to float32 once (as sm_90's FFMA), the
     reciprocal exactly rounded and then moved by ``rcp_ulps`` ulps (rcp.approx is within 1)."""
     import numpy as np
@@ -119,10 +130,7 @@ def emulated_ulps(num=None, den=None, cap: float = 1.0, rcp_ulps: float = 0.0, c
             acc = (acc.astype(np.float64) * t + np.float64(f32(float(c)))).astype(f32)
         return acc
 
-    big = np.linspace(-12.0, 12.0, 1 << 21)
-    small = np.logspace(-9, 0, 1 << 20)
-    far = np.linspace(12.0, 200.0, 1 << 12)
-    s = (np.concatenate([big, small, -small, far, -far]).astype(f32) * f32(cap)).astype(f32)
+    s = (tanh_points() * f32(cap)).astype(f32)
     x = np.clip((s * f32(1.0 / cap)).astype(f32), f32(-clamp), f32(clamp))
     t2 = (x * x).astype(f32)
     fold = M.tanh_cap_folds(cap)
@@ -268,9 +276,7 @@ def accuracy() -> None:
         x = tl.load(X + offs, mask=offs < N, other=0.0)
         tl.store(Y + offs, FN(x, 1.0, 0, 0, offs, offs, B0, B1, B2, B3), mask=offs < N)
 
-    big = torch.linspace(-12.0, 12.0, 1 << 21, dtype=torch.float64)
-    small = torch.logspace(-9, 0, 1 << 20, dtype=torch.float64)
-    x = torch.cat([big, small, -small]).to(torch.float32).cuda()
+    x = torch.from_numpy(tanh_points()).cuda()
     ref = torch.tanh(x.double())
     ulp = torch.finfo(torch.float32).eps * ref.abs().clamp_min(torch.finfo(torch.float32).tiny)
     for name, cls in [("ours", M._TanhSoftcap)] + list(VARIANTS.items()):

@@ -249,9 +249,10 @@ def gluon_functions(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod
     them in its own generated module (``benchmarks/gluon_probe.py``, ``benchmarks/gluon_probe_bwd.py``).
     The code is what ``compile_mods`` emits for the GPU, with each ``tl.`` name replaced by Gluon's
     (``tl.math.fdiv`` is ``gl.fdiv``), except that these take the score itself where
-    ``compile_mods``' functions take ``qk`` and its scale (``_Scaled``); the index arguments carry the kernel's layouts: ``m`` [M, 1]
-    and ``n`` [1, N] broadcast in the score tile's layout, ``mr`` and ``nr`` the same indices 1D in
-    its slices (a gather by the row or the column alone loads on those, ``_Gen.load``). With
+    ``compile_mods``' functions take ``qk`` and its scale (``_Scaled``). The index arguments
+    carry the kernel's layouts: ``m`` [M, 1] and ``n`` [1, N] broadcast in the score tile's
+    layout, ``mr`` and ``nr`` the same indices 1D in its slices (a gather by the row or the
+    column alone loads on those, ``_Gen.load``). With
     ``backward``, also ``score_bwd_fn(score, dt, b, h, m, n, mr, nr, B0..B3)``: d loss / d score given
     ``dt`` = d loss / d (modded score), the chain rule of ``compile_mods`` without its scatter of
     learnable tensors' gradients (a learnable captured tensor is refused). Returns ``(source,
