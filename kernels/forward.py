@@ -192,14 +192,17 @@ def forward_tiles(
 ):
     """Fold the row's listed KV blocks into (acc, l_i, m_i); base-2 units throughout.
 
-    RAW_MAX (no score mod, no PRESCALE, scale > 0): the tile's maximum is taken on the raw
-    q @ K^T and scaled once per row, and each score enters its exponent by one FMA,
-    ``qk * (scale * log2(e)) - m``, where the scaled scores took a multiply and a subtraction.
-    Rounding is monotonic, so m is the same float as the maximum of the rounded scaled scores;
-    the FMA rounds each exponent once instead of twice (the backward's base2_scores likewise).
-    A negative scale reverses the order (the raw maximum is the smallest score), and a zero
-    one turns a masked score's -inf into NaN: both take the scaled path
-    (tests/test_kernels.py::test_scale_signs_with_large_scores fails on either otherwise).
+    RAW_MAX (a score mod; or none, no PRESCALE and scale > 0): the tile's maximum is taken on
+    the scores in natural units (the score mod's, or the raw q @ K^T) and scaled once per row, and
+    each score enters its exponent by one FMA, ``t * unit - m`` with ``unit`` log2(e) after a
+    score mod and ``scale * log2(e)`` without one, where the base-2 scores took a multiply and a
+    subtraction (one instruction per score fewer: sm_90 SASS, benchmarks/codegen.py). Rounding
+    is monotonic and ``unit`` positive, so m is the same float as the maximum of the rounded
+    base-2 scores; the FMA rounds each exponent once instead of twice (the backward's
+    base2_scores likewise). Without a score mod, a negative scale reverses the order (the raw
+    maximum is the smallest score), and a zero one turns a masked score's -inf into NaN: both take
+    the scaled path (tests/test_kernels.py::test_scale_signs_with_large_scores fails on either
+    otherwise). A score mod's unit is log2(e) whatever the scale.
 
     MIXED (``ONE_LOOP``): one loop over the partial list ``IDX`` (``num_part`` blocks) and then the
     full list ``FIDX``, ``num_blocks`` in all; the mask is applied on the steps of the first part.
@@ -210,6 +213,11 @@ def forward_tiles(
     offs_d = tl.arange(0, QK_PAD)
     offs_v = tl.arange(0, V_PAD)
     first, f_first, kv_block = list_start(IDX, FIDX, num_part, MIXED)
+    tl.static_assert(RAW_MAX or not HAS_SCORE, "a score mod's scores are in natural units: RAW_MAX")
+    if HAS_SCORE:
+        unit = LOG2E  # RAW_MAX's factor from the scores s below to base 2
+    else:
+        unit = SM_SCALE * LOG2E
     # One flat loop over every tile of every listed block, so that Triton's
     # pipeliner prefetches the next tile's K and V across block boundaries too.
     for it in range(0, num_blocks * TILES):
@@ -228,13 +236,14 @@ def forward_tiles(
             n_mod = n2
         else:
             n_mod = n2 % KV_LEN  # keep mods' table reads in range
-        if PRESCALE:
-            if HAS_SCORE:
-                s = SCORE_FN(qk, LN2, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
+        if HAS_SCORE:
+            # Natural units (RAW_MAX): with PRESCALE q holds scale * log2(e), so qk's scale is ln 2.
+            if PRESCALE:
+                s = SCORE_FN(qk, LN2, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
             else:
-                s = qk
-        elif HAS_SCORE:
-            s = SCORE_FN(qk, SM_SCALE, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3) * LOG2E
+                s = SCORE_FN(qk, SM_SCALE, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+        elif PRESCALE:
+            s = qk
         elif RAW_MAX:
             s = qk  # scaled inside the exponent's FMA below
         else:
@@ -259,7 +268,7 @@ def forward_tiles(
             s = tl.where(n2 < KV_LEN, s, float("-inf"))
 
         if RAW_MAX:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * (SM_SCALE * LOG2E))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * unit)
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing allowed so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
@@ -269,7 +278,7 @@ def forward_tiles(
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_use)
         if RAW_MAX:
-            p = tl.math.exp2(s * (SM_SCALE * LOG2E) - m_use[:, None])
+            p = tl.math.exp2(s * unit - m_use[:, None])
         else:
             p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -439,7 +448,7 @@ def run_forward(plan, query, key, value):
         SPARSE_Q=sp.q_block, SPARSE_KV=sp.kv_block,
         Q_DIVISIBLE=L % tiles["BLOCK_M"] == 0, KV_DIVISIBLE=plan.S % sp.kv_block == 0,
         ROWS_SAFE=opt.rows_safe, CONTIGUOUS=opt.contiguous, PRESCALE=opt.prescale,
-        RAW_MAX=not prog.has_score and not opt.prescale and plan.scale > 0,
+        RAW_MAX=prog.has_score or (not opt.prescale and plan.scale > 0),
         OUTPUT_LSE=True, OUTPUT_MAX=plan.return_max,
         FP32_PRECISION=plan.fp32_precision, UPCAST=plan.interpret,
         ONE_LOOP=one_loop_for(prog, sp, L), ONE_LOOP_EAGER_MASK=ONE_LOOP_EAGER_MASK,

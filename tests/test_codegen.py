@@ -210,10 +210,11 @@ def test_softcap_backward_loops_cost_few_instructions_per_score(rcp_dkdv):
 def test_softcap_forward_with_the_lse_costs_few_instructions_per_score():
     """``benchmarks/codegen.py --loops --forward-only --lse`` on bench.py's softcap and causal rows
     (bf16, D=128): a forward that returns the float32 LSE takes the exact mods, the softcap's
-    rational (``kernels.mods.TANH_NUM``), and costs at most 13 instructions per score over causal,
-    one of them MUFU (its reciprocal): 12.4 (1,516 a trip against 720), and an issue-bound loop
-    (3,032 issue clocks a trip against 2,048 of tensor). Eigen's 13/6 with ``cap`` applied after
-    it and the scale before it, before the twenty-eighth session, cost 16.4."""
+    rational (``kernels.mods.TANH_NUM``), and costs at most 11.75 instructions per score over
+    causal, one of them MUFU (its reciprocal): 11.4 (1,452 a trip against 720), and an issue-bound
+    loop (2,904 issue clocks a trip against 2,048 of tensor). Eigen's 13/6 with ``cap`` applied
+    after it and the scale before it, before the twenty-eighth session, cost 16.4; the 9/6 rational
+    with a multiply by log2(e) before the maximum (no RAW_MAX after a score mod), 12.4."""
     out = _run("--masks", "causal,softcap", "--seqlens", "1k", "--head-dims", "128", "--loops", "--forward-only",
                "--lse", script=ROOT / "benchmarks" / "codegen.py")
     report = _loop_report(out)
@@ -221,5 +222,5 @@ def test_softcap_forward_with_the_lse_costs_few_instructions_per_score():
     _, plain = report[("causal", "forward_kernel")]
     assert soft and plain, out
     (soft_instrs, soft_mufu, _), (plain_instrs, plain_mufu, _) = min(soft), min(plain)
-    assert (soft_instrs - plain_instrs) / scores <= 13, (soft_instrs, plain_instrs, scores)
+    assert (soft_instrs - plain_instrs) / scores <= 11.75, (soft_instrs, plain_instrs, scores)
     assert (soft_mufu - plain_mufu) / scores == 1, (soft_mufu, plain_mufu, scores)

@@ -111,19 +111,21 @@ def test_fully_masked_rows():
 
 
 @pytest.mark.parametrize("scale", [0.37, -0.37, 0.0])
-@pytest.mark.parametrize("masked", [False, True])
-def test_scale_signs_with_large_scores(scale, masked):
+@pytest.mark.parametrize("masked,alibi", [(False, False), (True, False), (True, True)])
+def test_scale_signs_with_large_scores(scale, masked, alibi):
     """Without a score mod, a positive scale takes the forward's raw-maximum path (RAW_MAX:
     the tile maximum of q @ K^T, then one FMA per exponent), which is right only because a
     positive scale keeps the order of the scores. Scores of a few hundred make a wrong shift
     overflow exp2: a negative scale through that path gives inf and NaN, not a near miss, and
-    a zero scale turns the masked (and past-the-end) scores' -inf into NaN."""
+    a zero scale turns the masked (and past-the-end) scores' -inf into NaN. A score mod's scores
+    take the raw path at any scale (their factor to base 2 is log2(e)): alibi's rows check it."""
     (q, k, v), do, dl = _inputs(1, 2, 2, 160, 140, 32, 32, torch.float32, DEVICE, seed=4)  # L >= 128: no decode
     with torch.no_grad():
         q.mul_(6.0)
         k.mul_(6.0)
     bm = create_block_mask(mods.causal(), 1, 2, 160, 140, device=DEVICE, BLOCK_SIZE=32) if masked else None
-    results = compare_with_oracle(kernels.flex_attention, q, k, v, block_mask=bm, scale=scale,
+    score_mod = mods.alibi(torch.tensor([0.5, -2.0], device=DEVICE)) if alibi else None
+    results = compare_with_oracle(kernels.flex_attention, q, k, v, score_mod=score_mod, block_mask=bm, scale=scale,
                                   grad_out=do, grad_lse=dl, want_max=True)
     assert all(r.ok for r in results.values())
 
