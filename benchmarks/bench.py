@@ -401,15 +401,15 @@ def _refined(options: dict):
 _ours_refined = _refined({"REFINE_KV_BLOCK": 64})
 
 
-def _ours_with(module: str, flag: str, value, *more: tuple):
+def _ours_with(module: str, flag: str, value, *more: tuple, lse: bool = True):
     # ours with ``kernels.<module>.<flag>`` set to ``value`` (and each further (module, flag, value)
     # of ``more``) around this implementation's calls alone (such flags are read when the forward
-    # runs; the backward's choice is captured then).
+    # runs; the backward's choice is captured then); ``lse=False``: called for out alone (ours-out).
     def prepare(case: Case, score_mod, block_mask):
         import importlib
 
         settings = [(importlib.import_module(f"kernels.{m}"), f, v) for m, f, v in ((module, flag, value), *more)]
-        inner = _ours(case, score_mod, block_mask)
+        inner = _ours(case, score_mod, block_mask, lse=lse)
 
         def fn(q, k, v):
             before = [getattr(mod, f) for mod, f, _ in settings]

@@ -16,6 +16,7 @@ before any device time is spent. Nothing is timed and nothing runs: the outputs 
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks causal --loops --two-loops   # the forward's two loops
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks gqa_document --loops --heads-in-loop   # dK/dV: HEADS_IN_LOOP
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks softcap --loops --tanh-rcp-dkdv mufu   # mods.TANH_RCP_DKDV
+    TRITON_INTERPRET=0 python benchmarks/codegen.py --masks softcap --loops --forward-only --tanh-rcp-fwd split4
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks causal,softcap --loops --forward-only --lse   # the rational
 
 The interpreter must be off (``TRITON_INTERPRET=0``): under it every ``triton.jit``
@@ -251,11 +252,15 @@ def main(argv=None) -> int:
                    help="kernels.mods.TANH_RCP: the softcap's fast tanh's reciprocal (default: the module's)")
     p.add_argument("--tanh-rcp-dkdv", choices=mods.TANH_RCPS,
                    help="kernels.mods.TANH_RCP_DKDV: the dK/dV kernel's own (default: the module's)")
+    p.add_argument("--tanh-rcp-fwd", choices=mods.TANH_RCPS,
+                   help="kernels.mods.TANH_RCP_FWD: the forward's own where it returns out alone (default: the module's)")
     args = p.parse_args(argv)
     if args.tanh_rcp:
         mods.TANH_RCP = args.tanh_rcp
     if args.tanh_rcp_dkdv:
         mods.TANH_RCP_DKDV = args.tanh_rcp_dkdv
+    if args.tanh_rcp_fwd:
+        mods.TANH_RCP_FWD = args.tanh_rcp_fwd
     if args.two_loops and args.one_loop:
         p.error("--two-loops and --one-loop contradict each other: pass one")
     if args.two_loops:

@@ -23,6 +23,7 @@ its forward's and its backward's alike):
 | ``ours-out-rcp``, ``ours-out-newton`` | the two above called for out alone (bench.py's ``ours-out``), so that the forward takes the fast formula too |
 | ``ours-grad-mul`` | ``ours`` with the fast formula's derivative as ``(4 r) (1 - r)`` (before the twenty-eighth session) where ours takes ``r (4 - 4 r)`` (an FMA and a multiply), one instruction per score fewer |
 | ``ours-dkdv-mufu`` | ``ours`` with ``kernels.mods.TANH_RCP_DKDV = "mufu"``: the dK/dV kernel's reciprocals all by ``rcp.approx``, the dQ kernel's and the forward's split |
+| ``ours-out-fwd-split4`` | bench.py's ``ours-out`` with ``kernels.mods.TANH_RCP_FWD = "split4"``: the forward's reciprocals one in four by ``rcp.approx``, three by Newton's method (the backward's as ``ours``) |
 
 On CUDA it first prints each formula's worst error in float32 ulps of float64 tanh over the
 4 million points of tests/test_kernels.py::test_gpu_softcap_tanh_accuracy (which holds the
@@ -243,6 +244,9 @@ VARIANTS = {"ours-eigen": TanhEigen, "ours-fdiv": TanhFdiv, "ours-exp2": TanhExp
 # ours with kernels.mods.TANH_RCP_DKDV = "mufu": the dK/dV kernel's fast tanh on rcp.approx alone,
 # the dQ kernel's and the forward's on TANH_RCP.
 _ours_dkdv_mufu = bench._ours_with("mods", "TANH_RCP_DKDV", "mufu")
+# ours-out with kernels.mods.TANH_RCP_FWD = "split4": the forward's fast tanh with one reciprocal in
+# four by rcp.approx (the backward's as ours').
+_ours_out_fwd_split4 = bench._ours_with("mods", "TANH_RCP_FWD", "split4", lse=False)
 
 
 def _swap(mod, cls):
@@ -291,8 +295,9 @@ def accuracy() -> None:
               file=sys.stderr, flush=True)
     # The fast formula (a program compiled with bf16's rounding) is bounded in absolute terms:
     # kernels.mods.TANH_FAST_ERR, 5e-7 = 8.4 units of 2^-24.
-    for name, cls in (("ours", M._TanhSoftcap), ("ours-rcp", TanhFastRcp), ("ours-newton", TanhFastNewton)):
-        prog = M.compile_mods(cls(1.0), None, rounding=2.0 ** -8)
+    for name, cls, rcp in (("ours", M._TanhSoftcap, None), ("ours-rcp", TanhFastRcp, None),
+                           ("ours-newton", TanhFastNewton, None), ("split4", M._TanhSoftcap, "split4")):
+        prog = M.compile_mods(cls(1.0), None, rounding=2.0 ** -8, rcp=rcp)
         y = torch.empty_like(x)
         dummy = x[:1]
         apply[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), prog.score_fn, dummy, dummy, dummy, dummy,
@@ -314,6 +319,8 @@ def main(argv=None) -> int:
                                        f"ours called for out alone, the softcap's tanh as {cls.__name__}")
     bench.IMPLS["ours-dkdv-mufu"] = bench.Impl("ours-dkdv-mufu", _ours_dkdv_mufu, True,
                                                "ours with kernels.mods.TANH_RCP_DKDV = 'mufu'")
+    bench.IMPLS["ours-out-fwd-split4"] = bench.Impl("ours-out-fwd-split4", _ours_out_fwd_split4, False,
+                                                    "ours-out with kernels.mods.TANH_RCP_FWD = 'split4'")
     argv = list(sys.argv if argv is None else argv)
     import torch
 

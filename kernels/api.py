@@ -763,6 +763,15 @@ _PROGRAM_CACHE: dict = {}
 DTYPE_ROUNDING = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
+def _kernel_rcp(name: str) -> Optional[str]:
+    """``kernels.mods.TANH_RCP_DKDV`` or ``TANH_RCP_FWD``: a kernel's own fast-tanh reciprocal
+    (None: TANH_RCP), refused by name where it is none of ``TANH_RCPS``."""
+    how = getattr(_mods, name)
+    if how is not None and how not in _mods.TANH_RCPS:
+        raise ValueError(f"Expected kernels.mods.{name} in {(None, *_mods.TANH_RCPS)}, got {how!r}.")
+    return how
+
+
 def _cached_program(score, mask, interpret: bool, rounding: float = 0.0, rcp: Optional[str] = None) -> ModProgram:
     """``compile_mods`` once per pair of mod objects (and ``rounding``, ``rcp``): generating and
     hashing the Triton source costs more host time than a whole decode step's kernels.
@@ -1038,14 +1047,13 @@ def flex_attention(
     rounding = DTYPE_ROUNDING.get(query.dtype, 0.0)
     if rounding and program.has_score:  # (a mask alone compiles the same at any rounding)
         program_bwd = _cached_program(score, mask, interpret, rounding)
-        rcp_dkdv = _mods.TANH_RCP_DKDV
+        rcp_dkdv, rcp_fwd = _kernel_rcp("TANH_RCP_DKDV"), _kernel_rcp("TANH_RCP_FWD")
         if rcp_dkdv is not None:
-            if rcp_dkdv not in _mods.TANH_RCPS:
-                raise ValueError(f"Expected kernels.mods.TANH_RCP_DKDV in {(None, *_mods.TANH_RCPS)}, "
-                                 f"got {rcp_dkdv!r}.")
             program_dkdv = _cached_program(score, mask, interpret, rounding, rcp=rcp_dkdv)
         if not (return_lse or return_max):
-            program = program_bwd
+            # A forward that returns out alone takes the rounding's mods too (with
+            # kernels.mods.TANH_RCP_FWD's reciprocal where it names one).
+            program = program_bwd if rcp_fwd is None else _cached_program(score, mask, interpret, rounding, rcp=rcp_fwd)
     options = _cached_options(
         kernel_options, dtype=query.dtype, head_dim=max(E, Ev), q_block=sparse.q_block,
         kv_block=sparse.kv_block, device=device, interpret=interpret,

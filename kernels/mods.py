@@ -1068,9 +1068,10 @@ _TWO_LOG2E = 2.0 * 1.4426950408889634
 # session, bench.py's softcap row, bf16): the forward for out alone 4 % (S=1k) and 6 % (4k) faster
 # at D=128, 2 % and 7 % at D=64; the backward 1 to 2 % faster. "mufu": rcp.approx for every
 # element (before); "newton": Newton's method for every element (slower than the split: the issue
-# then bounds the loop).
+# then bounds the loop); "split4": of each four adjacent elements one takes rcp.approx and three
+# Newton's method (pack 4), for loops that the split leaves MUFU-bound (TANH_RCP_FWD).
 TANH_RCP = "split"
-TANH_RCPS = ("split", "mufu", "newton")
+TANH_RCPS = ("split", "mufu", "newton", "split4")
 # The dK/dV kernel's own choice (None: TANH_RCP), read when the forward builds its plan
 # (kernels.api). Its full-block loop is tensor-bound on paper either way (sm_90 SASS, bf16, D=128:
 # 2,048 tensor clocks a trip against 1,534 of issue and 1,280 of MUFU with "split", 1,384 and 1,536
@@ -1078,6 +1079,14 @@ TANH_RCPS = ("split", "mufu", "newton")
 # and the forward's loops gain from the split (MUFU-bound, or tied, on "mufu"). At D=64 the split
 # is the better one on paper. Untimed: benchmarks/softcap_tanh.py's ours-dkdv-mufu is the A/B.
 TANH_RCP_DKDV: Optional[str] = None
+# The forward's own where it returns out alone (None: TANH_RCP; a forward that returns the LSE takes
+# the rational, no reciprocal of this kind). Its full-block loop is MUFU-bound with the split (sm_90
+# SASS, bf16, the twenty-ninth session: 2,592 MUFU clocks a trip against 2,134 of issue at D=128,
+# 1,312 against 1,035 at D=64); with "split4" 2,336 against 2,326 and 1,184 against 1,133, 10 %
+# less on paper in either, and its partial-block loop, issue-bound either way, 7 % more. The
+# backward's loops lose on paper with it (tensor-bound at D=128, and dQ's at D=64 turns
+# issue-bound). Untimed: benchmarks/softcap_tanh.py's ours-fwd-split4 is the A/B.
+TANH_RCP_FWD: Optional[str] = None
 RCP_SEED = 0x7EF311C7
 RCP_STEPS = ("newton", "cubic")
 RCP_CLAMP = 2.0 ** 64
@@ -1132,6 +1141,9 @@ def _rcp_asm(how: str) -> tuple:
         return regs + _rcp_newton_ptx("$1", "$0") + " }", "=r,r", 1
     if how == "split":
         return regs + "rcp.approx.ftz.f32 $0, $2; " + _rcp_newton_ptx("$3", "$1") + " }", "=r,=r,r,r", 2
+    if how == "split4":
+        newton = " ".join(_rcp_newton_ptx(f"${k + 4}", f"${k}") for k in (1, 2, 3))
+        return regs + "rcp.approx.ftz.f32 $0, $4; " + newton + " }", "=r,=r,=r,=r,r,r,r,r", 4
     raise ValueError(f"Expected kernels.mods.TANH_RCP in {TANH_RCPS}, got {how!r}.")
 
 

@@ -919,15 +919,16 @@ def test_fast_tanh_reciprocal_by_newton_within_one_ulp(monkeypatch):
     assert worst_ulps(mantissas) > 1.0
     # A choice the kernels do not know is refused when the softcap compiles, naming it.
     monkeypatch.setattr(M, "TANH_RCP", "fast")
-    with pytest.raises(ValueError, match=r"TANH_RCP in \('split', 'mufu', 'newton'\), got 'fast'"):
+    with pytest.raises(ValueError, match=r"TANH_RCP in \('split', 'mufu', 'newton', 'split4'\), got 'fast'"):
         M.compile_mods(mods.tanh_softcap(1.0), None, rounding=2.0 ** -8)
 
 
 def test_dkdv_kernel_takes_its_own_reciprocal(monkeypatch):
     """``compile_mods(..., rcp=...)`` gives a program's fast tanh that reciprocal (a softcap
     class's own ``RCP`` still first, ``TANH_RCP`` where neither is set), and
-    ``kernels.mods.TANH_RCP_DKDV`` gives the dK/dV kernel such a program of its own; the backward
-    then still agrees with the oracle. An unknown choice is refused by name, in either place.
+    ``kernels.mods.TANH_RCP_DKDV`` gives the dK/dV kernel such a program of its own (and
+    ``TANH_RCP_FWD`` a forward that returns out alone); the backward then still agrees with the
+    oracle. An unknown choice is refused by name, in any of the three places.
     ``tests/test_codegen.py`` checks on sm_90 code that the dK/dV kernel alone takes it (the
     interpreter runs no PTX, so here the two programs' sources are the same)."""
     from kernels import mods as M
@@ -942,14 +943,21 @@ def test_dkdv_kernel_takes_its_own_reciprocal(monkeypatch):
         RCP = "newton"
 
     assert "rcp.approx" not in source(Newton(1.0), rcp="mufu")
-    with pytest.raises(ValueError, match=r"rcp in \('split', 'mufu', 'newton'\) or None, got rcp='fast'"):
+    with pytest.raises(ValueError, match=r"rcp in \('split', 'mufu', 'newton', 'split4'\) or None, got rcp='fast'"):
         source(rcp="fast")
+    # split4: of each four elements one by rcp.approx and three by Newton's method; split: one and one.
+    four, two = source(rcp="split4"), source(rcp="split")
+    assert "pack=4" in four and four.count("rcp.approx") == two.count("rcp.approx") > 0
+    assert four.count("fma.rn") == 3 * two.count("fma.rn") > 0
     monkeypatch.setattr(M, "TANH_RCP_DKDV", "mufu")
+    monkeypatch.setattr(M, "TANH_RCP_FWD", "split4")
     check(L=40, S=40, dtype=torch.bfloat16, score_mod=mods.tanh_softcap(5.0), mask_mod=mods.causal())
-    monkeypatch.setattr(M, "TANH_RCP_DKDV", "fast")
-    with pytest.raises(ValueError, match=r"kernels.mods.TANH_RCP_DKDV in \(None, 'split', 'mufu', 'newton'\), "
-                                         r"got 'fast'"):
-        check(L=40, S=40, dtype=torch.bfloat16, score_mod=mods.tanh_softcap(5.0), mask_mod=mods.causal())
+    for name in ("TANH_RCP_DKDV", "TANH_RCP_FWD"):
+        monkeypatch.setattr(M, name, "fast")
+        with pytest.raises(ValueError, match=rf"kernels.mods.{name} in \(None, 'split', 'mufu', 'newton', 'split4'\), "
+                                             r"got 'fast'"):
+            check(L=40, S=40, dtype=torch.bfloat16, score_mod=mods.tanh_softcap(5.0), mask_mod=mods.causal())
+        monkeypatch.setattr(M, name, None)
 
 
 def test_softcap_fast_tanh_error_bound_in_the_interpreter():
@@ -967,10 +975,10 @@ def test_softcap_fast_tanh_error_bound_in_the_interpreter():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("how", ["split", "mufu", "newton"])
+@pytest.mark.parametrize("how", ["split", "mufu", "newton", "split4"])
 def test_gpu_softcap_fast_tanh_error_bound(how, monkeypatch):
     """The backward's fast tanh on the GPU (ex2.approx, then the reciprocal by rcp.approx, by
-    Newton's method, or half and half: ``kernels.mods.TANH_RCP``): within ``TANH_FAST_ERR``
+    Newton's method, half and half, or one in four by rcp.approx: ``kernels.mods.TANH_RCP``): within ``TANH_FAST_ERR``
     (absolute) of float64 tanh over the 4 million points, its derivative within twice that,
     the bound ``kernels.mods`` derives from the instructions' documented errors. A NaN score
     stays NaN whichever reciprocal it takes, without making its pair's other element NaN, and
