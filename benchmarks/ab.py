@@ -64,7 +64,7 @@ def load_revision(rev: str, index: int):
     Triton reads the jitted functions' source from their files; ``properties.faults.load_copy``)."""
     from properties.faults import load_copy
 
-    names = [p for p in _git("ls-tree", "--name-only", f"{rev}:kernels").split() if p.endswith(".py")]
+    names = [p for p in _git("ls-tree", "--full-tree", "--name-only", f"{rev}:kernels").split() if p.endswith(".py")]
     if "api.py" not in names:
         raise SystemExit(f"ab: {rev} has no kernels/api.py; pass a revision of this repository's kernels")
     mods_then = _git("show", f"{rev}:kernels/mods.py") if "mods.py" in names else ""
