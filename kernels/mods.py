@@ -1085,7 +1085,10 @@ TANH_RCP_DKDV: Optional[str] = None
 # 1,312 against 1,035 at D=64); with "split4" 2,336 against 2,326 and 1,184 against 1,133, 10 %
 # less on paper in either, and its partial-block loop, issue-bound either way, 7 % more. The
 # backward's loops lose on paper with it (tensor-bound at D=128, and dQ's at D=64 turns
-# issue-bound). Untimed: benchmarks/softcap_tanh.py's ours-fwd-split4 is the A/B.
+# issue-bound). Measured, it gains nothing (H100, benchmarks/softcap_tanh.py's ours-out-fwd-split4
+# against ours-out, bench.py's softcap row, docs/PERFORMANCE.md, twenty-ninth session): 0.306 and
+# 0.305 ms at S=1k, 0.862 and 0.862 at 4k (D=128); 0.376 and 0.382, 1.179 and 1.163 (D=64). So
+# the split's loop is not MUFU-bound as the clocks above count it; None stays the default.
 TANH_RCP_FWD: Optional[str] = None
 RCP_SEED = 0x7EF311C7
 RCP_STEPS = ("newton", "cubic")
