@@ -52,9 +52,31 @@ GPU_NOT_APPLICABLE = {
 }
 
 
+# Cases whose failure only the GPU's compiled code can show, with why: the CPU replay of these took
+# the longest of the suite (92 s of CI's 2 cores for this one, the twenty-ninth session) and proves
+# only that the interpreter passes the shape. test_gpu_saved_case_replays_as_pass replays them.
+CPU_NOT_APPLICABLE = {
+    "narrow-v-tile-miscompile-bf16": "a Triton miscompile on sm_90 (an illegal memory access, docs/FAULTS.md); "
+                                     "the interpreter compiles nothing",
+}
+
+
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
 def test_saved_case_replays_as_pass(path, capsys):
+    if path.stem in CPU_NOT_APPLICABLE:
+        pytest.skip(f"GPU-only failure: {CPU_NOT_APPLICABLE[path.stem]}; run on the H100 with: python -m pytest -m gpu")
     assert main(["replay", str(path), "--target", "kernels", "--device", "cpu"]) == 0, capsys.readouterr().out
+
+
+def test_cpu_skips_name_saved_cases():
+    """Every CPU skip names a saved case. The miscompile's workaround is ours and its rule is
+    checked here, on the CPU: V's tile is padded to at least K's (kernels.forward.head_pads), so
+    the case's E=32, Ev=2 and the H100's E=40, Ev=24 run with V tiles as wide as K's."""
+    from kernels.forward import head_pads
+
+    assert set(CPU_NOT_APPLICABLE) <= {p.stem for p in CASES}
+    assert head_pads(32, 2) == (32, 32) and head_pads(40, 24) == (64, 64)
+    assert head_pads(16, 128) == (16, 128)
 
 
 @pytest.mark.gpu
