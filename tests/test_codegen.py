@@ -224,3 +224,19 @@ def test_softcap_forward_with_the_lse_costs_few_instructions_per_score():
     (soft_instrs, soft_mufu, _), (plain_instrs, plain_mufu, _) = min(soft), min(plain)
     assert (soft_instrs - plain_instrs) / scores <= 11.75, (soft_instrs, plain_instrs, scores)
     assert (soft_mufu - plain_mufu) / scores == 1, (soft_mufu, plain_mufu, scores)
+
+
+def test_out_alone_forward_takes_its_own_reciprocal():
+    """``benchmarks/codegen.py --loops --forward-only --tanh-rcp-fwd split4`` (bench.py's softcap
+    and causal rows, bf16, D=128): a forward that returns out alone takes the fast tanh with
+    ``kernels.mods.TANH_RCP_FWD``'s reciprocal, one ``rcp.approx`` in four, so the softcap costs
+    it 1.25 MUFU per score over causal (its exp2, and a quarter reciprocal), where ``TANH_RCP``'s
+    split costs 1.5. The interpreter runs no PTX, so only sm_90 code can show which it took."""
+    out = _run("--masks", "causal,softcap", "--seqlens", "1k", "--head-dims", "128", "--loops", "--forward-only",
+               "--tanh-rcp-fwd", "split4", script=ROOT / "benchmarks" / "codegen.py")
+    report = _loop_report(out)
+    scores, soft = report[("softcap", "forward_kernel")]
+    _, plain = report[("causal", "forward_kernel")]
+    assert soft and plain, out
+    (_, soft_mufu, _), (_, plain_mufu, _) = min(soft), min(plain)
+    assert (soft_mufu - plain_mufu) / scores == 1.25, (soft_mufu, plain_mufu, scores)

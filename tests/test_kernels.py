@@ -929,7 +929,8 @@ def test_dkdv_kernel_takes_its_own_reciprocal(monkeypatch):
     ``kernels.mods.TANH_RCP_DKDV`` gives the dK/dV kernel such a program of its own (and
     ``TANH_RCP_FWD`` a forward that returns out alone); the backward then still agrees with the
     oracle. An unknown choice is refused by name, in any of the three places.
-    ``tests/test_codegen.py`` checks on sm_90 code that the dK/dV kernel alone takes it (the
+    ``tests/test_codegen.py`` checks on sm_90 code that the dK/dV kernel alone takes it, and the
+    out-alone forward ``TANH_RCP_FWD``'s (the
     interpreter runs no PTX, so here the two programs' sources are the same)."""
     from kernels import mods as M
 
