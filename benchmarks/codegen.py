@@ -95,7 +95,11 @@ def loop_mix(sass_text: str, num_warps: int) -> list:
     ``mufu_clk`` and ``tensor_clk``, and ``bound``, the largest's name. A static floor, not a
     time: it leaves out latencies, dependencies and the memory system. ``skippable`` lists the
     instructions of each forward branch inside the trip (code a trip may jump over, such as
-    ``kernels.forward.ONE_LOOP``'s mask of partial blocks); the counts above include them."""
+    ``kernels.forward.ONE_LOOP``'s mask of partial blocks); the counts above include them.
+    ``products`` lists the trip's warpgroup matrix products in issue order (each its HGMMAs'
+    M x N, a product ending at its commit), and ``mufu_under`` counts the MUFU instructions issued
+    while a product is in flight (after an HGMMA, before the next ``WARPGROUP.DEPBAR``): the
+    exponentials and reciprocals that overlap the tensor cores rather than take turns with them."""
     lines = sass_text.splitlines()
     labels = {}
     for i, line in enumerate(lines):
@@ -109,6 +113,7 @@ def loop_mix(sass_text: str, num_warps: int) -> list:
             continue
         counts: dict = {}
         flop = 0
+        products, open_product, in_flight, mufu_under = [], False, False, 0
         for body in lines[labels[m.group(1)]:i + 1]:
             ins = _INSTR.match(body)
             if ins is None:
@@ -118,6 +123,14 @@ def loop_mix(sass_text: str, num_warps: int) -> list:
             shape = _HGMMA.match(ins.group(2)) if op == "HGMMA" else None
             if shape:
                 flop += 2 * int(shape.group(1)) * int(shape.group(2)) * int(shape.group(3))
+                if not open_product:
+                    products.append(f"{shape.group(1)}x{shape.group(2)}")
+                open_product = "gsb0" not in body
+                in_flight = True
+            elif op == "WARPGROUP" and ins.group(2).startswith(".DEPBAR"):
+                in_flight = False
+            elif op == "MUFU" and in_flight:
+                mufu_under += 1
         instrs = sum(counts.values())
         if instrs < 8:  # a trap or spin loop, not work
             continue
@@ -129,6 +142,7 @@ def loop_mix(sass_text: str, num_warps: int) -> list:
         row = {"label": m.group(1), "instrs": instrs, "mufu": counts.get("MUFU", 0), "skippable": skippable,
                "fp32": sum(counts.get(k, 0) for k in ("FFMA", "FMUL", "FADD")),
                "spill": counts.get("LDL", 0) + counts.get("STL", 0), "hgmma_flop": flop,
+               "products": products, "mufu_under": mufu_under,
                "issue_clk": instrs * num_warps / ISSUE_PER_CLK,
                "mufu_clk": counts.get("MUFU", 0) * 32 * num_warps / MUFU_PER_CLK,
                "tensor_clk": flop * (num_warps / 4) / TENSOR_FLOP_PER_CLK}
@@ -300,6 +314,9 @@ def main(argv=None) -> int:
                               f"{loop['fp32']:4d} FP32, {loop['spill']:3d} LDL/STL per thread; clocks: issue "
                               f"{loop['issue_clk']:6.0f}  MUFU {loop['mufu_clk']:6.0f}  tensor {loop['tensor_clk']:6.0f}"
                               f"  ({loop['bound']}){skip}")
+                        if loop["products"]:
+                            print(f"{'':30s}     products {' '.join(loop['products'])}; "
+                                  f"{loop['mufu_under']} MUFU under a product in flight")
     return 0
 
 

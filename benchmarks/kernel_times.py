@@ -42,9 +42,11 @@ def busy_ms(intervals) -> float:
     return total
 
 
-def profile_impl(name: str, case, iters: int) -> tuple:
+def profile_impl(name: str, case, iters: int, ncu: bool = False) -> tuple:
     """(per-kernel mean ms per step, mean wall ms per step, mean GPU-busy ms per step) for one
-    implementation."""
+    implementation. With ``ncu``, one step runs between ``cudaProfilerStart`` and ``Stop`` after
+    the warm-up and nothing is timed here: run the script under ``ncu --profile-from-start off``
+    and ncu sees that step's kernels alone, whatever autotuning or compiling the warm-up did."""
     from torch.profiler import ProfilerActivity, profile
 
     score_mod, block_mask = bench.attention_args(case.mask, case.shape, "cuda")
@@ -59,6 +61,12 @@ def profile_impl(name: str, case, iters: int) -> tuple:
     for _ in range(3):  # compile and warm up
         step()
     torch.cuda.synchronize()
+    if ncu:
+        torch.cuda.cudart().cudaProfilerStart()
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+        return {}, 0.0, 0.0
     begin = time.perf_counter()
     for _ in range(iters):
         step()
@@ -88,6 +96,9 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", default="4k")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--impls", default="ours,ours-fused,torch-compile")
+    p.add_argument("--ncu", action="store_true",
+                   help="run one step after the warm-up inside cudaProfilerStart/Stop and time "
+                        "nothing (for ncu --profile-from-start off)")
     args = p.parse_args(argv)
     bench._DEVICE[0] = "cuda"
     S = bench._parse_lengths(args.seqlen)[0]
@@ -99,10 +110,13 @@ def main(argv=None) -> int:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     try:
-                        times, wall, busy = profile_impl(name, case, args.iters)
+                        times, wall, busy = profile_impl(name, case, args.iters, args.ncu)
                     except Exception as exc:  # report and go on with the next
                         print(f"  {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                         continue
+                if args.ncu:
+                    print(f"  {name}: one step profiled for ncu")
+                    continue
                 total = sum(times.values())
                 print(f"  {name}: wall {wall:.3f} ms/step, kernels {total:.3f} ms, GPU busy {busy:.3f} ms "
                       f"(kernels on two streams overlapped {total - busy:.3f} ms)")
