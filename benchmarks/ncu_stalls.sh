@@ -9,7 +9,8 @@
 # cudaProfilerStart and Stop; ncu (--profile-from-start off) profiles that step's kernels alone.
 # --clock-control none: the lent H100s (Firecracker) read counters only so (device/KINDS.md),
 # and the clocks stay what a timed run sees. Writes OUTDIR/MASK-SEQLEN-dHEAD_DIM.ncu-rep and a
-# .txt beside it: every section's details, then the SASS of each kernel with its stall samples.
+# .txt beside it (every section's details, then the SASS of each kernel with its stall samples),
+# and prints benchmarks/ncu_summary.py's account of it.
 set -u
 out=$1; mask=$2; seqlen=$3; hd=${4:-128}; impls=${5:-ours}
 tag=$mask-$seqlen-d$hd
@@ -26,3 +27,4 @@ ncu --clock-control none --profile-from-start off \
   echo "==== SASS with stall samples"
   ncu -i "$out/$tag.ncu-rep" --page source --csv --print-source sass
 } > "$out/$tag.txt" 2>&1
+python3 "$(dirname "$0")/ncu_summary.py" "$out/$tag.txt" --top 12

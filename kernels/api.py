@@ -35,7 +35,7 @@ _FLAG_KEYS = (
     "PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS",
     "FORCE_USE_FLEX_ATTENTION", "OUTPUT_LOGSUMEXP",
 )
-_INT_KEYS = ("SPLIT_KV", "REFINE_KV_BLOCK", "REFINE_Q_BLOCK")
+_INT_KEYS = ("SPLIT_KV", "REFINE_KV_BLOCK", "REFINE_Q_BLOCK", "DKDV_NUM_WARPS", "DKDV_NUM_STAGES")
 
 
 def _known_keys() -> set:
@@ -70,6 +70,9 @@ class Options:
     force_flex: bool = False
     output_lse: bool = True
     split_kv: Optional[int] = None
+    # The dK/dV kernel's own (num_warps, num_stages) where DKDV_NUM_WARPS / DKDV_NUM_STAGES set
+    # them; otherwise it launches as bwd (and the dQ kernel always does).
+    dkdv_launch: Optional[tuple] = None
 
 
 # Default tiles by (architecture, dtype, padded head dim, work): forward
@@ -251,6 +254,15 @@ def parse_kernel_options(
     for key in ("REFINE_Q_BLOCK", "REFINE_KV_BLOCK"):  # applied to the block lists (_refine_option)
         if opts.get(key) is not None:
             _check_pow2(key, opts[key])
+    dkdv_launch = None
+    if opts.get("DKDV_NUM_WARPS") is not None or opts.get("DKDV_NUM_STAGES") is not None:
+        warps = opts.get("DKDV_NUM_WARPS", launches["bwd"].num_warps)
+        stages = opts.get("DKDV_NUM_STAGES", launches["bwd"].num_stages)
+        if isinstance(warps, bool) or not isinstance(warps, int) or warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"Expected kernel_options['DKDV_NUM_WARPS'] in (1, 2, 4, 8, 16), got {warps!r}.")
+        if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 8:
+            raise ValueError(f"Expected kernel_options['DKDV_NUM_STAGES'] between 1 and 8, got {stages!r}.")
+        dkdv_launch = (warps, stages)
     split = opts.get("SPLIT_KV")
     if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
         raise ValueError(f"Expected kernel_options['SPLIT_KV'] to be a positive int, got {split!r}.")
@@ -263,6 +275,7 @@ def parse_kernel_options(
         force_flex=_check_bool(opts, "FORCE_USE_FLEX_ATTENTION"),
         output_lse=opts.get("OUTPUT_LOGSUMEXP", True) is not False,
         split_kv=split,
+        dkdv_launch=dkdv_launch,
     )
 
 
@@ -1007,7 +1020,7 @@ def flex_attention(
     A call that returns the LSE or the max, whose float32 values would show it, and every
     float32 call keep the float32-accurate rational.
 
-    ``kernel_options`` takes PyTorch's names (SPEC section 5) and three of ours: ``SPLIT_KV``
+    ``kernel_options`` takes PyTorch's names (SPEC section 5) and five of ours: ``SPLIT_KV``
     (the decode kernel's number of key splits), ``REFINE_KV_BLOCK`` and ``REFINE_Q_BLOCK``
     (powers of two dividing the block mask's KV_BLOCK / Q_BLOCK: the forward's block lists are
     refined once per block mask to sub-blocks of that many keys / queries, dropping those
@@ -1019,7 +1032,9 @@ def flex_attention(
     (``AUTO_REFINE``) and no forward tile of 128 is asked for, and, when a backward may follow,
     the dQ kernel's key lists and the dK/dV kernel's query lists are refined to those kernels'
     own steps when that saves at least 5 % (``AUTO_REFINE_BWD``); setting either option to the
-    block size keeps the lists as they are.
+    block size keeps the lists as they are. ``DKDV_NUM_WARPS`` and ``DKDV_NUM_STAGES`` launch the
+    backward's dK/dV kernel with warps and stages of its own (its tiles are ``BLOCK_M1`` and
+    ``BLOCK_N1``); the dQ kernel keeps ``bwd_num_warps`` and ``bwd_num_stages``.
     """
     _validate(query, key, value, scale, enable_gqa)
     score = as_score_mod(score_mod)

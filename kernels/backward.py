@@ -648,6 +648,10 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2, bufs,
                    concurrent, opt.bwd.options_for("BLOCK_M2", "BLOCK_N2"), one_loop)
 
+    # DKDV_NUM_WARPS / DKDV_NUM_STAGES: the dK/dV kernel's own launch (the dQ kernel keeps bwd's).
+    dkdv_launch = ({} if opt.dkdv_launch is None
+                   else dict(num_warps=opt.dkdv_launch[0], num_stages=opt.dkdv_launch[1]))
+
     def launch_dkdv():
         sp = plan.dkdv_sparse  # the dK/dV kernel walks its query lists
         MB, MH = sp.kv_idx.shape[:2]
@@ -664,8 +668,8 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
             plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
             GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable), DQ_ATOMIC=dq_atomic,
             HEADS=dkdv_heads(plan.G, MH, heads_in_loop),
-            BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **dict(common, **fns), **_sparse_consts(sp, L, S),
-            options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
+            BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **dict(common, **fns, **dkdv_launch),
+            **_sparse_consts(sp, L, S), options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
         )
 
     if dq_atomic:

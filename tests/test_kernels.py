@@ -207,6 +207,7 @@ OPTIONS = [
     {"OUTPUT_LOGSUMEXP": False},
     {"num_warps": 2, "num_stages": 1},
     {"SPLIT_KV": 3},
+    {"bwd_BLOCK_N1": 16, "DKDV_NUM_WARPS": 2, "DKDV_NUM_STAGES": 1},
 ]
 
 
@@ -215,6 +216,28 @@ OPTIONS = [
 def test_kernel_options(opts, L):
     check(L=L, S=150, kernel_options=opts, mask_mod=mods.causal() if "ROWS" in str(opts) else mods.sliding_window(40),
           score_mod=mods.alibi.standard(2), dtype=torch.float16)
+
+
+def test_dkdv_launch_options_reach_the_dkdv_kernel_alone(monkeypatch):
+    """DKDV_NUM_WARPS / DKDV_NUM_STAGES launch the dK/dV kernel with its own warps and stages; the
+    dQ and delta kernels keep theirs (bwd's, and delta's fixed 4 warps and 1 stage)."""
+    from kernels import _runtime
+
+    seen = {}
+    launch = _runtime.launch
+
+    def record(kernel, grid, *args, num_stages, **kwargs):
+        seen[kernel.fn.__name__] = (kwargs.get("num_warps"), num_stages)
+        return launch(kernel, grid, *args, num_stages=num_stages, **kwargs)
+
+    monkeypatch.setattr(_runtime, "launch", record)
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    opts = {"num_warps": 2, "bwd_num_stages": 2, "DKDV_NUM_WARPS": 4, "DKDV_NUM_STAGES": 1}
+    kernels.flex_attention(q, k, v, kernel_options=opts).sum().backward()
+    assert seen["dkdv_kernel"] == (4, 1) and seen["dq_kernel"] == (2, 2), seen
+    seen.clear()
+    kernels.flex_attention(q, k, v, kernel_options={"DKDV_NUM_STAGES": 1, "bwd_num_warps": 2}).sum().backward()
+    assert seen["dkdv_kernel"] == (2, 1) and seen["dq_kernel"][0] == 2, seen
 
 
 def test_blocks_are_contiguous():
@@ -277,6 +300,8 @@ def test_plain_function_mask_mod_is_rejected():
     ({"num_warps": 3}, "num_warps"),
     ({"PRESCALE_QK": "yes"}, "PRESCALE_QK"),
     ({"SPLIT_KV": 0}, "SPLIT_KV"),
+    ({"DKDV_NUM_WARPS": 3}, "DKDV_NUM_WARPS'\\] in \\(1, 2, 4, 8, 16\\), got 3"),
+    ({"DKDV_NUM_STAGES": 0}, "DKDV_NUM_STAGES'\\] between 1 and 8, got 0"),
     ({"REFINE_KV_BLOCK": 24}, "REFINE_KV_BLOCK.*power of two"),
     ({"REFINE_KV_BLOCK": 64}, "REFINE_KV_BLOCK.*=64 to divide the block mask's KV_BLOCK=32"),
     ({"REFINE_KV_BLOCK": 16, "BLOCKS_ARE_CONTIGUOUS": True}, "without BLOCKS_ARE_CONTIGUOUS"),
