@@ -97,6 +97,16 @@ ONE_LOOP = False
 # (all heads' partial blocks, then all full ones).
 HEADS_IN_LOOP = False
 
+# DKDV_DP_FIRST: the dK/dV kernel's dP product issued before its dV product (``dkdv_tiles``), so
+# that P's exp2 runs under dP and dS's arithmetic under dV (sm_90 SASS, document and softcap at
+# S=1k: 32 MUFU a trip under a product in flight, against none with dV first, PyTorch's order).
+# None (the default): where G = 1 (``dp_first``). On the H100 (docs/PERFORMANCE.md, thirtieth
+# session; ab.py, 5 rounds) the backward was 3 to 6.5 % faster on none, causal, alibi and softcap
+# (1k and 4k, D=128; 1.6 to 2.6 % at D=64) and unchanged on document, but 7 to 10 % slower on GQA
+# document (G = 4), although ncu timed its dK/dV kernel alone 1 % faster (431 against 435 us): the
+# loss is in how the dQ and dK/dV kernels share the GPU on their two streams, not explained yet.
+DKDV_DP_FIRST: Optional[bool] = None
+
 
 @triton.jit
 def base2_scores(qk, SM_SCALE, PRESCALE: tl.constexpr):
@@ -210,6 +220,7 @@ def dkdv_tiles(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr,
     FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DQ_ATOMIC: tl.constexpr, HEADS: tl.constexpr = 1,
+    DP_FIRST: tl.constexpr = False,
 ):
     """Accumulate dK and dV over one query head's listed Q blocks (k, v stay in SRAM); with
     DQ_ATOMIC also add each tile's dQ share, dS K * scale, into the float32 rows of ``DQA``
@@ -302,8 +313,17 @@ def dkdv_tiles(
             # products rather than live across them (see dq_tiles).
             pgT = SCORE_BWD_FN(qkT, scale, pT, off_z, h, m_mod, n_mod, keep, B0, B1, B2, B3,
                                G0, G1, G2, G3, False)
-        dv = mma(cast(pT, DO.dtype.element_ty, UPCAST), do, dv, FP32_PRECISION, UPCAST)
-        dpT = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
+        if DP_FIRST:
+            # dP before dV (DKDV_DP_FIRST): on sm_90 the warpgroup products run in issue order and
+            # only the accumulating ones (dV, dK) stay in flight past a wait. With dV first, dP
+            # waited behind it and nothing overlapped the products; with dP first, ptxas issues
+            # dP's wgmma before P's exp2 (they do not depend on each other), the exponentials run
+            # under it, and dV, issued after dP's wait, runs under dS's arithmetic.
+            dpT = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
+            dv = mma(cast(pT, DO.dtype.element_ty, UPCAST), do, dv, FP32_PRECISION, UPCAST)
+        else:
+            dv = mma(cast(pT, DO.dtype.element_ty, UPCAST), do, dv, FP32_PRECISION, UPCAST)
+            dpT = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
         if HAS_SCORE and not GRAD_BUFFERS:
             dsT = pgT * (dpT - delta[None, :])
         elif HAS_SCORE:
@@ -502,7 +522,7 @@ def dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
     PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    HEADS: tl.constexpr = 1,
+    HEADS: tl.constexpr = 1, DP_FIRST: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_zh = tl.program_id(1)  # (query batch, kv head)
@@ -544,7 +564,7 @@ def dkdv_kernel(
             B0, B1, B2, B3, G0, G1, G2, G3,
             SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, False,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
-            Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC, HEADS,
+            Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC, HEADS, DP_FIRST,
         )
         if HAS_FULL:
             dk, dv = dkdv_tiles(
@@ -556,7 +576,7 @@ def dkdv_kernel(
                 B0, B1, B2, B3, G0, G1, G2, G3,
                 SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, True,
                 QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
-                Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC, HEADS,
+                Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC, HEADS, DP_FIRST,
             )
     dk = dk * SM_SCALE
     n_ok = offs_n[:, None] < KV_LEN
@@ -667,7 +687,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
             *qs.stride(),
             plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
             GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable), DQ_ATOMIC=dq_atomic,
-            HEADS=dkdv_heads(plan.G, MH, heads_in_loop),
+            HEADS=dkdv_heads(plan.G, MH, heads_in_loop), DP_FIRST=dp_first(plan.G),
             BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **dict(common, **fns, **dkdv_launch),
             **_sparse_consts(sp, L, S), options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
         )
@@ -695,6 +715,12 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         dv = dv.sum(0, keepdim=True).to(value.dtype)
     dbufs = [grads[k].view(plan.buffers[k].shape).to(plan.buffers[k].dtype) for k in prog.learnable]
     return dq, dk, dv, dbufs
+
+
+def dp_first(G: int) -> bool:
+    """Whether the dK/dV kernel issues dP before dV (``DKDV_DP_FIRST``): True takes it everywhere,
+    None (the default) where each program has one query head (G = 1), False nowhere."""
+    return DKDV_DP_FIRST if DKDV_DP_FIRST is not None else G == 1
 
 
 def dkdv_heads(G: int, sparse_heads: int, heads_in_loop: bool) -> int:

@@ -240,3 +240,32 @@ def test_out_alone_forward_takes_its_own_reciprocal():
     assert soft and plain, out
     (_, soft_mufu, _), (_, plain_mufu, _) = min(soft), min(plain)
     assert (soft_mufu - plain_mufu) / scores == 1.25, (soft_mufu, plain_mufu, scores)
+
+
+def test_dkdv_loop_runs_the_exponentials_under_the_dp_product():
+    """``benchmarks/codegen.py --loops`` on bench.py's document, softcap and GQA document rows
+    (bf16, D=128, S=1k): where G = 1 every loop of the dK/dV kernel issues its products as Q K^T,
+    dP, dV, dK (``kernels.backward.DKDV_DP_FIRST``), and at least the trip's 32 exp2 per thread
+    (P's) issue while a product is in flight. On sm_90 the warpgroup products run in issue order
+    and only the accumulating ones (dV, dK) stay in flight past a wait: with dV issued first
+    (PyTorch's order, ours before the thirtieth session) dP waited behind it and no MUFU
+    instruction ran under a product (0 a trip). GQA document (G = 4) keeps dV first, where the
+    H100 measured dP first slower (docs/PERFORMANCE.md, thirtieth session)."""
+    out = _run("--masks", "document,softcap,gqa_document", "--seqlens", "1k", "--head-dims", "128", "--loops",
+               script=ROOT / "benchmarks" / "codegen.py")
+    kernel, seen = None, []
+    for line in out.splitlines():
+        row = re.match(r"(\w+) S=\d+ D=\d+\s+(\w+)\s", line)
+        if row:
+            kernel = row.groups()
+            continue
+        products = re.search(r"products ([\dx ]+); (\d+) MUFU under a product in flight", line)
+        if products and kernel[1] == "dkdv_kernel":
+            seen.append(kernel[0])
+            issued = products.group(1).split()  # GQA's loop over heads holds its two inner loops
+            if kernel[0] == "gqa_document":
+                assert issued == ["64x64", "64x128", "64x64", "64x128"] * (len(issued) // 4), (kernel, line)
+                continue
+            assert issued == ["64x64", "64x64", "64x128", "64x128"] * (len(issued) // 4), (kernel, line)
+            assert int(products.group(2)) >= 32, (kernel, line)
+    assert [seen.count(m) for m in ("document", "softcap", "gqa_document")] == [2, 2, 3], out
