@@ -436,6 +436,10 @@ _ours_one_stream = _ours_with("backward", "SIDE_KERNEL", None)
 _ours_bwd_unrefined = _ours_with("api", "AUTO_REFINE_BWD", False)
 # No dQ kernel: the dK/dV kernel adds dQ with atomics (kernels.backward.DQ_ATOMIC).
 _ours_dq_atomic = _ours_with("backward", "DQ_ATOMIC", True)
+# The dK/dV kernel's dP before dV for every G, or dV first everywhere (kernels.backward.DKDV_DP_FIRST;
+# the default takes dP first where G = 1).
+_ours_dp_first = _ours_with("backward", "DKDV_DP_FIRST", True)
+_ours_dv_first = _ours_with("backward", "DKDV_DP_FIRST", False)
 # The forward's and the dQ kernel's partial and full blocks in one loop on every mask
 # (kernels.forward.ONE_LOOP, kernels.backward.ONE_LOOP): the forward's time is the forward flag's,
 # the backward's the other's.
@@ -609,6 +613,12 @@ IMPLS = {
     "ours-heads-in-loop": Impl("ours-heads-in-loop", _ours_heads_in_loop, True,
                                "kernels.flex_attention with backward.HEADS_IN_LOOP (the dK/dV kernel walks a kv "
                                "head's query heads in each loop where the block mask has one head)"),
+    "ours-dp-first": Impl("ours-dp-first", _ours_dp_first, True,
+                          "kernels.flex_attention with backward.DKDV_DP_FIRST = True (the dK/dV kernel issues dP "
+                          "before dV for every G; the default does where G = 1)"),
+    "ours-dv-first": Impl("ours-dv-first", _ours_dv_first, True,
+                          "kernels.flex_attention with backward.DKDV_DP_FIRST = False (the dK/dV kernel issues dV "
+                          "before dP, as before the thirtieth session and PyTorch's template)"),
     "torch-compile": Impl("torch-compile", _torch_flex(None), True,
                           "torch.compile(flex_attention, dynamic=False), default mode"),
     "ours-out": Impl("ours-out", _ours_out, False,

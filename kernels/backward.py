@@ -591,14 +591,16 @@ def dkdv_kernel(
 def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_grads: bool,
                  concurrent: Optional[bool] = None, side: Optional[str] = "default",
                  dq_atomic: Optional[bool] = None, one_loop: Optional[bool] = None,
-                 heads_in_loop: Optional[bool] = None):
+                 heads_in_loop: Optional[bool] = None, dp_first_flag="module"):
     """Gradients for q, k, v and the learnable tensors of the score mod (in slot order).
     ``concurrent`` (default: ``CONCURRENT``) takes delta_kernel and, on CUDA, the side stream;
     ``side`` (default: ``SIDE_KERNEL``) which kernel runs there; ``dq_atomic`` (default:
     ``DQ_ATOMIC``) replaces the dQ kernel by the dK/dV kernel's atomic adds (after delta_kernel,
     on the caller's stream); ``one_loop`` (default: ``ONE_LOOP``) walks the dQ kernel's two lists
     in one loop; ``heads_in_loop`` (default: ``HEADS_IN_LOOP``) walks a kv head's G query heads in
-    the dK/dV kernel's loops together where the block mask has one head."""
+    the dK/dV kernel's loops together where the block mask has one head; ``dp_first_flag`` (default:
+    ``DKDV_DP_FIRST`` as it is now; None: the rule, ``dp_first``) issues the dK/dV kernel's dP
+    before dV."""
     import torch
 
     side = SIDE_KERNEL if side == "default" else side
@@ -687,7 +689,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
             *qs.stride(),
             plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
             GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable), DQ_ATOMIC=dq_atomic,
-            HEADS=dkdv_heads(plan.G, MH, heads_in_loop), DP_FIRST=dp_first(plan.G),
+            HEADS=dkdv_heads(plan.G, MH, heads_in_loop), DP_FIRST=dp_first(plan.G, DKDV_DP_FIRST if dp_first_flag == "module" else dp_first_flag),
             BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **dict(common, **fns, **dkdv_launch),
             **_sparse_consts(sp, L, S), options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
         )
@@ -717,10 +719,10 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     return dq, dk, dv, dbufs
 
 
-def dp_first(G: int) -> bool:
-    """Whether the dK/dV kernel issues dP before dV (``DKDV_DP_FIRST``): True takes it everywhere,
-    None (the default) where each program has one query head (G = 1), False nowhere."""
-    return DKDV_DP_FIRST if DKDV_DP_FIRST is not None else G == 1
+def dp_first(G: int, flag: Optional[bool]) -> bool:
+    """Whether the dK/dV kernel issues dP before dV, by ``flag`` (``DKDV_DP_FIRST``): True
+    everywhere, None (the default) where each program has one query head (G = 1), False nowhere."""
+    return flag if flag is not None else G == 1
 
 
 def dkdv_heads(G: int, sparse_heads: int, heads_in_loop: bool) -> int:

@@ -1474,3 +1474,28 @@ def test_gpu_concurrent_backward_matches_the_oracle():
     check(B=2, Hq=4, Hkv=2, L=300, S=260, E=64, dtype=torch.bfloat16, mask_mod=mods.causal(), device="cuda",
           kernel_options={"PRESCALE_QK": True})
     check(B=2, Hq=8, L=1024, S=1024, E=128, dtype=torch.bfloat16, device="cuda")
+
+
+@pytest.mark.parametrize("flag,G,expected", [(None, 1, True), (None, 2, False), (True, 2, True), (False, 1, False)])
+def test_dkdv_dp_first_is_taken_when_the_forward_ran(monkeypatch, flag, G, expected):
+    """kernels.backward.DKDV_DP_FIRST as it was when the forward ran picks the dK/dV kernel's
+    product order (a benchmark sets it around the forward call alone): None takes dP first where
+    G = 1 only (docs/PERFORMANCE.md, thirtieth session)."""
+    from kernels import _runtime, backward
+
+    seen = []
+    launch = _runtime.launch
+
+    def record(kernel, grid, *args, **kwargs):
+        if kernel.fn.__name__ == "dkdv_kernel":
+            seen.append(kwargs["DP_FIRST"])
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_runtime, "launch", record)
+    q = torch.randn(1, 2 * G, 32, 16).to(torch.float16).requires_grad_()
+    k, v = (torch.randn(1, 2, 32, 16).to(torch.float16).requires_grad_() for _ in range(2))
+    monkeypatch.setattr(backward, "DKDV_DP_FIRST", flag)
+    out = kernels.flex_attention(q, k, v, enable_gqa=G > 1)
+    monkeypatch.setattr(backward, "DKDV_DP_FIRST", not expected)  # too late: the forward has run
+    out.sum().backward()
+    assert seen == [expected]
