@@ -193,6 +193,14 @@ def _check_pow2(key: str, val, minimum: int = 16) -> int:
     return val
 
 
+def _check_launch(warps_key: str, warps, stages_key: str, stages) -> None:
+    """A launch's warps (a power of two up to 16) and stages (1 to 8), refused by the option's name."""
+    if isinstance(warps, bool) or not isinstance(warps, int) or warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"Expected kernel_options[{warps_key!r}] in (1, 2, 4, 8, 16), got {warps!r}.")
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 8:
+        raise ValueError(f"Expected kernel_options[{stages_key!r}] between 1 and 8, got {stages!r}.")
+
+
 def parse_kernel_options(
     kernel_options: Optional[dict], *, dtype, head_dim: int, q_block: int, kv_block: int,
     device: torch.device, interpret: bool, work: Optional[str] = None,
@@ -246,10 +254,8 @@ def parse_kernel_options(
                 given_tiles[name] = (f"{phase}_{name}" if f"{phase}_{name}" in opts else name, tile)
         warps = opts.get(f"{phase}_num_warps", opts.get("num_warps", default[-2]))
         stages = opts.get(f"{phase}_num_stages", opts.get("num_stages", default[-1]))
-        if isinstance(warps, bool) or not isinstance(warps, int) or warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"Expected num_warps in (1, 2, 4, 8, 16), got {warps!r}.")
-        if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 8:
-            raise ValueError(f"Expected num_stages between 1 and 8, got {stages!r}.")
+        _check_launch(f"{phase}_num_warps" if f"{phase}_num_warps" in opts else "num_warps", warps,
+                      f"{phase}_num_stages" if f"{phase}_num_stages" in opts else "num_stages", stages)
         launches[phase] = Launch(tiles, warps, stages, given_tiles)
     for key in ("REFINE_Q_BLOCK", "REFINE_KV_BLOCK"):  # applied to the block lists (_refine_option)
         if opts.get(key) is not None:
@@ -258,10 +264,7 @@ def parse_kernel_options(
     if opts.get("DKDV_NUM_WARPS") is not None or opts.get("DKDV_NUM_STAGES") is not None:
         warps = opts.get("DKDV_NUM_WARPS", launches["bwd"].num_warps)
         stages = opts.get("DKDV_NUM_STAGES", launches["bwd"].num_stages)
-        if isinstance(warps, bool) or not isinstance(warps, int) or warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"Expected kernel_options['DKDV_NUM_WARPS'] in (1, 2, 4, 8, 16), got {warps!r}.")
-        if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 8:
-            raise ValueError(f"Expected kernel_options['DKDV_NUM_STAGES'] between 1 and 8, got {stages!r}.")
+        _check_launch("DKDV_NUM_WARPS", warps, "DKDV_NUM_STAGES", stages)
         dkdv_launch = (warps, stages)
     split = opts.get("SPLIT_KV")
     if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
@@ -967,8 +970,8 @@ class _FlexFunction(torch.autograd.Function):
             # LSE's gradient to the max slot.
             mx = lse.new_empty(0)
         ctx.plan = plan
-        # The backward's CONCURRENT, SIDE_KERNEL, DQ_ATOMIC, ONE_LOOP, HEADS_IN_LOOP and DKDV_DP_FIRST as they were when the
-        # forward ran (a benchmark toggles them per call).
+        # The backward's CONCURRENT, SIDE_KERNEL, DQ_ATOMIC, ONE_LOOP, HEADS_IN_LOOP and DKDV_DP_FIRST
+        # as they were when the forward ran (a benchmark toggles them per call).
         ctx.concurrent = plan.module("backward").CONCURRENT
         ctx.side = plan.module("backward").SIDE_KERNEL
         ctx.dq_atomic = plan.module("backward").DQ_ATOMIC

@@ -591,7 +591,7 @@ def dkdv_kernel(
 def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_grads: bool,
                  concurrent: Optional[bool] = None, side: Optional[str] = "default",
                  dq_atomic: Optional[bool] = None, one_loop: Optional[bool] = None,
-                 heads_in_loop: Optional[bool] = None, dp_first_flag="module"):
+                 heads_in_loop: Optional[bool] = None, dp_first_flag: Optional[bool] = "module"):
     """Gradients for q, k, v and the learnable tensors of the score mod (in slot order).
     ``concurrent`` (default: ``CONCURRENT``) takes delta_kernel and, on CUDA, the side stream;
     ``side`` (default: ``SIDE_KERNEL``) which kernel runs there; ``dq_atomic`` (default:
@@ -648,6 +648,8 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     )
     one_loop = ONE_LOOP if one_loop is None else one_loop
     heads_in_loop = HEADS_IN_LOOP if heads_in_loop is None else heads_in_loop
+    # None is a choice here (the G rule), so "module" stands for the flag as it is now.
+    dp_first_flag = DKDV_DP_FIRST if dp_first_flag == "module" else dp_first_flag
     tiles = opt.bwd.tiles
     bufs = plan.buffer_args(query)
 
@@ -689,7 +691,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
             *qs.stride(),
             plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
             GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable), DQ_ATOMIC=dq_atomic,
-            HEADS=dkdv_heads(plan.G, MH, heads_in_loop), DP_FIRST=dp_first(plan.G, DKDV_DP_FIRST if dp_first_flag == "module" else dp_first_flag),
+            HEADS=dkdv_heads(plan.G, MH, heads_in_loop), DP_FIRST=dp_first(plan.G, dp_first_flag),
             BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **dict(common, **fns, **dkdv_launch),
             **_sparse_consts(sp, L, S), options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
         )

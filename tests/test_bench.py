@@ -733,3 +733,37 @@ def test_kernel_times_counts_overlapped_kernels_once():
     assert kernel_times.busy_ms([(2.0, 6.0), (0.0, 4.0)]) == 6.0  # overlapping, in any order
     assert kernel_times.busy_ms([(0.0, 10.0), (2.0, 3.0), (4.0, 12.0)]) == 12.0  # one inside another
     assert kernel_times.busy_ms([(0.0, 1.0), (1.0, 2.0)]) == 2.0  # end to end
+
+
+def test_ncu_summary_splits_samples_by_reason_region_and_instruction():
+    """benchmarks/ncu_summary.py on a page shaped as ``ncu --page source --csv --print-source sass``
+    writes it (after ncu_stalls.sh's marker): samples by reason (the "(Not Issued)" columns left
+    out, as they repeat a subset), by region (a loop is a backward branch's target up to the branch;
+    the code before and after it its prologue and epilogue) and the instructions with the most."""
+    from benchmarks import ncu_summary
+
+    head = ('"Address","Source","Warp Stall Sampling (All Samples)","stall_long_sb","stall_wait",'
+            '"stall_long_sb (Not Issued)"')
+    page = "\n".join([
+        "details page text", "==== SASS with stall samples",
+        '"Kernel Name","dkdv_kernel",', head,
+        '"0x100","LDG.E R2, desc[UR4][R2.64]","6","5","1","5"',
+        '"0x110","IMAD R3, R2, 0x40, RZ","20","20","0","20"',
+        '"0x120","HGMMA.64x64x16.F32.BF16 R8, gdesc[UR8], RZ","30","0","30","0"',
+        '"0x130","@P0 BRA 0x120","4","0","4","0"',
+        '"0x140","STG.E desc[UR4][R4.64], R8","40","0","40","0"',
+        '"Kernel Name","dq_kernel",', head,
+        '"0x200","EXIT","1","0","1","0"',
+    ])
+    kernels = ncu_summary.parse(page)
+    assert list(kernels) == ["dkdv_kernel", "dq_kernel"] and len(kernels["dkdv_kernel"]) == 5
+    assert ncu_summary.reasons(kernels["dkdv_kernel"][1]) == {"long_sb": 20}
+    labels = [(label, [r["Address"] for r in rows]) for label, rows in ncu_summary.regions(kernels["dkdv_kernel"])]
+    assert labels == [("before the loops", ["0x100", "0x110"]), ("loop 0", ["0x120", "0x130"]),
+                      ("after the loops", ["0x140"])]
+    text = ncu_summary.summary(kernels["dkdv_kernel"], top=2)
+    assert "100 samples: wait 75.0%, long_sb 25.0%" in text
+    assert "before the loops     2 instrs  26.0% of samples: long_sb 96%, wait 4%" in text
+    assert "loop 0               2 instrs  34.0% of samples: wait 100%" in text
+    assert text.splitlines()[-2].split()[:2] == ["40.0%", "0x140"]  # the store waited most
+    assert ncu_summary.regions(kernels["dq_kernel"])[0][0] == "no loops"
