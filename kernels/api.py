@@ -204,13 +204,14 @@ def _check_launch(warps_key: str, warps, stages_key: str, stages) -> None:
 def parse_kernel_options(
     kernel_options: Optional[dict], *, dtype, head_dim: int, q_block: int, kv_block: int,
     device: torch.device, interpret: bool, work: Optional[str] = None,
-    bwd_blocks: Optional[tuple] = None, refined_fwd: bool = False,
+    bwd_blocks: Optional[tuple] = None, refined_fwd: bool = False, refined_bwd: bool = False,
 ) -> Options:
     """Validate ``kernel_options`` (PyTorch's names) and fill in the defaults
     (``work``: the config row, see ``work_kind``). Forward tiles divide ``q_block`` /
     ``kv_block``, backward tiles ``bwd_blocks`` (default the same: they differ when the
     forward walks refined lists); ``refined_fwd`` takes ``REFINED_FWD_LAUNCH``'s warps and
-    stages for a forward on automatically refined lists, unless the options set them."""
+    stages for a forward on automatically refined lists, unless the options set them;
+    ``refined_bwd`` takes ``REFINED_BWD`` for the backward's default tiles and launch."""
     opts = dict(kernel_options or {})
     if kernel_options is not None and not isinstance(kernel_options, dict):
         raise TypeError(f"Expected kernel_options to be a dict or None, got {type(kernel_options).__name__}.")
@@ -236,6 +237,8 @@ def parse_kernel_options(
         qb, kb = (q_block, kv_block) if phase == "fwd" or bwd_blocks is None else bwd_blocks
         if phase == "fwd" and refined_fwd:
             default = default[:-2] + REFINED_FWD_LAUNCH
+        if phase == "bwd" and refined_bwd:
+            default = REFINED_BWD
         for k, name in enumerate(names):
             sparse = qb if "M" in name else kb
             given = opts.get(f"{phase}_{name}", opts.get(name))
@@ -622,6 +625,53 @@ def _auto_refined_bwd(sparse: Sparse, mask_mod, B, Hq, L, S, tiles: dict) -> tup
     return (refined(tiles["BLOCK_M2"], tiles["BLOCK_N2"]), refined(tiles["BLOCK_M1"], tiles["BLOCK_N1"]))
 
 
+def _refined_bwd_wanted(kernel_options, arch: str, dtype, head_dim: int, work: Optional[str],
+                        q_block: int, kv_block: int) -> bool:
+    """Whether a call's backward may take ``REFINED_BWD`` (before counting what it saves): a
+    block mask without a score mod (``work`` "masked"), sm90, bf16 or fp16, a padded head dim of
+    128, blocks that 64 divides, and no option that sets a backward tile, warps or stages (the
+    caller's choice stands, and half of it with the rule's other half would be neither)."""
+    if REFINED_BWD is None or work != "masked" or arch != "sm90":
+        return False
+    if dtype not in (torch.bfloat16, torch.float16) or max(16, _runtime.next_power_of_2(head_dim)) != 128:
+        return False
+    if q_block % REFINED_BWD[0] or kv_block % REFINED_BWD[1]:
+        return False
+    opts = kernel_options if isinstance(kernel_options, dict) else {}
+    names = _TILE_KEYS["bwd"] + _LAUNCH_KEYS
+    given = [*names, *(f"bwd_{n}" for n in names), "DKDV_NUM_WARPS", "DKDV_NUM_STAGES"]
+    return all(opts.get(n) is None for n in given)
+
+
+def _refined_bwd_saves(sparse: Sparse, mask_mod, B, Hq, L, S, tiles: dict) -> bool:
+    """Whether the 64 x 64 lists of ``REFINED_BWD`` list at least ``REFINED_BWD_SAVING`` fewer
+    elements than the dQ and dK/dV kernels walk on the default ``tiles`` (their lists as
+    ``_auto_refined_bwd`` takes them), both kernels counted. Decided once per block lists and
+    mask mod (the counts are read back to the host once)."""
+    key = ("refined_bwd", id(sparse), id(mask_mod), B, Hq, L, S, tuple(sorted(tiles.items())), REFINED_BWD,
+           REFINED_BWD_SAVING)
+    hit = _AUTO_DECIDED.get(key)
+    if hit is not None and hit[0] is sparse and hit[1] is mask_mod:
+        return hit[2]
+    q_tile, kv_tile = REFINED_BWD[0], REFINED_BWD[1]
+    small = _refined_lists(sparse, mask_mod, B, Hq, L, S, kv_tile if kv_tile < sparse.kv_block else None,
+                           q_tile if q_tile < sparse.q_block else None)
+    dq, dkdv = _auto_refined_bwd(sparse, mask_mod, B, Hq, L, S, tiles)
+    counts = torch.stack([_listed(small), _listed(dq or sparse), _listed(dkdv or sparse)]).tolist()
+    chosen = 2 * counts[0] <= (1.0 - REFINED_BWD_SAVING) * (counts[1] + counts[2])
+    if len(_AUTO_DECIDED) > 16:
+        _AUTO_DECIDED.clear()
+    _AUTO_DECIDED[key] = (sparse, mask_mod, chosen)
+    return chosen
+
+
+def _listed(sp: Sparse):
+    """The elements a block list covers (a 0-d tensor on the lists' device): every listed
+    block, partial or full, times its size."""
+    n = sp.kv_num.sum() + (sp.full_kv_num.sum() if sp.full_kv_num is not None else 0)
+    return n * sp.q_block * sp.kv_block
+
+
 def _refined_if_saving(sparse: Sparse, mask_mod, B, Hq, L, S, sub: Optional[int], q_sub: Optional[int],
                        saving: float) -> Optional[Sparse]:
     """``_refined_lists`` where they list at least ``saving`` fewer elements, else None;
@@ -631,12 +681,7 @@ def _refined_if_saving(sparse: Sparse, mask_mod, B, Hq, L, S, sub: Optional[int]
     if hit is not None and hit[0] is sparse and hit[1] is mask_mod:
         return hit[2]
     refined = _refined_lists(sparse, mask_mod, B, Hq, L, S, sub, q_sub)
-
-    def listed(sp):
-        n = sp.kv_num.sum() + (sp.full_kv_num.sum() if sp.full_kv_num is not None else 0)
-        return n * sp.q_block * sp.kv_block
-
-    before, after = torch.stack([listed(sparse), listed(refined)]).tolist()
+    before, after = torch.stack([_listed(sparse), _listed(refined)]).tolist()
     chosen = refined if after <= (1.0 - saving) * before else None
     if len(_AUTO_DECIDED) > 16:
         _AUTO_DECIDED.clear()
@@ -668,6 +713,25 @@ REFINED_FWD_LAUNCH = (4, 3)
 # step skipped, one that becomes full a step without mask_mod. False switches it off.
 AUTO_REFINE_BWD = True
 AUTO_REFINE_BWD_SAVING = 0.05
+
+# The backward on 64 x 64 tiles where they save work (on the GPU, under the same gate as
+# AUTO_REFINE_BWD, for a block mask without a score mod, sm90 bf16 / fp16 at a padded head dim of
+# 128, and no backward tile, launch or DKDV_* option set): both backward kernels then take
+# REFINED_BWD, (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, warps, stages), and walk lists refined to
+# 64 x 64, where those list at least REFINED_BWD_SAVING fewer elements than the two kernels' own
+# lists on the default tiles (a dQ step of 128 queries x 64 keys, a dK/dV step of 128 keys x 64
+# queries, each refined as AUTO_REFINE_BWD does). On 4 warps and 2 stages both kernels fit two
+# programs a multiprocessor (sm_90, D=128: dQ 176 registers, dK/dV 255; 99 KB of shared memory
+# each) where the default tiles fit one, so that one program's prologue and epilogue run under the
+# other's loop; and the 64 x 64 lists skip what the 128-wide steps computed and masked. Measured on
+# the H100 (docs/PERFORMANCE.md, thirty-first session; ab.py, backward, against the default tiles):
+# document 7 % (S=4k) and 12 % (1k) faster, GQA document 8 % and 12 %, sliding window 3 to 4 %,
+# causal at 1k 2 % (10 to 15 %, 6 % and 6 % fewer elements); where the lists save under 5 % it
+# lost 1 to 4 % (prefix LM 1k: 4 % fewer elements, 1 % slower; causal 4k, block-sparse, no mask),
+# and with a score mod much more at S=4k (softcap 9 %, ALiBi 7 %), hence no score mod.
+# None switches it off.
+REFINED_BWD: Optional[tuple] = (64, 64, 64, 64, 4, 2)
+REFINED_BWD_SAVING = 0.05
 
 
 def _refine_option(kernel_options, q_block: int, kv_block: int) -> tuple:
@@ -1073,15 +1137,20 @@ def flex_attention(
             # A forward that returns out alone takes the rounding's mods too (with
             # kernels.mods.TANH_RCP_FWD's reciprocal where it names one).
             program = program_bwd if rcp_fwd is None else _cached_program(score, mask, interpret, rounding, rcp=rcp_fwd)
-    options = _cached_options(
-        kernel_options, dtype=query.dtype, head_dim=max(E, Ev), q_block=sparse.q_block,
-        kv_block=sparse.kv_block, device=device, interpret=interpret,
-        work=work_kind(block_mask is not None, program.has_score),
+    work = work_kind(block_mask is not None, program.has_score)
+    option_args = dict(
+        dtype=query.dtype, head_dim=max(E, Ev), q_block=sparse.q_block, kv_block=sparse.kv_block,
+        device=device, interpret=interpret, work=work,
         bwd_blocks=(sparse_bwd.q_block, sparse_bwd.kv_block), refined_fwd=auto,
     )
+    options = _cached_options(kernel_options, **option_args)
     sparse_dq = sparse_dkdv = None
     if (block_mask is not None and _grad_wanted(query, key, value, program)
             and _auto_refine_wanted(kernel_options, interpret)):
+        if (_refined_bwd_wanted(kernel_options, _arch(device, interpret), query.dtype, max(E, Ev), work,
+                                sparse_bwd.q_block, sparse_bwd.kv_block)
+                and _refined_bwd_saves(sparse_bwd, mask, B, Hq, L, S, options.bwd.tiles)):
+            options = _cached_options(kernel_options, refined_bwd=True, **option_args)
         sparse_dq, sparse_dkdv = _auto_refined_bwd(sparse_bwd, mask, B, Hq, L, S, options.bwd.tiles)
     for t in program.buffers:
         if t.device != device and t.requires_grad:

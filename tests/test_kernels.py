@@ -533,6 +533,94 @@ def test_automatic_backward_refinement_end_to_end(monkeypatch):
     assert len(seen) == n
 
 
+def _sm90_bwd_tiles(work: str = "masked") -> dict:
+    """The sm90 bf16 D=128 backward tiles of ``work`` (the defaults REFINED_BWD replaces)."""
+    from kernels import api
+
+    default = api._default_config("sm90", torch.bfloat16, 128, work)[1]
+    return dict(zip(api._TILE_KEYS["bwd"], default[:4]))
+
+
+@pytest.mark.parametrize("row,L,taken", [
+    ("document", 1024, True),  # 15 % fewer elements on 64 x 64 than on the default steps
+    ("document", 4096, True),  # 10 %
+    ("causal", 1024, True),  # 6 %
+    ("causal", 4096, False),  # 1.5 %
+    ("prefix_lm", 1024, False),  # 4 %
+    ("block_sparse", 1024, False),  # every block full: 0
+])
+def test_refined_backward_tiles_where_the_lists_save(row, L, taken):
+    """REFINED_BWD's count (on the GPU only; the rule's arithmetic runs here on CPU lists): the
+    64 x 64 lists against the dQ and dK/dV kernels' own on the default sm90 D=128 tiles, taken at
+    REFINED_BWD_SAVING (5 %) and more, the bench's block masks (the savings docs/PERFORMANCE.md
+    gives, thirty-first session), decided once."""
+    from benchmarks import bench
+    from kernels import api
+
+    shape = bench.Shape(B=1, Hq=2, Hkv=2, L=L, S=L, D=128)
+    _, bm = bench.attention_args(row, shape, "cpu")
+    sp = api._cached_block_lists(bm, 1, 2, L, L, torch.device("cpu"))
+    mask_mod = bm.mask_mod
+    tiles = _sm90_bwd_tiles()
+    assert api._refined_bwd_saves(sp, mask_mod, 1, 2, L, L, tiles) is taken
+    assert api._refined_bwd_saves(sp, mask_mod, 1, 2, L, L, tiles) is taken  # the cached decision
+    before = api.REFINED_BWD_SAVING
+    api.REFINED_BWD_SAVING = 0.0  # at no threshold a list can only shrink: always taken
+    try:
+        assert api._refined_bwd_saves(sp, mask_mod, 1, 2, L, L, tiles)
+    finally:
+        api.REFINED_BWD_SAVING = before
+
+
+def test_refined_backward_tiles_only_where_the_rule_was_measured():
+    """REFINED_BWD is considered for a block mask without a score mod, sm90, bf16 or fp16 at a
+    padded head dim of 128, blocks that 64 divides, and no backward tile or launch option; and
+    then gives both kernels its tiles, warps and stages."""
+    from kernels import api
+
+    want = lambda opts=None, arch="sm90", dtype=torch.bfloat16, d=128, work="masked", qb=128, kb=128: (  # noqa: E731
+        api._refined_bwd_wanted(opts, arch, dtype, d, work, qb, kb))
+    assert want() and want(dtype=torch.float16) and want(d=96) and want(opts={"BLOCK_M": 64, "PRESCALE_QK": True})
+    assert not want(work="scored") and not want(work="dense") and not want(arch="sm80")
+    assert not want(dtype=torch.float32) and not want(d=64) and not want(d=256) and not want(qb=32)
+    for key in ("bwd_BLOCK_M1", "BLOCK_N2", "num_warps", "bwd_num_stages", "DKDV_NUM_WARPS", "DKDV_NUM_STAGES"):
+        assert not want(opts={key: 4 if "NUM" in key.upper() else 64}), key
+    before = api.REFINED_BWD
+    api.REFINED_BWD = None
+    try:
+        assert not want()
+    finally:
+        api.REFINED_BWD = before
+    opts = api.parse_kernel_options(None, dtype=torch.bfloat16, head_dim=128, q_block=128, kv_block=128,
+                                    device=torch.device("cpu"), interpret=True, work="masked", refined_bwd=True)
+    assert tuple(opts.bwd.tiles.values()) == api.REFINED_BWD[:4]
+    assert (opts.bwd.num_warps, opts.bwd.num_stages) == api.REFINED_BWD[4:] and opts.dkdv_launch is None
+
+
+def test_refined_backward_tiles_end_to_end(monkeypatch):
+    """The rule through flex_attention (on the GPU only; here with the interpreter let in and the
+    arch taken for sm90): a document mask's backward on REFINED_BWD's tiles and the 64 x 64 lists
+    in both kernels, and the oracle agrees, GQA and a key tail included; a causal mask on a block
+    of 128 (at L=S=256 the 64 x 64 lists drop a quarter of each diagonal block, 17 % of the
+    elements) takes it, the same mask with a
+    backward launch option keeps the default tiles (on which nothing is refined)."""
+    from kernels import api
+
+    seen = _open_automatic_refinement(monkeypatch, "_auto_refined_bwd")
+    monkeypatch.setattr(api, "_arch", lambda device, interpret: "sm90")
+    L, S = 256, 250
+    mask_mod = mods.document.from_seed(L, 5, 3, kv_length=S)
+    check(B=1, Hq=2, Hkv=1, L=L, S=S, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128)
+    dq, dkdv = seen[-1]
+    assert dq is not None and dkdv is dq and (dq.q_block, dq.kv_block) == (64, 64)
+    check(B=1, Hq=1, L=L, S=L, E=128, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128)
+    dq, dkdv = seen[-1]
+    assert dq is not None and dkdv is dq and (dq.q_block, dq.kv_block) == (64, 64)
+    check(B=1, Hq=1, L=L, S=L, E=128, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128,
+          kernel_options={"bwd_num_warps": 8})
+    assert seen[-1] == (None, None)
+
+
 @pytest.mark.gpu
 def test_gpu_automatic_refinement_matches_the_oracle():
     """A document mask on 128 x 128 blocks takes the refined forward on the GPU, and the
@@ -551,7 +639,12 @@ def test_gpu_automatic_refinement_matches_the_oracle():
                                     bwd_blocks=(128, 128))
     assert (opts.bwd.tiles["BLOCK_N2"], opts.bwd.tiles["BLOCK_M1"]) == (64, 64)
     assert all(r is not None for r in api._auto_refined_bwd(sp, mask_mod, 2, 4, L, S, opts.bwd.tiles))
+    # And the 64 x 64 lists save enough for REFINED_BWD's tiles (4 warps, two programs a
+    # multiprocessor): the backward below runs on those, GQA and fp16 included.
+    assert api._refined_bwd_saves(sp, mask_mod, 2, 4, L, S, opts.bwd.tiles)
     check(B=2, Hq=4, L=L, S=S, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128, device="cuda")
+    check(B=2, Hq=4, Hkv=1, L=L, S=S, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128, device="cuda")
+    check(B=1, Hq=4, L=L, S=S, E=128, dtype=torch.float16, mask_mod=mask_mod, block_size=128, device="cuda")
 
 
 def test_refined_blocks_under_pytorchs_noop_mask():
