@@ -440,6 +440,8 @@ _ours_dq_atomic = _ours_with("backward", "DQ_ATOMIC", True)
 # the default takes dP first where G = 1).
 _ours_dp_first = _ours_with("backward", "DKDV_DP_FIRST", True)
 _ours_dv_first = _ours_with("backward", "DKDV_DP_FIRST", False)
+# The dQ kernel on its own delta, beside delta_kernel (kernels.backward.DQ_OWN_DELTA).
+_ours_dq_own_delta = _ours_with("backward", "DQ_OWN_DELTA", True)
 # The forward's and the dQ kernel's partial and full blocks in one loop on every mask
 # (kernels.forward.ONE_LOOP, kernels.backward.ONE_LOOP): the forward's time is the forward flag's,
 # the backward's the other's.
@@ -619,6 +621,9 @@ IMPLS = {
     "ours-dv-first": Impl("ours-dv-first", _ours_dv_first, True,
                           "kernels.flex_attention with backward.DKDV_DP_FIRST = False (the dK/dV kernel issues dV "
                           "before dP, as before the thirtieth session and PyTorch's template)"),
+    "ours-dq-own-delta": Impl("ours-dq-own-delta", _ours_dq_own_delta, True,
+                              "kernels.flex_attention with backward.DQ_OWN_DELTA (the dQ kernel computes its "
+                              "rows' delta and runs beside delta_kernel, which the dK/dV kernel then reads)"),
     "torch-compile": Impl("torch-compile", _torch_flex(None), True,
                           "torch.compile(flex_attention, dynamic=False), default mode"),
     "ours-out": Impl("ours-out", _ours_out, False,

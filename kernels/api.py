@@ -1034,14 +1034,15 @@ class _FlexFunction(torch.autograd.Function):
             # LSE's gradient to the max slot.
             mx = lse.new_empty(0)
         ctx.plan = plan
-        # The backward's CONCURRENT, SIDE_KERNEL, DQ_ATOMIC, ONE_LOOP, HEADS_IN_LOOP and DKDV_DP_FIRST
-        # as they were when the forward ran (a benchmark toggles them per call).
+        # The backward's CONCURRENT, SIDE_KERNEL, DQ_ATOMIC, ONE_LOOP, HEADS_IN_LOOP, DKDV_DP_FIRST and
+        # DQ_OWN_DELTA as they were when the forward ran (a benchmark toggles them per call).
         ctx.concurrent = plan.module("backward").CONCURRENT
         ctx.side = plan.module("backward").SIDE_KERNEL
         ctx.dq_atomic = plan.module("backward").DQ_ATOMIC
         ctx.one_loop = plan.module("backward").ONE_LOOP
         ctx.heads_in_loop = plan.module("backward").HEADS_IN_LOOP
         ctx.dp_first = plan.module("backward").DKDV_DP_FIRST
+        ctx.dq_own_delta = plan.module("backward").DQ_OWN_DELTA
         # Outputs that got no gradient arrive as None, not as materialised zeros: that saves two
         # memsets and the LSE-gradient pass of the common loss on ``out`` alone.
         ctx.set_materialize_grads(False)
@@ -1056,7 +1057,7 @@ class _FlexFunction(torch.autograd.Function):
         dq, dk, dv, dbufs = plan.module("backward").run_backward(
             plan, query, key, value, out, lse, dout, dlse, need_buffer_grads=any(ctx.needs_input_grad[4:]),
             concurrent=ctx.concurrent, side=ctx.side, dq_atomic=ctx.dq_atomic, one_loop=ctx.one_loop,
-            heads_in_loop=ctx.heads_in_loop, dp_first_flag=ctx.dp_first,
+            heads_in_loop=ctx.heads_in_loop, dp_first_flag=ctx.dp_first, dq_own_delta=ctx.dq_own_delta,
         )
         return (dq, dk, dv, None, *dbufs)
 

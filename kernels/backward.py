@@ -107,6 +107,15 @@ HEADS_IN_LOOP = False
 # loss is in how the dQ and dK/dV kernels share the GPU on their two streams, not explained yet.
 DKDV_DP_FIRST: Optional[bool] = None
 
+# DQ_OWN_DELTA: under CONCURRENT with the dQ kernel on the side (SIDE_KERNEL "dq"), the dQ kernel
+# computes its rows' delta and base-2 LSE itself (from O and dO, as without CONCURRENT, storing
+# nothing) and starts at once, while delta_kernel runs beside it on the caller's stream, for the
+# dK/dV kernel alone, which follows it there. delta_kernel reads O and dO once (about 50 us on the
+# H100 at B*S = 16k, Hq*D = 2048), a time in which neither gradient kernel ran; now the dQ kernel's
+# programs run through it. The dQ kernel's delta is summed in its own tile's order, so the two
+# kernels may see deltas a rounding apart (each gradient is computed with one delta throughout).
+DQ_OWN_DELTA = False
+
 
 @triton.jit
 def base2_scores(qk, SM_SCALE, PRESCALE: tl.constexpr):
@@ -420,7 +429,11 @@ def dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
     PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_LOOP: tl.constexpr = False,
+    STORE_STATS: tl.constexpr = True,
 ):
+    # Without DELTA_READY the program computes its rows' delta (and, with PRESCALE, the prescaled
+    # q) and with STORE_STATS stores them, with the base-2 LSE, for the dK/dV kernel launched next;
+    # without STORE_STATS (DQ_OWN_DELTA) delta_kernel does that beside it.
     # Query tiles run last-first: under a causal mask the last tiles have the
     # most blocks, and starting them first leaves the short ones for the tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -448,12 +461,13 @@ def dq_kernel(
         # float32 temporaries (about 0.2 ms at 16k x 2048).
         delta = row_delta(do, OUT + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh, DLSE,
                           stat, offs_m, offs_v, stride_om, stride_od, Q_LEN, V_DIM, V_PAD, Q_DIVISIBLE, HAS_DLSE)
-        # The dK/dV kernel, launched next, reads every row's delta and base-2 LSE.
-        tl.store(DELTA + stat, delta, mask=offs_m < Q_LEN)
-        tl.store(LSE2 + stat, lse2, mask=offs_m < Q_LEN)
+        if STORE_STATS:
+            # The dK/dV kernel, launched next, reads every row's delta and base-2 LSE.
+            tl.store(DELTA + stat, delta, mask=offs_m < Q_LEN)
+            tl.store(LSE2 + stat, lse2, mask=offs_m < Q_LEN)
     if PRESCALE:
         q = cast(q.to(tl.float32) * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
-        if not DELTA_READY:
+        if not DELTA_READY and STORE_STATS:
             # For the dK/dV kernel, launched next (see dkdv_tiles).
             qs_ptrs = (QS + off_z.to(tl.int64) * stride_qsz + off_h.to(tl.int64) * stride_qsh
                        + offs_m[:, None] * stride_qsm + offs_d[None, :] * stride_qsd)
@@ -591,7 +605,8 @@ def dkdv_kernel(
 def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_grads: bool,
                  concurrent: Optional[bool] = None, side: Optional[str] = "default",
                  dq_atomic: Optional[bool] = None, one_loop: Optional[bool] = None,
-                 heads_in_loop: Optional[bool] = None, dp_first_flag: Optional[bool] = "module"):
+                 heads_in_loop: Optional[bool] = None, dp_first_flag: Optional[bool] = "module",
+                 dq_own_delta: Optional[bool] = None):
     """Gradients for q, k, v and the learnable tensors of the score mod (in slot order).
     ``concurrent`` (default: ``CONCURRENT``) takes delta_kernel and, on CUDA, the side stream;
     ``side`` (default: ``SIDE_KERNEL``) which kernel runs there; ``dq_atomic`` (default:
@@ -600,7 +615,8 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     in one loop; ``heads_in_loop`` (default: ``HEADS_IN_LOOP``) walks a kv head's G query heads in
     the dK/dV kernel's loops together where the block mask has one head; ``dp_first_flag`` (default:
     ``DKDV_DP_FIRST`` as it is now; None: the rule, ``dp_first``) issues the dK/dV kernel's dP
-    before dV."""
+    before dV; ``dq_own_delta`` (default: ``DQ_OWN_DELTA``) lets the dQ kernel compute its own
+    delta and run beside delta_kernel (under ``concurrent`` with the dQ kernel on the side)."""
     import torch
 
     side = SIDE_KERNEL if side == "default" else side
@@ -659,7 +675,10 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     dq_atomic = DQ_ATOMIC if dq_atomic is None else dq_atomic
     # With DQ_ATOMIC the dK/dV kernel adds dQ into float32 rows [B, Hq, L, E], zeroed here.
     dqa = torch.zeros((B, Hq, L, E), dtype=torch.float32, device=dev) if dq_atomic else lse
-    if concurrent or dq_atomic:
+    dq_own_delta = DQ_OWN_DELTA if dq_own_delta is None else dq_own_delta
+    own_delta = dq_own_delta and concurrent and not dq_atomic and side == "dq"
+
+    def launch_delta():
         _runtime.launch(
             delta_kernel, (_runtime.cdiv(L, DELTA_ROWS), B * Hq),
             query, dout, out, dlse if dlse is not None else lse, delta, qs, lse, lse2,
@@ -668,9 +687,14 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
             BLOCK_M=DELTA_ROWS, Q_DIVISIBLE=L % DELTA_ROWS == 0, UPCAST=plan.interpret, num_warps=4, num_stages=1,
         )
 
+    if (concurrent or dq_atomic) and not own_delta:
+        launch_delta()
+
     def launch_dq():
+        # With own_delta the dQ kernel computes its rows' delta and stores nothing (STORE_STATS).
         _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2, bufs,
-                   concurrent, opt.bwd.options_for("BLOCK_M2", "BLOCK_N2"), one_loop)
+                   concurrent and not own_delta, opt.bwd.options_for("BLOCK_M2", "BLOCK_N2"), one_loop,
+                   store_stats=not own_delta)
 
     # DKDV_NUM_WARPS / DKDV_NUM_STAGES: the dK/dV kernel's own launch (the dQ kernel keeps bwd's).
     dkdv_launch = ({} if opt.dkdv_launch is None
@@ -703,15 +727,18 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         launch_dq()  # it computes delta and the base-2 LSE the dK/dV kernel reads
         launch_dkdv()
     elif dev.type != "cuda" or side is None:  # one stream (or none): dQ first under "dq", as on CUDA
-        for launch in ((launch_dq, launch_dkdv) if side == "dq" else (launch_dkdv, launch_dq)):
+        for launch in ((launch_dq, launch_delta, launch_dkdv) if own_delta
+                       else (launch_dq, launch_dkdv) if side == "dq" else (launch_dkdv, launch_dq)):
             launch()
     else:
         main = torch.cuda.current_stream(dev)
         stream = _side_stream(dev, high_priority=side == "dkdv")
-        stream.wait_stream(main)  # delta, the prescaled q and the inputs are ready
+        stream.wait_stream(main)  # delta, the prescaled q and the inputs are ready (own_delta: the inputs)
         first, second = (launch_dkdv, launch_dq) if side == "dkdv" else (launch_dq, launch_dkdv)
         with torch.cuda.stream(stream):
             first()
+        if own_delta:
+            launch_delta()  # beside the dQ kernel, for the dK/dV kernel that follows it here
         second()
         main.wait_stream(stream)  # the side kernel is done (and nothing it reads is freed early)
     if broadcast:
@@ -741,7 +768,7 @@ def _sparse_consts(sp, L: int, S: int) -> dict:
 
 
 def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2, bufs, delta_ready,
-               options=None, one_loop=False):
+               options=None, one_loop=False, store_stats=True):
     sp, B, Hq, L, S = plan.dq_sparse, plan.B, plan.Hq, plan.L, plan.S  # the dQ kernel walks its key lists
     kv_full_num = sp.full_kv_num if sp.has_full else sp.kv_num
     kv_full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
@@ -752,7 +779,7 @@ def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out
         *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dq.stride(), *out.stride(),
         *qs.stride(),
         plan.scale, Hq, L, S, plan.Bk, *sp.kv_idx.shape[:2], sp.kv_idx.shape[-2], sp.kv_idx.shape[-1],
-        HAS_DLSE=dlse is not None, DELTA_READY=delta_ready, ONE_LOOP=one_loop,
+        HAS_DLSE=dlse is not None, DELTA_READY=delta_ready, ONE_LOOP=one_loop, STORE_STATS=store_stats,
         BLOCK_M=tiles["BLOCK_M2"], BLOCK_N=tiles["BLOCK_N2"], **common, **_sparse_consts(sp, L, S),
         options=options,
     )

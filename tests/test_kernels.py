@@ -1211,34 +1211,52 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert "4 kernels compiled for sm_90, 0 failed" in done.stdout, done.stdout  # forward, delta, dQ, dK/dV
 
 
-def _separate_delta_case(device, sides=("dq",)):
+def _separate_delta_case(device, sides=("dq",), own_delta=False):
     """Backward with delta_kernel (backward.CONCURRENT) and without: gradients of a GQA case
     with a learnable table, an LSE gradient and PRESCALE_QK (delta_kernel then also writes the
     prescaled q the dK/dV kernel reads); the fused path first, then the concurrent one with each
-    of ``sides`` as backward.SIDE_KERNEL."""
+    of ``sides`` as backward.SIDE_KERNEL, then with ``own_delta`` the concurrent one with
+    backward.DQ_OWN_DELTA (the dQ kernel's own delta, delta_kernel beside it)."""
     from kernels import backward
 
     table = mods.bias.from_seed([4, 77, 90], seed=2, requires_grad=True, device=device)
     bm = create_block_mask(mods.causal(), 1, 1, 77, 90, device=device, BLOCK_SIZE=32)
     (q, k, v), do, dl = _inputs(2, 4, 2, 77, 90, 24, 40, torch.bfloat16, device, seed=5)
     results = []
-    for concurrent, side in [(False, "dq")] + [(True, side) for side in sides]:
-        backward.CONCURRENT, backward.SIDE_KERNEL = concurrent, side
+    variants = [(False, "dq", False)] + [(True, side, False) for side in sides] + [(True, "dq", True)] * own_delta
+    defaults = (backward.CONCURRENT, backward.SIDE_KERNEL, backward.DQ_OWN_DELTA)
+    for concurrent, side, own in variants:
+        backward.CONCURRENT, backward.SIDE_KERNEL, backward.DQ_OWN_DELTA = concurrent, side, own
         try:
             out, lse = kernels.flex_attention(q, k, v, table, bm, enable_gqa=True, return_lse=True,
                                               kernel_options={"PRESCALE_QK": True})
             grads = torch.autograd.grad((out * do).sum() + (lse * dl).sum(), (q, k, v, *table.tensors()))
         finally:
-            backward.CONCURRENT, backward.SIDE_KERNEL = True, "dq"
+            backward.CONCURRENT, backward.SIDE_KERNEL, backward.DQ_OWN_DELTA = defaults
         results.append(grads)
     return results
 
 
-def test_separate_delta_kernel_changes_nothing():
-    """Under the interpreter the delta_kernel path runs without streams: bit for bit the fused one."""
-    fused, separate = _separate_delta_case("cpu")
-    for a, b in zip(fused, separate):
-        assert torch.equal(a, b)
+def test_separate_delta_kernel_changes_nothing(monkeypatch):
+    """Under the interpreter the delta_kernel path runs without streams: bit for bit the fused one;
+    and so does DQ_OWN_DELTA's: the dQ kernel first, on its own delta and storing no statistics
+    (STORE_STATS off), then delta_kernel, then the dK/dV kernel on delta_kernel's."""
+    from kernels import _runtime
+
+    launch, order = _runtime.launch, []
+
+    def record(kernel, grid, *args, **kwargs):
+        order.append((kernel.fn.__name__, kwargs.get("STORE_STATS")))
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_runtime, "launch", record)
+    fused, separate, own = _separate_delta_case("cpu", own_delta=True)
+    for a, b, c in zip(fused, separate, own):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    backward_order = [name for name, _ in order if name in ("dq_kernel", "dkdv_kernel", "delta_kernel")]
+    assert backward_order == ["dq_kernel", "dkdv_kernel", "delta_kernel", "dq_kernel", "dkdv_kernel",
+                              "dq_kernel", "delta_kernel", "dkdv_kernel"]
+    assert [store for name, store in order if name == "dq_kernel"] == [True, True, False]
 
 
 def test_backward_side_kernel_is_checked():
@@ -1555,9 +1573,10 @@ def test_gpu_concurrent_backward_matches_the_oracle():
     close); and the oracle's verdict on the concurrent path."""
     from kernels import backward
 
-    fused, *separate = _separate_delta_case("cuda", sides=("dq", "dkdv", None))
-    for a, b in zip(fused, separate[0]):
+    fused, *separate, own = _separate_delta_case("cuda", sides=("dq", "dkdv", None), own_delta=True)
+    for a, b, c in zip(fused, separate[0], own):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(a, c, rtol=1e-2, atol=1e-3)  # DQ_OWN_DELTA: delta's sums in its own order
     for other in separate[1:]:
         for k, (a, b) in enumerate(zip(separate[0], other)):
             if k < 3:
