@@ -1100,8 +1100,12 @@ def flex_attention(
     set is refined to 64 x 64 for the forward when that lists at least 15 % fewer elements
     (``AUTO_REFINE``) and no forward tile of 128 is asked for, and, when a backward may follow,
     the dQ kernel's key lists and the dK/dV kernel's query lists are refined to those kernels'
-    own steps when that saves at least 5 % (``AUTO_REFINE_BWD``); setting either option to the
-    block size keeps the lists as they are. ``DKDV_NUM_WARPS`` and ``DKDV_NUM_STAGES`` launch the
+    own steps when that saves at least 5 % (``AUTO_REFINE_BWD``); without a score mod, on sm90 in
+    bf16 or fp16 at head dims 65 to 128, and with no backward tile, warps or stages option set,
+    both backward kernels instead take 64 x 64 tiles on 4 warps (``REFINED_BWD``) and lists
+    refined to 64 x 64 where those list at least 5 % fewer elements than the default tiles'
+    (``REFINED_BWD_SAVING``). Setting either REFINE option to the block size keeps the lists as
+    they are. ``DKDV_NUM_WARPS`` and ``DKDV_NUM_STAGES`` launch the
     backward's dK/dV kernel with warps and stages of its own (its tiles are ``BLOCK_M1`` and
     ``BLOCK_N1``); the dQ kernel keeps ``bwd_num_warps`` and ``bwd_num_stages``.
     """
