@@ -623,7 +623,8 @@ IMPLS = {
                           "before dP, as before the thirtieth session and PyTorch's template)"),
     "ours-dq-own-delta": Impl("ours-dq-own-delta", _ours_dq_own_delta, True,
                               "kernels.flex_attention with backward.DQ_OWN_DELTA (the dQ kernel computes its "
-                              "rows' delta and runs beside delta_kernel, which the dK/dV kernel then reads)"),
+                              "rows' delta and runs beside delta_kernel, which the dK/dV kernel then reads; slower on "
+                              "the H100, thirty-first session)"),
     "torch-compile": Impl("torch-compile", _torch_flex(None), True,
                           "torch.compile(flex_attention, dynamic=False), default mode"),
     "ours-out": Impl("ours-out", _ours_out, False,

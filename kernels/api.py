@@ -931,6 +931,9 @@ class Plan:
     # backward refinement took them (AUTO_REFINE_BWD; None: backward_sparse).
     sparse_dq: Optional[Sparse] = None
     sparse_dkdv: Optional[Sparse] = None
+    # Whether the backward took REFINED_BWD's tiles (the dK/dV kernel then issues dV first:
+    # kernels.backward.dp_first).
+    refined_bwd: bool = False
     # The backward's mods, compiled with DTYPE_ROUNDING's rounding (None: program).
     program_bwd: Optional[ModProgram] = None
     # The dK/dV kernel's, where kernels.mods.TANH_RCP_DKDV asks for its own (None: program_bwd).
@@ -1150,11 +1153,13 @@ def flex_attention(
     )
     options = _cached_options(kernel_options, **option_args)
     sparse_dq = sparse_dkdv = None
+    refined_bwd = False
     if (block_mask is not None and _grad_wanted(query, key, value, program)
             and _auto_refine_wanted(kernel_options, interpret)):
-        if (_refined_bwd_wanted(kernel_options, _arch(device, interpret), query.dtype, max(E, Ev), work,
-                                sparse_bwd.q_block, sparse_bwd.kv_block)
-                and _refined_bwd_saves(sparse_bwd, mask, B, Hq, L, S, options.bwd.tiles)):
+        refined_bwd = (_refined_bwd_wanted(kernel_options, _arch(device, interpret), query.dtype, max(E, Ev), work,
+                                           sparse_bwd.q_block, sparse_bwd.kv_block)
+                       and _refined_bwd_saves(sparse_bwd, mask, B, Hq, L, S, options.bwd.tiles))
+        if refined_bwd:
             options = _cached_options(kernel_options, refined_bwd=True, **option_args)
         sparse_dq, sparse_dkdv = _auto_refined_bwd(sparse_bwd, mask, B, Hq, L, S, options.bwd.tiles)
     for t in program.buffers:
@@ -1167,7 +1172,7 @@ def flex_attention(
         B=B, Hq=Hq, Hkv=Hkv, Bk=Bk, L=L, S=S, E=E, Ev=Ev,
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(E),
         program=program, program_bwd=program_bwd, program_dkdv=program_dkdv, sparse=sparse, sparse_bwd=sparse_bwd,
-        sparse_dq=sparse_dq, sparse_dkdv=sparse_dkdv,
+        sparse_dq=sparse_dq, sparse_dkdv=sparse_dkdv, refined_bwd=refined_bwd,
         options=options, interpret=interpret,
         fp32_precision="ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32",
         return_max=return_max,

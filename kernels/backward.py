@@ -100,11 +100,15 @@ HEADS_IN_LOOP = False
 # DKDV_DP_FIRST: the dK/dV kernel's dP product issued before its dV product (``dkdv_tiles``), so
 # that P's exp2 runs under dP and dS's arithmetic under dV (sm_90 SASS, document and softcap at
 # S=1k: 32 MUFU a trip under a product in flight, against none with dV first, PyTorch's order).
-# None (the default): where G = 1 (``dp_first``). On the H100 (docs/PERFORMANCE.md, thirtieth
-# session; ab.py, 5 rounds) the backward was 3 to 6.5 % faster on none, causal, alibi and softcap
-# (1k and 4k, D=128; 1.6 to 2.6 % at D=64) and unchanged on document, but 7 to 10 % slower on GQA
-# document (G = 4), although ncu timed its dK/dV kernel alone 1 % faster (431 against 435 us): the
-# loss is in how the dQ and dK/dV kernels share the GPU on their two streams, not explained yet.
+# None (the default): where G = 1, but not on kernels.api.REFINED_BWD's 4-warp tiles (``dp_first``).
+# On the H100 (docs/PERFORMANCE.md, thirtieth session; ab.py, 5 rounds) the backward was 3 to 6.5 %
+# faster on none, causal, alibi and softcap (1k and 4k, D=128; 1.6 to 2.6 % at D=64) and unchanged
+# on document, but 7 to 10 % slower on GQA document (G = 4), although ncu timed its dK/dV kernel
+# alone 1 % faster (431 against 435 us), and the profiler's steps, with a warm L2, 1 % faster too
+# (thirty-first session): the loss comes with the benchmarks' cold L2, not yet explained. On
+# REFINED_BWD's tiles, dP first spilled document's dK/dV kernel 116/160 bytes against 52/52 with dV
+# first, sliding window's 192/228 against 44/44 (sm_90, S=4k), and the backward was 4 to 5 % slower
+# on sliding window, equal on document (H100, thirty-first session).
 DKDV_DP_FIRST: Optional[bool] = None
 
 # DQ_OWN_DELTA: under CONCURRENT with the dQ kernel on the side (SIDE_KERNEL "dq"), the dQ kernel
@@ -114,6 +118,9 @@ DKDV_DP_FIRST: Optional[bool] = None
 # H100 at B*S = 16k, Hq*D = 2048), a time in which neither gradient kernel ran; now the dQ kernel's
 # programs run through it. The dQ kernel's delta is summed in its own tile's order, so the two
 # kernels may see deltas a rounding apart (each gradient is computed with one delta throughout).
+# Off: on the H100 (docs/PERFORMANCE.md, thirty-first session; bench.py, 3 interleaved rounds, D=128)
+# the backward was slower on every row timed: 2 to 3 % on document, 7 and 11 % on GQA document (1k,
+# 4k), 2 to 3 % on sliding window, 2 to 4 % with no mask (8-warp dQ programs).
 DQ_OWN_DELTA = False
 
 
@@ -715,7 +722,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
             *qs.stride(),
             plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
             GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable), DQ_ATOMIC=dq_atomic,
-            HEADS=dkdv_heads(plan.G, MH, heads_in_loop), DP_FIRST=dp_first(plan.G, dp_first_flag),
+            HEADS=dkdv_heads(plan.G, MH, heads_in_loop), DP_FIRST=dp_first(plan.G, dp_first_flag, plan.refined_bwd),
             BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **dict(common, **fns, **dkdv_launch),
             **_sparse_consts(sp, L, S), options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
         )
@@ -748,10 +755,11 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     return dq, dk, dv, dbufs
 
 
-def dp_first(G: int, flag: Optional[bool]) -> bool:
+def dp_first(G: int, flag: Optional[bool], refined_bwd: bool = False) -> bool:
     """Whether the dK/dV kernel issues dP before dV, by ``flag`` (``DKDV_DP_FIRST``): True
-    everywhere, None (the default) where each program has one query head (G = 1), False nowhere."""
-    return flag if flag is not None else G == 1
+    everywhere, None (the default) where each program has one query head (G = 1) and the backward
+    is not on ``kernels.api.REFINED_BWD``'s tiles (``refined_bwd``), False nowhere."""
+    return flag if flag is not None else G == 1 and not refined_bwd
 
 
 def dkdv_heads(G: int, sparse_heads: int, heads_in_loop: bool) -> int:

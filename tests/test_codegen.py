@@ -243,29 +243,33 @@ def test_out_alone_forward_takes_its_own_reciprocal():
 
 
 def test_dkdv_loop_runs_the_exponentials_under_the_dp_product():
-    """``benchmarks/codegen.py --loops`` on bench.py's document, softcap and GQA document rows
-    (bf16, D=128, S=1k): where G = 1 every loop of the dK/dV kernel issues its products as Q K^T,
-    dP, dV, dK (``kernels.backward.DKDV_DP_FIRST``), and at least the trip's 32 exp2 per thread
-    (P's) issue while a product is in flight. On sm_90 the warpgroup products run in issue order
-    and only the accumulating ones (dV, dK) stay in flight past a wait: with dV issued first
-    (PyTorch's order, ours before the thirtieth session) dP waited behind it and no MUFU
-    instruction ran under a product (0 a trip). GQA document (G = 4) keeps dV first, where the
-    H100 measured dP first slower (docs/PERFORMANCE.md, thirtieth session)."""
-    out = _run("--masks", "document,softcap,gqa_document", "--seqlens", "1k", "--head-dims", "128", "--loops",
+    """``benchmarks/codegen.py --loops`` on bench.py's prefix LM, softcap and document rows (bf16,
+    D=128, S=1k): where G = 1 on the default tiles every loop of the dK/dV kernel issues its
+    products as Q K^T, dP, dV, dK (``kernels.backward.DKDV_DP_FIRST``), and at least the trip's 32
+    exp2 per thread (P's) issue while a product is in flight. On sm_90 the warpgroup products run
+    in issue order and only the accumulating ones (dV, dK) stay in flight past a wait: with dV
+    issued first (PyTorch's order, ours before the thirtieth session) dP waited behind it and no
+    MUFU instruction ran under a product (0 a trip). The document row takes
+    ``kernels.api.REFINED_BWD``'s 4-warp tiles (prefix LM's lists save under 5 % and softcap has
+    a score mod), on which dV stays first: dP first spilled more there and was slower on the
+    H100 (docs/PERFORMANCE.md, thirty-first session)."""
+    out = _run("--masks", "prefix_lm,softcap,document", "--seqlens", "1k", "--head-dims", "128", "--loops",
                script=ROOT / "benchmarks" / "codegen.py")
     kernel, seen = None, []
     for line in out.splitlines():
-        row = re.match(r"(\w+) S=\d+ D=\d+\s+(\w+)\s", line)
+        row = re.match(r"(\w+) S=\d+ D=\d+\s+(\w+)\s+(\S+)\s+(\d+)\s", line)
         if row:
             kernel = row.groups()
             continue
         products = re.search(r"products ([\dx ]+); (\d+) MUFU under a product in flight", line)
         if products and kernel[1] == "dkdv_kernel":
             seen.append(kernel[0])
-            issued = products.group(1).split()  # GQA's loop over heads holds its two inner loops
-            if kernel[0] == "gqa_document":
+            issued = products.group(1).split()
+            if kernel[0] == "document":  # REFINED_BWD: 64 x 64 tiles on 4 warps, dV first
+                assert (kernel[2], kernel[3]) == ("BLOCK_M=64,BLOCK_N=64", "4"), (kernel, line)
                 assert issued == ["64x64", "64x128", "64x64", "64x128"] * (len(issued) // 4), (kernel, line)
                 continue
+            assert kernel[3] == "8", (kernel, line)
             assert issued == ["64x64", "64x64", "64x128", "64x128"] * (len(issued) // 4), (kernel, line)
             assert int(products.group(2)) >= 32, (kernel, line)
-    assert [seen.count(m) for m in ("document", "softcap", "gqa_document")] == [2, 2, 3], out
+    assert [seen.count(m) for m in ("prefix_lm", "softcap", "document")] == [2, 2, 2], out

@@ -603,11 +603,20 @@ def test_refined_backward_tiles_end_to_end(monkeypatch):
     in both kernels, and the oracle agrees, GQA and a key tail included; a causal mask on a block
     of 128 (at L=S=256 the 64 x 64 lists drop a quarter of each diagonal block, 17 % of the
     elements) takes it, the same mask with a
-    backward launch option keeps the default tiles (on which nothing is refined)."""
-    from kernels import api
+    backward launch option keeps the default tiles (on which nothing is refined). On the rule's
+    tiles the dK/dV kernel issues dV first (G = 1 included), on the default ones dP first."""
+    from kernels import _runtime, api
 
     seen = _open_automatic_refinement(monkeypatch, "_auto_refined_bwd")
     monkeypatch.setattr(api, "_arch", lambda device, interpret: "sm90")
+    launch, dp_first = _runtime.launch, []
+
+    def record(kernel, grid, *args, **kwargs):
+        if kernel.fn.__name__ == "dkdv_kernel":
+            dp_first.append(kwargs["DP_FIRST"])
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_runtime, "launch", record)
     L, S = 256, 250
     mask_mod = mods.document.from_seed(L, 5, 3, kv_length=S)
     check(B=1, Hq=2, Hkv=1, L=L, S=S, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128)
@@ -619,6 +628,7 @@ def test_refined_backward_tiles_end_to_end(monkeypatch):
     check(B=1, Hq=1, L=L, S=L, E=128, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128,
           kernel_options={"bwd_num_warps": 8})
     assert seen[-1] == (None, None)
+    assert dp_first == [False, False, True]
 
 
 @pytest.mark.gpu
