@@ -725,11 +725,12 @@ AUTO_REFINE_BWD_SAVING = 0.05
 # each) where the default tiles fit one, so that one program's prologue and epilogue run under the
 # other's loop; and the 64 x 64 lists skip what the 128-wide steps computed and masked. Measured on
 # the H100 (docs/PERFORMANCE.md, thirty-first session; ab.py, backward, against the default tiles):
-# document 7 % (S=4k) and 12 % (1k) faster, GQA document 8 % and 12 %, sliding window 3 to 4 %,
-# causal at 1k 2 % (10 to 15 %, 6 % and 6 % fewer elements); where the lists save under 5 % it
-# lost 1 to 4 % (prefix LM 1k: 4 % fewer elements, 1 % slower; causal 4k, block-sparse, no mask),
-# and with a score mod much more at S=4k (softcap 9 %, ALiBi 7 %), hence no score mod.
-# None switches it off.
+# document 7 % (S=4k, 10 % fewer elements) and 12 % (1k, 15 % fewer) faster, GQA document 8 % and
+# 12 %, sliding window 3 to 4 % (6 % fewer), causal at 1k 2 % (6 % fewer); where the lists save
+# under 5 % it lost 1 to 4 % (prefix LM 1k: 4 % fewer elements, 1 % slower; causal 4k, block-sparse,
+# no mask), and with a score mod much more at S=4k (softcap 9 %, ALiBi 7 %), hence no score mod.
+# On these tiles the dK/dV kernel issues dV before dP (kernels.backward.dp_first). None switches
+# it off.
 REFINED_BWD: Optional[tuple] = (64, 64, 64, 64, 4, 2)
 REFINED_BWD_SAVING = 0.05
 
