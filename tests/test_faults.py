@@ -218,7 +218,12 @@ def test_a_crash_is_flagged_and_a_hang_is_killed():
 
 
 def test_the_ci_sample_is_killed():
-    results = faults.run_faults(CI_SAMPLE, **BUDGETS["ci"], seed=0, device="cpu", jobs=2)
+    """Each fault of the CI sample is found within the CI budget's examples. Shrinking gets 2 s a
+    fault here, not the budget's 20: what is asserted is the kill and its first case, and the
+    shrinking took about half of this test's time (the CI run's slowest, 185 s on 2 cores);
+    `flex-oracle fault run --sample` shrinks on the whole budget."""
+    budget = dict(BUDGETS["ci"], shrink_seconds=2.0)
+    results = faults.run_faults(CI_SAMPLE, **budget, seed=0, device="cpu", jobs=2)
     assert [r.name for r in results] == list(CI_SAMPLE)
     assert all(r.status == "killed" for r in results), faults.format_table(results)
     for r in results:

@@ -112,13 +112,15 @@ def test_emulated_gluon_backward_as_accurate_as_ours(case):
 
 
 @pytest.mark.parametrize("dq,q_block,case", [("shared", 128, c) for c in ("none", "document", "softcap causal",
-                                                                          "gqa causal", "document tails L=S=1000")]
+                                                                          "gqa causal")]
                          + [(dq, 64, c) for dq in ("warpgroup", "shared") for c in ("causal", "document",
-                                                                                    "softcap causal")]
-                         + [("warpgroup", 64, "document tails L=S=1000")])
+                                                                                    "softcap causal")])
 def test_emulated_gluon_backward_variants_as_accurate_as_ours(dq, q_block, case):
     """The same for dQ shared between the consumers (they meet on the ds_ready barriers) and the
-    q-side lists refined to 64 rows, on the cases that exercise them."""
+    q-side lists refined to 64 rows, on the cases that exercise them. The tails case (L=S=1000)
+    runs for the default variant above and for dQ shared on 64-row lists below (three more
+    schedules); its shared-128 and warpgroup-64 runs here took 57 s of the CPU CI's time
+    (thirty-first session) and were dropped to keep the run under its limit."""
     sys.path.insert(0, str(ROOT))
     from benchmarks import gluon_probe_bwd
 
