@@ -437,7 +437,7 @@ _ours_bwd_unrefined = _ours_with("api", "AUTO_REFINE_BWD", False)
 # No dQ kernel: the dK/dV kernel adds dQ with atomics (kernels.backward.DQ_ATOMIC).
 _ours_dq_atomic = _ours_with("backward", "DQ_ATOMIC", True)
 # The dK/dV kernel's dP before dV for every G, or dV first everywhere (kernels.backward.DKDV_DP_FIRST;
-# the default takes dP first where G = 1).
+# the default takes dP first where G = 1, but not on kernels.api.REFINED_BWD's tiles).
 _ours_dp_first = _ours_with("backward", "DKDV_DP_FIRST", True)
 _ours_dv_first = _ours_with("backward", "DKDV_DP_FIRST", False)
 # The dQ kernel on its own delta, beside delta_kernel (kernels.backward.DQ_OWN_DELTA).
@@ -617,7 +617,7 @@ IMPLS = {
                                "head's query heads in each loop where the block mask has one head)"),
     "ours-dp-first": Impl("ours-dp-first", _ours_dp_first, True,
                           "kernels.flex_attention with backward.DKDV_DP_FIRST = True (the dK/dV kernel issues dP "
-                          "before dV for every G; the default does where G = 1)"),
+                          "before dV for every G; the default does where G = 1, but not on REFINED_BWD's tiles)"),
     "ours-dv-first": Impl("ours-dv-first", _ours_dv_first, True,
                           "kernels.flex_attention with backward.DKDV_DP_FIRST = False (the dK/dV kernel issues dV "
                           "before dP, as before the thirtieth session and PyTorch's template)"),
