@@ -205,13 +205,15 @@ def parse_kernel_options(
     kernel_options: Optional[dict], *, dtype, head_dim: int, q_block: int, kv_block: int,
     device: torch.device, interpret: bool, work: Optional[str] = None,
     bwd_blocks: Optional[tuple] = None, refined_fwd: bool = False, refined_bwd: bool = False,
+    short_fwd: bool = False,
 ) -> Options:
     """Validate ``kernel_options`` (PyTorch's names) and fill in the defaults
     (``work``: the config row, see ``work_kind``). Forward tiles divide ``q_block`` /
     ``kv_block``, backward tiles ``bwd_blocks`` (default the same: they differ when the
     forward walks refined lists); ``refined_fwd`` takes ``REFINED_FWD_LAUNCH``'s warps and
     stages for a forward on automatically refined lists, unless the options set them;
-    ``refined_bwd`` takes ``REFINED_BWD`` for the backward's default tiles and launch."""
+    ``refined_bwd`` takes ``REFINED_BWD`` for the backward's default tiles and launch;
+    ``short_fwd`` takes ``SHORT_ROWS_FWD`` for the forward's (``_short_fwd_wanted``)."""
     opts = dict(kernel_options or {})
     if kernel_options is not None and not isinstance(kernel_options, dict):
         raise TypeError(f"Expected kernel_options to be a dict or None, got {type(kernel_options).__name__}.")
@@ -237,6 +239,8 @@ def parse_kernel_options(
         qb, kb = (q_block, kv_block) if phase == "fwd" or bwd_blocks is None else bwd_blocks
         if phase == "fwd" and refined_fwd:
             default = default[:-2] + REFINED_FWD_LAUNCH
+        if phase == "fwd" and short_fwd:
+            default = SHORT_ROWS_FWD
         if phase == "bwd" and refined_bwd:
             default = REFINED_BWD
         for k, name in enumerate(names):
@@ -735,6 +739,42 @@ REFINED_BWD: Optional[tuple] = (64, 64, 64, 64, 4, 2)
 REFINED_BWD_SAVING = 0.05
 
 
+# The forward on 64 x 64 tiles, 4 warps and 3 stages where its rows are short (sm90, bf16 or fp16,
+# padded head dim 64 or 128, no forward tile or launch option set): where the query tiles' rows list
+# at most SHORT_ROWS_FWD_MAX_KEYS keys on average (``Sparse.mean_row_keys``, partial and full
+# blocks together; S without a block mask), the forward takes SHORT_ROWS_FWD, (BLOCK_M, BLOCK_N,
+# warps, stages), in place of the default row's tiles (D=128: 128 x 128 on 8 warps, one program a
+# multiprocessor; D=64: 128 x 128 or, with a score mod, 128 x 64 on 4 warps). Four programs of a
+# quarter the size each hide one another's prologue and epilogue, the cost a short row pays once
+# per few steps. Measured on the H100 (docs/PERFORMANCE.md, thirty-second session; ab.py, forward,
+# bench.py's shapes, B*S = 16k) against the default tiles, D=128, mean keys a row in brackets:
+# faster at S=1k on every row (causal 4.5 %, none 4.5 % (1024), block-sparse 11 %, softcap 11 %,
+# ALiBi 8.6 %), at S=2k without a mask 2.4 % (2048), at S=4k on causal 2.7 % (2112), sliding window
+# 2.6 %, prefix LM 1.8 %, GQA causal 2.8 %, softcap 6.6 %, ALiBi 7.7 %; at S=8k still 0.5 to 3.5 %
+# (4160 and more), but without a mask at S=4k 2.0 % slower (4096), and at S=16k causal 4.6 % and
+# softcap 1.6 % slower (8256). D=64 was 2.5 to 7 % faster on every row timed (S=1k and 4k; softcap
+# also at 16k), none above the cap but softcap. The cap keeps the 4096-key dense row out; the 8k
+# rows' small gains are left. fp16: softcap 8 % and causal 4.5 % faster at S=1k. None switches it
+# off.
+SHORT_ROWS_FWD: Optional[tuple] = (64, 64, 4, 3)
+SHORT_ROWS_FWD_MAX_KEYS = 3072
+
+
+def _short_fwd_wanted(kernel_options, arch: str, dtype, head_dim: int, q_block: int, kv_block: int) -> bool:
+    """Whether a call's forward may take ``SHORT_ROWS_FWD`` (before its rows' length is read):
+    sm90, bf16 or fp16, a padded head dim of 64 or 128, blocks that its tiles divide, and no
+    option that sets a forward tile, warps or stages (the caller's choice stands)."""
+    if SHORT_ROWS_FWD is None or arch != "sm90" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if max(16, _runtime.next_power_of_2(head_dim)) not in (64, 128):
+        return False
+    if q_block % SHORT_ROWS_FWD[0] or kv_block % SHORT_ROWS_FWD[1]:
+        return False
+    opts = kernel_options if isinstance(kernel_options, dict) else {}
+    names = _TILE_KEYS["fwd"] + _LAUNCH_KEYS
+    return all(opts.get(n) is None for n in (*names, *(f"fwd_{n}" for n in names)))
+
+
 def _refine_option(kernel_options, q_block: int, kv_block: int) -> tuple:
     """``(REFINE_Q_BLOCK, REFINE_KV_BLOCK)`` of ``kernel_options``, checked: each None, or a power
     of two >= 16 that divides the block mask's Q_BLOCK / KV_BLOCK (None where it equals it:
@@ -1152,6 +1192,10 @@ def flex_attention(
         device=device, interpret=interpret, work=work,
         bwd_blocks=(sparse_bwd.q_block, sparse_bwd.kv_block), refined_fwd=auto,
     )
+    if (not auto and _short_fwd_wanted(kernel_options, _arch(device, interpret), query.dtype, max(E, Ev),
+                                       sparse.q_block, sparse.kv_block)
+            and (S if block_mask is None else sparse.mean_row_keys(L)) <= SHORT_ROWS_FWD_MAX_KEYS):
+        option_args["short_fwd"] = True
     options = _cached_options(kernel_options, **option_args)
     sparse_dq = sparse_dkdv = None
     refined_bwd = False

@@ -631,6 +631,91 @@ def test_refined_backward_tiles_end_to_end(monkeypatch):
     assert dp_first == [False, False, True]
 
 
+def test_short_rows_forward_only_where_the_rule_was_measured():
+    """SHORT_ROWS_FWD is considered on sm90, in bf16 or fp16, at a padded head dim of 64 or 128,
+    for blocks its tiles divide and no forward tile or launch option (a backward option leaves it
+    be); it then gives the forward its tiles, warps and stages, and the backward keeps its own."""
+    from kernels import api
+
+    want = lambda opts=None, arch="sm90", dtype=torch.bfloat16, d=128, qb=128, kb=128: (  # noqa: E731
+        api._short_fwd_wanted(opts, arch, dtype, d, qb, kb))
+    assert want() and want(dtype=torch.float16) and want(d=96) and want(d=64) and want(d=33)
+    assert want(opts={"bwd_num_warps": 8, "BLOCK_M1": 64, "PRESCALE_QK": True})
+    assert not want(arch="sm80") and not want(arch="interp") and not want(dtype=torch.float32)
+    assert not want(d=32) and not want(d=256) and not want(qb=32) and not want(kb=96)
+    for key in ("BLOCK_M", "fwd_BLOCK_N", "num_warps", "fwd_num_stages", "num_stages", "fwd_num_warps"):
+        assert not want(opts={key: 4 if "num" in key else 64}), key
+    before = api.SHORT_ROWS_FWD
+    api.SHORT_ROWS_FWD = None
+    try:
+        assert not want()
+    finally:
+        api.SHORT_ROWS_FWD = before
+    for short in (False, True):
+        opts = api.parse_kernel_options(None, dtype=torch.bfloat16, head_dim=128, q_block=128, kv_block=128,
+                                        device=torch.device("cpu"), interpret=True, work="scored", short_fwd=short)
+        default = api._default_config("interp", torch.bfloat16, 128, "scored")
+        fwd = api.SHORT_ROWS_FWD if short else default[0]
+        assert (*opts.fwd.tiles.values(), opts.fwd.num_warps, opts.fwd.num_stages) == fwd
+        assert (*opts.bwd.tiles.values(), opts.bwd.num_warps, opts.bwd.num_stages) == default[1]
+
+
+def test_short_rows_forward_end_to_end(monkeypatch):
+    """The rule through flex_attention (on the GPU only; here with the arch taken for sm90 under
+    the interpreter): a causal mask's rows (192 keys on average at L=S=256, blocks of 128) and a
+    call without a mask (S keys) take SHORT_ROWS_FWD, and the oracle agrees, GQA, a score mod, a
+    query tail and fp16 at D=64 included; rows over the cap, or a forward launch option, keep the
+    default row's tiles."""
+    from kernels import _runtime, api
+
+    monkeypatch.setattr(api, "_arch", lambda device, interpret: "sm90")
+    launch, seen = _runtime.launch, []
+
+    def record(kernel, grid, *args, **kwargs):
+        if kernel.fn.__name__ == "forward_kernel":
+            seen.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_runtime, "launch", record)
+    short = api.SHORT_ROWS_FWD
+    default = api._default_config("sm90", torch.bfloat16, 128, "masked")[0]
+    run = dict(E=128, dtype=torch.bfloat16, grads=False, block_size=128)
+    check(B=1, Hq=2, Hkv=1, L=250, S=256, mask_mod=mods.causal(), score_mod=mods.tanh_softcap(20.0), **run)
+    check(B=1, Hq=1, L=200, S=256, **run)
+    check(B=1, Hq=1, L=256, S=256, **{**run, "E": 64, "dtype": torch.float16}, mask_mod=mods.causal())
+    assert seen == [short] * 3
+    monkeypatch.setattr(api, "SHORT_ROWS_FWD_MAX_KEYS", 191)  # the causal rows' mean, 192, is over it
+    check(B=1, Hq=1, L=256, S=256, mask_mod=mods.causal(), **run)
+    check(B=1, Hq=1, L=256, S=256, mask_mod=mods.causal(), kernel_options={"fwd_num_warps": 8}, **run)
+    assert seen[3:] == [default, default]
+
+
+@pytest.mark.gpu
+def test_gpu_short_rows_forward_matches_the_oracle(monkeypatch):
+    """On the H100's arch the forward of short rows takes SHORT_ROWS_FWD (64 x 64, 4 warps, 3
+    stages): a causal softcap with GQA and a query tail in bf16 at D=128, no mask in fp16 at D=64,
+    each against the oracle, backward included; a forward launch option keeps the default."""
+    from kernels import _runtime, api
+
+    if api._arch(torch.device("cuda"), False) != "sm90":
+        pytest.skip("SHORT_ROWS_FWD is an sm90 rule; this GPU is older")
+    launch, seen = _runtime.launch, []
+
+    def record(kernel, grid, *args, **kwargs):
+        if kernel.fn.__name__ == "forward_kernel":
+            seen.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_runtime, "launch", record)
+    check(B=2, Hq=8, Hkv=2, L=1000, S=1024, E=128, dtype=torch.bfloat16, mask_mod=mods.causal(),
+          score_mod=mods.tanh_softcap(30.0), block_size=128, device="cuda")
+    check(B=2, Hq=4, L=1024, S=1024, E=64, dtype=torch.float16, device="cuda")
+    assert seen == [api.SHORT_ROWS_FWD] * 2
+    check(B=1, Hq=4, L=1024, S=1024, E=128, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128,
+          kernel_options={"fwd_num_warps": 8}, device="cuda")
+    assert seen[2] == api._default_config("sm90", torch.bfloat16, 128, "masked")[0]
+
+
 @pytest.mark.gpu
 def test_gpu_automatic_refinement_matches_the_oracle():
     """A document mask on 128 x 128 blocks takes the refined forward on the GPU, and the
