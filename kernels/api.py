@@ -114,6 +114,9 @@ class Options:
 # 32x32 tiles, and 2.5 s against 6.0 s at E=40, Ev=24 (the former 128x32). The
 # fuzzer compiles anew for nearly every case, and float32 cases were a third of
 # its GPU time. Run-time cost: benchmarks/fp32_tiles.py (docs/FAULTS.md).
+# Where rows are short, SHORT_ROWS_FWD replaces the sm90 bf16 / fp16 forward tiles at D=64 and
+# 128 (below, with the thirty-second session's H100 timings), as REFINED_FWD_LAUNCH and
+# REFINED_BWD replace them on refined lists.
 _CONFIGS = {
     ("sm90", None): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 2)),
     ("sm90", torch.bfloat16, 64, None): ((128, 128, 4, 3), (64, 64, 64, 64, 4, 3)),
@@ -743,19 +746,25 @@ REFINED_BWD_SAVING = 0.05
 # padded head dim 64 or 128, no forward tile or launch option set): where the query tiles' rows list
 # at most SHORT_ROWS_FWD_MAX_KEYS keys on average (``Sparse.mean_row_keys``, partial and full
 # blocks together; S without a block mask), the forward takes SHORT_ROWS_FWD, (BLOCK_M, BLOCK_N,
-# warps, stages), in place of the default row's tiles (D=128: 128 x 128 on 8 warps, one program a
-# multiprocessor; D=64: 128 x 128 or, with a score mod, 128 x 64 on 4 warps). Four programs of a
-# quarter the size each hide one another's prologue and epilogue, the cost a short row pays once
-# per few steps. Measured on the H100 (docs/PERFORMANCE.md, thirty-second session; ab.py, forward,
-# bench.py's shapes, B*S = 16k) against the default tiles, D=128, mean keys a row in brackets:
-# faster at S=1k on every row (causal 4.5 %, none 4.5 % (1024), block-sparse 11 %, softcap 11 %,
-# ALiBi 8.6 %), at S=2k without a mask 2.4 % (2048), at S=4k on causal 2.7 % (2112), sliding window
-# 2.6 %, prefix LM 1.8 %, GQA causal 2.8 %, softcap 6.6 %, ALiBi 7.7 %; at S=8k still 0.5 to 3.5 %
-# (4160 and more), but without a mask at S=4k 2.0 % slower (4096), and at S=16k causal 4.6 % and
-# softcap 1.6 % slower (8256). D=64 was 2.5 to 7 % faster on every row timed (S=1k and 4k; softcap
-# also at 16k), none above the cap but softcap. The cap keeps the 4096-key dense row out; the 8k
-# rows' small gains are left. fp16: softcap 8 % and causal 4.5 % faster at S=1k. None switches it
-# off.
+# warps, stages), in place of the default row's (D=128: 128 x 128 on 8 warps, one program a
+# multiprocessor, 242 to 255 registers and 229,376 bytes of shared memory; D=64: 128 x 128, or
+# 128 x 64 with a score mod, on 4 warps). On its tiles two programs fit a multiprocessor at D=128
+# (168 registers, 114,688 bytes), so that one's prologue and epilogue, which a short row pays
+# once per few steps, run under the other's loop. Measured on the H100 (docs/PERFORMANCE.md,
+# thirty-second session; ab.py, forward, bench.py's shapes, B*S = 16k, bf16) against the default
+# tiles, D=128, the rows' mean keys in brackets:
+#   faster at S=1k on every row: none 4.5 % (1024), causal 4.5 % (576), sliding window and prefix
+#   LM 4.9 %, GQA causal 5.1 %, block-sparse 11 %, ALiBi 8.6 %, softcap 11 %;
+#   at S=2k without a mask 2.4 % (2048); at S=4k causal 2.7 % (2112), sliding window 2.7 %, prefix
+#   LM 2.0 %, GQA causal 2.9 %, block-sparse 5.2 %, ALiBi 7.8 %, softcap 6.6 %;
+#   at S=8k (4160 and more) 0.5 to 3.5 %, sliding window at 16k 2.5 % (about 1100);
+#   slower without a mask at S=4k, 2.1 % (4096), and at S=16k causal 4.6 % and softcap 1.6 %
+#   (8256; ALiBi 1.3 % faster).
+# The cap keeps the dense 4k row out, and with it the 8k rows' small gains. fp16: softcap 8 to 9 %
+# faster at S=1k and 4k, causal 4.9 % at 1k. D=64 was faster on every row timed: none 2.7 % (1k)
+# and 2.6 % (4k, over the cap), causal 7.2 % and 2.7 %, softcap 8.2 %, 4.4 % and 3.6 % (16k, over
+# the cap), ALiBi 2.8 % and 0.2 %, block-sparse and sliding window at 4k 6.5 % and 6.9 %; its cap
+# could be higher, but its long dense and causal rows are untimed. None switches it off.
 SHORT_ROWS_FWD: Optional[tuple] = (64, 64, 4, 3)
 SHORT_ROWS_FWD_MAX_KEYS = 3072
 
@@ -1149,7 +1158,10 @@ def flex_attention(
     both backward kernels instead take 64 x 64 tiles on 4 warps (``REFINED_BWD``) and lists
     refined to 64 x 64 where those list at least 5 % fewer elements than the default tiles'
     (``REFINED_BWD_SAVING``). Setting either REFINE option to the block size keeps the lists as
-    they are. ``DKDV_NUM_WARPS`` and ``DKDV_NUM_STAGES`` launch the
+    they are. On sm90 in bf16 or fp16 at head dims 33 to 128, a forward whose rows list at most
+    3072 keys on average (S without a block mask) and that no forward tile, warps or stages option
+    sets runs on 64 x 64 tiles, 4 warps and 3 stages (``SHORT_ROWS_FWD``); the mean is read back
+    once per block mask. ``DKDV_NUM_WARPS`` and ``DKDV_NUM_STAGES`` launch the
     backward's dK/dV kernel with warps and stages of its own (its tiles are ``BLOCK_M1`` and
     ``BLOCK_N1``); the dQ kernel keeps ``bwd_num_warps`` and ``bwd_num_stages``.
     """

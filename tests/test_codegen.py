@@ -211,8 +211,10 @@ def test_softcap_forward_with_the_lse_costs_few_instructions_per_score():
     """``benchmarks/codegen.py --loops --forward-only --lse`` on bench.py's softcap and causal rows
     (bf16, D=128): a forward that returns the float32 LSE takes the exact mods, the softcap's
     rational (``kernels.mods.TANH_NUM``), and costs at most 11.75 instructions per score over
-    causal, one of them MUFU (its reciprocal): 11.4 (1,452 a trip against 720), and an issue-bound
-    loop (2,904 issue clocks a trip against 2,048 of tensor). Eigen's 13/6 with ``cap`` applied
+    causal, one of them MUFU (its reciprocal): 11.3 on ``kernels.api.SHORT_ROWS_FWD``'s 64 x 64 /
+    4 warps, which S=1k takes (833 a trip against causal's one loop, 471; 32 scores a thread), and
+    an issue-bound loop (833 issue clocks a trip against 512 of tensor); 11.4 on the 128 x 128 / 8
+    warps S=1k took before (1,452 against 720; 2,904 issue clocks against 2,048). Eigen's 13/6 with ``cap`` applied
     after it and the scale before it, before the twenty-eighth session, cost 16.4; the 9/6 rational
     with a multiply by log2(e) before the maximum (no RAW_MAX after a score mod), 12.4."""
     out = _run("--masks", "causal,softcap", "--seqlens", "1k", "--head-dims", "128", "--loops", "--forward-only",
