@@ -631,6 +631,21 @@ def test_refined_backward_tiles_end_to_end(monkeypatch):
     assert dp_first == [False, False, True]
 
 
+def _record_forward_launches(monkeypatch) -> list:
+    """Record each forward kernel launch's (BLOCK_M, BLOCK_N, warps, stages)."""
+    from kernels import _runtime
+
+    launch, seen = _runtime.launch, []
+
+    def record(kernel, grid, *args, **kwargs):
+        if kernel.fn.__name__ == "forward_kernel":
+            seen.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_runtime, "launch", record)
+    return seen
+
+
 def test_short_rows_forward_only_where_the_rule_was_measured():
     """SHORT_ROWS_FWD is considered on sm90, in bf16 or fp16, at a padded head dim of 64 or 128,
     for blocks its tiles divide and no forward tile or launch option (a backward option leaves it
@@ -666,17 +681,10 @@ def test_short_rows_forward_end_to_end(monkeypatch):
     call without a mask (S keys) take SHORT_ROWS_FWD, and the oracle agrees, GQA, a score mod, a
     query tail and fp16 at D=64 included; rows over the cap, or a forward launch option, keep the
     default row's tiles."""
-    from kernels import _runtime, api
+    from kernels import api
 
     monkeypatch.setattr(api, "_arch", lambda device, interpret: "sm90")
-    launch, seen = _runtime.launch, []
-
-    def record(kernel, grid, *args, **kwargs):
-        if kernel.fn.__name__ == "forward_kernel":
-            seen.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
-        return launch(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(_runtime, "launch", record)
+    seen = _record_forward_launches(monkeypatch)
     short = api.SHORT_ROWS_FWD
     default = api._default_config("sm90", torch.bfloat16, 128, "masked")[0]
     run = dict(E=128, dtype=torch.bfloat16, grads=False, block_size=128)
@@ -695,18 +703,11 @@ def test_gpu_short_rows_forward_matches_the_oracle(monkeypatch):
     """On the H100's arch the forward of short rows takes SHORT_ROWS_FWD (64 x 64, 4 warps, 3
     stages): a causal softcap with GQA and a query tail in bf16 at D=128, no mask in fp16 at D=64,
     each against the oracle, backward included; a forward launch option keeps the default."""
-    from kernels import _runtime, api
+    from kernels import api
 
     if api._arch(torch.device("cuda"), False) != "sm90":
         pytest.skip("SHORT_ROWS_FWD is an sm90 rule; this GPU is older")
-    launch, seen = _runtime.launch, []
-
-    def record(kernel, grid, *args, **kwargs):
-        if kernel.fn.__name__ == "forward_kernel":
-            seen.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
-        return launch(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(_runtime, "launch", record)
+    seen = _record_forward_launches(monkeypatch)
     check(B=2, Hq=8, Hkv=2, L=1000, S=1024, E=128, dtype=torch.bfloat16, mask_mod=mods.causal(),
           score_mod=mods.tanh_softcap(30.0), block_size=128, device="cuda")
     check(B=2, Hq=4, L=1024, S=1024, E=64, dtype=torch.float16, device="cuda")
