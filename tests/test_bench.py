@@ -469,7 +469,10 @@ def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
     only), and bench.py's ours-out (out alone: the forward's fast tanh), each checked against
     the oracle; every variant's generated score function differs from ours (ours-rational's,
     ours-rcp's, ours-newton's and ours-grad-mul's only where bf16 takes the fast tanh); and
-    ours-dkdv-mufu (kernels.mods.TANH_RCP_DKDV) and ours-out-fwd-split4 (TANH_RCP_FWD, out alone) run."""
+    ours-dkdv-mufu (kernels.mods.TANH_RCP_DKDV) and ours-out-fwd-split4 (TANH_RCP_FWD, out alone) run.
+    ours-eigen, ours-exp2 and ours-grad-mul are only compared as sources: their runs took 20 s of
+    the CPU CI's time (thirty-second session), and each is a score function that the run's other
+    variants show the benchmark compiles and checks the same way."""
     from kernels import mods
 
     spec = importlib.util.spec_from_file_location("flex_oracle_softcap_tanh", ROOT / "benchmarks" / "softcap_tanh.py")
@@ -504,8 +507,7 @@ def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
     env.pop("OUT", None)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "softcap_tanh.py"), "--device", "cpu", "--quick",
-         "--impls", "ours,ours-eigen,ours-fdiv,ours-exp2,ours-rational,ours-out,ours-grad-mul,ours-dkdv-mufu,"
-         "ours-out-fwd-split4", "--masks",
+         "--impls", "ours,ours-fdiv,ours-rational,ours-out,ours-dkdv-mufu,ours-out-fwd-split4", "--masks",
          "softcap", "--no-decode",
          "--json", str(path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
@@ -513,8 +515,8 @@ def test_softcap_tanh_variants_run_and_pass_the_oracle_check(tmp_path):
     assert proc.returncode == 0, f"exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     results = json.loads(path.read_text())["cases"][0]["results"]
     assert {r["impl"]: r["status"] for r in results} == {
-        "ours": "ok", "ours-eigen": "ok", "ours-fdiv": "ok", "ours-exp2": "ok", "ours-rational": "ok", "ours-out": "ok",
-        "ours-grad-mul": "ok", "ours-dkdv-mufu": "ok", "ours-out-fwd-split4": "ok"}
+        "ours": "ok", "ours-fdiv": "ok", "ours-rational": "ok", "ours-out": "ok", "ours-dkdv-mufu": "ok",
+        "ours-out-fwd-split4": "ok"}
 
 
 # --------------------------------------------------------------------------
