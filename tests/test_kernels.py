@@ -608,7 +608,7 @@ def test_refined_backward_tiles_end_to_end(monkeypatch):
     from kernels import _runtime, api
 
     seen = _open_automatic_refinement(monkeypatch, "_auto_refined_bwd")
-    monkeypatch.setattr(api, "_arch", lambda device, interpret: "sm90")
+    _as_sm90(monkeypatch)
     launch, dp_first = _runtime.launch, []
 
     def record(kernel, grid, *args, **kwargs):
@@ -629,6 +629,16 @@ def test_refined_backward_tiles_end_to_end(monkeypatch):
           kernel_options={"bwd_num_warps": 8})
     assert seen[-1] == (None, None)
     assert dp_first == [False, False, True]
+
+
+def _as_sm90(monkeypatch) -> None:
+    """Take the arch for sm90 (the interpreter still runs the kernels), with a parsed-options
+    cache of the test's own: its keys hold no arch, so options parsed for the interpreter's rows
+    by an earlier test in this process would be taken here, and this test's sm90 rows there."""
+    from kernels import api
+
+    monkeypatch.setattr(api, "_arch", lambda device, interpret: "sm90")
+    monkeypatch.setattr(api, "_OPTIONS_CACHE", {})
 
 
 def _record_forward_launches(monkeypatch) -> list:
@@ -683,7 +693,7 @@ def test_short_rows_forward_end_to_end(monkeypatch):
     default row's tiles."""
     from kernels import api
 
-    monkeypatch.setattr(api, "_arch", lambda device, interpret: "sm90")
+    _as_sm90(monkeypatch)
     seen = _record_forward_launches(monkeypatch)
     short = api.SHORT_ROWS_FWD
     default = api._default_config("sm90", torch.bfloat16, 128, "masked")[0]
