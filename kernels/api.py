@@ -632,6 +632,23 @@ def _auto_refined_bwd(sparse: Sparse, mask_mod, B, Hq, L, S, tiles: dict) -> tup
     return (refined(tiles["BLOCK_M2"], tiles["BLOCK_N2"]), refined(tiles["BLOCK_M1"], tiles["BLOCK_N1"]))
 
 
+# The options that set a phase's tiles, warps or stages, under both of their names (and the dK/dV
+# kernel's own launch for the backward): where one is set, the automatic rules leave that phase's
+# tiles and launch to the caller (_refined_bwd_wanted, _short_fwd_wanted).
+_LAUNCH_OPTION_NAMES = {
+    phase: (*(_TILE_KEYS[phase] + _LAUNCH_KEYS), *(f"{phase}_{n}" for n in _TILE_KEYS[phase] + _LAUNCH_KEYS),
+            *(("DKDV_NUM_WARPS", "DKDV_NUM_STAGES") if phase == "bwd" else ()))
+    for phase in ("fwd", "bwd")
+}
+
+
+def _launch_given(kernel_options, phase: str) -> bool:
+    """Whether ``kernel_options`` sets any of ``phase``'s tiles, warps or stages."""
+    if not isinstance(kernel_options, dict):
+        return False
+    return any(kernel_options.get(n) is not None for n in _LAUNCH_OPTION_NAMES[phase])
+
+
 def _refined_bwd_wanted(kernel_options, arch: str, dtype, head_dim: int, work: Optional[str],
                         q_block: int, kv_block: int) -> bool:
     """Whether a call's backward may take ``REFINED_BWD`` (before counting what it saves): a
@@ -644,10 +661,7 @@ def _refined_bwd_wanted(kernel_options, arch: str, dtype, head_dim: int, work: O
         return False
     if q_block % REFINED_BWD[0] or kv_block % REFINED_BWD[1]:
         return False
-    opts = kernel_options if isinstance(kernel_options, dict) else {}
-    names = _TILE_KEYS["bwd"] + _LAUNCH_KEYS
-    given = [*names, *(f"bwd_{n}" for n in names), "DKDV_NUM_WARPS", "DKDV_NUM_STAGES"]
-    return all(opts.get(n) is None for n in given)
+    return not _launch_given(kernel_options, "bwd")
 
 
 def _refined_bwd_saves(sparse: Sparse, mask_mod, B, Hq, L, S, tiles: dict) -> bool:
@@ -779,9 +793,7 @@ def _short_fwd_wanted(kernel_options, arch: str, dtype, head_dim: int, q_block: 
         return False
     if q_block % SHORT_ROWS_FWD[0] or kv_block % SHORT_ROWS_FWD[1]:
         return False
-    opts = kernel_options if isinstance(kernel_options, dict) else {}
-    names = _TILE_KEYS["fwd"] + _LAUNCH_KEYS
-    return all(opts.get(n) is None for n in (*names, *(f"fwd_{n}" for n in names)))
+    return not _launch_given(kernel_options, "fwd")
 
 
 def _refine_option(kernel_options, q_block: int, kv_block: int) -> tuple:

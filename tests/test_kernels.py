@@ -572,7 +572,7 @@ def test_refined_backward_tiles_where_the_lists_save(row, L, taken):
         api.REFINED_BWD_SAVING = before
 
 
-def test_refined_backward_tiles_only_where_the_rule_was_measured():
+def test_refined_backward_tiles_only_where_the_rule_was_measured(monkeypatch):
     """REFINED_BWD is considered for a block mask without a score mod, sm90, bf16 or fp16 at a
     padded head dim of 128, blocks that 64 divides, and no backward tile or launch option; and
     then gives both kernels its tiles, warps and stages."""
@@ -585,12 +585,9 @@ def test_refined_backward_tiles_only_where_the_rule_was_measured():
     assert not want(dtype=torch.float32) and not want(d=64) and not want(d=256) and not want(qb=32)
     for key in ("bwd_BLOCK_M1", "BLOCK_N2", "num_warps", "bwd_num_stages", "DKDV_NUM_WARPS", "DKDV_NUM_STAGES"):
         assert not want(opts={key: 4 if "NUM" in key.upper() else 64}), key
-    before = api.REFINED_BWD
-    api.REFINED_BWD = None
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(api, "REFINED_BWD", None)
         assert not want()
-    finally:
-        api.REFINED_BWD = before
     opts = api.parse_kernel_options(None, dtype=torch.bfloat16, head_dim=128, q_block=128, kv_block=128,
                                     device=torch.device("cpu"), interpret=True, work="masked", refined_bwd=True)
     assert tuple(opts.bwd.tiles.values()) == api.REFINED_BWD[:4]
@@ -656,7 +653,7 @@ def _record_forward_launches(monkeypatch) -> list:
     return seen
 
 
-def test_short_rows_forward_only_where_the_rule_was_measured():
+def test_short_rows_forward_only_where_the_rule_was_measured(monkeypatch):
     """SHORT_ROWS_FWD is considered on sm90, in bf16 or fp16, at a padded head dim of 64 or 128,
     for blocks its tiles divide and no forward tile or launch option (a backward option leaves it
     be); it then gives the forward its tiles, warps and stages, and the backward keeps its own."""
@@ -670,12 +667,9 @@ def test_short_rows_forward_only_where_the_rule_was_measured():
     assert not want(d=32) and not want(d=256) and not want(qb=32) and not want(kb=96)
     for key in ("BLOCK_M", "fwd_BLOCK_N", "num_warps", "fwd_num_stages", "num_stages", "fwd_num_warps"):
         assert not want(opts={key: 4 if "num" in key else 64}), key
-    before = api.SHORT_ROWS_FWD
-    api.SHORT_ROWS_FWD = None
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(api, "SHORT_ROWS_FWD", None)
         assert not want()
-    finally:
-        api.SHORT_ROWS_FWD = before
     for short in (False, True):
         opts = api.parse_kernel_options(None, dtype=torch.bfloat16, head_dim=128, q_block=128, kv_block=128,
                                         device=torch.device("cpu"), interpret=True, work="scored", short_fwd=short)
