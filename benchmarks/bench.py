@@ -434,6 +434,8 @@ _ours_dkdv_side = _ours_with("backward", "SIDE_KERNEL", "dkdv")
 _ours_one_stream = _ours_with("backward", "SIDE_KERNEL", None)
 # Without the automatic backward refinement (kernels.api.AUTO_REFINE_BWD).
 _ours_bwd_unrefined = _ours_with("api", "AUTO_REFINE_BWD", False)
+# The forward on the refined 64 x 64 blocks where it would walk shifted windows (kernels.api.AUTO_SHIFT).
+_ours_unshifted = _ours_with("api", "AUTO_SHIFT", False)
 # No dQ kernel: the dK/dV kernel adds dQ with atomics (kernels.backward.DQ_ATOMIC).
 _ours_dq_atomic = _ours_with("backward", "DQ_ATOMIC", True)
 # The dK/dV kernel's dP before dV for every G, or dV first everywhere (kernels.backward.DKDV_DP_FIRST;
@@ -593,6 +595,9 @@ IMPLS = {
     "ours-bwd-unrefined": Impl("ours-bwd-unrefined", _ours_bwd_unrefined, True,
                                "kernels.flex_attention without the automatic backward refinement "
                                "(AUTO_REFINE_BWD=False)"),
+    "ours-unshifted": Impl("ours-unshifted", _ours_unshifted, True,
+                           "kernels.flex_attention without the forward's shifted windows (AUTO_SHIFT=False): "
+                           "the refined 64 x 64 blocks"),
     "ours-fused": Impl("ours-fused", _ours_fused, True,
                        "kernels.flex_attention without backward.CONCURRENT (delta in the dQ kernel, one stream)"),
     "ours-dkdv-side": Impl("ours-dkdv-side", _ours_dkdv_side, True,

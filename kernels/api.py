@@ -375,7 +375,13 @@ def _validate(query, key, value, scale, enable_gqa):
 
 @dataclass
 class Sparse:
-    """Block lists as contiguous int32 tensors ``[MB, MH, rows(, cols)]``."""
+    """Block lists as contiguous int32 tensors ``[MB, MH, rows(, cols)]``.
+
+    ``kv_unit`` (shifted windows, ``_shifted_kv``; the forward's alone): the kv lists hold each
+    window's first key (1: in keys) where they otherwise hold block numbers (None), each window
+    ``kv_block`` keys long; ``kv_overrun``, whether a partial window ends past the keys. Such lists
+    have no q-side lists (empty tensors): only the forward walks them.
+    """
 
     q_block: int
     kv_block: int
@@ -388,6 +394,8 @@ class Sparse:
     full_q_num: Optional[torch.Tensor]
     full_q_idx: Optional[torch.Tensor]
 
+    kv_unit: Optional[int] = None
+    kv_overrun: bool = False
     _row_keys: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -597,6 +605,181 @@ def _refined_lists(sparse: Sparse, mask_mod, B, Hq, L, S, sub: Optional[int], q_
     return refined
 
 
+def _served_cells(mask_mod, ent: torch.Tensor, MB: int, MH: int, B: int, Hq: int, L: int, S: int,
+                  n_rows: int, n_cols: int):
+    """``mask_mod`` over rectangles of ``n_rows`` queries x ``n_cols`` keys, one per row of ``ent``
+    ``[n, 4]`` (list batch, list head, first query, first key), for every (b, h) the lists serve
+    (b = mb + MB * t while b < B, likewise h). Returns ``(allowed [n, served, n_rows, n_cols]``,
+    False out of range, ``inside [n, 1, n_rows, n_cols])``."""
+    device = ent.device
+    nb, nh = (B if MB == 1 else 1), (Hq if MH == 1 else 1)
+    n = ent.shape[0]
+    bs = torch.arange(nb, device=device).view(1, nb, 1) * MB
+    hs = torch.arange(nh, device=device).view(1, 1, nh) * MH
+    b = (ent[:, 0].view(n, 1, 1) + bs).expand(n, nb, nh).reshape(n, nb * nh, 1, 1)
+    h = (ent[:, 1].view(n, 1, 1) + hs).expand(n, nb, nh).reshape(n, nb * nh, 1, 1)
+    q = ent[:, 2].view(n, 1, 1, 1) + torch.arange(n_rows, device=device).view(1, 1, n_rows, 1)
+    kv = ent[:, 3].view(n, 1, 1, 1) + torch.arange(n_cols, device=device).view(1, 1, 1, n_cols)
+    inside = (q < L) & (kv < S)
+    if mask_mod is None:  # PyTorch's noop mask
+        return inside.expand(n, nb * nh, n_rows, n_cols), inside
+    allowed = torch.as_tensor(mask_mod(b, h, q.clamp(max=L - 1), kv.clamp(max=S - 1)), device=device)
+    return allowed.expand(n, nb * nh, n_rows, n_cols) & inside, inside
+
+
+def _chunks(ent: torch.Tensor, per: int):
+    """``ent``'s rows in chunks of about 2**24 cells, ``per`` cells a row."""
+    step = max(1, (1 << 24) // max(per, 1))
+    for start in range(0, ent.shape[0], step):
+        yield ent[start:start + step]
+
+
+def _shifted_kv(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int,
+                window: int = 64, q_tile: int = 64) -> Optional[Sparse]:
+    """The forward's lists as shifted windows: for each tile of ``q_tile`` queries, the keys its
+    rows may attend (the relation of SPEC section 3's ``semantics="blocks"``: every key of a full
+    block, the keys ``mask_mod`` allows in a partial one) covered by disjoint windows of ``window``
+    keys that start at any key, where refined lists (``_refine_kv``) cover them with blocks that
+    start at multiples of their length. Left to right, each window starts at the first key not yet
+    covered that some row of the tile (of any (b, h) the lists serve) may attend; one that would
+    end past S moves left to end at S, with the windows before it that it would overlap, while
+    they stay at or after key 0 (else the window ends past S: ``kv_overrun``). A window is
+    full where every row of the tile inside L may attend every key of it, partial otherwise.
+
+    A document of n keys then takes ceil(n / 64) windows from its first key, where 64-key blocks
+    take one more wherever its ends fall inside blocks; at S=4k with about 12 documents the
+    windows list 1.22 times the allowed elements, against 1.31 for 64 x 64 blocks, and 34 % of
+    them partial against 40 % (docs/PERFORMANCE.md, thirty-third session).
+
+    A partial window's keys run through ``mask_mod`` in the kernel, whichever block they lie in,
+    so the windows hold only where ``mask_mod`` agrees with the block mask on them: True on a full
+    block's elements, False on an unlisted block's (``create_block_mask``'s masks agree; a block
+    mask sparser than its mask_mod, or a full block its mask_mod masks, need not). That is checked
+    on every partial window's elements; where it fails, or the tables would hold more than
+    ``SHIFT_MAX_CELLS`` entries, or S < window, None.
+
+    The result's kv lists hold each window's first key (``kv_unit`` 1), partial and full lists
+    padded to one width; it has no q-side lists, and only the forward walks it.
+    """
+    MB, MH, nQ, nKV = sparse.kv_idx.shape
+    qb, kb = sparse.q_block, sparse.kv_block
+    if sparse.kv_unit or qb % q_tile or S < window:
+        return None
+    rq = qb // q_tile
+    n_rows = nQ * rq
+    if MB * MH * n_rows * S > SHIFT_MAX_CELLS:
+        return None
+    device = sparse.kv_idx.device
+    member = _runtime.module("decode").membership(sparse)  # [MB, MH, nQ, nKV]: 0, 1 partial, 2 full
+    # Per (list row of q_tile queries, key): some served row may attend it (any_k) / every served
+    # row inside L may (all_k).
+    any_k = torch.zeros(MB, MH, n_rows, nKV, kb, dtype=torch.bool, device=device)
+    all_k = torch.zeros_like(any_k)
+    arange_rq = torch.arange(rq, device=device)
+    tile_in = torch.arange(n_rows, device=device) * q_tile < L
+    col_in = (torch.arange(nKV * kb, device=device) < S).view(nKV, kb)
+    full = torch.nonzero(member == 2)
+    if full.numel():
+        n = full.shape[0]
+        sub_rows = full[:, 2].view(n, 1) * rq + arange_rq.view(1, rq)
+        val = tile_in[sub_rows].view(n, rq, 1) & col_in[full[:, 3]].view(n, 1, kb)
+        at = (full[:, 0].view(n, 1), full[:, 1].view(n, 1), sub_rows, full[:, 3].view(n, 1))
+        any_k[at] = val
+        all_k[at] = val
+    part = torch.nonzero(member == 1)
+    nb, nh = (B if MB == 1 else 1), (Hq if MH == 1 else 1)
+    for ent in _chunks(part, nb * nh * qb * kb):
+        n = ent.shape[0]
+        corner = torch.stack([ent[:, 0], ent[:, 1], ent[:, 2] * qb, ent[:, 3] * kb], 1)
+        allowed, inside = _served_cells(mask_mod, corner, MB, MH, B, Hq, L, S, qb, kb)
+        cells = allowed.reshape(n, nb * nh, rq, q_tile, kb)
+        row_in = inside.any(-1).reshape(n, 1, rq, q_tile, 1)
+        sub_rows = ent[:, 2].view(n, 1) * rq + arange_rq.view(1, rq)
+        at = (ent[:, 0].view(n, 1), ent[:, 1].view(n, 1), sub_rows, ent[:, 3].view(n, 1))
+        any_k[at] = cells.any(dim=3).any(dim=1)
+        all_k[at] = (cells | ~row_in).all(dim=3).all(dim=1) & row_in.any(dim=3)[:, 0]
+    rows = MB * MH * n_rows
+    any_k = any_k.view(rows, nKV * kb)[:, :S]
+    all_k = all_k.view(rows, nKV * kb)[:, :S]
+
+    # The greedy windows, every list row at once: next_key[j] is the first key >= j some row may
+    # attend (S where none), and each step places one window per row.
+    keys = torch.arange(S, device=device)
+    sentinel = torch.full((rows, 1), S, dtype=torch.long, device=device)
+    next_key = torch.where(any_k, keys, S).flip(-1).cummin(-1).values.flip(-1)
+    next_key = torch.cat([next_key, sentinel], 1)
+    end = torch.zeros(rows, dtype=torch.long, device=device)
+    starts = []
+    while True:
+        w = next_key.gather(1, end.clamp(max=S).view(rows, 1)).view(rows)
+        valid = w < S
+        if not bool(valid.any()):
+            break
+        starts.append(torch.where(valid, w, -1))
+        end = torch.where(valid, w + window, S)
+    if not starts:
+        starts.append(torch.full((rows,), -1, dtype=torch.long, device=device))
+    w = torch.stack(starts, 1)  # [rows, K], -1: no window
+    listed = w >= 0
+    # A row whose last window still ends past S (its windows run back to back up to it): those
+    # windows move left together, each to end where the next starts, while they stay clear of the
+    # one before and of key 0. Few rows (the last document's), so on the host.
+    late = torch.nonzero((listed & (w + window > S)).any(1)).flatten().tolist()
+    if late:
+        fixed = w[late].tolist()
+        for row in fixed:
+            n = sum(1 for x in row if x >= 0)
+            new = row[:n]
+            new[-1] = S - window
+            i = n - 1
+            while i > 0 and new[i - 1] + window > new[i]:
+                new[i - 1] = new[i] - window
+                i -= 1
+            if new[0] >= 0:
+                row[:n] = new
+        w[late] = torch.tensor(fixed, dtype=w.dtype, device=device)
+    w0 = w.clamp(min=0)
+    stop = (w0 + window).clamp(max=S)
+    allowed_prefix = torch.cat([sentinel * 0, all_k.cumsum(-1)], 1)
+    is_full = listed & (w0 + window <= S) & (
+        allowed_prefix.gather(1, stop) - allowed_prefix.gather(1, w0) == window)
+    is_part = listed & ~is_full
+
+    # The check: on every partial window, mask_mod True on a full block's elements and False on
+    # an unlisted block's (rows inside L, keys inside S).
+    pw = torch.nonzero(is_part)  # [P, 2]: list row, slot
+    if pw.numel():
+        r = pw[:, 0]
+        mb, rest = r // (MH * n_rows), r % (MH * n_rows)
+        mh, t = rest // n_rows, rest % n_rows
+        first = w[pw[:, 0], pw[:, 1]]
+        ents = torch.stack([mb, mh, t * q_tile, first], 1)
+        for ent in _chunks(ents, nb * nh * q_tile * window):
+            n = ent.shape[0]
+            allowed, inside = _served_cells(mask_mod, ent, MB, MH, B, Hq, L, S, q_tile, window)
+            kv_blocks = ((ent[:, 3].view(n, 1) + torch.arange(window, device=device).view(1, window)) // kb)
+            kv_blocks = kv_blocks.clamp(max=nKV - 1)
+            q_blocks = (ent[:, 2] // qb).view(n, 1)
+            kind = member[ent[:, 0].view(n, 1), ent[:, 1].view(n, 1), q_blocks, kv_blocks].view(n, 1, 1, window)
+            bad = inside & (((kind == 2) & ~allowed) | ((kind == 0) & allowed))
+            if bool(bad.any()):
+                return None
+
+    def lists(sel):
+        order = torch.sort((~sel).to(torch.uint8), dim=-1, stable=True).indices
+        idx = torch.where(sel, w0, 0).gather(1, order)
+        return (sel.sum(-1).to(torch.int32).view(MB, MH, n_rows).contiguous(),
+                idx.to(torch.int32).view(MB, MH, n_rows, -1).contiguous())
+
+    kv_num, kv_idx = lists(is_part)
+    full_num, full_idx = lists(is_full)
+    overrun = bool((is_part & (w0 + window > S)).any())
+    empty_num = torch.zeros(MB, MH, 0, dtype=torch.int32, device=device)
+    empty_idx = torch.zeros(MB, MH, 0, 0, dtype=torch.int32, device=device)
+    return Sparse(q_tile, window, kv_num, kv_idx, full_num, full_idx, empty_num, empty_idx, None, None,
+                  kv_unit=1, kv_overrun=overrun)
+
+
 _AUTO_DECIDED: dict = {}
 
 
@@ -608,6 +791,27 @@ def _auto_refined(sparse: Sparse, mask_mod, B, Hq, L, S) -> Optional[Sparse]:
     if sub is None or mask_mod is None or sparse.q_block != 128 or sparse.kv_block != 128:
         return None
     return _refined_if_saving(sparse, mask_mod, B, Hq, L, S, sub, sub, AUTO_REFINE_SAVING)
+
+
+def _auto_shifted(sparse: Sparse, refined: Sparse, mask_mod, B, Hq, L, S) -> Optional[Sparse]:
+    """The forward's shifted windows (``AUTO_SHIFT``) in place of the automatically ``refined``
+    lists of ``sparse``, or None where they save less than ``AUTO_SHIFT_SAVING`` of the refined
+    lists' elements or are not to be had; decided once per block lists and mask mod."""
+    if not AUTO_SHIFT or L < 128:  # (shorter queries take the decode kernel, on block lists)
+        return None
+    key = (id(sparse), id(mask_mod), B, Hq, L, S, "shifted")
+    hit = _AUTO_DECIDED.get(key)
+    if hit is not None and hit[0] is sparse and hit[1] is mask_mod:
+        return hit[2]
+    shifted = _shifted_kv(sparse, mask_mod, B, Hq, L, S, refined.kv_block, refined.q_block)
+    chosen = None
+    if shifted is not None:
+        before, after = torch.stack([_listed(refined), _listed(shifted)]).tolist()
+        chosen = shifted if after <= (1.0 - AUTO_SHIFT_SAVING) * before else None
+    if len(_AUTO_DECIDED) > 16:
+        _AUTO_DECIDED.clear()
+    _AUTO_DECIDED[key] = (sparse, mask_mod, chosen)
+    return chosen
 
 
 def _auto_refined_bwd(sparse: Sparse, mask_mod, B, Hq, L, S, tiles: dict) -> tuple:
@@ -727,6 +931,16 @@ _REFINE_TILES = {
 AUTO_REFINE: Optional[int] = 64
 AUTO_REFINE_SAVING = 0.15
 REFINED_FWD_LAUNCH = (4, 3)
+
+# Shifted windows for the forward (``_shifted_kv``): where the automatic refinement is taken, the
+# forward walks 64-key windows that start at any key in place of the refined 64 x 64 blocks, when
+# they list at least AUTO_SHIFT_SAVING fewer elements than those blocks. On bench.py's document
+# rows (about 12 documents) they list 10.8 % fewer at S=1k and 6.7 % fewer at 4k, 0.7 % at 16k
+# (not taken). False switches it off. SHIFT_MAX_CELLS bounds the host tables (list rows x keys)
+# the windows are chosen on: 4M at S=16k for a block mask of one batch and head.
+AUTO_SHIFT = True
+AUTO_SHIFT_SAVING = 0.05
+SHIFT_MAX_CELLS = 1 << 26
 
 # Automatic refinement of the backward's lists (on the GPU, under the same gate): one axis
 # per kernel at its own step, so the tiles stay as they are (_auto_refined_bwd), where that
@@ -1163,7 +1377,10 @@ def flex_attention(
     rounding since full blocks run after partial ones; ``_refine_kv``; the backward walks the
     block mask's own lists). On the GPU a block mask of 128 x 128 blocks with neither option
     set is refined to 64 x 64 for the forward when that lists at least 15 % fewer elements
-    (``AUTO_REFINE``) and no forward tile of 128 is asked for, and, when a backward may follow,
+    (``AUTO_REFINE``) and no forward tile of 128 is asked for (and then walks 64-key windows that
+    start at any key, where those list at least 5 % fewer elements than the 64 x 64 blocks and the
+    mask agrees with the block mask on their keys: ``AUTO_SHIFT``, ``_shifted_kv``), and, when a
+    backward may follow,
     the dQ kernel's key lists and the dK/dV kernel's query lists are refined to those kernels'
     own steps when that saves at least 5 % (``AUTO_REFINE_BWD``); without a score mod, on sm90 in
     bf16 or fp16 at head dims 65 to 128, and with no backward tile, warps or stages option set,
@@ -1197,7 +1414,8 @@ def flex_attention(
         elif _auto_refine_wanted(kernel_options, interpret) and _fwd_tiles_fit(kernel_options, AUTO_REFINE):
             refined = _auto_refined(sparse, mask, B, Hq, L, S)
             if refined is not None:
-                sparse, auto = refined, True
+                shifted = _auto_shifted(sparse, refined, mask, B, Hq, L, S)
+                sparse, auto = (refined if shifted is None else shifted), True
     program = _cached_program(score, mask, interpret)
     program_bwd = program_dkdv = None
     rounding = DTYPE_ROUNDING.get(query.dtype, 0.0)

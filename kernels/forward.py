@@ -188,7 +188,7 @@ def forward_tiles(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV: tl.constexpr,
     KV_DIVISIBLE: tl.constexpr, ROWS_SAFE: tl.constexpr, CONTIGUOUS: tl.constexpr,
     PRESCALE: tl.constexpr, RAW_MAX: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    EAGER_MASK: tl.constexpr = False,
+    EAGER_MASK: tl.constexpr = False, KV_UNIT: tl.constexpr = 0,
 ):
     """Fold the row's listed KV blocks into (acc, l_i, m_i); base-2 units throughout.
 
@@ -210,8 +210,13 @@ def forward_tiles(
     full list ``FIDX``, ``num_blocks`` in all; the mask is applied on the steps of the first part.
     Two loops (IS_FULL false, then true) drain the pipeline between them, and the second one's
     first K and V tiles are loaded with nothing to hide them behind.
+
+    KV_UNIT: the keys a list entry counts in; 0, the block's own length (SPARSE_KV). The shifted
+    windows (``kernels.api._shifted_kv``) list each window's first key (KV_UNIT 1): SPARSE_KV keys
+    from any key on, so that a window need not start at a multiple of its length.
     """
     TILES: tl.constexpr = SPARSE_KV // BLOCK_N
+    UNIT: tl.constexpr = SPARSE_KV if KV_UNIT == 0 else KV_UNIT
     offs_d = tl.arange(0, QK_PAD)
     offs_v = tl.arange(0, V_PAD)
     first, f_first, kv_block = list_start(IDX, FIDX, num_part, MIXED)
@@ -223,7 +228,7 @@ def forward_tiles(
     # One flat loop over every tile of every listed block, so that Triton's
     # pipeliner prefetches the next tile's K and V across block boundaries too.
     for it in range(0, num_blocks * TILES):
-        start_n = kv_block * SPARSE_KV + (it % TILES) * BLOCK_N
+        start_n = kv_block * UNIT + (it % TILES) * BLOCK_N
         if MIXED:
             kv_block = next_listed_of_two(IDX, FIDX, first, f_first, it, num_part, num_blocks, TILES, CONTIGUOUS)
         else:
@@ -309,7 +314,7 @@ def forward_kernel(
     ROWS_SAFE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr, RAW_MAX: tl.constexpr,
     OUTPUT_LSE: tl.constexpr, OUTPUT_MAX: tl.constexpr,
     FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_LOOP: tl.constexpr = False,
-    ONE_LOOP_EAGER_MASK: tl.constexpr = False,
+    ONE_LOOP_EAGER_MASK: tl.constexpr = False, KV_UNIT: tl.constexpr = 0, PART_KV_DIVISIBLE: tl.constexpr = True,
 ):
     # Query tiles run last-first: under a causal mask the last tiles have the
     # most blocks, and starting them first leaves the short ones for the tail.
@@ -353,7 +358,8 @@ def forward_kernel(
             off_z, off_h, offs_m, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
             SCORE_FN, MASK_FN, HAS_SCORE, False, True,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
-            KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, ONE_LOOP_EAGER_MASK,
+            PART_KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, ONE_LOOP_EAGER_MASK,
+            KV_UNIT=KV_UNIT,
         )
     else:
         acc, l_i, m_i = forward_tiles(
@@ -362,7 +368,7 @@ def forward_kernel(
             off_z, off_h, offs_m, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
             SCORE_FN, MASK_FN, HAS_SCORE, False, False,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
-            KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST,
+            PART_KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, KV_UNIT=KV_UNIT,
         )
         if HAS_FULL:
             full_idx = FULL_IDX + row.to(tl.int64) * NUM_KV_SPARSE
@@ -373,7 +379,7 @@ def forward_kernel(
                 off_z, off_h, offs_m, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
                 SCORE_FN, MASK_FN, HAS_SCORE, True, False,
                 QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
-                KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST,
+                KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, KV_UNIT=KV_UNIT,
             )
 
     # A fully masked row has l = 0 and m = -inf: out = 0 and lse = -inf.
@@ -436,6 +442,11 @@ def run_forward(plan, query, key, value):
     full_num = sp.full_kv_num if sp.has_full else sp.kv_num
     full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
     MB, MH, nQ, nKV = sp.kv_idx.shape
+    if sp.kv_unit:
+        # Shifted windows: a full one lies inside the keys, a partial one may end past them.
+        kv_divisible, part_kv_divisible = True, not sp.kv_overrun
+    else:
+        kv_divisible = part_kv_divisible = plan.S % sp.kv_block == 0
     _runtime.launch(
         forward_kernel, grid,
         query, key, value, out, lse, mx if plan.return_max else lse,
@@ -448,7 +459,8 @@ def run_forward(plan, query, key, value):
         QK_DIM=plan.E, V_DIM=Ev, QK_PAD=qk_pad, V_PAD=v_pad,
         BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"],
         SPARSE_Q=sp.q_block, SPARSE_KV=sp.kv_block,
-        Q_DIVISIBLE=L % tiles["BLOCK_M"] == 0, KV_DIVISIBLE=plan.S % sp.kv_block == 0,
+        Q_DIVISIBLE=L % tiles["BLOCK_M"] == 0, KV_DIVISIBLE=kv_divisible,
+        KV_UNIT=sp.kv_unit or 0, PART_KV_DIVISIBLE=part_kv_divisible,
         ROWS_SAFE=opt.rows_safe, CONTIGUOUS=opt.contiguous, PRESCALE=opt.prescale,
         RAW_MAX=prog.has_score or (not opt.prescale and plan.scale > 0),
         OUTPUT_LSE=True, OUTPUT_MAX=plan.return_max,

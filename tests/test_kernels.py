@@ -502,6 +502,148 @@ def test_automatic_refinement_keeps_asked_for_tiles_of_128(monkeypatch, tiles):
     assert len(seen) == 1 and seen[0] is not None
 
 
+def _window_relation(sp, mask_mod, B: int, H: int, L: int, S: int) -> torch.Tensor:
+    """The relation the forward computes on shifted windows, [B, H, L, S]: a full window's keys
+    for its tile's rows, a partial one's where mask_mod allows them; and no key of a row covered
+    twice (a key summed twice would be counted twice)."""
+    MB, MH, n_rows, _ = sp.kv_idx.shape
+    out = torch.zeros(B, H, L, S, dtype=torch.bool)
+    q, kv = torch.arange(L).view(L, 1), torch.arange(S).view(1, S)
+    for b in range(B):
+        for h in range(H):
+            allowed = torch.as_tensor(mask_mod(torch.tensor(b), torch.tensor(h), q, kv)).expand(L, S)
+            cover = torch.zeros(L, S, dtype=torch.int32)
+            for t in range(n_rows):
+                rows = slice(t * sp.q_block, min((t + 1) * sp.q_block, L))
+                for num, idx, full in ((sp.kv_num, sp.kv_idx, False), (sp.full_kv_num, sp.full_kv_idx, True)):
+                    for k in range(int(num[b % MB, h % MH, t])):
+                        w = int(idx[b % MB, h % MH, t, k])
+                        cols = slice(w, min(w + sp.kv_block, S))
+                        cover[rows, cols] += 1
+                        out[b, h, rows, cols] = True if full else allowed[rows, cols]
+            assert int(cover.max()) <= 1, (b, h)
+    return out
+
+
+@pytest.mark.parametrize("case", ["document", "document-per-batch-head", "kv-longer", "overrun"])
+def test_shifted_windows_compute_the_block_relation(case):
+    """The forward's shifted windows (kernels.api._shifted_kv) cover every row's keys of the block
+    relation (SPEC section 3, semantics="blocks") once, and no other: disjoint windows, full ones
+    only where every row may attend every key, the mask applied on the rest. Broadcast lists (one
+    batch and head serving all) and per-(b, h) lists; keys longer than queries; and causal rows
+    of 100 keys, whose second window cannot end at S without starting before key 0, so it ends
+    past S (kv_overrun), where the kernel bounds the keys."""
+    from kernels import api
+    from oracle.block_mask import block_mask_to_dense
+
+    B, H = 2, 2
+    L, S, mask_mod, mask_b = {
+        "document": (1024, 1024, mods.document.from_seed(1024, 12, 0), None),
+        "document-per-batch-head": (300, 300, mods.document.from_seed(300, 5, 3), B),
+        "kv-longer": (260, 390, mods.document.from_seed(260, 4, 1, kv_length=390), None),
+        "overrun": (256, 100, mods.causal(), None),
+    }[case]
+    bm = create_block_mask(mask_mod, mask_b, mask_b, L, S, device=DEVICE, BLOCK_SIZE=128)
+    sparse = api._block_lists(bm, B, H, L, S, torch.device(DEVICE))
+    shifted = api._shifted_kv(sparse, mask_mod, B, H, L, S)
+    assert shifted is not None and shifted.kv_unit == 1 and (shifted.q_block, shifted.kv_block) == (64, 64)
+    assert shifted.kv_overrun == (case == "overrun")
+    want = block_mask_to_dense(bm, B, H, L, S, semantics="blocks")
+    assert torch.equal(_window_relation(shifted, mask_mod, B, H, L, S), want)
+    if case == "document":  # fewer elements listed, and fewer of them partial, than 64 x 64 blocks
+        refined = api._refined_lists(sparse, mask_mod, B, H, L, S, 64, 64)
+        assert float(api._listed(shifted)) <= 0.9 * float(api._listed(refined))
+        part = lambda sp: float(sp.kv_num.sum()) / float(sp.kv_num.sum() + sp.full_kv_num.sum())  # noqa: E731
+        assert part(shifted) < part(refined)
+
+
+def test_shifted_windows_at_bench_document_rows():
+    """bench.py's document row at S=4k (about 12 documents): the windows list 1.22 times the
+    allowed elements where 64 x 64 blocks list 1.31, 34 % of them partial against 40 %
+    (AUTO_SHIFT's comment and docs/PERFORMANCE.md quote these)."""
+    from kernels import api
+
+    S = 4096
+    mask_mod = mods.document.from_seed(S, 12, 0)
+    bm = create_block_mask(mask_mod, None, None, S, S, device=DEVICE, BLOCK_SIZE=128)
+    sparse = api._block_lists(bm, 1, 1, S, S, torch.device(DEVICE))
+    shifted = api._shifted_kv(sparse, mask_mod, 1, 1, S, S)
+    refined = api._refined_lists(sparse, mask_mod, 1, 1, S, S, 64, 64)
+    ids = mask_mod.q_ids.tensor
+    allowed = float((ids[:, None] == ids[None, :]).sum())
+    assert round(float(api._listed(shifted)) / allowed, 2) == 1.22
+    assert round(float(api._listed(refined)) / allowed, 2) == 1.31
+    part = lambda sp: float(sp.kv_num.sum()) / float(sp.kv_num.sum() + sp.full_kv_num.sum())  # noqa: E731
+    assert (round(part(shifted), 2), round(part(refined), 2)) == (0.34, 0.40)
+
+
+def test_shifted_windows_refused_where_the_mask_disagrees_with_the_blocks():
+    """A partial window runs mask_mod on every key it holds, so the windows are refused (None)
+    where mask_mod allows a key of a block the lists leave out, or masks one of a full block;
+    and where S is shorter than a window."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from kernels import api
+
+    L, S = 128, 384
+
+    def lists(partial, full):
+        num = torch.tensor([[[len(partial)]]], dtype=torch.int32)
+        idx = torch.tensor([[[partial + [0] * (3 - len(partial))]]], dtype=torch.int32)
+        fnum = torch.tensor([[[len(full)]]], dtype=torch.int32)
+        fidx = torch.tensor([[[full + [0] * (3 - len(full))]]], dtype=torch.int32)
+        return num, idx, fnum, fidx
+
+    def shifted(mask_mod, partial, full):
+        num, idx, fnum, fidx = lists(partial, full)
+        bm = BlockMask.from_kv_blocks(num, idx, fnum, fidx, BLOCK_SIZE=128, mask_mod=mask_mod, seq_lengths=(L, S))
+        sparse = api._block_lists(bm, 1, 1, L, S, torch.device(DEVICE))
+        return api._shifted_kv(sparse, mask_mod, 1, 1, L, S)
+
+    agrees = lambda b, h, q, kv: (kv >= 100) & (kv < 230)  # noqa: E731
+    assert shifted(agrees, [0, 1], []) is not None  # the same keys listed as the mask allows
+    # Block 1 left out while the mask allows its keys 128 to 229: the window at key 100 would hold them.
+    assert shifted(agrees, [0], []) is None
+    # Block 1 full while the mask allows keys 100 to 110 alone: the window at 100 is partial (the
+    # windows after it end at 292, short of S, so none moves), and the mask would drop the full
+    # block's keys 128 to 163 in it.
+    assert shifted(lambda b, h, q, kv: (kv >= 100) & (kv <= 110), [0], [1]) is None
+    short = create_block_mask(mods.causal(), None, None, 128, 48, device=DEVICE, BLOCK_SIZE=128)
+    assert api._shifted_kv(api._block_lists(short, 1, 1, 128, 48, torch.device(DEVICE)), mods.causal(),
+                           1, 1, 128, 48) is None
+
+
+def test_shifted_windows_end_to_end(monkeypatch):
+    """The automatic path through flex_attention (on the GPU only; here with the interpreter let
+    in): a document mask's forward walks shifted windows (KV_UNIT 1), and the oracle agrees, GQA,
+    a learnable bias and a query tail included; with the savings' thresholds lifted, causal rows
+    whose last window ends past S (bounds on the partial windows' keys) agree too. AUTO_SHIFT
+    False keeps the refined 64 x 64 blocks."""
+    from kernels import _runtime, api
+
+    seen = _open_automatic_refinement(monkeypatch, "_auto_shifted")
+    launch, units = _runtime.launch, []
+
+    def record(kernel, grid, *args, **kwargs):
+        if kernel.fn.__name__ == "forward_kernel":
+            units.append((kwargs["KV_UNIT"], kwargs["KV_DIVISIBLE"], kwargs["PART_KV_DIVISIBLE"]))
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_runtime, "launch", record)
+    L = S = 300
+    mask_mod = mods.document.from_seed(L, 6, 2)
+    bias = mods.bias.from_seed([2, L, S], seed=5, layout="hqk", requires_grad=True)
+    check(B=2, Hq=2, Hkv=1, L=L - 11, S=S, E=16, mask_mod=mask_mod, block_size=128, score_mod=bias)
+    assert seen and seen[-1] is not None and units[-1] == (1, True, True)
+    monkeypatch.setattr(api, "AUTO_REFINE_SAVING", -1.0)
+    monkeypatch.setattr(api, "AUTO_SHIFT_SAVING", -1.0)
+    check(B=1, Hq=2, L=256, S=100, E=16, mask_mod=mods.causal(), block_size=128)
+    assert seen[-1].kv_overrun and units[-1] == (1, True, False)
+    monkeypatch.setattr(api, "AUTO_SHIFT", False)
+    check(B=1, Hq=2, L=L, S=S, E=16, mask_mod=mask_mod, block_size=128, grads=False)
+    assert seen[-1] is None and units[-1][0] == 0
+
+
 def test_automatic_backward_refinement_end_to_end(monkeypatch):
     """The backward's automatic refinement (AUTO_REFINE_BWD; on the GPU only, here with the
     interpreter let in): the dQ kernel walks key lists refined to its BLOCK_N2, the dK/dV
@@ -745,6 +887,36 @@ def test_gpu_automatic_refinement_matches_the_oracle():
     check(B=2, Hq=4, L=L, S=S, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128, device="cuda")
     check(B=2, Hq=4, Hkv=1, L=L, S=S, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128, device="cuda")
     check(B=1, Hq=4, L=L, S=S, E=128, dtype=torch.float16, mask_mod=mask_mod, block_size=128, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_shifted_windows_match_the_oracle(monkeypatch):
+    """On the GPU a document mask's forward walks shifted windows (AUTO_SHIFT) where they save
+    enough: bench.py's document row at S=1k with GQA in bf16 at D=128, and keys longer than
+    queries with a query tail in fp16 at D=64, each against the oracle, backward included; with
+    the thresholds lifted, causal rows whose last window ends past S (kv_overrun) agree too."""
+    from kernels import api
+
+    seen = []
+    original = api._auto_shifted
+
+    def spy(*args):
+        got = original(*args)
+        seen.append(got)
+        return got
+
+    monkeypatch.setattr(api, "_auto_shifted", spy)
+    mask_mod = mods.document.from_seed(1024, 12, 0, device="cuda")
+    check(B=2, Hq=8, Hkv=2, L=1024, S=1024, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128,
+          device="cuda")
+    mask_mod = mods.document.from_seed(1000, 9, 4, kv_length=1100, device="cuda")
+    check(B=2, Hq=4, L=1000, S=1100, E=64, dtype=torch.float16, mask_mod=mask_mod, block_size=128, device="cuda")
+    assert len(seen) == 2 and all(sp is not None and sp.kv_unit == 1 for sp in seen)
+    monkeypatch.setattr(api, "AUTO_REFINE_SAVING", -1.0)
+    monkeypatch.setattr(api, "AUTO_SHIFT_SAVING", -1.0)
+    check(B=2, Hq=4, L=256, S=100, E=128, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128,
+          device="cuda")
+    assert seen[-1] is not None and seen[-1].kv_overrun
 
 
 def test_refined_blocks_under_pytorchs_noop_mask():
