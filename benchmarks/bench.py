@@ -436,6 +436,9 @@ _ours_one_stream = _ours_with("backward", "SIDE_KERNEL", None)
 _ours_bwd_unrefined = _ours_with("api", "AUTO_REFINE_BWD", False)
 # The forward on the refined 64 x 64 blocks where it would walk shifted windows (kernels.api.AUTO_SHIFT).
 _ours_unshifted = _ours_with("api", "AUTO_SHIFT", False)
+# The dQ kernel on the refined 64 x 64 blocks where it would walk the forward's shifted windows
+# (kernels.api.AUTO_SHIFT_DQ); the forward is ours.
+_ours_dq_unshifted = _ours_with("api", "AUTO_SHIFT_DQ", False)
 # No dQ kernel: the dK/dV kernel adds dQ with atomics (kernels.backward.DQ_ATOMIC).
 _ours_dq_atomic = _ours_with("backward", "DQ_ATOMIC", True)
 # The dK/dV kernel's dP before dV for every G, or dV first everywhere (kernels.backward.DKDV_DP_FIRST;
@@ -598,6 +601,9 @@ IMPLS = {
     "ours-unshifted": Impl("ours-unshifted", _ours_unshifted, True,
                            "kernels.flex_attention without the forward's shifted windows (AUTO_SHIFT=False): "
                            "the refined 64 x 64 blocks"),
+    "ours-dq-unshifted": Impl("ours-dq-unshifted", _ours_dq_unshifted, True,
+                              "kernels.flex_attention with the dQ kernel on the refined 64 x 64 blocks "
+                              "(AUTO_SHIFT_DQ=False); the forward on shifted windows"),
     "ours-fused": Impl("ours-fused", _ours_fused, True,
                        "kernels.flex_attention without backward.CONCURRENT (delta in the dQ kernel, one stream)"),
     "ours-dkdv-side": Impl("ours-dkdv-side", _ours_dkdv_side, True,

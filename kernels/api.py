@@ -940,6 +940,9 @@ REFINED_FWD_LAUNCH = (4, 3)
 # the windows are chosen on: 4M at S=16k for a block mask of one batch and head.
 AUTO_SHIFT = True
 AUTO_SHIFT_SAVING = 0.05
+# The dQ kernel on the forward's shifted windows, where it walks tiles of theirs (REFINED_BWD's
+# 64 x 64) and would walk lists refined to them (kernels.backward._window_consts).
+AUTO_SHIFT_DQ = True
 SHIFT_MAX_CELLS = 1 << 26
 
 # Automatic refinement of the backward's lists (on the GPU, under the same gate): one axis
@@ -1449,6 +1452,11 @@ def flex_attention(
         if refined_bwd:
             options = _cached_options(kernel_options, refined_bwd=True, **option_args)
         sparse_dq, sparse_dkdv = _auto_refined_bwd(sparse_bwd, mask, B, Hq, L, S, options.bwd.tiles)
+        if (AUTO_SHIFT_DQ and sparse.kv_unit and sparse_dq is not None
+                and (options.bwd.tiles["BLOCK_M2"], options.bwd.tiles["BLOCK_N2"]) == (sparse.q_block, sparse.kv_block)):
+            # The dQ kernel walks a query tile's keys as the forward does: on its tiles, the
+            # forward's shifted windows (the refined lists it would walk, but from any key).
+            sparse_dq = sparse
     for t in program.buffers:
         if t.device != device and t.requires_grad:
             raise ValueError(

@@ -148,22 +148,24 @@ def dq_tiles(
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV: tl.constexpr,
     KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr,
-    FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, KV_UNIT: tl.constexpr = 0,
 ):
     """Accumulate sum_j ds[i, j] * K[j] over the row's listed KV blocks (q, do stay in SRAM).
 
     With PRESCALE, ``q`` is the forward's pre-scaled, rounded ``q * scale * log2(e)``,
     so that P is recomputed exactly as the forward's LSE saw it. MIXED (``ONE_LOOP``): one loop
-    over the partial list and then the full one, as ``forward_tiles``.
+    over the partial list and then the full one, as ``forward_tiles``. KV_UNIT: as
+    ``forward_tiles``'s (the shifted windows list each window's first key).
     """
     TILES: tl.constexpr = SPARSE_KV // BLOCK_N
+    UNIT: tl.constexpr = SPARSE_KV if KV_UNIT == 0 else KV_UNIT
     offs_d = tl.arange(0, QK_PAD)
     offs_v = tl.arange(0, V_PAD)
     first, f_first, kv_block = list_start(IDX, FIDX, num_part, MIXED)
     # One flat loop over every tile of every listed block (the pipeliner then
     # prefetches across block boundaries; the next block is carried, see next_listed).
     for it in range(0, num_blocks * TILES):
-        offs_n = kv_block * SPARSE_KV + (it % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = kv_block * UNIT + (it % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
         if MIXED:
             kv_block = next_listed_of_two(IDX, FIDX, first, f_first, it, num_part, num_blocks, TILES, CONTIGUOUS)
         else:
@@ -436,7 +438,7 @@ def dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
     PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_LOOP: tl.constexpr = False,
-    STORE_STATS: tl.constexpr = True,
+    STORE_STATS: tl.constexpr = True, KV_UNIT: tl.constexpr = 0, PART_KV_DIVISIBLE: tl.constexpr = True,
 ):
     # Without DELTA_READY the program computes its rows' delta (and, with PRESCALE, the prescaled
     # q) and with STORE_STATS stores them, with the base-2 LSE, for the dK/dV kernel launched next;
@@ -496,7 +498,7 @@ def dq_kernel(
             off_z, off_h, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
             SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, False, True,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
-            KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
+            PART_KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, KV_UNIT,
         )
     else:
         dq = dq_tiles(
@@ -505,7 +507,7 @@ def dq_kernel(
             off_z, off_h, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
             SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, False, False,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
-            KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
+            PART_KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, KV_UNIT,
         )
         if HAS_FULL:
             full_idx = FULL_IDX + row.to(tl.int64) * NUM_KV_SPARSE
@@ -516,7 +518,7 @@ def dq_kernel(
                 off_z, off_h, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
                 SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, True, False,
                 QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
-                KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST,
+                KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, KV_UNIT,
             )
     dq = dq * SM_SCALE
     ptrs = (DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
@@ -775,6 +777,15 @@ def _sparse_consts(sp, L: int, S: int) -> dict:
                 Q_DIVISIBLE=L % sp.q_block == 0, KV_DIVISIBLE=S % sp.kv_block == 0)
 
 
+def _window_consts(sp, S: int) -> dict:
+    """The dQ kernel's KV_UNIT and its loops' key bounds: on shifted windows (``Sparse.kv_unit``)
+    a full window lies inside the keys and a partial one may end past them (``kv_overrun``)."""
+    if not sp.kv_unit:
+        divisible = S % sp.kv_block == 0
+        return dict(KV_UNIT=0, KV_DIVISIBLE=divisible, PART_KV_DIVISIBLE=divisible)
+    return dict(KV_UNIT=sp.kv_unit, KV_DIVISIBLE=True, PART_KV_DIVISIBLE=not sp.kv_overrun)
+
+
 def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2, bufs, delta_ready,
                options=None, one_loop=False, store_stats=True):
     sp, B, Hq, L, S = plan.dq_sparse, plan.B, plan.Hq, plan.L, plan.S  # the dQ kernel walks its key lists
@@ -788,8 +799,8 @@ def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out
         *qs.stride(),
         plan.scale, Hq, L, S, plan.Bk, *sp.kv_idx.shape[:2], sp.kv_idx.shape[-2], sp.kv_idx.shape[-1],
         HAS_DLSE=dlse is not None, DELTA_READY=delta_ready, ONE_LOOP=one_loop, STORE_STATS=store_stats,
-        BLOCK_M=tiles["BLOCK_M2"], BLOCK_N=tiles["BLOCK_N2"], **common, **_sparse_consts(sp, L, S),
-        options=options,
+        BLOCK_M=tiles["BLOCK_M2"], BLOCK_N=tiles["BLOCK_N2"], **common,
+        **{**_sparse_consts(sp, L, S), **_window_consts(sp, S)}, options=options,
     )
 
 

@@ -889,6 +889,32 @@ def test_gpu_automatic_refinement_matches_the_oracle():
     check(B=1, Hq=4, L=L, S=S, E=128, dtype=torch.float16, mask_mod=mask_mod, block_size=128, device="cuda")
 
 
+def test_shifted_windows_in_the_dq_kernel_end_to_end(monkeypatch):
+    """Where the backward runs on REFINED_BWD's 64 x 64 tiles (here with the arch taken for sm90
+    under the interpreter), the dQ kernel walks the forward's shifted windows (AUTO_SHIFT_DQ), and
+    the oracle agrees, GQA and a query tail included; AUTO_SHIFT_DQ False gives it the refined
+    blocks."""
+    from kernels import _runtime, api
+
+    _as_sm90(monkeypatch)
+    seen = _open_automatic_refinement(monkeypatch, "_auto_shifted")
+    launch, units = _runtime.launch, []
+
+    def record(kernel, grid, *args, **kwargs):
+        if kernel.fn.__name__ == "dq_kernel":
+            units.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["KV_UNIT"]))
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_runtime, "launch", record)
+    L = S = 300
+    mask_mod = mods.document.from_seed(L, 6, 2)
+    check(B=1, Hq=2, Hkv=1, L=L - 11, S=S, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128)
+    assert seen[-1] is not None and units == [(64, 64, 1)]
+    monkeypatch.setattr(api, "AUTO_SHIFT_DQ", False)
+    check(B=1, Hq=2, L=L, S=S, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128)
+    assert units[-1] == (64, 64, 0)
+
+
 @pytest.mark.gpu
 def test_gpu_shifted_windows_match_the_oracle(monkeypatch):
     """On the GPU a document mask's forward walks shifted windows (AUTO_SHIFT) where they save
