@@ -799,19 +799,10 @@ def _auto_shifted(sparse: Sparse, refined: Sparse, mask_mod, B, Hq, L, S) -> Opt
     lists' elements or are not to be had; decided once per block lists and mask mod."""
     if not AUTO_SHIFT or L < 128:  # (shorter queries take the decode kernel, on block lists)
         return None
-    key = (id(sparse), id(mask_mod), B, Hq, L, S, "shifted")
-    hit = _AUTO_DECIDED.get(key)
-    if hit is not None and hit[0] is sparse and hit[1] is mask_mod:
-        return hit[2]
-    shifted = _shifted_kv(sparse, mask_mod, B, Hq, L, S, refined.kv_block, refined.q_block)
-    chosen = None
-    if shifted is not None:
-        before, after = torch.stack([_listed(refined), _listed(shifted)]).tolist()
-        chosen = shifted if after <= (1.0 - AUTO_SHIFT_SAVING) * before else None
-    if len(_AUTO_DECIDED) > 16:
-        _AUTO_DECIDED.clear()
-    _AUTO_DECIDED[key] = (sparse, mask_mod, chosen)
-    return chosen
+    def decide():
+        shifted = _shifted_kv(sparse, mask_mod, B, Hq, L, S, refined.kv_block, refined.q_block)
+        return shifted if shifted is not None and _saves(refined, shifted, AUTO_SHIFT_SAVING) else None
+    return _decided_once((id(sparse), id(mask_mod), B, Hq, L, S, "shifted"), sparse, mask_mod, decide)
 
 
 def _auto_refined_bwd(sparse: Sparse, mask_mod, B, Hq, L, S, tiles: dict) -> tuple:
@@ -901,13 +892,25 @@ def _refined_if_saving(sparse: Sparse, mask_mod, B, Hq, L, S, sub: Optional[int]
                        saving: float) -> Optional[Sparse]:
     """``_refined_lists`` where they list at least ``saving`` fewer elements, else None;
     decided once per block lists, mask mod and granularity."""
-    key = (id(sparse), id(mask_mod), B, Hq, L, S, sub, q_sub, saving)
+    def decide():
+        refined = _refined_lists(sparse, mask_mod, B, Hq, L, S, sub, q_sub)
+        return refined if _saves(sparse, refined, saving) else None
+    return _decided_once((id(sparse), id(mask_mod), B, Hq, L, S, sub, q_sub, saving), sparse, mask_mod, decide)
+
+
+def _saves(before: Sparse, after: Sparse, saving: float) -> bool:
+    """Whether ``after`` lists at least ``saving`` fewer elements than ``before`` (read back once)."""
+    old, new = torch.stack([_listed(before), _listed(after)]).tolist()
+    return new <= (1.0 - saving) * old
+
+
+def _decided_once(key: tuple, sparse: Sparse, mask_mod, decide):
+    """``decide()`` once per key (block lists and mask mod held by the entry, so that their ids
+    are not reused while it lives)."""
     hit = _AUTO_DECIDED.get(key)
     if hit is not None and hit[0] is sparse and hit[1] is mask_mod:
         return hit[2]
-    refined = _refined_lists(sparse, mask_mod, B, Hq, L, S, sub, q_sub)
-    before, after = torch.stack([_listed(sparse), _listed(refined)]).tolist()
-    chosen = refined if after <= (1.0 - saving) * before else None
+    chosen = decide()
     if len(_AUTO_DECIDED) > 16:
         _AUTO_DECIDED.clear()
     _AUTO_DECIDED[key] = (sparse, mask_mod, chosen)

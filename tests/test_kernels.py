@@ -619,17 +619,10 @@ def test_shifted_windows_end_to_end(monkeypatch):
     a learnable bias and a query tail included; with the savings' thresholds lifted, causal rows
     whose last window ends past S (bounds on the partial windows' keys) agree too. AUTO_SHIFT
     False keeps the refined 64 x 64 blocks."""
-    from kernels import _runtime, api
+    from kernels import api
 
     seen = _open_automatic_refinement(monkeypatch, "_auto_shifted")
-    launch, units = _runtime.launch, []
-
-    def record(kernel, grid, *args, **kwargs):
-        if kernel.fn.__name__ == "forward_kernel":
-            units.append((kwargs["KV_UNIT"], kwargs["KV_DIVISIBLE"], kwargs["PART_KV_DIVISIBLE"]))
-        return launch(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(_runtime, "launch", record)
+    units = _record_launches(monkeypatch, "forward_kernel", "KV_UNIT", "KV_DIVISIBLE", "PART_KV_DIVISIBLE")
     L = S = 300
     mask_mod = mods.document.from_seed(L, 6, 2)
     bias = mods.bias.from_seed([2, L, S], seed=5, layout="hqk", requires_grad=True)
@@ -780,19 +773,24 @@ def _as_sm90(monkeypatch) -> None:
     monkeypatch.setattr(api, "_OPTIONS_CACHE", {})
 
 
-def _record_forward_launches(monkeypatch) -> list:
-    """Record each forward kernel launch's (BLOCK_M, BLOCK_N, warps, stages)."""
+def _record_launches(monkeypatch, kernel_name: str, *keys: str) -> list:
+    """Record the launch arguments ``keys`` of each launch of the kernel ``kernel_name``."""
     from kernels import _runtime
 
     launch, seen = _runtime.launch, []
 
     def record(kernel, grid, *args, **kwargs):
-        if kernel.fn.__name__ == "forward_kernel":
-            seen.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
+        if kernel.fn.__name__ == kernel_name:
+            seen.append(tuple(kwargs[k] for k in keys))
         return launch(kernel, grid, *args, **kwargs)
 
     monkeypatch.setattr(_runtime, "launch", record)
     return seen
+
+
+def _record_forward_launches(monkeypatch) -> list:
+    """Record each forward kernel launch's (BLOCK_M, BLOCK_N, warps, stages)."""
+    return _record_launches(monkeypatch, "forward_kernel", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
 def test_short_rows_forward_only_where_the_rule_was_measured(monkeypatch):
@@ -894,18 +892,11 @@ def test_shifted_windows_in_the_dq_kernel_end_to_end(monkeypatch):
     under the interpreter), the dQ kernel walks the forward's shifted windows (AUTO_SHIFT_DQ), and
     the oracle agrees, GQA and a query tail included; AUTO_SHIFT_DQ False gives it the refined
     blocks."""
-    from kernels import _runtime, api
+    from kernels import api
 
     _as_sm90(monkeypatch)
     seen = _open_automatic_refinement(monkeypatch, "_auto_shifted")
-    launch, units = _runtime.launch, []
-
-    def record(kernel, grid, *args, **kwargs):
-        if kernel.fn.__name__ == "dq_kernel":
-            units.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["KV_UNIT"]))
-        return launch(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(_runtime, "launch", record)
+    units = _record_launches(monkeypatch, "dq_kernel", "BLOCK_M", "BLOCK_N", "KV_UNIT")
     L = S = 300
     mask_mod = mods.document.from_seed(L, 6, 2)
     check(B=1, Hq=2, Hkv=1, L=L - 11, S=S, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128)
@@ -923,15 +914,7 @@ def test_gpu_shifted_windows_match_the_oracle(monkeypatch):
     the thresholds lifted, causal rows whose last window ends past S (kv_overrun) agree too."""
     from kernels import api
 
-    seen = []
-    original = api._auto_shifted
-
-    def spy(*args):
-        got = original(*args)
-        seen.append(got)
-        return got
-
-    monkeypatch.setattr(api, "_auto_shifted", spy)
+    seen = _open_automatic_refinement(monkeypatch, "_auto_shifted")  # (the GPU's own gate, spied)
     mask_mod = mods.document.from_seed(1024, 12, 0, device="cuda")
     check(B=2, Hq=8, Hkv=2, L=1024, S=1024, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128,
           device="cuda")
