@@ -439,6 +439,9 @@ _ours_unshifted = _ours_with("api", "AUTO_SHIFT", False)
 # The dQ kernel on the refined 64 x 64 blocks where it would walk the forward's shifted windows
 # (kernels.api.AUTO_SHIFT_DQ); the forward is ours.
 _ours_dq_unshifted = _ours_with("api", "AUTO_SHIFT_DQ", False)
+# The dK/dV kernel on its refined 64 x 64 blocks where it would walk windows of queries
+# (kernels.api.AUTO_SHIFT_DKDV); the forward and the dQ kernel are ours.
+_ours_dkdv_unshifted = _ours_with("api", "AUTO_SHIFT_DKDV", False)
 # No dQ kernel: the dK/dV kernel adds dQ with atomics (kernels.backward.DQ_ATOMIC).
 _ours_dq_atomic = _ours_with("backward", "DQ_ATOMIC", True)
 # The dK/dV kernel's dP before dV for every G, or dV first everywhere (kernels.backward.DKDV_DP_FIRST;
@@ -604,6 +607,9 @@ IMPLS = {
     "ours-dq-unshifted": Impl("ours-dq-unshifted", _ours_dq_unshifted, True,
                               "kernels.flex_attention with the dQ kernel on the refined 64 x 64 blocks "
                               "(AUTO_SHIFT_DQ=False); the forward on shifted windows"),
+    "ours-dkdv-unshifted": Impl("ours-dkdv-unshifted", _ours_dkdv_unshifted, True,
+                                "kernels.flex_attention with the dK/dV kernel on the refined 64 x 64 blocks "
+                                "(AUTO_SHIFT_DKDV=False); the forward and the dQ kernel on shifted windows"),
     "ours-fused": Impl("ours-fused", _ours_fused, True,
                        "kernels.flex_attention without backward.CONCURRENT (delta in the dQ kernel, one stream)"),
     "ours-dkdv-side": Impl("ours-dkdv-side", _ours_dkdv_side, True,

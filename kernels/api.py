@@ -377,10 +377,11 @@ def _validate(query, key, value, scale, enable_gqa):
 class Sparse:
     """Block lists as contiguous int32 tensors ``[MB, MH, rows(, cols)]``.
 
-    ``kv_unit`` (shifted windows, ``_shifted_kv``; the forward's alone): the kv lists hold each
-    window's first key (1: in keys) where they otherwise hold block numbers (None), each window
+    ``kv_unit`` (shifted windows, ``_shifted_kv``; the forward and the dQ kernel): the kv lists hold
+    each window's first key (1: in keys) where they otherwise hold block numbers (None), each window
     ``kv_block`` keys long; ``kv_overrun``, whether a partial window ends past the keys. Such lists
-    have no q-side lists (empty tensors): only the forward walks them.
+    have no q-side lists (empty tensors). ``q_unit`` and ``q_overrun`` likewise for the q-side lists
+    (``_shifted_q``; the dK/dV kernel alone), whose kv-side lists are empty.
     """
 
     q_block: int
@@ -396,6 +397,8 @@ class Sparse:
 
     kv_unit: Optional[int] = None
     kv_overrun: bool = False
+    q_unit: Optional[int] = None
+    q_overrun: bool = False
     _row_keys: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -634,6 +637,148 @@ def _chunks(ent: torch.Tensor, per: int):
         yield ent[start:start + step]
 
 
+def _shifted_windows(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int, window: int, tile: int,
+                     over: str) -> Optional[Sparse]:
+    """``_shifted_kv`` (``over="kv"``: windows of keys for each tile of ``tile`` queries) and
+    ``_shifted_q`` (``over="q"``: windows of queries for each tile of ``tile`` keys), on either
+    axis the same way; None where they are not to be had (see ``_shifted_kv``)."""
+    if sparse.kv_unit or sparse.q_unit:
+        return None
+    MB, MH, nQ, nKV = sparse.kv_idx.shape
+    qb, kb = sparse.q_block, sparse.kv_block
+    member = None
+    if over == "kv":  # tiles of queries, windows of keys
+        tb, n_tb, t_len, pb, n_pb, p_len = qb, nQ, L, kb, nKV, S
+    else:  # tiles of keys, windows of queries
+        tb, n_tb, t_len, pb, n_pb, p_len = kb, nKV, S, qb, nQ, L
+    if tb % tile or p_len < window:
+        return None
+    rt = tb // tile
+    n_rows = n_tb * rt
+    if MB * MH * n_rows * p_len > SHIFT_MAX_CELLS:
+        return None
+    device = sparse.kv_idx.device
+    member = _runtime.module("decode").membership(sparse)  # [MB, MH, nQ, nKV]: 0, 1 partial, 2 full
+    by_tile = member if over == "kv" else member.transpose(-1, -2)  # [MB, MH, tile blocks, position blocks]
+    # Per (list row: a tile, position): some served element of the tile's in-range lines may be
+    # attended there (any_) / every one may (all_), in the block relation.
+    any_ = torch.zeros(MB, MH, n_rows, n_pb, pb, dtype=torch.bool, device=device)
+    all_ = torch.zeros_like(any_)
+    arange_rt = torch.arange(rt, device=device)
+    tile_in = torch.arange(n_rows, device=device) * tile < t_len
+    pos_in = (torch.arange(n_pb * pb, device=device) < p_len).view(n_pb, pb)
+    full = torch.nonzero(by_tile == 2)
+    if full.numel():
+        n = full.shape[0]
+        sub_rows = full[:, 2].view(n, 1) * rt + arange_rt.view(1, rt)
+        val = tile_in[sub_rows].view(n, rt, 1) & pos_in[full[:, 3]].view(n, 1, pb)
+        at = (full[:, 0].view(n, 1), full[:, 1].view(n, 1), sub_rows, full[:, 3].view(n, 1))
+        any_[at] = val
+        all_[at] = val
+    part = torch.nonzero(by_tile == 1)  # [P, 4]: mb, mh, tile block, position block
+    nb, nh = (B if MB == 1 else 1), (Hq if MH == 1 else 1)
+    for ent in _chunks(part, nb * nh * qb * kb):
+        n = ent.shape[0]
+        t0, p0 = ent[:, 2] * tb, ent[:, 3] * pb
+        corner = torch.stack([ent[:, 0], ent[:, 1], *((t0, p0) if over == "kv" else (p0, t0))], 1)
+        allowed, inside = _served_cells(mask_mod, corner, MB, MH, B, Hq, L, S, qb, kb)
+        if over == "q":
+            allowed, inside = allowed.transpose(-1, -2), inside.transpose(-1, -2)
+        cells = allowed.reshape(n, nb * nh, rt, tile, pb)
+        line_in = inside.any(-1).reshape(n, 1, rt, tile, 1)
+        sub_rows = ent[:, 2].view(n, 1) * rt + arange_rt.view(1, rt)
+        at = (ent[:, 0].view(n, 1), ent[:, 1].view(n, 1), sub_rows, ent[:, 3].view(n, 1))
+        any_[at] = cells.any(dim=3).any(dim=1)
+        all_[at] = (cells | ~line_in).all(dim=3).all(dim=1) & line_in.any(dim=3)[:, 0]
+    rows = MB * MH * n_rows
+    w, is_full, is_part = _greedy_windows(any_.view(rows, n_pb * pb)[:, :p_len],
+                                          all_.view(rows, n_pb * pb)[:, :p_len], p_len, window)
+
+    # The check: on every partial window, mask_mod True on a full block's elements and False on
+    # an unlisted block's (queries inside L, keys inside S).
+    pw = torch.nonzero(is_part)  # [P, 2]: list row, slot
+    if pw.numel():
+        r = pw[:, 0]
+        mb, rest = r // (MH * n_rows), r % (MH * n_rows)
+        mh, t = rest // n_rows, rest % n_rows
+        first = w[pw[:, 0], pw[:, 1]]
+        corners = torch.stack([mb, mh, *((t * tile, first) if over == "kv" else (first, t * tile))], 1)
+        n_q, n_k = (tile, window) if over == "kv" else (window, tile)
+        for ent in _chunks(corners, nb * nh * n_q * n_k):
+            n = ent.shape[0]
+            allowed, inside = _served_cells(mask_mod, ent, MB, MH, B, Hq, L, S, n_q, n_k)
+            q_blocks = ((ent[:, 2].view(n, 1) + torch.arange(n_q, device=device)) // qb).clamp(max=nQ - 1)
+            kv_blocks = ((ent[:, 3].view(n, 1) + torch.arange(n_k, device=device)) // kb).clamp(max=nKV - 1)
+            kind = member[ent[:, 0].view(n, 1, 1), ent[:, 1].view(n, 1, 1), q_blocks.view(n, n_q, 1),
+                          kv_blocks.view(n, 1, n_k)].view(n, 1, n_q, n_k)
+            bad = inside & (((kind == 2) & ~allowed) | ((kind == 0) & allowed))
+            if bool(bad.any()):
+                return None
+
+    def lists(sel):
+        order = torch.sort((~sel).to(torch.uint8), dim=-1, stable=True).indices
+        idx = torch.where(sel, w.clamp(min=0), 0).gather(1, order)
+        return (sel.sum(-1).to(torch.int32).view(MB, MH, n_rows).contiguous(),
+                idx.to(torch.int32).view(MB, MH, n_rows, -1).contiguous())
+
+    (num, idx), (full_num, full_idx) = lists(is_part), lists(is_full)
+    overrun = bool((is_part & (w + window > p_len)).any())
+    empty_num, empty_idx = num.new_zeros(MB, MH, 0), num.new_zeros(MB, MH, 0, 0)
+    if over == "kv":
+        return Sparse(tile, window, num, idx, full_num, full_idx, empty_num, empty_idx, None, None,
+                      kv_unit=1, kv_overrun=overrun)
+    return Sparse(window, tile, empty_num, empty_idx, empty_num, empty_idx, num, idx, full_num, full_idx,
+                  q_unit=1, q_overrun=overrun)
+
+
+def _greedy_windows(any_: torch.Tensor, all_: torch.Tensor, length: int, window: int) -> tuple:
+    """Disjoint windows of ``window`` positions covering every row's ``any_`` positions
+    (``[rows, length]``), each row at once: left to right, each window starts at the first
+    position not yet covered that ``any_`` holds. A row whose last window ends past ``length``
+    (its windows running back to back up to it) moves those windows left together, each to end
+    where the next starts, while they stay clear of the one before and of position 0 (few rows:
+    the last document's; on the host). Returns ``(starts [rows, K]`` (-1: none), ``full``,
+    ``partial)``: full where ``all_`` holds at every position of the window, inside ``length``."""
+    rows, device = any_.shape[0], any_.device
+    sentinel = torch.full((rows, 1), length, dtype=torch.long, device=device)
+    positions = torch.arange(length, device=device)
+    # next_pos[j]: the first position >= j that any_ holds (length where none).
+    next_pos = torch.where(any_, positions, length).flip(-1).cummin(-1).values.flip(-1)
+    next_pos = torch.cat([next_pos, sentinel], 1)
+    end = torch.zeros(rows, dtype=torch.long, device=device)
+    starts = []
+    while True:
+        w = next_pos.gather(1, end.clamp(max=length).view(rows, 1)).view(rows)
+        valid = w < length
+        if not bool(valid.any()):
+            break
+        starts.append(torch.where(valid, w, -1))
+        end = torch.where(valid, w + window, length)
+    if not starts:
+        starts.append(torch.full((rows,), -1, dtype=torch.long, device=device))
+    w = torch.stack(starts, 1)
+    listed = w >= 0
+    late = torch.nonzero((listed & (w + window > length)).any(1)).flatten().tolist()
+    if late:
+        fixed = w[late].tolist()
+        for row in fixed:
+            n = sum(1 for x in row if x >= 0)
+            new = row[:n]
+            new[-1] = length - window
+            i = n - 1
+            while i > 0 and new[i - 1] + window > new[i]:
+                new[i - 1] = new[i] - window
+                i -= 1
+            if new[0] >= 0:
+                row[:n] = new
+        w[late] = torch.tensor(fixed, dtype=w.dtype, device=device)
+    w0 = w.clamp(min=0)
+    stop = (w0 + window).clamp(max=length)
+    prefix = torch.cat([sentinel * 0, all_.cumsum(-1)], 1)
+    is_full = listed & (w0 + window <= length) & (prefix.gather(1, stop) - prefix.gather(1, w0) == window)
+    return w, is_full, listed & ~is_full
+
+
 def _shifted_kv(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int,
                 window: int = 64, q_tile: int = 64) -> Optional[Sparse]:
     """The forward's lists as shifted windows: for each tile of ``q_tile`` queries, the keys its
@@ -661,123 +806,18 @@ def _shifted_kv(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int,
     The result's kv lists hold each window's first key (``kv_unit`` 1), partial and full lists
     padded to one width; it has no q-side lists, and only the forward walks it.
     """
-    MB, MH, nQ, nKV = sparse.kv_idx.shape
-    qb, kb = sparse.q_block, sparse.kv_block
-    if sparse.kv_unit or qb % q_tile or S < window:
-        return None
-    rq = qb // q_tile
-    n_rows = nQ * rq
-    if MB * MH * n_rows * S > SHIFT_MAX_CELLS:
-        return None
-    device = sparse.kv_idx.device
-    member = _runtime.module("decode").membership(sparse)  # [MB, MH, nQ, nKV]: 0, 1 partial, 2 full
-    # Per (list row of q_tile queries, key): some served row may attend it (any_k) / every served
-    # row inside L may (all_k).
-    any_k = torch.zeros(MB, MH, n_rows, nKV, kb, dtype=torch.bool, device=device)
-    all_k = torch.zeros_like(any_k)
-    arange_rq = torch.arange(rq, device=device)
-    tile_in = torch.arange(n_rows, device=device) * q_tile < L
-    col_in = (torch.arange(nKV * kb, device=device) < S).view(nKV, kb)
-    full = torch.nonzero(member == 2)
-    if full.numel():
-        n = full.shape[0]
-        sub_rows = full[:, 2].view(n, 1) * rq + arange_rq.view(1, rq)
-        val = tile_in[sub_rows].view(n, rq, 1) & col_in[full[:, 3]].view(n, 1, kb)
-        at = (full[:, 0].view(n, 1), full[:, 1].view(n, 1), sub_rows, full[:, 3].view(n, 1))
-        any_k[at] = val
-        all_k[at] = val
-    part = torch.nonzero(member == 1)
-    nb, nh = (B if MB == 1 else 1), (Hq if MH == 1 else 1)
-    for ent in _chunks(part, nb * nh * qb * kb):
-        n = ent.shape[0]
-        corner = torch.stack([ent[:, 0], ent[:, 1], ent[:, 2] * qb, ent[:, 3] * kb], 1)
-        allowed, inside = _served_cells(mask_mod, corner, MB, MH, B, Hq, L, S, qb, kb)
-        cells = allowed.reshape(n, nb * nh, rq, q_tile, kb)
-        row_in = inside.any(-1).reshape(n, 1, rq, q_tile, 1)
-        sub_rows = ent[:, 2].view(n, 1) * rq + arange_rq.view(1, rq)
-        at = (ent[:, 0].view(n, 1), ent[:, 1].view(n, 1), sub_rows, ent[:, 3].view(n, 1))
-        any_k[at] = cells.any(dim=3).any(dim=1)
-        all_k[at] = (cells | ~row_in).all(dim=3).all(dim=1) & row_in.any(dim=3)[:, 0]
-    rows = MB * MH * n_rows
-    any_k = any_k.view(rows, nKV * kb)[:, :S]
-    all_k = all_k.view(rows, nKV * kb)[:, :S]
+    return _shifted_windows(sparse, mask_mod, B, Hq, L, S, window, q_tile, "kv")
 
-    # The greedy windows, every list row at once: next_key[j] is the first key >= j some row may
-    # attend (S where none), and each step places one window per row.
-    keys = torch.arange(S, device=device)
-    sentinel = torch.full((rows, 1), S, dtype=torch.long, device=device)
-    next_key = torch.where(any_k, keys, S).flip(-1).cummin(-1).values.flip(-1)
-    next_key = torch.cat([next_key, sentinel], 1)
-    end = torch.zeros(rows, dtype=torch.long, device=device)
-    starts = []
-    while True:
-        w = next_key.gather(1, end.clamp(max=S).view(rows, 1)).view(rows)
-        valid = w < S
-        if not bool(valid.any()):
-            break
-        starts.append(torch.where(valid, w, -1))
-        end = torch.where(valid, w + window, S)
-    if not starts:
-        starts.append(torch.full((rows,), -1, dtype=torch.long, device=device))
-    w = torch.stack(starts, 1)  # [rows, K], -1: no window
-    listed = w >= 0
-    # A row whose last window still ends past S (its windows run back to back up to it): those
-    # windows move left together, each to end where the next starts, while they stay clear of the
-    # one before and of key 0. Few rows (the last document's), so on the host.
-    late = torch.nonzero((listed & (w + window > S)).any(1)).flatten().tolist()
-    if late:
-        fixed = w[late].tolist()
-        for row in fixed:
-            n = sum(1 for x in row if x >= 0)
-            new = row[:n]
-            new[-1] = S - window
-            i = n - 1
-            while i > 0 and new[i - 1] + window > new[i]:
-                new[i - 1] = new[i] - window
-                i -= 1
-            if new[0] >= 0:
-                row[:n] = new
-        w[late] = torch.tensor(fixed, dtype=w.dtype, device=device)
-    w0 = w.clamp(min=0)
-    stop = (w0 + window).clamp(max=S)
-    allowed_prefix = torch.cat([sentinel * 0, all_k.cumsum(-1)], 1)
-    is_full = listed & (w0 + window <= S) & (
-        allowed_prefix.gather(1, stop) - allowed_prefix.gather(1, w0) == window)
-    is_part = listed & ~is_full
 
-    # The check: on every partial window, mask_mod True on a full block's elements and False on
-    # an unlisted block's (rows inside L, keys inside S).
-    pw = torch.nonzero(is_part)  # [P, 2]: list row, slot
-    if pw.numel():
-        r = pw[:, 0]
-        mb, rest = r // (MH * n_rows), r % (MH * n_rows)
-        mh, t = rest // n_rows, rest % n_rows
-        first = w[pw[:, 0], pw[:, 1]]
-        ents = torch.stack([mb, mh, t * q_tile, first], 1)
-        for ent in _chunks(ents, nb * nh * q_tile * window):
-            n = ent.shape[0]
-            allowed, inside = _served_cells(mask_mod, ent, MB, MH, B, Hq, L, S, q_tile, window)
-            kv_blocks = ((ent[:, 3].view(n, 1) + torch.arange(window, device=device).view(1, window)) // kb)
-            kv_blocks = kv_blocks.clamp(max=nKV - 1)
-            q_blocks = (ent[:, 2] // qb).view(n, 1)
-            kind = member[ent[:, 0].view(n, 1), ent[:, 1].view(n, 1), q_blocks, kv_blocks].view(n, 1, 1, window)
-            bad = inside & (((kind == 2) & ~allowed) | ((kind == 0) & allowed))
-            if bool(bad.any()):
-                return None
-
-    def lists(sel):
-        order = torch.sort((~sel).to(torch.uint8), dim=-1, stable=True).indices
-        idx = torch.where(sel, w0, 0).gather(1, order)
-        return (sel.sum(-1).to(torch.int32).view(MB, MH, n_rows).contiguous(),
-                idx.to(torch.int32).view(MB, MH, n_rows, -1).contiguous())
-
-    kv_num, kv_idx = lists(is_part)
-    full_num, full_idx = lists(is_full)
-    overrun = bool((is_part & (w0 + window > S)).any())
-    empty_num = torch.zeros(MB, MH, 0, dtype=torch.int32, device=device)
-    empty_idx = torch.zeros(MB, MH, 0, 0, dtype=torch.int32, device=device)
-    return Sparse(q_tile, window, kv_num, kv_idx, full_num, full_idx, empty_num, empty_idx, None, None,
-                  kv_unit=1, kv_overrun=overrun)
+def _shifted_q(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int,
+               window: int = 64, kv_tile: int = 64) -> Optional[Sparse]:
+    """``_shifted_kv`` on the other axis, for the dK/dV kernel, which walks a key tile's queries:
+    for each tile of ``kv_tile`` keys, the queries that may attend some key of it, covered by
+    disjoint windows of ``window`` queries from any query; full where every query of the window
+    may attend every key of the tile inside S. The q-side lists hold each window's first query
+    (``q_unit`` 1; ``q_overrun``: a partial window ends past L); the kv-side lists are empty (the
+    full ones too, so that ``has_full`` holds) and no kernel but the dK/dV kernel walks it."""
+    return _shifted_windows(sparse, mask_mod, B, Hq, L, S, window, kv_tile, "q")
 
 
 _AUTO_DECIDED: dict = {}
@@ -803,6 +843,27 @@ def _auto_shifted(sparse: Sparse, refined: Sparse, mask_mod, B, Hq, L, S) -> Opt
         shifted = _shifted_kv(sparse, mask_mod, B, Hq, L, S, refined.kv_block, refined.q_block)
         return shifted if shifted is not None and _saves(refined, shifted, AUTO_SHIFT_SAVING) else None
     return _decided_once((id(sparse), id(mask_mod), B, Hq, L, S, "shifted"), sparse, mask_mod, decide)
+
+
+def _auto_shifted_q(sparse: Sparse, refined: Sparse, mask_mod, B, Hq, L, S) -> Optional[Sparse]:
+    """The dK/dV kernel's windows of queries (``AUTO_SHIFT_DKDV``, ``_shifted_q``) in place of its
+    ``refined`` query lists (of the same tiles), or None where they save less than
+    ``AUTO_SHIFT_SAVING`` of those lists' elements or are not to be had; decided once."""
+    if not AUTO_SHIFT_DKDV:
+        return None
+
+    def listed_q(sp):
+        n = sp.q_num.sum() + (sp.full_q_num.sum() if sp.full_q_num is not None else 0)
+        return n * sp.q_block * sp.kv_block
+
+    def decide():
+        shifted = _shifted_q(sparse, mask_mod, B, Hq, L, S, refined.q_block, refined.kv_block)
+        if shifted is None:
+            return None
+        old, new = torch.stack([listed_q(refined), listed_q(shifted)]).tolist()
+        return shifted if new <= (1.0 - AUTO_SHIFT_SAVING) * old else None
+    key = (id(sparse), id(mask_mod), B, Hq, L, S, "shifted_q", refined.q_block, refined.kv_block)
+    return _decided_once(key, sparse, mask_mod, decide)
 
 
 def _auto_refined_bwd(sparse: Sparse, mask_mod, B, Hq, L, S, tiles: dict) -> tuple:
@@ -946,6 +1007,10 @@ AUTO_SHIFT_SAVING = 0.05
 # The dQ kernel on the forward's shifted windows, where it walks tiles of theirs (REFINED_BWD's
 # 64 x 64) and would walk lists refined to them (kernels.backward._window_consts).
 AUTO_SHIFT_DQ = True
+# The dK/dV kernel on windows of queries (``_shifted_q``), on REFINED_BWD's tiles, where the forward
+# walks shifted windows and the query windows list at least AUTO_SHIFT_SAVING fewer elements than
+# its refined 64 x 64 lists.
+AUTO_SHIFT_DKDV = True
 SHIFT_MAX_CELLS = 1 << 26
 
 # Automatic refinement of the backward's lists (on the GPU, under the same gate): one axis
@@ -1460,6 +1525,10 @@ def flex_attention(
             # The dQ kernel walks a query tile's keys as the forward does: on its tiles, the
             # forward's shifted windows (the refined lists it would walk, but from any key).
             sparse_dq = sparse
+        if sparse.kv_unit and refined_bwd and sparse_dkdv is not None:
+            # The dK/dV kernel walks a key tile's queries: windows of queries, where the forward
+            # took windows of keys (a mask whose runs do not start at block boundaries).
+            sparse_dkdv = _auto_shifted_q(sparse_bwd, sparse_dkdv, mask, B, Hq, L, S) or sparse_dkdv
     for t in program.buffers:
         if t.device != device and t.requires_grad:
             raise ValueError(

@@ -238,7 +238,7 @@ def dkdv_tiles(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr,
     FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DQ_ATOMIC: tl.constexpr, HEADS: tl.constexpr = 1,
-    DP_FIRST: tl.constexpr = False,
+    DP_FIRST: tl.constexpr = False, Q_UNIT: tl.constexpr = 0,
 ):
     """Accumulate dK and dV over one query head's listed Q blocks (k, v stay in SRAM); with
     DQ_ATOMIC also add each tile's dQ share, dS K * scale, into the float32 rows of ``DQA``
@@ -257,8 +257,12 @@ def dkdv_tiles(
     ``off_h`` to ``off_h + HEADS - 1``. Each listed block takes ``TILES`` steps for each head in
     turn; the pointers, the rows' statistics and the mods' head move with the step's head
     (``stride_qh``, ``stride_qsh``, ``stride_doh``; ``Q_LEN`` rows of statistics per head).
+
+    Q_UNIT: the queries a list entry counts in; 0, the block's own length (SPARSE_Q). Windows of
+    queries (``kernels.api._shifted_q``) list each window's first query (Q_UNIT 1).
     """
     TILES: tl.constexpr = SPARSE_Q // BLOCK_M
+    UNIT: tl.constexpr = SPARSE_Q if Q_UNIT == 0 else Q_UNIT
     offs_d = tl.arange(0, QK_PAD)
     offs_v = tl.arange(0, V_PAD)
     first = tl.load(IDX)
@@ -266,7 +270,7 @@ def dkdv_tiles(
     # One flat loop over every tile of every listed block (the pipeliner then
     # prefetches across block boundaries; the next block is carried, see next_listed).
     for it in range(0, num_blocks * TILES * HEADS):
-        offs_m = q_block * SPARSE_Q + (it % TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = q_block * UNIT + (it % TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
         q_block = next_listed(IDX, first, it, num_blocks, TILES * HEADS, CONTIGUOUS)
         if HEADS > 1:
             g = (it // TILES) % HEADS  # the step's head, off_h + g
@@ -545,7 +549,8 @@ def dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
     PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    HEADS: tl.constexpr = 1, DP_FIRST: tl.constexpr = False,
+    HEADS: tl.constexpr = 1, DP_FIRST: tl.constexpr = False, Q_UNIT: tl.constexpr = 0,
+    PART_Q_DIVISIBLE: tl.constexpr = True,
 ):
     pid_n = tl.program_id(0)
     pid_zh = tl.program_id(1)  # (query batch, kv head)
@@ -587,7 +592,8 @@ def dkdv_kernel(
             B0, B1, B2, B3, G0, G1, G2, G3,
             SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, False,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
-            Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC, HEADS, DP_FIRST,
+            PART_Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC, HEADS, DP_FIRST,
+            Q_UNIT,
         )
         if HAS_FULL:
             dk, dv = dkdv_tiles(
@@ -600,6 +606,7 @@ def dkdv_kernel(
                 SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, True,
                 QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
                 Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC, HEADS, DP_FIRST,
+                Q_UNIT,
             )
     dk = dk * SM_SCALE
     n_ok = offs_n[:, None] < KV_LEN
@@ -726,7 +733,8 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
             GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable), DQ_ATOMIC=dq_atomic,
             HEADS=dkdv_heads(plan.G, MH, heads_in_loop), DP_FIRST=dp_first(plan.G, dp_first_flag, plan.refined_bwd),
             BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **dict(common, **fns, **dkdv_launch),
-            **_sparse_consts(sp, L, S), options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
+            **{**_sparse_consts(sp, L, S), **_q_window_consts(sp, L)},
+            options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
         )
 
     if dq_atomic:
@@ -784,6 +792,15 @@ def _window_consts(sp, S: int) -> dict:
         divisible = S % sp.kv_block == 0
         return dict(KV_UNIT=0, KV_DIVISIBLE=divisible, PART_KV_DIVISIBLE=divisible)
     return dict(KV_UNIT=sp.kv_unit, KV_DIVISIBLE=True, PART_KV_DIVISIBLE=not sp.kv_overrun)
+
+
+def _q_window_consts(sp, L: int) -> dict:
+    """The dK/dV kernel's Q_UNIT and its loops' query bounds: on windows of queries
+    (``Sparse.q_unit``) a full one lies inside the queries and a partial one may end past them."""
+    if not sp.q_unit:
+        divisible = L % sp.q_block == 0
+        return dict(Q_UNIT=0, Q_DIVISIBLE=divisible, PART_Q_DIVISIBLE=divisible)
+    return dict(Q_UNIT=sp.q_unit, Q_DIVISIBLE=True, PART_Q_DIVISIBLE=not sp.q_overrun)
 
 
 def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2, bufs, delta_ready,

@@ -503,10 +503,16 @@ def test_automatic_refinement_keeps_asked_for_tiles_of_128(monkeypatch, tiles):
 
 
 def _window_relation(sp, mask_mod, B: int, H: int, L: int, S: int) -> torch.Tensor:
-    """The relation the forward computes on shifted windows, [B, H, L, S]: a full window's keys
-    for its tile's rows, a partial one's where mask_mod allows them; and no key of a row covered
-    twice (a key summed twice would be counted twice)."""
-    MB, MH, n_rows, _ = sp.kv_idx.shape
+    """The relation a kernel computes on shifted windows, [B, H, L, S]: a full window's keys (or
+    queries) for its tile's queries (keys), a partial one's where mask_mod allows them; and no
+    element covered twice (it would be summed twice). Windows of keys (``_shifted_kv``: a list row
+    per query tile) or of queries (``_shifted_q``: a list row per key tile)."""
+    by_q = bool(sp.q_unit)
+    lists = ((sp.q_num, sp.q_idx, False), (sp.full_q_num, sp.full_q_idx, True)) if by_q else (
+        (sp.kv_num, sp.kv_idx, False), (sp.full_kv_num, sp.full_kv_idx, True))
+    tile, window = (sp.kv_block, sp.q_block) if by_q else (sp.q_block, sp.kv_block)
+    t_len, w_len = (S, L) if by_q else (L, S)
+    MB, MH, n_rows, _ = lists[0][1].shape
     out = torch.zeros(B, H, L, S, dtype=torch.bool)
     q, kv = torch.arange(L).view(L, 1), torch.arange(S).view(1, S)
     for b in range(B):
@@ -514,13 +520,14 @@ def _window_relation(sp, mask_mod, B: int, H: int, L: int, S: int) -> torch.Tens
             allowed = torch.as_tensor(mask_mod(torch.tensor(b), torch.tensor(h), q, kv)).expand(L, S)
             cover = torch.zeros(L, S, dtype=torch.int32)
             for t in range(n_rows):
-                rows = slice(t * sp.q_block, min((t + 1) * sp.q_block, L))
-                for num, idx, full in ((sp.kv_num, sp.kv_idx, False), (sp.full_kv_num, sp.full_kv_idx, True)):
+                tiles = slice(t * tile, min((t + 1) * tile, t_len))
+                for num, idx, full in lists:
                     for k in range(int(num[b % MB, h % MH, t])):
                         w = int(idx[b % MB, h % MH, t, k])
-                        cols = slice(w, min(w + sp.kv_block, S))
-                        cover[rows, cols] += 1
-                        out[b, h, rows, cols] = True if full else allowed[rows, cols]
+                        wins = slice(w, min(w + window, w_len))
+                        at = (wins, tiles) if by_q else (tiles, wins)
+                        cover[at] += 1
+                        out[(b, h) + at] = True if full else allowed[at]
             assert int(cover.max()) <= 1, (b, h)
     return out
 
@@ -529,10 +536,11 @@ def _window_relation(sp, mask_mod, B: int, H: int, L: int, S: int) -> torch.Tens
 def test_shifted_windows_compute_the_block_relation(case):
     """The forward's shifted windows (kernels.api._shifted_kv) cover every row's keys of the block
     relation (SPEC section 3, semantics="blocks") once, and no other: disjoint windows, full ones
-    only where every row may attend every key, the mask applied on the rest. Broadcast lists (one
-    batch and head serving all) and per-(b, h) lists; keys longer than queries; and causal rows
-    of 100 keys, whose second window cannot end at S without starting before key 0, so it ends
-    past S (kv_overrun), where the kernel bounds the keys."""
+    only where every row may attend every key, the mask applied on the rest; and the dK/dV
+    kernel's windows of queries (_shifted_q) every key tile's queries likewise. Broadcast lists
+    (one batch and head serving all) and per-(b, h) lists; keys longer than queries; and causal
+    rows of 100 keys, whose second window cannot end at S without starting before key 0, so it
+    ends past S (kv_overrun), where the kernel bounds the keys."""
     from kernels import api
     from oracle.block_mask import block_mask_to_dense
 
@@ -550,6 +558,10 @@ def test_shifted_windows_compute_the_block_relation(case):
     assert shifted.kv_overrun == (case == "overrun")
     want = block_mask_to_dense(bm, B, H, L, S, semantics="blocks")
     assert torch.equal(_window_relation(shifted, mask_mod, B, H, L, S), want)
+    # The dK/dV kernel's windows of queries, one list row per tile of 64 keys.
+    by_q = api._shifted_q(sparse, mask_mod, B, H, L, S)
+    assert by_q is not None and by_q.q_unit == 1 and (by_q.q_block, by_q.kv_block) == (64, 64)
+    assert torch.equal(_window_relation(by_q, mask_mod, B, H, L, S), want)
     if case == "document":  # fewer elements listed, and fewer of them partial, than 64 x 64 blocks
         refined = api._refined_lists(sparse, mask_mod, B, H, L, S, 64, 64)
         assert float(api._listed(shifted)) <= 0.9 * float(api._listed(refined))
@@ -887,37 +899,52 @@ def test_gpu_automatic_refinement_matches_the_oracle():
     check(B=1, Hq=4, L=L, S=S, E=128, dtype=torch.float16, mask_mod=mask_mod, block_size=128, device="cuda")
 
 
-def test_shifted_windows_in_the_dq_kernel_end_to_end(monkeypatch):
+def test_shifted_windows_in_the_backward_end_to_end(monkeypatch):
     """Where the backward runs on REFINED_BWD's 64 x 64 tiles (here with the arch taken for sm90
-    under the interpreter), the dQ kernel walks the forward's shifted windows (AUTO_SHIFT_DQ), and
-    the oracle agrees, GQA and a query tail included; AUTO_SHIFT_DQ False gives it the refined
-    blocks."""
+    under the interpreter), the dQ kernel walks the forward's shifted windows (AUTO_SHIFT_DQ) and
+    the dK/dV kernel windows of queries (AUTO_SHIFT_DKDV), and the oracle agrees, GQA and a query
+    tail included; with the savings' thresholds lifted, causal key tiles whose last query window
+    ends past L (bounds on the partial windows' queries) agree too. Each flag False gives its
+    kernel the refined blocks."""
     from kernels import api
 
     _as_sm90(monkeypatch)
-    seen = _open_automatic_refinement(monkeypatch, "_auto_shifted")
-    units = _record_launches(monkeypatch, "dq_kernel", "BLOCK_M", "BLOCK_N", "KV_UNIT")
+    _open_automatic_refinement(monkeypatch, "_auto_shifted")
+    seen = _open_automatic_refinement(monkeypatch, "_auto_shifted_q")
+    dq = _record_launches(monkeypatch, "dq_kernel", "BLOCK_M", "BLOCK_N", "KV_UNIT")
+    dkdv = _record_launches(monkeypatch, "dkdv_kernel", "BLOCK_M", "BLOCK_N", "Q_UNIT", "Q_DIVISIBLE",
+                            "PART_Q_DIVISIBLE")
     L = S = 300
     mask_mod = mods.document.from_seed(L, 6, 2)
     check(B=1, Hq=2, Hkv=1, L=L - 11, S=S, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128)
-    assert seen[-1] is not None and units == [(64, 64, 1)]
+    assert seen[-1] is not None and dq == [(64, 64, 1)] and dkdv == [(64, 64, 1, True, True)]
+    with monkeypatch.context() as m:
+        for name in ("AUTO_REFINE_SAVING", "AUTO_SHIFT_SAVING", "REFINED_BWD_SAVING", "AUTO_REFINE_BWD_SAVING"):
+            m.setattr(api, name, -1.0)
+        check(B=1, Hq=2, L=150, S=150, E=128, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128)
+        assert seen[-1].q_overrun and dkdv[-1] == (64, 64, 1, True, False)
     monkeypatch.setattr(api, "AUTO_SHIFT_DQ", False)
+    monkeypatch.setattr(api, "AUTO_SHIFT_DKDV", False)
     check(B=1, Hq=2, L=L, S=S, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128)
-    assert units[-1] == (64, 64, 0)
+    assert dq[-1] == (64, 64, 0) and dkdv[-1][2] == 0
 
 
 @pytest.mark.gpu
 def test_gpu_shifted_windows_match_the_oracle(monkeypatch):
     """On the GPU a document mask's forward walks shifted windows (AUTO_SHIFT) where they save
-    enough: bench.py's document row at S=1k with GQA in bf16 at D=128, and keys longer than
-    queries with a query tail in fp16 at D=64, each against the oracle, backward included; with
-    the thresholds lifted, causal rows whose last window ends past S (kv_overrun) agree too."""
+    enough: bench.py's document row at S=1k with GQA in bf16 at D=128 (its backward on REFINED_BWD's
+    tiles, the dQ kernel on the same windows and the dK/dV kernel on windows of queries), and keys
+    longer than queries with a query tail in fp16 at D=64, each against the oracle, backward
+    included; with the thresholds lifted, causal rows whose last window ends past S (kv_overrun)
+    agree too."""
     from kernels import api
 
-    seen = _open_automatic_refinement(monkeypatch, "_auto_shifted")  # (the GPU's own gate, spied)
+    by_q = _open_automatic_refinement(monkeypatch, "_auto_shifted_q")  # (the GPU's own gate, spied)
+    seen = _open_automatic_refinement(monkeypatch, "_auto_shifted")
     mask_mod = mods.document.from_seed(1024, 12, 0, device="cuda")
     check(B=2, Hq=8, Hkv=2, L=1024, S=1024, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128,
           device="cuda")
+    assert by_q and by_q[-1] is not None and by_q[-1].q_unit == 1  # the dK/dV kernel's windows of queries
     mask_mod = mods.document.from_seed(1000, 9, 4, kv_length=1100, device="cuda")
     check(B=2, Hq=4, L=1000, S=1100, E=64, dtype=torch.float16, mask_mod=mask_mod, block_size=128, device="cuda")
     assert len(seen) == 2 and all(sp is not None and sp.kv_unit == 1 for sp in seen)
