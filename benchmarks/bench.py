@@ -442,6 +442,9 @@ _ours_dq_unshifted = _ours_with("api", "AUTO_SHIFT_DQ", False)
 # The dK/dV kernel on its refined 64 x 64 blocks where it would walk windows of queries
 # (kernels.api.AUTO_SHIFT_DKDV); the forward and the dQ kernel are ours.
 _ours_dkdv_unshifted = _ours_with("api", "AUTO_SHIFT_DKDV", False)
+# Every shifted window on multiples of 16 positions (kernels.api.SHIFT_UNIT_KV; the dK/dV kernel's
+# are by default).
+_ours_shift_unit16 = _ours_with("api", "SHIFT_UNIT_KV", 16)
 # No dQ kernel: the dK/dV kernel adds dQ with atomics (kernels.backward.DQ_ATOMIC).
 _ours_dq_atomic = _ours_with("backward", "DQ_ATOMIC", True)
 # The dK/dV kernel's dP before dV for every G, or dV first everywhere (kernels.backward.DKDV_DP_FIRST;
@@ -610,6 +613,9 @@ IMPLS = {
     "ours-dkdv-unshifted": Impl("ours-dkdv-unshifted", _ours_dkdv_unshifted, True,
                                 "kernels.flex_attention with the dK/dV kernel on the refined 64 x 64 blocks "
                                 "(AUTO_SHIFT_DKDV=False); the forward and the dQ kernel on shifted windows"),
+    "ours-shift-unit16": Impl("ours-shift-unit16", _ours_shift_unit16, True,
+                              "kernels.flex_attention with the forward's and the dQ kernel's shifted windows "
+                              "starting at multiples of 16 keys (SHIFT_UNIT_KV=16)"),
     "ours-fused": Impl("ours-fused", _ours_fused, True,
                        "kernels.flex_attention without backward.CONCURRENT (delta in the dQ kernel, one stream)"),
     "ours-dkdv-side": Impl("ours-dkdv-side", _ours_dkdv_side, True,

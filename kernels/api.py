@@ -638,7 +638,7 @@ def _chunks(ent: torch.Tensor, per: int):
 
 
 def _shifted_windows(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int, window: int, tile: int,
-                     over: str) -> Optional[Sparse]:
+                     over: str, unit: int) -> Optional[Sparse]:
     """``_shifted_kv`` (``over="kv"``: windows of keys for each tile of ``tile`` queries) and
     ``_shifted_q`` (``over="q"``: windows of queries for each tile of ``tile`` keys), on either
     axis the same way; None where they are not to be had (see ``_shifted_kv``)."""
@@ -651,7 +651,7 @@ def _shifted_windows(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int, 
         tb, n_tb, t_len, pb, n_pb, p_len = qb, nQ, L, kb, nKV, S
     else:  # tiles of keys, windows of queries
         tb, n_tb, t_len, pb, n_pb, p_len = kb, nKV, S, qb, nQ, L
-    if tb % tile or p_len < window:
+    if tb % tile or p_len < window or window % unit:
         return None
     rt = tb // tile
     n_rows = n_tb * rt
@@ -691,8 +691,13 @@ def _shifted_windows(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int, 
         any_[at] = cells.any(dim=3).any(dim=1)
         all_[at] = (cells | ~line_in).all(dim=3).all(dim=1) & line_in.any(dim=3)[:, 0]
     rows = MB * MH * n_rows
-    w, is_full, is_part = _greedy_windows(any_.view(rows, n_pb * pb)[:, :p_len],
-                                          all_.view(rows, n_pb * pb)[:, :p_len], p_len, window)
+    # Windows start at multiples of ``unit``: positions pooled into groups of that many (a group
+    # past p_len in part is never all allowed), windows of window // unit groups.
+    n_groups = -(-p_len // unit)
+    pad = n_groups * unit - p_len
+    any_g = torch.nn.functional.pad(any_.view(rows, n_pb * pb)[:, :p_len], (0, pad)).view(rows, n_groups, unit)
+    all_g = torch.nn.functional.pad(all_.view(rows, n_pb * pb)[:, :p_len], (0, pad)).view(rows, n_groups, unit)
+    w, is_full, is_part = _greedy_windows(any_g.any(-1), all_g.all(-1), n_groups, window // unit)
 
     # The check: on every partial window, mask_mod True on a full block's elements and False on
     # an unlisted block's (queries inside L, keys inside S).
@@ -701,7 +706,7 @@ def _shifted_windows(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int, 
         r = pw[:, 0]
         mb, rest = r // (MH * n_rows), r % (MH * n_rows)
         mh, t = rest // n_rows, rest % n_rows
-        first = w[pw[:, 0], pw[:, 1]]
+        first = w[pw[:, 0], pw[:, 1]] * unit
         corners = torch.stack([mb, mh, *((t * tile, first) if over == "kv" else (first, t * tile))], 1)
         n_q, n_k = (tile, window) if over == "kv" else (window, tile)
         for ent in _chunks(corners, nb * nh * n_q * n_k):
@@ -722,13 +727,13 @@ def _shifted_windows(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int, 
                 idx.to(torch.int32).view(MB, MH, n_rows, -1).contiguous())
 
     (num, idx), (full_num, full_idx) = lists(is_part), lists(is_full)
-    overrun = bool((is_part & (w + window > p_len)).any())
+    overrun = bool((is_part & (w * unit + window > p_len)).any())
     empty_num, empty_idx = num.new_zeros(MB, MH, 0), num.new_zeros(MB, MH, 0, 0)
     if over == "kv":
         return Sparse(tile, window, num, idx, full_num, full_idx, empty_num, empty_idx, None, None,
-                      kv_unit=1, kv_overrun=overrun)
+                      kv_unit=unit, kv_overrun=overrun)
     return Sparse(window, tile, empty_num, empty_idx, empty_num, empty_idx, num, idx, full_num, full_idx,
-                  q_unit=1, q_overrun=overrun)
+                  q_unit=unit, q_overrun=overrun)
 
 
 def _greedy_windows(any_: torch.Tensor, all_: torch.Tensor, length: int, window: int) -> tuple:
@@ -806,7 +811,7 @@ def _shifted_kv(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int,
     The result's kv lists hold each window's first key (``kv_unit`` 1), partial and full lists
     padded to one width; it has no q-side lists, and only the forward walks it.
     """
-    return _shifted_windows(sparse, mask_mod, B, Hq, L, S, window, q_tile, "kv")
+    return _shifted_windows(sparse, mask_mod, B, Hq, L, S, window, q_tile, "kv", SHIFT_UNIT_KV)
 
 
 def _shifted_q(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int,
@@ -817,7 +822,7 @@ def _shifted_q(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int,
     may attend every key of the tile inside S. The q-side lists hold each window's first query
     (``q_unit`` 1; ``q_overrun``: a partial window ends past L); the kv-side lists are empty (the
     full ones too, so that ``has_full`` holds) and no kernel but the dK/dV kernel walks it."""
-    return _shifted_windows(sparse, mask_mod, B, Hq, L, S, window, kv_tile, "q")
+    return _shifted_windows(sparse, mask_mod, B, Hq, L, S, window, kv_tile, "q", SHIFT_UNIT_Q)
 
 
 _AUTO_DECIDED: dict = {}
@@ -842,7 +847,7 @@ def _auto_shifted(sparse: Sparse, refined: Sparse, mask_mod, B, Hq, L, S) -> Opt
     def decide():
         shifted = _shifted_kv(sparse, mask_mod, B, Hq, L, S, refined.kv_block, refined.q_block)
         return shifted if shifted is not None and _saves(refined, shifted, AUTO_SHIFT_SAVING) else None
-    return _decided_once((id(sparse), id(mask_mod), B, Hq, L, S, "shifted"), sparse, mask_mod, decide)
+    return _decided_once((id(sparse), id(mask_mod), B, Hq, L, S, "shifted", SHIFT_UNIT_KV), sparse, mask_mod, decide)
 
 
 def _auto_shifted_q(sparse: Sparse, refined: Sparse, mask_mod, B, Hq, L, S) -> Optional[Sparse]:
@@ -862,7 +867,7 @@ def _auto_shifted_q(sparse: Sparse, refined: Sparse, mask_mod, B, Hq, L, S) -> O
             return None
         old, new = torch.stack([listed_q(refined), listed_q(shifted)]).tolist()
         return shifted if new <= (1.0 - AUTO_SHIFT_SAVING) * old else None
-    key = (id(sparse), id(mask_mod), B, Hq, L, S, "shifted_q", refined.q_block, refined.kv_block)
+    key = (id(sparse), id(mask_mod), B, Hq, L, S, "shifted_q", refined.q_block, refined.kv_block, SHIFT_UNIT_Q)
     return _decided_once(key, sparse, mask_mod, decide)
 
 
@@ -1012,6 +1017,16 @@ AUTO_SHIFT_DQ = True
 # its refined 64 x 64 lists.
 AUTO_SHIFT_DKDV = True
 SHIFT_MAX_CELLS = 1 << 26
+# Windows start at multiples of these many positions (the lists hold starts in these units):
+# keys for the forward and the dQ kernel (_shifted_kv), queries for the dK/dV kernel (_shifted_q).
+# A unit of 16 lets Triton know the offsets' alignment. On any query (1), the dK/dV kernel's sm_90
+# loop took 648 / 501 instructions a trip (partial / full) and 124 bytes of spills, against 534 /
+# 404 and 52 on blocks (document, S=4k, D=128; benchmarks/codegen.py --loops), and its backward was
+# 2 to 7 % slower on the H100 than on blocks; on multiples of 16, 568 / 449 and 76 (docs/
+# PERFORMANCE.md, thirty-third session). Keys on 16 list more partial windows (at S=4k, 41.7 % of
+# them against 34 % on 1 and 40 % on blocks).
+SHIFT_UNIT_KV = 1
+SHIFT_UNIT_Q = 16
 
 # Automatic refinement of the backward's lists (on the GPU, under the same gate): one axis
 # per kernel at its own step, so the tiles stay as they are (_auto_refined_bwd), where that

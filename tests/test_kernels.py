@@ -508,6 +508,7 @@ def _window_relation(sp, mask_mod, B: int, H: int, L: int, S: int) -> torch.Tens
     element covered twice (it would be summed twice). Windows of keys (``_shifted_kv``: a list row
     per query tile) or of queries (``_shifted_q``: a list row per key tile)."""
     by_q = bool(sp.q_unit)
+    unit = sp.q_unit if by_q else sp.kv_unit  # list entries count in these many positions
     lists = ((sp.q_num, sp.q_idx, False), (sp.full_q_num, sp.full_q_idx, True)) if by_q else (
         (sp.kv_num, sp.kv_idx, False), (sp.full_kv_num, sp.full_kv_idx, True))
     tile, window = (sp.kv_block, sp.q_block) if by_q else (sp.q_block, sp.kv_block)
@@ -523,7 +524,7 @@ def _window_relation(sp, mask_mod, B: int, H: int, L: int, S: int) -> torch.Tens
                 tiles = slice(t * tile, min((t + 1) * tile, t_len))
                 for num, idx, full in lists:
                     for k in range(int(num[b % MB, h % MH, t])):
-                        w = int(idx[b % MB, h % MH, t, k])
+                        w = int(idx[b % MB, h % MH, t, k]) * unit
                         wins = slice(w, min(w + window, w_len))
                         at = (wins, tiles) if by_q else (tiles, wins)
                         cover[at] += 1
@@ -554,13 +555,13 @@ def test_shifted_windows_compute_the_block_relation(case):
     bm = create_block_mask(mask_mod, mask_b, mask_b, L, S, device=DEVICE, BLOCK_SIZE=128)
     sparse = api._block_lists(bm, B, H, L, S, torch.device(DEVICE))
     shifted = api._shifted_kv(sparse, mask_mod, B, H, L, S)
-    assert shifted is not None and shifted.kv_unit == 1 and (shifted.q_block, shifted.kv_block) == (64, 64)
+    assert shifted is not None and shifted.kv_unit == api.SHIFT_UNIT_KV and (shifted.q_block, shifted.kv_block) == (64, 64)
     assert shifted.kv_overrun == (case == "overrun")
     want = block_mask_to_dense(bm, B, H, L, S, semantics="blocks")
     assert torch.equal(_window_relation(shifted, mask_mod, B, H, L, S), want)
     # The dK/dV kernel's windows of queries, one list row per tile of 64 keys.
     by_q = api._shifted_q(sparse, mask_mod, B, H, L, S)
-    assert by_q is not None and by_q.q_unit == 1 and (by_q.q_block, by_q.kv_block) == (64, 64)
+    assert by_q is not None and by_q.q_unit == api.SHIFT_UNIT_Q and (by_q.q_block, by_q.kv_block) == (64, 64)
     assert torch.equal(_window_relation(by_q, mask_mod, B, H, L, S), want)
     if case == "document":  # fewer elements listed, and fewer of them partial, than 64 x 64 blocks
         refined = api._refined_lists(sparse, mask_mod, B, H, L, S, 64, 64)
@@ -639,11 +640,11 @@ def test_shifted_windows_end_to_end(monkeypatch):
     mask_mod = mods.document.from_seed(L, 6, 2)
     bias = mods.bias.from_seed([2, L, S], seed=5, layout="hqk", requires_grad=True)
     check(B=2, Hq=2, Hkv=1, L=L - 11, S=S, E=16, mask_mod=mask_mod, block_size=128, score_mod=bias)
-    assert seen and seen[-1] is not None and units[-1] == (1, True, True)
+    assert seen and seen[-1] is not None and units[-1] == (api.SHIFT_UNIT_KV, True, True)
     monkeypatch.setattr(api, "AUTO_REFINE_SAVING", -1.0)
     monkeypatch.setattr(api, "AUTO_SHIFT_SAVING", -1.0)
     check(B=1, Hq=2, L=256, S=100, E=16, mask_mod=mods.causal(), block_size=128)
-    assert seen[-1].kv_overrun and units[-1] == (1, True, False)
+    assert seen[-1].kv_overrun and units[-1] == (api.SHIFT_UNIT_KV, True, False)
     monkeypatch.setattr(api, "AUTO_SHIFT", False)
     check(B=1, Hq=2, L=L, S=S, E=16, mask_mod=mask_mod, block_size=128, grads=False)
     assert seen[-1] is None and units[-1][0] == 0
@@ -917,12 +918,12 @@ def test_shifted_windows_in_the_backward_end_to_end(monkeypatch):
     L = S = 300
     mask_mod = mods.document.from_seed(L, 6, 2)
     check(B=1, Hq=2, Hkv=1, L=L - 11, S=S, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128)
-    assert seen[-1] is not None and dq == [(64, 64, 1)] and dkdv == [(64, 64, 1, True, True)]
+    assert seen[-1] is not None and dq == [(64, 64, api.SHIFT_UNIT_KV)] and dkdv == [(64, 64, api.SHIFT_UNIT_Q, True, not seen[-1].q_overrun)]
     with monkeypatch.context() as m:
         for name in ("AUTO_REFINE_SAVING", "AUTO_SHIFT_SAVING", "REFINED_BWD_SAVING", "AUTO_REFINE_BWD_SAVING"):
             m.setattr(api, name, -1.0)
         check(B=1, Hq=2, L=150, S=150, E=128, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128)
-        assert seen[-1].q_overrun and dkdv[-1] == (64, 64, 1, True, False)
+        assert seen[-1].q_overrun and dkdv[-1] == (64, 64, api.SHIFT_UNIT_Q, True, False)
     monkeypatch.setattr(api, "AUTO_SHIFT_DQ", False)
     monkeypatch.setattr(api, "AUTO_SHIFT_DKDV", False)
     check(B=1, Hq=2, L=L, S=S, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128)
@@ -944,10 +945,10 @@ def test_gpu_shifted_windows_match_the_oracle(monkeypatch):
     mask_mod = mods.document.from_seed(1024, 12, 0, device="cuda")
     check(B=2, Hq=8, Hkv=2, L=1024, S=1024, E=128, dtype=torch.bfloat16, mask_mod=mask_mod, block_size=128,
           device="cuda")
-    assert by_q and by_q[-1] is not None and by_q[-1].q_unit == 1  # the dK/dV kernel's windows of queries
+    assert by_q and by_q[-1] is not None and by_q[-1].q_unit == api.SHIFT_UNIT_Q  # the dK/dV kernel's windows of queries
     mask_mod = mods.document.from_seed(1000, 9, 4, kv_length=1100, device="cuda")
     check(B=2, Hq=4, L=1000, S=1100, E=64, dtype=torch.float16, mask_mod=mask_mod, block_size=128, device="cuda")
-    assert len(seen) == 2 and all(sp is not None and sp.kv_unit == 1 for sp in seen)
+    assert len(seen) == 2 and all(sp is not None and sp.kv_unit == api.SHIFT_UNIT_KV for sp in seen)
     monkeypatch.setattr(api, "AUTO_REFINE_SAVING", -1.0)
     monkeypatch.setattr(api, "AUTO_SHIFT_SAVING", -1.0)
     check(B=2, Hq=4, L=256, S=100, E=128, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128,
