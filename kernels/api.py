@@ -1005,16 +1005,19 @@ REFINED_FWD_LAUNCH = (4, 3)
 # forward walks 64-key windows that start at any key in place of the refined 64 x 64 blocks, when
 # they list at least AUTO_SHIFT_SAVING fewer elements than those blocks. On bench.py's document
 # rows (about 12 documents) they list 10.8 % fewer at S=1k and 6.7 % fewer at 4k, 0.7 % at 16k
-# (not taken). False switches it off. SHIFT_MAX_CELLS bounds the host tables (list rows x keys)
+# (not taken); on the H100 (thirty-third session) the forward was 5 % faster at 1k and 2 % at 4k
+# (GQA document likewise). False switches it off, and the backward's windows with it. SHIFT_MAX_CELLS bounds the host tables (list rows x keys)
 # the windows are chosen on: 4M at S=16k for a block mask of one batch and head.
 AUTO_SHIFT = True
 AUTO_SHIFT_SAVING = 0.05
 # The dQ kernel on the forward's shifted windows, where it walks tiles of theirs (REFINED_BWD's
-# 64 x 64) and would walk lists refined to them (kernels.backward._window_consts).
+# 64 x 64) and would walk lists refined to them (kernels.backward._window_consts). On the H100
+# (thirty-third session): backward 2 to 3 % faster on the document rows at S=1k and 4k.
 AUTO_SHIFT_DQ = True
 # The dK/dV kernel on windows of queries (``_shifted_q``), on REFINED_BWD's tiles, where the forward
 # walks shifted windows and the query windows list at least AUTO_SHIFT_SAVING fewer elements than
-# its refined 64 x 64 lists.
+# its refined 64 x 64 lists. On the H100, on SHIFT_UNIT_Q's multiples of 16: backward 2 % faster on
+# document at S=1k, 1 % on GQA document, within 1 % at 4k (from any query it lost 2 to 7 %).
 AUTO_SHIFT_DKDV = True
 SHIFT_MAX_CELLS = 1 << 26
 # Windows start at multiples of these many positions (the lists hold starts in these units):
@@ -1465,8 +1468,9 @@ def flex_attention(
     set is refined to 64 x 64 for the forward when that lists at least 15 % fewer elements
     (``AUTO_REFINE``) and no forward tile of 128 is asked for (and then walks 64-key windows that
     start at any key, where those list at least 5 % fewer elements than the 64 x 64 blocks and the
-    mask agrees with the block mask on their keys: ``AUTO_SHIFT``, ``_shifted_kv``), and, when a
-    backward may follow,
+    mask agrees with the block mask on their keys: ``AUTO_SHIFT``, ``_shifted_kv``; on REFINED_BWD's
+    tiles the dQ kernel walks the same windows and the dK/dV kernel windows of 64 queries:
+    ``AUTO_SHIFT_DQ``, ``AUTO_SHIFT_DKDV``), and, when a backward may follow,
     the dQ kernel's key lists and the dK/dV kernel's query lists are refined to those kernels'
     own steps when that saves at least 5 % (``AUTO_REFINE_BWD``); without a score mod, on sm90 in
     bf16 or fp16 at head dims 65 to 128, and with no backward tile, warps or stages option set,
