@@ -58,6 +58,10 @@ GPU_NOT_APPLICABLE = {
 CPU_NOT_APPLICABLE = {
     "narrow-v-tile-miscompile-bf16": "a Triton miscompile on sm_90 (an illegal memory access, docs/FAULTS.md); "
                                      "the interpreter compiles nothing",
+    # 84 s of CI's 2 cores (the thirty-third session), the suite's slowest test then.
+    "table-gradient-accumulation-fp32": "float32 atomic adds in an order that changes from run to run on the GPU "
+                                        "(docs/FAULTS.md); the interpreter adds in one order, and the allowance is "
+                                        "pinned against the dense sum in tests/test_properties.py",
 }
 
 
