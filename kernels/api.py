@@ -846,8 +846,9 @@ def _auto_shifted(sparse: Sparse, refined: Sparse, mask_mod, B, Hq, L, S) -> Opt
         return None
     def decide():
         shifted = _shifted_kv(sparse, mask_mod, B, Hq, L, S, refined.kv_block, refined.q_block)
-        return shifted if shifted is not None and _saves(refined, shifted, AUTO_SHIFT_SAVING) else None
-    return _decided_once((id(sparse), id(mask_mod), B, Hq, L, S, "shifted", SHIFT_UNIT_KV), sparse, mask_mod, decide)
+        return shifted if shifted is not None and _saves(refined, shifted, _saving(AUTO_SHIFT_SAVING)) else None
+    key = (id(sparse), id(mask_mod), B, Hq, L, S, "shifted", SHIFT_UNIT_KV, _saving(AUTO_SHIFT_SAVING))
+    return _decided_once(key, sparse, mask_mod, decide)
 
 
 def _auto_shifted_q(sparse: Sparse, refined: Sparse, mask_mod, B, Hq, L, S) -> Optional[Sparse]:
@@ -866,8 +867,9 @@ def _auto_shifted_q(sparse: Sparse, refined: Sparse, mask_mod, B, Hq, L, S) -> O
         if shifted is None:
             return None
         old, new = torch.stack([listed_q(refined), listed_q(shifted)]).tolist()
-        return shifted if new <= (1.0 - AUTO_SHIFT_SAVING) * old else None
-    key = (id(sparse), id(mask_mod), B, Hq, L, S, "shifted_q", refined.q_block, refined.kv_block, SHIFT_UNIT_Q)
+        return shifted if new <= (1.0 - _saving(AUTO_SHIFT_SAVING)) * old else None
+    key = (id(sparse), id(mask_mod), B, Hq, L, S, "shifted_q", refined.q_block, refined.kv_block, SHIFT_UNIT_Q,
+           _saving(AUTO_SHIFT_SAVING))
     return _decided_once(key, sparse, mask_mod, decide)
 
 
@@ -916,7 +918,7 @@ def _refined_bwd_wanted(kernel_options, arch: str, dtype, head_dim: int, work: O
     block mask without a score mod (``work`` "masked"), sm90, bf16 or fp16, a padded head dim of
     128, blocks that 64 divides, and no option that sets a backward tile, warps or stages (the
     caller's choice stands, and half of it with the rule's other half would be neither)."""
-    if REFINED_BWD is None or work != "masked" or arch != "sm90":
+    if REFINED_BWD is None or work != "masked" or (arch != "sm90" and not AUTO_EVERYWHERE):
         return False
     if dtype not in (torch.bfloat16, torch.float16) or max(16, _runtime.next_power_of_2(head_dim)) != 128:
         return False
@@ -930,8 +932,8 @@ def _refined_bwd_saves(sparse: Sparse, mask_mod, B, Hq, L, S, tiles: dict) -> bo
     elements than the dQ and dK/dV kernels walk on the default ``tiles`` (their lists as
     ``_auto_refined_bwd`` takes them), both kernels counted. Decided once per block lists and
     mask mod (the counts are read back to the host once)."""
-    key = ("refined_bwd", id(sparse), id(mask_mod), B, Hq, L, S, tuple(sorted(tiles.items())), REFINED_BWD,
-           REFINED_BWD_SAVING)
+    saving = _saving(REFINED_BWD_SAVING)
+    key = ("refined_bwd", id(sparse), id(mask_mod), B, Hq, L, S, tuple(sorted(tiles.items())), REFINED_BWD, saving)
     hit = _AUTO_DECIDED.get(key)
     if hit is not None and hit[0] is sparse and hit[1] is mask_mod:
         return hit[2]
@@ -940,7 +942,7 @@ def _refined_bwd_saves(sparse: Sparse, mask_mod, B, Hq, L, S, tiles: dict) -> bo
                            q_tile if q_tile < sparse.q_block else None)
     dq, dkdv = _auto_refined_bwd(sparse, mask_mod, B, Hq, L, S, tiles)
     counts = torch.stack([_listed(small), _listed(dq or sparse), _listed(dkdv or sparse)]).tolist()
-    chosen = 2 * counts[0] <= (1.0 - REFINED_BWD_SAVING) * (counts[1] + counts[2])
+    chosen = 2 * counts[0] <= (1.0 - saving) * (counts[1] + counts[2])
     if len(_AUTO_DECIDED) > 16:
         _AUTO_DECIDED.clear()
     _AUTO_DECIDED[key] = (sparse, mask_mod, chosen)
@@ -958,10 +960,18 @@ def _refined_if_saving(sparse: Sparse, mask_mod, B, Hq, L, S, sub: Optional[int]
                        saving: float) -> Optional[Sparse]:
     """``_refined_lists`` where they list at least ``saving`` fewer elements, else None;
     decided once per block lists, mask mod and granularity."""
+    saving = _saving(saving)
+
     def decide():
         refined = _refined_lists(sparse, mask_mod, B, Hq, L, S, sub, q_sub)
         return refined if _saves(sparse, refined, saving) else None
     return _decided_once((id(sparse), id(mask_mod), B, Hq, L, S, sub, q_sub, saving), sparse, mask_mod, decide)
+
+
+def _saving(value: float) -> float:
+    """A savings threshold as the automatic choices take it: -1 (whatever it saves) under
+    ``AUTO_EVERYWHERE``."""
+    return -1.0 if AUTO_EVERYWHERE else value
 
 
 def _saves(before: Sparse, after: Sparse, saving: float) -> bool:
@@ -1019,6 +1029,12 @@ AUTO_SHIFT_DQ = True
 # its refined 64 x 64 lists. On the H100, on SHIFT_UNIT_Q's multiples of 16: backward 2 % faster on
 # document at S=1k, 1 % on GQA document, within 1 % at 4k (from any query it lost 2 to 7 %).
 AUTO_SHIFT_DKDV = True
+# Every automatic list choice wherever it can be had: in the interpreter too, whatever it saves,
+# and REFINED_BWD's tiles on any arch (its dtype, head-dim and score-mod conditions stand). For
+# the fuzz target ``kernels-shifted`` (properties/targets.py), so that a CPU fuzz reaches the
+# refined lists and the shifted windows of all three kernels on every block mask of 128 x 128
+# blocks; never on by default (the choices are the GPU's, for speed).
+AUTO_EVERYWHERE = False
 SHIFT_MAX_CELLS = 1 << 26
 # Windows start at multiples of these many positions (the lists hold starts in these units):
 # keys for the forward and the dQ kernel (_shifted_kv), queries for the dK/dV kernel (_shifted_q).
@@ -1139,7 +1155,7 @@ def _auto_refine_wanted(kernel_options, interpret: bool) -> bool:
     """Whether a call may take the automatic forward refinement: compiled kernels (the
     interpreter keeps the lists as given, so CPU runs and fault tables do not move), no
     REFINE option and no contiguity promise (refining can break it)."""
-    return (not interpret and not _refine_given(kernel_options)
+    return ((not interpret or AUTO_EVERYWHERE) and not _refine_given(kernel_options)
             and not _check_bool(kernel_options or {}, "BLOCKS_ARE_CONTIGUOUS"))
 
 

@@ -17,6 +17,10 @@ case (None when it can). Built-ins:
 * ``kernels-heads-in-loop``: ours with ``kernels.backward.HEADS_IN_LOOP`` (the dK/dV kernel walks
   a kv head's query heads in each of its loops where the block mask has one head), a variant not
   yet on by default.
+* ``kernels-shifted``: ours with ``kernels.api.AUTO_EVERYWHERE``: the automatic refined lists,
+  REFINED_BWD's tiles and the shifted windows of all three kernels wherever they can be had (block
+  masks of 128 x 128 blocks), whatever they save, the interpreter included; the default takes them
+  on the GPU alone, where they save enough.
 * ``gluon``: the Gluon probes (``benchmarks/gluon_flex.py``: a warp-specialized forward and
   backward, not yet part of ``kernels``), on sm_90 GPUs, or on the CPU in
   ``kernels.gluon_emulator``; bf16/fp16, head dim 64 or 128, 128 x 128 block masks. Needs a
@@ -133,7 +137,7 @@ def _kernels_fn(*args, **kwargs):
 def _kernels_with(*flags: tuple):
     """Ours with each ``kernels.<module>.<flag>`` of ``flags`` ((module, flag) pairs) on for the
     call alone. Such flags are read when the forward runs; the autograd function keeps the
-    backward's for its backward."""
+    backward's for its backward (the lists and tiles it chose with them)."""
     def fn(*args, **kwargs):
         import importlib
 
@@ -153,6 +157,7 @@ _kernels_dq_atomic_fn = _kernels_with(("backward", "DQ_ATOMIC"))
 _kernels_one_loop_fn = _kernels_with(("forward", "ONE_LOOP"), ("backward", "ONE_LOOP"))
 _kernels_one_loop_eager_fn = _kernels_with(("forward", "ONE_LOOP"), ("forward", "ONE_LOOP_EAGER_MASK"))
 _kernels_heads_in_loop_fn = _kernels_with(("backward", "HEADS_IN_LOOP"))
+_kernels_shifted_fn = _kernels_with(("api", "AUTO_EVERYWHERE"))
 
 
 def _kernels_declines(exc: BaseException) -> Optional[str]:
@@ -416,6 +421,11 @@ TARGETS: dict = {
                                     returns_lse=True, returns_max=True, declines=_kernels_declines,
                                     description="our Triton kernels with backward.HEADS_IN_LOOP (the dK/dV "
                                                 "kernel walks a kv head's query heads in each loop)"),
+    "kernels-shifted": Target("kernels-shifted", _kernels_shifted_fn, _kernels_check, returns_lse=True,
+                              returns_max=True, declines=_kernels_declines,
+                              description="our Triton kernels with api.AUTO_EVERYWHERE (the automatic refined "
+                                          "lists and shifted windows wherever they can be had, the "
+                                          "interpreter included)"),
     "gluon": Target("gluon", _gluon_fn, _gluon_check, returns_lse=True, takes_kernel_options=False,
                     declines=_gluon_declines,
                     draw_bounds=dict(dtypes=("bfloat16", "float16"), head_dims=(64, 128), equal_head_dims=True,
@@ -434,7 +444,7 @@ TARGETS: dict = {
 
 def resolve_target(spec) -> Target:
     """A ``Target`` from a built-in name (``kernels``, ``kernels-dq-atomic``, ``kernels-one-loop``,
-    ``kernels-one-loop-eager``, ``kernels-heads-in-loop``, ``gluon``, ``torch-compile``,
+    ``kernels-one-loop-eager``, ``kernels-heads-in-loop``, ``kernels-shifted``, ``gluon``, ``torch-compile``,
     ``torch-eager``, ``sdpa``), from ``"module:attribute"`` (a ``Target`` or a function with FlexAttention's
     signature), or a ``Target`` itself."""
     if isinstance(spec, Target):

@@ -570,6 +570,54 @@ def test_shifted_windows_compute_the_block_relation(case):
         assert part(shifted) < part(refined)
 
 
+_WINDOW_MASKS = {
+    "document": lambda L, S, seed: mods.document.from_seed(L, 2 + seed % 9, seed, kv_length=S),
+    "causal": lambda L, S, seed: mods.causal(),
+    "sliding": lambda L, S, seed: mods.sliding_window(1 + seed % 200),
+    "prefix": lambda L, S, seed: mods.prefix_lm(seed % 300),
+    "table": lambda L, S, seed: mods.table_mask.from_seed(1, L, S, 0.02 + (seed % 7) / 10, seed),
+}
+
+
+@pytest.mark.parametrize("blocks_from", ["own", "other"])
+def test_shifted_windows_are_the_block_relation_or_refused(blocks_from):
+    """Over drawn masks and lengths (Hypothesis, derandomised), each axis's windows either give
+    exactly the block relation (SPEC section 3, semantics="blocks") or are refused (None): on block
+    masks built from the mask itself ("own": never refused), and on block masks built from another
+    mask with this one attached ("other"), whose partial windows may hold keys the mask and the
+    blocks disagree on."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from kernels import api
+    from oracle.block_mask import block_mask_to_dense
+
+    names = sorted(_WINDOW_MASKS)
+
+    @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(L=st.integers(64, 330), S=st.integers(64, 330), mask=st.sampled_from(names),
+           other=st.sampled_from(names), seed=st.integers(0, 10_000))
+    def check_one(L, S, mask, other, seed):
+        mask_mod = _WINDOW_MASKS[mask](L, S, seed)
+        bm = create_block_mask(mask_mod, None, None, L, S, device=DEVICE, BLOCK_SIZE=128)
+        if blocks_from == "other":
+            blocks = create_block_mask(_WINDOW_MASKS[other](L, S, seed + 1), None, None, L, S, device=DEVICE,
+                                       BLOCK_SIZE=128)
+            bm = BlockMask.from_kv_blocks(blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks,
+                                          blocks.full_kv_indices, BLOCK_SIZE=128, mask_mod=mask_mod,
+                                          seq_lengths=(L, S))
+        sparse = api._block_lists(bm, 1, 2, L, S, torch.device(DEVICE))
+        want = block_mask_to_dense(bm, 1, 2, L, S, semantics="blocks")
+        for shifted in (api._shifted_kv(sparse, mask_mod, 1, 2, L, S), api._shifted_q(sparse, mask_mod, 1, 2, L, S)):
+            if blocks_from == "own":
+                assert shifted is not None
+            if shifted is not None:
+                assert torch.equal(_window_relation(shifted, mask_mod, 1, 2, L, S), want)
+
+    check_one()
+
+
 def test_shifted_windows_at_bench_document_rows():
     """bench.py's document row at S=4k (about 12 documents): the windows list 1.22 times the
     allowed elements where 64 x 64 blocks list 1.31, 34 % of them partial against 40 %

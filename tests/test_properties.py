@@ -1164,6 +1164,30 @@ def test_kernels_heads_in_loop_target_runs_the_variant_and_restores_the_default(
     assert heads == [1]
 
 
+def test_kernels_shifted_target_walks_the_windows_and_restores_the_default(monkeypatch):
+    """``kernels-shifted``: on the CPU, where the default keeps the block mask's lists, a document
+    mask on 128 x 128 blocks (bf16, D=128, GQA, a query tail, an LSE gradient) runs the forward
+    and the dQ kernel on shifted windows of keys and the dK/dV kernel on windows of queries
+    (REFINED_BWD's tiles), matching the oracle; the default is back afterwards."""
+    from kernels import _runtime, api, backward, forward
+
+    units = []
+    real = _runtime.launch
+    kinds = {forward.forward_kernel: "KV_UNIT", backward.dq_kernel: "KV_UNIT", backward.dkdv_kernel: "Q_UNIT"}
+    monkeypatch.setattr(_runtime, "launch", lambda kernel, *a, **k: (
+        units.append(k[kinds[kernel]]) if kernel in kinds else None) or real(kernel, *a, **k))
+    target = resolve_target("kernels-shifted")
+    assert target.name == "kernels-shifted" and target.returns_lse and target.returns_max
+    doc = mods.document.from_seed(300, 5, 1)
+    c = case(Hq=4, Hkv=2, L=289, S=300, E=128, Ev=128, dtype="bfloat16", mask=doc.spec(), block_size=(128, 128))
+    matches_oracle(target, c, "cpu")
+    assert units == [api.SHIFT_UNIT_KV, api.SHIFT_UNIT_KV, api.SHIFT_UNIT_Q], units
+    assert api.AUTO_EVERYWHERE is False
+    units.clear()
+    matches_oracle("kernels", c, "cpu")
+    assert units == [0, 0, 0], units
+
+
 def test_gluon_target_matches_the_oracle_in_the_emulator():
     """``gluon``: the Gluon probes (benchmarks/gluon_flex.py) on CPU tensors, their kernels in
     kernels/gluon_emulator.py: a broadcast key batch, GQA, tails past a block, a mask with its
