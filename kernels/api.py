@@ -844,6 +844,7 @@ def _auto_shifted(sparse: Sparse, refined: Sparse, mask_mod, B, Hq, L, S) -> Opt
     lists' elements or are not to be had; decided once per block lists and mask mod."""
     if not AUTO_SHIFT or L < 128:  # (shorter queries take the decode kernel, on block lists)
         return None
+
     def decide():
         shifted = _shifted_kv(sparse, mask_mod, B, Hq, L, S, refined.kv_block, refined.q_block)
         return shifted if shifted is not None and _saves(refined, shifted, _saving(AUTO_SHIFT_SAVING)) else None
