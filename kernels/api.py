@@ -378,8 +378,8 @@ class Sparse:
     """Block lists as contiguous int32 tensors ``[MB, MH, rows(, cols)]``.
 
     ``kv_unit`` (shifted windows, ``_shifted_kv``; the forward and the dQ kernel): the kv lists hold
-    each window's first key (1: in keys) where they otherwise hold block numbers (None), each window
-    ``kv_block`` keys long; ``kv_overrun``, whether a partial window ends past the keys. Such lists
+    each window's first key, in units of ``kv_unit`` keys, where they otherwise hold block numbers
+    (None), each window ``kv_block`` keys long; ``kv_overrun``, whether a partial window ends past the keys. Such lists
     have no q-side lists (empty tensors). ``q_unit`` and ``q_overrun`` likewise for the q-side lists
     (``_shifted_q``; the dK/dV kernel alone), whose kv-side lists are empty.
     """
@@ -646,7 +646,6 @@ def _shifted_windows(sparse: Sparse, mask_mod, B: int, Hq: int, L: int, S: int, 
         return None
     MB, MH, nQ, nKV = sparse.kv_idx.shape
     qb, kb = sparse.q_block, sparse.kv_block
-    member = None
     if over == "kv":  # tiles of queries, windows of keys
         tb, n_tb, t_len, pb, n_pb, p_len = qb, nQ, L, kb, nKV, S
     else:  # tiles of keys, windows of queries
@@ -934,20 +933,16 @@ def _refined_bwd_saves(sparse: Sparse, mask_mod, B, Hq, L, S, tiles: dict) -> bo
     ``_auto_refined_bwd`` takes them), both kernels counted. Decided once per block lists and
     mask mod (the counts are read back to the host once)."""
     saving = _saving(REFINED_BWD_SAVING)
+
+    def decide():
+        q_tile, kv_tile = REFINED_BWD[0], REFINED_BWD[1]
+        small = _refined_lists(sparse, mask_mod, B, Hq, L, S, kv_tile if kv_tile < sparse.kv_block else None,
+                               q_tile if q_tile < sparse.q_block else None)
+        dq, dkdv = _auto_refined_bwd(sparse, mask_mod, B, Hq, L, S, tiles)
+        counts = torch.stack([_listed(small), _listed(dq or sparse), _listed(dkdv or sparse)]).tolist()
+        return 2 * counts[0] <= (1.0 - saving) * (counts[1] + counts[2])
     key = ("refined_bwd", id(sparse), id(mask_mod), B, Hq, L, S, tuple(sorted(tiles.items())), REFINED_BWD, saving)
-    hit = _AUTO_DECIDED.get(key)
-    if hit is not None and hit[0] is sparse and hit[1] is mask_mod:
-        return hit[2]
-    q_tile, kv_tile = REFINED_BWD[0], REFINED_BWD[1]
-    small = _refined_lists(sparse, mask_mod, B, Hq, L, S, kv_tile if kv_tile < sparse.kv_block else None,
-                           q_tile if q_tile < sparse.q_block else None)
-    dq, dkdv = _auto_refined_bwd(sparse, mask_mod, B, Hq, L, S, tiles)
-    counts = torch.stack([_listed(small), _listed(dq or sparse), _listed(dkdv or sparse)]).tolist()
-    chosen = 2 * counts[0] <= (1.0 - saving) * (counts[1] + counts[2])
-    if len(_AUTO_DECIDED) > 16:
-        _AUTO_DECIDED.clear()
-    _AUTO_DECIDED[key] = (sparse, mask_mod, chosen)
-    return chosen
+    return _decided_once(key, sparse, mask_mod, decide)
 
 
 def _listed(sp: Sparse):

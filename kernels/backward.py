@@ -43,7 +43,7 @@ import triton.language as tl
 
 from . import _runtime
 
-from .forward import LN2, LOG2E, cast, head_pads, list_start, load_tile, mma, next_listed, next_listed_of_two
+from .forward import LN2, LOG2E, cast, head_pads, list_bounds, list_start, load_tile, mma, next_listed, next_listed_of_two
 
 # delta in a kernel of its own, then (on CUDA) the dQ kernel on a side stream beside the dK/dV
 # kernel (the module docstring). Measured on the H200 (S=4k, D=128, bf16; docs/PERFORMANCE.md):
@@ -259,7 +259,8 @@ def dkdv_tiles(
     (``stride_qh``, ``stride_qsh``, ``stride_doh``; ``Q_LEN`` rows of statistics per head).
 
     Q_UNIT: the queries a list entry counts in; 0, the block's own length (SPARSE_Q). Windows of
-    queries (``kernels.api._shifted_q``) list each window's first query (Q_UNIT 1).
+    queries (``kernels.api._shifted_q``) list each window's first query in units of Q_UNIT
+    (``kernels.api.SHIFT_UNIT_Q``, 16).
     """
     TILES: tl.constexpr = SPARSE_Q // BLOCK_M
     UNIT: tl.constexpr = SPARSE_Q if Q_UNIT == 0 else Q_UNIT
@@ -733,7 +734,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
             GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable), DQ_ATOMIC=dq_atomic,
             HEADS=dkdv_heads(plan.G, MH, heads_in_loop), DP_FIRST=dp_first(plan.G, dp_first_flag, plan.refined_bwd),
             BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **dict(common, **fns, **dkdv_launch),
-            **{**_sparse_consts(sp, L, S), **_q_window_consts(sp, L)},
+            **{**_sparse_consts(sp, L, S), **_window_consts(sp, L, S, "Q")},
             options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
         )
 
@@ -785,22 +786,14 @@ def _sparse_consts(sp, L: int, S: int) -> dict:
                 Q_DIVISIBLE=L % sp.q_block == 0, KV_DIVISIBLE=S % sp.kv_block == 0)
 
 
-def _window_consts(sp, S: int) -> dict:
-    """The dQ kernel's KV_UNIT and its loops' key bounds: on shifted windows (``Sparse.kv_unit``)
-    a full window lies inside the keys and a partial one may end past them (``kv_overrun``)."""
-    if not sp.kv_unit:
-        divisible = S % sp.kv_block == 0
-        return dict(KV_UNIT=0, KV_DIVISIBLE=divisible, PART_KV_DIVISIBLE=divisible)
-    return dict(KV_UNIT=sp.kv_unit, KV_DIVISIBLE=True, PART_KV_DIVISIBLE=not sp.kv_overrun)
-
-
-def _q_window_consts(sp, L: int) -> dict:
-    """The dK/dV kernel's Q_UNIT and its loops' query bounds: on windows of queries
-    (``Sparse.q_unit``) a full one lies inside the queries and a partial one may end past them."""
-    if not sp.q_unit:
-        divisible = L % sp.q_block == 0
-        return dict(Q_UNIT=0, Q_DIVISIBLE=divisible, PART_Q_DIVISIBLE=divisible)
-    return dict(Q_UNIT=sp.q_unit, Q_DIVISIBLE=True, PART_Q_DIVISIBLE=not sp.q_overrun)
+def _window_consts(sp, L: int, S: int, axis: str) -> dict:
+    """A kernel's unit and its loops' bounds on the axis its lists walk (``forward.list_bounds``):
+    keys for the dQ kernel (``axis="KV"``), queries for the dK/dV kernel (``"Q"``)."""
+    if axis == "KV":
+        unit, divisible, part = list_bounds(sp.kv_unit, sp.kv_overrun, S, sp.kv_block)
+    else:
+        unit, divisible, part = list_bounds(sp.q_unit, sp.q_overrun, L, sp.q_block)
+    return {f"{axis}_UNIT": unit, f"{axis}_DIVISIBLE": divisible, f"PART_{axis}_DIVISIBLE": part}
 
 
 def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2, bufs, delta_ready,
@@ -817,7 +810,7 @@ def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out
         plan.scale, Hq, L, S, plan.Bk, *sp.kv_idx.shape[:2], sp.kv_idx.shape[-2], sp.kv_idx.shape[-1],
         HAS_DLSE=dlse is not None, DELTA_READY=delta_ready, ONE_LOOP=one_loop, STORE_STATS=store_stats,
         BLOCK_M=tiles["BLOCK_M2"], BLOCK_N=tiles["BLOCK_N2"], **common,
-        **{**_sparse_consts(sp, L, S), **_window_consts(sp, S)}, options=options,
+        **{**_sparse_consts(sp, L, S), **_window_consts(sp, L, S, "KV")}, options=options,
     )
 
 

@@ -212,8 +212,9 @@ def forward_tiles(
     first K and V tiles are loaded with nothing to hide them behind.
 
     KV_UNIT: the keys a list entry counts in; 0, the block's own length (SPARSE_KV). The shifted
-    windows (``kernels.api._shifted_kv``) list each window's first key (KV_UNIT 1): SPARSE_KV keys
-    from any key on, so that a window need not start at a multiple of its length.
+    windows (``kernels.api._shifted_kv``) list each window's first key in units of KV_UNIT
+    (``kernels.api.SHIFT_UNIT_KV``, 1): SPARSE_KV keys from there on, so that a window need not
+    start at a multiple of its length.
     """
     TILES: tl.constexpr = SPARSE_KV // BLOCK_N
     UNIT: tl.constexpr = SPARSE_KV if KV_UNIT == 0 else KV_UNIT
@@ -422,6 +423,18 @@ def head_pads(E: int, Ev: int) -> tuple:
     return qk, max(v, qk)
 
 
+def list_bounds(unit, overrun: bool, length: int, block: int) -> tuple:
+    """``(UNIT, DIVISIBLE, PART_DIVISIBLE)`` of a kernel's loops over one axis's lists (keys: the
+    forward and the dQ kernel; queries: the dK/dV kernel). Block numbers (``unit`` None): UNIT 0,
+    and both loops bound their positions unless ``block`` divides ``length``. Shifted windows
+    (``Sparse.kv_unit`` / ``q_unit``): a full window lies inside ``length``, so the full loop never
+    bounds, and a partial one may end past it (``overrun``: ``Sparse.kv_overrun`` / ``q_overrun``)."""
+    if not unit:
+        divisible = length % block == 0
+        return 0, divisible, divisible
+    return unit, True, not overrun
+
+
 def run_forward(plan, query, key, value):
     """Launch the forward kernel: returns out (query's dtype and layout), lse and max (float32)."""
     import torch
@@ -442,11 +455,7 @@ def run_forward(plan, query, key, value):
     full_num = sp.full_kv_num if sp.has_full else sp.kv_num
     full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
     MB, MH, nQ, nKV = sp.kv_idx.shape
-    if sp.kv_unit:
-        # Shifted windows: a full one lies inside the keys, a partial one may end past them.
-        kv_divisible, part_kv_divisible = True, not sp.kv_overrun
-    else:
-        kv_divisible = part_kv_divisible = plan.S % sp.kv_block == 0
+    kv_unit, kv_divisible, part_kv_divisible = list_bounds(sp.kv_unit, sp.kv_overrun, plan.S, sp.kv_block)
     _runtime.launch(
         forward_kernel, grid,
         query, key, value, out, lse, mx if plan.return_max else lse,
@@ -460,7 +469,7 @@ def run_forward(plan, query, key, value):
         BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"],
         SPARSE_Q=sp.q_block, SPARSE_KV=sp.kv_block,
         Q_DIVISIBLE=L % tiles["BLOCK_M"] == 0, KV_DIVISIBLE=kv_divisible,
-        KV_UNIT=sp.kv_unit or 0, PART_KV_DIVISIBLE=part_kv_divisible,
+        KV_UNIT=kv_unit, PART_KV_DIVISIBLE=part_kv_divisible,
         ROWS_SAFE=opt.rows_safe, CONTIGUOUS=opt.contiguous, PRESCALE=opt.prescale,
         RAW_MAX=prog.has_score or (not opt.prescale and plan.scale > 0),
         OUTPUT_LSE=True, OUTPUT_MAX=plan.return_max,
