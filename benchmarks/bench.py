@@ -463,6 +463,15 @@ _ours_one_loop_eager = _ours_with("forward", "ONE_LOOP", True, ("forward", "ONE_
 # The forward's two loops on every mask (kernels.forward.ONE_LOOP = False): ours before the
 # twenty-fifth session, where the rule (kernels.forward.one_loop_for) now takes one loop.
 _ours_two_loops = _ours_with("forward", "ONE_LOOP", False)
+# The forward's one loop alone (kernels.forward.ONE_LOOP = True): the backward is ours.
+_ours_fwd_one_loop = _ours_with("forward", "ONE_LOOP", True)
+# The persistent forward (kernels.forward.PERSISTENT_FWD): each program walks a run of query tiles,
+# reading the next tile's queries, counts and first list entries while it walks one; and the same
+# on one loop over a tile's partial and full blocks. The backward is ours.
+_ours_persistent = _ours_with("forward", "PERSISTENT_FWD", True)
+_ours_persistent_one_loop = _ours_with("forward", "PERSISTENT_FWD", True, ("forward", "ONE_LOOP", True))
+# The grid's forward, a program a query tile (kernels.forward.PERSISTENT_FWD = False).
+_ours_grid = _ours_with("forward", "PERSISTENT_FWD", False)
 # The dK/dV kernel walking a kv head's G query heads in each of its two loops where the block mask
 # has one head (kernels.backward.HEADS_IN_LOOP): the GQA rows' backward. The forward is ours.
 _ours_heads_in_loop = _ours_with("backward", "HEADS_IN_LOOP", True)
@@ -632,6 +641,16 @@ IMPLS = {
     "ours-one-loop-eager": Impl("ours-one-loop-eager", _ours_one_loop_eager, True,
                                 "kernels.flex_attention with forward.ONE_LOOP and forward.ONE_LOOP_EAGER_MASK (the "
                                 "forward's one loop, its mask's gathers prefetched; the backward as ours)"),
+    "ours-fwd-one-loop": Impl("ours-fwd-one-loop", _ours_fwd_one_loop, True,
+                              "kernels.flex_attention with forward.ONE_LOOP = True (the forward's one loop on every "
+                              "mask; the backward as ours)"),
+    "ours-persistent": Impl("ours-persistent", _ours_persistent, True,
+                            "kernels.flex_attention with forward.PERSISTENT_FWD = True (each forward program walks "
+                            "a run of query tiles, reading the next tile's queries and lists during one)"),
+    "ours-persistent-one-loop": Impl("ours-persistent-one-loop", _ours_persistent_one_loop, True,
+                                     "kernels.flex_attention with forward.PERSISTENT_FWD and forward.ONE_LOOP = True"),
+    "ours-grid": Impl("ours-grid", _ours_grid, True,
+                      "kernels.flex_attention with forward.PERSISTENT_FWD = False (a forward program per query tile)"),
     "ours-two-loops": Impl("ours-two-loops", _ours_two_loops, True,
                            "kernels.flex_attention with forward.ONE_LOOP = False (the forward's two loops on "
                            "every mask; the default's rule takes one loop for masks that load nothing)"),

@@ -216,16 +216,33 @@ def forward_tiles(
     (``kernels.api.SHIFT_UNIT_KV``, 1): SPARSE_KV keys from there on, so that a window need not
     start at a multiple of its length.
     """
+    first, f_first, kv_block = list_start(IDX, FIDX, num_part, MIXED)
+    return forward_walk(
+        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+        IDX, num_blocks, FIDX, num_part, first, f_first, kv_block,
+        off_z, off_h, m_mod, KV_LEN, SM_SCALE, B0, B1, B2, B3,
+        SCORE_FN, MASK_FN, HAS_SCORE, IS_FULL, MIXED, QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
+        KV_DIVISIBLE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, EAGER_MASK, KV_UNIT,
+    )
+
+
+@triton.jit
+def forward_walk(
+    acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+    IDX, num_blocks, FIDX, num_part, first, f_first, kv_block,
+    off_z, off_h, m_mod, KV_LEN, SM_SCALE, B0, B1, B2, B3,
+    SCORE_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
+    IS_FULL: tl.constexpr, MIXED: tl.constexpr,
+    QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    PRESCALE: tl.constexpr, RAW_MAX: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    EAGER_MASK: tl.constexpr, KV_UNIT: tl.constexpr,
+):
+    """``forward_tiles``'s loop, from a row's first entries (``list_start``'s): the persistent
+    forward reads them a tile ahead."""
     TILES: tl.constexpr = SPARSE_KV // BLOCK_N
     UNIT: tl.constexpr = SPARSE_KV if KV_UNIT == 0 else KV_UNIT
-    offs_d = tl.arange(0, QK_PAD)
-    offs_v = tl.arange(0, V_PAD)
-    first, f_first, kv_block = list_start(IDX, FIDX, num_part, MIXED)
-    tl.static_assert(RAW_MAX or not HAS_SCORE, "a score mod's scores are in natural units: RAW_MAX")
-    if HAS_SCORE:
-        unit = LOG2E  # RAW_MAX's factor from the scores s below to base 2
-    else:
-        unit = SM_SCALE * LOG2E
     # One flat loop over every tile of every listed block, so that Triton's
     # pipeliner prefetches the next tile's K and V across block boundaries too.
     for it in range(0, num_blocks * TILES):
@@ -234,66 +251,103 @@ def forward_tiles(
             kv_block = next_listed_of_two(IDX, FIDX, first, f_first, it, num_part, num_blocks, TILES, CONTIGUOUS)
         else:
             kv_block = next_listed(IDX, first, it, num_blocks, TILES, CONTIGUOUS)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        # K is read transposed: [QK_PAD, BLOCK_N].
-        kT = load_tile(K, offs_d, offs_n, stride_kd, stride_kn, QK_DIM, KV_LEN,
-                       QK_DIM != QK_PAD, not KV_DIVISIBLE)
-        qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
-        n2 = offs_n[None, :]
-        if KV_DIVISIBLE:
-            n_mod = n2
-        else:
-            n_mod = n2 % KV_LEN  # keep mods' table reads in range
-        if HAS_SCORE:
-            # Natural units (RAW_MAX): with PRESCALE q holds scale * log2(e), so qk's scale is ln 2.
-            if PRESCALE:
-                s = SCORE_FN(qk, LN2, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
-            else:
-                s = SCORE_FN(qk, SM_SCALE, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
-        elif PRESCALE:
-            s = qk
-        elif RAW_MAX:
-            s = qk  # scaled inside the exponent's FMA below
-        else:
-            s = qk * (SM_SCALE * LOG2E)  # one multiply per score
-        if MIXED and EAGER_MASK:
-            # The mask computed on every step, applied in the branch: its loads are then in the
-            # loop's body, where the pipeliner prefetches them (ONE_LOOP_EAGER_MASK).
-            keep = MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
-            if it < num_part * TILES:  # a partial block's step
-                s = tl.where(keep, s, float("-inf"))
-        elif MIXED:
-            # A branch, not a select: full blocks skip the mask's work (its loads are then not
-            # prefetched by the pipeliner, as the two loops' partial one prefetches them).
-            if it < num_part * TILES:  # a partial block's step
-                s = tl.where(MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3), s, float("-inf"))
-        if not IS_FULL and not MIXED:
-            keep = MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
-            if not KV_DIVISIBLE:
-                keep = keep & (n2 < KV_LEN)
-            s = tl.where(keep, s, float("-inf"))
-        elif not KV_DIVISIBLE:
-            s = tl.where(n2 < KV_LEN, s, float("-inf"))
+        acc, l_i, m_i = forward_step(
+            acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+            start_n, partial_step(it, num_part, TILES), off_z, off_h, m_mod, KV_LEN, SM_SCALE, B0, B1, B2, B3,
+            SCORE_FN, MASK_FN, HAS_SCORE, IS_FULL, MIXED, QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N,
+            KV_DIVISIBLE, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, EAGER_MASK,
+        )
+    return acc, l_i, m_i
 
-        if RAW_MAX:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * unit)
+
+@triton.jit
+def partial_step(it, num_part, TILES: tl.constexpr):
+    """Whether step ``it`` of one loop over a row's ``num_part`` partial blocks and then its full
+    ones (``TILES`` steps a block) is a partial block's."""
+    return it < num_part * TILES  # a partial block's step
+
+
+@triton.jit
+def forward_step(
+    acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+    start_n, partial, off_z, off_h, m_mod, KV_LEN, SM_SCALE, B0, B1, B2, B3,
+    SCORE_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
+    IS_FULL: tl.constexpr, MIXED: tl.constexpr,
+    QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr, PRESCALE: tl.constexpr, RAW_MAX: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, EAGER_MASK: tl.constexpr,
+):
+    """One step of ``forward_tiles`` (and of ``forward_persistent_kernel``): the keys ``start_n`` on
+    (BLOCK_N of them) folded into (acc, l_i, m_i). MIXED applies the mask where ``partial``;
+    otherwise IS_FULL says whether the step is a full block's (no mask)."""
+    offs_d = tl.arange(0, QK_PAD)
+    offs_v = tl.arange(0, V_PAD)
+    tl.static_assert(RAW_MAX or not HAS_SCORE, "a score mod's scores are in natural units: RAW_MAX")
+    if HAS_SCORE:
+        unit = LOG2E  # RAW_MAX's factor from the scores s below to base 2
+    else:
+        unit = SM_SCALE * LOG2E
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    # K is read transposed: [QK_PAD, BLOCK_N].
+    kT = load_tile(K, offs_d, offs_n, stride_kd, stride_kn, QK_DIM, KV_LEN,
+                   QK_DIM != QK_PAD, not KV_DIVISIBLE)
+    qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
+    n2 = offs_n[None, :]
+    if KV_DIVISIBLE:
+        n_mod = n2
+    else:
+        n_mod = n2 % KV_LEN  # keep mods' table reads in range
+    if HAS_SCORE:
+        # Natural units (RAW_MAX): with PRESCALE q holds scale * log2(e), so qk's scale is ln 2.
+        if PRESCALE:
+            s = SCORE_FN(qk, LN2, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing allowed so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
-        # ROWS_SAFE does not drop this guard: it promises an allowed key per row, not in the
-        # first tile a row visits (found by the fuzzer: sliding_window(45) on 16 x 16 blocks
-        # gave NaN in 70 of 635 rows; PyTorch's template drops the guard under the promise).
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        if RAW_MAX:
-            p = tl.math.exp2(s * unit - m_use[:, None])
-        else:
-            p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(V, offs_n, offs_v, stride_vn, stride_vd, KV_LEN, V_DIM,
-                      not KV_DIVISIBLE, V_DIM != V_PAD)
-        acc = mma(cast(p, V.dtype.element_ty, UPCAST), v, acc * alpha[:, None], FP32_PRECISION, UPCAST)
-        m_i = m_new
+            s = SCORE_FN(qk, SM_SCALE, off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+    elif PRESCALE:
+        s = qk
+    elif RAW_MAX:
+        s = qk  # scaled inside the exponent's FMA below
+    else:
+        s = qk * (SM_SCALE * LOG2E)  # one multiply per score
+    if MIXED and EAGER_MASK:
+        # The mask computed on every step, applied in the branch: its loads are then in the
+        # loop's body, where the pipeliner prefetches them (ONE_LOOP_EAGER_MASK).
+        keep = MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+        if partial:
+            s = tl.where(keep, s, float("-inf"))
+    elif MIXED:
+        # A branch, not a select: full blocks skip the mask's work (its loads are then not
+        # prefetched by the pipeliner, as the two loops' partial one prefetches them).
+        if partial:
+            s = tl.where(MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3), s, float("-inf"))
+    if not IS_FULL and not MIXED:
+        keep = MASK_FN(off_z, off_h, m_mod, n_mod, B0, B1, B2, B3)
+        if not KV_DIVISIBLE:
+            keep = keep & (n2 < KV_LEN)
+        s = tl.where(keep, s, float("-inf"))
+    elif not KV_DIVISIBLE:
+        s = tl.where(n2 < KV_LEN, s, float("-inf"))
+
+    if RAW_MAX:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * unit)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing allowed so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+    # ROWS_SAFE does not drop this guard: it promises an allowed key per row, not in the
+    # first tile a row visits (found by the fuzzer: sliding_window(45) on 16 x 16 blocks
+    # gave NaN in 70 of 635 rows; PyTorch's template drops the guard under the promise).
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    if RAW_MAX:
+        p = tl.math.exp2(s * unit - m_use[:, None])
+    else:
+        p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = load_tile(V, offs_n, offs_v, stride_vn, stride_vd, KV_LEN, V_DIM,
+                  not KV_DIVISIBLE, V_DIM != V_PAD)
+    acc = mma(cast(p, V.dtype.element_ty, UPCAST), v, acc * alpha[:, None], FP32_PRECISION, UPCAST)
+    m_i = m_new
     return acc, l_i, m_i
 
 
@@ -321,41 +375,27 @@ def forward_kernel(
     # most blocks, and starting them first leaves the short ones for the tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_zh = tl.program_id(1)
-    off_z = pid_zh // HQ
-    off_h = pid_zh % HQ
-    off_zkv = off_z % ZKV
-    off_hkv = off_h // G
-
-    Q += off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-    K += off_zkv.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
-    V += off_zkv.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
+    off_z, off_h, row, q_off, k_off, v_off = tile_of(
+        pid_m, pid_zh, HQ, ZKV, G, stride_qz, stride_qh, stride_kz, stride_kh, stride_vz, stride_vh,
+        SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, BLOCK_M, SPARSE_Q)
+    Q += q_off
+    K += k_off
+    V += v_off
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, QK_PAD)
-    offs_v = tl.arange(0, V_PAD)
     # q stays in SRAM for the whole row walk.
-    q = load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, Q_LEN, QK_DIM, not Q_DIVISIBLE, QK_DIM != QK_PAD)
-    if PRESCALE:
-        q = cast(q.to(tl.float32) * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
-    if Q_DIVISIBLE:
-        m_mod = offs_m[:, None]
-    else:
-        m_mod = offs_m[:, None] % Q_LEN
-
-    # The block-mask row of this query tile (b % MB, h % MH broadcast).
-    q_block = (pid_m * BLOCK_M) // SPARSE_Q
-    row = ((off_z % SPARSE_Z) * SPARSE_H + off_h % SPARSE_H) * NUM_Q_SPARSE + q_block
+    q, m_mod = query_tile(Q, offs_m, stride_qm, stride_qd, Q_LEN, SM_SCALE, QK_DIM, QK_PAD, Q_DIVISIBLE, PRESCALE, UPCAST)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, V_PAD], dtype=tl.float32)
 
     part_idx = KV_IDX + row.to(tl.int64) * NUM_KV_SPARSE
-    n_part = tl.load(KV_NUM + row)
+    n_part, n_full = row_counts(KV_NUM, FULL_NUM, row, HAS_FULL)
     if ONE_LOOP and HAS_FULL:
         acc, l_i, m_i = forward_tiles(
             acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-            part_idx, n_part + tl.load(FULL_NUM + row), FULL_IDX + row.to(tl.int64) * NUM_KV_SPARSE, n_part,
+            part_idx, n_part + n_full, FULL_IDX + row.to(tl.int64) * NUM_KV_SPARSE, n_part,
             off_z, off_h, offs_m, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
             SCORE_FN, MASK_FN, HAS_SCORE, False, True,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
@@ -373,7 +413,6 @@ def forward_kernel(
         )
         if HAS_FULL:
             full_idx = FULL_IDX + row.to(tl.int64) * NUM_KV_SPARSE
-            n_full = tl.load(FULL_NUM + row)
             acc, l_i, m_i = forward_tiles(
                 acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                 full_idx, n_full, full_idx, n_full,
@@ -383,6 +422,66 @@ def forward_kernel(
                 KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, KV_UNIT=KV_UNIT,
             )
 
+    store_rows(acc, l_i, m_i, OUT, LSE, MAX, off_z, off_h, pid_zh, offs_m, stride_oz, stride_oh, stride_om, stride_od,
+               Q_LEN, V_DIM, V_PAD, OUTPUT_LSE, OUTPUT_MAX, UPCAST)
+
+
+@triton.jit
+def tile_of(pid_m, pid_zh, HQ, ZKV, G: tl.constexpr, stride_qz, stride_qh, stride_kz, stride_kh, stride_vz, stride_vh,
+            SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, BLOCK_M: tl.constexpr, SPARSE_Q: tl.constexpr):
+    """A query tile's batch and head, its block-mask row (b % MB, h % MH broadcast), and the offsets
+    of its queries and of its key and value head (int64)."""
+    off_z = pid_zh // HQ
+    off_h = pid_zh % HQ
+    off_zkv = off_z % ZKV
+    off_hkv = off_h // G
+    q_block = (pid_m * BLOCK_M) // SPARSE_Q
+    row = ((off_z % SPARSE_Z) * SPARSE_H + off_h % SPARSE_H) * NUM_Q_SPARSE + q_block
+    q_off = off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+    k_off = off_zkv.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
+    v_off = off_zkv.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
+    return off_z, off_h, row, q_off, k_off, v_off
+
+
+@triton.jit
+def query_tile(Q, offs_m, stride_qm, stride_qd, Q_LEN, SM_SCALE, QK_DIM: tl.constexpr, QK_PAD: tl.constexpr,
+               Q_DIVISIBLE: tl.constexpr, PRESCALE: tl.constexpr, UPCAST: tl.constexpr):
+    """(q, m_mod): the query tile (scaled by scale * log2(e) with PRESCALE) and its rows' indices
+    for the mods (wrapped into range past Q_LEN)."""
+    offs_d = tl.arange(0, QK_PAD)
+    q = load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, Q_LEN, QK_DIM, not Q_DIVISIBLE, QK_DIM != QK_PAD)
+    if PRESCALE:
+        q = cast(q.to(tl.float32) * (SM_SCALE * LOG2E), Q.dtype.element_ty, UPCAST)
+    return q, mod_rows(offs_m, Q_LEN, Q_DIVISIBLE)
+
+
+@triton.jit
+def mod_rows(offs_m, Q_LEN, Q_DIVISIBLE: tl.constexpr):
+    """The rows' query indices as the mods see them: wrapped into range past Q_LEN."""
+    if Q_DIVISIBLE:
+        return offs_m[:, None]
+    else:
+        return offs_m[:, None] % Q_LEN
+
+
+@triton.jit
+def row_counts(KV_NUM, FULL_NUM, row, HAS_FULL: tl.constexpr):
+    """(partial, full) blocks the block-mask row ``row`` lists."""
+    n_part = tl.load(KV_NUM + row)
+    if HAS_FULL:
+        n_full = tl.load(FULL_NUM + row)
+    else:
+        n_full = 0
+    return n_part, n_full
+
+
+@triton.jit
+def store_rows(acc, l_i, m_i, OUT, LSE, MAX, off_z, off_h, pid_zh, offs_m, stride_oz, stride_oh, stride_om, stride_od,
+               Q_LEN, V_DIM: tl.constexpr, V_PAD: tl.constexpr, OUTPUT_LSE: tl.constexpr, OUTPUT_MAX: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """The epilogue: out = acc / l (the caller's layout and dtype), the LSE and the maximum in
+    natural units (float32, rows of ``pid_zh``)."""
+    offs_v = tl.arange(0, V_PAD)
     # A fully masked row has l = 0 and m = -inf: out = 0 and lse = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -396,6 +495,112 @@ def forward_kernel(
     if OUTPUT_MAX:
         tl.store(MAX + stat_offs, m_i * LN2, mask=offs_m < Q_LEN)
 
+
+
+@triton.jit
+def tile_at(t, N_M, HQ, ZKV, G: tl.constexpr, stride_qz, stride_qh, stride_kz, stride_kh, stride_vz, stride_vh,
+            SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, BLOCK_M: tl.constexpr, SPARSE_Q: tl.constexpr):
+    """``tile_of`` for the persistent forward's tile ``t``: (batch x head) ``t // N_M``, query tiles
+    last-first within it as the grid's are."""
+    pid_zh = t // N_M
+    pid_m = N_M - 1 - t % N_M
+    off_z, off_h, row, q_off, k_off, v_off = tile_of(
+        pid_m, pid_zh, HQ, ZKV, G, stride_qz, stride_qh, stride_kz, stride_kh, stride_vz, stride_vh,
+        SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, BLOCK_M, SPARSE_Q)
+    return pid_zh, pid_m, off_z, off_h, row, q_off, k_off, v_off
+
+
+@triton.jit
+def forward_persistent_kernel(
+    Q, K, V, OUT, LSE, MAX,
+    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+    B0, B1, B2, B3,
+    stride_qz, stride_qh, stride_qm, stride_qd,
+    stride_kz, stride_kh, stride_kn, stride_kd,
+    stride_vz, stride_vh, stride_vn, stride_vd,
+    stride_oz, stride_oh, stride_om, stride_od,
+    SM_SCALE, HQ, Q_LEN, KV_LEN, ZKV, SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, NUM_KV_SPARSE,
+    TABLE, COUNTS, K_MAX, N_M, N_TILES,
+    SCORE_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
+    HAS_FULL: tl.constexpr, G: tl.constexpr,
+    QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr,
+    ROWS_SAFE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr, RAW_MAX: tl.constexpr,
+    OUTPUT_LSE: tl.constexpr, OUTPUT_MAX: tl.constexpr,
+    FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_LOOP: tl.constexpr = False,
+    ONE_LOOP_EAGER_MASK: tl.constexpr = False, KV_UNIT: tl.constexpr = 0, PART_KV_DIVISIBLE: tl.constexpr = True,
+):
+    """``forward_kernel``'s work, each program walking a list of query tiles (``PERSISTENT_FWD``;
+    one program per slot the GPU holds at once): program p takes the ``COUNTS[p]`` tiles
+    ``TABLE[p, :]`` (``kernels.api.Sparse.persistent_tiles``) in turn. While it walks one tile, it
+    reads the next one's coordinates, list counts, first list entries and queries, where the grid's
+    programs each start on those loads with nothing to hide them behind (the ncu profile of the
+    document forward at S=4k: 30 % of the warps' samples before, between and after the loops)."""
+    pid = tl.program_id(0)
+    n_k = tl.load(COUNTS + pid)
+    mine = TABLE + pid.to(tl.int64) * K_MAX
+    # The first tile's coordinates, counts, first list entries and queries; in the loop, the next
+    # tile's are read while this one runs, and the id of the one after (loads issued a tile
+    # before they are used; the ids past the list repeat its last).
+    t2 = tl.load(mine)
+    t3 = tl.load(mine + tl.minimum(1, tl.maximum(n_k - 1, 0)))
+    pid_zh2, pid_m2, off_z2, off_h2, row2, q_off2, k_off2, v_off2 = tile_at(
+        t2, N_M, HQ, ZKV, G, stride_qz, stride_qh, stride_kz, stride_kh, stride_vz, stride_vh,
+        SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, BLOCK_M, SPARSE_Q)
+    n_part2, n_full2 = row_counts(KV_NUM, FULL_NUM, row2, HAS_FULL)
+    base2 = row2.to(tl.int64) * NUM_KV_SPARSE
+    first2, f_first2, _ = list_start(KV_IDX + base2, FULL_IDX + base2, n_part2, HAS_FULL)
+    offs_m2 = pid_m2 * BLOCK_M + tl.arange(0, BLOCK_M)
+    q2, m_mod2 = query_tile(Q + q_off2, offs_m2, stride_qm, stride_qd, Q_LEN, SM_SCALE, QK_DIM, QK_PAD, Q_DIVISIBLE,
+                            PRESCALE, UPCAST)
+    for k in range(0, n_k):
+        pid_zh, off_z, off_h, k_off, v_off = pid_zh2, off_z2, off_h2, k_off2, v_off2
+        n_part, n_full, base, first, f_first = n_part2, n_full2, base2, first2, f_first2
+        offs_m, q, m_mod = offs_m2, q2, m_mod2
+        # The next tile, and the id of the one after it.
+        t2 = t3
+        t3 = tl.load(mine + tl.minimum(k + 2, n_k - 1))
+        pid_zh2, pid_m2, off_z2, off_h2, row2, q_off2, k_off2, v_off2 = tile_at(
+            t2, N_M, HQ, ZKV, G, stride_qz, stride_qh, stride_kz, stride_kh,
+            stride_vz, stride_vh, SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, BLOCK_M, SPARSE_Q)
+        n_part2, n_full2 = row_counts(KV_NUM, FULL_NUM, row2, HAS_FULL)
+        base2 = row2.to(tl.int64) * NUM_KV_SPARSE
+        first2, f_first2, _ = list_start(KV_IDX + base2, FULL_IDX + base2, n_part2, HAS_FULL)
+        offs_m2 = pid_m2 * BLOCK_M + tl.arange(0, BLOCK_M)
+        q2, m_mod2 = query_tile(Q + q_off2, offs_m2, stride_qm, stride_qd, Q_LEN, SM_SCALE, QK_DIM, QK_PAD,
+                                Q_DIVISIBLE, PRESCALE, UPCAST)
+
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, V_PAD], dtype=tl.float32)
+        if ONE_LOOP and HAS_FULL:
+            acc, l_i, m_i = forward_walk(
+                acc, l_i, m_i, q, K + k_off, V + v_off, stride_kn, stride_kd, stride_vn, stride_vd,
+                KV_IDX + base, n_part + n_full, FULL_IDX + base, n_part, first, f_first,
+                tl.where(n_part > 0, first, f_first),
+                off_z, off_h, m_mod, KV_LEN, SM_SCALE, B0, B1, B2, B3,
+                SCORE_FN, MASK_FN, HAS_SCORE, False, True, QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
+                PART_KV_DIVISIBLE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, ONE_LOOP_EAGER_MASK, KV_UNIT,
+            )
+        else:
+            acc, l_i, m_i = forward_walk(
+                acc, l_i, m_i, q, K + k_off, V + v_off, stride_kn, stride_kd, stride_vn, stride_vd,
+                KV_IDX + base, n_part, KV_IDX + base, n_part, first, first, first,
+                off_z, off_h, m_mod, KV_LEN, SM_SCALE, B0, B1, B2, B3,
+                SCORE_FN, MASK_FN, HAS_SCORE, False, False, QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
+                PART_KV_DIVISIBLE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, False, KV_UNIT,
+            )
+            if HAS_FULL:
+                acc, l_i, m_i = forward_walk(
+                    acc, l_i, m_i, q, K + k_off, V + v_off, stride_kn, stride_kd, stride_vn, stride_vd,
+                    FULL_IDX + base, n_full, FULL_IDX + base, n_full, f_first, f_first, f_first,
+                    off_z, off_h, m_mod, KV_LEN, SM_SCALE, B0, B1, B2, B3,
+                    SCORE_FN, MASK_FN, HAS_SCORE, True, False, QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N,
+                    SPARSE_KV, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, False, KV_UNIT,
+                )
+        store_rows(acc, l_i, m_i, OUT, LSE, MAX, off_z, off_h, pid_zh, offs_m, stride_oz, stride_oh, stride_om, stride_od,
+                   Q_LEN, V_DIM, V_PAD, OUTPUT_LSE, OUTPUT_MAX, UPCAST)
 
 def head_pad(dim: int) -> int:
     """Head dims that are not powers of two are padded (masked loads) to the next one."""
@@ -435,11 +640,46 @@ def list_bounds(unit, overrun: bool, length: int, block: int) -> tuple:
     return unit, True, not overrun
 
 
+# PERSISTENT_FWD: the forward's programs each walk a run of query tiles in one loop
+# (``forward_persistent_kernel``), one program per slot the GPU holds at once, where the grid
+# runs a program per tile. None: ``persistent_for``'s rule; True or False forces it (a block mask
+# with a query tile that lists no block keeps the grid). PERSISTENT_TILE_COST: a tile's start and
+# stores, in steps, when the runs are cut to equal work. PERSISTENT_PROGRAMS: the programs, where
+# not None (else the multiprocessors times the programs one holds, read from the compiled kernel;
+# in the interpreter, 3, so that a test walks runs of several tiles).
+PERSISTENT_FWD = False
+PERSISTENT_TILE_COST = 2
+PERSISTENT_PROGRAMS = None
+_per_sm: dict = {}
+
+
+def persistent_for(plan) -> bool:
+    """Whether the forward takes the persistent kernel: ``PERSISTENT_FWD`` when it is a bool."""
+    if PERSISTENT_FWD is not None:
+        return bool(PERSISTENT_FWD)
+    return False
+
+
+def programs_per_sm(compiled, num_warps: int, device) -> int:
+    """How many programs of ``compiled`` one multiprocessor of ``device`` holds at once, by its
+    shared memory, registers and warps."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    regs = getattr(props, "regs_per_multiprocessor", 65536)
+    shared = max(int(compiled.metadata.shared), 1)
+    by_smem = smem // (shared + 1024)  # (each block reserves 1 KiB)
+    per_warp = -(-max(int(compiled.n_regs), 1) * 32 // 256) * 256  # allocated 256 registers at a time
+    by_regs = regs // (per_warp * num_warps)
+    return max(1, min(by_smem, by_regs, 64 // num_warps, 32))
+
+
 def run_forward(plan, query, key, value):
     """Launch the forward kernel: returns out (query's dtype and layout), lse and max (float32)."""
     import torch
 
-    from .api import _empty_like_layout
+    from .api import _empty_like_layout, sm_count
 
     B, Hq, L, Ev = plan.B, plan.Hq, plan.L, plan.Ev
     sp, opt = plan.sparse, plan.options
@@ -456,13 +696,32 @@ def run_forward(plan, query, key, value):
     full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
     MB, MH, nQ, nKV = sp.kv_idx.shape
     kv_unit, kv_divisible, part_kv_divisible = list_bounds(sp.kv_unit, sp.kv_overrun, plan.S, sp.kv_block)
-    _runtime.launch(
-        forward_kernel, grid,
-        query, key, value, out, lse, mx if plan.return_max else lse,
-        sp.kv_num, sp.kv_idx, full_num, full_idx,
-        *plan.buffer_args(query),
-        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
-        plan.scale, Hq, L, plan.S, plan.Bk, MB, MH, nQ, nKV,
+    args = (query, key, value, out, lse, mx if plan.return_max else lse,
+            sp.kv_num, sp.kv_idx, full_num, full_idx,
+            *plan.buffer_args(query),
+            *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+            plan.scale, Hq, L, plan.S, plan.Bk, MB, MH, nQ, nKV)
+    kernel, constexprs = forward_kernel, dict(ONE_LOOP=one_loop_for(prog, sp, L))
+    runs = None
+    if persistent_for(plan):
+        n_m = grid[0]
+        per_key = (qk_pad, v_pad, tiles["BLOCK_M"], tiles["BLOCK_N"], opt.fwd.num_warps, opt.fwd.num_stages,
+                   str(query.device))
+        if PERSISTENT_PROGRAMS is not None:
+            programs = PERSISTENT_PROGRAMS
+        elif plan.interpret:
+            programs = 3
+        else:
+            programs = sm_count(query.device) * _per_sm.get(per_key, 2)
+        runs = sp.persistent_tiles(B, Hq, L, tiles["BLOCK_M"], sp.kv_block // tiles["BLOCK_N"], programs,
+                                   PERSISTENT_TILE_COST)
+    if runs is not None:
+        kernel = forward_persistent_kernel
+        table, counts = runs
+        grid = (counts.numel(),)
+        args = args + (table, counts, table.shape[1], n_m, n_m * B * Hq)
+    compiled = _runtime.launch(
+        kernel, grid, *args,
         SCORE_FN=prog.score_fn, MASK_FN=prog.mask_fn, HAS_SCORE=prog.has_score,
         HAS_FULL=sp.has_full, G=plan.G,
         QK_DIM=plan.E, V_DIM=Ev, QK_PAD=qk_pad, V_PAD=v_pad,
@@ -474,8 +733,10 @@ def run_forward(plan, query, key, value):
         RAW_MAX=prog.has_score or (not opt.prescale and plan.scale > 0),
         OUTPUT_LSE=True, OUTPUT_MAX=plan.return_max,
         FP32_PRECISION=plan.fp32_precision, UPCAST=plan.interpret,
-        ONE_LOOP=one_loop_for(prog, sp, L), ONE_LOOP_EAGER_MASK=ONE_LOOP_EAGER_MASK,
+        ONE_LOOP_EAGER_MASK=ONE_LOOP_EAGER_MASK, **constexprs,
         num_warps=opt.fwd.num_warps, num_stages=opt.fwd.num_stages,
         options=opt.fwd.options_for("BLOCK_M", "BLOCK_N"),
     )
+    if runs is not None and not plan.interpret and per_key not in _per_sm and hasattr(compiled, "n_regs"):
+        _per_sm[per_key] = programs_per_sm(compiled, opt.fwd.num_warps, query.device)
     return out, lse, mx

@@ -208,21 +208,20 @@ CATALOGUE: tuple = (
     # ---- forward: which blocks are visited -----------------------------------------------------
     Fault(
         "fwd_partial_as_full", "partial block treated as full",
-        (Patch("forward", "SCORE_FN, MASK_FN, HAS_SCORE, False, False,", "SCORE_FN, MASK_FN, HAS_SCORE, True, False,"),
-         Patch("forward", "if it < num_part * TILES:  # a partial block's step",
-               "if False:  # a partial block's step", count=2)),
+        (Patch("forward", "SCORE_FN, MASK_FN, HAS_SCORE, False, False,", "SCORE_FN, MASK_FN, HAS_SCORE, True, False,",
+               count=2),
+         Patch("forward", "return it < num_part * TILES  # a partial block's step",
+               "return False  # a partial block's step")),
         "The forward kernel walks partial blocks without evaluating mask_mod, as if they were full "
-        "(in either loop form: two loops, or one with the mask in a branch).",
+        "(in either loop form: two loops, or one with the mask in a branch; the grid's kernel and the "
+        "persistent one).",
         "A block classified full that is only partial: the block-mask mistake the two lists invite.",
     ),
     Fault(
         "fwd_full_blocks_skipped", "full-block pass skipped",
-        (Patch("forward", "        if HAS_FULL:\n            full_idx = ",
-               "        if False:\n            full_idx = "),
-         Patch("forward", "part_idx, n_part + tl.load(FULL_NUM + row), FULL_IDX",
-               "part_idx, n_part + 0 * tl.load(FULL_NUM + row), FULL_IDX")),
+        (Patch("forward", "n_full = tl.load(FULL_NUM + row)", "n_full = 0 * tl.load(FULL_NUM + row)"),),
         "The forward kernel never walks the full-block lists, so every full block is left out (in "
-        "either loop form).",
+        "either loop form, and in the persistent kernel).",
         "The second (full-block) loop of FlexAttention's kernels forgotten or misconfigured.",
     ),
     Fault(
@@ -236,8 +235,8 @@ CATALOGUE: tuple = (
     ),
     Fault(
         "fwd_one_loop_join_early", "partial block treated as full",
-        (Patch("forward", "if it < num_part * TILES:  # a partial block's step",
-               "if it < (num_part - 1) * TILES:  # a partial block's step", count=2),),
+        (Patch("forward", "return it < num_part * TILES  # a partial block's step",
+               "return it < (num_part - 1) * TILES  # a partial block's step"),),
         "The forward's one loop (kernels.forward.ONE_LOOP, the default for masks that load nothing) "
         "counts each row's last partial block to the full list, so mask_mod is not applied there.",
         "An off-by-one at the join of two block lists walked in one loop: the step where the "
@@ -288,8 +287,8 @@ CATALOGUE: tuple = (
     ),
     Fault(
         "fwd_masked_row_nan", "fully masked rows",
-        (Patch("forward", '        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
-               "        m_use = m_new"),),
+        (Patch("forward", '    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
+               "    m_use = m_new"),),
         "Without the guard for rows with nothing allowed yet, exp2(-inf - -inf) gives NaN.",
         "NaN outputs on fully masked rows, where the running max stays -inf.",
     ),

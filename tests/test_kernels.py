@@ -698,6 +698,112 @@ def test_shifted_windows_end_to_end(monkeypatch):
     assert seen[-1] is None and units[-1][0] == 0
 
 
+def _forward_both_ways(monkeypatch, B, Hq, Hkv, L, S, E, mask_mod, block_size, score_mod=None, programs=None,
+                       dtype=torch.float16, seed=0):
+    """(out, lse, max) of the persistent forward and of the grid's on one input, and the grids of
+    the persistent kernel's launches."""
+    from kernels import _runtime, forward
+
+    (q, k, v), _, _ = _inputs(B, Hq, Hkv, L, S, E, E, dtype, DEVICE, seed, None)
+    bm = create_block_mask(mask_mod, B, 1, L, S, device=DEVICE, BLOCK_SIZE=block_size)
+    launch, grids = _runtime.launch, []
+
+    def record(kernel, grid, *args, **kwargs):
+        if kernel.fn.__name__ == "forward_persistent_kernel":
+            grids.append(grid)
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_runtime, "launch", record)
+    monkeypatch.setattr(forward, "PERSISTENT_PROGRAMS", programs)
+    outs = []
+    for persistent in (True, False):
+        monkeypatch.setattr(forward, "PERSISTENT_FWD", persistent)
+        outs.append(kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=Hq != Hkv,
+                                           return_lse=True, return_max=True))
+    return outs[0], outs[1], grids
+
+
+def test_persistent_forward_is_the_grid_bit_for_bit(monkeypatch):
+    """``forward.PERSISTENT_FWD``: each program walks its tiles in turn, reading the next tile's
+    coordinates, counts, first entries and queries during one; the same arithmetic per tile, so
+    out, the LSE and the maximum equal the grid's bit for bit. Programs of several tiles (and one
+    of all of them, and more programs than tiles), GQA, query and key tails, a score mod, the one
+    loop and the two, and the shifted windows (KV_UNIT) with an overrun."""
+    from kernels import api, forward
+
+    doc = mods.document.from_seed(300, 5, 0)
+    cases = [
+        dict(B=2, Hq=4, Hkv=2, L=300, S=300, E=16, mask_mod=doc, block_size=32),
+        dict(B=2, Hq=4, Hkv=2, L=300, S=300, E=16, mask_mod=doc, block_size=32, programs=1),
+        dict(B=1, Hq=2, Hkv=2, L=200, S=250, E=16, mask_mod=mods.causal(), block_size=32, programs=40),
+        dict(B=1, Hq=2, Hkv=1, L=130, S=250, E=16, mask_mod=mods.sliding_window(20), block_size=16,
+             score_mod=mods.tanh_softcap(30.0), programs=5),
+    ]
+    for one_loop in (None, True):
+        monkeypatch.setattr(forward, "ONE_LOOP", one_loop)
+        for case in cases[:2] if one_loop else cases:
+            got, want, grids = _forward_both_ways(monkeypatch, **case)
+            # (more programs than tiles: one a tile)
+            assert grids and 1 <= grids[-1][0] <= (case.get("programs") or 3), grids
+            for a, b in zip(got, want):
+                assert torch.equal(a, b), (case, one_loop)
+    # The shifted windows (KV_UNIT 1), whose last window ends past S.
+    monkeypatch.setattr(api, "AUTO_EVERYWHERE", True)
+    monkeypatch.setattr(forward, "ONE_LOOP", None)
+    got, want, grids = _forward_both_ways(monkeypatch, B=1, Hq=2, Hkv=1, L=256, S=100, E=16,
+                                          mask_mod=mods.causal(), block_size=128, programs=3)
+    assert grids == [(3,)]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_persistent_tiles_deal_every_tile_once():
+    """``Sparse.persistent_tiles``: every tile of the grid's order goes to one program, each
+    program's in increasing order (the rest of its row repeating its last); the programs' work
+    (steps plus the tile cost) within 10 % of the mean on the benchmark's document mask at S=4k
+    (264 programs, as two a multiprocessor on the H100); None where a query tile lists nothing."""
+    import numpy as np
+
+    from benchmarks import bench
+    from kernels import api
+
+    shape = bench.train_shape("document", 4096, 128, "cuda")
+    _, bm = bench.attention_args("document", shape, "cpu")
+    B, Hq, L = shape.B, shape.Hq, shape.L
+    mask = api.as_mask_mod(bm.mask_mod, "mask_mod")
+    sp = api._cached_block_lists(bm, B, Hq, L, L, "cpu")
+    sp = api._auto_shifted(sp, api._auto_refined(sp, mask, B, Hq, L, L), mask, B, Hq, L, L)
+    table, counts = sp.persistent_tiles(B, Hq, L, 64, 1, 264, 2)
+    table, counts = table.numpy(), counts.numpy()
+    dealt = np.concatenate([table[p, :c] for p, c in enumerate(counts)])
+    assert sorted(dealt.tolist()) == list(range(B * Hq * (L // 64)))
+    for p, c in enumerate(counts):
+        assert (np.diff(table[p, :c]) > 0).all() and (table[p, c:] == table[p, c - 1]).all()
+    steps = (sp.kv_num + sp.full_kv_num).reshape(-1).numpy()  # one row of lists for every (b, h)
+    n_m = L // 64
+    work = [sum(steps[n_m - 1 - t % n_m] + 2 for t in table[p, :c]) for p, c in enumerate(counts)]
+    assert max(work) / np.mean(work) < 1.1
+    holes = api._cached_block_lists(
+        create_block_mask(lambda b, h, q, kv: q >= 64, 1, 1, 128, 128, device="cpu", BLOCK_SIZE=32), 1, 1, 128, 128,
+        "cpu")
+    assert holes.persistent_tiles(1, 1, 128, 32, 1, 4, 2) is None
+
+
+def test_persistent_forward_keeps_the_grid_where_a_tile_lists_nothing(monkeypatch):
+    """The persistent kernel stores a tile at its last step, which a query tile with no block to
+    walk never reaches: such block masks keep the grid's kernel, whose empty rows give out 0 and an
+    LSE of -inf (the oracle agrees)."""
+    from kernels import forward
+
+    monkeypatch.setattr(forward, "PERSISTENT_FWD", True)
+    seen = _record_launches(monkeypatch, "forward_kernel", "BLOCK_M")
+    # Keys after the query and keys at most 40 before it, but for the queries under 64: a sliding
+    # window's complement within the causal mask, empty for the rows 0 to 40.
+    mask_mod = mods.and_(mods.causal(), mods.not_(mods.sliding_window(40)))
+    check(B=1, Hq=2, L=200, S=160, E=16, mask_mod=mask_mod, block_size=32, grads=False)
+    assert seen
+
+
 def test_automatic_backward_refinement_end_to_end(monkeypatch):
     """The backward's automatic refinement (AUTO_REFINE_BWD; on the GPU only, here with the
     interpreter let in): the dQ kernel walks key lists refined to its BLOCK_N2, the dK/dV
