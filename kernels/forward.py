@@ -56,17 +56,20 @@ ONE_LOOP_EAGER_MASK = False
 def one_loop_for(program, sparse, L: int) -> bool:
     """Whether the forward walks a program's partial and full blocks in one loop: ``ONE_LOOP`` when
     it is a bool; with None (the default), the rule the H100 and H200 timings support
-    (docs/PERFORMANCE.md, twenty-third, twenty-fifth and twenty-sixth sessions): on for a mask that
-    loads nothing (causal, sliding window, prefix LM, chunked, block_sparse's ``full()``), with no
-    score mod, whose lists (``sparse``, the forward's own) hold at most ``ONE_LOOP_MAX_ROW_KEYS``
-    keys per query tile on average. A mask's gathers (document ids) sit behind the one loop's
-    branch, where the pipeliner no longer prefetches them; a score mod's longer step outweighed the
-    join at S=4k; a program without a mask has no partial block to join; on long rows the one
-    loop's dearer steps outweigh the join it saves once per row. The mean is read back to the host
-    once per block lists (``Sparse.mean_row_keys``), and only where the rest of the rule holds."""
+    (docs/PERFORMANCE.md, twenty-third, twenty-fifth, twenty-sixth and thirty-fourth sessions): on
+    for a mask with no score mod whose lists (``sparse``, the forward's own) hold at most
+    ``ONE_LOOP_MAX_ROW_KEYS`` keys per query tile on average. A score mod's longer step outweighed
+    the join at S=4k (and on the H100 at S=1k, ALiBi's); a program without a mask has no partial
+    block to join; on long rows the one loop's dearer steps outweigh the join it saves once per
+    row. A mask that gathers (document ids) took two loops until the thirty-fourth session: its
+    gathers sit behind the one loop's branch, where the pipeliner does not prefetch them, and on
+    the H200 the 64 x 64 blocks' document rows were 0.8 % slower at S=4k; on the shifted windows
+    (fewer partial steps) the H100 ran the one loop 2 to 4 % faster on the document and GQA
+    document rows at S=1k and 4k, in three runs. The mean is read back to the host once per block
+    lists (``Sparse.mean_row_keys``), and only where the rest of the rule holds."""
     if ONE_LOOP is not None:
         return bool(ONE_LOOP)
-    if not program.has_mask or program.mask_loads or program.has_score:
+    if not program.has_mask or program.has_score:
         return False
     return sparse.mean_row_keys(L) <= ONE_LOOP_MAX_ROW_KEYS
 
@@ -640,24 +643,30 @@ def list_bounds(unit, overrun: bool, length: int, block: int) -> tuple:
     return unit, True, not overrun
 
 
-# PERSISTENT_FWD: the forward's programs each walk a run of query tiles in one loop
+# PERSISTENT_FWD: the forward's programs each walk a list of query tiles
 # (``forward_persistent_kernel``), one program per slot the GPU holds at once, where the grid
 # runs a program per tile. None: ``persistent_for``'s rule; True or False forces it (a block mask
 # with a query tile that lists no block keeps the grid). PERSISTENT_TILE_COST: a tile's start and
-# stores, in steps, when the runs are cut to equal work. PERSISTENT_PROGRAMS: the programs, where
+# stores, in steps, when the tiles are dealt to equal work. PERSISTENT_PROGRAMS: the programs, where
 # not None (else the multiprocessors times the programs one holds, read from the compiled kernel;
-# in the interpreter, 3, so that a test walks runs of several tiles).
+# in the interpreter, 3, so that a test walks several tiles a program).
 PERSISTENT_FWD = False
 PERSISTENT_TILE_COST = 2
 PERSISTENT_PROGRAMS = None
 _per_sm: dict = {}
 
 
-def persistent_for(plan) -> bool:
-    """Whether the forward takes the persistent kernel: ``PERSISTENT_FWD`` when it is a bool."""
+def persistent_for(plan, arch: str) -> bool:
+    """Whether the forward takes the persistent kernel: ``PERSISTENT_FWD`` when it is a bool (False,
+    the default); with None, the rule the thirty-fourth session timed on the H100 and dropped: on
+    sm90 for a mask that loads nothing, with no score mod, each tile in one loop. It ran causal and
+    GQA causal 3 to 4 % faster at S=1k and 4k, prefix LM, block-sparse and sliding window within
+    1 %, and the S=16k rows 6 to 8 % slower (docs/PERFORMANCE.md); document rows and score mods
+    were as fast or slower on it."""
     if PERSISTENT_FWD is not None:
         return bool(PERSISTENT_FWD)
-    return False
+    prog = plan.program
+    return arch == "sm90" and prog.has_mask and not prog.mask_loads and not prog.has_score
 
 
 def programs_per_sm(compiled, num_warps: int, device) -> int:
@@ -679,7 +688,7 @@ def run_forward(plan, query, key, value):
     """Launch the forward kernel: returns out (query's dtype and layout), lse and max (float32)."""
     import torch
 
-    from .api import _empty_like_layout, sm_count
+    from .api import _arch, _empty_like_layout, sm_count
 
     B, Hq, L, Ev = plan.B, plan.Hq, plan.L, plan.Ev
     sp, opt = plan.sparse, plan.options
@@ -703,7 +712,7 @@ def run_forward(plan, query, key, value):
             plan.scale, Hq, L, plan.S, plan.Bk, MB, MH, nQ, nKV)
     kernel, constexprs = forward_kernel, dict(ONE_LOOP=one_loop_for(prog, sp, L))
     runs = None
-    if persistent_for(plan):
+    if persistent_for(plan, _arch(query.device, plan.interpret)):
         n_m = grid[0]
         per_key = (qk_pad, v_pad, tiles["BLOCK_M"], tiles["BLOCK_N"], opt.fwd.num_warps, opt.fwd.num_stages,
                    str(query.device))
@@ -717,6 +726,8 @@ def run_forward(plan, query, key, value):
                                    PERSISTENT_TILE_COST)
     if runs is not None:
         kernel = forward_persistent_kernel
+        if ONE_LOOP is None and PERSISTENT_FWD is None:
+            constexprs = dict(ONE_LOOP=True)
         table, counts = runs
         grid = (counts.numel(),)
         args = args + (table, counts, table.shape[1], n_m, n_m * B * Hq)
