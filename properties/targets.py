@@ -21,6 +21,10 @@ case (None when it can). Built-ins:
   REFINED_BWD's tiles and the shifted windows of all three kernels wherever they can be had (block
   masks of 128 x 128 blocks), whatever they save, the interpreter included; the default takes them
   on the GPU alone, where they save enough.
+* ``kernels-persistent``: ours with ``kernels.forward.PERSISTENT_FWD``: the persistent forward
+  (each program walks a list of query tiles, reading the next tile's lists and queries during
+  one), on every block mask whose query tiles all list a block, the interpreter included; off by
+  default (timed on the H100 in the thirty-fourth session: no faster on the document rows).
 * ``gluon``: the Gluon probes (``benchmarks/gluon_flex.py``: a warp-specialized forward and
   backward, not yet part of ``kernels``), on sm_90 GPUs, or on the CPU in
   ``kernels.gluon_emulator``; bf16/fp16, head dim 64 or 128, 128 x 128 block masks. Needs a
@@ -158,6 +162,7 @@ _kernels_one_loop_fn = _kernels_with(("forward", "ONE_LOOP"), ("backward", "ONE_
 _kernels_one_loop_eager_fn = _kernels_with(("forward", "ONE_LOOP"), ("forward", "ONE_LOOP_EAGER_MASK"))
 _kernels_heads_in_loop_fn = _kernels_with(("backward", "HEADS_IN_LOOP"))
 _kernels_shifted_fn = _kernels_with(("api", "AUTO_EVERYWHERE"))
+_kernels_persistent_fn = _kernels_with(("forward", "PERSISTENT_FWD"))
 
 
 def _kernels_declines(exc: BaseException) -> Optional[str]:
@@ -426,6 +431,10 @@ TARGETS: dict = {
                               description="our Triton kernels with api.AUTO_EVERYWHERE (the automatic refined "
                                           "lists and shifted windows wherever they can be had, the "
                                           "interpreter included)"),
+    "kernels-persistent": Target("kernels-persistent", _kernels_persistent_fn, _kernels_check, returns_lse=True,
+                                 returns_max=True, declines=_kernels_declines,
+                                 description="our Triton kernels with forward.PERSISTENT_FWD (each forward "
+                                             "program walks a list of query tiles)"),
     "gluon": Target("gluon", _gluon_fn, _gluon_check, returns_lse=True, takes_kernel_options=False,
                     declines=_gluon_declines,
                     draw_bounds=dict(dtypes=("bfloat16", "float16"), head_dims=(64, 128), equal_head_dims=True,
@@ -444,7 +453,8 @@ TARGETS: dict = {
 
 def resolve_target(spec) -> Target:
     """A ``Target`` from a built-in name (``kernels``, ``kernels-dq-atomic``, ``kernels-one-loop``,
-    ``kernels-one-loop-eager``, ``kernels-heads-in-loop``, ``kernels-shifted``, ``gluon``, ``torch-compile``,
+    ``kernels-one-loop-eager``, ``kernels-heads-in-loop``, ``kernels-shifted``, ``kernels-persistent``,
+    ``gluon``, ``torch-compile``,
     ``torch-eager``, ``sdpa``), from ``"module:attribute"`` (a ``Target`` or a function with FlexAttention's
     signature), or a ``Target`` itself."""
     if isinstance(spec, Target):

@@ -1188,6 +1188,30 @@ def test_kernels_shifted_target_walks_the_windows_and_restores_the_default(monke
     assert units == [0, 0, 0], units
 
 
+def test_kernels_persistent_target_walks_tile_lists_and_restores_the_default(monkeypatch):
+    """``kernels-persistent``: the forward's programs walk lists of query tiles (a document mask
+    with GQA and a query tail), giving the default's out and LSE bit for bit (the default's agree
+    with the oracle everywhere else; tests/test_kernels.py holds the persistent kernel to them on
+    more cases); the default is back afterwards."""
+    from kernels import _runtime, forward
+
+    names = []
+    real = _runtime.launch
+    monkeypatch.setattr(_runtime, "launch", lambda kernel, *a, **k: (
+        names.append(kernel.fn.__name__) if kernel.fn.__name__.startswith("forward") else None) or real(kernel, *a, **k))
+    target = resolve_target("kernels-persistent")
+    assert target.name == "kernels-persistent" and target.returns_lse and target.returns_max
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 139, 16, generator=g).half()
+    k, v = (torch.randn(1, 2, 150, 16, generator=g).half() for _ in range(2))
+    bm = build_block_mask(mods.document.from_seed(150, 3, 1), 1, 1, 139, 150, block_size=(32, 32), device="cpu")
+    got = target.fn(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
+    assert names == ["forward_persistent_kernel"] and forward.PERSISTENT_FWD is False, names
+    want = kernels.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
+    assert names[1:] == ["forward_kernel"], names
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_gluon_target_matches_the_oracle_in_the_emulator():
     """``gluon``: the Gluon probes (benchmarks/gluon_flex.py) on CPU tensors, their kernels in
     kernels/gluon_emulator.py: a broadcast key batch, GQA, tails past a block, a mask with its
