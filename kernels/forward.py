@@ -525,7 +525,7 @@ def forward_persistent_kernel(
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_oz, stride_oh, stride_om, stride_od,
     SM_SCALE, HQ, Q_LEN, KV_LEN, ZKV, SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, NUM_KV_SPARSE,
-    TABLE, COUNTS, K_MAX, N_M, N_TILES,
+    TABLE, COUNTS, K_MAX, N_M,
     SCORE_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
     HAS_FULL: tl.constexpr, G: tl.constexpr,
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
@@ -606,6 +606,7 @@ def forward_persistent_kernel(
                 )
         store_rows(acc, l_i, m_i, OUT, LSE, MAX, off_z, off_h, pid_zh, offs_m, stride_oz, stride_oh, stride_om, stride_od,
                    Q_LEN, V_DIM, V_PAD, OUTPUT_LSE, OUTPUT_MAX, UPCAST)
+
 
 def head_pad(dim: int) -> int:
     """Head dims that are not powers of two are padded (masked loads) to the next one."""
@@ -732,7 +733,7 @@ def run_forward(plan, query, key, value):
             constexprs = dict(ONE_LOOP=True)
         table, counts = runs
         grid = (counts.numel(),)
-        args = args + (table, counts, table.shape[1], n_m, n_m * B * Hq)
+        args = args + (table, counts, table.shape[1], n_m)
     compiled = _runtime.launch(
         kernel, grid, *args,
         SCORE_FN=prog.score_fn, MASK_FN=prog.mask_fn, HAS_SCORE=prog.has_score,
