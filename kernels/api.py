@@ -420,13 +420,13 @@ class Sparse:
             hit = self._row_keys[L] = float(listed) * self.kv_block / max(n, 1)
         return hit
 
-
     def persistent_tiles(self, B: int, Hq: int, L: int, block_m: int, tiles: int, programs: int,
-                         tile_cost: int) -> Optional[tuple]:
+                         tile_cost: int) -> tuple:
         """The persistent forward's tiles per program (``kernels.forward.forward_persistent_kernel``):
-        None where a query tile of L lists no block, else ``(table, counts)``, int32 tensors on the
-        lists' device: program p walks the tiles ``table[p, :counts[p]]`` of the grid's order
-        (batch x head major, query tiles last-first), and the rest of its row repeats its last.
+        ``(table, counts)``, int32 tensors on the lists' device: program p walks the tiles
+        ``table[p, :counts[p]]`` of the grid's order (batch x head major, query tiles last-first),
+        and the rest of its row repeats its last (a tile that lists no block costs its start and
+        its stores alone: the kernel stores its rows as the grid's does, out 0 and an LSE of -inf).
 
         The tiles are dealt in waves of ``programs`` consecutive ones, so that the programs at work
         at one time read nearby keys and values (runs of consecutive tiles per program, tried first,
@@ -447,30 +447,27 @@ class Sparse:
             rows = (((zh // Hq) % MB) * MH + (zh % Hq) % MH)[:, None] * nQ
             m = np.arange(n_m - 1, -1, -1)  # last-first, as the grid's
             steps = listed[(rows + (m * block_m) // self.q_block).reshape(-1)] * tiles
-            if steps.min() == 0:
-                self._runs[key] = None
-            else:
-                n = steps.size
-                programs = max(1, min(programs, n))
-                work = np.zeros(programs)
-                owner = np.empty(n, dtype=np.int64)
-                for w in range(0, n, programs):
-                    wave = np.arange(w, min(w + programs, n))
-                    dear = wave[np.argsort(-steps[wave], kind="stable")]
-                    idle = np.argsort(work, kind="stable")[: dear.size]
-                    owner[dear] = idle
-                    work[idle] += steps[dear] + tile_cost
-                order = np.argsort(owner, kind="stable")  # each program's tiles in the grid's order
-                counts = np.bincount(owner, minlength=programs)
-                table = np.empty((programs, counts.max()), dtype=np.int32)
-                start = 0
-                for p, c in enumerate(counts):
-                    mine = order[start:start + c]
-                    table[p, :c] = mine
-                    table[p, c:] = mine[-1] if c else 0
-                    start += c
-                device = self.kv_num.device
-                self._runs[key] = (torch.from_numpy(table).to(device), torch.from_numpy(counts.astype(np.int32)).to(device))
+            n = steps.size
+            programs = max(1, min(programs, n))
+            work = np.zeros(programs)
+            owner = np.empty(n, dtype=np.int64)
+            for w in range(0, n, programs):
+                wave = np.arange(w, min(w + programs, n))
+                dear = wave[np.argsort(-steps[wave], kind="stable")]
+                idle = np.argsort(work, kind="stable")[: dear.size]
+                owner[dear] = idle
+                work[idle] += steps[dear] + tile_cost
+            order = np.argsort(owner, kind="stable")  # each program's tiles in the grid's order
+            counts = np.bincount(owner, minlength=programs)
+            table = np.empty((programs, counts.max()), dtype=np.int32)
+            start = 0
+            for p, c in enumerate(counts):
+                mine = order[start:start + c]
+                table[p, :c] = mine
+                table[p, c:] = mine[-1] if c else 0
+                start += c
+            device = self.kv_num.device
+            self._runs[key] = (torch.from_numpy(table).to(device), torch.from_numpy(counts.astype(np.int32)).to(device))
         return self._runs[key]
 
 

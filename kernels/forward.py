@@ -648,8 +648,8 @@ def list_bounds(unit, overrun: bool, length: int, block: int) -> tuple:
 
 # PERSISTENT_FWD: the forward's programs each walk a list of query tiles
 # (``forward_persistent_kernel``), one program per slot the GPU holds at once, where the grid
-# runs a program per tile. None: ``persistent_for``'s rule; True or False forces it (a block mask
-# with a query tile that lists no block keeps the grid). PERSISTENT_TILE_COST: a tile's start and
+# runs a program per tile. None: ``persistent_for``'s rule; True or False forces it.
+# PERSISTENT_TILE_COST: a tile's start and
 # stores, in steps, when the tiles are dealt to equal work. PERSISTENT_PROGRAMS: the programs, where
 # not None (else the multiprocessors times the programs one holds, read from the compiled kernel;
 # in the interpreter, 3, so that a test walks several tiles a program).
@@ -659,17 +659,20 @@ PERSISTENT_PROGRAMS = None
 _per_sm: dict = {}
 
 
-def persistent_for(plan, arch: str) -> bool:
+def persistent_for(plan, device) -> bool:
     """Whether the forward takes the persistent kernel: ``PERSISTENT_FWD`` when it is a bool (False,
     the default); with None, the rule the thirty-fourth session timed on the H100 and dropped: on
     sm90 for a mask that loads nothing, with no score mod, each tile in one loop. It ran causal and
     GQA causal 3 to 4 % faster at S=1k and 4k, prefix LM, block-sparse and sliding window within
     1 %, and the S=16k rows 6 to 8 % slower (docs/PERFORMANCE.md); document rows and score mods
     were as fast or slower on it."""
+    from .api import _arch
+
     if PERSISTENT_FWD is not None:
         return bool(PERSISTENT_FWD)
     prog = plan.program
-    return arch == "sm90" and prog.has_mask and not prog.mask_loads and not prog.has_score
+    return (prog.has_mask and not prog.mask_loads and not prog.has_score
+            and _arch(device, plan.interpret) == "sm90")
 
 
 def programs_per_sm(compiled, num_warps: int, device) -> int:
@@ -691,7 +694,7 @@ def run_forward(plan, query, key, value):
     """Launch the forward kernel: returns out (query's dtype and layout), lse and max (float32)."""
     import torch
 
-    from .api import _arch, _empty_like_layout, sm_count
+    from .api import _empty_like_layout, sm_count
 
     B, Hq, L, Ev = plan.B, plan.Hq, plan.L, plan.Ev
     sp, opt = plan.sparse, plan.options
@@ -714,8 +717,7 @@ def run_forward(plan, query, key, value):
             *query.stride(), *key.stride(), *value.stride(), *out.stride(),
             plan.scale, Hq, L, plan.S, plan.Bk, MB, MH, nQ, nKV)
     kernel, constexprs = forward_kernel, dict(ONE_LOOP=one_loop_for(prog, sp, L))
-    runs = None
-    if persistent_for(plan, _arch(query.device, plan.interpret)):
+    if persistent_for(plan, query.device):
         n_m = grid[0]
         per_key = (qk_pad, v_pad, tiles["BLOCK_M"], tiles["BLOCK_N"], opt.fwd.num_warps, opt.fwd.num_stages,
                    str(query.device))
@@ -725,13 +727,11 @@ def run_forward(plan, query, key, value):
             programs = 3
         else:
             programs = sm_count(query.device) * _per_sm.get(per_key, 2)
-        runs = sp.persistent_tiles(B, Hq, L, tiles["BLOCK_M"], sp.kv_block // tiles["BLOCK_N"], programs,
-                                   PERSISTENT_TILE_COST)
-    if runs is not None:
+        table, counts = sp.persistent_tiles(B, Hq, L, tiles["BLOCK_M"], sp.kv_block // tiles["BLOCK_N"], programs,
+                                            PERSISTENT_TILE_COST)
         kernel = forward_persistent_kernel
         if ONE_LOOP is None and PERSISTENT_FWD is None:
             constexprs = dict(ONE_LOOP=True)
-        table, counts = runs
         grid = (counts.numel(),)
         args = args + (table, counts, table.shape[1], n_m)
     compiled = _runtime.launch(
@@ -751,6 +751,7 @@ def run_forward(plan, query, key, value):
         num_warps=opt.fwd.num_warps, num_stages=opt.fwd.num_stages,
         options=opt.fwd.options_for("BLOCK_M", "BLOCK_N"),
     )
-    if runs is not None and not plan.interpret and per_key not in _per_sm and hasattr(compiled, "n_regs"):
+    if (kernel is forward_persistent_kernel and not plan.interpret and per_key not in _per_sm
+            and hasattr(compiled, "n_regs")):
         _per_sm[per_key] = programs_per_sm(compiled, opt.fwd.num_warps, query.device)
     return out, lse, mx

@@ -23,8 +23,8 @@ case (None when it can). Built-ins:
   on the GPU alone, where they save enough.
 * ``kernels-persistent``: ours with ``kernels.forward.PERSISTENT_FWD``: the persistent forward
   (each program walks a list of query tiles, reading the next tile's lists and queries during
-  one), on every block mask whose query tiles all list a block, the interpreter included; off by
-  default (timed on the H100 in the thirty-fourth session: no faster on the document rows).
+  one), the interpreter included; off by default (timed on the H100 in the thirty-fourth
+  session: no faster on the document rows).
 * ``gluon``: the Gluon probes (``benchmarks/gluon_flex.py``: a warp-specialized forward and
   backward, not yet part of ``kernels``), on sm_90 GPUs, or on the CPU in
   ``kernels.gluon_emulator``; bf16/fp16, head dim 64 or 128, 128 x 128 block masks. Needs a

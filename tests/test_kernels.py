@@ -760,7 +760,7 @@ def test_persistent_tiles_deal_every_tile_once():
     """``Sparse.persistent_tiles``: every tile of the grid's order goes to one program, each
     program's in increasing order (the rest of its row repeating its last); the programs' work
     (steps plus the tile cost) within 10 % of the mean on the benchmark's document mask at S=4k
-    (264 programs, as two a multiprocessor on the H100); None where a query tile lists nothing."""
+    (264 programs, as two a multiprocessor on the H100)."""
     import numpy as np
 
     from benchmarks import bench
@@ -782,22 +782,19 @@ def test_persistent_tiles_deal_every_tile_once():
     n_m = L // 64
     work = [sum(steps[n_m - 1 - t % n_m] + 2 for t in table[p, :c]) for p, c in enumerate(counts)]
     assert max(work) / np.mean(work) < 1.1
-    holes = api._cached_block_lists(
-        create_block_mask(lambda b, h, q, kv: q >= 64, 1, 1, 128, 128, device="cpu", BLOCK_SIZE=32), 1, 1, 128, 128,
-        "cpu")
-    assert holes.persistent_tiles(1, 1, 128, 32, 1, 4, 2) is None
 
 
-def test_persistent_forward_keeps_the_grid_where_a_tile_lists_nothing(monkeypatch):
-    """The persistent kernel stores a tile at its last step, which a query tile with no block to
-    walk never reaches: such block masks keep the grid's kernel, whose empty rows give out 0 and an
-    LSE of -inf (the oracle agrees)."""
+def test_persistent_forward_stores_tiles_that_list_nothing(monkeypatch):
+    """A query tile with no block to walk: the persistent kernel's step loop runs no trip and the
+    tile is stored as the grid stores it, out 0 and an LSE of -inf (the oracle agrees), between
+    tiles that do walk blocks in the same program."""
     from kernels import forward
 
     monkeypatch.setattr(forward, "PERSISTENT_FWD", True)
-    seen = _record_launches(monkeypatch, "forward_kernel", "BLOCK_M")
-    # Keys after the query and keys at most 40 before it, but for the queries under 64: a sliding
-    # window's complement within the causal mask, empty for the rows 0 to 40.
+    monkeypatch.setattr(forward, "PERSISTENT_PROGRAMS", 2)
+    seen = _record_launches(monkeypatch, "forward_persistent_kernel", "BLOCK_M")
+    # Keys more than 40 before the query (the causal mask less a sliding window of 40): rows 0 to
+    # 40 allow nothing, so the first query tile (32 rows) lists no block.
     mask_mod = mods.and_(mods.causal(), mods.not_(mods.sliding_window(40)))
     check(B=1, Hq=2, L=200, S=160, E=16, mask_mod=mask_mod, block_size=32, grads=False)
     assert seen
