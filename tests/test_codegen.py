@@ -118,7 +118,7 @@ def test_codegen_report_prints_registers_and_spills():
     """``benchmarks/codegen.py``: bench.py's causal row at S=1k, D=64, forward, as ptxas reports it."""
     out = _run("--masks", "causal", "--seqlens", "1k", "--head-dims", "64", "--forward-only",
                script=ROOT / "benchmarks" / "codegen.py")
-    rows = [line.split() for line in out.splitlines() if re.search(r"forward_(persistent_)?kernel", line)]
+    rows = [line.split() for line in out.splitlines() if "forward_kernel" in line]
     assert len(rows) == 1, out
     regs, spills = int(rows[0][-3]), rows[0][-2]
     assert 0 < regs <= 255 and re.fullmatch(r"\d+/\d+", spills), rows[0]
@@ -150,13 +150,6 @@ def test_codegen_backward_gets_a_gradient_with_the_outputs_layout(monkeypatch):
     shape = bench.Shape(1, 2, 2, 32, 32, 16)
     codegen.run_case("none", shape, torch.bfloat16, None, grad=True)
     assert seen == [torch.empty(1, 2, 32, 16).stride()]
-
-
-def _causal_forward(report: dict) -> tuple:
-    """The causal row's forward from ``_loop_report``: on sm90 the persistent kernel
-    (``kernels.forward.persistent_for``), whose loops are the grid kernel's one loop inside the
-    loop over its tiles (the cheapest loop, which the tests take, is the inner one)."""
-    return report.get(("causal", "forward_kernel")) or report[("causal", "forward_persistent_kernel")]
 
 
 def _loop_report(out: str) -> dict:
@@ -228,7 +221,7 @@ def test_softcap_forward_with_the_lse_costs_few_instructions_per_score():
                "--lse", script=ROOT / "benchmarks" / "codegen.py")
     report = _loop_report(out)
     scores, soft = report[("softcap", "forward_kernel")]
-    _, plain = _causal_forward(report)
+    _, plain = report[("causal", "forward_kernel")]
     assert soft and plain, out
     (soft_instrs, soft_mufu, _), (plain_instrs, plain_mufu, _) = min(soft), min(plain)
     assert (soft_instrs - plain_instrs) / scores <= 11.75, (soft_instrs, plain_instrs, scores)
@@ -245,7 +238,7 @@ def test_out_alone_forward_takes_its_own_reciprocal():
                "--tanh-rcp-fwd", "split4", script=ROOT / "benchmarks" / "codegen.py")
     report = _loop_report(out)
     scores, soft = report[("softcap", "forward_kernel")]
-    _, plain = _causal_forward(report)
+    _, plain = report[("causal", "forward_kernel")]
     assert soft and plain, out
     (_, soft_mufu, _), (_, plain_mufu, _) = min(soft), min(plain)
     assert (soft_mufu - plain_mufu) / scores == 1.25, (soft_mufu, plain_mufu, scores)
