@@ -475,6 +475,12 @@ _ours_grid = _ours_with("forward", "PERSISTENT_FWD", False)
 # The dK/dV kernel walking a kv head's G query heads in each of its two loops where the block mask
 # has one head (kernels.backward.HEADS_IN_LOOP): the GQA rows' backward. The forward is ours.
 _ours_heads_in_loop = _ours_with("backward", "HEADS_IN_LOOP", True)
+# The streamed tiles through pointer loads (kernels.forward.TMA_KV, kernels.backward.TMA_DQ and TMA_DKDV
+# False: ours before the thirty-fifth session), and through TMA descriptors in all three kernels
+# wherever the tensors allow it (the flags True: the dK/dV kernel's on every tile, where the rule
+# takes it on kernels.api.REFINED_BWD's alone).
+_ours_no_tma = _ours_with("forward", "TMA_KV", False, ("backward", "TMA_DQ", False), ("backward", "TMA_DKDV", False))
+_ours_tma = _ours_with("forward", "TMA_KV", True, ("backward", "TMA_DQ", True), ("backward", "TMA_DKDV", True))
 
 
 _COMPILED: dict = {}
@@ -649,6 +655,12 @@ IMPLS = {
                             "a run of query tiles, reading the next tile's queries and lists during one)"),
     "ours-persistent-one-loop": Impl("ours-persistent-one-loop", _ours_persistent_one_loop, True,
                                      "kernels.flex_attention with forward.PERSISTENT_FWD and forward.ONE_LOOP = True"),
+    "ours-no-tma": Impl("ours-no-tma", _ours_no_tma, True,
+                        "kernels.flex_attention with forward.TMA_KV, backward.TMA_DQ and backward.TMA_DKDV False "
+                        "(every kernel's streamed tiles through pointer loads)"),
+    "ours-tma": Impl("ours-tma", _ours_tma, True,
+                     "kernels.flex_attention with forward.TMA_KV, backward.TMA_DQ and backward.TMA_DKDV True "
+                     "(every kernel's streamed tiles through TMA descriptors, on any tiles)"),
     "ours-grid": Impl("ours-grid", _ours_grid, True,
                       "kernels.flex_attention with forward.PERSISTENT_FWD = False (a forward program per query tile)"),
     "ours-two-loops": Impl("ours-two-loops", _ours_two_loops, True,

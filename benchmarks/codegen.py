@@ -87,6 +87,16 @@ _INSTR = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*
 _HGMMA = re.compile(r"^\.(\d+)x(\d+)x(\d+)")
 
 
+def _retry_jump(lines: list, i: int) -> bool:
+    """Whether the branch on line ``i`` ends an mbarrier wait's out-of-line retry (TMA loads): ptxas
+    places the retry (``SYNCS.PHASECHK`` and a branch to itself) after the function's body, and an
+    unconditional branch takes it back into the loop it left. That jump is no loop's back edge."""
+    if re.search(r"@!?U?P\w+\s+BRA\b", lines[i]):
+        return False
+    start = max((j for j in range(i) if re.match(r"^\.L_x_\d+:", lines[j])), default=0)
+    return any("SYNCS.PHASECHK" in body for body in lines[start:i])
+
+
 def loop_mix(sass_text: str, num_warps: int) -> list:
     """Per loop of a kernel's SASS (a label that a later branch jumps back to), what one trip
     issues per thread: ``instrs``, ``mufu``, ``fp32`` (FFMA, FMUL, FADD), ``spill`` (LDL, STL), and
@@ -110,6 +120,8 @@ def loop_mix(sass_text: str, num_warps: int) -> list:
     for i, line in enumerate(lines):
         m = re.search(r"\bBRA\b.*?(\.L_x_\d+)", line)
         if not m or labels.get(m.group(1), i) >= i:
+            continue
+        if _retry_jump(lines, i):
             continue
         counts: dict = {}
         flop = 0

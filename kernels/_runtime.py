@@ -13,6 +13,7 @@ import importlib
 from typing import Optional
 
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
 
 _PACKAGE = __name__.rsplit(".", 1)[0]
 
@@ -71,7 +72,16 @@ def _spec(args) -> tuple:
     type (ints for sizes and strides, a float scale), so that cannot merge two kernels."""
     import torch
 
-    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args])
+    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor)
+                  else _desc_spec(a) if isinstance(a, _TensorDescriptor) else a for a in args])
+
+
+def _desc_spec(d) -> tuple:
+    """A TMA descriptor (kernels.forward.TMA_KV, kernels.backward.TMA_DQ / TMA_DKDV) as a cache key:
+    everything it holds but the address (its base's dtype and 16-byte alignment, shape, strides,
+    box and padding), finer than what Triton specializes on (the dtype and the box)."""
+    return ("tensordesc", d.base.dtype, not d.base.data_ptr() & 15, tuple(d.shape), tuple(d.strides),
+            tuple(d.block_shape), d.padding)
 
 
 class TilesTooLarge(ValueError):

@@ -43,7 +43,8 @@ import triton.language as tl
 
 from . import _runtime
 
-from .forward import LN2, LOG2E, cast, head_pads, list_bounds, list_start, load_tile, mma, next_listed, next_listed_of_two
+from .forward import (LN2, LOG2E, cast, head_pads, list_bounds, list_start, load_tile, mma, next_listed,
+                      next_listed_of_two, tma_descriptor, tma_ready, tma_rule)
 
 # delta in a kernel of its own, then (on CUDA) the dQ kernel on a side stream beside the dK/dV
 # kernel (the module docstring). Measured on the H200 (S=4k, D=128, bf16; docs/PERFORMANCE.md):
@@ -123,6 +124,22 @@ DKDV_DP_FIRST: Optional[bool] = None
 # 4k), 2 to 3 % on sliding window, 2 to 4 % with no mask (8-warp dQ programs).
 DQ_OWN_DELTA = False
 
+# TMA_DQ: the dQ kernel reads its key and value tiles through TMA descriptors over [B, Hkv, S, D]
+# (as kernels.forward.TMA_KV the forward's), where the tensors allow it (``tma_ready``). None (the
+# default): on sm90 (``kernels.forward.tma_rule``); True or False forces it. sm_90 (document, S=4k,
+# D=128): 173 registers against 234, 507 / 311 instructions a partial / full trip against 511 / 322.
+# On the H100 (docs/PERFORMANCE.md, thirty-fifth session) the backward was 0 to 2 % faster on
+# document, GQA document and causal at S=1k and 4k.
+TMA_DQ = None
+# TMA_DKDV: the dK/dV kernel reads its query and dO tiles through TMA descriptors over [B, Hq, L, D]
+# (not with PRESCALE_QK). None (the default): on sm90 where the backward takes
+# kernels.api.REFINED_BWD's tiles (64 x 64, 4 warps); True or False forces it. sm_90 (S=4k, D=128):
+# document's kernel no longer spills (76 bytes before), GQA document's 92 / 100 against 328 / 336.
+# On the H100 (thirty-fifth session) the backward was 2 to 3 % faster on those tiles (document and
+# GQA document at 1k and 4k, causal at 1k), and 3 % slower on causal at 4k's default tiles (128-key
+# programs on 8 warps).
+TMA_DKDV = None
+
 
 @triton.jit
 def base2_scores(qk, SM_SCALE, PRESCALE: tl.constexpr):
@@ -148,7 +165,7 @@ def dq_tiles(
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV: tl.constexpr,
     KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr,
-    FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, KV_UNIT: tl.constexpr = 0,
+    FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, KV_UNIT: tl.constexpr = 0, TMA: tl.constexpr = False,
 ):
     """Accumulate sum_j ds[i, j] * K[j] over the row's listed KV blocks (q, do stay in SRAM).
 
@@ -166,14 +183,22 @@ def dq_tiles(
     # prefetches across block boundaries; the next block is carried, see next_listed).
     for it in range(0, num_blocks * TILES):
         offs_n = kv_block * UNIT + (it % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kv_block_now = kv_block
         if MIXED:
             kv_block = next_listed_of_two(IDX, FIDX, first, f_first, it, num_part, num_blocks, TILES, CONTIGUOUS)
         else:
             kv_block = next_listed(IDX, first, it, num_blocks, TILES, CONTIGUOUS)
-        kT = load_tile(K, offs_d, offs_n, stride_kd, stride_kn, QK_DIM, KV_LEN,
-                       QK_DIM != QK_PAD, not KV_DIVISIBLE)
-        vT = load_tile(V, offs_v, offs_n, stride_vd, stride_vn, V_DIM, KV_LEN,
-                       V_DIM != V_PAD, not KV_DIVISIBLE)
+        if TMA:
+            # TMA descriptors over [B, Hkv, S, D]; stride_kn and stride_kd carry the key head's
+            # batch and head (dq_kernel). Rows past S come back zero.
+            start_n = kv_block_now * UNIT + (it % TILES) * BLOCK_N
+            kT = tl.trans(K.load([stride_kn, stride_kd, start_n, 0]).reshape(BLOCK_N, QK_PAD))
+            vT = tl.trans(V.load([stride_vn, stride_vd, start_n, 0]).reshape(BLOCK_N, V_PAD))
+        else:
+            kT = load_tile(K, offs_d, offs_n, stride_kd, stride_kn, QK_DIM, KV_LEN,
+                           QK_DIM != QK_PAD, not KV_DIVISIBLE)
+            vT = load_tile(V, offs_v, offs_n, stride_vd, stride_vn, V_DIM, KV_LEN,
+                           V_DIM != V_PAD, not KV_DIVISIBLE)
         n2 = offs_n[None, :]
         if KV_DIVISIBLE:
             n_mod = n2
@@ -220,7 +245,7 @@ def dq_tiles(
             pg = p
         dp = mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
         ds = pg * (dp - delta[:, None])
-        dq = mma(cast(ds, K.dtype.element_ty, UPCAST), tl.trans(kT), dq, FP32_PRECISION, UPCAST)
+        dq = mma(cast(ds, kT.dtype, UPCAST), tl.trans(kT), dq, FP32_PRECISION, UPCAST)
     return dq
 
 
@@ -238,7 +263,7 @@ def dkdv_tiles(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr,
     FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DQ_ATOMIC: tl.constexpr, HEADS: tl.constexpr = 1,
-    DP_FIRST: tl.constexpr = False, Q_UNIT: tl.constexpr = 0,
+    DP_FIRST: tl.constexpr = False, Q_UNIT: tl.constexpr = 0, TMA: tl.constexpr = False,
 ):
     """Accumulate dK and dV over one query head's listed Q blocks (k, v stay in SRAM); with
     DQ_ATOMIC also add each tile's dQ share, dS K * scale, into the float32 rows of ``DQA``
@@ -271,25 +296,35 @@ def dkdv_tiles(
     # One flat loop over every tile of every listed block (the pipeliner then
     # prefetches across block boundaries; the next block is carried, see next_listed).
     for it in range(0, num_blocks * TILES * HEADS):
-        offs_m = q_block * UNIT + (it % TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+        start_m = q_block * UNIT + (it % TILES) * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
         q_block = next_listed(IDX, first, it, num_blocks, TILES * HEADS, CONTIGUOUS)
         if HEADS > 1:
             g = (it // TILES) % HEADS  # the step's head, off_h + g
             h = off_h + g
             g = g.to(tl.int64)
-            Q_h = Q + g * stride_qh
+            if TMA:
+                Q_h, DO_h = Q, DO
+            else:
+                Q_h = Q + g * stride_qh
+                DO_h = DO + g * stride_doh
             QS_h = QS + g * stride_qsh
-            DO_h = DO + g * stride_doh
             LSE2_h = LSE2 + g * Q_LEN
             DELTA_h = DELTA + g * Q_LEN
             DQA_h = DQA + g * Q_LEN * QK_DIM
         else:
             h = off_h
             Q_h, QS_h, DO_h, LSE2_h, DELTA_h, DQA_h = Q, QS, DO, LSE2, DELTA, DQA
-        qT = load_tile(Q_h, offs_d, offs_m, stride_qd, stride_qm, QK_DIM, Q_LEN,
-                       QK_DIM != QK_PAD, not Q_DIVISIBLE)
-        do = load_tile(DO_h, offs_m, offs_v, stride_dom, stride_dod, Q_LEN, V_DIM,
-                       not Q_DIVISIBLE, V_DIM != V_PAD)
+        if TMA:
+            # Q and DO are TMA descriptors over [B, Hq, L, D] (the step's head h); rows past L
+            # come back zero.
+            qT = tl.trans(Q.load([off_z, h, start_m, 0]).reshape(BLOCK_M, QK_PAD))
+            do = DO.load([off_z, h, start_m, 0]).reshape(BLOCK_M, V_PAD)
+        else:
+            qT = load_tile(Q_h, offs_d, offs_m, stride_qd, stride_qm, QK_DIM, Q_LEN,
+                           QK_DIM != QK_PAD, not Q_DIVISIBLE)
+            do = load_tile(DO_h, offs_m, offs_v, stride_dom, stride_dod, Q_LEN, V_DIM,
+                           not Q_DIVISIBLE, V_DIM != V_PAD)
         # LSE2: the LSE in base 2, a fully masked row's -inf as 0 (row_lse2), made once per
         # row rather than once per key tile here (a multiply, a compare and a select for
         # each of a thread's columns, each step: 48 of the full-block loop's 456 sm_90 instructions
@@ -343,9 +378,9 @@ def dkdv_tiles(
             # dP's wgmma before P's exp2 (they do not depend on each other), the exponentials run
             # under it, and dV, issued after dP's wait, runs under dS's arithmetic.
             dpT = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
-            dv = mma(cast(pT, DO.dtype.element_ty, UPCAST), do, dv, FP32_PRECISION, UPCAST)
+            dv = mma(cast(pT, do.dtype, UPCAST), do, dv, FP32_PRECISION, UPCAST)
         else:
-            dv = mma(cast(pT, DO.dtype.element_ty, UPCAST), do, dv, FP32_PRECISION, UPCAST)
+            dv = mma(cast(pT, do.dtype, UPCAST), do, dv, FP32_PRECISION, UPCAST)
             dpT = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_PRECISION, UPCAST)
         if HAS_SCORE and not GRAD_BUFFERS:
             dsT = pgT * (dpT - delta[None, :])
@@ -355,11 +390,11 @@ def dkdv_tiles(
                                G0, G1, G2, G3, GRAD_BUFFERS)
         else:
             dsT = pT * (dpT - delta[None, :])
-        dk = mma(cast(dsT, Q.dtype.element_ty, UPCAST), tl.trans(qT), dk, FP32_PRECISION, UPCAST)
+        dk = mma(cast(dsT, qT.dtype, UPCAST), tl.trans(qT), dk, FP32_PRECISION, UPCAST)
         if DQ_ATOMIC:
             # dS's rows and columns past L or S are 0 (pT is, or is exp2 of a full block's
             # in-range scores); the rows past L are not added.
-            dq = mma(tl.trans(cast(dsT, Q.dtype.element_ty, UPCAST)), k,
+            dq = mma(tl.trans(cast(dsT, qT.dtype, UPCAST)), k,
                      tl.zeros([BLOCK_M, QK_PAD], dtype=tl.float32), FP32_PRECISION, UPCAST)
             dq_ptrs = DQA_h + offs_m[:, None].to(tl.int64) * QK_DIM + offs_d[None, :]
             tl.atomic_add(dq_ptrs, dq * SM_SCALE, mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_DIM),
@@ -444,6 +479,7 @@ def dq_kernel(
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
     PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_LOOP: tl.constexpr = False,
     STORE_STATS: tl.constexpr = True, KV_UNIT: tl.constexpr = 0, PART_KV_DIVISIBLE: tl.constexpr = True,
+    TMA: tl.constexpr = False,
 ):
     # Without DELTA_READY the program computes its rows' delta (and, with PRESCALE, the prescaled
     # q) and with STORE_STATS stores them, with the base-2 LSE, for the dK/dV kernel launched next;
@@ -458,8 +494,15 @@ def dq_kernel(
     off_hkv = off_h // G
     Q += off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
     DO += off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
-    K += off_zkv.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
-    V += off_zkv.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
+    if TMA:
+        # The descriptors' coordinates of the key head (dq_tiles reads them from the strides).
+        stride_kn = off_zkv
+        stride_kd = off_hkv
+        stride_vn = off_zkv
+        stride_vd = off_hkv
+    else:
+        K += off_zkv.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
+        V += off_zkv.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, QK_PAD)
@@ -503,7 +546,7 @@ def dq_kernel(
             off_z, off_h, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
             SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, False, True,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
-            PART_KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, KV_UNIT,
+            PART_KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, KV_UNIT, TMA,
         )
     else:
         dq = dq_tiles(
@@ -512,7 +555,7 @@ def dq_kernel(
             off_z, off_h, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
             SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, False, False,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
-            PART_KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, KV_UNIT,
+            PART_KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, KV_UNIT, TMA,
         )
         if HAS_FULL:
             full_idx = FULL_IDX + row.to(tl.int64) * NUM_KV_SPARSE
@@ -523,7 +566,7 @@ def dq_kernel(
                 off_z, off_h, m_mod, Q_LEN, KV_LEN, SM_SCALE, B0, B1, B2, B3,
                 SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, True, False,
                 QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
-                KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, KV_UNIT,
+                KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, KV_UNIT, TMA,
             )
     dq = dq * SM_SCALE
     ptrs = (DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
@@ -551,7 +594,7 @@ def dkdv_kernel(
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
     PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     HEADS: tl.constexpr = 1, DP_FIRST: tl.constexpr = False, Q_UNIT: tl.constexpr = 0,
-    PART_Q_DIVISIBLE: tl.constexpr = True,
+    PART_Q_DIVISIBLE: tl.constexpr = True, TMA: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_zh = tl.program_id(1)  # (query batch, kv head)
@@ -578,9 +621,12 @@ def dkdv_kernel(
     # or with HEADS = G (HEADS_IN_LOOP, every head on one list) all G in each loop.
     for g in range(0, G // HEADS):
         off_h = off_hkv * G + g * HEADS
-        q_ptr = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+        if TMA:
+            q_ptr, do_ptr = Q, DO  # descriptors; dkdv_tiles reads the batch and head itself
+        else:
+            q_ptr = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+            do_ptr = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
         qs_ptr = QS + off_z.to(tl.int64) * stride_qsz + off_h.to(tl.int64) * stride_qsh
-        do_ptr = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
         stat = (off_z * HQ + off_h).to(tl.int64) * Q_LEN
         dqa_ptr = DQA + stat * QK_DIM  # with DQ_ATOMIC: the head's float32 dQ, [Q_LEN, QK_DIM]
         col = ((off_z % SPARSE_Z) * SPARSE_H + off_h % SPARSE_H) * NUM_KV_SPARSE + kv_block
@@ -594,7 +640,7 @@ def dkdv_kernel(
             SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, False,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
             PART_Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC, HEADS, DP_FIRST,
-            Q_UNIT,
+            Q_UNIT, TMA,
         )
         if HAS_FULL:
             dk, dv = dkdv_tiles(
@@ -607,7 +653,7 @@ def dkdv_kernel(
                 SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, True,
                 QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
                 Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC, HEADS, DP_FIRST,
-                Q_UNIT,
+                Q_UNIT, TMA,
             )
     dk = dk * SM_SCALE
     n_ok = offs_n[:, None] < KV_LEN
@@ -623,7 +669,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
                  concurrent: Optional[bool] = None, side: Optional[str] = "default",
                  dq_atomic: Optional[bool] = None, one_loop: Optional[bool] = None,
                  heads_in_loop: Optional[bool] = None, dp_first_flag: Optional[bool] = "module",
-                 dq_own_delta: Optional[bool] = None):
+                 dq_own_delta: Optional[bool] = None, tma: Optional[tuple] = None):
     """Gradients for q, k, v and the learnable tensors of the score mod (in slot order).
     ``concurrent`` (default: ``CONCURRENT``) takes delta_kernel and, on CUDA, the side stream;
     ``side`` (default: ``SIDE_KERNEL``) which kernel runs there; ``dq_atomic`` (default:
@@ -633,10 +679,14 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     the dK/dV kernel's loops together where the block mask has one head; ``dp_first_flag`` (default:
     ``DKDV_DP_FIRST`` as it is now; None: the rule, ``dp_first``) issues the dK/dV kernel's dP
     before dV; ``dq_own_delta`` (default: ``DQ_OWN_DELTA``) lets the dQ kernel compute its own
-    delta and run beside delta_kernel (under ``concurrent`` with the dQ kernel on the side)."""
+    delta and run beside delta_kernel (under ``concurrent`` with the dQ kernel on the side);
+    ``tma`` (default: ``(TMA_DQ, TMA_DKDV)``) reads the dQ kernel's key and value tiles and the
+    dK/dV kernel's query and dO tiles through TMA descriptors, where the tensors allow it."""
     import torch
 
     side = SIDE_KERNEL if side == "default" else side
+    tma_dq, tma_dkdv = (TMA_DQ, TMA_DKDV) if tma is None else tma
+    tma_dq, tma_dkdv = tma_rule(tma_dq, plan, query.device), tma_dkdv_rule(tma_dkdv, plan, query.device)
     if side not in SIDE_KERNELS:
         raise ValueError(f"Expected the backward's side kernel in {SIDE_KERNELS}, got {side!r}.")
 
@@ -711,7 +761,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         # With own_delta the dQ kernel computes its rows' delta and stores nothing (STORE_STATS).
         _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2, bufs,
                    concurrent and not own_delta, opt.bwd.options_for("BLOCK_M2", "BLOCK_N2"), one_loop,
-                   store_stats=not own_delta)
+                   store_stats=not own_delta, tma=tma_dq)
 
     # DKDV_NUM_WARPS / DKDV_NUM_STAGES: the dK/dV kernel's own launch (the dQ kernel keeps bwd's).
     dkdv_launch = ({} if opt.dkdv_launch is None
@@ -724,9 +774,14 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         q_full_idx = sp.full_q_idx if sp.has_full else sp.q_idx
         kv_prog = plan.dkdv_program  # the backward's, or one with TANH_RCP_DKDV's reciprocal
         fns = dict(SCORE_FN=kv_prog.score_fn, SCORE_BWD_FN=kv_prog.score_bwd_fn, MASK_FN=kv_prog.mask_fn)
+        q_arg, do_arg = query, dout
+        if tma_dkdv and not opt.prescale and tma_ready(query, dout):
+            q_arg = tma_descriptor(query, [1, 1, tiles["BLOCK_M1"], qk_pad])
+            do_arg = tma_descriptor(dout, [1, 1, tiles["BLOCK_M1"], v_pad])
+            fns["TMA"] = True
         _runtime.launch(
             dkdv_kernel, (_runtime.cdiv(S, tiles["BLOCK_N1"]), B * Hkv),
-            query, key, value, dout, dk, dv, lse2, delta, qs, dqa,
+            q_arg, key, value, do_arg, dk, dv, lse2, delta, qs, dqa,
             sp.q_num, sp.q_idx, q_full_num, q_full_idx, *bufs, *grad_args,
             *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *qs.stride(),
@@ -766,6 +821,14 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     return dq, dk, dv, dbufs
 
 
+def tma_dkdv_rule(flag: Optional[bool], plan, device) -> bool:
+    """``TMA_DKDV`` resolved for a call: a bool as it is; None as on where the backward takes
+    kernels.api.REFINED_BWD's tiles on sm90 (``tma_rule``), where it was timed faster."""
+    if flag is not None:
+        return bool(flag)
+    return bool(plan.refined_bwd) and tma_rule(None, plan, device)
+
+
 def dp_first(G: int, flag: Optional[bool], refined_bwd: bool = False) -> bool:
     """Whether the dK/dV kernel issues dP before dV, by ``flag`` (``DKDV_DP_FIRST``): True
     everywhere, None (the default) where each program has one query head (G = 1) and the backward
@@ -797,19 +860,24 @@ def _window_consts(sp, L: int, S: int, axis: str) -> dict:
 
 
 def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2, bufs, delta_ready,
-               options=None, one_loop=False, store_stats=True):
+               options=None, one_loop=False, store_stats=True, tma=False):
     sp, B, Hq, L, S = plan.dq_sparse, plan.B, plan.Hq, plan.L, plan.S  # the dQ kernel walks its key lists
     kv_full_num = sp.full_kv_num if sp.has_full else sp.kv_num
     kv_full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
+    extra, strides_k, strides_v = {}, key.stride(), value.stride()
+    if tma and tma_ready(key, value):
+        key = tma_descriptor(key, [1, 1, tiles["BLOCK_N2"], common["QK_PAD"]])
+        value = tma_descriptor(value, [1, 1, tiles["BLOCK_N2"], common["V_PAD"]])
+        extra["TMA"] = True
     _runtime.launch(
         dq_kernel, (_runtime.cdiv(L, tiles["BLOCK_M2"]), B * Hq),
         query, key, value, dout, dq, lse, delta, out, dlse if dlse is not None else lse, qs, lse2,
         sp.kv_num, sp.kv_idx, kv_full_num, kv_full_idx, *bufs,
-        *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dq.stride(), *out.stride(),
+        *query.stride(), *strides_k, *strides_v, *dout.stride(), *dq.stride(), *out.stride(),
         *qs.stride(),
         plan.scale, Hq, L, S, plan.Bk, *sp.kv_idx.shape[:2], sp.kv_idx.shape[-2], sp.kv_idx.shape[-1],
         HAS_DLSE=dlse is not None, DELTA_READY=delta_ready, ONE_LOOP=one_loop, STORE_STATS=store_stats,
-        BLOCK_M=tiles["BLOCK_M2"], BLOCK_N=tiles["BLOCK_N2"], **common,
+        BLOCK_M=tiles["BLOCK_M2"], BLOCK_N=tiles["BLOCK_N2"], **common, **extra,
         **{**_sparse_consts(sp, L, S), **_window_consts(sp, L, S, "KV")}, options=options,
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _runtime
 
@@ -193,7 +194,7 @@ def forward_tiles(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV: tl.constexpr,
     KV_DIVISIBLE: tl.constexpr, ROWS_SAFE: tl.constexpr, CONTIGUOUS: tl.constexpr,
     PRESCALE: tl.constexpr, RAW_MAX: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    EAGER_MASK: tl.constexpr = False, KV_UNIT: tl.constexpr = 0,
+    EAGER_MASK: tl.constexpr = False, KV_UNIT: tl.constexpr = 0, TMA: tl.constexpr = False,
 ):
     """Fold the row's listed KV blocks into (acc, l_i, m_i); base-2 units throughout.
 
@@ -227,7 +228,7 @@ def forward_tiles(
         IDX, num_blocks, FIDX, num_part, first, f_first, kv_block,
         off_z, off_h, m_mod, KV_LEN, SM_SCALE, B0, B1, B2, B3,
         SCORE_FN, MASK_FN, HAS_SCORE, IS_FULL, MIXED, QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
-        KV_DIVISIBLE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, EAGER_MASK, KV_UNIT,
+        KV_DIVISIBLE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, EAGER_MASK, KV_UNIT, TMA,
     )
 
 
@@ -242,7 +243,7 @@ def forward_walk(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV: tl.constexpr,
     KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
     PRESCALE: tl.constexpr, RAW_MAX: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    EAGER_MASK: tl.constexpr, KV_UNIT: tl.constexpr,
+    EAGER_MASK: tl.constexpr, KV_UNIT: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """``forward_tiles``'s loop, from a row's first entries (``list_start``'s): the persistent
     forward reads them a tile ahead."""
@@ -260,7 +261,7 @@ def forward_walk(
             acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
             start_n, partial_step(it, num_part, TILES), off_z, off_h, m_mod, KV_LEN, SM_SCALE, B0, B1, B2, B3,
             SCORE_FN, MASK_FN, HAS_SCORE, IS_FULL, MIXED, QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N,
-            KV_DIVISIBLE, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, EAGER_MASK,
+            KV_DIVISIBLE, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, EAGER_MASK, TMA,
         )
     return acc, l_i, m_i
 
@@ -281,7 +282,7 @@ def forward_step(
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_DIVISIBLE: tl.constexpr, PRESCALE: tl.constexpr, RAW_MAX: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, EAGER_MASK: tl.constexpr,
+    UPCAST: tl.constexpr, EAGER_MASK: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """One step of ``forward_tiles`` (and of ``forward_persistent_kernel``): the keys ``start_n`` on
     (BLOCK_N of them) folded into (acc, l_i, m_i). MIXED applies the mask where ``partial``;
@@ -295,8 +296,13 @@ def forward_step(
         unit = SM_SCALE * LOG2E
     offs_n = start_n + tl.arange(0, BLOCK_N)
     # K is read transposed: [QK_PAD, BLOCK_N].
-    kT = load_tile(K, offs_d, offs_n, stride_kd, stride_kn, QK_DIM, KV_LEN,
-                   QK_DIM != QK_PAD, not KV_DIVISIBLE)
+    if TMA:
+        # K and V are TMA descriptors over [B, Hkv, S, D]; stride_kn and stride_kd carry the
+        # key head's batch and head (``forward_kernel``). Rows past S come back zero.
+        kT = tl.trans(K.load([stride_kn, stride_kd, start_n, 0]).reshape(BLOCK_N, QK_PAD))
+    else:
+        kT = load_tile(K, offs_d, offs_n, stride_kd, stride_kn, QK_DIM, KV_LEN,
+                       QK_DIM != QK_PAD, not KV_DIVISIBLE)
     qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)
     n2 = offs_n[None, :]
     if KV_DIVISIBLE:
@@ -349,9 +355,12 @@ def forward_step(
     else:
         p = tl.math.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = load_tile(V, offs_n, offs_v, stride_vn, stride_vd, KV_LEN, V_DIM,
-                  not KV_DIVISIBLE, V_DIM != V_PAD)
-    acc = mma(cast(p, V.dtype.element_ty, UPCAST), v, acc * alpha[:, None], FP32_PRECISION, UPCAST)
+    if TMA:
+        v = V.load([stride_vn, stride_vd, start_n, 0]).reshape(BLOCK_N, V_PAD)
+    else:
+        v = load_tile(V, offs_n, offs_v, stride_vn, stride_vd, KV_LEN, V_DIM,
+                      not KV_DIVISIBLE, V_DIM != V_PAD)
+    acc = mma(cast(p, v.dtype, UPCAST), v, acc * alpha[:, None], FP32_PRECISION, UPCAST)
     m_i = m_new
     return acc, l_i, m_i
 
@@ -375,6 +384,7 @@ def forward_kernel(
     OUTPUT_LSE: tl.constexpr, OUTPUT_MAX: tl.constexpr,
     FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_LOOP: tl.constexpr = False,
     ONE_LOOP_EAGER_MASK: tl.constexpr = False, KV_UNIT: tl.constexpr = 0, PART_KV_DIVISIBLE: tl.constexpr = True,
+    TMA: tl.constexpr = False,
 ):
     # Query tiles run last-first: under a causal mask the last tiles have the
     # most blocks, and starting them first leaves the short ones for the tail.
@@ -384,8 +394,15 @@ def forward_kernel(
         pid_m, pid_zh, HQ, ZKV, G, stride_qz, stride_qh, stride_kz, stride_kh, stride_vz, stride_vh,
         SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, BLOCK_M, SPARSE_Q)
     Q += q_off
-    K += k_off
-    V += v_off
+    if TMA:
+        # The descriptors' coordinates of the key head (forward_step reads them from the strides).
+        stride_kn = off_z % ZKV
+        stride_kd = off_h // G
+        stride_vn = stride_kn
+        stride_vd = stride_kd
+    else:
+        K += k_off
+        V += v_off
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     # q stays in SRAM for the whole row walk.
@@ -405,7 +422,7 @@ def forward_kernel(
             SCORE_FN, MASK_FN, HAS_SCORE, False, True,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
             PART_KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, ONE_LOOP_EAGER_MASK,
-            KV_UNIT=KV_UNIT,
+            KV_UNIT=KV_UNIT, TMA=TMA,
         )
     else:
         acc, l_i, m_i = forward_tiles(
@@ -415,6 +432,7 @@ def forward_kernel(
             SCORE_FN, MASK_FN, HAS_SCORE, False, False,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
             PART_KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, KV_UNIT=KV_UNIT,
+            TMA=TMA,
         )
         if HAS_FULL:
             full_idx = FULL_IDX + row.to(tl.int64) * NUM_KV_SPARSE
@@ -425,6 +443,7 @@ def forward_kernel(
                 SCORE_FN, MASK_FN, HAS_SCORE, True, False,
                 QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV,
                 KV_DIVISIBLE, ROWS_SAFE, CONTIGUOUS, PRESCALE, RAW_MAX, FP32_PRECISION, UPCAST, KV_UNIT=KV_UNIT,
+                TMA=TMA,
             )
 
     store_rows(acc, l_i, m_i, OUT, LSE, MAX, off_z, off_h, pid_zh, offs_m, stride_oz, stride_oh, stride_om, stride_od,
@@ -659,6 +678,57 @@ PERSISTENT_PROGRAMS = None
 _per_sm: dict = {}
 
 
+# TMA_KV: the grid forward reads its key and value tiles through TMA descriptors over [B, Hkv, S, D]
+# (``tma_kv_for``), where the pointer loads issue a cp.async per 16 bytes and compute every address.
+# None (the default): on sm90 where the tensors allow it (``tma_ready``); True forces it there on
+# any arch (the interpreter too), False never. sm_90 SASS (document, S=4k, D=128): 499 instructions
+# a loop trip against 531, 158 registers against 168. On the H100 (docs/PERFORMANCE.md,
+# thirty-fifth session; bench.py, GPU pace, 3 rounds) the forward was 4 to 5 % faster on every row
+# timed: document, GQA document and causal at S=1k and 4k (D=128); the outputs equal the pointer
+# loads' bit for bit there and in the interpreter (tests/test_kernels.py).
+TMA_KV = None
+
+
+def tma_ready(*tensors) -> bool:
+    """Whether TMA descriptors over ``tensors`` ([B, H, N, D], one tile of rows at a time) can stand
+    in for their pointers: 16-bit elements, a head dim that is a power of two from 16 to 256 (no
+    padding columns, a box TMA takes), contiguous rows, and the base and every other stride 16-byte
+    aligned and not zero (what a descriptor requires)."""
+    for t in tensors:
+        shape, strides = t.shape, t.stride()
+        d = shape[-1]
+        if t.element_size() != 2 or strides[-1] != 1 or t.data_ptr() & 15 or not 16 <= d <= 256 or d & (d - 1):
+            return False
+        if 0 in shape or any(st == 0 or st & 7 for st in strides[:-1]):  # 8 elements: 16 bytes
+            return False
+    return True
+
+
+def tma_descriptor(t, block: list):
+    """A host TMA descriptor over ``t`` ([B, H, N, D], boxes of ``block``), for a tensor ``tma_ready``
+    passed: Triton's ``TensorDescriptor`` without its constructor's checks, which repeat
+    ``tma_ready``'s and cost about 6 us a descriptor on the host (six a training step)."""
+    desc = object.__new__(TensorDescriptor)
+    desc.base, desc.shape, desc.strides, desc.block_shape, desc.padding = t, t.shape, t.stride(), block, "zero"
+    return desc
+
+
+def tma_rule(flag, plan, device) -> bool:
+    """A TMA flag (``TMA_KV``; ``kernels.backward.TMA_DQ``, ``TMA_DKDV``) resolved for a call: a
+    bool as it is, None as on for sm90 (compiled Hopper code; the interpreter runs pointers)."""
+    from .api import _arch
+
+    if flag is not None:
+        return bool(flag)
+    return _arch(device, plan.interpret) == "sm90"
+
+
+def tma_kv_for(plan, key, value) -> bool:
+    """Whether the forward's key and value tiles come through TMA descriptors: by ``TMA_KV``
+    (``tma_rule``), where ``tma_ready``."""
+    return tma_rule(TMA_KV, plan, key.device) and tma_ready(key, value)
+
+
 def persistent_for(plan, device) -> bool:
     """Whether the forward takes the persistent kernel: ``PERSISTENT_FWD`` when it is a bool (False,
     the default); with None, the rule the thirty-fourth session timed on the H100 and dropped: on
@@ -717,6 +787,11 @@ def run_forward(plan, query, key, value):
             *query.stride(), *key.stride(), *value.stride(), *out.stride(),
             plan.scale, Hq, L, plan.S, plan.Bk, MB, MH, nQ, nKV)
     kernel, constexprs = forward_kernel, dict(ONE_LOOP=one_loop_for(prog, sp, L))
+    if not persistent_for(plan, query.device) and tma_kv_for(plan, key, value):
+        k_desc = tma_descriptor(key, [1, 1, tiles["BLOCK_N"], qk_pad])
+        v_desc = tma_descriptor(value, [1, 1, tiles["BLOCK_N"], v_pad])
+        args = (query, k_desc, v_desc) + args[3:]
+        constexprs["TMA"] = True
     if persistent_for(plan, query.device):
         n_m = grid[0]
         per_key = (qk_pad, v_pad, tiles["BLOCK_M"], tiles["BLOCK_N"], opt.fwd.num_warps, opt.fwd.num_stages,

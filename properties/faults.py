@@ -319,7 +319,7 @@ CATALOGUE: tuple = (
         "fwd_scores_early_cast", "precision: early cast",
         (Patch("forward", "qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)",
                "qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_PRECISION, UPCAST)"
-               ".to(K.dtype.element_ty).to(tl.float32)"),),
+               ".to(q.dtype).to(tl.float32)"),),
         "The forward kernel rounds the scores q.k to the input dtype before the softmax.",
         "Score matrices materialised in bf16 before softmax (the precision loss flash kernels avoid).",
     ),

@@ -68,8 +68,20 @@ def compile_kernels() -> None:
         print(json.dumps({"kernel": r["kernel"], "dtype": calls[i], "shared": r["shared"],
                           "add_rn_f32": r["ptx"].count("add.rn.f32"), "num_warps": r["num_warps"],
                           "num_stages": r["num_stages"],
-                          "async_waits": [int(n) for n in re.findall(r"async_wait\b[^{]*\{num = (\d+)", r["ttgir"])]}),
+                          "async_waits": [int(n) for n in re.findall(r"async_wait\b[^{]*\{num = (\d+)", r["ttgir"])],
+                          "tma_ahead": tma_ahead(r["ttgir"])}),
               flush=True)
+
+
+def tma_ahead(ttgir: str):
+    """How many steps ahead a kernel's first loop has its TMA copies issued: the copies before the
+    loop over those in its body (its first ``scf.yield``); None without TMA copies."""
+    copy = "ttng.async_tma_copy_global_to_local"
+    head = ttgir.find("scf.for")
+    body = ttgir[head:ttgir.find("scf.yield", head)]
+    if head < 0 or copy not in body:
+        return None
+    return ttgir[:head].count(copy) / body.count(copy)
 
 
 if __name__ == "__main__":

@@ -756,6 +756,98 @@ def test_persistent_forward_is_the_grid_bit_for_bit(monkeypatch):
         assert torch.equal(a, b)
 
 
+def _step_both_ways(monkeypatch, flags, B, Hq, Hkv, L, S, E, mask_mod, block_size, score_mod=None, layout="bhsd",
+                    dtype=torch.bfloat16, seed=0, device=DEVICE):
+    """(out, lse, dq, dk, dv) of one training step with the TMA flags ``flags`` (module, name) on,
+    then off, on one input; and how many launches were passed a descriptor."""
+    import importlib
+
+    from kernels import _runtime
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    (q, k, v), do, dl = _inputs(B, Hq, Hkv, L, S, E, E, dtype, device, seed, None)
+    if layout == "bshd":  # the heads' rows interleaved: [B, S, H, D] viewed as [B, H, S, D]
+        q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    bm = create_block_mask(mask_mod, B, 1, L, S, device=device, BLOCK_SIZE=block_size)
+    launch, described = getattr(_runtime.launch, "unrecorded", _runtime.launch), []
+
+    def record(kernel, grid, *args, **kwargs):
+        described.extend(kernel.fn.__name__ for a in args if isinstance(a, TensorDescriptor))
+        return launch(kernel, grid, *args, **kwargs)
+
+    record.unrecorded = launch
+
+    monkeypatch.setattr(_runtime, "launch", record)
+    results = []
+    for on in (True, False):
+        for module, name in flags:
+            monkeypatch.setattr(importlib.import_module(f"kernels.{module}"), name, on)
+        for t in (q, k, v):
+            t.grad = None
+        out, lse = kernels.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=Hq != Hkv,
+                                          return_lse=True)
+        torch.autograd.backward((out, lse), (do, dl))
+        results.append([out, lse, q.grad, k.grad, v.grad])
+    return results[0], results[1], described
+
+
+_TMA_FLAGS = (("forward", "TMA_KV"), ("backward", "TMA_DQ"), ("backward", "TMA_DKDV"))
+
+
+def test_tma_tiles_are_the_pointer_tiles_bit_for_bit(monkeypatch):
+    """``forward.TMA_KV``, ``backward.TMA_DQ`` and ``backward.TMA_DKDV``: the streamed tiles come
+    through TMA descriptors over [B, H, S, D] (rows past the end zero, as the masked pointer loads
+    give), the arithmetic unchanged, so every output and gradient equals the pointer loads' bit for
+    bit. GQA with query and key tails, interleaved heads (a [B, S, H, D] layout), a score mod, the
+    dK/dV kernel's heads in one loop, and the shifted windows with an overrun."""
+    from kernels import api, backward
+
+    doc = mods.document.from_seed(170, 4, 0)
+    cases = [
+        dict(B=2, Hq=2, Hkv=1, L=150, S=170, E=16, mask_mod=doc, block_size=32),
+        dict(B=1, Hq=2, Hkv=2, L=130, S=80, E=16, mask_mod=mods.sliding_window(20), block_size=16,
+             score_mod=mods.tanh_softcap(30.0), layout="bshd"),
+    ]
+    for case in cases:
+        got, want, described = _step_both_ways(monkeypatch, _TMA_FLAGS, **case)
+        # two descriptors each: the forward's K and V, the dQ kernel's K and V, the dK/dV kernel's Q and dO
+        assert sorted(set(described)) == ["dkdv_kernel", "dq_kernel", "forward_kernel"], described
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), case
+    monkeypatch.setattr(backward, "HEADS_IN_LOOP", True)
+    got, want, described = _step_both_ways(monkeypatch, _TMA_FLAGS, B=1, Hq=4, Hkv=1, L=128, S=96, E=16,
+                                           mask_mod=mods.causal(), block_size=32)
+    assert "dkdv_kernel" in described
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(backward, "HEADS_IN_LOOP", False)
+    # The shifted windows (KV_UNIT 1), whose last window ends past S.
+    monkeypatch.setattr(api, "AUTO_EVERYWHERE", True)
+    got, want, described = _step_both_ways(monkeypatch, _TMA_FLAGS, B=1, Hq=2, Hkv=1, L=256, S=100, E=16,
+                                           mask_mod=mods.causal(), block_size=128)
+    assert "forward_kernel" in described
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_tma_takes_only_tensors_a_descriptor_can_describe():
+    """``forward.tma_ready``: 16-bit elements, a power-of-two head dim, contiguous rows, a 16-byte
+    aligned base and strides; anything else keeps the pointer loads."""
+    from kernels.forward import tma_ready
+
+    k = torch.zeros(2, 2, 64, 16, dtype=torch.bfloat16)
+    assert tma_ready(k, k)
+    assert not tma_ready(k.float(), k.float())  # 4-byte elements
+    odd = torch.zeros(2, 2, 64, 24, dtype=torch.bfloat16)
+    assert not tma_ready(odd, odd)  # a padded head dim
+    assert not tma_ready(k, k.transpose(2, 3).contiguous().transpose(2, 3))  # columns not contiguous
+    assert not tma_ready(k[:, :1].expand(2, 2, 64, 16), k)  # a broadcast head (stride 0)
+    shifted = torch.zeros(2 * 2 * 64 * 16 + 1, dtype=torch.bfloat16)[1:].view(2, 2, 64, 16)
+    assert not tma_ready(shifted, k)  # a base off 16 bytes
+    rows = torch.zeros(2, 2, 64, 20, dtype=torch.bfloat16)[..., :16]
+    assert not tma_ready(rows, k)  # rows 40 bytes apart
+
+
 def test_persistent_tiles_deal_every_tile_once():
     """``Sparse.persistent_tiles``: every tile of the grid's order goes to one program, each
     program's in increasing order (the rest of its row repeating its last); the programs' work
@@ -1135,6 +1227,31 @@ def test_gpu_persistent_forward_matches_the_oracle_and_the_grid(monkeypatch):
             outs.append(kernels.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True))
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), one_loop
 
+
+@pytest.mark.gpu
+def test_gpu_tma_tiles_are_the_pointer_tiles(monkeypatch):
+    """On the GPU (sm90 takes TMA by default: ``forward.TMA_KV``, ``backward.TMA_DQ``, and
+    ``backward.TMA_DKDV`` on REFINED_BWD's tiles) the default agrees with the oracle on bench.py's
+    document row at S=1k with GQA in bf16 at D=128 (shifted windows, 64 x 64 tiles); and with every
+    kernel's streamed tiles through TMA descriptors (the flags forced) the outputs and gradients
+    equal the pointer loads' bit for bit: that row, fp16 keys longer than queries with a query
+    tail and interleaved heads at D=64, and a causal softcap on the default tiles."""
+    doc = mods.document.from_seed(1024, 12, 0, device="cuda")
+    check(B=2, Hq=8, Hkv=2, L=1024, S=1024, E=128, dtype=torch.bfloat16, mask_mod=doc, block_size=128,
+          device="cuda")
+    cases = [
+        (dict(B=2, Hq=8, Hkv=2, L=1024, S=1024, E=128, mask_mod=doc, block_size=128), torch.bfloat16, "bhsd"),
+        (dict(B=2, Hq=4, Hkv=4, L=1000, S=1100, E=64, block_size=128,
+              mask_mod=mods.document.from_seed(1000, 9, 4, kv_length=1100, device="cuda")), torch.float16, "bshd"),
+        (dict(B=1, Hq=4, Hkv=2, L=777, S=777, E=128, mask_mod=mods.causal(), block_size=128,
+              score_mod=mods.tanh_softcap(20.0)), torch.bfloat16, "bhsd"),
+    ]
+    for case, dtype, layout in cases:
+        got, want, described = _step_both_ways(monkeypatch, _TMA_FLAGS, dtype=dtype, layout=layout, device="cuda",
+                                               **case)
+        assert set(described) == {"forward_kernel", "dq_kernel", "dkdv_kernel"}, (case, described)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), case
 
 def test_refined_blocks_under_pytorchs_noop_mask():
     """PyTorch's noop mask arrives as no mask_mod; its tail blocks are partial all the same."""
