@@ -23,6 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import _runtime, api, mods  # noqa: E402
@@ -40,7 +41,7 @@ def _launcher(fn: JITFunction, grid):
         bound.update(kwargs)
         sig, constexprs = {}, {}
         for p in params:
-            val = bound[p.name]
+            val = bound[p.name] if p.name in bound else p.default  # a constexpr the call left at its default
             if p.is_constexpr:
                 sig[p.name] = "constexpr"
                 constexprs[p.name] = val
@@ -52,6 +53,8 @@ def _launcher(fn: JITFunction, grid):
                 sig[p.name] = "i32"
             elif isinstance(val, float):
                 sig[p.name] = "fp32"
+            elif isinstance(val, TensorDescriptor):  # kernels.forward.tma_descriptor
+                sig[p.name] = f"tensordesc<{_DT[val.base.dtype]}{list(val.block_shape)}>"
             else:
                 raise TypeError(f"{p.name}: {type(val)}")
         key = (fn.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items())), num_warps, num_stages)

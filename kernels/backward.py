@@ -685,10 +685,10 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     import torch
 
     side = SIDE_KERNEL if side == "default" else side
-    tma_dq, tma_dkdv = (TMA_DQ, TMA_DKDV) if tma is None else tma
-    tma_dq, tma_dkdv = tma_rule(tma_dq, plan, query.device), tma_dkdv_rule(tma_dkdv, plan, query.device)
     if side not in SIDE_KERNELS:
         raise ValueError(f"Expected the backward's side kernel in {SIDE_KERNELS}, got {side!r}.")
+    tma_dq, tma_dkdv = (TMA_DQ, TMA_DKDV) if tma is None else tma
+    tma_dq, tma_dkdv = tma_rule(tma_dq, plan, query.device), tma_dkdv_rule(tma_dkdv, plan, query.device)
 
     from .api import _empty_like_layout
 

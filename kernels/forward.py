@@ -680,13 +680,16 @@ _per_sm: dict = {}
 
 # TMA_KV: the grid forward reads its key and value tiles through TMA descriptors over [B, Hkv, S, D]
 # (``tma_kv_for``), where the pointer loads issue a cp.async per 16 bytes and compute every address.
-# None (the default): on sm90 where the tensors allow it (``tma_ready``); True forces it there on
-# any arch (the interpreter too), False never. sm_90 SASS (document, S=4k, D=128): 499 instructions
-# a loop trip against 531, 158 registers against 168. On the H100 (docs/PERFORMANCE.md,
-# thirty-fifth session; bench.py, GPU pace, 3 rounds) the forward was 4 to 5 % faster on every row
-# timed: document, GQA document and causal at S=1k and 4k (D=128); the outputs equal the pointer
-# loads' bit for bit there and in the interpreter (tests/test_kernels.py).
+# None (the default): on sm90 for head dims of at least TMA_KV_MIN_DIM where the tensors allow it
+# (``tma_ready``); True forces it there on any arch (the interpreter too), False never. sm_90 SASS
+# (document, S=4k, D=128): 499 instructions a loop trip against 531, 158 registers against 168. On
+# the H100 (docs/PERFORMANCE.md, thirty-fifth session; bench.py, GPU pace, 3 rounds) the forward
+# was 4 to 6 % faster on document, GQA document and causal at S=1k and 4k, and 0 to 4 % on every
+# other S=4k row at D=128; at D=64 it was 3 to 5 % faster on none, prefix LM and causal but 4 to
+# 5 % slower on document, sliding window and block-sparse, so D=64 keeps the pointer loads. The
+# outputs equal the pointer loads' bit for bit (GPU and interpreter tests, tests/test_kernels.py).
 TMA_KV = None
+TMA_KV_MIN_DIM = 128
 
 
 def tma_ready(*tensors) -> bool:
@@ -725,7 +728,10 @@ def tma_rule(flag, plan, device) -> bool:
 
 def tma_kv_for(plan, key, value) -> bool:
     """Whether the forward's key and value tiles come through TMA descriptors: by ``TMA_KV``
-    (``tma_rule``), where ``tma_ready``."""
+    (``tma_rule``; None also asks for head dims of at least ``TMA_KV_MIN_DIM``), where
+    ``tma_ready``."""
+    if TMA_KV is None and min(plan.E, plan.Ev) < TMA_KV_MIN_DIM:
+        return False
     return tma_rule(TMA_KV, plan, key.device) and tma_ready(key, value)
 
 

@@ -88,16 +88,16 @@ def test_every_kernel_compiles_for_sm90_with_float32_sums_from_zero():
 def test_tile_loads_are_prefetched_more_than_one_step_ahead():
     """With num_stages >= 3 the bf16 loops of the forward, dQ and dK/dV kernels keep copies in
     flight across a step, on a causal block mask's lists and on the dense ones alike: pointer
-    loads wait with ``async_wait`` num > 0, and TMA copies (kernels.forward.TMA_KV,
-    kernels.backward.TMA_DQ, on sm90 by default) are issued two steps ahead (the prologue issues
-    two steps' copies). A tile address taken from a list entry loaded in the same step left every
+    loads wait with ``async_wait`` num > 0, and TMA copies (kernels.backward.TMA_DQ on sm90 by
+    default; kernels.forward.TMA_KV from D=128, where these D=64 kernels keep pointers) are issued
+    two steps ahead (the prologue issues two steps' copies). A tile address taken from a list entry loaded in the same step left every
     wait at num = 0, whatever num_stages (kernels.forward.next_listed): no load overlapped the
     step before it, and our backward ran 20 % slower than PyTorch's at the same tiles."""
     variants = [json.loads(line) for line in _run("kernels").splitlines() if line.startswith("{")]
     looped = [v for v in variants if v["dtype"] == "bfloat16" and v["num_stages"] >= 3
               and v["kernel"] in ("forward_kernel", "dq_kernel", "dkdv_kernel")]
     assert {v["kernel"] for v in looped} == {"forward_kernel", "dq_kernel", "dkdv_kernel"}, variants
-    assert {v["kernel"] for v in looped if v["tma_ahead"] is not None} >= {"forward_kernel", "dq_kernel"}, variants
+    assert {v["kernel"] for v in looped if v["tma_ahead"] is not None} >= {"dq_kernel"}, variants
     for v in looped:
         if v["tma_ahead"] is None:
             assert max(v["async_waits"]) > 0, v
