@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Fuzz a target against the float64 oracle. Exit 1 if anything failed.")
     fuzz.add_argument("--target", default="kernels", metavar="NAME|MODULE:FUNCTION",
                       help="kernels (default), kernels-dq-atomic, kernels-one-loop, kernels-one-loop-eager, "
-                           "kernels-heads-in-loop, kernels-shifted, kernels-persistent, gluon, "
+                           "kernels-heads-in-loop, kernels-shifted, kernels-persistent, kernels-tma, gluon, "
                            "torch-compile, torch-eager, sdpa, or module:function")
     fuzz.add_argument("--examples", type=_positive_int, default=None, metavar="N",
                       help=f"cases to draw (default {DEFAULT_EXAMPLES['cpu']} on CPU, {DEFAULT_EXAMPLES['cuda']} on CUDA)")

@@ -25,6 +25,11 @@ case (None when it can). Built-ins:
   (each program walks a list of query tiles, reading the next tile's lists and queries during
   one), the interpreter included; off by default (timed on the H100 in the thirty-fourth
   session: no faster on the document rows).
+* ``kernels-tma``: ours with ``kernels.forward.TMA_KV``, ``kernels.backward.TMA_DQ`` and
+  ``TMA_DKDV`` forced on: every streamed tile through a TMA descriptor wherever the tensors allow
+  it (``kernels.forward.tma_ready``), the interpreter included and on every tile and head dim; the
+  default takes them on sm90 alone (the forward from D=128, the dK/dV kernel on REFINED_BWD's
+  tiles).
 * ``gluon``: the Gluon probes (``benchmarks/gluon_flex.py``: a warp-specialized forward and
   backward, not yet part of ``kernels``), on sm_90 GPUs, or on the CPU in
   ``kernels.gluon_emulator``; bf16/fp16, head dim 64 or 128, 128 x 128 block masks. Needs a
@@ -163,6 +168,7 @@ _kernels_one_loop_eager_fn = _kernels_with(("forward", "ONE_LOOP"), ("forward", 
 _kernels_heads_in_loop_fn = _kernels_with(("backward", "HEADS_IN_LOOP"))
 _kernels_shifted_fn = _kernels_with(("api", "AUTO_EVERYWHERE"))
 _kernels_persistent_fn = _kernels_with(("forward", "PERSISTENT_FWD"))
+_kernels_tma_fn = _kernels_with(("forward", "TMA_KV"), ("backward", "TMA_DQ"), ("backward", "TMA_DKDV"))
 
 
 def _kernels_declines(exc: BaseException) -> Optional[str]:
@@ -435,6 +441,10 @@ TARGETS: dict = {
                                  returns_max=True, declines=_kernels_declines,
                                  description="our Triton kernels with forward.PERSISTENT_FWD (each forward "
                                              "program walks a list of query tiles)"),
+    "kernels-tma": Target("kernels-tma", _kernels_tma_fn, _kernels_check, returns_lse=True, returns_max=True,
+                          declines=_kernels_declines,
+                          description="our Triton kernels with forward.TMA_KV, backward.TMA_DQ and backward.TMA_DKDV "
+                                      "forced on (streamed tiles through TMA descriptors, the interpreter included)"),
     "gluon": Target("gluon", _gluon_fn, _gluon_check, returns_lse=True, takes_kernel_options=False,
                     declines=_gluon_declines,
                     draw_bounds=dict(dtypes=("bfloat16", "float16"), head_dims=(64, 128), equal_head_dims=True,
@@ -454,7 +464,7 @@ TARGETS: dict = {
 def resolve_target(spec) -> Target:
     """A ``Target`` from a built-in name (``kernels``, ``kernels-dq-atomic``, ``kernels-one-loop``,
     ``kernels-one-loop-eager``, ``kernels-heads-in-loop``, ``kernels-shifted``, ``kernels-persistent``,
-    ``gluon``, ``torch-compile``,
+    ``kernels-tma``, ``gluon``, ``torch-compile``,
     ``torch-eager``, ``sdpa``), from ``"module:attribute"`` (a ``Target`` or a function with FlexAttention's
     signature), or a ``Target`` itself."""
     if isinstance(spec, Target):

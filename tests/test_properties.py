@@ -1212,6 +1212,33 @@ def test_kernels_persistent_target_walks_tile_lists_and_restores_the_default(mon
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_kernels_tma_target_reads_through_descriptors_and_restores_the_default(monkeypatch):
+    """``kernels-tma``: the forward's key and value tiles come through TMA descriptors in the
+    interpreter too (GQA, a query tail), giving the default's out and LSE bit for bit
+    (tests/test_kernels.py holds all three kernels to the pointer loads on more cases); the
+    defaults are back afterwards."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from kernels import _runtime, backward, forward
+
+    described = []
+    real = _runtime.launch
+    monkeypatch.setattr(_runtime, "launch", lambda kernel, *a, **k: described.extend(
+        kernel.fn.__name__ for x in a if isinstance(x, TensorDescriptor)) or real(kernel, *a, **k))
+    target = resolve_target("kernels-tma")
+    assert target.name == "kernels-tma" and target.returns_lse and target.returns_max
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 139, 16, generator=g).half()
+    k, v = (torch.randn(1, 2, 150, 16, generator=g).half() for _ in range(2))
+    bm = build_block_mask(mods.document.from_seed(150, 3, 1), 1, 1, 139, 150, block_size=(32, 32), device="cpu")
+    got = target.fn(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
+    assert described == ["forward_kernel"] * 2, described
+    assert (forward.TMA_KV, backward.TMA_DQ, backward.TMA_DKDV) == (None, None, None)
+    want = kernels.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
+    assert described == ["forward_kernel"] * 2, described
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_gluon_target_matches_the_oracle_in_the_emulator():
     """``gluon``: the Gluon probes (benchmarks/gluon_flex.py) on CPU tensors, their kernels in
     kernels/gluon_emulator.py: a broadcast key batch, GQA, tails past a block, a mask with its
