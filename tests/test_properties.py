@@ -1188,6 +1188,16 @@ def test_kernels_shifted_target_walks_the_windows_and_restores_the_default(monke
     assert units == [0, 0, 0], units
 
 
+def _gqa_document_call(fn):
+    """``fn`` (FlexAttention's signature) on one input, the same every call: a document mask with
+    GQA and a query tail (139 queries, 150 keys, 32 x 32 blocks), returning out and the LSE."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 139, 16, generator=g).half()
+    k, v = (torch.randn(1, 2, 150, 16, generator=g).half() for _ in range(2))
+    bm = build_block_mask(mods.document.from_seed(150, 3, 1), 1, 1, 139, 150, block_size=(32, 32), device="cpu")
+    return fn(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
+
+
 def test_kernels_persistent_target_walks_tile_lists_and_restores_the_default(monkeypatch):
     """``kernels-persistent``: the forward's programs walk lists of query tiles (a document mask
     with GQA and a query tail), giving the default's out and LSE bit for bit (the default's agree
@@ -1201,13 +1211,9 @@ def test_kernels_persistent_target_walks_tile_lists_and_restores_the_default(mon
         names.append(kernel.fn.__name__) if kernel.fn.__name__.startswith("forward") else None) or real(kernel, *a, **k))
     target = resolve_target("kernels-persistent")
     assert target.name == "kernels-persistent" and target.returns_lse and target.returns_max
-    g = torch.Generator().manual_seed(3)
-    q = torch.randn(1, 4, 139, 16, generator=g).half()
-    k, v = (torch.randn(1, 2, 150, 16, generator=g).half() for _ in range(2))
-    bm = build_block_mask(mods.document.from_seed(150, 3, 1), 1, 1, 139, 150, block_size=(32, 32), device="cpu")
-    got = target.fn(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
+    got = _gqa_document_call(target.fn)
     assert names == ["forward_persistent_kernel"] and forward.PERSISTENT_FWD is False, names
-    want = kernels.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
+    want = _gqa_document_call(kernels.flex_attention)
     assert names[1:] == ["forward_kernel"], names
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
@@ -1227,14 +1233,10 @@ def test_kernels_tma_target_reads_through_descriptors_and_restores_the_default(m
         kernel.fn.__name__ for x in a if isinstance(x, TensorDescriptor)) or real(kernel, *a, **k))
     target = resolve_target("kernels-tma")
     assert target.name == "kernels-tma" and target.returns_lse and target.returns_max
-    g = torch.Generator().manual_seed(3)
-    q = torch.randn(1, 4, 139, 16, generator=g).half()
-    k, v = (torch.randn(1, 2, 150, 16, generator=g).half() for _ in range(2))
-    bm = build_block_mask(mods.document.from_seed(150, 3, 1), 1, 1, 139, 150, block_size=(32, 32), device="cpu")
-    got = target.fn(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
+    got = _gqa_document_call(target.fn)
     assert described == ["forward_kernel"] * 2, described
     assert (forward.TMA_KV, backward.TMA_DQ, backward.TMA_DKDV) == (None, None, None)
-    want = kernels.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
+    want = _gqa_document_call(kernels.flex_attention)
     assert described == ["forward_kernel"] * 2, described
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
