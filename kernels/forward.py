@@ -681,7 +681,9 @@ _per_sm: dict = {}
 # TMA_KV: the grid forward reads its key and value tiles through TMA descriptors over [B, Hkv, S, D]
 # (``tma_kv_for``), where the pointer loads issue a cp.async per 16 bytes and compute every address.
 # None (the default): on sm90 for head dims of at least TMA_KV_MIN_DIM where the tensors allow it
-# (``tma_ready``); True forces it there on any arch (the interpreter too), False never. sm_90 SASS
+# (``tma_ready``), but not on two loops whose mask loads (``tma_kv_for``: at S=16k the document
+# forward lost a program a multiprocessor to the mbarriers' shared memory, 24 % slower); True forces
+# it there on any arch (the interpreter too), False never. sm_90 SASS
 # (document, S=4k, D=128): 499 instructions a loop trip against 531, 158 registers against 168. On
 # the H100 (docs/PERFORMANCE.md, thirty-fifth session; bench.py, GPU pace, 3 rounds) the forward
 # was 4 to 6 % faster on document, GQA document and causal at S=1k and 4k, and 0 to 4 % on every
@@ -726,11 +728,17 @@ def tma_rule(flag, plan, device) -> bool:
     return _arch(device, plan.interpret) == "sm90"
 
 
-def tma_kv_for(plan, key, value) -> bool:
+def tma_kv_for(plan, key, value, one_loop: bool) -> bool:
     """Whether the forward's key and value tiles come through TMA descriptors: by ``TMA_KV``
-    (``tma_rule``; None also asks for head dims of at least ``TMA_KV_MIN_DIM``), where
-    ``tma_ready``."""
-    if TMA_KV is None and min(plan.E, plan.Ev) < TMA_KV_MIN_DIM:
+    (``tma_rule``), where ``tma_ready``. None also asks for head dims of at least
+    ``TMA_KV_MIN_DIM``, and leaves out a forward on two loops whose mask loads from memory (the
+    document ids): its partial loop's stages of those loads, with the mbarriers TMA adds, take more
+    shared memory than two programs a multiprocessor share on 64 x 64 tiles with 3 stages (sm_90,
+    D=128: 115,768 bytes against the pointer loads' 115,712, the limit). On the H100 (thirty-fifth
+    session) the document forward at S=16k, which takes two loops, held one program a
+    multiprocessor that way and was 24 % slower; every other row of bench.py's matrix at D=128
+    keeps its programs a multiprocessor (``benchmarks/codegen.py``, 1k, 4k and 16k)."""
+    if TMA_KV is None and (min(plan.E, plan.Ev) < TMA_KV_MIN_DIM or (not one_loop and plan.program.mask_loads)):
         return False
     return tma_rule(TMA_KV, plan, key.device) and tma_ready(key, value)
 
@@ -793,7 +801,7 @@ def run_forward(plan, query, key, value):
             *query.stride(), *key.stride(), *value.stride(), *out.stride(),
             plan.scale, Hq, L, plan.S, plan.Bk, MB, MH, nQ, nKV)
     kernel, constexprs = forward_kernel, dict(ONE_LOOP=one_loop_for(prog, sp, L))
-    if not persistent_for(plan, query.device) and tma_kv_for(plan, key, value):
+    if not persistent_for(plan, query.device) and tma_kv_for(plan, key, value, constexprs["ONE_LOOP"]):
         k_desc = tma_descriptor(key, [1, 1, tiles["BLOCK_N"], qk_pad])
         v_desc = tma_descriptor(value, [1, 1, tiles["BLOCK_N"], v_pad])
         args = (query, k_desc, v_desc) + args[3:]

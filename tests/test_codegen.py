@@ -105,6 +105,21 @@ def test_tile_loads_are_prefetched_more_than_one_step_ahead():
             assert v["tma_ahead"] >= 2, v
 
 
+def test_forward_keeps_two_programs_a_multiprocessor_at_16k():
+    """bench.py's document row at S=16k (bf16, D=128, with the LSE): the forward runs 64 x 64 tiles
+    on 4 warps with 3 stages and two loops, whose partial loop pipelines the document ids; its
+    shared memory (115,712 bytes) is exactly two programs' share of an H100 multiprocessor. TMA's
+    mbarriers took it to 115,768, one program a multiprocessor, and the forward ran 24 % slower on
+    the H100 (thirty-fifth session), so ``kernels.forward.tma_kv_for`` keeps that forward on pointer
+    loads. Two programs: 2 x (shared + 1 KiB reserved) <= 233,472 bytes."""
+    out = _run("--masks", "document", "--seqlens", "16k", "--head-dims", "128", "--forward-only", "--lse",
+               script=ROOT / "benchmarks" / "codegen.py")
+    rows = [line.split() for line in out.splitlines() if "forward_kernel" in line]
+    assert len(rows) == 1, out
+    assert rows[0][4:7] == ["BLOCK_M=64,BLOCK_N=64", "4", "3"], rows[0]
+    assert 2 * (int(rows[0][-1]) + 1024) <= 233472, rows[0]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--two-loops", "--one-loop"], "contradict"),
     (["--eager-mask"], "pass --one-loop"),

@@ -825,6 +825,31 @@ def test_tma_tiles_are_the_pointer_tiles_bit_for_bit(monkeypatch):
             assert torch.equal(a, b), case
 
 
+def test_tma_rule_by_arch_head_dim_and_loop(monkeypatch):
+    """The default (flags None): TMA on sm90 alone; the forward's from head dim 128 on and not on two
+    loops whose mask loads (``forward.tma_kv_for``); the dK/dV kernel's on REFINED_BWD's tiles alone
+    (``backward.tma_dkdv_rule``); a bool flag forces either way, the interpreter included."""
+    from types import SimpleNamespace
+
+    from kernels import api, backward, forward
+
+    k = torch.zeros(1, 2, 64, 128, dtype=torch.bfloat16)
+    plan = SimpleNamespace(E=128, Ev=128, interpret=False, refined_bwd=True, program=SimpleNamespace(mask_loads=True))
+    monkeypatch.setattr(api, "_arch", lambda device, interpret: "sm90")
+    assert forward.tma_kv_for(plan, k, k, one_loop=True) and not forward.tma_kv_for(plan, k, k, one_loop=False)
+    assert backward.tma_dkdv_rule(None, plan, k.device) and forward.tma_rule(None, plan, k.device)
+    plan.program.mask_loads = False
+    assert forward.tma_kv_for(plan, k, k, one_loop=False)
+    small = torch.zeros(1, 2, 64, 64, dtype=torch.bfloat16)
+    assert not forward.tma_kv_for(SimpleNamespace(**{**vars(plan), "E": 64, "Ev": 64}), small, small, one_loop=True)
+    assert not backward.tma_dkdv_rule(None, SimpleNamespace(**{**vars(plan), "refined_bwd": False}), k.device)
+    monkeypatch.setattr(api, "_arch", lambda device, interpret: "sm80")
+    assert not forward.tma_kv_for(plan, k, k, one_loop=True) and not forward.tma_rule(None, plan, k.device)
+    monkeypatch.setattr(forward, "TMA_KV", True)
+    assert forward.tma_kv_for(plan, k, k, one_loop=False) and backward.tma_dkdv_rule(True, plan, k.device)
+    assert not backward.tma_dkdv_rule(False, plan, k.device)
+
+
 def test_tma_takes_only_tensors_a_descriptor_can_describe():
     """``forward.tma_ready``: 16-bit elements, a power-of-two head dim, contiguous rows, a 16-byte
     aligned base and strides; anything else keeps the pointer loads."""
