@@ -868,6 +868,29 @@ def test_tma_takes_only_tensors_a_descriptor_can_describe():
     assert not tma_ready(rows, k)  # rows 40 bytes apart
 
 
+def test_tma_descriptor_is_tritons_and_keys_the_direct_launch():
+    """``forward.tma_descriptor`` builds what Triton's ``TensorDescriptor`` constructor builds (it
+    only skips the checks ``tma_ready`` made), and the direct launch's cache key
+    (``_runtime._spec``) holds a descriptor by everything but its address: two tensors of one
+    layout share a key, another box or stride does not."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from kernels import _runtime
+    from kernels.forward import tma_descriptor
+
+    k = torch.zeros(2, 2, 64, 16, dtype=torch.bfloat16)
+    ours, theirs = tma_descriptor(k, [1, 1, 32, 16]), TensorDescriptor.from_tensor(k, [1, 1, 32, 16])
+    assert isinstance(ours, TensorDescriptor)
+    for field in ("shape", "strides", "block_shape"):
+        assert tuple(getattr(ours, field)) == tuple(getattr(theirs, field)), field
+    assert ours.base is theirs.base and ours.padding == theirs.padding
+    spec = _runtime._spec((ours, 3))
+    assert spec == _runtime._spec((tma_descriptor(torch.ones_like(k), [1, 1, 32, 16]), 3))
+    assert hash(spec) is not None
+    assert spec != _runtime._spec((tma_descriptor(k, [1, 1, 64, 16]), 3))
+    assert spec != _runtime._spec((tma_descriptor(k.transpose(1, 2).contiguous().transpose(1, 2), [1, 1, 32, 16]), 3))
+
+
 def test_persistent_tiles_deal_every_tile_once():
     """``Sparse.persistent_tiles``: every tile of the grid's order goes to one program, each
     program's in increasing order (the rest of its row repeating its last); the programs' work

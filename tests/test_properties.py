@@ -1222,7 +1222,9 @@ def test_kernels_tma_target_reads_through_descriptors_and_restores_the_default(m
     """``kernels-tma``: the forward's key and value tiles come through TMA descriptors in the
     interpreter too (GQA, a query tail), giving the default's out and LSE bit for bit
     (tests/test_kernels.py holds all three kernels to the pointer loads on more cases); the
-    defaults are back afterwards."""
+    defaults are back afterwards. The backward, run after the target's call returned (the
+    flags back at their defaults), takes the flags the forward saw (``_FlexFunction``'s ctx): the
+    dQ and dK/dV kernels read descriptors too."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from kernels import _runtime, backward, forward
@@ -1239,6 +1241,11 @@ def test_kernels_tma_target_reads_through_descriptors_and_restores_the_default(m
     want = _gqa_document_call(kernels.flex_attention)
     assert described == ["forward_kernel"] * 2, described
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    q, k, v = (torch.randn(1, h, n, 16).half().requires_grad_() for h, n in ((2, 96), (1, 96), (1, 96)))
+    out = target.fn(q, k, v, enable_gqa=True)
+    described.clear()
+    out.backward(torch.ones_like(out))
+    assert sorted(set(described)) == ["dkdv_kernel", "dq_kernel"], described
 
 
 def test_gluon_target_matches_the_oracle_in_the_emulator():
