@@ -28,8 +28,8 @@ case (None when it can). Built-ins:
 * ``kernels-tma``: ours with ``kernels.forward.TMA_KV``, ``kernels.backward.TMA_DQ`` and
   ``TMA_DKDV`` forced on: every streamed tile through a TMA descriptor wherever the tensors allow
   it (``kernels.forward.tma_ready``), the interpreter included and on every tile and head dim; the
-  default takes them on sm90 alone (the forward from D=128, the dK/dV kernel on REFINED_BWD's
-  tiles).
+  default takes them on sm90 alone (the forward from D=128 and not on two loops whose mask loads,
+  the dK/dV kernel on REFINED_BWD's tiles).
 * ``gluon``: the Gluon probes (``benchmarks/gluon_flex.py``: a warp-specialized forward and
   backward, not yet part of ``kernels``), on sm_90 GPUs, or on the CPU in
   ``kernels.gluon_emulator``; bf16/fp16, head dim 64 or 128, 128 x 128 block masks. Needs a
