@@ -27,6 +27,13 @@ speedups are against the first.
 A revision whose ``kernels/mods.py`` differs from the working tree's cannot take the working
 tree's mods objects and is refused with that reason.
 
+``--set NAME:MODULE.ATTR=VALUE;...`` (repeatable) adds the working tree's kernels with module
+attributes of ``kernels`` set around the variant's calls (values are Python literals: ``--set
+'st4:api.SHORT_ROWS_FWD=(64, 64, 4, 4)'``, ``--set 'rows32:backward.DELTA_ROWS=32'``): a rule or a
+constant judged as ``--options`` judges a kernel option. The attributes are set while the
+forward and the timed backward run (the flags the backward reads at its own call, such as
+``backward.DELTA_ROWS``, included), and restored after each call.
+
 ``--prewarm-jobs N`` first calls every (case, variant) once in N spawned processes, so that the
 timed run finds Triton's disk cache warm (on the H200: 20 forward variants in 19 s with 16
 processes, 18 forward + backward variants in 22 s). On CUDA each case also records the SM clock
@@ -117,6 +124,94 @@ def parse_options(items: list) -> list:
     return out
 
 
+def parse_sets(items: list, taken: set) -> list:
+    """``NAME:MODULE.ATTR=VALUE;...`` items as (name, [(module name, attr, value)]) pairs; each MODULE a module of ``kernels`` that has ATTR, each VALUE a Python literal."""
+    import ast
+    import importlib
+
+    out, seen = [], set(taken)
+    for item in items:
+        name, sep, text = item.partition(":")
+        if not sep or not name or not text:
+            raise SystemExit(f"ab: --set wants NAME:MODULE.ATTR=VALUE;..., got {item!r}")
+        if name in seen:
+            raise SystemExit(f"ab: --set names must differ from each other, from --options and from {TREE!r}, "
+                             f"got {name!r} twice")
+        seen.add(name)
+        settings = []
+        for part in filter(None, (p.strip() for p in text.split(";"))):
+            target, eq, value = part.partition("=")
+            module, dot, attr = target.strip().rpartition(".")
+            if not eq or not dot:
+                raise SystemExit(f"ab: --set wants MODULE.ATTR=VALUE, got {part!r} in {item!r}")
+            try:
+                mod = importlib.import_module(f"kernels.{module}")
+            except ImportError:
+                raise SystemExit(f"ab: --set: no module kernels.{module} (in {item!r})")
+            if not hasattr(mod, attr):
+                raise SystemExit(f"ab: --set: kernels.{module} has no attribute {attr!r} (in {item!r})")
+            try:
+                settings.append((module, attr, ast.literal_eval(value.strip())))
+            except (ValueError, SyntaxError):
+                raise SystemExit(f"ab: --set: {value.strip()!r} is not a Python literal (in {item!r})")
+        if not settings:
+            raise SystemExit(f"ab: --set {item!r} sets nothing")
+        out.append((name, settings))
+    return out
+
+
+class _Setting:
+    """``kernels`` module attributes set for the duration of a ``with`` block."""
+
+    def __init__(self, settings):
+        import importlib
+
+        self.settings_spec = list(settings)
+        self.settings = [(importlib.import_module(f"kernels.{m}"), a, v) for m, a, v in settings]
+
+    def __enter__(self):
+        self.before = [getattr(mod, a) for mod, a, _ in self.settings]
+        for mod, a, v in self.settings:
+            setattr(mod, a, v)
+
+    def __exit__(self, *exc):
+        for (mod, a, _), old in zip(self.settings, self.before):
+            setattr(mod, a, old)
+
+
+def _set_around(fn, setting: "_Setting"):
+    """``fn`` with ``setting`` in force while it runs and while its output's backward runs: an
+    identity on the output whose backward enters it, and one on q, k, v whose backward (the
+    graph's last) leaves it."""
+
+    class Enter(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, out):
+            return out.view_as(out)
+
+        @staticmethod
+        def backward(ctx, grad):
+            setting.__enter__()
+            return grad
+
+    class Leave(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            return q.view_as(q), k.view_as(k), v.view_as(v)
+
+        @staticmethod
+        def backward(ctx, dq, dk, dv):
+            setting.__exit__(None, None, None)
+            return dq, dk, dv
+
+    def wrapped(q, k, v):
+        with setting:
+            q2, k2, v2 = Leave.apply(q, k, v) if torch.is_grad_enabled() else (q, k, v)
+            out = fn(q2, k2, v2)
+        return Enter.apply(out) if out.requires_grad else out
+    return wrapped
+
+
 def _rel(a, b) -> float:
     scale = b.float().abs().max()
     return float((a.float() - b.float()).abs().max() / scale) if scale > 0 else float((a - b).abs().max())
@@ -140,7 +235,8 @@ def run_case(label, shape, mask, variants, args, device, time_fn) -> dict:
                                          kernel_options=options)
         return fn
 
-    fns = {name: bound(module, options) for name, module, options in variants}
+    fns = {name: bound(module, options) if not isinstance(options, _Setting) else
+           _set_around(bound(module, None), options) for name, module, options in variants}
     q, k, v, do = sets[0]
     outputs = {}
     for name, fn in fns.items():
@@ -188,6 +284,9 @@ def _prewarm_one(task) -> tuple:
         kind, what, index = spec
         module = load_revision(what, index) if kind == "rev" else kernels
         options = what if kind == "options" else None
+        setting = _Setting(what) if kind == "set" else None
+        if setting is not None:
+            setting.__enter__()
         score_mod, block_mask = bench.attention_args(mask, shape, device, seed)
         q, k, v, do = bench.input_sets(shape, bench.DTYPES[dtype], device, seed, True)[0]
         out = module.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
@@ -196,6 +295,8 @@ def _prewarm_one(task) -> tuple:
             torch.autograd.grad(out, (q, k, v), do)
         if device == "cuda":
             torch.cuda.synchronize()
+        if setting is not None:
+            setting.__exit__(None, None, None)
         return task, time.monotonic() - t0, None
     except BaseException as e:  # noqa: BLE001 - the timed run raises it properly
         return task, time.monotonic() - t0, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -219,6 +320,9 @@ def main(argv=None) -> int:
     p.add_argument("--against", default="", help="comma-separated git revisions to load beside the working tree")
     p.add_argument("--options", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="the working tree's kernels with these kernel_options, as a variant named NAME (repeatable)")
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="NAME:MODULE.ATTR=VALUE;...",
+                   help="the working tree's kernels with these kernels.MODULE attributes set around its calls "
+                        "(Python literals), as a variant named NAME (repeatable)")
     p.add_argument("--cases", required=True, help="comma-separated MASK:S:D (bench.py's rows and shapes)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each time is the median round")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
@@ -236,8 +340,9 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         raise SystemExit(f"ab: --rounds must be at least 1, got {args.rounds}")
     revs = [r for r in args.against.split(",") if r]
-    if not revs and not args.options:
-        raise SystemExit("ab: nothing to compare: give --against REV[,REV] or --options NAME:KEY=VALUE,...")
+    if not revs and not args.options and not args.sets:
+        raise SystemExit("ab: nothing to compare: give --against REV[,REV], --options NAME:KEY=VALUE,... "
+                         "or --set NAME:MODULE.ATTR=VALUE;...")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -251,14 +356,18 @@ def main(argv=None) -> int:
     cases = parse_cases(args.cases, device)
     variants = [(f"{rev} ({_git('rev-parse', '--short', rev).strip()})", load_revision(rev, i), None)
                 for i, rev in enumerate(revs)]
-    variants += [(name, kernels, options) for name, options in parse_options(args.options)]
+    options = parse_options(args.options)
+    sets = parse_sets(args.sets, {TREE} | {name for name, _ in options})
+    variants += [(name, kernels, opts) for name, opts in options]
+    variants += [(name, kernels, _Setting(settings)) for name, settings in sets]
     dirty = bool(revs) and bool(_git("status", "--porcelain", "--", "kernels").strip())
     variants.append((TREE + (" (modified)" if dirty else ""), kernels, None))
     if args.prewarm_jobs < 0:
         raise SystemExit(f"ab: --prewarm-jobs must be at least 0, got {args.prewarm_jobs}")
     if args.prewarm_jobs:
         specs = [("rev", rev, i) for i, rev in enumerate(revs)]
-        specs += [("options", options, None) for _, options in parse_options(args.options)] + [("tree", None, None)]
+        specs += [("options", opts, None) for _, opts in options]
+        specs += [("set", settings, None) for _, settings in sets] + [("tree", None, None)]
         prewarm(args.cases, specs, device, args, args.prewarm_jobs)
     time_fn = bench.timer(device, args.warmup_ms, args.rep_ms, 3, args.pace)
     args.clocks = None
@@ -297,7 +406,10 @@ def _run(cases, variants, args, device, time_fn) -> int:
     path = args.json or (os.path.join(os.environ["OUT"], "ab.json") if os.environ.get("OUT") else None)
     if path:
         with open(path, "w") as f:
-            json.dump({"variants": [v[0] for v in variants], "options": {v[0]: v[2] for v in variants if v[2]},
+            json.dump({"variants": [v[0] for v in variants],
+                       "options": {v[0]: v[2] for v in variants if v[2] and not isinstance(v[2], _Setting)},
+                       "sets": {v[0]: [f"{m}.{a}={val!r}" for m, a, val in v[2].settings_spec]
+                                for v in variants if isinstance(v[2], _Setting)},
                        "rounds": args.rounds, "device": device,
                        "clock_sampler": (list(args.clocks.fields) if args.clocks.available else args.clocks.error)
                        if args.clocks is not None else None,

@@ -445,6 +445,8 @@ def test_ours_refined_asks_for_refined_lists_only_with_a_block_mask(monkeypatch)
     ("ours-dp-first", {("backward", "DKDV_DP_FIRST"): True}),
     ("ours-dv-first", {("backward", "DKDV_DP_FIRST"): False}),
     ("ours-dq-own-delta", {("backward", "DQ_OWN_DELTA"): True}),
+    ("ours-merged", {("backward", "MERGED"): True}),
+    ("ours-unmerged", {("backward", "MERGED"): False}),
 ])
 def test_flag_variants_set_their_flags_for_their_calls_alone(monkeypatch, impl, flags):
     """The implementations that are ours with a kernels flag set: the flags hold during the call
@@ -579,24 +581,68 @@ def test_ab_times_kernel_options_beside_the_defaults(tmp_path):
     env.pop("OUT", None)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--device", "cpu", "--options", "one:num_stages=1",
-         "--options", "small:BLOCK_M=64,bwd_BLOCK_N1=64", "--cases", "none:1k:64", "--rounds", "1",
+         "--options", "small:BLOCK_M=64,bwd_BLOCK_N1=64", "--set", "noshift:api.AUTO_SHIFT=False; api.AUTO_SHIFT_DQ=False",
+         "--cases", "none:1k:64", "--rounds", "1",
          "--forward-only", "--prewarm-jobs", "2", "--json", str(path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "prewarmed 3 compiles" in proc.stdout and "prewarm none" not in proc.stdout, proc.stdout
+    assert "prewarmed 4 compiles" in proc.stdout and "prewarm none" not in proc.stdout, proc.stdout
     doc = json.loads(path.read_text())
-    assert doc["variants"] == ["one", "small", "tree"]
+    assert doc["variants"] == ["one", "small", "noshift", "tree"]
     assert doc["options"] == {"one": {"num_stages": 1}, "small": {"BLOCK_M": 64, "bwd_BLOCK_N1": 64}}
-    one, small, tree = doc["cases"][0]["variants"]
+    assert doc["sets"] == {"noshift": ["api.AUTO_SHIFT=False", "api.AUTO_SHIFT_DQ=False"]}
+    one, small, noshift, tree = doc["cases"][0]["variants"]
     assert one["diffs_out_dq_dk_dv"] == [0.0, 0.0, 0.0, 0.0] and tree["fwd_ms"] > 0
+    assert noshift["diffs_out_dq_dk_dv"] == [0.0, 0.0, 0.0, 0.0] and noshift["fwd_ms"] > 0
     assert all(d < 1e-2 for d in small["diffs_out_dq_dk_dv"])
+
+
+def test_ab_set_holds_its_attributes_through_the_backward():
+    """``ab.py --set``'s variant: the attributes are in force while the forward runs and while the
+    output's backward runs (each time it runs: the timed backward retains the graph), and as
+    they were in between and after."""
+    from benchmarks import ab
+    from kernels import backward
+
+    before = backward.DELTA_ROWS
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q):
+            seen.append(("forward", backward.DELTA_ROWS))
+            return q * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(("backward", backward.DELTA_ROWS))
+            return grad * 2
+
+    ((name, settings),) = ab.parse_sets([f"d:backward.DELTA_ROWS={before // 2}"], {ab.TREE})
+    assert name == "d" and settings == [("backward", "DELTA_ROWS", before // 2)]
+    fn = ab._set_around(lambda q, k, v: Probe.apply(q) + k + v, ab._Setting(settings))
+    q, k, v = (torch.randn(3, requires_grad=True) for _ in range(3))
+    out = fn(q, k, v)
+    seen.append(("between", backward.DELTA_ROWS))
+    for _ in range(2):
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones(3), retain_graph=True)
+        seen.append(("after", backward.DELTA_ROWS))
+    assert torch.equal(grads[0], torch.full((3,), 2.0)) and torch.equal(grads[2], torch.ones(3))
+    half = before // 2
+    assert seen == [("forward", half), ("between", before), ("backward", half), ("after", before),
+                    ("backward", half), ("after", before)]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--cases", "none:1k:64"], "nothing to compare"),
     (["--options", "stages4", "--cases", "none:1k:64"], "NAME:KEY=VALUE"),
     (["--options", "a:num_stages=1", "--options", "a:num_stages=2", "--cases", "none:1k:64"], "twice"),
+    (["--options", "a:num_stages=1", "--set", "a:api.AUTO_SHIFT=False", "--cases", "none:1k:64"], "twice"),
+    (["--set", "a:api.NO_SUCH_FLAG=1", "--cases", "none:1k:64"], "no attribute 'NO_SUCH_FLAG'"),
+    (["--set", "a:nosuchmodule.X=1", "--cases", "none:1k:64"], "no module kernels.nosuchmodule"),
+    (["--set", "a:api.AUTO_SHIFT=maybe", "--cases", "none:1k:64"], "not a Python literal"),
+    (["--set", "a:AUTO_SHIFT=False", "--cases", "none:1k:64"], "MODULE.ATTR=VALUE"),
 ])
 def test_ab_refuses_bad_variants(argv, message):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--device", "cpu", *argv],
