@@ -296,14 +296,18 @@ _OPTIONS_CACHE: dict = {}
 
 
 def _cached_options(kernel_options, **kw) -> Options:
-    """``parse_kernel_options`` once per distinct call: its checks cost tens of microseconds,
-    as much as a short decode step's kernels. Options that cannot be a key (a malformed
+    """``parse_kernel_options`` once per distinct call (and per value of the launch constants
+    it reads: ``SHORT_ROWS_FWD``, ``REFINED_FWD_LAUNCH``, ``REFINED_BWD``): its checks
+    cost tens of microseconds, as much as a short decode step's kernels. Options that cannot be a key (a malformed
     dict, unhashable values) are parsed, and rejected, every time."""
     try:
         # The value's type is part of the key: True and 1 hash alike, and only one is a valid num_warps.
+        # So are the module's launch constants that parse_kernel_options reads, so that setting one
+        # (a benchmark's A/B, benchmarks/ab.py --set) takes effect on the next call.
         key = (tuple(sorted((k, type(v).__name__, v) for k, v in kernel_options.items()))
                if isinstance(kernel_options, dict) else kernel_options,
-               tuple(sorted((k, str(v)) for k, v in kw.items())))
+               tuple(sorted((k, str(v)) for k, v in kw.items())),
+               SHORT_ROWS_FWD, REFINED_FWD_LAUNCH, REFINED_BWD)
         hash(key)
     except TypeError:
         return parse_kernel_options(kernel_options, **kw)
@@ -1466,7 +1470,7 @@ class _FlexFunction(torch.autograd.Function):
             mx = lse.new_empty(0)
         ctx.plan = plan
         # The backward's CONCURRENT, SIDE_KERNEL, DQ_ATOMIC, ONE_LOOP, HEADS_IN_LOOP, DKDV_DP_FIRST,
-        # DQ_OWN_DELTA, TMA_DQ and TMA_DKDV as they were when the forward ran (a benchmark toggles them per call).
+        # DQ_OWN_DELTA, TMA_DQ, TMA_DKDV and MERGED as they were when the forward ran (a benchmark toggles them per call).
         ctx.concurrent = plan.module("backward").CONCURRENT
         ctx.side = plan.module("backward").SIDE_KERNEL
         ctx.dq_atomic = plan.module("backward").DQ_ATOMIC
@@ -1475,6 +1479,7 @@ class _FlexFunction(torch.autograd.Function):
         ctx.dp_first = plan.module("backward").DKDV_DP_FIRST
         ctx.dq_own_delta = plan.module("backward").DQ_OWN_DELTA
         ctx.tma = (plan.module("backward").TMA_DQ, plan.module("backward").TMA_DKDV)
+        ctx.merged = plan.module("backward").MERGED
         # Outputs that got no gradient arrive as None, not as materialised zeros: that saves two
         # memsets and the LSE-gradient pass of the common loss on ``out`` alone.
         ctx.set_materialize_grads(False)
@@ -1490,7 +1495,7 @@ class _FlexFunction(torch.autograd.Function):
             plan, query, key, value, out, lse, dout, dlse, need_buffer_grads=any(ctx.needs_input_grad[4:]),
             concurrent=ctx.concurrent, side=ctx.side, dq_atomic=ctx.dq_atomic, one_loop=ctx.one_loop,
             heads_in_loop=ctx.heads_in_loop, dp_first_flag=ctx.dp_first, dq_own_delta=ctx.dq_own_delta,
-            tma=ctx.tma,
+            tma=ctx.tma, merged=ctx.merged,
         )
         return (dq, dk, dv, None, *dbufs)
 
