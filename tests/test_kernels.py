@@ -1882,20 +1882,21 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert "4 kernels compiled for sm_90, 0 failed" in done.stdout, done.stdout  # forward, delta, dQ, dK/dV
 
 
-def _separate_delta_case(device, sides=("dq",), own_delta=False, merged=False):
+def _separate_delta_case(device, sides=("dq",), own_delta=False, merged=False, fused=True):
     """Backward with delta_kernel (backward.CONCURRENT) and without: gradients of a GQA case
     with a learnable table, an LSE gradient and PRESCALE_QK (delta_kernel then also writes the
     prescaled q the dK/dV kernel reads); the fused path first, then the concurrent one with each
     of ``sides`` as backward.SIDE_KERNEL, then with ``own_delta`` the concurrent one with
     backward.DQ_OWN_DELTA (the dQ kernel's own delta, delta_kernel beside it), then with
-    ``merged`` backward.MERGED (the dQ and dK/dV programs in one grid)."""
+    ``merged`` backward.MERGED (the dQ and dK/dV programs in one grid); ``fused=False`` leaves the
+    fused path out."""
     from kernels import backward
 
     table = mods.bias.from_seed([4, 77, 90], seed=2, requires_grad=True, device=device)
     bm = create_block_mask(mods.causal(), 1, 1, 77, 90, device=device, BLOCK_SIZE=32)
     (q, k, v), do, dl = _inputs(2, 4, 2, 77, 90, 24, 40, torch.bfloat16, device, seed=5)
     results = []
-    variants = [(False, "dq", False, False)] + [(True, side, False, False) for side in sides]
+    variants = [(False, "dq", False, False)] * fused + [(True, side, False, False) for side in sides]
     variants += [(True, "dq", True, False)] * own_delta + [(True, "dq", False, True)] * merged
     defaults = (backward.CONCURRENT, backward.SIDE_KERNEL, backward.DQ_OWN_DELTA, backward.MERGED)
     for concurrent, side, own, one_grid in variants:
@@ -1959,10 +1960,11 @@ def test_merged_backward_is_the_fused_one(monkeypatch):
     for a, b in zip(fused, merged):
         assert torch.equal(a, b)
     monkeypatch.setattr(backward, "MERGED_TICKETS", False)  # the work by program id
-    for a, b in zip(fused, _separate_delta_case("cpu", sides=(), merged=True)[1]):
+    (by_pid,) = _separate_delta_case("cpu", sides=(), merged=True, fused=False)
+    for a, b in zip(fused, by_pid):
         assert torch.equal(a, b)
     names = [name for name, *_ in seen if name in ("dq_kernel", "dkdv_kernel", "delta_kernel", "dq_dkdv_kernel")]
-    assert names == ["dq_kernel", "dkdv_kernel", "dq_dkdv_kernel"] * 2
+    assert names == ["dq_kernel", "dkdv_kernel", "dq_dkdv_kernel", "dq_dkdv_kernel"]
     (_, grid, (_, dq_programs, dq_m, kv_n), store, ready) = [r for r in seen if r[0] == "dq_dkdv_kernel"][0]
     # B=2, Hq=4, Hkv=2, L=77, S=90 on tiles of the block mask's 32: 3 query and 3 key tiles
     assert (dq_programs, dq_m, kv_n) == (3 * 2 * 4, 3, 3) and grid == (3 * 2 * 4 + 3 * 2 * 2,)
