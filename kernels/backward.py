@@ -26,6 +26,9 @@ sm_90 the softcap's dQ loop went from 982 instructions per step to 629 and the d
 With ``DQ_ATOMIC`` (off by default, not yet timed on a GPU) there is no dQ kernel: after
 delta_kernel, the dK/dV kernel also adds each tile's dS K into a float32 dQ with atomic adds.
 
+With ``MERGED`` (off) the dQ and dK/dV programs run in one grid, ``dq_dkdv_kernel``, with no
+delta_kernel: its dK/dV programs wait in the grid for the dQ programs' delta.
+
 With ``CONCURRENT`` on CUDA, the dQ kernel runs on a side stream beside the
 dK/dV kernel (``SIDE_KERNEL``), so that one kernel's last wave overlaps the
 other's work (the interpreter runs them in turn). The backward walks the block mask's own lists
@@ -144,13 +147,25 @@ TMA_DKDV = None
 # MERGED: the dQ and dK/dV programs in one grid (``dq_dkdv_kernel``), in place of delta_kernel and
 # the two kernels on two streams (CONCURRENT). Each dQ program computes its rows' delta and base-2
 # LSE first, as without CONCURRENT, stores them and counts itself done; the dK/dV programs take
-# their work after every dQ program has started, and wait until all have counted (the wait is a
-# few microseconds at most: a dQ program counts before its loop). So delta costs no pass of its own
-# (delta_kernel: about 50 us on the H100 at B*S = 16k, Hq*D = 2048, at 2.8 TB/s), and the dK/dV
-# programs still fill the multiprocessors that the dQ programs' last wave leaves free. None: by
-# ``merged_rule``; True forces it (the interpreter too), False never.
+# their work after every dQ program has started, and wait until all have counted (a dQ program
+# counts before its loop). So delta costs no pass of its own (delta_kernel: 49 us on the H100 at
+# B*S = 16k, Hq*D = 2048, 2.8 TB/s against a copy's 2.9; no launch config of it was faster), and
+# the dK/dV programs fill the multiprocessors that the dQ programs' last wave leaves free.
+# Off: it lost on every row timed (docs/PERFORMANCE.md, thirty-sixth session; ab.py, D=128 unless
+# noted). On the H100, with tickets: 3 to 4 % slower than the default on document (1k, 4k), 14 and
+# 10 % on GQA document (4k, 1k), 14 % on GQA causal, 11 % on document at D=64 (its dQ programs
+# lose a program a multiprocessor to the dK/dV code's registers), 1 to 6 % elsewhere; and slower
+# than the fused path (CONCURRENT off: the same kernels one after the other on one stream) by about
+# 30 us on the 64 x 64 tiles. On the H200 by program id (MERGED_TICKETS off) it took back 1 to 4 %
+# of the tickets' loss, and was still 1 to 2 % slower than the default on document and 13 % on GQA document:
+# its dK/dV programs, the long ones, start only after every dQ program has, where on two streams
+# the GPU interleaves the two kernels' programs. None: by ``merged_rule``; True forces it (the
+# interpreter too), False never.
 MERGED: Optional[bool] = False
-MERGED_TICKETS = True  # dq_dkdv_kernel's TICKETS: work by a ticket drawn at start, not by program id
+# dq_dkdv_kernel's TICKETS: the work by a ticket each program draws when it starts (one atomic add
+# on one counter per program, its latency paid before the program does anything), not by program
+# id, whose wait relies on the GPU starting programs in the order of their ids.
+MERGED_TICKETS = True
 
 
 @triton.jit
