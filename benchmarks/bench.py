@@ -427,9 +427,6 @@ def _ours_with(module: str, flag: str, value, *more: tuple, lse: bool = True):
 # The backward as before kernels.backward.CONCURRENT: delta computed in the dQ kernel, dQ then dK/dV
 # on one stream.
 _ours_fused = _ours_with("backward", "CONCURRENT", False)
-# The dQ and dK/dV programs in one grid, no delta_kernel (kernels.backward.MERGED).
-_ours_merged = _ours_with("backward", "MERGED", True)
-_ours_unmerged = _ours_with("backward", "MERGED", False)
 # The dK/dV kernel on a side stream of the highest priority, dQ on the caller's
 # (kernels.backward.SIDE_KERNEL; the default puts dQ on a side stream of default priority).
 _ours_dkdv_side = _ours_with("backward", "SIDE_KERNEL", "dkdv")
@@ -636,12 +633,6 @@ IMPLS = {
                               "starting at multiples of 16 keys (SHIFT_UNIT_KV=16)"),
     "ours-fused": Impl("ours-fused", _ours_fused, True,
                        "kernels.flex_attention without backward.CONCURRENT (delta in the dQ kernel, one stream)"),
-    "ours-merged": Impl("ours-merged", _ours_merged, True,
-                        "kernels.flex_attention with backward.MERGED = True (the dQ and dK/dV programs in one "
-                        "grid, delta computed by the dQ programs; no delta_kernel)"),
-    "ours-unmerged": Impl("ours-unmerged", _ours_unmerged, True,
-                          "kernels.flex_attention with backward.MERGED = False (delta_kernel, then the dQ and "
-                          "dK/dV kernels on two streams)"),
     "ours-dkdv-side": Impl("ours-dkdv-side", _ours_dkdv_side, True,
                            "kernels.flex_attention with the dK/dV kernel on a side stream of the highest "
                            "priority, dQ on the caller's"),

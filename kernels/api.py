@@ -1470,7 +1470,7 @@ class _FlexFunction(torch.autograd.Function):
             mx = lse.new_empty(0)
         ctx.plan = plan
         # The backward's CONCURRENT, SIDE_KERNEL, DQ_ATOMIC, ONE_LOOP, HEADS_IN_LOOP, DKDV_DP_FIRST,
-        # DQ_OWN_DELTA, TMA_DQ, TMA_DKDV and MERGED as they were when the forward ran (a benchmark toggles them per call).
+        # DQ_OWN_DELTA, TMA_DQ and TMA_DKDV as they were when the forward ran (a benchmark toggles them per call).
         ctx.concurrent = plan.module("backward").CONCURRENT
         ctx.side = plan.module("backward").SIDE_KERNEL
         ctx.dq_atomic = plan.module("backward").DQ_ATOMIC
@@ -1479,7 +1479,6 @@ class _FlexFunction(torch.autograd.Function):
         ctx.dp_first = plan.module("backward").DKDV_DP_FIRST
         ctx.dq_own_delta = plan.module("backward").DQ_OWN_DELTA
         ctx.tma = (plan.module("backward").TMA_DQ, plan.module("backward").TMA_DKDV)
-        ctx.merged = plan.module("backward").MERGED
         # Outputs that got no gradient arrive as None, not as materialised zeros: that saves two
         # memsets and the LSE-gradient pass of the common loss on ``out`` alone.
         ctx.set_materialize_grads(False)
@@ -1495,7 +1494,7 @@ class _FlexFunction(torch.autograd.Function):
             plan, query, key, value, out, lse, dout, dlse, need_buffer_grads=any(ctx.needs_input_grad[4:]),
             concurrent=ctx.concurrent, side=ctx.side, dq_atomic=ctx.dq_atomic, one_loop=ctx.one_loop,
             heads_in_loop=ctx.heads_in_loop, dp_first_flag=ctx.dp_first, dq_own_delta=ctx.dq_own_delta,
-            tma=ctx.tma, merged=ctx.merged,
+            tma=ctx.tma,
         )
         return (dq, dk, dv, None, *dbufs)
 

@@ -26,9 +26,6 @@ sm_90 the softcap's dQ loop went from 982 instructions per step to 629 and the d
 With ``DQ_ATOMIC`` (off by default, not yet timed on a GPU) there is no dQ kernel: after
 delta_kernel, the dK/dV kernel also adds each tile's dS K into a float32 dQ with atomic adds.
 
-With ``MERGED`` (off) the dQ and dK/dV programs run in one grid, ``dq_dkdv_kernel``, with no
-delta_kernel: its dK/dV programs wait in the grid for the dQ programs' delta.
-
 With ``CONCURRENT`` on CUDA, the dQ kernel runs on a side stream beside the
 dK/dV kernel (``SIDE_KERNEL``), so that one kernel's last wave overlaps the
 other's work (the interpreter runs them in turn). The backward walks the block mask's own lists
@@ -55,7 +52,6 @@ from .forward import (LN2, LOG2E, cast, head_pads, list_bounds, list_start, load
 # document (the dK/dV kernel has a quarter of the programs there, so dQ's tail mattered most).
 CONCURRENT = True
 DELTA_ROWS = 64  # query rows a delta_kernel program reduces
-DELTA_WARPS = 4  # and its warps
 
 # Under CONCURRENT on CUDA, which kernel goes on the side stream: "dq" (the default) puts the dQ
 # kernel on a side stream of default priority, launched first, and the dK/dV kernel on the
@@ -143,29 +139,6 @@ TMA_DQ = None
 # GQA document at 1k and 4k, causal at 1k), and 3 % slower on causal at 4k's default tiles (128-key
 # programs on 8 warps).
 TMA_DKDV = None
-
-# MERGED: the dQ and dK/dV programs in one grid (``dq_dkdv_kernel``), in place of delta_kernel and
-# the two kernels on two streams (CONCURRENT). Each dQ program computes its rows' delta and base-2
-# LSE first, as without CONCURRENT, stores them and counts itself done; the dK/dV programs take
-# their work after every dQ program has started, and wait until all have counted (a dQ program
-# counts before its loop). So delta costs no pass of its own (delta_kernel: 49 us on the H100 at
-# B*S = 16k, Hq*D = 2048, 2.8 TB/s against a copy's 2.9; no launch config of it was faster), and
-# the dK/dV programs fill the multiprocessors that the dQ programs' last wave leaves free.
-# Off: it lost on every row timed (docs/PERFORMANCE.md, thirty-sixth session; ab.py, D=128 unless
-# noted). On the H100, with tickets: 3 to 4 % slower than the default on document (1k, 4k), 14 and
-# 10 % on GQA document (4k, 1k), 14 % on GQA causal, 11 % on document at D=64 (its dQ programs
-# lose a program a multiprocessor to the dK/dV code's registers), 1 to 6 % elsewhere; and slower
-# than the fused path (CONCURRENT off: the same kernels one after the other on one stream) by about
-# 30 us on the 64 x 64 tiles. On the H200 by program id (MERGED_TICKETS off) it took back 1 to 4 %
-# of the tickets' loss, and was still 1 to 2 % slower than the default on document and 13 % on GQA document:
-# its dK/dV programs, the long ones, start only after every dQ program has, where on two streams
-# the GPU interleaves the two kernels' programs. None: by ``merged_rule``; True forces it (the
-# interpreter too), False never.
-MERGED: Optional[bool] = False
-# dq_dkdv_kernel's TICKETS: the work by a ticket each program draws when it starts (one atomic add
-# on one counter per program, its latency paid before the program does anything), not by program
-# id, whose wait relies on the GPU starting programs in the order of their ids.
-MERGED_TICKETS = True
 
 
 @triton.jit
@@ -487,8 +460,7 @@ def delta_kernel(
 
 
 @triton.jit
-def dq_program(
-    pid_m, pid_zh, COUNTER, SIGNAL: tl.constexpr,
+def dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, OUT, DLSE, QS, LSE2,
     KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
     B0, B1, B2, B3,
@@ -511,8 +483,11 @@ def dq_program(
 ):
     # Without DELTA_READY the program computes its rows' delta (and, with PRESCALE, the prescaled
     # q) and with STORE_STATS stores them, with the base-2 LSE, for the dK/dV kernel launched next;
-    # without STORE_STATS (DQ_OWN_DELTA) delta_kernel does that beside it. With SIGNAL (in
-    # dq_dkdv_kernel) it then counts its rows done in COUNTER[1].
+    # without STORE_STATS (DQ_OWN_DELTA) delta_kernel does that beside it.
+    # Query tiles run last-first: under a causal mask the last tiles have the
+    # most blocks, and starting them first leaves the short ones for the tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_zh = tl.program_id(1)
     off_z = pid_zh // HQ
     off_h = pid_zh % HQ
     off_zkv = off_z % ZKV
@@ -554,11 +529,6 @@ def dq_program(
             qs_ptrs = (QS + off_z.to(tl.int64) * stride_qsz + off_h.to(tl.int64) * stride_qsh
                        + offs_m[:, None] * stride_qsm + offs_d[None, :] * stride_qsd)
             tl.store(qs_ptrs, q, mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_DIM))
-    if SIGNAL:
-        # In dq_dkdv_kernel: this program's rows of delta, the base-2 LSE and the prescaled q are
-        # stored (every thread's, the barrier); count them done for the dK/dV programs waiting.
-        tl.debug_barrier()
-        tl.atomic_add(COUNTER + 1, 1, sem="release")
     if Q_DIVISIBLE:
         m_mod = offs_m[:, None]
     else:
@@ -605,47 +575,7 @@ def dq_program(
 
 
 @triton.jit
-def dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, OUT, DLSE, QS, LSE2,
-    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
-    B0, B1, B2, B3,
-    stride_qz, stride_qh, stride_qm, stride_qd,
-    stride_kz, stride_kh, stride_kn, stride_kd,
-    stride_vz, stride_vh, stride_vn, stride_vd,
-    stride_doz, stride_doh, stride_dom, stride_dod,
-    stride_dqz, stride_dqh, stride_dqm, stride_dqd,
-    stride_oz, stride_oh, stride_om, stride_od,
-    stride_qsz, stride_qsh, stride_qsm, stride_qsd,
-    SM_SCALE, HQ, Q_LEN, KV_LEN, ZKV, SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, NUM_KV_SPARSE,
-    SCORE_FN: tl.constexpr, SCORE_BWD_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
-    HAS_FULL: tl.constexpr, HAS_DLSE: tl.constexpr, DELTA_READY: tl.constexpr, G: tl.constexpr,
-    QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-    Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
-    PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_LOOP: tl.constexpr = False,
-    STORE_STATS: tl.constexpr = True, KV_UNIT: tl.constexpr = 0, PART_KV_DIVISIBLE: tl.constexpr = True,
-    TMA: tl.constexpr = False,
-):
-    """One dQ program per (query tile, batch x query head) (``dq_program``). Query tiles run
-    last-first: under a causal mask the last tiles have the most blocks, and starting them first
-    leaves the short ones for the tail."""
-    dq_program(
-        tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), LSE, False,
-        Q, K, V, DO, DQ, LSE, DELTA, OUT, DLSE, QS, LSE2, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, B0,
-        B1, B2, B3, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn,
-        stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_doz, stride_doh, stride_dom,
-        stride_dod, stride_dqz, stride_dqh, stride_dqm, stride_dqd, stride_oz, stride_oh,
-        stride_om, stride_od, stride_qsz, stride_qsh, stride_qsm, stride_qsd, SM_SCALE, HQ, Q_LEN,
-        KV_LEN, ZKV, SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, NUM_KV_SPARSE, SCORE_FN, SCORE_BWD_FN,
-        MASK_FN, HAS_SCORE, HAS_FULL, HAS_DLSE, DELTA_READY, G, QK_DIM, V_DIM, QK_PAD, V_PAD,
-        BLOCK_M, BLOCK_N, SPARSE_Q, SPARSE_KV, Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE,
-        FP32_PRECISION, UPCAST, ONE_LOOP, STORE_STATS, KV_UNIT, PART_KV_DIVISIBLE, TMA,
-    )
-
-
-@triton.jit
-def dkdv_program(
-    pid_n, pid_zh,
+def dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE2, DELTA, QS, DQA,
     Q_NUM, Q_IDX, FULL_NUM, FULL_IDX,
     B0, B1, B2, B3, G0, G1, G2, G3,
@@ -666,7 +596,9 @@ def dkdv_program(
     HEADS: tl.constexpr = 1, DP_FIRST: tl.constexpr = False, Q_UNIT: tl.constexpr = 0,
     PART_Q_DIVISIBLE: tl.constexpr = True, TMA: tl.constexpr = False,
 ):
-    off_z = pid_zh // HKV  # pid_zh: (query batch, kv head)
+    pid_n = tl.program_id(0)
+    pid_zh = tl.program_id(1)  # (query batch, kv head)
+    off_z = pid_zh // HKV
     off_hkv = pid_zh % HKV
     off_zkv = off_z % ZKV
     K += off_zkv.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
@@ -733,146 +665,11 @@ def dkdv_program(
     tl.store(dv_ptrs, cast(dv, DV.dtype.element_ty, UPCAST), mask=n_ok & (offs_v[None, :] < V_DIM))
 
 
-@triton.jit
-def dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE2, DELTA, QS, DQA,
-    Q_NUM, Q_IDX, FULL_NUM, FULL_IDX,
-    B0, B1, B2, B3, G0, G1, G2, G3,
-    stride_qz, stride_qh, stride_qm, stride_qd,
-    stride_kz, stride_kh, stride_kn, stride_kd,
-    stride_vz, stride_vh, stride_vn, stride_vd,
-    stride_doz, stride_doh, stride_dom, stride_dod,
-    stride_dkz, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvz, stride_dvh, stride_dvn, stride_dvd,
-    stride_qsz, stride_qsh, stride_qsm, stride_qsd,
-    SM_SCALE, HQ, HKV, Q_LEN, KV_LEN, ZKV, SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, NUM_KV_SPARSE,
-    SCORE_FN: tl.constexpr, SCORE_BWD_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
-    GRAD_BUFFERS: tl.constexpr, HAS_FULL: tl.constexpr, G: tl.constexpr,
-    QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-    Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
-    PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    HEADS: tl.constexpr = 1, DP_FIRST: tl.constexpr = False, Q_UNIT: tl.constexpr = 0,
-    PART_Q_DIVISIBLE: tl.constexpr = True, TMA: tl.constexpr = False,
-):
-    """One dK/dV program per (key tile, batch x kv head) (``dkdv_program``)."""
-    dkdv_program(
-        tl.program_id(0), tl.program_id(1),
-        Q, K, V, DO, DK, DV, LSE2, DELTA, QS, DQA, Q_NUM, Q_IDX, FULL_NUM, FULL_IDX, B0, B1, B2,
-        B3, G0, G1, G2, G3, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh,
-        stride_kn, stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_doz, stride_doh,
-        stride_dom, stride_dod, stride_dkz, stride_dkh, stride_dkn, stride_dkd, stride_dvz,
-        stride_dvh, stride_dvn, stride_dvd, stride_qsz, stride_qsh, stride_qsm, stride_qsd,
-        SM_SCALE, HQ, HKV, Q_LEN, KV_LEN, ZKV, SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, NUM_KV_SPARSE,
-        SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, HAS_FULL, G, QK_DIM, V_DIM,
-        QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q, SPARSE_KV, Q_DIVISIBLE, KV_DIVISIBLE,
-        CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC, HEADS, DP_FIRST, Q_UNIT,
-        PART_Q_DIVISIBLE, TMA,
-    )
-
-
-@triton.jit
-def dq_dkdv_kernel(
-    COUNTER, DQ_PROGRAMS, DQ_M, KV_N,
-    # the dQ programs' runtime arguments, as dq_kernel's
-    Q, K, V, DO, DQ, LSE, DELTA, OUT, DLSE, QS, LSE2,
-    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
-    B0, B1, B2, B3,
-    stride_qz, stride_qh, stride_qm, stride_qd,
-    stride_kz, stride_kh, stride_kn, stride_kd,
-    stride_vz, stride_vh, stride_vn, stride_vd,
-    stride_doz, stride_doh, stride_dom, stride_dod,
-    stride_dqz, stride_dqh, stride_dqm, stride_dqd,
-    stride_oz, stride_oh, stride_om, stride_od,
-    stride_qsz, stride_qsh, stride_qsm, stride_qsd,
-    SM_SCALE, HQ, Q_LEN, KV_LEN, ZKV, SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, NUM_KV_SPARSE,
-    # the dK/dV programs' runtime arguments, as dkdv_kernel's, each with kv_ before its name
-    kv_Q, kv_K, kv_V, kv_DO, kv_DK, kv_DV, kv_LSE2, kv_DELTA, kv_QS, kv_DQA,
-    kv_Q_NUM, kv_Q_IDX, kv_FULL_NUM, kv_FULL_IDX,
-    kv_B0, kv_B1, kv_B2, kv_B3, kv_G0, kv_G1, kv_G2, kv_G3,
-    kv_stride_qz, kv_stride_qh, kv_stride_qm, kv_stride_qd,
-    kv_stride_kz, kv_stride_kh, kv_stride_kn, kv_stride_kd,
-    kv_stride_vz, kv_stride_vh, kv_stride_vn, kv_stride_vd,
-    kv_stride_doz, kv_stride_doh, kv_stride_dom, kv_stride_dod,
-    kv_stride_dkz, kv_stride_dkh, kv_stride_dkn, kv_stride_dkd,
-    kv_stride_dvz, kv_stride_dvh, kv_stride_dvn, kv_stride_dvd,
-    kv_stride_qsz, kv_stride_qsh, kv_stride_qsm, kv_stride_qsd,
-    kv_SM_SCALE, kv_HQ, kv_HKV, kv_Q_LEN, kv_KV_LEN, kv_ZKV, kv_SPARSE_Z, kv_SPARSE_H, kv_NUM_Q_SPARSE, kv_NUM_KV_SPARSE,
-    # the dQ programs' constexprs
-    SCORE_FN: tl.constexpr, SCORE_BWD_FN: tl.constexpr, MASK_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
-    HAS_FULL: tl.constexpr, HAS_DLSE: tl.constexpr, DELTA_READY: tl.constexpr, G: tl.constexpr,
-    QK_DIM: tl.constexpr, V_DIM: tl.constexpr, QK_PAD: tl.constexpr, V_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-    Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
-    PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_LOOP: tl.constexpr,
-    STORE_STATS: tl.constexpr, KV_UNIT: tl.constexpr, PART_KV_DIVISIBLE: tl.constexpr,
-    TMA: tl.constexpr,
-    # the dK/dV programs' constexprs, kv_ before each name
-    kv_SCORE_FN: tl.constexpr, kv_SCORE_BWD_FN: tl.constexpr, kv_MASK_FN: tl.constexpr, kv_HAS_SCORE: tl.constexpr,
-    kv_GRAD_BUFFERS: tl.constexpr, kv_HAS_FULL: tl.constexpr, kv_G: tl.constexpr,
-    kv_QK_DIM: tl.constexpr, kv_V_DIM: tl.constexpr, kv_QK_PAD: tl.constexpr, kv_V_PAD: tl.constexpr,
-    kv_BLOCK_M: tl.constexpr, kv_BLOCK_N: tl.constexpr, kv_SPARSE_Q: tl.constexpr, kv_SPARSE_KV: tl.constexpr,
-    kv_Q_DIVISIBLE: tl.constexpr, kv_KV_DIVISIBLE: tl.constexpr, kv_CONTIGUOUS: tl.constexpr,
-    kv_PRESCALE: tl.constexpr, kv_FP32_PRECISION: tl.constexpr, kv_UPCAST: tl.constexpr, kv_DQ_ATOMIC: tl.constexpr,
-    kv_HEADS: tl.constexpr, kv_DP_FIRST: tl.constexpr, kv_Q_UNIT: tl.constexpr,
-    kv_PART_Q_DIVISIBLE: tl.constexpr, kv_TMA: tl.constexpr,
-    TICKETS: tl.constexpr = True,
-):
-    """The dQ and dK/dV programs in one grid (``MERGED``): the first DQ_PROGRAMS programs to start
-    take dQ's work (``dq_program``, computing and storing their rows' delta and base-2 LSE first),
-    the others dK/dV's (``dkdv_program``), which read those rows and so first wait until every dQ
-    program has stored its own. The work goes by a ticket each program draws from COUNTER[0] when
-    it starts, not by program id, so a dK/dV program waits only for dQ programs already running
-    (they wait for nothing): the wait cannot deadlock, whatever order the GPU starts programs in.
-    COUNTER[1] counts the dQ programs whose rows are stored. COUNTER must be zero at launch.
-    Without TICKETS (``MERGED_TICKETS``) the work goes by program id, and the wait then relies
-    on the GPU starting programs in the order of their ids, as CUB's decoupled look-back does."""
-    if TICKETS:
-        ticket = tl.atomic_add(COUNTER, 1)
-    else:
-        ticket = tl.program_id(0)
-    if ticket < DQ_PROGRAMS:
-        dq_program(
-            DQ_M - 1 - ticket % DQ_M, ticket // DQ_M, COUNTER, True,
-            Q, K, V, DO, DQ, LSE, DELTA, OUT, DLSE, QS, LSE2, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, B0,
-            B1, B2, B3, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn,
-            stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_doz, stride_doh, stride_dom,
-            stride_dod, stride_dqz, stride_dqh, stride_dqm, stride_dqd, stride_oz, stride_oh,
-            stride_om, stride_od, stride_qsz, stride_qsh, stride_qsm, stride_qsd, SM_SCALE, HQ, Q_LEN,
-            KV_LEN, ZKV, SPARSE_Z, SPARSE_H, NUM_Q_SPARSE, NUM_KV_SPARSE, SCORE_FN, SCORE_BWD_FN,
-            MASK_FN, HAS_SCORE, HAS_FULL, HAS_DLSE, DELTA_READY, G, QK_DIM, V_DIM, QK_PAD, V_PAD,
-            BLOCK_M, BLOCK_N, SPARSE_Q, SPARSE_KV, Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE,
-            FP32_PRECISION, UPCAST, ONE_LOOP, STORE_STATS, KV_UNIT, PART_KV_DIVISIBLE, TMA,
-        )
-    else:
-        done = tl.atomic_add(COUNTER + 1, 0, sem="acquire")
-        while done < DQ_PROGRAMS:
-            done = tl.atomic_add(COUNTER + 1, 0, sem="acquire")
-        kv_ticket = ticket - DQ_PROGRAMS
-        dkdv_program(
-            kv_ticket % KV_N, kv_ticket // KV_N,
-            kv_Q, kv_K, kv_V, kv_DO, kv_DK, kv_DV, kv_LSE2, kv_DELTA, kv_QS, kv_DQA, kv_Q_NUM,
-            kv_Q_IDX, kv_FULL_NUM, kv_FULL_IDX, kv_B0, kv_B1, kv_B2, kv_B3, kv_G0, kv_G1, kv_G2, kv_G3,
-            kv_stride_qz, kv_stride_qh, kv_stride_qm, kv_stride_qd, kv_stride_kz, kv_stride_kh,
-            kv_stride_kn, kv_stride_kd, kv_stride_vz, kv_stride_vh, kv_stride_vn, kv_stride_vd,
-            kv_stride_doz, kv_stride_doh, kv_stride_dom, kv_stride_dod, kv_stride_dkz, kv_stride_dkh,
-            kv_stride_dkn, kv_stride_dkd, kv_stride_dvz, kv_stride_dvh, kv_stride_dvn, kv_stride_dvd,
-            kv_stride_qsz, kv_stride_qsh, kv_stride_qsm, kv_stride_qsd, kv_SM_SCALE, kv_HQ, kv_HKV,
-            kv_Q_LEN, kv_KV_LEN, kv_ZKV, kv_SPARSE_Z, kv_SPARSE_H, kv_NUM_Q_SPARSE, kv_NUM_KV_SPARSE,
-            kv_SCORE_FN, kv_SCORE_BWD_FN, kv_MASK_FN, kv_HAS_SCORE, kv_GRAD_BUFFERS, kv_HAS_FULL, kv_G,
-            kv_QK_DIM, kv_V_DIM, kv_QK_PAD, kv_V_PAD, kv_BLOCK_M, kv_BLOCK_N, kv_SPARSE_Q,
-            kv_SPARSE_KV, kv_Q_DIVISIBLE, kv_KV_DIVISIBLE, kv_CONTIGUOUS, kv_PRESCALE,
-            kv_FP32_PRECISION, kv_UPCAST, kv_DQ_ATOMIC, kv_HEADS, kv_DP_FIRST, kv_Q_UNIT,
-            kv_PART_Q_DIVISIBLE, kv_TMA,
-        )
-
-
 def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_grads: bool,
                  concurrent: Optional[bool] = None, side: Optional[str] = "default",
                  dq_atomic: Optional[bool] = None, one_loop: Optional[bool] = None,
                  heads_in_loop: Optional[bool] = None, dp_first_flag: Optional[bool] = "module",
-                 dq_own_delta: Optional[bool] = None, tma: Optional[tuple] = None,
-                 merged: Optional[bool] = None):
+                 dq_own_delta: Optional[bool] = None, tma: Optional[tuple] = None):
     """Gradients for q, k, v and the learnable tensors of the score mod (in slot order).
     ``concurrent`` (default: ``CONCURRENT``) takes delta_kernel and, on CUDA, the side stream;
     ``side`` (default: ``SIDE_KERNEL``) which kernel runs there; ``dq_atomic`` (default:
@@ -884,10 +681,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     before dV; ``dq_own_delta`` (default: ``DQ_OWN_DELTA``) lets the dQ kernel compute its own
     delta and run beside delta_kernel (under ``concurrent`` with the dQ kernel on the side);
     ``tma`` (default: ``(TMA_DQ, TMA_DKDV)``) reads the dQ kernel's key and value tiles and the
-    dK/dV kernel's query and dO tiles through TMA descriptors, where the tensors allow it;
-    ``merged`` (default: ``MERGED``; None: ``merged_rule``) launches the dQ and dK/dV programs in
-    one grid, ``dq_dkdv_kernel``, where neither of the two previous flags nor ``DQ_ATOMIC`` nor
-    ``DQ_OWN_DELTA`` stands in the way (``concurrent`` and ``side`` then do not apply)."""
+    dK/dV kernel's query and dO tiles through TMA descriptors, where the tensors allow it."""
     import torch
 
     side = SIDE_KERNEL if side == "default" else side
@@ -950,8 +744,6 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     dqa = torch.zeros((B, Hq, L, E), dtype=torch.float32, device=dev) if dq_atomic else lse
     dq_own_delta = DQ_OWN_DELTA if dq_own_delta is None else dq_own_delta
     own_delta = dq_own_delta and concurrent and not dq_atomic and side == "dq"
-    merged = merged_rule(MERGED if merged is None else merged, plan, dev) and not dq_atomic and not dq_own_delta
-    merged = merged and opt.dkdv_launch is None  # one grid: one launch config for both
 
     def launch_delta():
         _runtime.launch(
@@ -959,11 +751,10 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
             query, dout, out, dlse if dlse is not None else lse, delta, qs, lse, lse2,
             *query.stride(), *dout.stride(), *out.stride(), *qs.stride(), plan.scale, Hq, L,
             HAS_DLSE=dlse is not None, PRESCALE=opt.prescale, QK_DIM=E, V_DIM=Ev, QK_PAD=qk_pad, V_PAD=v_pad,
-            BLOCK_M=DELTA_ROWS, Q_DIVISIBLE=L % DELTA_ROWS == 0, UPCAST=plan.interpret, num_warps=DELTA_WARPS,
-            num_stages=1,
+            BLOCK_M=DELTA_ROWS, Q_DIVISIBLE=L % DELTA_ROWS == 0, UPCAST=plan.interpret, num_warps=4, num_stages=1,
         )
 
-    if (concurrent or dq_atomic) and not own_delta and not merged:
+    if (concurrent or dq_atomic) and not own_delta:
         launch_delta()
 
     def launch_dq():
@@ -976,47 +767,33 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     dkdv_launch = ({} if opt.dkdv_launch is None
                    else dict(num_warps=opt.dkdv_launch[0], num_stages=opt.dkdv_launch[1]))
 
-    def dkdv_args():
-        """The dK/dV kernel's grid, arguments and keywords (every constexpr among them)."""
+    def launch_dkdv():
         sp = plan.dkdv_sparse  # the dK/dV kernel walks its query lists
         MB, MH = sp.kv_idx.shape[:2]
         q_full_num = sp.full_q_num if sp.has_full else sp.q_num
         q_full_idx = sp.full_q_idx if sp.has_full else sp.q_idx
         kv_prog = plan.dkdv_program  # the backward's, or one with TANH_RCP_DKDV's reciprocal
-        fns = dict(SCORE_FN=kv_prog.score_fn, SCORE_BWD_FN=kv_prog.score_bwd_fn, MASK_FN=kv_prog.mask_fn,
-                   TMA=False)
+        fns = dict(SCORE_FN=kv_prog.score_fn, SCORE_BWD_FN=kv_prog.score_bwd_fn, MASK_FN=kv_prog.mask_fn)
         q_arg, do_arg = query, dout
         if tma_dkdv and not opt.prescale and tma_ready(query, dout):
             q_arg = tma_descriptor(query, [1, 1, tiles["BLOCK_M1"], qk_pad])
             do_arg = tma_descriptor(dout, [1, 1, tiles["BLOCK_M1"], v_pad])
             fns["TMA"] = True
-        args = (
+        _runtime.launch(
+            dkdv_kernel, (_runtime.cdiv(S, tiles["BLOCK_N1"]), B * Hkv),
             q_arg, key, value, do_arg, dk, dv, lse2, delta, qs, dqa,
             sp.q_num, sp.q_idx, q_full_num, q_full_idx, *bufs, *grad_args,
             *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *qs.stride(),
             plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
-        )
-        kwargs = dict(
             GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable), DQ_ATOMIC=dq_atomic,
             HEADS=dkdv_heads(plan.G, MH, heads_in_loop), DP_FIRST=dp_first(plan.G, dp_first_flag, plan.refined_bwd),
             BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **dict(common, **fns, **dkdv_launch),
             **{**_sparse_consts(sp, L, S), **_window_consts(sp, L, S, "Q")},
+            options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
         )
-        return (_runtime.cdiv(S, tiles["BLOCK_N1"]), B * Hkv), args, kwargs
 
-    def launch_dkdv():
-        grid, args, kwargs = dkdv_args()
-        _runtime.launch(dkdv_kernel, grid, *args, **kwargs, options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"))
-
-    if merged:
-        # delta, the base-2 LSE (and the prescaled q) come from the dQ programs, as without
-        # CONCURRENT, and the dK/dV programs wait for them in the grid (dq_dkdv_kernel).
-        dq_launch = _dq_launch(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2,
-                               bufs, False, one_loop, True, tma_dq)
-        _launch_merged(dq_launch, dkdv_args(), torch.zeros(2, dtype=torch.int32, device=dev),
-                       opt.bwd.options_for("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"))
-    elif dq_atomic:
+    if dq_atomic:
         launch_dkdv()
         dq.copy_(dqa)
     elif not concurrent:
@@ -1042,13 +819,6 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         dv = dv.sum(0, keepdim=True).to(value.dtype)
     dbufs = [grads[k].view(plan.buffers[k].shape).to(plan.buffers[k].dtype) for k in prog.learnable]
     return dq, dk, dv, dbufs
-
-
-def merged_rule(flag: Optional[bool], plan, device) -> bool:
-    """``MERGED`` resolved for a call: a bool as it is; None as on for sm90 (``tma_rule``'s arch)."""
-    if flag is not None:
-        return bool(flag)
-    return tma_rule(None, plan, device)
 
 
 def tma_dkdv_rule(flag: Optional[bool], plan, device) -> bool:
@@ -1091,50 +861,25 @@ def _window_consts(sp, L: int, S: int, axis: str) -> dict:
 
 def _launch_dq(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2, bufs, delta_ready,
                options=None, one_loop=False, store_stats=True, tma=False):
-    grid, args, kwargs = _dq_launch(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs,
-                                    lse2, bufs, delta_ready, one_loop, store_stats, tma)
-    _runtime.launch(dq_kernel, grid, *args, **kwargs, options=options)
-
-
-def _dq_launch(plan, tiles, common, query, key, value, dout, dq, lse, delta, out, dlse, qs, lse2, bufs, delta_ready,
-               one_loop, store_stats, tma):
-    """The dQ kernel's grid, arguments and keywords (every constexpr among them, as
-    ``dq_dkdv_kernel``, which has no defaults, needs them)."""
     sp, B, Hq, L, S = plan.dq_sparse, plan.B, plan.Hq, plan.L, plan.S  # the dQ kernel walks its key lists
     kv_full_num = sp.full_kv_num if sp.has_full else sp.kv_num
     kv_full_idx = sp.full_kv_idx if sp.has_full else sp.kv_idx
-    strides_k, strides_v = key.stride(), value.stride()
-    use_tma = bool(tma) and tma_ready(key, value)
-    if use_tma:
+    extra, strides_k, strides_v = {}, key.stride(), value.stride()
+    if tma and tma_ready(key, value):
         key = tma_descriptor(key, [1, 1, tiles["BLOCK_N2"], common["QK_PAD"]])
         value = tma_descriptor(value, [1, 1, tiles["BLOCK_N2"], common["V_PAD"]])
-    args = (
+        extra["TMA"] = True
+    _runtime.launch(
+        dq_kernel, (_runtime.cdiv(L, tiles["BLOCK_M2"]), B * Hq),
         query, key, value, dout, dq, lse, delta, out, dlse if dlse is not None else lse, qs, lse2,
         sp.kv_num, sp.kv_idx, kv_full_num, kv_full_idx, *bufs,
         *query.stride(), *strides_k, *strides_v, *dout.stride(), *dq.stride(), *out.stride(),
         *qs.stride(),
         plan.scale, Hq, L, S, plan.Bk, *sp.kv_idx.shape[:2], sp.kv_idx.shape[-2], sp.kv_idx.shape[-1],
-    )
-    kwargs = dict(
         HAS_DLSE=dlse is not None, DELTA_READY=delta_ready, ONE_LOOP=one_loop, STORE_STATS=store_stats,
-        BLOCK_M=tiles["BLOCK_M2"], BLOCK_N=tiles["BLOCK_N2"], **common, TMA=use_tma,
-        **{**_sparse_consts(sp, L, S), **_window_consts(sp, L, S, "KV")},
+        BLOCK_M=tiles["BLOCK_M2"], BLOCK_N=tiles["BLOCK_N2"], **common, **extra,
+        **{**_sparse_consts(sp, L, S), **_window_consts(sp, L, S, "KV")}, options=options,
     )
-    return (_runtime.cdiv(L, tiles["BLOCK_M2"]), B * Hq), args, kwargs
-
-
-def _launch_merged(dq_launch, dkdv_launch, counter, options=None):
-    """``dq_dkdv_kernel``: the dQ kernel's programs and then the dK/dV kernel's in one grid, from the
-    two kernels' own (grid, arguments, keywords); their warps and stages must agree (the caller
-    checks). ``counter``: two int32 zeros."""
-    (dq_grid, dq_args, dq_kw), (kv_grid, kv_args, kv_kw) = dq_launch, dkdv_launch
-    launch = {k: dq_kw[k] for k in ("num_warps", "num_stages")}
-    dq_programs = dq_grid[0] * dq_grid[1]
-    kw = {k: v for k, v in dq_kw.items() if k not in launch}
-    kw.update({f"kv_{k}": v for k, v in kv_kw.items() if k not in launch})
-    _runtime.launch(dq_dkdv_kernel, (dq_programs + kv_grid[0] * kv_grid[1],),
-                    counter, dq_programs, dq_grid[0], kv_grid[0], *dq_args, *kv_args, **kw, **launch,
-                    TICKETS=MERGED_TICKETS, options=options)
 
 
 _SIDE: dict = {}

@@ -445,8 +445,6 @@ def test_ours_refined_asks_for_refined_lists_only_with_a_block_mask(monkeypatch)
     ("ours-dp-first", {("backward", "DKDV_DP_FIRST"): True}),
     ("ours-dv-first", {("backward", "DKDV_DP_FIRST"): False}),
     ("ours-dq-own-delta", {("backward", "DQ_OWN_DELTA"): True}),
-    ("ours-merged", {("backward", "MERGED"): True}),
-    ("ours-unmerged", {("backward", "MERGED"): False}),
 ])
 def test_flag_variants_set_their_flags_for_their_calls_alone(monkeypatch, impl, flags):
     """The implementations that are ours with a kernels flag set: the flags hold during the call

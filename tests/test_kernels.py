@@ -8,8 +8,6 @@ the ``gpu`` tests at the end repeat the grid at realistic sizes on a GPU:
 
 from __future__ import annotations
 
-import textwrap
-import types
 
 import pytest
 import torch
@@ -1882,32 +1880,28 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert "4 kernels compiled for sm_90, 0 failed" in done.stdout, done.stdout  # forward, delta, dQ, dK/dV
 
 
-def _separate_delta_case(device, sides=("dq",), own_delta=False, merged=False, fused=True):
+def _separate_delta_case(device, sides=("dq",), own_delta=False):
     """Backward with delta_kernel (backward.CONCURRENT) and without: gradients of a GQA case
     with a learnable table, an LSE gradient and PRESCALE_QK (delta_kernel then also writes the
     prescaled q the dK/dV kernel reads); the fused path first, then the concurrent one with each
     of ``sides`` as backward.SIDE_KERNEL, then with ``own_delta`` the concurrent one with
-    backward.DQ_OWN_DELTA (the dQ kernel's own delta, delta_kernel beside it), then with
-    ``merged`` backward.MERGED (the dQ and dK/dV programs in one grid); ``fused=False`` leaves the
-    fused path out."""
+    backward.DQ_OWN_DELTA (the dQ kernel's own delta, delta_kernel beside it)."""
     from kernels import backward
 
     table = mods.bias.from_seed([4, 77, 90], seed=2, requires_grad=True, device=device)
     bm = create_block_mask(mods.causal(), 1, 1, 77, 90, device=device, BLOCK_SIZE=32)
     (q, k, v), do, dl = _inputs(2, 4, 2, 77, 90, 24, 40, torch.bfloat16, device, seed=5)
     results = []
-    variants = [(False, "dq", False, False)] * fused + [(True, side, False, False) for side in sides]
-    variants += [(True, "dq", True, False)] * own_delta + [(True, "dq", False, True)] * merged
-    defaults = (backward.CONCURRENT, backward.SIDE_KERNEL, backward.DQ_OWN_DELTA, backward.MERGED)
-    for concurrent, side, own, one_grid in variants:
-        backward.CONCURRENT, backward.SIDE_KERNEL, backward.DQ_OWN_DELTA, backward.MERGED = (
-            concurrent, side, own, one_grid)
+    variants = [(False, "dq", False)] + [(True, side, False) for side in sides] + [(True, "dq", True)] * own_delta
+    defaults = (backward.CONCURRENT, backward.SIDE_KERNEL, backward.DQ_OWN_DELTA)
+    for concurrent, side, own in variants:
+        backward.CONCURRENT, backward.SIDE_KERNEL, backward.DQ_OWN_DELTA = concurrent, side, own
         try:
             out, lse = kernels.flex_attention(q, k, v, table, bm, enable_gqa=True, return_lse=True,
                                               kernel_options={"PRESCALE_QK": True})
             grads = torch.autograd.grad((out * do).sum() + (lse * dl).sum(), (q, k, v, *table.tensors()))
         finally:
-            backward.CONCURRENT, backward.SIDE_KERNEL, backward.DQ_OWN_DELTA, backward.MERGED = defaults
+            backward.CONCURRENT, backward.SIDE_KERNEL, backward.DQ_OWN_DELTA = defaults
         results.append(grads)
     return results
 
@@ -1932,89 +1926,6 @@ def test_separate_delta_kernel_changes_nothing(monkeypatch):
     assert backward_order == ["dq_kernel", "dkdv_kernel", "delta_kernel", "dq_kernel", "dkdv_kernel",
                               "dq_kernel", "delta_kernel", "dkdv_kernel"]
     assert [store for name, store in order if name == "dq_kernel"] == [True, True, False]
-
-
-def test_merged_backward_is_the_fused_one(monkeypatch):
-    """backward.MERGED: the dQ and dK/dV programs in one grid (dq_dkdv_kernel), no delta_kernel.
-    Its dQ programs compute and store delta as the fused path's dQ kernel does and its dK/dV
-    programs read it as the fused path's dK/dV kernel does: under the interpreter (programs in
-    turn, every dQ ticket first) bit for bit the fused path, with GQA, a learnable table, an LSE
-    gradient, PRESCALE_QK and tails. The grid is one program per dQ and per dK/dV program, its
-    dQ programs store their statistics and count themselves, and the counter is zeroed."""
-    from kernels import _runtime, backward
-
-    launch, seen = _runtime.launch, []
-
-    def record(kernel, grid, *args, **kwargs):
-        seen.append((kernel.fn.__name__, grid, args[:4], kwargs.get("STORE_STATS"), kwargs.get("DELTA_READY")))
-        if kernel.fn.__name__ == "dq_dkdv_kernel":
-            assert args[0].tolist() == [0, 0], "the ticket counter must start at zero"
-        out = launch(kernel, grid, *args, **kwargs)
-        if kernel.fn.__name__ == "dq_dkdv_kernel":
-            # every program drew a ticket (or none, by program id), and every dQ program counted its rows
-            assert args[0].tolist() == [grid[0] if kwargs["TICKETS"] else 0, args[1]]
-        return out
-
-    monkeypatch.setattr(_runtime, "launch", record)
-    fused, merged = _separate_delta_case("cpu", sides=(), merged=True)
-    for a, b in zip(fused, merged):
-        assert torch.equal(a, b)
-    monkeypatch.setattr(backward, "MERGED_TICKETS", False)  # the work by program id
-    (by_pid,) = _separate_delta_case("cpu", sides=(), merged=True, fused=False)
-    for a, b in zip(fused, by_pid):
-        assert torch.equal(a, b)
-    names = [name for name, *_ in seen if name in ("dq_kernel", "dkdv_kernel", "delta_kernel", "dq_dkdv_kernel")]
-    assert names == ["dq_kernel", "dkdv_kernel", "dq_dkdv_kernel", "dq_dkdv_kernel"]
-    (_, grid, (_, dq_programs, dq_m, kv_n), store, ready) = [r for r in seen if r[0] == "dq_dkdv_kernel"][0]
-    # B=2, Hq=4, Hkv=2, L=77, S=90 on tiles of the block mask's 32: 3 query and 3 key tiles
-    assert (dq_programs, dq_m, kv_n) == (3 * 2 * 4, 3, 3) and grid == (3 * 2 * 4 + 3 * 2 * 2,)
-    assert store is True and ready is False
-
-
-def test_merged_rule_and_what_turns_it_off():
-    """``merged_rule``: a bool as it is, None as on for sm90 only; and run_backward takes the
-    separate kernels where DQ_ATOMIC, DQ_OWN_DELTA or a dK/dV launch of its own stands."""
-    import inspect
-
-    from kernels import backward
-
-    plan = types.SimpleNamespace(interpret=True)
-    assert backward.merged_rule(True, plan, torch.device("cpu")) is True
-    assert backward.merged_rule(False, plan, torch.device("cpu")) is False
-    assert backward.merged_rule(None, plan, torch.device("cpu")) is False  # the interpreter
-    source = inspect.getsource(backward.run_backward)
-    assert "and not dq_atomic and not dq_own_delta" in source and "opt.dkdv_launch is None" in source
-
-
-def test_merged_kernel_takes_both_kernels_arguments():
-    """dq_dkdv_kernel's parameters are its four own, then dq_kernel's and dkdv_kernel's (kv_ before
-    each of the latter), runtime ones first, as ``_launch_merged`` passes them; and each
-    program's call passes them on in its kernel's order."""
-    import ast
-    import inspect
-
-    from kernels import backward
-
-    def names(fn):
-        return list(inspect.signature(getattr(fn, "fn", fn)).parameters)
-
-    def constexpr(fn):
-        sig = inspect.signature(getattr(fn, "fn", fn))
-        return [n for n, p in sig.parameters.items() if "constexpr" in str(p.annotation)]
-
-    dq, kv = names(backward.dq_kernel), names(backward.dkdv_kernel)
-    dq_c, kv_c = constexpr(backward.dq_kernel), constexpr(backward.dkdv_kernel)
-    expected = (["COUNTER", "DQ_PROGRAMS", "DQ_M", "KV_N"] + [n for n in dq if n not in dq_c]
-                + ["kv_" + n for n in kv if n not in kv_c] + dq_c + ["kv_" + n for n in kv_c] + ["TICKETS"])
-    assert names(backward.dq_dkdv_kernel) == expected
-    tree = ast.parse(textwrap.dedent(inspect.getsource(getattr(backward.dq_dkdv_kernel, "fn",
-                                                               backward.dq_dkdv_kernel))))
-    calls = {node.func.id: [a.id for a in node.args if isinstance(a, ast.Name)]
-             for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-             and node.func.id in ("dq_program", "dkdv_program")}
-    assert calls["dq_program"][-len(dq):] == dq
-    assert calls["dkdv_program"][-len(kv):] == ["kv_" + n for n in kv]
-    assert names(backward.dq_program)[4:] == dq and names(backward.dkdv_program)[2:] == kv
 
 
 def test_backward_side_kernel_is_checked():
@@ -2320,43 +2231,6 @@ def test_gpu_heads_in_loop_matches_the_oracle():
     loop: every gradient against the float64 oracle."""
     for case in sorted(_HEADS_IN_LOOP_CASES):
         _heads_in_loop_check(case, "cuda")
-
-
-@pytest.mark.gpu
-def test_gpu_merged_backward_is_the_fused_one():
-    """backward.MERGED on the GPU, where dQ and dK/dV programs run at once and the dK/dV ones
-    wait in the grid for the dQ ones' delta: the q, k and v gradients bit for bit the fused
-    path's (the same code in one grid; the learnable table's gradient is scattered with atomic
-    adds, so only close), every one of 20 repeated calls alike (a dK/dV program that read a row
-    of delta before it was stored would show as a difference), and the oracle's verdict on the
-    document mask's 64 x 64 tiles (REFINED_BWD, 4 warps) and on causal's 8-warp tiles."""
-    from kernels import backward
-
-    fused, merged = _separate_delta_case("cuda", sides=(), merged=True)
-    for k, (a, b) in enumerate(zip(fused, merged)):
-        if k < 3:
-            assert torch.equal(a, b)
-        else:
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    (q, k, v), do, _ = _inputs(4, 16, 4, 1024, 1024, 128, 128, torch.bfloat16, "cuda", seed=3)
-    bm = create_block_mask(mods.document.from_seed(1024, 6, 1, device="cuda"), 1, 1, 1024, 1024, device="cuda")
-    before = backward.MERGED
-    backward.MERGED = True
-    try:
-        first = None
-        for _ in range(20):
-            out = kernels.flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
-            grads = torch.autograd.grad(out, (q, k, v), do)
-            if first is None:
-                first = grads
-            for a, b in zip(first, grads):
-                assert torch.equal(a, b), "a repeated merged backward differs"
-        check(B=2, Hq=8, Hkv=2, L=1000, S=1000, E=128, dtype=torch.bfloat16, device="cuda", block_size=128,
-              mask_mod=mods.document.from_seed(1000, 5, 2, device="cuda"))
-        check(B=2, Hq=4, L=700, S=650, E=128, dtype=torch.bfloat16, mask_mod=mods.causal(), device="cuda",
-              block_size=128)
-    finally:
-        backward.MERGED = before
 
 
 @pytest.mark.gpu
