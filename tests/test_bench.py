@@ -636,16 +636,28 @@ def test_ab_set_holds_its_attributes_through_the_backward():
     (["--cases", "none:1k:64"], "nothing to compare"),
     (["--options", "stages4", "--cases", "none:1k:64"], "NAME:KEY=VALUE"),
     (["--options", "a:num_stages=1", "--options", "a:num_stages=2", "--cases", "none:1k:64"], "twice"),
-    (["--options", "a:num_stages=1", "--set", "a:api.AUTO_SHIFT=False", "--cases", "none:1k:64"], "twice"),
-    (["--set", "a:api.NO_SUCH_FLAG=1", "--cases", "none:1k:64"], "no attribute 'NO_SUCH_FLAG'"),
-    (["--set", "a:nosuchmodule.X=1", "--cases", "none:1k:64"], "no module kernels.nosuchmodule"),
-    (["--set", "a:api.AUTO_SHIFT=maybe", "--cases", "none:1k:64"], "not a Python literal"),
-    (["--set", "a:AUTO_SHIFT=False", "--cases", "none:1k:64"], "MODULE.ATTR=VALUE"),
 ])
 def test_ab_refuses_bad_variants(argv, message):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--device", "cpu", *argv],
                           env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("item, taken, message", [
+    ("a:api.AUTO_SHIFT=False", {"tree", "a"}, "twice"),  # a name --options took
+    ("a:api.NO_SUCH_FLAG=1", {"tree"}, "no attribute 'NO_SUCH_FLAG'"),
+    ("a:nosuchmodule.X=1", {"tree"}, "no module kernels.nosuchmodule"),
+    ("a:api.AUTO_SHIFT=maybe", {"tree"}, "not a Python literal"),
+    ("a:AUTO_SHIFT=False", {"tree"}, "MODULE.ATTR=VALUE"),
+    ("a:", {"tree"}, "NAME:MODULE.ATTR=VALUE"),
+])
+def test_ab_refuses_bad_settings(item, taken, message):
+    """``ab.py --set``'s items are refused by name, before anything runs (in process: ``parse_sets``
+    is what ``main`` calls)."""
+    from benchmarks import ab
+
+    with pytest.raises(SystemExit, match=message):
+        ab.parse_sets([item], taken)
 
 
 def test_ab_refuses_bad_cases():
