@@ -125,7 +125,9 @@ def parse_options(items: list) -> list:
 
 
 def parse_sets(items: list, taken: set) -> list:
-    """``NAME:MODULE.ATTR=VALUE;...`` items as (name, [(module name, attr, value)]) pairs; each MODULE a module of ``kernels`` that has ATTR, each VALUE a Python literal."""
+    """``NAME:MODULE.ATTR=VALUE;...`` items as (name, [(module name, attr, value)]) pairs; each
+    MODULE a module of ``kernels`` that has ATTR, each VALUE a Python literal. ``taken``: the
+    names the other variants have."""
     import ast
     import importlib
 

@@ -296,10 +296,10 @@ _OPTIONS_CACHE: dict = {}
 
 
 def _cached_options(kernel_options, **kw) -> Options:
-    """``parse_kernel_options`` once per distinct call (and per value of the launch constants
-    it reads: ``SHORT_ROWS_FWD``, ``REFINED_FWD_LAUNCH``, ``REFINED_BWD``): its checks
-    cost tens of microseconds, as much as a short decode step's kernels. Options that cannot be a key (a malformed
-    dict, unhashable values) are parsed, and rejected, every time."""
+    """``parse_kernel_options`` once per distinct call (and per value of the launch constants it
+    reads: ``SHORT_ROWS_FWD``, ``REFINED_FWD_LAUNCH``, ``REFINED_BWD``): its checks cost tens of
+    microseconds, as much as a short decode step's kernels. Options that cannot be a key (a
+    malformed dict, unhashable values) are parsed, and rejected, every time."""
     try:
         # The value's type is part of the key: True and 1 hash alike, and only one is a valid num_warps.
         # So are the module's launch constants that parse_kernel_options reads, so that setting one
