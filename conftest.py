@@ -30,6 +30,26 @@ def pytest_configure(config: pytest.Config) -> None:
     # way to run them. An explicit setting is left alone.
     if not cuda_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    _share_the_cores(config)
+
+
+# The thread pools that size themselves to the machine's cores when a process loads them.
+THREAD_POOLS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _share_the_cores(config: pytest.Config) -> None:
+    """Under pytest-xdist, give each worker its share of the cores for torch's and numpy's
+    thread pools. Each pool otherwise takes every core, so on CI's 2 cores two workers ran
+    four busy threads on the oracle's float64 products and the interpreter's numpy calls,
+    and the time went to contention: the saved cases' file took 161 s on two workers and
+    95 s with one thread each. The workers inherit the variables, set here in the
+    controller before they start; a variable already set is left alone."""
+    workers = getattr(config.option, "numprocesses", None)
+    if not isinstance(workers, int) or workers < 1 or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    for name in THREAD_POOLS:
+        os.environ.setdefault(name, threads)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,9 +1,11 @@
 """kernels._runtime: the interpreter's language patches made once a launch
-(``share_interpreter_patches``) change no result, and skip what they say they skip."""
+(``share_interpreter_patches``) change no result, and skip what they say they skip; and the
+test run's own setup (conftest.py) shares the cores among pytest-xdist's workers."""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import textwrap
 
@@ -13,7 +15,7 @@ import torch
 import kernels
 from kernels import _runtime, mods
 
-pytestmark = pytest.mark.skipif(not _runtime.process_interprets(),
+interprets = pytest.mark.skipif(not _runtime.process_interprets(),
                                 reason="the interpreter's patches: a process that compiles for the GPU has none")
 
 
@@ -48,11 +50,13 @@ def _run_both(fn):
     return results, counts
 
 
+@interprets
 def test_the_patches_are_shared_in_an_interpreting_process():
     assert _runtime._unshared, "kernels._runtime shares the interpreter's patches when the process interprets"
     assert _interpreter._patch_lang is not _OWN
 
 
+@interprets
 def test_shared_patches_give_the_same_bits_forward_and_backward():
     """A softcapped, document-masked GQA forward and backward (nested jit calls: the tiles,
     the score mod and its derivative) equal Triton's own way bit for bit, with far fewer
@@ -84,6 +88,7 @@ def test_shared_patches_give_the_same_bits_forward_and_backward():
     assert len(own_swaps) > 20 * len(shared_swaps), (len(own_swaps), shared_swaps)
 
 
+@interprets
 def test_a_call_that_sees_an_unpatched_module_still_swaps(tmp_path, monkeypatch):
     """A kernel that sees ``tl`` alone calls a helper that sees ``triton.language.core`` alone:
     the launch patched ``tl``, so the helper's call patches ``core``, as Triton's own way does,
@@ -126,3 +131,16 @@ def test_a_call_that_sees_an_unpatched_module_still_swaps(tmp_path, monkeypatch)
     finally:
         for name in ("flex_oracle_tl_kernel", "flex_oracle_core_helper"):
             sys.modules.pop(name, None)
+
+
+@pytest.mark.skipif(not os.environ.get("PYTEST_XDIST_WORKER"), reason="checks pytest-xdist's workers: run with -n")
+def test_each_worker_takes_its_share_of_the_cores():
+    """conftest.py sets the thread pools' sizes to the cores over the workers, so that two
+    workers on CI's two cores run one thread each (not two each, contending)."""
+    import conftest
+
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    share = max(1, (os.cpu_count() or 1) // workers)
+    assert all(os.environ.get(name) for name in conftest.THREAD_POOLS)
+    if os.environ["OMP_NUM_THREADS"] == str(share):  # not set by hand before the run
+        assert torch.get_num_threads() == share
