@@ -194,7 +194,9 @@ def share_interpreter_patches() -> bool:
     sees a module not yet patched (``tl.core`` under a kernel that imports ``tl`` alone)
     swaps as before. What runs is unchanged: the patched functions are the same, and
     ``tests/test_runtime.py`` checks kernels bit for bit against Triton's own way. It
-    applies to every interpreted kernel in the process, a caller's included. Returns
+    applies to every interpreted kernel in the process, a caller's included. triton-viz
+    took the same path for its interpreter (Deep-Learning-Profiling-Tools/triton-viz#407:
+    nested calls unpatched, helpers that reference ``tl.core`` patched again). Returns
     whether the patch is in place; a Triton without these internals is left alone."""
     if _unshared:
         return True
