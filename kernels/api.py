@@ -216,7 +216,8 @@ def parse_kernel_options(
     forward walks refined lists); ``refined_fwd`` takes ``REFINED_FWD_LAUNCH``'s warps and
     stages for a forward on automatically refined lists, unless the options set them;
     ``refined_bwd`` takes ``REFINED_BWD`` for the backward's default tiles and launch;
-    ``short_fwd`` takes ``SHORT_ROWS_FWD`` for the forward's (``_short_fwd_wanted``)."""
+    ``short_fwd`` takes ``SHORT_ROWS_FWD`` (``SHORT_ROWS_FWD_D64``, where set, at a padded head
+    dim of 64) for the forward's (``_short_fwd_wanted``)."""
     opts = dict(kernel_options or {})
     if kernel_options is not None and not isinstance(kernel_options, dict):
         raise TypeError(f"Expected kernel_options to be a dict or None, got {type(kernel_options).__name__}.")
@@ -243,7 +244,7 @@ def parse_kernel_options(
         if phase == "fwd" and refined_fwd:
             default = default[:-2] + REFINED_FWD_LAUNCH
         if phase == "fwd" and short_fwd:
-            default = SHORT_ROWS_FWD
+            default = _short_rows_tiles(head_dim, q_block, kv_block)
         if phase == "bwd" and refined_bwd:
             default = REFINED_BWD
         for k, name in enumerate(names):
@@ -297,7 +298,7 @@ _OPTIONS_CACHE: dict = {}
 
 def _cached_options(kernel_options, **kw) -> Options:
     """``parse_kernel_options`` once per distinct call (and per value of the launch constants it
-    reads: ``SHORT_ROWS_FWD``, ``REFINED_FWD_LAUNCH``, ``REFINED_BWD``): its checks cost tens of
+    reads: ``SHORT_ROWS_FWD`` and ``_D64``, ``REFINED_FWD_LAUNCH``, ``REFINED_BWD``): its checks cost tens of
     microseconds, as much as a short decode step's kernels. Options that cannot be a key (a
     malformed dict, unhashable values) are parsed, and rejected, every time."""
     try:
@@ -307,7 +308,7 @@ def _cached_options(kernel_options, **kw) -> Options:
         key = (tuple(sorted((k, type(v).__name__, v) for k, v in kernel_options.items()))
                if isinstance(kernel_options, dict) else kernel_options,
                tuple(sorted((k, str(v)) for k, v in kw.items())),
-               SHORT_ROWS_FWD, REFINED_FWD_LAUNCH, REFINED_BWD)
+               SHORT_ROWS_FWD, SHORT_ROWS_FWD_D64, REFINED_FWD_LAUNCH, REFINED_BWD)
         hash(key)
     except TypeError:
         return parse_kernel_options(kernel_options, **kw)
@@ -1151,6 +1152,26 @@ REFINED_BWD_SAVING = 0.05
 # could be higher, but its long dense and causal rows are untimed. None switches it off.
 SHORT_ROWS_FWD: Optional[tuple] = (64, 64, 4, 3)
 SHORT_ROWS_FWD_MAX_KEYS = 3072
+# When set, the short rows at a padded head dim of 64 take these tiles instead, where the blocks
+# allow (None: SHORT_ROWS_FWD at both head dims). Off until the GPU suite has run with
+# (64, 128, 4, 2), 64 x 128 tiles on 2 stages. The H100 timed those faster (ab.py, forward,
+# against 64 x 64 on 3 stages, two runs; docs/PERFORMANCE.md, thirty-seventh session): causal 4k
+# 2.5 and 4.3 %, prefix LM 7.6 and 5.1 %, block-sparse 1.9 and 2.6 %, sliding window 3.4 %. The
+# document rows walk refined lists (REFINED_FWD_LAUNCH) and never take them.
+SHORT_ROWS_FWD_D64: Optional[tuple] = None  # (64, 128, 4, 2) once the GPU suite has run with it
+
+
+def _short_rows_tiles(head_dim: int, q_block: int, kv_block: int) -> Optional[tuple]:
+    """The short rows' forward (BLOCK_M, BLOCK_N, warps, stages) at this head dim and these
+    blocks: SHORT_ROWS_FWD_D64 at a padded head dim of 64 where its tiles divide the blocks,
+    else SHORT_ROWS_FWD (None where that is off)."""
+    if SHORT_ROWS_FWD is None:
+        return None
+    d64 = SHORT_ROWS_FWD_D64
+    if (d64 is not None and max(16, _runtime.next_power_of_2(head_dim)) == 64
+            and not q_block % d64[0] and not kv_block % d64[1]):
+        return d64
+    return SHORT_ROWS_FWD
 
 
 def _short_fwd_wanted(kernel_options, arch: str, dtype, head_dim: int, q_block: int, kv_block: int) -> bool:
@@ -1161,7 +1182,8 @@ def _short_fwd_wanted(kernel_options, arch: str, dtype, head_dim: int, q_block: 
         return False
     if max(16, _runtime.next_power_of_2(head_dim)) not in (64, 128):
         return False
-    if q_block % SHORT_ROWS_FWD[0] or kv_block % SHORT_ROWS_FWD[1]:
+    tiles = _short_rows_tiles(head_dim, q_block, kv_block)
+    if q_block % tiles[0] or kv_block % tiles[1]:
         return False
     return not _launch_given(kernel_options, "fwd")
 
@@ -1548,8 +1570,8 @@ def flex_attention(
     (``REFINED_BWD_SAVING``). Setting either REFINE option to the block size keeps the lists as
     they are. On sm90 in bf16 or fp16 at head dims 33 to 128, a forward whose rows list at most
     3072 keys on average (S without a block mask) and that no forward tile, warps or stages option
-    sets runs on 64 x 64 tiles, 4 warps and 3 stages (``SHORT_ROWS_FWD``); the mean is read back
-    once per block mask. ``DKDV_NUM_WARPS`` and ``DKDV_NUM_STAGES`` launch the
+    sets runs on 64 x 64 tiles, 4 warps and 3 stages (``SHORT_ROWS_FWD``; at head dims 33 to 64
+    on ``SHORT_ROWS_FWD_D64``'s where that is set); the mean is read back once per block mask. ``DKDV_NUM_WARPS`` and ``DKDV_NUM_STAGES`` launch the
     backward's dK/dV kernel with warps and stages of its own (its tiles are ``BLOCK_M1`` and
     ``BLOCK_N1``); the dQ kernel keeps ``bwd_num_warps`` and ``bwd_num_stages``.
     """

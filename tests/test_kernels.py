@@ -1115,14 +1115,28 @@ def test_short_rows_forward_only_where_the_rule_was_measured(monkeypatch):
         fwd = api.SHORT_ROWS_FWD if short else default[0]
         assert (*opts.fwd.tiles.values(), opts.fwd.num_warps, opts.fwd.num_stages) == fwd
         assert (*opts.bwd.tiles.values(), opts.bwd.num_warps, opts.bwd.num_stages) == default[1]
+    # At a padded head dim of 64: SHORT_ROWS_FWD_D64 where its 128-key tiles divide the blocks,
+    # else SHORT_ROWS_FWD (blocks of 64 keys); at 128, or with the D=64 tuple off, SHORT_ROWS_FWD.
+    monkeypatch.setattr(api, "SHORT_ROWS_FWD_D64", (64, 128, 4, 2))  # the rule, whatever the default
+    tiles = api._short_rows_tiles
+    assert tiles(64, 128, 128) == tiles(33, 128, 256) == api.SHORT_ROWS_FWD_D64
+    assert tiles(64, 128, 64) == tiles(128, 128, 128) == tiles(65, 128, 128) == api.SHORT_ROWS_FWD
+    assert want(d=64, kb=64) and not want(d=64, kb=32)
+    for d, kb in ((64, 128), (64, 64), (128, 128)):
+        opts = api.parse_kernel_options(None, dtype=torch.bfloat16, head_dim=d, q_block=128, kv_block=kb,
+                                        device=torch.device("cpu"), interpret=True, work="masked", short_fwd=True)
+        assert (*opts.fwd.tiles.values(), opts.fwd.num_warps, opts.fwd.num_stages) == tiles(d, 128, kb), (d, kb)
+    with monkeypatch.context() as m:
+        m.setattr(api, "SHORT_ROWS_FWD_D64", None)
+        assert tiles(64, 128, 128) == api.SHORT_ROWS_FWD
 
 
 def test_short_rows_forward_end_to_end(monkeypatch):
     """The rule through flex_attention (on the GPU only; here with the arch taken for sm90 under
     the interpreter): a causal mask's rows (192 keys on average at L=S=256, blocks of 128) and a
-    call without a mask (S keys) take SHORT_ROWS_FWD, and the oracle agrees, GQA, a score mod, a
-    query tail and fp16 at D=64 included; rows over the cap, or a forward launch option, keep the
-    default row's tiles."""
+    call without a mask (S keys) take SHORT_ROWS_FWD (SHORT_ROWS_FWD_D64 at D=64), and the oracle
+    agrees, GQA, a score mod, a query tail and fp16 at D=64 included; rows over the cap, or a
+    forward launch option, keep the default row's tiles."""
     from kernels import api
 
     _as_sm90(monkeypatch)
@@ -1133,7 +1147,7 @@ def test_short_rows_forward_end_to_end(monkeypatch):
     check(B=1, Hq=2, Hkv=1, L=250, S=256, mask_mod=mods.causal(), score_mod=mods.tanh_softcap(20.0), **run)
     check(B=1, Hq=1, L=200, S=256, **run)
     check(B=1, Hq=1, L=256, S=256, **{**run, "E": 64, "dtype": torch.float16}, mask_mod=mods.causal())
-    assert seen == [short] * 3
+    assert seen == [short] * 2 + [api.SHORT_ROWS_FWD_D64 or short]
     monkeypatch.setattr(api, "SHORT_ROWS_FWD_MAX_KEYS", 191)  # the causal rows' mean, 192, is over it
     check(B=1, Hq=1, L=256, S=256, mask_mod=mods.causal(), **run)
     check(B=1, Hq=1, L=256, S=256, mask_mod=mods.causal(), kernel_options={"fwd_num_warps": 8}, **run)
@@ -1143,8 +1157,10 @@ def test_short_rows_forward_end_to_end(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_short_rows_forward_matches_the_oracle(monkeypatch):
     """On the H100's arch the forward of short rows takes SHORT_ROWS_FWD (64 x 64, 4 warps, 3
-    stages): a causal softcap with GQA and a query tail in bf16 at D=128, no mask in fp16 at D=64,
-    each against the oracle, backward included; a forward launch option keeps the default."""
+    stages) at D=128 and SHORT_ROWS_FWD_D64 (64 x 128, 2 stages) at D=64: a causal softcap with GQA
+    and a query tail in bf16 at D=128, no mask in fp16 and causal ALiBi with GQA 4 and a query tail
+    in bf16 at D=64, each against the oracle, backward included; a forward launch option keeps the
+    default."""
     from kernels import api
 
     if api._arch(torch.device("cuda"), False) != "sm90":
@@ -1153,10 +1169,12 @@ def test_gpu_short_rows_forward_matches_the_oracle(monkeypatch):
     check(B=2, Hq=8, Hkv=2, L=1000, S=1024, E=128, dtype=torch.bfloat16, mask_mod=mods.causal(),
           score_mod=mods.tanh_softcap(30.0), block_size=128, device="cuda")
     check(B=2, Hq=4, L=1024, S=1024, E=64, dtype=torch.float16, device="cuda")
-    assert seen == [api.SHORT_ROWS_FWD] * 2
+    check(B=2, Hq=4, Hkv=1, L=1000, S=1024, E=64, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128,
+          score_mod=mods.alibi.standard(4), device="cuda")
+    assert seen == [api.SHORT_ROWS_FWD] + [api.SHORT_ROWS_FWD_D64 or api.SHORT_ROWS_FWD] * 2
     check(B=1, Hq=4, L=1024, S=1024, E=128, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128,
           kernel_options={"fwd_num_warps": 8}, device="cuda")
-    assert seen[2] == api._default_config("sm90", torch.bfloat16, 128, "masked")[0]
+    assert seen[3] == api._default_config("sm90", torch.bfloat16, 128, "masked")[0]
 
 
 @pytest.mark.gpu
@@ -1323,19 +1341,24 @@ def test_cached_options_still_reject_bad_values():
 
 def test_cached_options_follow_the_launch_constants(monkeypatch):
     """The options cache is also keyed by the module's launch constants that parse_kernel_options
-    reads (SHORT_ROWS_FWD, REFINED_FWD_LAUNCH, REFINED_BWD): a benchmark that sets one between
+    reads (SHORT_ROWS_FWD and _D64, REFINED_FWD_LAUNCH, REFINED_BWD): a benchmark that sets one between
     calls (benchmarks/ab.py --set) gets the tiles it set, not the first call's (before this, the
     thirty-sixth session's first A/B of SHORT_ROWS_FWD timed one config under four names)."""
     from kernels import api
 
     monkeypatch.setattr(api, "_arch", lambda device, interpret: "sm90")  # the H100's configs, on the CPU
-    kw = dict(dtype=torch.bfloat16, head_dim=64, q_block=128, kv_block=128, device=torch.device("cpu"),
+    kw = dict(dtype=torch.bfloat16, head_dim=128, q_block=128, kv_block=128, device=torch.device("cpu"),
               interpret=False, work="masked", short_fwd=True)
     first = api._cached_options(None, **kw)
     assert first.fwd.num_stages == api.SHORT_ROWS_FWD[3] == 3
     monkeypatch.setattr(api, "SHORT_ROWS_FWD", (64, 64, 4, 2))
     second = api._cached_options(None, **kw)
     assert second.fwd.num_stages == 2 and second is not first
+    d64 = dict(kw, head_dim=64)
+    monkeypatch.setattr(api, "SHORT_ROWS_FWD_D64", (64, 128, 4, 2))
+    assert api._cached_options(None, **d64).fwd.tiles["BLOCK_N"] == 128
+    monkeypatch.setattr(api, "SHORT_ROWS_FWD_D64", None)
+    assert api._cached_options(None, **d64).fwd.tiles["BLOCK_N"] == 64
     monkeypatch.setattr(api, "REFINED_BWD", (64, 64, 64, 32, 4, 3))
     third = api._cached_options(None, **dict(kw, refined_bwd=True))
     assert third.bwd.tiles["BLOCK_N2"] == 32 and third.bwd.num_stages == 3
