@@ -298,9 +298,9 @@ _OPTIONS_CACHE: dict = {}
 
 def _cached_options(kernel_options, **kw) -> Options:
     """``parse_kernel_options`` once per distinct call (and per value of the launch constants it
-    reads: ``SHORT_ROWS_FWD`` and ``_D64``, ``REFINED_FWD_LAUNCH``, ``REFINED_BWD``): its checks cost tens of
-    microseconds, as much as a short decode step's kernels. Options that cannot be a key (a
-    malformed dict, unhashable values) are parsed, and rejected, every time."""
+    reads: ``SHORT_ROWS_FWD`` and ``SHORT_ROWS_FWD_D64``, ``REFINED_FWD_LAUNCH``, ``REFINED_BWD``):
+    its checks cost tens of microseconds, as much as a short decode step's kernels. Options that
+    cannot be a key (a malformed dict, unhashable values) are parsed, and rejected, every time."""
     try:
         # The value's type is part of the key: True and 1 hash alike, and only one is a valid num_warps.
         # So are the module's launch constants that parse_kernel_options reads, so that setting one
@@ -1571,9 +1571,10 @@ def flex_attention(
     they are. On sm90 in bf16 or fp16 at head dims 33 to 128, a forward whose rows list at most
     3072 keys on average (S without a block mask) and that no forward tile, warps or stages option
     sets runs on 64 x 64 tiles, 4 warps and 3 stages (``SHORT_ROWS_FWD``; at head dims 33 to 64
-    on ``SHORT_ROWS_FWD_D64``'s where that is set); the mean is read back once per block mask. ``DKDV_NUM_WARPS`` and ``DKDV_NUM_STAGES`` launch the
-    backward's dK/dV kernel with warps and stages of its own (its tiles are ``BLOCK_M1`` and
-    ``BLOCK_N1``); the dQ kernel keeps ``bwd_num_warps`` and ``bwd_num_stages``.
+    on ``SHORT_ROWS_FWD_D64``'s where that is set); the mean is read back once per block mask.
+    ``DKDV_NUM_WARPS`` and ``DKDV_NUM_STAGES`` launch the backward's dK/dV kernel with warps and
+    stages of its own (its tiles are ``BLOCK_M1`` and ``BLOCK_N1``); the dQ kernel keeps
+    ``bwd_num_warps`` and ``bwd_num_stages``.
     """
     _validate(query, key, value, scale, enable_gqa)
     score = as_score_mod(score_mod)

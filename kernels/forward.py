@@ -690,11 +690,13 @@ _per_sm: dict = {}
 # other S=4k row at D=128; at D=64 it was 3 to 5 % faster on none, prefix LM and causal but 4 to
 # 5 % slower on document, sliding window and block-sparse, so D=64 keeps the pointer loads. There
 # (thirty-sixth session) the short rows' 64 x 64 tiles with 3 stages take 57,344 bytes of shared
-# memory with pointers, four programs' share of a multiprocessor exactly, and 57,400 to 58,368 with
-# TMA's mbarriers: three programs. With 2 stages TMA holds four again (40,992 to 41,984 bytes); on the H200 that
-# ran causal 3 % and prefix LM 8 % faster than the pointer loads, and document 1 to 2.5 % and
-# block-sparse 2 % slower (sliding window equal): a lead for a rule by row length, not yet timed on
-# the H100. The outputs equal the pointer loads' bit for bit (GPU and interpreter tests,
+# memory with pointers, four programs' share of a multiprocessor exactly, and 57,400 to 58,368
+# with TMA's mbarriers: three programs. With 2 stages TMA holds four again (40,992 to 41,984
+# bytes); on the H200 that ran causal 3 % and prefix LM 8 % faster than the pointer loads, and
+# document 1 to 2.5 % and block-sparse 2 % slower (sliding window equal). On the H100 (thirty-
+# seventh session): causal 0.8 % and prefix LM 5.2 % faster, block-sparse 1.9 % and document at 1k
+# 2.5 % slower, and 64 x 128 pointer tiles on 2 stages beat it on every short row
+# (kernels.api.SHORT_ROWS_FWD_D64), so D=64 stays on pointers. The outputs equal the pointer loads' bit for bit (GPU and interpreter tests,
 # tests/test_kernels.py).
 TMA_KV = None
 TMA_KV_MIN_DIM = 128

@@ -11,15 +11,13 @@ import textwrap
 
 import pytest
 import torch
+from triton.runtime import interpreter as _interpreter
 
 import kernels
 from kernels import _runtime, mods
 
 interprets = pytest.mark.skipif(not _runtime.process_interprets(),
                                 reason="the interpreter's patches: a process that compiles for the GPU has none")
-
-
-from triton.runtime import interpreter as _interpreter  # noqa: E402
 
 # Triton's own _patch_lang (each call swaps every builtin of the language's modules)
 _OWN = _runtime._unshared.get("patch_lang", _interpreter._patch_lang)
@@ -28,7 +26,7 @@ _OWN = _runtime._unshared.get("patch_lang", _interpreter._patch_lang)
 def _run_both(fn):
     """``fn()`` with the patches shared and made Triton's own way, and the functions whose
     calls reached Triton's own ``_patch_lang``, each way."""
-    results, counts = [], []
+    results, swaps = [], []
     for shared in (True, False):
         calls = []
 
@@ -46,8 +44,8 @@ def _run_both(fn):
             _runtime.unshare_interpreter_patches()
             _interpreter._patch_lang = _OWN
             _runtime.share_interpreter_patches()
-        counts.append(calls)
-    return results, counts
+        swaps.append(calls)
+    return results, swaps
 
 
 @interprets
