@@ -1127,7 +1127,8 @@ REFINED_BWD: Optional[tuple] = (64, 64, 64, 64, 4, 2)
 REFINED_BWD_SAVING = 0.05
 
 
-# The forward on 64 x 64 tiles, 4 warps and 3 stages where its rows are short (sm90, bf16 or fp16,
+# The forward on 64 x 64 tiles, 4 warps and 3 stages (at D=64 SHORT_ROWS_FWD_D64's 64 x 128 on 2
+# stages, below) where its rows are short (sm90, bf16 or fp16,
 # padded head dim 64 or 128, no forward tile or launch option set): where the query tiles' rows list
 # at most SHORT_ROWS_FWD_MAX_KEYS keys on average (``Sparse.mean_row_keys``, partial and full
 # blocks together; S without a block mask), the forward takes SHORT_ROWS_FWD, (BLOCK_M, BLOCK_N,
@@ -1152,13 +1153,15 @@ REFINED_BWD_SAVING = 0.05
 # could be higher, but its long dense and causal rows are untimed. None switches it off.
 SHORT_ROWS_FWD: Optional[tuple] = (64, 64, 4, 3)
 SHORT_ROWS_FWD_MAX_KEYS = 3072
-# When set, the short rows at a padded head dim of 64 take these tiles instead, where the blocks
-# allow (None: SHORT_ROWS_FWD at both head dims). Off until the GPU suite has run with
-# (64, 128, 4, 2), 64 x 128 tiles on 2 stages. The H100 timed those faster (ab.py, forward,
-# against 64 x 64 on 3 stages, two runs; docs/PERFORMANCE.md, thirty-seventh session): causal 4k
-# 2.5 and 4.3 %, prefix LM 7.6 and 5.1 %, block-sparse 1.9 and 2.6 %, sliding window 3.4 %. The
-# document rows walk refined lists (REFINED_FWD_LAUNCH) and never take them.
-SHORT_ROWS_FWD_D64: Optional[tuple] = None  # (64, 128, 4, 2) once the GPU suite has run with it
+# The short rows at a padded head dim of 64 take these tiles instead, where the blocks allow:
+# 64 x 128 on 4 warps and 2 stages (167 registers and 73,728 bytes of shared memory on sm_90
+# for causal at S=4k, three programs a multiprocessor). None: SHORT_ROWS_FWD at both head dims.
+# The H100 timed them faster than 64 x 64 on 3 stages (ab.py, forward, two runs;
+# docs/PERFORMANCE.md, thirty-seventh session): causal 4k 2.5 and 4.3 %, prefix LM 7.6 and 5.1 %,
+# block-sparse 1.9 and 2.6 %, sliding window 3.4 %. On by default since the thirty-eighth session
+# (GPU suite passed on the H100); the document rows walk refined lists (REFINED_FWD_LAUNCH) and
+# never take them.
+SHORT_ROWS_FWD_D64: Optional[tuple] = (64, 128, 4, 2)
 
 
 def _short_rows_tiles(head_dim: int, q_block: int, kv_block: int) -> Optional[tuple]:
@@ -1571,7 +1574,8 @@ def flex_attention(
     they are. On sm90 in bf16 or fp16 at head dims 33 to 128, a forward whose rows list at most
     3072 keys on average (S without a block mask) and that no forward tile, warps or stages option
     sets runs on 64 x 64 tiles, 4 warps and 3 stages (``SHORT_ROWS_FWD``; at head dims 33 to 64
-    on ``SHORT_ROWS_FWD_D64``'s where that is set); the mean is read back once per block mask.
+    on ``SHORT_ROWS_FWD_D64``'s 64 x 128 tiles and 2 stages where they divide the blocks); the
+    mean is read back once per block mask.
     ``DKDV_NUM_WARPS`` and ``DKDV_NUM_STAGES`` launch the backward's dK/dV kernel with warps and
     stages of its own (its tiles are ``BLOCK_M1`` and ``BLOCK_N1``); the dQ kernel keeps
     ``bwd_num_warps`` and ``bwd_num_stages``.

@@ -63,6 +63,11 @@ DELTA_ROWS = 64  # query rows a delta_kernel program reduces
 # "dq" within the rounds' spread of each other on every row, None 2-4 % slower on the dense rows.
 # "dkdv" stays a choice for measurement, not the default: a stream of the highest priority
 # would also take the multiprocessors ahead of the caller's own concurrent work.
+# One grid with the dK/dV programs first and the dQ programs after (PyTorch's order), delta_kernel
+# still before it and no wait in the grid, lost to the two streams on the H100 (ab.py, 3 rounds,
+# D=128; docs/PERFORMANCE.md, thirty-eighth session): backward 1.2 % slower on document at S=4k,
+# 1.8 % at 1k, 3.7 % on GQA document at 4k, 1.7 % on causal at 4k. Its code is
+# docs/perf/kv-first-grid-78920e3.diff, on 78920e3's dq_dkdv_kernel.
 SIDE_KERNEL: Optional[str] = "dq"
 SIDE_KERNELS = ("dkdv", "dq", None)
 
