@@ -180,6 +180,43 @@ def _too_large(kernel, kwargs, options: dict, exc) -> TilesTooLarge:
 
 _unshared: dict = {}  # Triton's own functions while share_interpreter_patches is in place
 
+# Each interpreted launch runs on a thread of its own (``on_fresh_stack``), while the patches above
+# are in place. CPython 3.11 keeps Python frames on a data stack of 16 KiB chunks and frees a chunk
+# as soon as the frame at its base returns, so a loop whose calls cross a chunk's end pays for a
+# chunk's allocation and release on every call. How often an interpreted kernel's millions of
+# calls do depends on how deep the stack was where the launch began: the same saved case's replay
+# (tests/cases/table-gradient-delta-rounding-bf16-broadcast.json, kernel bodies written as nested
+# triton.jit functions) took 21 to 24 s when called 0 to 40 frames deep, 53 s at 50 frames, 42 s at
+# 60, 33 s at 70 and 23 s at 90, and 37 to 44 s under pytest; the forward kernel alone, whose
+# code is the same in both, 4.6 to 11 s. Begun on a new thread, whose stack starts empty, it took
+# 24 to 25 s from 0, 50 and 60 frames (docs/PERFORMANCE.md, thirty-eighth session). A thread costs
+# tens of microseconds a launch; an interpreted launch takes milliseconds to seconds.
+FRESH_STACK = True
+
+
+def on_fresh_stack(fn, *args):
+    """``fn(*args)`` on a new thread, waited for: its result, or its exception raised here."""
+    import threading
+
+    box: dict = {}
+
+    def body():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=body, name="triton-interpreter-launch", daemon=True)
+    worker.start()
+    worker.join()
+    error = box.pop("error", None)
+    if error is not None:
+        try:
+            raise error
+        finally:
+            del error
+    return box.get("value")
+
 
 def share_interpreter_patches() -> bool:
     """Make Triton's interpreter patch ``triton.language`` once a launch, not once a call.
@@ -226,13 +263,18 @@ def share_interpreter_patches() -> bool:
             state.patched = patched | needed
         return scope
 
-    def call(self, *args, **kwargs):
+    def run_grid(self, args, kwargs):
         outer = getattr(state, "patched", None)
         state.patched = frozenset()
         try:
             return launch_call(self, *args, **kwargs)
         finally:
             state.patched = outer
+
+    def call(self, *args, **kwargs):
+        if FRESH_STACK:
+            return on_fresh_stack(run_grid, self, args, kwargs)
+        return run_grid(self, args, kwargs)
 
     _unshared.update(patch_lang=original, call=launch_call)
     interpreter._patch_lang = patch_lang

@@ -1,5 +1,6 @@
 """kernels._runtime: the interpreter's language patches made once a launch
-(``share_interpreter_patches``) change no result, and skip what they say they skip; and the
+(``share_interpreter_patches``) change no result, and skip what they say they skip; each
+interpreted launch runs on a fresh stack (``FRESH_STACK``) with the same result; and the
 test run's own setup (conftest.py) shares the cores among pytest-xdist's workers."""
 
 from __future__ import annotations
@@ -84,6 +85,51 @@ def test_shared_patches_give_the_same_bits_forward_and_backward():
     assert len(launches) >= 4 and launches == [name for name in own_swaps if name.endswith("_kernel")]
     assert len(shared_swaps) <= 2 * len(launches), shared_swaps
     assert len(own_swaps) > 20 * len(shared_swaps), (len(own_swaps), shared_swaps)
+
+
+def test_on_fresh_stack_returns_and_raises_as_the_call_would():
+    import threading
+
+    caller = threading.current_thread()
+    assert _runtime.on_fresh_stack(lambda a, b: (a + b, threading.current_thread()), 2, 3)[0] == 5
+    assert _runtime.on_fresh_stack(lambda: threading.current_thread()) is not caller
+    with pytest.raises(KeyError, match="missing"):
+        _runtime.on_fresh_stack(lambda: {}["missing"])
+
+
+@interprets
+def test_interpreted_launches_run_on_a_fresh_stack_with_the_same_bits(monkeypatch):
+    """With FRESH_STACK each interpreted launch runs on a thread of its own (CPython's frame
+    chunks, kernels._runtime), called from however deep, and gives the bits it gives inline."""
+    import threading
+
+    g = torch.Generator().manual_seed(5)
+    q0, k0, v0 = (torch.randn(1, 2, 80, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    do = torch.randn(1, 2, 80, 16, generator=g).to(torch.bfloat16)
+    threads = []
+    inner = _runtime.on_fresh_stack
+
+    def spy(fn, *args):
+        return inner(lambda *a: (threads.append(threading.current_thread()), fn(*a))[1], *args)
+
+    def run(depth):
+        if depth:
+            return run(depth - 1)
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        out = kernels.flex_attention(q, k, v, score_mod=mods.tanh_softcap(20.0))
+        out.backward(do)
+        return out.detach(), q.grad, k.grad, v.grad
+
+    monkeypatch.setattr(_runtime, "on_fresh_stack", spy)
+    monkeypatch.setattr(_runtime, "FRESH_STACK", True)
+    fresh = run(60)
+    assert len(threads) >= 3 and threading.current_thread() not in threads
+    monkeypatch.setattr(_runtime, "FRESH_STACK", False)
+    launched = len(threads)
+    inline = run(60)
+    assert len(threads) == launched
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fresh, inline):
+        assert torch.equal(a, b), f"{name} differs on a fresh stack"
 
 
 @interprets
