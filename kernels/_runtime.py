@@ -182,15 +182,16 @@ _unshared: dict = {}  # Triton's own functions while share_interpreter_patches i
 
 # Each interpreted launch runs on a thread of its own (``on_fresh_stack``), while the patches above
 # are in place. CPython 3.11 keeps Python frames on a data stack of 16 KiB chunks and frees a chunk
-# as soon as the frame at its base returns, so a loop whose calls cross a chunk's end pays for a
-# chunk's allocation and release on every call. How often an interpreted kernel's millions of
-# calls do depends on how deep the stack was where the launch began: the same saved case's replay
-# (tests/cases/table-gradient-delta-rounding-bf16-broadcast.json, kernel bodies written as nested
-# triton.jit functions) took 21 to 24 s when called 0 to 40 frames deep, 53 s at 50 frames, 42 s at
-# 60, 33 s at 70 and 23 s at 90, and 37 to 44 s under pytest; the forward kernel alone, whose
-# code is the same in both, 4.6 to 11 s. Begun on a new thread, whose stack starts empty, it took
-# 24 to 25 s from 0, 50 and 60 frames (docs/PERFORMANCE.md, thirty-eighth session). A thread costs
-# tens of microseconds a launch; an interpreted launch takes milliseconds to seconds.
+# as soon as the frame at its base returns, so a loop whose calls cross a chunk's end maps and
+# unmaps a chunk on every call. How often an interpreted kernel's millions of calls do depends on
+# how deep the stack was where the launch began. The saved case
+# tests/cases/table-gradient-delta-rounding-bf16-broadcast.json, replayed with kernel bodies written
+# as nested triton.jit functions, took 21 to 24 s when begun 0 to 40 frames deep, 53 s at 50 frames
+# (2.77 million mmap and munmap pairs, strace; 0.10 million at 90), 42 s at 60, 33 s at 70, 23 s at
+# 90, and 37 to 44 s under pytest; begun on a new thread, whose stack starts empty, 24 to 25 s from
+# 0, 50 and 60 frames. With today's kernels: 26.6 s at 0 frames and 32.5 s at 50, and on a new
+# thread 24.7 and 26.3 s (docs/PERFORMANCE.md, thirty-eighth session). A thread costs tens of
+# microseconds a launch; an interpreted launch takes milliseconds to seconds.
 FRESH_STACK = True
 
 
