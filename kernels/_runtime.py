@@ -196,14 +196,18 @@ FRESH_STACK = True
 
 
 def on_fresh_stack(fn, *args):
-    """``fn(*args)`` on a new thread, waited for: its result, or its exception raised here."""
+    """``fn(*args)`` on a new thread, waited for: its result, or its exception raised here. It
+    runs in a copy of the caller's context, so context variables (Triton's allocator,
+    ``triton.set_allocator``) read as the caller set them."""
+    import contextvars
     import threading
 
     box: dict = {}
+    context = contextvars.copy_context()
 
     def body():
         try:
-            box["value"] = fn(*args)
+            box["value"] = context.run(fn, *args)
         except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
             box["error"] = exc
 
@@ -234,7 +238,8 @@ def share_interpreter_patches() -> bool:
     ``tests/test_runtime.py`` checks kernels bit for bit against Triton's own way. It
     applies to every interpreted kernel in the process, a caller's included. triton-viz
     took the same path for its interpreter (Deep-Learning-Profiling-Tools/triton-viz#407:
-    nested calls unpatched, helpers that reference ``tl.core`` patched again). Returns
+    nested calls unpatched, helpers that reference ``tl.core`` patched again). With
+    ``FRESH_STACK`` each launch also runs on a thread of its own (``on_fresh_stack``). Returns
     whether the patch is in place; a Triton without these internals is left alone."""
     if _unshared:
         return True

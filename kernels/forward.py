@@ -696,8 +696,8 @@ _per_sm: dict = {}
 # document 1 to 2.5 % and block-sparse 2 % slower (sliding window equal). On the H100 (thirty-
 # seventh session): causal 0.8 % and prefix LM 5.2 % faster, block-sparse 1.9 % and document at 1k
 # 2.5 % slower, and 64 x 128 pointer tiles on 2 stages beat it on every short row
-# (kernels.api.SHORT_ROWS_FWD_D64), so D=64 stays on pointers. The outputs equal the pointer loads' bit for bit (GPU and interpreter tests,
-# tests/test_kernels.py).
+# (kernels.api.SHORT_ROWS_FWD_D64), so D=64 stays on pointers. The outputs equal the pointer
+# loads' bit for bit (GPU and interpreter tests, tests/test_kernels.py).
 TMA_KV = None
 TMA_KV_MIN_DIM = 128
 

@@ -95,6 +95,15 @@ def test_on_fresh_stack_returns_and_raises_as_the_call_would():
     assert _runtime.on_fresh_stack(lambda: threading.current_thread()) is not caller
     with pytest.raises(KeyError, match="missing"):
         _runtime.on_fresh_stack(lambda: {}["missing"])
+    # The caller's context variables (Triton's allocator is one) are the worker's.
+    import contextvars
+
+    var = contextvars.ContextVar("flex_oracle_test_var", default="unset")
+    token = var.set("caller's")
+    try:
+        assert _runtime.on_fresh_stack(var.get) == "caller's"
+    finally:
+        var.reset(token)
 
 
 @interprets
