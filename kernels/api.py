@@ -1309,18 +1309,20 @@ def _kernel_rcp(name: str) -> Optional[str]:
     return how
 
 
-def _cached_program(score, mask, interpret: bool, rounding: float = 0.0, rcp: Optional[str] = None) -> ModProgram:
-    """``compile_mods`` once per pair of mod objects (and ``rounding``, ``rcp``): generating and
+def _cached_program(score, mask, interpret: bool, rounding: float = 0.0, rcp: Optional[str] = None,
+                    loop: str = "n") -> ModProgram:
+    """``compile_mods`` once per pair of mod objects (and ``rounding``, ``rcp``, ``loop``): generating and
     hashing the Triton source costs more host time than a whole decode step's kernels.
     Mods are immutable and the entry holds them, so their ids stay theirs; the
     tables they capture are read through the program's buffers on every call,
     so in-place updates of a learnable table are still seen."""
-    key = (id(score), id(mask), interpret, rounding, rcp)
+    key = (id(score), id(mask), interpret, rounding, rcp, loop, _mods.DOCUMENT_RANGES)
     hit = _PROGRAM_CACHE.get(key)
-    # The source depends on which tables require grad and on their shapes (strides are baked in).
+    # The source depends on which tables require grad and on their shapes (strides are baked in),
+    # and a derived table (a document mask's ranges) on the versions of the ids it came from.
     if hit is not None and hit[0] is score and hit[1] is mask and hit[3] == _table_state(hit[2]):
         return hit[2]
-    program = compile_mods(score, mask, interpret=interpret, rounding=rounding, rcp=rcp)
+    program = compile_mods(score, mask, interpret=interpret, rounding=rounding, rcp=rcp, loop=loop)
     _PROGRAM_CACHE[key] = (score, mask, program, _table_state(program))
     while len(_PROGRAM_CACHE) > 64:
         _PROGRAM_CACHE.pop(next(iter(_PROGRAM_CACHE)))
@@ -1356,7 +1358,7 @@ def _device_buffers(tables: list, device) -> list:
 
 
 def _table_state(program: ModProgram) -> tuple:
-    return tuple((t.requires_grad, tuple(t.shape)) for t in program.buffers)
+    return tuple((t.requires_grad, tuple(t.shape), _mods.derived_sources(t)) for t in program.buffers)
 
 
 # --------------------------------------------------------------------------
@@ -1603,13 +1605,22 @@ def flex_attention(
                 shifted = _auto_shifted(sparse, refined, mask, B, Hq, L, S)
                 sparse, auto = (refined if shifted is None else shifted), True
     program = _cached_program(score, mask, interpret)
-    program_bwd = program_dkdv = None
+    program_bwd = program_dkdv = rcp_dkdv = None
     rounding = DTYPE_ROUNDING.get(query.dtype, 0.0)
     if rounding and program.has_score:  # (a mask alone compiles the same at any rounding)
         program_bwd = _cached_program(score, mask, interpret, rounding)
         rcp_dkdv, rcp_fwd = _kernel_rcp("TANH_RCP_DKDV"), _kernel_rcp("TANH_RCP_FWD")
-        if rcp_dkdv is not None:
-            program_dkdv = _cached_program(score, mask, interpret, rounding, rcp=rcp_dkdv)
+    # The dK/dV kernel's loop walks queries: its own program where the mask reads by the loop's
+    # index (kernels.mods.DOCUMENT_RANGES) or where it takes its own reciprocal.
+    base = program if program_bwd is None else program_bwd
+    kv_program = _cached_program(score, mask, interpret, rounding if program_bwd is not None else 0.0,
+                                 rcp=rcp_dkdv, loop="m")
+    if kv_program.source != base.source:
+        if [id(t) for t in kv_program.buffers] != [id(t) for t in base.buffers]:
+            raise RuntimeError("kernels.mods compiled the dK/dV kernel's mods with other buffers than the "
+                               "backward's; the kernels share them. This is a bug in kernels.mods.")
+        program_dkdv = kv_program
+    if program_bwd is not None:
         if not (return_lse or return_max):
             # A forward that returns out alone takes the rounding's mods too (with
             # kernels.mods.TANH_RCP_FWD's reciprocal where it names one).

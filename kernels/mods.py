@@ -40,6 +40,14 @@ __all__ = [
 # Captured tensors reach the kernels through this many pointer arguments.
 MAX_BUFFERS = 4
 
+# The document mask as a range test where its ids are sorted (``_Document.ranges``): a kernel
+# whose loop walks keys reads its row's first kept key and their count, and keeps a key n where
+# ``(n - first) < count`` unsigned; one whose loop walks queries (the dK/dV kernel) reads its
+# key's first kept query and count. That is two loads that do not depend on the loop's index
+# and one compare a score, where the id compare gathers the ids of every key (or query) of the
+# tile on each partial step. False: the id compare always.
+DOCUMENT_RANGES = True
+
 
 # --------------------------------------------------------------------------
 # code generation
@@ -49,7 +57,7 @@ class _Gen:
     """Collects the statements of one generated Triton function."""
 
     def __init__(self, buffers: list, interpret: bool = False, gluon: bool = False, rounding: float = 0.0,
-                 rcp: Optional[str] = None):
+                 rcp: Optional[str] = None, loop: str = "n"):
         self.lines: list[str] = []
         self.buffers = buffers  # shared by the mask and score functions of one program
         self.interpret = interpret  # for the Triton interpreter: no inline PTX
@@ -57,6 +65,7 @@ class _Gen:
         self.rounding = rounding  # compile_mods' rounding: what a cheaper formula may cost
         self.rcp = rcp  # compile_mods' rcp: the fast tanh's reciprocal (None: TANH_RCP)
         self.notes: dict = {}  # a mod's intermediates by its output's name, for its _emit_grad
+        self.loop = loop  # the index the kernel's loop walks: "n" (keys) or "m" (queries, dK/dV)
         self._n = 0
 
     def tmp(self, expr: str) -> str:
@@ -95,6 +104,13 @@ class _Gen:
                     offset = re.sub(rf"\b{var}\b", f"{var}r", offset)
                     return f"tl.expand_dims(tl.load({name} + {offset}), {axis})"
         return f"tl.load({name} + {offset})"
+
+
+def derived_sources(t: torch.Tensor) -> tuple:
+    """The current versions of the tensors a derived table was computed from (``_Document.ranges``),
+    () for a captured tensor: part of a program's state, so that a program is rebuilt when they
+    change in place."""
+    return tuple(src._version for src, _ in getattr(t, "_flex_sources", ()))
 
 
 def _contiguous_strides(shape) -> list[int]:
@@ -163,7 +179,8 @@ _PROGRAMS: dict = {}
 
 
 def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"], *,
-                 interpret: bool = False, rounding: float = 0.0, rcp: Optional[str] = None) -> ModProgram:
+                 interpret: bool = False, rounding: float = 0.0, rcp: Optional[str] = None,
+                 loop: str = "n") -> ModProgram:
     """Generate (or fetch from the cache) the Triton functions for the two mods.
 
     ``interpret`` asks for functions the Triton interpreter can call (CPU tensors).
@@ -180,11 +197,17 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
     ``rcp``: how the fast tanh takes its reciprocal on the GPU in this program, one of
     ``TANH_RCPS`` (None: ``TANH_RCP``; a softcap class's own ``RCP`` comes first). The dK/dV
     kernel's program takes ``TANH_RCP_DKDV`` here (``kernels.api``).
+
+    ``loop``: the index the calling kernel's loop walks, ``"n"`` (the keys: forward, dQ, decode)
+    or ``"m"`` (the queries: dK/dV). A mask may read what does not vary along the loop
+    (``DOCUMENT_RANGES``); the programs of one call take the same buffers in the same slots.
     """
     if rcp is not None and rcp not in TANH_RCPS:
         raise ValueError(f"Expected rcp in {TANH_RCPS} or None, got rcp={rcp!r}.")
+    if loop not in ("n", "m"):
+        raise ValueError(f"Expected loop in ('n', 'm'), got loop={loop!r}.")
     buffers: list = []
-    mask_gen = _Gen(buffers, interpret)
+    mask_gen = _Gen(buffers, interpret, loop=loop)
     mask_out = mask_mod._emit(mask_gen) if mask_mod is not None else "True"
     mask_loads = bool(buffers)  # every captured tensor the mask reads went through _Gen.buffer
     fwd = _Gen(buffers, interpret, rounding=rounding, rcp=rcp)
@@ -214,7 +237,7 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
 
     learnable = [k for k, t in enumerate(buffers) if t.requires_grad]
     if learnable and rounding:
-        return compile_mods(score_mod, mask_mod, interpret=interpret)
+        return compile_mods(score_mod, mask_mod, interpret=interpret, loop=loop)
     fns = [
         _function("mask_fn", f"b, h, m, n, {_BUF_ARGS}", mask_gen.lines, mask_out),
         _function("score_fn", f"qk, scale, b, h, m, n, {_BUF_ARGS}", fwd.lines, score_out),
@@ -714,7 +737,50 @@ class _Document(MaskMod):
         same = self.q_ids.tensor.to(dev)[q_idx] == self.kv_ids.tensor.to(dev)[kv_idx]
         return same & (q_idx >= kv_idx) if self.causal else same
 
+    def ranges(self) -> Optional[torch.Tensor]:
+        """Where both id tables are sorted, the mask as ranges: an int32 [Lq + Sk, 2] table on
+        the ids' device (Lq, Sk their lengths), None where either is not sorted.
+
+        Row i < Lq holds (first, count): query i keeps the keys first <= j < first + count
+        (with ``causal``, j <= i too). Row Lq + j holds the same for key j: the queries that
+        keep it. Sorted ids make each such set one run; ``torch.searchsorted`` finds its ends.
+        Computed once per pair of id versions (one host sync where the ids are on a GPU, for the
+        sortedness); the table carries its sources (``derived_sources``), so that a program
+        built on it is rebuilt when the ids change in place (``kernels.api._table_state``)."""
+        q, kv = self.q_ids.tensor, self.kv_ids.tensor
+        key = (q._version, kv._version)
+        hit = getattr(self, "_ranges_hit", None)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        q64, kv64 = q.to(torch.int64), kv.to(device=q.device, dtype=torch.int64)
+        ordered = bool(((q64[1:] >= q64[:-1]).all() & (kv64[1:] >= kv64[:-1]).all()).item())
+        table = None
+        if ordered and q64.numel() and kv64.numel():
+            rows = torch.arange(q64.numel(), device=q.device)
+            first = torch.searchsorted(kv64, q64)
+            end = torch.searchsorted(kv64, q64, right=True)
+            if self.causal:
+                end = torch.minimum(end, rows + 1)
+            keys = torch.arange(kv64.numel(), device=q.device)
+            q_first = torch.searchsorted(q64, kv64)
+            q_end = torch.searchsorted(q64, kv64, right=True)
+            if self.causal:
+                q_first = torch.maximum(q_first, keys)
+            table = torch.cat([torch.stack([first, (end - first).clamp_min(0)], 1),
+                               torch.stack([q_first, (q_end - q_first).clamp_min(0)], 1)])
+            table = table.to(torch.int32).contiguous()
+            table._flex_sources = ((q, q._version), (kv, kv._version))
+        self._ranges_hit = (key, table)
+        return table
+
     def _emit(self, g):
+        table = self.ranges() if DOCUMENT_RANGES and not g.gluon else None
+        if table is not None:
+            lq = self.q_ids.tensor.shape[0]
+            # The loop walks keys: the row's keys (first, count); it walks queries: the key's queries.
+            own, along = ("m", "n") if g.loop == "n" else (f"n + {lq}", "m")
+            first, count = g.load(table, own, "0"), g.load(table, own, "1")
+            return g.tmp(f"({along} - {first}).to(tl.uint32, bitcast=True) < {count}.to(tl.uint32, bitcast=True)")
         qd = g.load(self.q_ids.tensor, "m")
         kd = g.load(self.kv_ids.tensor, "n")
         expr = f"{qd} == {kd}"

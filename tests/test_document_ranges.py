@@ -1,0 +1,146 @@
+"""The document mask's range form (``kernels.mods.DOCUMENT_RANGES``) against its definition.
+
+Where both id tables are sorted, ``_Document.ranges`` turns ``q_ids[i] == kv_ids[j]`` (and
+``i >= j`` when causal) into one run of keys per query and one run of queries per key, and the
+kernels test ``(n - first) < count`` unsigned instead of gathering ids. These tests check the
+table against the mask element by element, the kernels on both forms against the oracle
+(sorted ids, unsorted ids, causal, L != S, GQA), and that a program is rebuilt when the ids
+change in place.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+
+import kernels
+import kernels.api
+from kernels import mods
+from tests.test_kernels import check
+
+DEVICE = "cpu"
+
+
+def _ids(n: int, docs: int, seed: int, *, shuffled: bool = False, dtype=torch.int32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.sort(torch.randint(0, docs, (n,), generator=g)).values
+    if shuffled:
+        ids = ids[torch.randperm(n, generator=g)]
+    return ids.to(dtype)
+
+
+def _from_table(table: torch.Tensor, Lq: int, Sk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two masks the table encodes, [Lq, Sk] each: by rows (first key, count) and by keys."""
+    i = torch.arange(Lq)[:, None]
+    j = torch.arange(Sk)[None, :]
+    rows, keys = table[:Lq].long(), table[Lq:].long()
+    by_rows = ((j - rows[:, :1]) >= 0) & ((j - rows[:, :1]) < rows[:, 1:])
+    by_keys = ((i - keys[:, 0][None, :]) >= 0) & ((i - keys[:, 0][None, :]) < keys[:, 1][None, :])
+    return by_rows, by_keys
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Lq,Sk,docs", [(37, 37, 4), (20, 53, 3), (61, 9, 5), (16, 16, 1), (5, 40, 7)])
+def test_ranges_table_is_the_mask(Lq, Sk, docs, causal):
+    """Every element of both encodings equals the id compare, including queries whose document has
+    no key (count 0) and, when causal, rows whose run ends before it starts."""
+    for seed in range(3):
+        q, kv = _ids(Lq, docs, seed), _ids(Sk, docs, seed + 100, dtype=torch.int64)
+        doc = mods.document(q, kv, causal=causal)
+        table = doc.ranges()
+        assert table is not None and table.dtype == torch.int32 and table.shape == (Lq + Sk, 2)
+        assert int(table[:, 1].min()) >= 0
+        want = doc(0, 0, torch.arange(Lq)[:, None], torch.arange(Sk)[None, :])
+        by_rows, by_keys = _from_table(table, Lq, Sk)
+        assert torch.equal(by_rows, want)
+        assert torch.equal(by_keys, want)
+
+
+def test_ranges_need_sorted_ids():
+    """Unsorted ids on either side have no range form (None: the kernels gather ids)."""
+    sorted_ids, shuffled = _ids(40, 4, 0), _ids(40, 4, 0, shuffled=True)
+    assert not torch.equal(sorted_ids, shuffled)
+    assert mods.document(sorted_ids).ranges() is not None
+    assert mods.document(shuffled).ranges() is None
+    assert mods.document(sorted_ids, shuffled).ranges() is None
+    assert mods.document(shuffled, sorted_ids).ranges() is None
+
+
+def test_programs_take_the_form_their_loop_reads():
+    """The forward's program (loop over keys) reads its row's run, the dK/dV kernel's (loop over
+    queries) its key's, from the same buffer; unsorted ids, or the flag off, compile the gather."""
+    doc = mods.document(_ids(48, 3, 1))
+    fwd = mods.compile_mods(None, doc, loop="n")
+    dkdv = mods.compile_mods(None, doc, loop="m")
+    assert "uint32" in fwd.source and "(n - tl.load(B0 + (m) * 2" in fwd.source
+    assert "(m - tl.load(B0 + (n + 48) * 2" in dkdv.source
+    assert fwd.buffers[0] is dkdv.buffers[0] and len(fwd.buffers) == 1
+    gather = mods.compile_mods(None, mods.document(_ids(48, 3, 1, shuffled=True)), loop="m")
+    assert "uint32" not in gather.source and " == " in gather.source
+    with pytest.raises(ValueError, match="loop"):
+        mods.compile_mods(None, doc, loop="k")
+    saved = mods.DOCUMENT_RANGES
+    mods.DOCUMENT_RANGES = False
+    try:
+        assert "uint32" not in mods.compile_mods(None, mods.document(_ids(48, 3, 1)), loop="n").source
+    finally:
+        mods.DOCUMENT_RANGES = saved
+
+
+_CASES = {
+    # name: (L, S, Hq, Hkv, shuffled, causal, block)
+    "sorted": (96, 96, 2, 2, False, False, 32),
+    "sorted-causal-tails": (83, 83, 2, 2, False, True, 32),
+    "sorted-kv-longer-gqa": (70, 130, 4, 2, False, False, 32),
+    "sorted-causal-q-longer": (130, 70, 2, 2, False, True, 64),
+    "shuffled": (96, 96, 2, 2, True, False, 32),
+    "shuffled-causal-gqa": (80, 112, 4, 1, True, True, 32),
+}
+
+
+def _case_mask(name, device):
+    L, S, _, _, shuffled, causal, _ = _CASES[name]
+    q = _ids(L, 5, 7, shuffled=shuffled).to(device)
+    kv = q if L == S else _ids(S, 5, 8, shuffled=shuffled).to(device)
+    return mods.document(q, kv, causal=causal)
+
+
+def _check_case(name, device, dtype):
+    L, S, Hq, Hkv, shuffled, causal, block = _CASES[name]
+    mask = _case_mask(name, device)
+    assert (mask.ranges() is None) == shuffled
+    check(B=2, Hq=Hq, Hkv=Hkv, L=L, S=S, E=32, dtype=dtype, mask_mod=mask, block_size=block,
+          device=device, seed=5)
+
+
+@pytest.mark.parametrize("name", sorted(_CASES))
+def test_document_forms_match_the_oracle(name):
+    """out, the LSE, the max and dq, dk, dv against the float64 oracle on both forms."""
+    _check_case(name, DEVICE, torch.float16)
+
+
+def test_ids_changed_in_place_rebuild_the_program():
+    """The range table is derived from the ids: an in-place update (to other sorted ids, then to
+    unsorted ones) gives a new table or the gather form, never the old table."""
+    L = 96
+    ids = _ids(L, 3, 2)
+    doc = mods.document(ids)
+    check(L=L, S=L, mask_mod=doc, device=DEVICE, seed=1)
+    first = kernels.api._cached_program(None, doc, True)
+    assert "uint32" in first.source
+    ids.copy_(_ids(L, 6, 3))  # other documents, still sorted
+    second = kernels.api._cached_program(None, doc, True)
+    assert second is not first and second.buffers[0] is not first.buffers[0]
+    check(L=L, S=L, mask_mod=doc, device=DEVICE, seed=1)
+    ids.copy_(_ids(L, 6, 3, shuffled=True))
+    third = kernels.api._cached_program(None, doc, True)
+    assert "uint32" not in third.source
+    check(L=L, S=L, mask_mod=doc, device=DEVICE, seed=1)
+
+
+@pytest.mark.gpu
+def test_gpu_document_forms_match_the_oracle():
+    """The same cases compiled for the GPU, bf16, ids on the GPU (the sortedness read there)."""
+    for name in sorted(_CASES):
+        _check_case(name, "cuda", torch.bfloat16)
