@@ -512,7 +512,10 @@ def _draw(recipe: dict) -> torch.Tensor:
         ids = torch.zeros(n, dtype=torch.long)
         if len(cuts):
             ids[torch.sort(cuts).values] = 1
-        return torch.cumsum(ids, 0).to(dtype).expand(shape).contiguous()
+        ids = torch.cumsum(ids, 0)
+        if recipe.get("shuffled"):  # the same documents, their positions permuted (no range form)
+            ids = ids[torch.randperm(n, generator=gen)]
+        return ids.to(dtype).expand(shape).contiguous()
     if kind == "bernoulli":
         if recipe.get("rows"):
             # One draw per row (all but the last dimension), the same along it: a row mask.
@@ -792,7 +795,9 @@ class _Document(MaskMod):
 def document(q_ids, kv_ids=None, *, causal: bool = False) -> MaskMod:
     """Attend within a document: ``q_ids[i] == kv_ids[j]`` (1-D integer tensors, L and S long).
 
-    ``document.from_seed(length, count, seed)`` draws sorted ids for ``count`` documents.
+    ``document.from_seed(length, count, seed)`` draws sorted ids for ``count`` documents
+    (``shuffled=True``: the same ids in permuted positions). Sorted ids run in the kernels as a
+    range test (``DOCUMENT_RANGES``), unsorted ones as the id compare.
     """
     q = _as_table(q_ids, "q_ids")
     kv = q if kv_ids is None else _as_table(kv_ids, "kv_ids")
@@ -803,10 +808,11 @@ def document(q_ids, kv_ids=None, *, causal: bool = False) -> MaskMod:
 
 
 def _document_from_seed(length: int, count: int, seed: int, *, kv_length: Optional[int] = None,
-                        causal: bool = False, device="cpu") -> MaskMod:
-    q = seeded("segments", [length], seed, dtype=torch.int32, device=device, count=count)
+                        causal: bool = False, shuffled: bool = False, device="cpu") -> MaskMod:
+    extra = {"shuffled": True} if shuffled else {}  # (absent from older recipes: sorted)
+    q = seeded("segments", [length], seed, dtype=torch.int32, device=device, count=count, **extra)
     kv = q if kv_length is None or kv_length == length else seeded(
-        "segments", [kv_length], seed, dtype=torch.int32, device=device, count=count)
+        "segments", [kv_length], seed, dtype=torch.int32, device=device, count=count, **extra)
     return _Document(q, kv, causal)
 
 

@@ -353,8 +353,9 @@ def _draw_mask(draw, L: int, S: int, batch: int, heads: int, depth: int, budget:
         return mods.dilated_sliding_window(draw(st.integers(0, n)), draw(st.integers(1, 4)))
     if kind == "document":
         budget[0] -= 1 if L == S else 2
+        # Sorted ids take the kernels' range test, shuffled ones the id compare (kernels.mods.DOCUMENT_RANGES).
         return mods.document.from_seed(L, draw(st.integers(1, 6)), draw(_seeds()), kv_length=S,
-                                       causal=draw(st.booleans()))
+                                       causal=draw(st.booleans()), shuffled=draw(st.booleans()))
     if kind == "table_mask":
         budget[0] -= 1
         per_head = heads if heads > 1 and draw(st.booleans()) else 1

@@ -144,3 +144,15 @@ def test_gpu_document_forms_match_the_oracle():
     """The same cases compiled for the GPU, bf16, ids on the GPU (the sortedness read there)."""
     for name in sorted(_CASES):
         _check_case(name, "cuda", torch.bfloat16)
+
+
+def test_from_seed_shuffled_is_replayable():
+    """``document.from_seed(..., shuffled=True)``: the sorted draw's ids in permuted positions, kept
+    in the recipe (so a saved case replays them); recipes without the key stay sorted."""
+    sorted_doc = mods.document.from_seed(200, 5, 3)
+    shuffled = mods.document.from_seed(200, 5, 3, shuffled=True)
+    a, b = sorted_doc.q_ids.tensor, shuffled.q_ids.tensor
+    assert torch.equal(torch.sort(b).values, a) and not torch.equal(a, b)
+    assert "shuffled" not in sorted_doc.spec()["q_ids"] and shuffled.spec()["q_ids"]["shuffled"] is True
+    assert torch.equal(mods.from_spec(shuffled.spec()).q_ids.tensor, b)
+    assert shuffled.ranges() is None and sorted_doc.ranges() is not None
