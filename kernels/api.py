@@ -1299,6 +1299,14 @@ _PROGRAM_CACHE: dict = {}
 # check the code the GPU runs.
 DTYPE_ROUNDING = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
+# The forward (and decode) take a document mask's range test (kernels.mods.DOCUMENT_RANGES) from
+# this padded head dim. On the H100 (fortieth session, ab.py --pace gpu, S=4k) it ran the D=128
+# document forward 2.4 % and the GQA one 2.9 % faster, the D=64 ones 4 % slower (and 5 % at
+# S=1k): there it takes 152 registers a thread against 122 (benchmarks/codegen.py), which by
+# registers leaves room for three 4-warp programs a multiprocessor instead of four. The dQ kernel takes it at every
+# head dim (1 to 3.5 % faster backward).
+DOCUMENT_RANGES_FWD_MIN_DIM = 128
+
 
 def _kernel_rcp(name: str) -> Optional[str]:
     """``kernels.mods.TANH_RCP_DKDV`` or ``TANH_RCP_FWD``: a kernel's own fast-tanh reciprocal
@@ -1310,19 +1318,21 @@ def _kernel_rcp(name: str) -> Optional[str]:
 
 
 def _cached_program(score, mask, interpret: bool, rounding: float = 0.0, rcp: Optional[str] = None,
-                    loop: str = "n") -> ModProgram:
-    """``compile_mods`` once per pair of mod objects (and ``rounding``, ``rcp``, ``loop``): generating and
+                    loop: str = "n", ranges: Optional[bool] = None) -> ModProgram:
+    """``compile_mods`` once per pair of mod objects (and ``rounding``, ``rcp``, ``loop``, ``ranges``;
+    None: ``kernels.mods.DOCUMENT_RANGES``): generating and
     hashing the Triton source costs more host time than a whole decode step's kernels.
     Mods are immutable and the entry holds them, so their ids stay theirs; the
     tables they capture are read through the program's buffers on every call,
     so in-place updates of a learnable table are still seen."""
-    key = (id(score), id(mask), interpret, rounding, rcp, loop, _mods.DOCUMENT_RANGES)
+    ranges = _mods.DOCUMENT_RANGES if ranges is None else bool(ranges)
+    key = (id(score), id(mask), interpret, rounding, rcp, loop, ranges, _mods.DOCUMENT_RANGES_DKDV)
     hit = _PROGRAM_CACHE.get(key)
     # The source depends on which tables require grad and on their shapes (strides are baked in),
     # and a derived table (a document mask's ranges) on the versions of the ids it came from.
     if hit is not None and hit[0] is score and hit[1] is mask and hit[3] == _table_state(hit[2]):
         return hit[2]
-    program = compile_mods(score, mask, interpret=interpret, rounding=rounding, rcp=rcp, loop=loop)
+    program = compile_mods(score, mask, interpret=interpret, rounding=rounding, rcp=rcp, loop=loop, ranges=ranges)
     _PROGRAM_CACHE[key] = (score, mask, program, _table_state(program))
     while len(_PROGRAM_CACHE) > 64:
         _PROGRAM_CACHE.pop(next(iter(_PROGRAM_CACHE)))
@@ -1355,6 +1365,14 @@ def _device_buffers(tables: list, device) -> list:
             _COPIES[key] = hit
         out.append(hit[1])
     return out
+
+
+def _own_buffers(program: ModProgram, forward: ModProgram, device) -> Optional[list]:
+    """``program``'s tables on the device where they are not the forward program's, else None."""
+    a, b = program.buffers, forward.buffers
+    if len(a) == len(b) and all(x is y for x, y in zip(a, b)):
+        return None
+    return _device_buffers(a, device)
 
 
 def _table_state(program: ModProgram) -> tuple:
@@ -1393,10 +1411,15 @@ class Plan:
     # Whether the backward took REFINED_BWD's tiles (the dK/dV kernel then issues dV first:
     # kernels.backward.dp_first).
     refined_bwd: bool = False
-    # The backward's mods, compiled with DTYPE_ROUNDING's rounding (None: program).
+    # The dQ kernel's mods, compiled with DTYPE_ROUNDING's rounding (None: program).
     program_bwd: Optional[ModProgram] = None
-    # The dK/dV kernel's, where kernels.mods.TANH_RCP_DKDV asks for its own (None: program_bwd).
+    # The dK/dV kernel's: its loop walks queries, and kernels.mods.TANH_RCP_DKDV may give it
+    # its own reciprocal (None: program_bwd).
     program_dkdv: Optional[ModProgram] = None
+    # program_bwd's and program_dkdv's tables where they are not program's (a document mask's
+    # ids where another kernel reads its ranges), on the device; None: buffers.
+    bwd_buffers: Optional[list] = None
+    dkdv_buffers: Optional[list] = None
 
     @property
     def backward_program(self) -> ModProgram:
@@ -1425,9 +1448,12 @@ class Plan:
     def module(self, name: str):
         return _runtime.module(name)
 
-    def buffer_args(self, like: torch.Tensor) -> list:
+    def buffer_args(self, like: torch.Tensor, kernel: str = "forward") -> list:
+        """B0..B3 of a kernel ("forward" and decode, "dq", "dkdv"): its program's tables, then dummies."""
+        own = {"forward": None, "dq": self.bwd_buffers, "dkdv": self.dkdv_buffers}[kernel]
+        buffers = self.buffers if own is None else own
         dummy = like.new_empty(1)
-        return self.buffers + [dummy] * (4 - len(self.buffers))
+        return buffers + [dummy] * (4 - len(buffers))
 
 
 _LAYOUTS: dict = {}
@@ -1604,27 +1630,27 @@ def flex_attention(
             if refined is not None:
                 shifted = _auto_shifted(sparse, refined, mask, B, Hq, L, S)
                 sparse, auto = (refined if shifted is None else shifted), True
-    program = _cached_program(score, mask, interpret)
-    program_bwd = program_dkdv = rcp_dkdv = None
+    # A document mask's range test (kernels.mods.DOCUMENT_RANGES) in the dQ kernel, and in the
+    # forward (and decode) from DOCUMENT_RANGES_FWD_MIN_DIM.
+    ranges = _mods.DOCUMENT_RANGES
+    fwd_ranges = ranges and _runtime.next_power_of_2(max(E, Ev)) >= DOCUMENT_RANGES_FWD_MIN_DIM
+    program = _cached_program(score, mask, interpret, ranges=fwd_ranges)
+    rcp_dkdv = rcp_fwd = None
     rounding = DTYPE_ROUNDING.get(query.dtype, 0.0)
-    if rounding and program.has_score:  # (a mask alone compiles the same at any rounding)
-        program_bwd = _cached_program(score, mask, interpret, rounding)
+    # The backward's mods are rounded where a score mod computes (a mask alone compiles the same
+    # at any rounding); the dK/dV kernel's loop walks queries (compile_mods' loop), with its own
+    # reciprocal where TANH_RCP_DKDV names one. Each kernel reads its own program's tables
+    # (Plan.buffer_args), which differ where one takes a document mask's range test and one not.
+    rounded = bool(rounding and program.has_score)
+    bwd_rounding = rounding if rounded else 0.0
+    if rounded:
         rcp_dkdv, rcp_fwd = _kernel_rcp("TANH_RCP_DKDV"), _kernel_rcp("TANH_RCP_FWD")
-    # The dK/dV kernel's loop walks queries: its own program where the mask reads by the loop's
-    # index (kernels.mods.DOCUMENT_RANGES) or where it takes its own reciprocal.
-    base = program if program_bwd is None else program_bwd
-    kv_program = _cached_program(score, mask, interpret, rounding if program_bwd is not None else 0.0,
-                                 rcp=rcp_dkdv, loop="m")
-    if kv_program.source != base.source:
-        if [id(t) for t in kv_program.buffers] != [id(t) for t in base.buffers]:
-            raise RuntimeError("kernels.mods compiled the dK/dV kernel's mods with other buffers than the "
-                               "backward's; the kernels share them. This is a bug in kernels.mods.")
-        program_dkdv = kv_program
-    if program_bwd is not None:
-        if not (return_lse or return_max):
-            # A forward that returns out alone takes the rounding's mods too (with
-            # kernels.mods.TANH_RCP_FWD's reciprocal where it names one).
-            program = program_bwd if rcp_fwd is None else _cached_program(score, mask, interpret, rounding, rcp=rcp_fwd)
+    program_bwd = _cached_program(score, mask, interpret, bwd_rounding, ranges=ranges)
+    program_dkdv = _cached_program(score, mask, interpret, bwd_rounding, rcp=rcp_dkdv, loop="m", ranges=ranges)
+    if rounded and not (return_lse or return_max):
+        # A forward that returns out alone takes the rounding's mods too (with
+        # kernels.mods.TANH_RCP_FWD's reciprocal where it names one).
+        program = _cached_program(score, mask, interpret, rounding, rcp=rcp_fwd, ranges=fwd_ranges)
     work = work_kind(block_mask is not None, program.has_score)
     option_args = dict(
         dtype=query.dtype, head_dim=max(E, Ev), q_block=sparse.q_block, kv_block=sparse.kv_block,
@@ -1670,6 +1696,8 @@ def flex_attention(
         fp32_precision="ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32",
         return_max=return_max,
         buffers=_device_buffers(program.buffers, device),
+        bwd_buffers=_own_buffers(program_bwd, program, device),
+        dkdv_buffers=_own_buffers(program_dkdv, program, device),
     )
     learnable = [program.buffers[k] for k in program.learnable]
     if not interpret:

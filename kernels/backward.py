@@ -722,8 +722,15 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         dk = _empty_like_layout(key, (B, Hkv, S, E), key.dtype)
         dv = _empty_like_layout(value, (B, Hkv, S, Ev), value.dtype)
     grads = [torch.zeros(t.numel(), dtype=torch.float32, device=dev) if k in prog.learnable else None
-             for k, t in enumerate(plan.buffers)]
-    grad_args = [g if g is not None else lse for g in grads] + [lse] * (4 - len(grads))
+             for k, t in enumerate(prog.buffers)]
+    # The dK/dV kernel adds the learnable tables' gradients, in the slots its own program gives
+    # them (its tables differ from the dQ kernel's where one reads a document mask's ranges).
+    kv_prog = plan.dkdv_program
+    by_table = {id(t): g for t, g in zip(prog.buffers, grads) if g is not None}
+    grad_args = [by_table.get(id(t), lse) for t in kv_prog.buffers] + [lse] * (4 - len(kv_prog.buffers))
+    if len(by_table) != sum(id(t) in by_table for t in kv_prog.buffers):
+        raise RuntimeError("The dK/dV kernel's mods lack a learnable table of the dQ kernel's; "
+                           "this is a bug in kernels.mods.")
 
     qk_pad, v_pad = head_pads(E, Ev)
     common = dict(
@@ -739,7 +746,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     # None is a choice here (the G rule), so "module" stands for the flag as it is now.
     dp_first_flag = DKDV_DP_FIRST if dp_first_flag == "module" else dp_first_flag
     tiles = opt.bwd.tiles
-    bufs = plan.buffer_args(query)
+    bufs, kv_bufs = plan.buffer_args(query, "dq"), plan.buffer_args(query, "dkdv")
 
     # Under the interpreter (no streams) CONCURRENT still takes delta_kernel and DELTA_READY:
     # the CPU tests check that path against the fused one.
@@ -777,7 +784,6 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         MB, MH = sp.kv_idx.shape[:2]
         q_full_num = sp.full_q_num if sp.has_full else sp.q_num
         q_full_idx = sp.full_q_idx if sp.has_full else sp.q_idx
-        kv_prog = plan.dkdv_program  # the backward's, or one with TANH_RCP_DKDV's reciprocal
         fns = dict(SCORE_FN=kv_prog.score_fn, SCORE_BWD_FN=kv_prog.score_bwd_fn, MASK_FN=kv_prog.mask_fn)
         q_arg, do_arg = query, dout
         if tma_dkdv and not opt.prescale and tma_ready(query, dout):
@@ -787,7 +793,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
         _runtime.launch(
             dkdv_kernel, (_runtime.cdiv(S, tiles["BLOCK_N1"]), B * Hkv),
             q_arg, key, value, do_arg, dk, dv, lse2, delta, qs, dqa,
-            sp.q_num, sp.q_idx, q_full_num, q_full_idx, *bufs, *grad_args,
+            sp.q_num, sp.q_idx, q_full_num, q_full_idx, *kv_bufs, *grad_args,
             *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *qs.stride(),
             plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
@@ -822,7 +828,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     if broadcast:
         dk = dk.sum(0, keepdim=True).to(key.dtype)
         dv = dv.sum(0, keepdim=True).to(value.dtype)
-    dbufs = [grads[k].view(plan.buffers[k].shape).to(plan.buffers[k].dtype) for k in prog.learnable]
+    dbufs = [grads[k].view(prog.buffers[k].shape).to(prog.buffers[k].dtype) for k in prog.learnable]
     return dq, dk, dv, dbufs
 
 

@@ -41,12 +41,20 @@ __all__ = [
 MAX_BUFFERS = 4
 
 # The document mask as a range test where its ids are sorted (``_Document.ranges``): a kernel
-# whose loop walks keys reads its row's first kept key and their count, and keeps a key n where
-# ``(n - first) < count`` unsigned; one whose loop walks queries (the dK/dV kernel) reads its
-# key's first kept query and count. That is two loads that do not depend on the loop's index
-# and one compare a score, where the id compare gathers the ids of every key (or query) of the
-# tile on each partial step. False: the id compare always.
+# whose loop walks keys (forward, dQ, decode) reads its row's first kept key and their count,
+# and keeps a key n where ``(n - first) < count`` unsigned: two loads that do not depend on the
+# loop's index, where the id compare gathers the ids of every key of the tile on each partial
+# step (sm_90, S=4k, a partial step: dQ 420 instructions against 500 at D=64, 462 against 507
+# at D=128; forward 430 against 460 and 484 against 499). False: the id compare always. A
+# program takes it where compile_mods' ``ranges`` says; kernels.api asks for it in the dQ
+# kernel and, from a head dim of DOCUMENT_RANGES_FWD_MIN_DIM, in the forward and decode.
 DOCUMENT_RANGES = True
+# The same in the dK/dV kernel, whose loop walks queries: its key's first keeping query and
+# count. Off: there the id compare gathers the queries' ids alone (the key's are fixed) and the
+# range test's subtract a score costs about what it saves (491 instructions a partial step
+# against 460 at D=64; at D=128, 584 against 571 and 28 spilled registers; on the H100 the
+# backward within 2 % either way, docs/PERFORMANCE.md, fortieth session).
+DOCUMENT_RANGES_DKDV = False
 
 
 # --------------------------------------------------------------------------
@@ -57,7 +65,7 @@ class _Gen:
     """Collects the statements of one generated Triton function."""
 
     def __init__(self, buffers: list, interpret: bool = False, gluon: bool = False, rounding: float = 0.0,
-                 rcp: Optional[str] = None, loop: str = "n"):
+                 rcp: Optional[str] = None, loop: str = "n", ranges: bool = False):
         self.lines: list[str] = []
         self.buffers = buffers  # shared by the mask and score functions of one program
         self.interpret = interpret  # for the Triton interpreter: no inline PTX
@@ -66,6 +74,7 @@ class _Gen:
         self.rcp = rcp  # compile_mods' rcp: the fast tanh's reciprocal (None: TANH_RCP)
         self.notes: dict = {}  # a mod's intermediates by its output's name, for its _emit_grad
         self.loop = loop  # the index the kernel's loop walks: "n" (keys) or "m" (queries, dK/dV)
+        self.ranges = ranges  # a document mask may take its range test (DOCUMENT_RANGES)
         self._n = 0
 
     def tmp(self, expr: str) -> str:
@@ -180,7 +189,7 @@ _PROGRAMS: dict = {}
 
 def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"], *,
                  interpret: bool = False, rounding: float = 0.0, rcp: Optional[str] = None,
-                 loop: str = "n") -> ModProgram:
+                 loop: str = "n", ranges: Optional[bool] = None) -> ModProgram:
     """Generate (or fetch from the cache) the Triton functions for the two mods.
 
     ``interpret`` asks for functions the Triton interpreter can call (CPU tensors).
@@ -199,15 +208,17 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
     kernel's program takes ``TANH_RCP_DKDV`` here (``kernels.api``).
 
     ``loop``: the index the calling kernel's loop walks, ``"n"`` (the keys: forward, dQ, decode)
-    or ``"m"`` (the queries: dK/dV). A mask may read what does not vary along the loop
-    (``DOCUMENT_RANGES``); the programs of one call take the same buffers in the same slots.
+    or ``"m"`` (the queries: dK/dV). ``ranges``: a document mask with sorted ids may take its
+    range test, which reads what does not vary along the loop (None: ``DOCUMENT_RANGES``; in
+    the dK/dV kernel's loop only with ``DOCUMENT_RANGES_DKDV``). The buffers of one call's
+    programs may then differ (``ModProgram.buffers``; ``kernels.api.Plan.buffer_args``).
     """
     if rcp is not None and rcp not in TANH_RCPS:
         raise ValueError(f"Expected rcp in {TANH_RCPS} or None, got rcp={rcp!r}.")
     if loop not in ("n", "m"):
         raise ValueError(f"Expected loop in ('n', 'm'), got loop={loop!r}.")
     buffers: list = []
-    mask_gen = _Gen(buffers, interpret, loop=loop)
+    mask_gen = _Gen(buffers, interpret, loop=loop, ranges=DOCUMENT_RANGES if ranges is None else ranges)
     mask_out = mask_mod._emit(mask_gen) if mask_mod is not None else "True"
     mask_loads = bool(buffers)  # every captured tensor the mask reads went through _Gen.buffer
     fwd = _Gen(buffers, interpret, rounding=rounding, rcp=rcp)
@@ -237,7 +248,7 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
 
     learnable = [k for k, t in enumerate(buffers) if t.requires_grad]
     if learnable and rounding:
-        return compile_mods(score_mod, mask_mod, interpret=interpret, loop=loop)
+        return compile_mods(score_mod, mask_mod, interpret=interpret, loop=loop, ranges=ranges)
     fns = [
         _function("mask_fn", f"b, h, m, n, {_BUF_ARGS}", mask_gen.lines, mask_out),
         _function("score_fn", f"qk, scale, b, h, m, n, {_BUF_ARGS}", fwd.lines, score_out),
@@ -777,7 +788,8 @@ class _Document(MaskMod):
         return table
 
     def _emit(self, g):
-        table = self.ranges() if DOCUMENT_RANGES and not g.gluon else None
+        wanted = g.ranges and not g.gluon and (g.loop == "n" or DOCUMENT_RANGES_DKDV)
+        table = self.ranges() if wanted else None
         if table is not None:
             lq = self.q_ids.tensor.shape[0]
             # The loop walks keys: the row's keys (first, count); it walks queries: the key's queries.

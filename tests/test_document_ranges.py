@@ -68,14 +68,22 @@ def test_ranges_need_sorted_ids():
 
 
 def test_programs_take_the_form_their_loop_reads():
-    """The forward's program (loop over keys) reads its row's run, the dK/dV kernel's (loop over
-    queries) its key's, from the same buffer; unsorted ids, or the flag off, compile the gather."""
+    """The forward's program (loop over keys) reads its row's run; the dK/dV kernel's (loop over
+    queries) compares ids unless DOCUMENT_RANGES_DKDV, then reads its key's run from the same
+    table; unsorted ids, or the flag off, compile the gather."""
     doc = mods.document(_ids(48, 3, 1))
     fwd = mods.compile_mods(None, doc, loop="n")
+    assert "uint32" in fwd.source and "(n - tl.load(B0 + (m) * 2" in fwd.source and len(fwd.buffers) == 1
     dkdv = mods.compile_mods(None, doc, loop="m")
-    assert "uint32" in fwd.source and "(n - tl.load(B0 + (m) * 2" in fwd.source
+    assert "uint32" not in dkdv.source and dkdv.buffers == [doc.q_ids.tensor]
+    saved = mods.DOCUMENT_RANGES_DKDV
+    mods.DOCUMENT_RANGES_DKDV = True
+    try:
+        dkdv = mods.compile_mods(None, doc, loop="m")
+    finally:
+        mods.DOCUMENT_RANGES_DKDV = saved
     assert "(m - tl.load(B0 + (n + 48) * 2" in dkdv.source
-    assert fwd.buffers[0] is dkdv.buffers[0] and len(fwd.buffers) == 1
+    assert fwd.buffers[0] is dkdv.buffers[0] and len(dkdv.buffers) == 1
     gather = mods.compile_mods(None, mods.document(_ids(48, 3, 1, shuffled=True)), loop="m")
     assert "uint32" not in gather.source and " == " in gather.source
     with pytest.raises(ValueError, match="loop"):
@@ -114,10 +122,29 @@ def _check_case(name, device, dtype):
           device=device, seed=5)
 
 
+@pytest.mark.parametrize("dkdv_ranges", [False, True])
 @pytest.mark.parametrize("name", sorted(_CASES))
-def test_document_forms_match_the_oracle(name):
-    """out, the LSE, the max and dq, dk, dv against the float64 oracle on both forms."""
-    _check_case(name, DEVICE, torch.float16)
+def test_document_forms_match_the_oracle(name, dkdv_ranges):
+    """out, the LSE, the max and dq, dk, dv against the float64 oracle on both forms (and the dK/dV
+    kernel's range test, off by default)."""
+    saved = mods.DOCUMENT_RANGES_DKDV
+    mods.DOCUMENT_RANGES_DKDV = dkdv_ranges
+    try:
+        _check_case(name, DEVICE, torch.float16)
+    finally:
+        mods.DOCUMENT_RANGES_DKDV = saved
+
+
+def test_learnable_table_gradient_reaches_its_slot_in_the_dkdv_kernel():
+    """A learnable bias beside a document mask: the forward's program holds [ranges, bias], the
+    dK/dV kernel's [q ids, kv ids, bias], so the bias's gradient slot moves; both kernels add
+    into it (dbuffer against the oracle)."""
+    L, S = 64, 96
+    q, kv = _ids(L, 3, 4), _ids(S, 3, 5)
+    bias = torch.randn(2, L, S, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    score = mods.bias(bias)
+    check(Hq=2, L=L, S=S, E=16, dtype=torch.float32, score_mod=score, mask_mod=mods.document(q, kv),
+          device=DEVICE, seed=2)
 
 
 def test_ids_changed_in_place_rebuild_the_program():
@@ -156,3 +183,32 @@ def test_from_seed_shuffled_is_replayable():
     assert "shuffled" not in sorted_doc.spec()["q_ids"] and shuffled.spec()["q_ids"]["shuffled"] is True
     assert torch.equal(mods.from_spec(shuffled.spec()).q_ids.tensor, b)
     assert shuffled.ranges() is None and sorted_doc.ranges() is not None
+
+
+@pytest.mark.parametrize("E,forward_ranges", [(32, False), (64, False), (128, True)])
+def test_each_kernel_takes_its_form(E, forward_ranges, monkeypatch):
+    """kernels.flex_attention compiles the dQ kernel's document mask as the range test, the
+    forward's from a padded head dim of DOCUMENT_RANGES_FWD_MIN_DIM (at D=64 the range test costs
+    the H100 forward a program a multiprocessor), the dK/dV kernel's as the id compare; each
+    kernel gets its own program's tables."""
+    from kernels import _runtime
+
+    backward = _runtime.module("backward")
+    seen = []
+
+    def spy(plan, *args, **kwargs):
+        seen.append(plan)
+        return run(plan, *args, **kwargs)
+
+    run = backward.run_backward
+    monkeypatch.setattr(backward, "run_backward", spy)
+    assert kernels.api.DOCUMENT_RANGES_FWD_MIN_DIM == 128
+    L = 80
+    check(L=L, S=L, E=E, mask_mod=mods.document(_ids(L, 4, 9)), device=DEVICE, seed=3)
+    plan = seen[-1]
+    assert ("uint32" in plan.program.source) == forward_ranges
+    assert "uint32" in plan.backward_program.source
+    assert "uint32" not in plan.dkdv_program.source
+    assert [t.shape for t in plan.buffer_args(plan.buffers[0], "dq")[:1]] == [(2 * L, 2)]
+    assert [t.shape for t in plan.buffer_args(plan.buffers[0], "dkdv")[:1]] == [(L,)]
+    assert [t.shape for t in plan.buffer_args(plan.buffers[0])[:1]] == [(2 * L, 2) if forward_ranges else (L,)]
