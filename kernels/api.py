@@ -1300,12 +1300,12 @@ _PROGRAM_CACHE: dict = {}
 DTYPE_ROUNDING = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 # The forward (and decode) take a document mask's range test (kernels.mods.DOCUMENT_RANGES) from
-# this padded head dim. On the H100 (fortieth session, ab.py --pace gpu, S=4k) it ran the D=128
-# document forward 2.4 % and the GQA one 2.9 % faster, the D=64 ones 4 % slower (and 5 % at
-# S=1k): there it takes 152 registers a thread against 122 (benchmarks/codegen.py), which by
-# registers leaves room for three 4-warp programs a multiprocessor instead of four. The dQ kernel takes it at every
-# head dim (1 to 3.5 % faster backward).
-DOCUMENT_RANGES_FWD_MIN_DIM = 128
+# this padded head dim. On the H100 (fortieth session, ab.py --pace gpu) it ran the D=128
+# document forward 2.4 % and the GQA one 2.9 % faster at S=4k; at D=64 4.3 % and 4.4 % faster
+# (3.5 % at S=1k) under kernels.forward.RANGES_FWD_MAXNREG's register cap, 3 to 5 % slower
+# without it. Narrower heads were not timed. The dQ kernel takes it at every head dim (1 to
+# 3.5 % faster backward).
+DOCUMENT_RANGES_FWD_MIN_DIM = 64
 
 
 def _kernel_rcp(name: str) -> Optional[str]:

@@ -77,6 +77,29 @@ def one_loop_for(program, sparse, L: int) -> bool:
     return sparse.mean_row_keys(L) <= ONE_LOOP_MAX_ROW_KEYS
 
 
+# ptxas's register cap for a forward whose mask takes the document range test below a padded
+# head dim of 128 (``maxnreg``; None: none). On the 64 x 64 tiles, 4 warps, the D=64 document
+# forward took 152 registers a thread with the range test (122 with the id compare), which by
+# registers holds three programs a multiprocessor; capped at 128 (no spills, 437 instructions a
+# partial step against the id compare's 460; benchmarks/codegen.py) it holds four. On the H100
+# (fortieth session, ab.py --pace gpu) that ran the D=64 document forward 4.3 % faster than the
+# id compare at S=4k (GQA 4.4 %, 3.5 % at S=1k), where uncapped it was 3 to 5 % slower.
+RANGES_FWD_MAXNREG = 128
+FWD_MAXNREG = None  # a cap for every forward launch (None: RANGES_FWD_MAXNREG's rule alone)
+
+
+def fwd_maxnreg(plan):
+    """The forward's register cap: FWD_MAXNREG where set, else RANGES_FWD_MAXNREG for a program
+    whose mask takes the range test below a padded head dim of 128 (on the GPU)."""
+    if plan.interpret:
+        return None
+    if FWD_MAXNREG is not None:
+        return FWD_MAXNREG
+    if plan.program.mask_ranges and head_pad(max(plan.E, plan.Ev)) < 128:
+        return RANGES_FWD_MAXNREG
+    return None
+
+
 @triton.jit
 def load_tile(PTR, offs_r, offs_c, stride_r, stride_c, N_R, N_C, CHECK_R: tl.constexpr, CHECK_C: tl.constexpr):
     """Load PTR[offs_r, offs_c] with zero padding past N_R rows / N_C columns."""
@@ -847,6 +870,7 @@ def run_forward(plan, query, key, value):
         ONE_LOOP_EAGER_MASK=ONE_LOOP_EAGER_MASK, **constexprs,
         num_warps=opt.fwd.num_warps, num_stages=opt.fwd.num_stages,
         options=opt.fwd.options_for("BLOCK_M", "BLOCK_N"),
+        **({} if fwd_maxnreg(plan) is None else {"maxnreg": fwd_maxnreg(plan)}),
     )
     if (kernel is forward_persistent_kernel and not plan.interpret and per_key not in _per_sm
             and hasattr(compiled, "n_regs")):

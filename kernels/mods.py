@@ -75,6 +75,7 @@ class _Gen:
         self.notes: dict = {}  # a mod's intermediates by its output's name, for its _emit_grad
         self.loop = loop  # the index the kernel's loop walks: "n" (keys) or "m" (queries, dK/dV)
         self.ranges = ranges  # a document mask may take its range test (DOCUMENT_RANGES)
+        self.took_ranges = False  # one did
         self._n = 0
 
     def tmp(self, expr: str) -> str:
@@ -182,6 +183,7 @@ class ModProgram:
     has_score: bool
     has_mask: bool
     mask_loads: bool = False  # the mask function gathers from a captured tensor (document ids, a table)
+    mask_ranges: bool = False  # the mask function takes a document mask's range test (DOCUMENT_RANGES)
 
 
 _PROGRAMS: dict = {}
@@ -273,6 +275,7 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
         has_score=bool(mods),
         has_mask=mask_mod is not None,
         mask_loads=mask_loads,
+        mask_ranges=mask_gen.took_ranges,
     )
 
 
@@ -794,6 +797,7 @@ class _Document(MaskMod):
             lq = self.q_ids.tensor.shape[0]
             # The loop walks keys: the row's keys (first, count); it walks queries: the key's queries.
             own, along = ("m", "n") if g.loop == "n" else (f"n + {lq}", "m")
+            g.took_ranges = True
             first, count = g.load(table, own, "0"), g.load(table, own, "1")
             return g.tmp(f"({along} - {first}).to(tl.uint32, bitcast=True) < {count}.to(tl.uint32, bitcast=True)")
         qd = g.load(self.q_ids.tensor, "m")

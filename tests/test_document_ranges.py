@@ -185,12 +185,13 @@ def test_from_seed_shuffled_is_replayable():
     assert shuffled.ranges() is None and sorted_doc.ranges() is not None
 
 
-@pytest.mark.parametrize("E,forward_ranges", [(32, False), (64, False), (128, True)])
+@pytest.mark.parametrize("E,forward_ranges", [(32, False), (64, True), (128, True)])
 def test_each_kernel_takes_its_form(E, forward_ranges, monkeypatch):
     """kernels.flex_attention compiles the dQ kernel's document mask as the range test, the
     forward's from a padded head dim of DOCUMENT_RANGES_FWD_MIN_DIM (at D=64 the range test costs
-    the H100 forward a program a multiprocessor), the dK/dV kernel's as the id compare; each
-    kernel gets its own program's tables."""
+    the H100 forward a program a multiprocessor unless its registers are capped,
+    kernels.forward.RANGES_FWD_MAXNREG), the dK/dV kernel's as the id compare; each kernel gets
+    its own program's tables."""
     from kernels import _runtime
 
     backward = _runtime.module("backward")
@@ -202,11 +203,14 @@ def test_each_kernel_takes_its_form(E, forward_ranges, monkeypatch):
 
     run = backward.run_backward
     monkeypatch.setattr(backward, "run_backward", spy)
-    assert kernels.api.DOCUMENT_RANGES_FWD_MIN_DIM == 128
+    assert kernels.api.DOCUMENT_RANGES_FWD_MIN_DIM == 64
     L = 80
     check(L=L, S=L, E=E, mask_mod=mods.document(_ids(L, 4, 9)), device=DEVICE, seed=3)
     plan = seen[-1]
-    assert ("uint32" in plan.program.source) == forward_ranges
+    assert ("uint32" in plan.program.source) == forward_ranges == plan.program.mask_ranges
+    plan.interpret = False  # the cap is the GPU's: the rule, as it would read there
+    cap = _runtime.module("forward").fwd_maxnreg(plan)
+    assert cap == (128 if forward_ranges and E < 128 else None)
     assert "uint32" in plan.backward_program.source
     assert "uint32" not in plan.dkdv_program.source
     assert [t.shape for t in plan.buffer_args(plan.buffers[0], "dq")[:1]] == [(2 * L, 2)]
