@@ -296,3 +296,20 @@ def test_dkdv_loop_runs_the_exponentials_under_the_dp_product():
             assert issued == ["64x64", "64x64", "64x128", "64x128"] * (len(issued) // 4), (kernel, line)
             assert int(products.group(2)) >= 32, (kernel, line)
     assert [seen.count(m) for m in ("prefix_lm", "softcap", "document")] == [2, 2, 2], out
+
+
+def test_d64_document_forward_keeps_four_programs_a_multiprocessor():
+    """bench.py's document row at S=4k, D=64 (bf16, with the LSE): the forward takes the document
+    range test (``kernels.api.DOCUMENT_RANGES_FWD_MIN_DIM``), which ptxas left at 152 registers a
+    thread, three 4-warp programs a multiprocessor by registers, and 3 to 5 % slower than the id
+    compare on the H100. Capped at 128 (``kernels.forward.RANGES_FWD_MAXNREG``) without spills it
+    holds four (4.3 % faster than the id compare, fortieth session): 4 x 128 x 128 registers fill
+    the 65,536, and 4 x (shared + 1 KiB reserved) <= 233,472 bytes."""
+    out = _run("--masks", "document", "--seqlens", "4k", "--head-dims", "64", "--forward-only", "--lse",
+               script=ROOT / "benchmarks" / "codegen.py")
+    rows = [line.split() for line in out.splitlines() if "forward_kernel" in line]
+    assert len(rows) == 1, out
+    assert rows[0][4:7] == ["BLOCK_M=64,BLOCK_N=64", "4", "3"], rows[0]
+    regs, spills, shared = int(rows[0][-3]), rows[0][-2], int(rows[0][-1])
+    assert regs <= 128 and spills == "0/0", rows[0]
+    assert 4 * (shared + 1024) <= 233472, rows[0]
