@@ -15,8 +15,12 @@ Two kernels, and with ``CONCURRENT`` (the default) a third before them:
 
 Probabilities are recomputed from the stored LSE (base 2 inside the kernels).
 
-The mods run as ``Plan.backward_program``: in bf16 and fp16 compiled with the rounding of
-``kernels.api.DTYPE_ROUNDING`` (as the forward's are when it returns out alone), where a
+The dQ kernel runs the mods as ``Plan.backward_program`` and the dK/dV kernel as
+``Plan.dkdv_program``, compiled for a loop over queries: a document mask keeps its id compare
+there, where the dQ kernel takes its range test (``kernels.mods.DOCUMENT_RANGES``), and each
+kernel reads its own program's tables (``Plan.buffer_args``). In bf16 and fp16 both are
+compiled with the rounding of ``kernels.api.DTYPE_ROUNDING`` (as the forward's are when it
+returns out alone), where a
 softcap's tanh comes from exp2 and one reciprocal
 (``kernels.mods.TANH_FAST_ERR``; 3e-7 absolute at most, against the 2**-8 to which P, dS and the
 gradients are rounded): 9 instructions per score where Eigen's rational took 20, so that on

@@ -83,7 +83,9 @@ def one_loop_for(program, sparse, L: int) -> bool:
 # registers holds three programs a multiprocessor; capped at 128 (no spills, 437 instructions a
 # partial step against the id compare's 460; benchmarks/codegen.py) it holds four. On the H100
 # (fortieth session, ab.py --pace gpu) that ran the D=64 document forward 4.3 % faster than the
-# id compare at S=4k (GQA 4.4 %, 3.5 % at S=1k), where uncapped it was 3 to 5 % slower.
+# id compare at S=4k (GQA 4.4 %, 3.5 % at S=1k), where uncapped it was 3 to 5 % slower. With a
+# score mod (softcap, ALiBi) the capped D=64 document forward also compiles to 128 registers
+# without spills, where its id compare takes 168 and 158; those rows were not timed.
 RANGES_FWD_MAXNREG = 128
 FWD_MAXNREG = None  # a cap for every forward launch (None: RANGES_FWD_MAXNREG's rule alone)
 
@@ -854,6 +856,8 @@ def run_forward(plan, query, key, value):
             constexprs = dict(ONE_LOOP=True)
         grid = (counts.numel(),)
         args = args + (table, counts, table.shape[1], n_m)
+    maxnreg = fwd_maxnreg(plan)
+    cap = {} if maxnreg is None else {"maxnreg": maxnreg}
     compiled = _runtime.launch(
         kernel, grid, *args,
         SCORE_FN=prog.score_fn, MASK_FN=prog.mask_fn, HAS_SCORE=prog.has_score,
@@ -870,7 +874,7 @@ def run_forward(plan, query, key, value):
         ONE_LOOP_EAGER_MASK=ONE_LOOP_EAGER_MASK, **constexprs,
         num_warps=opt.fwd.num_warps, num_stages=opt.fwd.num_stages,
         options=opt.fwd.options_for("BLOCK_M", "BLOCK_N"),
-        **({} if fwd_maxnreg(plan) is None else {"maxnreg": fwd_maxnreg(plan)}),
+        **cap,
     )
     if (kernel is forward_persistent_kernel and not plan.interpret and per_key not in _per_sm
             and hasattr(compiled, "n_regs")):

@@ -136,9 +136,9 @@ def test_document_forms_match_the_oracle(name, dkdv_ranges):
 
 
 def test_learnable_table_gradient_reaches_its_slot_in_the_dkdv_kernel():
-    """A learnable bias beside a document mask: the forward's program holds [ranges, bias], the
-    dK/dV kernel's [q ids, kv ids, bias], so the bias's gradient slot moves; both kernels add
-    into it (dbuffer against the oracle)."""
+    """A learnable bias beside a document mask: the dQ kernel's program holds [ranges, bias], the
+    dK/dV kernel's [q ids, kv ids, bias], so the bias's gradient slot moves between them; the
+    dK/dV kernel adds into the dQ program's slot (dbuffer against the oracle)."""
     L, S = 64, 96
     q, kv = _ids(L, 3, 4), _ids(S, 3, 5)
     bias = torch.randn(2, L, S, generator=torch.Generator().manual_seed(0)).requires_grad_()
