@@ -208,7 +208,7 @@ def parse_kernel_options(
     kernel_options: Optional[dict], *, dtype, head_dim: int, q_block: int, kv_block: int,
     device: torch.device, interpret: bool, work: Optional[str] = None,
     bwd_blocks: Optional[tuple] = None, refined_fwd: bool = False, refined_bwd: bool = False,
-    short_fwd: bool = False,
+    short_fwd: bool = False, ranges_fwd: bool = False,
 ) -> Options:
     """Validate ``kernel_options`` (PyTorch's names) and fill in the defaults
     (``work``: the config row, see ``work_kind``). Forward tiles divide ``q_block`` /
@@ -217,7 +217,8 @@ def parse_kernel_options(
     stages for a forward on automatically refined lists, unless the options set them;
     ``refined_bwd`` takes ``REFINED_BWD`` for the backward's default tiles and launch;
     ``short_fwd`` takes ``SHORT_ROWS_FWD`` (``SHORT_ROWS_FWD_D64``, where set, at a padded head
-    dim of 64) for the forward's (``_short_fwd_wanted``)."""
+    dim of 64) for the forward's (``_short_fwd_wanted``); ``ranges_fwd`` takes ``RANGES_FWD_D64``
+    for them, over ``short_fwd`` (``_ranges_fwd_wanted``)."""
     opts = dict(kernel_options or {})
     if kernel_options is not None and not isinstance(kernel_options, dict):
         raise TypeError(f"Expected kernel_options to be a dict or None, got {type(kernel_options).__name__}.")
@@ -245,6 +246,8 @@ def parse_kernel_options(
             default = default[:-2] + REFINED_FWD_LAUNCH
         if phase == "fwd" and short_fwd:
             default = _short_rows_tiles(head_dim, q_block, kv_block)
+        if phase == "fwd" and ranges_fwd:
+            default = RANGES_FWD_D64
         if phase == "bwd" and refined_bwd:
             default = REFINED_BWD
         for k, name in enumerate(names):
@@ -298,7 +301,8 @@ _OPTIONS_CACHE: dict = {}
 
 def _cached_options(kernel_options, **kw) -> Options:
     """``parse_kernel_options`` once per distinct call (and per value of the launch constants it
-    reads: ``SHORT_ROWS_FWD`` and ``SHORT_ROWS_FWD_D64``, ``REFINED_FWD_LAUNCH``, ``REFINED_BWD``):
+    reads: ``SHORT_ROWS_FWD``, ``SHORT_ROWS_FWD_D64``, ``RANGES_FWD_D64``, ``REFINED_FWD_LAUNCH``,
+    ``REFINED_BWD``):
     its checks cost tens of microseconds, as much as a short decode step's kernels. Options that
     cannot be a key (a malformed dict, unhashable values) are parsed, and rejected, every time."""
     try:
@@ -308,7 +312,7 @@ def _cached_options(kernel_options, **kw) -> Options:
         key = (tuple(sorted((k, type(v).__name__, v) for k, v in kernel_options.items()))
                if isinstance(kernel_options, dict) else kernel_options,
                tuple(sorted((k, str(v)) for k, v in kw.items())),
-               SHORT_ROWS_FWD, SHORT_ROWS_FWD_D64, REFINED_FWD_LAUNCH, REFINED_BWD)
+               SHORT_ROWS_FWD, SHORT_ROWS_FWD_D64, RANGES_FWD_D64, REFINED_FWD_LAUNCH, REFINED_BWD)
         hash(key)
     except TypeError:
         return parse_kernel_options(kernel_options, **kw)
@@ -1191,6 +1195,35 @@ def _short_fwd_wanted(kernel_options, arch: str, dtype, head_dim: int, q_block: 
     return not _launch_given(kernel_options, "fwd")
 
 
+# The forward's tiles at a padded head dim of 64 where its program takes the document range test
+# (``ModProgram.mask_ranges``, from DOCUMENT_RANGES_FWD_MIN_DIM) without a score mod, on lists that
+# were not refined (refined lists keep REFINED_FWD_LAUNCH on 64 x 64): 128 x 128 on 8 warps and 3 stages, under
+# kernels.forward.RANGES_FWD_MAXNREG's cap of 128 registers (64 scores a thread, as the short
+# rows' 64 x 128 on 4 warps). At that cap two programs fit a multiprocessor (sm_90: 112 KiB of
+# shared memory each). On the H100 (forty-first session, ab.py --pace gpu, 3 rounds; document at
+# S=16k, D=64, where the rows list 2,664 keys on average and took SHORT_ROWS_FWD_D64): forward
+# 0.871 ms against 0.936 on 64 x 128, 4 warps, 2 stages (7 % faster; GQA document 0.870 against
+# 0.925), where 64 x 64 on 3 stages took 0.892, 128 x 128 on 8 warps and 2 stages 0.892, on 4
+# stages 1.141 (one program a multiprocessor), uncapped 1.130, and the id compare on these tiles
+# (uncapped: it takes no cap) 1.125. Long rows (over SHORT_ROWS_FWD_MAX_KEYS) took the D=64 row's
+# 128 x 128 on 4 warps, which under the cap ran 3.41 ms (128 scores a thread: spills). None: the
+# short or default tiles, as for any other mask. A score mod beside the mask (softcap, ALiBi) keeps
+# them too: untimed on these tiles.
+RANGES_FWD_D64: Optional[tuple] = (128, 128, 8, 3)
+
+
+def _ranges_fwd_wanted(kernel_options, arch: str, dtype, head_dim: int, q_block: int, kv_block: int) -> bool:
+    """Whether a forward whose program takes the document range test (on lists that were not
+    refined) runs on ``RANGES_FWD_D64``: sm90, bf16 or fp16, a padded head dim of 64, blocks its
+    tiles divide, and no option that sets a forward tile, warps or stages."""
+    tiles = RANGES_FWD_D64
+    if tiles is None or arch != "sm90" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if max(16, _runtime.next_power_of_2(head_dim)) != 64 or q_block % tiles[0] or kv_block % tiles[1]:
+        return False
+    return not _launch_given(kernel_options, "fwd")
+
+
 def _refine_option(kernel_options, q_block: int, kv_block: int) -> tuple:
     """``(REFINE_Q_BLOCK, REFINE_KV_BLOCK)`` of ``kernel_options``, checked: each None, or a power
     of two >= 16 that divides the block mask's Q_BLOCK / KV_BLOCK (None where it equals it:
@@ -1657,7 +1690,11 @@ def flex_attention(
         device=device, interpret=interpret, work=work,
         bwd_blocks=(sparse_bwd.q_block, sparse_bwd.kv_block), refined_fwd=auto,
     )
-    if (not auto and _short_fwd_wanted(kernel_options, _arch(device, interpret), query.dtype, max(E, Ev),
+    if (not auto and program.mask_ranges and not program.has_score
+            and _ranges_fwd_wanted(kernel_options, _arch(device, interpret), query.dtype, max(E, Ev),
+                                   sparse.q_block, sparse.kv_block)):
+        option_args["ranges_fwd"] = True
+    elif (not auto and _short_fwd_wanted(kernel_options, _arch(device, interpret), query.dtype, max(E, Ev),
                                        sparse.q_block, sparse.kv_block)
             and (S if block_mask is None else sparse.mean_row_keys(L)) <= SHORT_ROWS_FWD_MAX_KEYS):
         option_args["short_fwd"] = True

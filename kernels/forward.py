@@ -87,17 +87,25 @@ def one_loop_for(program, sparse, L: int) -> bool:
 # score mod (softcap, ALiBi) the capped D=64 document forward also compiles to 128 registers
 # without spills, where its id compare takes 168 and 158; those rows were not timed.
 RANGES_FWD_MAXNREG = 128
+# The cap holds on tiles of at most this many scores a thread (64 x 64 and 64 x 128 on 4 warps,
+# kernels.api.RANGES_FWD_D64's 128 x 128 on 8): 128 x 128 on 4 warps (128 a thread) under it ran
+# the D=64 document forward at S=16k in 3.41 ms, against 1.50 uncapped (H100, forty-first
+# session), so a caller's tiles of that size go uncapped.
+RANGES_CAP_SCORES = 64
 FWD_MAXNREG = None  # a cap for every forward launch (None: RANGES_FWD_MAXNREG's rule alone)
 
 
 def fwd_maxnreg(plan):
     """The forward's register cap: FWD_MAXNREG where set, else RANGES_FWD_MAXNREG for a program
-    whose mask takes the range test below a padded head dim of 128 (on the GPU)."""
+    whose mask takes the range test below a padded head dim of 128 (on the GPU), on tiles that
+    give each thread at most 64 scores (``RANGES_CAP_SCORES``)."""
     if plan.interpret:
         return None
     if FWD_MAXNREG is not None:
         return FWD_MAXNREG
-    if plan.program.mask_ranges and head_pad(max(plan.E, plan.Ev)) < 128:
+    fwd = plan.options.fwd
+    if (plan.program.mask_ranges and head_pad(max(plan.E, plan.Ev)) < 128
+            and fwd.tiles["BLOCK_M"] * fwd.tiles["BLOCK_N"] <= RANGES_CAP_SCORES * 32 * fwd.num_warps):
         return RANGES_FWD_MAXNREG
     return None
 

@@ -298,18 +298,26 @@ def test_dkdv_loop_runs_the_exponentials_under_the_dp_product():
     assert [seen.count(m) for m in ("prefix_lm", "softcap", "document")] == [2, 2, 2], out
 
 
-def test_d64_document_forward_keeps_four_programs_a_multiprocessor():
-    """bench.py's document row at S=4k, D=64 (bf16, with the LSE): the forward takes the document
-    range test (``kernels.api.DOCUMENT_RANGES_FWD_MIN_DIM``), which ptxas left at 152 registers a
-    thread, three 4-warp programs a multiprocessor by registers, and 3 to 5 % slower than the id
-    compare on the H100. Capped at 128 (``kernels.forward.RANGES_FWD_MAXNREG``) without spills it
-    holds four (4.3 % faster than the id compare, fortieth session): 4 x 128 x 128 registers fill
-    the 65,536, and 4 x (shared + 1 KiB reserved) <= 233,472 bytes."""
-    out = _run("--masks", "document", "--seqlens", "4k", "--head-dims", "64", "--forward-only", "--lse",
+def test_d64_document_forward_keeps_its_programs_a_multiprocessor():
+    """bench.py's document rows at D=64 (bf16, with the LSE), whose forward takes the document
+    range test (``kernels.api.DOCUMENT_RANGES_FWD_MIN_DIM``) under a cap of 128 registers a thread
+    (``kernels.forward.RANGES_FWD_MAXNREG``), each without spills:
+
+    * S=4k, refined lists, 64 x 64 on 4 warps: ptxas left the range test at 152 registers, three
+      programs a multiprocessor by registers and 3 to 5 % slower than the id compare on the H100;
+      capped it holds four (4.3 % faster than the id compare, fortieth session): 4 x 128 x 128
+      registers fill the 65,536, and 4 x (shared + 1 KiB reserved) <= 233,472 bytes.
+    * S=16k, unrefined lists, ``kernels.api.RANGES_FWD_D64``'s 128 x 128 on 8 warps: two programs
+      (7 % faster than the short rows' 64 x 128 on 4 warps, which spilled 8 bytes under the cap;
+      forty-first session)."""
+    out = _run("--masks", "document", "--seqlens", "4k,16k", "--head-dims", "64", "--forward-only", "--lse",
                script=ROOT / "benchmarks" / "codegen.py")
     rows = [line.split() for line in out.splitlines() if "forward_kernel" in line]
-    assert len(rows) == 1, out
-    assert rows[0][4:7] == ["BLOCK_M=64,BLOCK_N=64", "4", "3"], rows[0]
-    regs, spills, shared = int(rows[0][-3]), rows[0][-2], int(rows[0][-1])
-    assert regs <= 128 and spills == "0/0", rows[0]
-    assert 4 * (shared + 1024) <= 233472, rows[0]
+    assert len(rows) == 2, out
+    for row, tiles, warps, stages, programs in ((rows[0], "BLOCK_M=64,BLOCK_N=64", "4", "3", 4),
+                                               (rows[1], "BLOCK_M=128,BLOCK_N=128", "8", "3", 2)):
+        assert row[1] == ("S=4096" if programs == 4 else "S=16384"), row
+        assert row[4:7] == [tiles, warps, stages], row
+        regs, spills, shared = int(row[-3]), row[-2], int(row[-1])
+        assert regs <= 128 and spills == "0/0", row
+        assert programs * (shared + 1024) <= 233472 and programs * regs * 32 * int(warps) <= 65536, row

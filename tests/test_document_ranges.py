@@ -216,3 +216,91 @@ def test_each_kernel_takes_its_form(E, forward_ranges, monkeypatch):
     assert [t.shape for t in plan.buffer_args(plan.buffers[0], "dq")[:1]] == [(2 * L, 2)]
     assert [t.shape for t in plan.buffer_args(plan.buffers[0], "dkdv")[:1]] == [(L,)]
     assert [t.shape for t in plan.buffer_args(plan.buffers[0])[:1]] == [(2 * L, 2) if forward_ranges else (L,)]
+
+
+def test_ranges_forward_tiles_rule(monkeypatch):
+    """``RANGES_FWD_D64`` is considered on sm90, in bf16 or fp16, at a padded head dim of 64 alone,
+    for blocks its tiles divide and no forward tile or launch option; parsed, it gives the forward
+    its tiles, warps and stages over the short rows'. The register cap (``fwd_maxnreg``) holds on
+    tiles of at most 64 scores a thread, so a caller's 128 x 128 on 4 warps goes uncapped."""
+    from kernels import api
+
+    want = lambda opts=None, arch="sm90", dtype=torch.bfloat16, d=64, qb=128, kb=128: (  # noqa: E731
+        api._ranges_fwd_wanted(opts, arch, dtype, d, qb, kb))
+    assert want() and want(dtype=torch.float16) and want(d=33) and want(opts={"bwd_num_warps": 8})
+    assert not want(arch="sm80") and not want(arch="interp") and not want(dtype=torch.float32)
+    assert not want(d=32) and not want(d=128) and not want(qb=64) and not want(kb=64)
+    for key in ("BLOCK_M", "fwd_BLOCK_N", "num_warps", "fwd_num_stages"):
+        assert not want(opts={key: 4 if "num" in key else 64}), key
+    with monkeypatch.context() as m:
+        m.setattr(api, "RANGES_FWD_D64", None)
+        assert not want()
+    opts = api.parse_kernel_options(None, dtype=torch.bfloat16, head_dim=64, q_block=128, kv_block=128,
+                                    device=torch.device("cpu"), interpret=True, work="masked",
+                                    short_fwd=True, ranges_fwd=True)
+    assert (*opts.fwd.tiles.values(), opts.fwd.num_warps, opts.fwd.num_stages) == api.RANGES_FWD_D64
+
+
+def test_ranges_forward_tiles_end_to_end(monkeypatch):
+    """Through flex_attention with the arch taken for sm90 (the interpreter runs the kernels): a
+    D=64 document mask on sorted ids (the range test) runs its forward on RANGES_FWD_D64, short
+    rows or long, capped at 128 registers; shuffled ids (the id compare), a score mod beside the
+    mask, D=128 and a forward launch option keep the other rules' tiles. The oracle agrees on each."""
+    from kernels import _runtime, api
+    from tests.test_kernels import _as_sm90, _record_forward_launches
+
+    _as_sm90(monkeypatch)
+    seen = _record_forward_launches(monkeypatch)
+    backward, plans = _runtime.module("backward"), []
+    run = backward.run_backward
+
+    def spy(plan, *args, **kwargs):
+        plans.append(plan)
+        return run(plan, *args, **kwargs)
+
+    monkeypatch.setattr(backward, "run_backward", spy)
+    L = 256
+    doc = lambda shuffled=False: mods.document(_ids(L, 3, 5, shuffled=shuffled))  # noqa: E731
+    one = dict(B=1, Hq=2, Hkv=1, L=L, S=L, E=64, dtype=torch.bfloat16, block_size=128, device=DEVICE, seed=4)
+    check(mask_mod=doc(), **one)
+    check(mask_mod=doc(shuffled=True), **one)
+    check(mask_mod=doc(), score_mod=mods.tanh_softcap(20.0), **one)
+    check(mask_mod=doc(), **{**one, "E": 128})
+    short64, short = api._short_rows_tiles(64, 128, 128), api.SHORT_ROWS_FWD
+    assert seen == [api.RANGES_FWD_D64, short64, short64, short]
+    forward = _runtime.module("forward")
+    caps = []
+    for plan in plans:
+        plan.interpret = False  # the cap is the GPU's: the rule, as it would read there
+        caps.append(forward.fwd_maxnreg(plan))
+    assert caps == [128, None, 128, None]  # the softcap's 64 x 128 on 4 warps: 64 scores a thread
+    monkeypatch.setattr(api, "SHORT_ROWS_FWD_MAX_KEYS", 1)  # every row long
+    check(mask_mod=doc(), **one)
+    check(mask_mod=doc(), kernel_options={"fwd_num_warps": 4}, **one)
+    default = api._default_config("sm90", torch.bfloat16, 64, "masked")[0]
+    assert seen[4:] == [api.RANGES_FWD_D64, default]
+    plans[-1].interpret = False
+    assert default[:3] == (128, 128, 4) and forward.fwd_maxnreg(plans[-1]) is None
+
+
+@pytest.mark.gpu
+def test_gpu_ranges_forward_tiles_match_the_oracle(monkeypatch):
+    """On the H100's arch a D=64 document forward on the range test, on lists left unrefined,
+    runs on RANGES_FWD_D64 (128 x 128, 8 warps, capped at 128 registers): sorted ids, causal or
+    not, GQA and a query tail, short rows and long, against the oracle with the backward."""
+    from kernels import api
+    from tests.test_kernels import _record_forward_launches
+
+    if api._arch(torch.device("cuda"), False) != "sm90":
+        pytest.skip("RANGES_FWD_D64 is an sm90 rule; this GPU is older")
+    monkeypatch.setattr(api, "AUTO_REFINE", None)  # the lists as the block mask gives them
+    seen = _record_forward_launches(monkeypatch)
+    L, S = 2000, 2048
+    q = _ids(L, 3, 11).cuda()
+    kv = _ids(S, 3, 11).cuda()
+    one = dict(B=2, Hq=4, Hkv=2, L=L, S=S, E=64, dtype=torch.bfloat16, block_size=128, device="cuda", seed=6)
+    check(mask_mod=mods.document(q, kv), **one)
+    check(mask_mod=mods.document(q, kv, causal=True), **one)
+    monkeypatch.setattr(api, "SHORT_ROWS_FWD_MAX_KEYS", 1)  # every row long
+    check(mask_mod=mods.document(q, kv), **one)
+    assert seen == [api.RANGES_FWD_D64] * 3
