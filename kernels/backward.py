@@ -84,6 +84,16 @@ SIDE_KERNELS = ("dkdv", "dq", None)
 # times it beside the default.
 DQ_ATOMIC = False
 
+# ptxas's register cap for the dK/dV kernel on the GPU (``maxnreg``; None: none, the default). A
+# knob for measurement (benchmarks/ab.py --set): no rule sets it. At D=64 the kernel's 64 x 64
+# tiles on 4 warps take 233 registers, two programs a multiprocessor by registers where shared
+# memory (67,584 bytes) holds three; capped at 168 (three by registers) it spills 84/72 bytes on
+# document and 324/264 on causal (sm_90, benchmarks/codegen.py). On the H100 (forty-first session,
+# ab.py --pace gpu, 3 rounds; docs/perf/h100-ab-bwd-d64-2026-12-07.txt) the backward was 3 %
+# faster on GQA document at S=16k and slower everywhere else: document 1.0 % (16k), 1.3 % (4k),
+# 1.7 % (1k), GQA document at 4k 4.8 %, causal at 4k 31 %.
+DKDV_MAXNREG: Optional[int] = None
+
 # ONE_LOOP: the dQ kernel walks a query tile's partial and then full KV blocks in one loop, as
 # ``kernels.forward.ONE_LOOP`` does the forward's. Off: it made the backward 1 to 6 % slower on all
 # ten rows the H100 ran (docs/PERFORMANCE.md, twenty-third session) and on 13 of the 14 the H200
@@ -806,6 +816,7 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
             BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **dict(common, **fns, **dkdv_launch),
             **{**_sparse_consts(sp, L, S), **_window_consts(sp, L, S, "Q")},
             options=opt.bwd.options_for("BLOCK_M1", "BLOCK_N1"),
+            **({} if DKDV_MAXNREG is None or plan.interpret else {"maxnreg": DKDV_MAXNREG}),
         )
 
     if dq_atomic:
