@@ -1337,7 +1337,9 @@ DTYPE_ROUNDING = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 # document forward 2.4 % and the GQA one 2.9 % faster at S=4k; at D=64 4.3 % and 4.4 % faster
 # (3.5 % at S=1k) under kernels.forward.RANGES_FWD_MAXNREG's register cap, 3 to 5 % slower
 # without it. Narrower heads were not timed. The dQ kernel takes it at every head dim (1 to
-# 3.5 % faster backward).
+# 3.5 % faster backward). Decode (D=128, the last token's document of 12; forty-first session,
+# GPU pace): within 1 % of the id compare at S=8k and 32k, 1.4 to 3.9 % faster at 128k
+# (docs/perf/h100-decode-document-gpu-pace-2026-12-07.txt).
 DOCUMENT_RANGES_FWD_MIN_DIM = 64
 
 

@@ -85,7 +85,10 @@ def one_loop_for(program, sparse, L: int) -> bool:
 # (fortieth session, ab.py --pace gpu) that ran the D=64 document forward 4.3 % faster than the
 # id compare at S=4k (GQA 4.4 %, 3.5 % at S=1k), where uncapped it was 3 to 5 % slower. With a
 # score mod (softcap, ALiBi) the capped D=64 document forward also compiles to 128 registers
-# without spills, where its id compare takes 168 and 158; those rows were not timed.
+# without spills, where its id compare takes 168 and 158; on the H100 (forty-first session,
+# do_bench, 3 interleaved rounds, B=4, Hq=32, S=4k, bf16) it ran 7.8 % (softcap) and 11.5 %
+# (ALiBi) faster than the id compare, the backward unchanged
+# (docs/perf/h100-document-score-mods-and-decode-host-2026-12-07.txt).
 RANGES_FWD_MAXNREG = 128
 # The cap holds on tiles of at most this many scores a thread (64 x 64 and 64 x 128 on 4 warps,
 # kernels.api.RANGES_FWD_D64's 128 x 128 on 8): 128 x 128 on 4 warps (128 a thread) under it ran
