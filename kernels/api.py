@@ -114,14 +114,22 @@ class Options:
 # 32x32 tiles, and 2.5 s against 6.0 s at E=40, Ev=24 (the former 128x32). The
 # fuzzer compiles anew for nearly every case, and float32 cases were a third of
 # its GPU time. Run-time cost: benchmarks/fp32_tiles.py (docs/FAULTS.md).
+# D=64 without a score mod: 128 x 128 on 8 warps (forty-first session), under
+# kernels.forward.fwd_maxnreg's cap of 128 registers (two programs a multiprocessor; uncapped
+# they take 157 to 247 registers, one). On the H100 (ab.py --pace gpu, 3 rounds, forward ms,
+# docs/perf/h100-ab-d64-long-rows-w8-2026-12-07.txt) against the former 128 x 128 on 4 warps
+# (252 to 255 registers, two programs): none 4.568 against 4.908 at S=16k (7.4 % faster) and
+# 1.212 against 1.294 at 4k, causal 2.370 / 2.552, GQA causal 2.374 / 2.542, prefix LM 2.506 /
+# 2.662, block-sparse 1.200 / 1.268 (16k); on 2 stages 2 to 3 % slower, uncapped 24 to 27 %
+# slower. fp16 takes the same row, untimed. The scored row keeps 128 x 64 on 4 warps.
 # Where rows are short, SHORT_ROWS_FWD replaces the sm90 bf16 / fp16 forward tiles at D=64 and
 # 128 (below, with the thirty-second session's H100 timings), as REFINED_FWD_LAUNCH and
 # REFINED_BWD replace them on refined lists.
 _CONFIGS = {
     ("sm90", None): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 2)),
-    ("sm90", torch.bfloat16, 64, None): ((128, 128, 4, 3), (64, 64, 64, 64, 4, 3)),
+    ("sm90", torch.bfloat16, 64, None): ((128, 128, 8, 3), (64, 64, 64, 64, 4, 3)),
     ("sm90", torch.bfloat16, 64, "scored"): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 3)),
-    ("sm90", torch.float16, 64, None): ((128, 128, 4, 3), (64, 64, 64, 64, 4, 3)),
+    ("sm90", torch.float16, 64, None): ((128, 128, 8, 3), (64, 64, 64, 64, 4, 3)),
     ("sm90", torch.float16, 64, "scored"): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 3)),
     ("sm90", torch.bfloat16, 128, None): ((128, 128, 8, 3), (64, 128, 128, 64, 8, 3)),
     ("sm90", torch.float16, 128, None): ((128, 128, 8, 3), (64, 128, 128, 64, 8, 3)),
@@ -1206,8 +1214,8 @@ def _short_fwd_wanted(kernel_options, arch: str, dtype, head_dim: int, q_block: 
 # 0.925), where 64 x 64 on 3 stages took 0.892, 128 x 128 on 8 warps and 2 stages 0.892, on 4
 # stages 1.141 (one program a multiprocessor), uncapped 1.130, and the id compare on these tiles
 # (uncapped: it takes no cap) 1.125. Long rows (over SHORT_ROWS_FWD_MAX_KEYS) took the D=64 row's
-# 128 x 128 on 4 warps, which under the cap ran 3.41 ms (128 scores a thread: spills). None: the
-# short or default tiles, as for any other mask. A score mod beside the mask (softcap, ALiBi) keeps
+# former 128 x 128 on 4 warps, which under the cap ran 3.41 ms (128 scores a thread: spills); the
+# row is now these tiles too (_CONFIGS). None: the short or default tiles, as for any other mask. A score mod beside the mask (softcap, ALiBi) keeps
 # them too: untimed on these tiles.
 RANGES_FWD_D64: Optional[tuple] = (128, 128, 8, 3)
 

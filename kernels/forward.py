@@ -95,21 +95,33 @@ RANGES_FWD_MAXNREG = 128
 # the D=64 document forward at S=16k in 3.41 ms, against 1.50 uncapped (H100, forty-first
 # session), so a caller's tiles of that size go uncapped.
 RANGES_CAP_SCORES = 64
+# The cap of a D=64 forward on 128 x 128 tiles and 8 warps without a score mod (the sm90 D=64
+# row's tiles, kernels.api._CONFIGS): two programs a multiprocessor, where uncapped they take 157
+# (no mask) to 247 registers (causal, prefix LM), one. Under it (sm_90, S=16k, benchmarks/codegen.py)
+# no mask spills 4 bytes, causal 108, prefix LM none; capped, the H100 ran those forwards 6 to 8 %
+# faster than the former 4-warp tiles, uncapped 24 to 27 % slower (forty-first session). A softcap
+# spills 36 bytes there, untimed: score mods keep their own tiles and no cap.
+D64_W8_FWD_MAXNREG = 128
 FWD_MAXNREG = None  # a cap for every forward launch (None: RANGES_FWD_MAXNREG's rule alone)
 
 
 def fwd_maxnreg(plan):
-    """The forward's register cap: FWD_MAXNREG where set, else RANGES_FWD_MAXNREG for a program
+    """The forward's register cap: FWD_MAXNREG where set; else RANGES_FWD_MAXNREG for a program
     whose mask takes the range test below a padded head dim of 128 (on the GPU), on tiles that
-    give each thread at most 64 scores (``RANGES_CAP_SCORES``)."""
+    give each thread at most 64 scores (``RANGES_CAP_SCORES``); else D64_W8_FWD_MAXNREG for 128 x
+    128 tiles on 8 warps at a padded head dim of 64 without a score mod."""
     if plan.interpret:
         return None
     if FWD_MAXNREG is not None:
         return FWD_MAXNREG
     fwd = plan.options.fwd
-    if (plan.program.mask_ranges and head_pad(max(plan.E, plan.Ev)) < 128
+    pad = head_pad(max(plan.E, plan.Ev))
+    if (plan.program.mask_ranges and pad < 128
             and fwd.tiles["BLOCK_M"] * fwd.tiles["BLOCK_N"] <= RANGES_CAP_SCORES * 32 * fwd.num_warps):
         return RANGES_FWD_MAXNREG
+    if (pad == 64 and not plan.program.has_score and fwd.num_warps == 8
+            and (fwd.tiles["BLOCK_M"], fwd.tiles["BLOCK_N"]) == (128, 128)):
+        return D64_W8_FWD_MAXNREG
     return None
 
 

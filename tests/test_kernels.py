@@ -1178,6 +1178,33 @@ def test_gpu_short_rows_forward_matches_the_oracle(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_gpu_d64_long_rows_forward_matches_the_oracle(monkeypatch):
+    """At D=64 the forward's own row (128 x 128 on 8 warps, capped at 128 registers,
+    kernels.forward.D64_W8_FWD_MAXNREG) where rows are over SHORT_ROWS_FWD_MAX_KEYS: no mask in
+    fp16 with a query tail, causal with GQA 4 in bf16 (108 bytes of spills under the cap at
+    S=16k), against the oracle, backward included; the cap reads as the rule says."""
+    from kernels import _runtime, api
+
+    if api._arch(torch.device("cuda"), False) != "sm90":
+        pytest.skip("the D=64 row and its cap are sm90's; this GPU is older")
+    monkeypatch.setattr(api, "SHORT_ROWS_FWD_MAX_KEYS", 1)  # every row long
+    seen = _record_forward_launches(monkeypatch)
+    backward, plans = _runtime.module("backward"), []
+    run = backward.run_backward
+
+    def spy(plan, *args, **kwargs):
+        plans.append(plan)
+        return run(plan, *args, **kwargs)
+
+    monkeypatch.setattr(backward, "run_backward", spy)
+    check(B=2, Hq=4, L=1000, S=1024, E=64, dtype=torch.float16, device="cuda")
+    check(B=2, Hq=8, Hkv=2, L=1024, S=1024, E=64, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128,
+          device="cuda")
+    assert seen == [(128, 128, 8, 3)] * 2
+    assert [_runtime.module("forward").fwd_maxnreg(p) for p in plans] == [128, 128]
+
+
+@pytest.mark.gpu
 def test_gpu_automatic_refinement_matches_the_oracle():
     """A document mask on 128 x 128 blocks takes the refined forward on the GPU, and the
     backward's one-axis refinements: the oracle's verdict on both."""
@@ -1422,10 +1449,12 @@ def test_config_rows_by_work_kind():
     assert work_kind(False, False) == "dense" and work_kind(True, False) == "masked"
     assert work_kind(True, True) == "scored" and work_kind(False, True) == "scored"
     # The H200 sweeps' rows: 128 x 128 on 8 warps and 3 stages at D=128 whatever the work (a
-    # missing work entry falls back to the head dim's None row), 128 x 64 for D=64 scored.
+    # missing work entry falls back to the head dim's None row), 128 x 64 for D=64 scored, 128 x
+    # 128 on 8 warps for D=64 otherwise (the H100, forty-first session).
     assert _default_config("sm90", torch.bfloat16, 128, "dense")[0] == (128, 128, 8, 3)
     assert _default_config("sm90", torch.bfloat16, 128, "masked")[0] == (128, 128, 8, 3)
-    assert _default_config("sm90", torch.bfloat16, 64, "dense")[0] == (128, 128, 4, 3)
+    assert _default_config("sm90", torch.bfloat16, 64, "dense")[0] == (128, 128, 8, 3)
+    assert _default_config("sm90", torch.float16, 64, "masked")[0] == (128, 128, 8, 3)
     assert _default_config("sm90", torch.bfloat16, 64, "scored")[0] == (128, 64, 4, 3)
     # An unknown head dim falls back to the arch's row.
     assert _default_config("sm90", torch.bfloat16, 32, "dense") == _default_config("sm90", None, 0)
