@@ -1146,7 +1146,9 @@ REFINED_BWD_SAVING = 0.05
 # blocks together; S without a block mask), the forward takes SHORT_ROWS_FWD, (BLOCK_M, BLOCK_N,
 # warps, stages), in place of the default row's (D=128: 128 x 128 on 8 warps, one program a
 # multiprocessor, 242 to 255 registers and 229,376 bytes of shared memory; D=64: 128 x 128, or
-# 128 x 64 with a score mod, on 4 warps). On its tiles two programs fit a multiprocessor at D=128
+# 128 x 64 with a score mod, on 4 warps then; since the forty-first session 128 x 128 on 8 warps
+# capped, which on the H100 ran causal at S=4k 1.6 % faster than these short tiles and sliding
+# window at 16k 1.2 % slower, so the short rows keep them). On its tiles two programs fit a multiprocessor at D=128
 # (168 registers, 114,688 bytes), so that one's prologue and epilogue, which a short row pays
 # once per few steps, run under the other's loop. Measured on the H100 (docs/PERFORMANCE.md,
 # thirty-second session; ab.py, forward, bench.py's shapes, B*S = 16k, bf16) against the default
