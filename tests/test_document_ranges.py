@@ -193,16 +193,9 @@ def test_each_kernel_takes_its_form(E, forward_ranges, monkeypatch):
     kernels.forward.RANGES_FWD_MAXNREG), the dK/dV kernel's as the id compare; each kernel gets
     its own program's tables."""
     from kernels import _runtime
+    from tests.test_kernels import _record_backward_plans
 
-    backward = _runtime.module("backward")
-    seen = []
-
-    def spy(plan, *args, **kwargs):
-        seen.append(plan)
-        return run(plan, *args, **kwargs)
-
-    run = backward.run_backward
-    monkeypatch.setattr(backward, "run_backward", spy)
+    seen = _record_backward_plans(monkeypatch)
     assert kernels.api.DOCUMENT_RANGES_FWD_MIN_DIM == 64
     L = 80
     check(L=L, S=L, E=E, mask_mod=mods.document(_ids(L, 4, 9)), device=DEVICE, seed=3)
@@ -247,18 +240,11 @@ def test_ranges_forward_tiles_end_to_end(monkeypatch):
     rows or long, capped at 128 registers; shuffled ids (the id compare), a score mod beside the
     mask, D=128 and a forward launch option keep the other rules' tiles. The oracle agrees on each."""
     from kernels import _runtime, api
-    from tests.test_kernels import _as_sm90, _record_forward_launches
+    from tests.test_kernels import _as_sm90, _record_backward_plans, _record_forward_launches
 
     _as_sm90(monkeypatch)
     seen = _record_forward_launches(monkeypatch)
-    backward, plans = _runtime.module("backward"), []
-    run = backward.run_backward
-
-    def spy(plan, *args, **kwargs):
-        plans.append(plan)
-        return run(plan, *args, **kwargs)
-
-    monkeypatch.setattr(backward, "run_backward", spy)
+    plans = _record_backward_plans(monkeypatch)
     L = 256
     doc = lambda shuffled=False: mods.document(_ids(L, 3, 5, shuffled=shuffled))  # noqa: E731
     one = dict(B=1, Hq=2, Hkv=1, L=L, S=L, E=64, dtype=torch.bfloat16, block_size=128, device=DEVICE, seed=4)

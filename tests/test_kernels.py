@@ -1091,6 +1091,21 @@ def _record_forward_launches(monkeypatch) -> list:
     return _record_launches(monkeypatch, "forward_kernel", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
+def _record_backward_plans(monkeypatch) -> list:
+    """Record the Plan of each backward (``kernels.backward.run_backward``) as it runs."""
+    from kernels import _runtime
+
+    backward, seen = _runtime.module("backward"), []
+    run = backward.run_backward
+
+    def spy(plan, *args, **kwargs):
+        seen.append(plan)
+        return run(plan, *args, **kwargs)
+
+    monkeypatch.setattr(backward, "run_backward", spy)
+    return seen
+
+
 def test_short_rows_forward_only_where_the_rule_was_measured(monkeypatch):
     """SHORT_ROWS_FWD is considered on sm90, in bf16 or fp16, at a padded head dim of 64 or 128,
     for blocks its tiles divide and no forward tile or launch option (a backward option leaves it
@@ -1189,14 +1204,7 @@ def test_gpu_d64_long_rows_forward_matches_the_oracle(monkeypatch):
         pytest.skip("the D=64 row and its cap are sm90's; this GPU is older")
     monkeypatch.setattr(api, "SHORT_ROWS_FWD_MAX_KEYS", 1)  # every row long
     seen = _record_forward_launches(monkeypatch)
-    backward, plans = _runtime.module("backward"), []
-    run = backward.run_backward
-
-    def spy(plan, *args, **kwargs):
-        plans.append(plan)
-        return run(plan, *args, **kwargs)
-
-    monkeypatch.setattr(backward, "run_backward", spy)
+    plans = _record_backward_plans(monkeypatch)
     check(B=2, Hq=4, L=1000, S=1024, E=64, dtype=torch.float16, device="cuda")
     check(B=2, Hq=8, Hkv=2, L=1024, S=1024, E=64, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128,
           device="cuda")
@@ -1684,24 +1692,14 @@ def test_backward_compiles_its_mods_with_the_dtypes_rounding(dtype, fast, monkey
     """``kernels.flex_attention``'s backward runs the mods compiled with
     ``kernels.api.DTYPE_ROUNDING`` of the inputs' dtype (the fast tanh in bf16 and fp16),
     its forward the exact ones; a float32 call and a learnable table keep the exact ones."""
-    from kernels import _runtime
-
-    backward = _runtime.module("backward")
-    seen = []
-
-    def spy(plan, *args, **kwargs):
-        seen.append((plan.program.source, plan.backward_program.source))
-        return run(plan, *args, **kwargs)
-
-    run = backward.run_backward
-    monkeypatch.setattr(backward, "run_backward", spy)
+    plans = _record_backward_plans(monkeypatch)
     score_mod = mods.tanh_softcap(5.0)
     if dtype == "learnable":
         table = mods.bias.from_seed([2], seed=4, layout="h", requires_grad=True)
         score_mod, dtype = mods.chain(table, score_mod), torch.bfloat16
     check(L=40, S=40, dtype=dtype, score_mod=score_mod, mask_mod=mods.causal())
-    assert seen, "no backward ran"
-    forward_source, backward_source = seen[-1]
+    assert plans, "no backward ran"
+    forward_source, backward_source = plans[-1].program.source, plans[-1].backward_program.source
     assert "exp2" not in forward_source
     assert ("exp2" in backward_source) == fast
 
