@@ -15,6 +15,7 @@ before any device time is spent. Nothing is timed and nothing runs: the outputs 
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks document --loops --one-loop   # forward, dQ: ONE_LOOP
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks causal --loops --two-loops   # the forward's two loops
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks gqa_document --loops --heads-in-loop   # dK/dV: HEADS_IN_LOOP
+    TRITON_INTERPRET=0 python benchmarks/codegen.py --masks document --head-dims 64 --dq-atomic tma   # DQ_ATOMIC, TMA reduction
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks softcap --loops --tanh-rcp-dkdv mufu   # mods.TANH_RCP_DKDV
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks softcap --loops --forward-only --tanh-rcp-fwd split4
     TRITON_INTERPRET=0 python benchmarks/codegen.py --masks causal,softcap --loops --forward-only --lse   # the rational
@@ -273,6 +274,10 @@ def main(argv=None) -> int:
                         "takes one loop where kernels.forward.one_loop_for says)")
     p.add_argument("--heads-in-loop", action="store_true",
                    help="kernels.backward.HEADS_IN_LOOP: the dK/dV kernel walks a kv head's query heads in each loop")
+    p.add_argument("--dq-atomic", choices=("tma", "pointers"),
+                   help="kernels.backward.DQ_ATOMIC: no dQ kernel, the dK/dV kernel adds dQ; 'tma' through a "
+                        "descriptor's reduction where the head dim needs no padding (DQ_ATOMIC_TMA), 'pointers' "
+                        "one atomic add an element")
     from kernels import mods
     p.add_argument("--tanh-rcp", choices=mods.TANH_RCPS,
                    help="kernels.mods.TANH_RCP: the softcap's fast tanh's reciprocal (default: the module's)")
@@ -295,6 +300,9 @@ def main(argv=None) -> int:
     if args.heads_in_loop:
         from kernels import backward
         backward.HEADS_IN_LOOP = True
+    if args.dq_atomic:
+        from kernels import backward
+        backward.DQ_ATOMIC, backward.DQ_ATOMIC_TMA = True, args.dq_atomic == "tma"
     if args.eager_mask and not args.one_loop:
         p.error("--eager-mask changes the forward's one loop: pass --one-loop with it")
     if args.one_loop:

@@ -27,8 +27,9 @@ gradients are rounded): 9 instructions per score where Eigen's rational took 20,
 sm_90 the softcap's dQ loop went from 982 instructions per step to 629 and the dK/dV loop from
 1,103 to 746 (docs/PERFORMANCE.md, twenty-second session).
 
-With ``DQ_ATOMIC`` (off by default, not yet timed on a GPU) there is no dQ kernel: after
-delta_kernel, the dK/dV kernel also adds each tile's dS K into a float32 dQ with atomic adds.
+With ``DQ_ATOMIC`` (off by default) there is no dQ kernel: after delta_kernel, the dK/dV kernel
+also adds each tile's dS K into a float32 dQ with atomic adds (with ``DQ_ATOMIC_TMA`` on sm90, a
+TMA descriptor's reduction of each tile).
 
 With ``CONCURRENT`` on CUDA, the dQ kernel runs on a side stream beside the
 dK/dV kernel (``SIDE_KERNEL``), so that one kernel's last wave overlaps the
@@ -81,8 +82,21 @@ SIDE_KERNELS = ("dkdv", "dq", None)
 # H200 (docs/PERFORMANCE.md, twenty-first session; document, GQA document and softcap at S=4k
 # and 16k, D=128) the backward took 1.07 to 1.32 times the default's, but for softcap at 16k
 # (5 % faster). The interpreter's tests hold it to the oracle. bench.py's ``ours-dq-atomic``
-# times it beside the default.
+# times it beside the default. At D=128 its dK/dV kernel spills (document at S=4k, REFINED_BWD's
+# tiles: 360/412 bytes, 132,384 bytes of shared memory, one program a multiprocessor against two);
+# at D=64 it does not (252 registers, 84,480 bytes: two, as the default's dK/dV kernel), and D=64
+# was never timed (sm_90, benchmarks/codegen.py, forty-first session).
 DQ_ATOMIC = False
+# DQ_ATOMIC_TMA: under DQ_ATOMIC, each step's dQ share goes to the float32 dQ through a TMA
+# descriptor's reduction (``tensor_descriptor.atomic_add``: one bulk ``cp.reduce.async`` of the
+# tile from shared memory, FlashAttention-3's way) instead of one ``red.global.add`` per element.
+# None (the default): on sm90 where the head dim needs no padding; True or False forces it on
+# compiled kernels (Triton's interpreter has no descriptor reduction: the CPU runs the pointer
+# adds). sm_90, S=4k (benchmarks/codegen.py --dq-atomic tma): D=64 document 251 registers, no
+# spills, 92,672 bytes (two programs); D=128 on the default 8-warp tiles 255 registers and 0 (no
+# mask) or 12 bytes (causal) of spills where the pointers spill 48 and 76; D=128 document on
+# REFINED_BWD's 4-warp tiles still 204 bytes. Not yet run on a GPU (forty-first session).
+DQ_ATOMIC_TMA: Optional[bool] = None
 
 # ptxas's register cap for the dK/dV kernel on the GPU (``maxnreg``; None: none, the default). A
 # knob for measurement (benchmarks/ab.py --set): no rule sets it. At D=64 the kernel's 64 x 64
@@ -283,10 +297,12 @@ def dkdv_tiles(
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr, PRESCALE: tl.constexpr,
     FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DQ_ATOMIC: tl.constexpr, HEADS: tl.constexpr = 1,
     DP_FIRST: tl.constexpr = False, Q_UNIT: tl.constexpr = 0, TMA: tl.constexpr = False,
+    DQ_TMA: tl.constexpr = False,
 ):
     """Accumulate dK and dV over one query head's listed Q blocks (k, v stay in SRAM); with
     DQ_ATOMIC also add each tile's dQ share, dS K * scale, into the float32 rows of ``DQA``
-    (the head's contiguous ``[Q_LEN, QK_DIM]`` accumulator).
+    (the head's contiguous ``[Q_LEN, QK_DIM]`` accumulator; with DQ_TMA a TMA descriptor over
+    the whole ``[B, HQ, Q_LEN, QK_DIM]`` one, reduced into by the step's batch and head).
 
     Tiles are transposed: rows are keys ``[BLOCK_N]``, columns are queries ``[BLOCK_M]``.
     With PRESCALE, ``QS`` holds the forward's rounded ``q * scale * log2(e)`` (the dQ
@@ -330,7 +346,10 @@ def dkdv_tiles(
             QS_h = QS + g * stride_qsh
             LSE2_h = LSE2 + g * Q_LEN
             DELTA_h = DELTA + g * Q_LEN
-            DQA_h = DQA + g * Q_LEN * QK_DIM
+            if DQ_TMA:
+                DQA_h = DQA
+            else:
+                DQA_h = DQA + g * Q_LEN * QK_DIM
         else:
             h = off_h
             Q_h, QS_h, DO_h, LSE2_h, DELTA_h, DQA_h = Q, QS, DO, LSE2, DELTA, DQA
@@ -415,9 +434,13 @@ def dkdv_tiles(
             # in-range scores); the rows past L are not added.
             dq = mma(tl.trans(cast(dsT, qT.dtype, UPCAST)), k,
                      tl.zeros([BLOCK_M, QK_PAD], dtype=tl.float32), FP32_PRECISION, UPCAST)
-            dq_ptrs = DQA_h + offs_m[:, None].to(tl.int64) * QK_DIM + offs_d[None, :]
-            tl.atomic_add(dq_ptrs, dq * SM_SCALE, mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_DIM),
-                          sem="relaxed")
+            if DQ_TMA:
+                # Rows past Q_LEN fall outside the descriptor's shape: TMA drops them.
+                DQA_h.atomic_add([off_z, h, start_m, 0], (dq * SM_SCALE).reshape(1, 1, BLOCK_M, QK_PAD))
+            else:
+                dq_ptrs = DQA_h + offs_m[:, None].to(tl.int64) * QK_DIM + offs_d[None, :]
+                tl.atomic_add(dq_ptrs, dq * SM_SCALE,
+                              mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_DIM), sem="relaxed")
     return dk, dv
 
 
@@ -613,7 +636,7 @@ def dkdv_kernel(
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, CONTIGUOUS: tl.constexpr,
     PRESCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     HEADS: tl.constexpr = 1, DP_FIRST: tl.constexpr = False, Q_UNIT: tl.constexpr = 0,
-    PART_Q_DIVISIBLE: tl.constexpr = True, TMA: tl.constexpr = False,
+    PART_Q_DIVISIBLE: tl.constexpr = True, TMA: tl.constexpr = False, DQ_TMA: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_zh = tl.program_id(1)  # (query batch, kv head)
@@ -647,7 +670,10 @@ def dkdv_kernel(
             do_ptr = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
         qs_ptr = QS + off_z.to(tl.int64) * stride_qsz + off_h.to(tl.int64) * stride_qsh
         stat = (off_z * HQ + off_h).to(tl.int64) * Q_LEN
-        dqa_ptr = DQA + stat * QK_DIM  # with DQ_ATOMIC: the head's float32 dQ, [Q_LEN, QK_DIM]
+        if DQ_TMA:
+            dqa_ptr = DQA  # a descriptor; dkdv_tiles reduces into the step's batch and head
+        else:
+            dqa_ptr = DQA + stat * QK_DIM  # with DQ_ATOMIC: the head's float32 dQ, [Q_LEN, QK_DIM]
         col = ((off_z % SPARSE_Z) * SPARSE_H + off_h % SPARSE_H) * NUM_KV_SPARSE + kv_block
         dk, dv = dkdv_tiles(
             dk, dv, k, v, q_ptr, qs_ptr, do_ptr, LSE2 + stat, DELTA + stat,
@@ -659,7 +685,7 @@ def dkdv_kernel(
             SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, False,
             QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
             PART_Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC, HEADS, DP_FIRST,
-            Q_UNIT, TMA,
+            Q_UNIT, TMA, DQ_TMA,
         )
         if HAS_FULL:
             dk, dv = dkdv_tiles(
@@ -672,7 +698,7 @@ def dkdv_kernel(
                 SCORE_FN, SCORE_BWD_FN, MASK_FN, HAS_SCORE, GRAD_BUFFERS, True,
                 QK_DIM, V_DIM, QK_PAD, V_PAD, BLOCK_M, BLOCK_N, SPARSE_Q,
                 Q_DIVISIBLE, KV_DIVISIBLE, CONTIGUOUS, PRESCALE, FP32_PRECISION, UPCAST, DQ_ATOMIC, HEADS, DP_FIRST,
-                Q_UNIT, TMA,
+                Q_UNIT, TMA, DQ_TMA,
             )
     dk = dk * SM_SCALE
     n_ok = offs_n[:, None] < KV_LEN
@@ -766,8 +792,11 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
     # the CPU tests check that path against the fused one.
     concurrent = CONCURRENT if concurrent is None else concurrent
     dq_atomic = DQ_ATOMIC if dq_atomic is None else dq_atomic
-    # With DQ_ATOMIC the dK/dV kernel adds dQ into float32 rows [B, Hq, L, E], zeroed here.
+    # With DQ_ATOMIC the dK/dV kernel adds dQ into float32 rows [B, Hq, L, E], zeroed here
+    # (through a TMA descriptor over them with DQ_ATOMIC_TMA, where the head dim needs no padding).
     dqa = torch.zeros((B, Hq, L, E), dtype=torch.float32, device=dev) if dq_atomic else lse
+    dq_tma = dq_atomic and E == qk_pad and not plan.interpret and tma_rule(DQ_ATOMIC_TMA, plan, dev)
+    dqa_arg = tma_descriptor(dqa, [1, 1, tiles["BLOCK_M1"], qk_pad]) if dq_tma else dqa
     dq_own_delta = DQ_OWN_DELTA if dq_own_delta is None else dq_own_delta
     own_delta = dq_own_delta and concurrent and not dq_atomic and side == "dq"
 
@@ -806,12 +835,12 @@ def run_backward(plan, query, key, value, out, lse, dout, dlse, *, need_buffer_g
             fns["TMA"] = True
         _runtime.launch(
             dkdv_kernel, (_runtime.cdiv(S, tiles["BLOCK_N1"]), B * Hkv),
-            q_arg, key, value, do_arg, dk, dv, lse2, delta, qs, dqa,
+            q_arg, key, value, do_arg, dk, dv, lse2, delta, qs, dqa_arg,
             sp.q_num, sp.q_idx, q_full_num, q_full_idx, *kv_bufs, *grad_args,
             *query.stride(), *key.stride(), *value.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *qs.stride(),
             plan.scale, Hq, Hkv, L, S, plan.Bk, MB, MH, sp.q_idx.shape[-1], sp.q_idx.shape[-2],
-            GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable), DQ_ATOMIC=dq_atomic,
+            GRAD_BUFFERS=need_buffer_grads and bool(prog.learnable), DQ_ATOMIC=dq_atomic, DQ_TMA=dq_tma,
             HEADS=dkdv_heads(plan.G, MH, heads_in_loop), DP_FIRST=dp_first(plan.G, dp_first_flag, plan.refined_bwd),
             BLOCK_M=tiles["BLOCK_M1"], BLOCK_N=tiles["BLOCK_N1"], **dict(common, **fns, **dkdv_launch),
             **{**_sparse_consts(sp, L, S), **_window_consts(sp, L, S, "Q")},

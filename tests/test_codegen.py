@@ -321,3 +321,19 @@ def test_d64_document_forward_keeps_its_programs_a_multiprocessor():
         regs, spills, shared = int(row[-3]), row[-2], int(row[-1])
         assert regs <= 128 and spills == "0/0", row
         assert programs * (shared + 1024) <= 233472 and programs * regs * 32 * int(warps) <= 65536, row
+
+
+def test_dq_atomic_through_a_descriptor_compiles_for_sm90():
+    """``kernels.backward.DQ_ATOMIC`` with ``DQ_ATOMIC_TMA`` (bench.py's document row at S=4k,
+    D=64): no dQ kernel, and the dK/dV kernel's dQ reduction through a TMA descriptor compiles
+    for sm_90 (Triton's interpreter has no descriptor reduction, so only the GPU runs it) with no
+    spills, two programs a multiprocessor by shared memory and by registers. The pointers' form
+    takes 84,480 bytes; the tile staged for the reduction takes more."""
+    out = _run("--masks", "document", "--seqlens", "4k", "--head-dims", "64", "--lse", "--dq-atomic", "tma",
+               script=ROOT / "benchmarks" / "codegen.py")
+    kernels = [line.split()[3] for line in out.splitlines() if "_kernel" in line]
+    assert "dq_kernel" not in kernels and kernels.count("dkdv_kernel") == 1, out
+    row = next(line.split() for line in out.splitlines() if "dkdv_kernel" in line)
+    regs, spills, shared = int(row[-3]), row[-2], int(row[-1])
+    assert regs <= 255 and spills == "0/0", row
+    assert 84480 < shared and 2 * (shared + 1024) <= 233472 and 2 * regs * 128 <= 65536, row

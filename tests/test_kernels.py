@@ -2002,6 +2002,10 @@ _DQ_ATOMIC_CASES = {
     "softcap-window": lambda device: check(
         B=1, Hq=2, L=129, S=200, E=32, dtype=torch.bfloat16, device=device,
         score_mod=mods.tanh_softcap(5.0), mask_mod=mods.sliding_window(40)),
+    # D=128, GQA, query and key tails: on sm90 the descriptor's reduction (DQ_ATOMIC_TMA) drops
+    # the rows past L itself
+    "d128-gqa-tails": lambda device: check(
+        B=2, Hq=4, Hkv=2, L=300, S=260, E=128, dtype=torch.bfloat16, device=device, mask_mod=mods.causal()),
 }
 
 
@@ -2014,23 +2018,27 @@ def test_dq_atomic_backward_matches_the_oracle(case):
 
     assert backward.DQ_ATOMIC is False  # the default: not yet timed on a GPU
     backward.DQ_ATOMIC = True
+    # Forced on, the descriptor's reduction still leaves the interpreter on the pointer adds (it
+    # has no descriptor reduction).
+    saved, backward.DQ_ATOMIC_TMA = backward.DQ_ATOMIC_TMA, True
     try:
         _DQ_ATOMIC_CASES[case](DEVICE)
     finally:
-        backward.DQ_ATOMIC = False
+        backward.DQ_ATOMIC, backward.DQ_ATOMIC_TMA = False, saved
 
 
 @pytest.mark.gpu
-def test_gpu_dq_atomic_backward_matches_the_oracle():
-    """The same cases on CUDA, where the atomic adds of the dK/dV kernel's programs race."""
+@pytest.mark.parametrize("tma", [False, None])
+def test_gpu_dq_atomic_backward_matches_the_oracle(tma, monkeypatch):
+    """The same cases on CUDA, where the atomic adds of the dK/dV kernel's programs race: one
+    ``red.global.add`` an element, and (None: sm90 where the head dim needs no padding, E=32, 64
+    and 128 here) the TMA descriptor's reduction of each tile, ``DQ_ATOMIC_TMA``."""
     from kernels import backward
 
-    backward.DQ_ATOMIC = True
-    try:
-        for case in sorted(_DQ_ATOMIC_CASES):
-            _DQ_ATOMIC_CASES[case]("cuda")
-    finally:
-        backward.DQ_ATOMIC = False
+    monkeypatch.setattr(backward, "DQ_ATOMIC", True)
+    monkeypatch.setattr(backward, "DQ_ATOMIC_TMA", tma)
+    for case in sorted(_DQ_ATOMIC_CASES):
+        _DQ_ATOMIC_CASES[case]("cuda")
 
 
 # ONE_LOOP's cases (kernels.forward and kernels.backward): (B, Hq, Hkv, L, S, E, mask_mod, score_mod,
