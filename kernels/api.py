@@ -1148,8 +1148,8 @@ REFINED_BWD_SAVING = 0.05
 # multiprocessor, 242 to 255 registers and 229,376 bytes of shared memory; D=64: 128 x 128, or
 # 128 x 64 with a score mod, on 4 warps then; since the forty-first session 128 x 128 on 8 warps
 # capped, which on the H100 ran causal at S=4k 1.6 % faster than these short tiles and sliding
-# window at 16k 1.2 % slower, so the short rows keep them). On its tiles two programs fit a multiprocessor at D=128
-# (168 registers, 114,688 bytes), so that one's prologue and epilogue, which a short row pays
+# window at 16k 1.2 % slower, so the short rows keep them). On its tiles two programs fit a
+# multiprocessor at D=128 (168 registers, 114,688 bytes), so that one's prologue and epilogue, which a short row pays
 # once per few steps, run under the other's loop. Measured on the H100 (docs/PERFORMANCE.md,
 # thirty-second session; ab.py, forward, bench.py's shapes, B*S = 16k, bf16) against the default
 # tiles, D=128, the rows' mean keys in brackets:
@@ -1207,8 +1207,8 @@ def _short_fwd_wanted(kernel_options, arch: str, dtype, head_dim: int, q_block: 
 
 # The forward's tiles at a padded head dim of 64 where its program takes the document range test
 # (``ModProgram.mask_ranges``, from DOCUMENT_RANGES_FWD_MIN_DIM) without a score mod, on lists that
-# were not refined (refined lists keep REFINED_FWD_LAUNCH on 64 x 64): 128 x 128 on 8 warps and 3 stages, under
-# kernels.forward.RANGES_FWD_MAXNREG's cap of 128 registers (64 scores a thread, as the short
+# were not refined (refined lists keep REFINED_FWD_LAUNCH on 64 x 64): 128 x 128 on 8 warps and 3
+# stages, under kernels.forward.RANGES_FWD_MAXNREG's cap of 128 registers (64 scores a thread, as the short
 # rows' 64 x 128 on 4 warps). At that cap two programs fit a multiprocessor (sm_90: 112 KiB of
 # shared memory each). On the H100 (forty-first session, ab.py --pace gpu, 3 rounds; document at
 # S=16k, D=64, where the rows list 2,664 keys on average and took SHORT_ROWS_FWD_D64): forward
@@ -1217,8 +1217,9 @@ def _short_fwd_wanted(kernel_options, arch: str, dtype, head_dim: int, q_block: 
 # stages 1.141 (one program a multiprocessor), uncapped 1.130, and the id compare on these tiles
 # (uncapped: it takes no cap) 1.125. Long rows (over SHORT_ROWS_FWD_MAX_KEYS) took the D=64 row's
 # former 128 x 128 on 4 warps, which under the cap ran 3.41 ms (128 scores a thread: spills); the
-# row is now these tiles too (_CONFIGS). None: the short or default tiles, as for any other mask. A score mod beside the mask (softcap, ALiBi) keeps
-# them too: untimed on these tiles.
+# row is now these tiles too (_CONFIGS), so the rule's effect is to keep the short rows' tiles
+# off these programs. None: the short or default tiles, as for any other mask. A score mod beside
+# the mask (softcap, ALiBi) keeps those too: untimed on these tiles.
 RANGES_FWD_D64: Optional[tuple] = (128, 128, 8, 3)
 
 

@@ -102,7 +102,7 @@ RANGES_CAP_SCORES = 64
 # faster than the former 4-warp tiles, uncapped 24 to 27 % slower (forty-first session). A softcap
 # spills 36 bytes there, untimed: score mods keep their own tiles and no cap.
 D64_W8_FWD_MAXNREG = 128
-FWD_MAXNREG = None  # a cap for every forward launch (None: RANGES_FWD_MAXNREG's rule alone)
+FWD_MAXNREG = None  # a cap for every forward launch (None: fwd_maxnreg's two rules alone)
 
 
 def fwd_maxnreg(plan):

@@ -1169,6 +1169,30 @@ def test_short_rows_forward_end_to_end(monkeypatch):
     assert seen[3:] == [default, default]
 
 
+def test_d64_row_forward_and_its_cap(monkeypatch):
+    """The D=64 row's forward (with the arch taken for sm90; the interpreter runs the kernels) on
+    rows too long for SHORT_ROWS_FWD: 128 x 128 on 8 warps, capped at 128 registers
+    (``kernels.forward.D64_W8_FWD_MAXNREG``), in bf16 and fp16; a score mod keeps its own row
+    (128 x 64 on 4 warps), uncapped; the caller's 128 x 128 on 4 warps goes uncapped. The oracle
+    agrees on each."""
+    from kernels import _runtime, api
+
+    _as_sm90(monkeypatch)
+    monkeypatch.setattr(api, "SHORT_ROWS_FWD_MAX_KEYS", 1)  # every row long
+    seen = _record_forward_launches(monkeypatch)
+    plans = _record_backward_plans(monkeypatch)
+    run = dict(B=1, Hq=2, Hkv=1, L=250, S=256, E=64, block_size=128)
+    check(dtype=torch.bfloat16, mask_mod=mods.causal(), **run)
+    check(dtype=torch.float16, **run)
+    check(dtype=torch.bfloat16, mask_mod=mods.causal(), score_mod=mods.tanh_softcap(20.0), **run)
+    check(dtype=torch.bfloat16, mask_mod=mods.causal(), kernel_options={"fwd_num_warps": 4}, **run)
+    assert seen == [(128, 128, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3)]
+    forward = _runtime.module("forward")
+    for plan in plans:
+        plan.interpret = False  # the cap is the GPU's: the rule, as it would read there
+    assert [forward.fwd_maxnreg(p) for p in plans] == [128, 128, None, None]
+
+
 @pytest.mark.gpu
 def test_gpu_short_rows_forward_matches_the_oracle(monkeypatch):
     """On the H100's arch the forward of short rows takes SHORT_ROWS_FWD (64 x 64, 4 warps, 3
