@@ -79,7 +79,9 @@ class Options:
 # (BLOCK_M, BLOCK_N, warps, stages), backward (BLOCK_M1, BLOCK_N1, BLOCK_M2,
 # BLOCK_N2, warps, stages). ``work`` is what the inner loop does besides the
 # two products (``work_kind``): "dense" (no block mask), "masked" (a block
-# mask, so mask_mod runs on partial blocks) or "scored" (a score mod). A
+# mask, so mask_mod runs on partial blocks), "scored" (a score mod) or
+# "gathered" (a score mod that reads a captured tensor: ALiBi's slopes, a bias
+# table; a missing "gathered" entry falls back to the "scored" one). A
 # missing work entry falls back to the ``None`` one, a missing head dim to the
 # arch's ``(arch, None)`` row. Tiles are then shrunk by ``_fit_tile`` to divide
 # the sparse block sizes. The interpreter runs each tile as numpy work, so
@@ -121,16 +123,23 @@ class Options:
 # (252 to 255 registers, two programs): none 4.568 against 4.908 at S=16k (7.4 % faster) and
 # 1.212 against 1.294 at 4k, causal 2.370 / 2.552, GQA causal 2.374 / 2.542, prefix LM 2.506 /
 # 2.662, block-sparse 1.200 / 1.268 (16k); on 2 stages 2 to 3 % slower, uncapped 24 to 27 %
-# slower. fp16 takes the same row, untimed. The scored row keeps 128 x 64 on 4 warps.
+# slower. fp16 takes the same row, untimed. A score mod that reads no captured tensor (a softcap)
+# takes it too (forty-second session): capped, the softcap spills 72 bytes (sm_90, S=16k) and ran
+# 9.9 % faster than on 128 x 64 and 4 warps (3.935 against 4.323 ms, ab.py --pace gpu --forward-only,
+# docs/perf/h100-ab-atomic-and-scored-2026-12-07.txt). A score mod that gathers ("gathered") keeps
+# 128 x 64 on 4 warps, uncapped: ALiBi ran as fast on either (3.061 against 3.058 ms, no spills
+# under the cap), but a relative-position table spills 444 / 960 bytes under the cap and a dense
+# bias 148 / 156, and their gathers, pipelined through shared memory, take 245,760 bytes on 128 x
+# 128 and 3 stages, more than an sm90 program may have (232,448).
 # Where rows are short, SHORT_ROWS_FWD replaces the sm90 bf16 / fp16 forward tiles at D=64 and
 # 128 (below, with the thirty-second session's H100 timings), as REFINED_FWD_LAUNCH and
 # REFINED_BWD replace them on refined lists.
 _CONFIGS = {
     ("sm90", None): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 2)),
     ("sm90", torch.bfloat16, 64, None): ((128, 128, 8, 3), (64, 64, 64, 64, 4, 3)),
-    ("sm90", torch.bfloat16, 64, "scored"): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 3)),
+    ("sm90", torch.bfloat16, 64, "gathered"): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 3)),
     ("sm90", torch.float16, 64, None): ((128, 128, 8, 3), (64, 64, 64, 64, 4, 3)),
-    ("sm90", torch.float16, 64, "scored"): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 3)),
+    ("sm90", torch.float16, 64, "gathered"): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 3)),
     ("sm90", torch.bfloat16, 128, None): ((128, 128, 8, 3), (64, 128, 128, 64, 8, 3)),
     ("sm90", torch.float16, 128, None): ((128, 128, 8, 3), (64, 128, 128, 64, 8, 3)),
     ("sm90", torch.float32, 64, None): ((32, 32, 4, 2), (16, 16, 16, 16, 4, 1)),
@@ -141,12 +150,15 @@ _CONFIGS = {
     ("interp", None): ((128, 128, 1, 1), (128, 128, 128, 128, 1, 1)),
 }
 
-WORK_KINDS = ("dense", "masked", "scored")
+WORK_KINDS = ("dense", "masked", "scored", "gathered")
 
 
-def work_kind(has_block_mask: bool, has_score: bool) -> str:
-    """Which config row a call takes: a score mod dominates, then a block mask."""
-    return "scored" if has_score else "masked" if has_block_mask else "dense"
+def work_kind(has_block_mask: bool, has_score: bool, score_loads: bool = False) -> str:
+    """Which config row a call takes: a score mod dominates (one that reads a captured tensor,
+    ``score_loads``, is "gathered"), then a block mask."""
+    if has_score:
+        return "gathered" if score_loads else "scored"
+    return "masked" if has_block_mask else "dense"
 
 
 _ARCHS: dict = {}
@@ -174,7 +186,10 @@ def sm_count(device: torch.device) -> int:
 
 
 def _default_config(arch: str, dtype, head_pad: int, work: Optional[str] = None):
-    for key in ((arch, dtype, head_pad, work), (arch, dtype, head_pad, None), (arch, None)):
+    keys = [(arch, dtype, head_pad, work), (arch, dtype, head_pad, None), (arch, None)]
+    if work == "gathered":
+        keys.insert(1, (arch, dtype, head_pad, "scored"))
+    for key in keys:
         if key in _CONFIGS:
             return _CONFIGS[key]
     raise KeyError(f"no config row for {arch}")
@@ -1697,7 +1712,7 @@ def flex_attention(
         # A forward that returns out alone takes the rounding's mods too (with
         # kernels.mods.TANH_RCP_FWD's reciprocal where it names one).
         program = _cached_program(score, mask, interpret, rounding, rcp=rcp_fwd, ranges=fwd_ranges)
-    work = work_kind(block_mask is not None, program.has_score)
+    work = work_kind(block_mask is not None, program.has_score, program.score_loads)
     option_args = dict(
         dtype=query.dtype, head_dim=max(E, Ev), q_block=sparse.q_block, kv_block=sparse.kv_block,
         device=device, interpret=interpret, work=work,

@@ -99,8 +99,11 @@ RANGES_CAP_SCORES = 64
 # row's tiles, kernels.api._CONFIGS): two programs a multiprocessor, where uncapped they take 157
 # (no mask) to 247 registers (causal, prefix LM), one. Under it (sm_90, S=16k, benchmarks/codegen.py)
 # no mask spills 4 bytes, causal 108, prefix LM none; capped, the H100 ran those forwards 6 to 8 %
-# faster than the former 4-warp tiles, uncapped 24 to 27 % slower (forty-first session). A softcap
-# spills 36 bytes there, untimed: score mods keep their own tiles and no cap.
+# faster than the former 4-warp tiles, uncapped 24 to 27 % slower (forty-first session). A score
+# mod that reads no captured tensor takes the tiles and the cap too (a softcap spills 72 bytes, and
+# ran 10 % faster than on its former 128 x 64 on 4 warps, forty-second session); one that gathers
+# (``ModProgram.score_loads``) is not capped: a relative-position table spills 444 / 960 bytes
+# under it (kernels.api._CONFIGS gives those mods their own tiles).
 D64_W8_FWD_MAXNREG = 128
 FWD_MAXNREG = None  # a cap for every forward launch (None: fwd_maxnreg's two rules alone)
 
@@ -109,7 +112,7 @@ def fwd_maxnreg(plan):
     """The forward's register cap: FWD_MAXNREG where set; else RANGES_FWD_MAXNREG for a program
     whose mask takes the range test below a padded head dim of 128 (on the GPU), on tiles that
     give each thread at most 64 scores (``RANGES_CAP_SCORES``); else D64_W8_FWD_MAXNREG for 128 x
-    128 tiles on 8 warps at a padded head dim of 64 without a score mod."""
+    128 tiles on 8 warps at a padded head dim of 64 without a score mod that gathers."""
     if plan.interpret:
         return None
     if FWD_MAXNREG is not None:
@@ -119,7 +122,7 @@ def fwd_maxnreg(plan):
     if (plan.program.mask_ranges and pad < 128
             and fwd.tiles["BLOCK_M"] * fwd.tiles["BLOCK_N"] <= RANGES_CAP_SCORES * 32 * fwd.num_warps):
         return RANGES_FWD_MAXNREG
-    if (pad == 64 and not plan.program.has_score and fwd.num_warps == 8
+    if (pad == 64 and not plan.program.score_loads and fwd.num_warps == 8
             and (fwd.tiles["BLOCK_M"], fwd.tiles["BLOCK_N"]) == (128, 128)):
         return D64_W8_FWD_MAXNREG
     return None

@@ -76,6 +76,7 @@ class _Gen:
         self.loop = loop  # the index the kernel's loop walks: "n" (keys) or "m" (queries, dK/dV)
         self.ranges = ranges  # a document mask may take its range test (DOCUMENT_RANGES)
         self.took_ranges = False  # one did
+        self.loads = 0  # gathers emitted (load): whether a mod reads a captured tensor
         self._n = 0
 
     def tmp(self, expr: str) -> str:
@@ -102,6 +103,7 @@ class _Gen:
     def load(self, tensor: torch.Tensor, *indices: str) -> str:
         """A gather from a captured contiguous tensor; strides are baked into the code."""
         name = self.buffer(tensor)
+        self.loads += 1
         strides = _contiguous_strides(tensor.shape)
         offset = " + ".join(f"({ix}) * {st}" for ix, st in zip(indices, strides))
         if self.gluon:
@@ -184,6 +186,7 @@ class ModProgram:
     has_mask: bool
     mask_loads: bool = False  # the mask function gathers from a captured tensor (document ids, a table)
     mask_ranges: bool = False  # the mask function takes a document mask's range test (DOCUMENT_RANGES)
+    score_loads: bool = False  # the score function gathers from a captured tensor (ALiBi's slopes, a bias)
 
 
 _PROGRAMS: dict = {}
@@ -276,6 +279,7 @@ def compile_mods(score_mod: Optional["ScoreMod"], mask_mod: Optional["MaskMod"],
         has_mask=mask_mod is not None,
         mask_loads=mask_loads,
         mask_ranges=mask_gen.took_ranges,
+        score_loads=fwd.loads > 0,
     )
 
 

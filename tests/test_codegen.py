@@ -323,6 +323,23 @@ def test_d64_document_forward_keeps_its_programs_a_multiprocessor():
         assert programs * (shared + 1024) <= 233472 and programs * regs * 32 * int(warps) <= 65536, row
 
 
+def test_d64_scored_long_rows_forward_tiles_and_cap():
+    """bench.py's softcap and ALiBi rows at S=16k, D=64 (bf16, with the LSE; rows too long for
+    the short rows' tiles): the softcap, which reads no captured tensor, takes the D=64 row's 128
+    x 128 on 8 warps under the cap of 128 registers (two programs a multiprocessor; 9.9 % faster
+    than 128 x 64 on 4 warps on the H100, forty-second session); ALiBi, which gathers its slopes,
+    keeps the "gathered" row's 128 x 64 on 4 warps, uncapped and without spills."""
+    out = _run("--masks", "softcap,alibi", "--seqlens", "16k", "--head-dims", "64", "--forward-only", "--lse",
+               script=ROOT / "benchmarks" / "codegen.py")
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if "forward_kernel" in line}
+    assert set(rows) == {"softcap", "alibi"}, out
+    softcap, alibi = rows["softcap"], rows["alibi"]
+    assert softcap[4:7] == ["BLOCK_M=128,BLOCK_N=128", "8", "3"] and int(softcap[-3]) <= 128, softcap
+    assert 2 * (int(softcap[-1]) + 1024) <= 233472, softcap
+    assert alibi[4:7] == ["BLOCK_M=128,BLOCK_N=64", "4", "3"] and 128 < int(alibi[-3]) <= 255, alibi
+    assert alibi[-2] == "0/0", alibi
+
+
 def test_dq_atomic_through_a_descriptor_compiles_for_sm90():
     """``kernels.backward.DQ_ATOMIC`` with ``DQ_ATOMIC_TMA`` (bench.py's document row at S=4k,
     D=64): no dQ kernel, and the dK/dV kernel's dQ reduction through a TMA descriptor compiles

@@ -1172,9 +1172,10 @@ def test_short_rows_forward_end_to_end(monkeypatch):
 def test_d64_row_forward_and_its_cap(monkeypatch):
     """The D=64 row's forward (with the arch taken for sm90; the interpreter runs the kernels) on
     rows too long for SHORT_ROWS_FWD: 128 x 128 on 8 warps, capped at 128 registers
-    (``kernels.forward.D64_W8_FWD_MAXNREG``), in bf16 and fp16; a score mod keeps its own row
-    (128 x 64 on 4 warps), uncapped; the caller's 128 x 128 on 4 warps goes uncapped. The oracle
-    agrees on each."""
+    (``kernels.forward.D64_W8_FWD_MAXNREG``), in bf16 and fp16, a softcap included; a score mod
+    that gathers (ALiBi's slopes, a relative-position table) keeps its own row (128 x 64 on 4
+    warps), uncapped; the caller's 128 x 128 on 4 warps goes uncapped. The oracle agrees on
+    each."""
     from kernels import _runtime, api
 
     _as_sm90(monkeypatch)
@@ -1186,11 +1187,13 @@ def test_d64_row_forward_and_its_cap(monkeypatch):
     check(dtype=torch.float16, **run)
     check(dtype=torch.bfloat16, mask_mod=mods.causal(), score_mod=mods.tanh_softcap(20.0), **run)
     check(dtype=torch.bfloat16, mask_mod=mods.causal(), kernel_options={"fwd_num_warps": 4}, **run)
-    assert seen == [(128, 128, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3)]
+    check(dtype=torch.float16, mask_mod=mods.causal(), score_mod=mods.alibi.standard(2), **run)
+    check(dtype=torch.bfloat16, score_mod=mods.relative_position(torch.randn(2, 9)), **run)
+    assert seen == [(128, 128, 8, 3)] * 3 + [(128, 128, 4, 3)] + [(128, 64, 4, 3)] * 2
     forward = _runtime.module("forward")
     for plan in plans:
         plan.interpret = False  # the cap is the GPU's: the rule, as it would read there
-    assert [forward.fwd_maxnreg(p) for p in plans] == [128, 128, None, None]
+    assert [forward.fwd_maxnreg(p) for p in plans] == [128, 128, 128, None, None, None]
 
 
 @pytest.mark.gpu
@@ -1221,7 +1224,8 @@ def test_gpu_d64_long_rows_forward_matches_the_oracle(monkeypatch):
     """At D=64 the forward's own row (128 x 128 on 8 warps, capped at 128 registers,
     kernels.forward.D64_W8_FWD_MAXNREG) where rows are over SHORT_ROWS_FWD_MAX_KEYS: no mask in
     fp16 with a query tail, causal with GQA 4 in bf16 (108 bytes of spills under the cap at
-    S=16k), against the oracle, backward included; the cap reads as the rule says."""
+    S=16k), a causal softcap with a query tail (72 bytes), against the oracle, backward included;
+    ALiBi (a score mod that gathers) on its own row, uncapped; the cap reads as the rule says."""
     from kernels import _runtime, api
 
     if api._arch(torch.device("cuda"), False) != "sm90":
@@ -1232,8 +1236,12 @@ def test_gpu_d64_long_rows_forward_matches_the_oracle(monkeypatch):
     check(B=2, Hq=4, L=1000, S=1024, E=64, dtype=torch.float16, device="cuda")
     check(B=2, Hq=8, Hkv=2, L=1024, S=1024, E=64, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128,
           device="cuda")
-    assert seen == [(128, 128, 8, 3)] * 2
-    assert [_runtime.module("forward").fwd_maxnreg(p) for p in plans] == [128, 128]
+    check(B=2, Hq=4, L=1000, S=1024, E=64, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128,
+          score_mod=mods.tanh_softcap(30.0), device="cuda")
+    check(B=2, Hq=4, L=1024, S=1024, E=64, dtype=torch.bfloat16, mask_mod=mods.causal(), block_size=128,
+          score_mod=mods.alibi.standard(4), device="cuda")
+    assert seen == [(128, 128, 8, 3)] * 3 + [(128, 64, 4, 3)]
+    assert [_runtime.module("forward").fwd_maxnreg(p) for p in plans] == [128, 128, 128, None]
 
 
 @pytest.mark.gpu
@@ -1480,19 +1488,41 @@ def test_config_rows_by_work_kind():
 
     assert work_kind(False, False) == "dense" and work_kind(True, False) == "masked"
     assert work_kind(True, True) == "scored" and work_kind(False, True) == "scored"
+    assert work_kind(True, True, True) == "gathered" and work_kind(False, False, True) == "dense"
     # The H200 sweeps' rows: 128 x 128 on 8 warps and 3 stages at D=128 whatever the work (a
-    # missing work entry falls back to the head dim's None row), 128 x 64 for D=64 scored, 128 x
-    # 128 on 8 warps for D=64 otherwise (the H100, forty-first session).
+    # missing work entry falls back to the head dim's None row), 128 x 64 for D=64 with a score
+    # mod that gathers, 128 x 128 on 8 warps for D=64 otherwise (the H100, forty-first and
+    # forty-second sessions).
     assert _default_config("sm90", torch.bfloat16, 128, "dense")[0] == (128, 128, 8, 3)
     assert _default_config("sm90", torch.bfloat16, 128, "masked")[0] == (128, 128, 8, 3)
     assert _default_config("sm90", torch.bfloat16, 64, "dense")[0] == (128, 128, 8, 3)
     assert _default_config("sm90", torch.float16, 64, "masked")[0] == (128, 128, 8, 3)
-    assert _default_config("sm90", torch.bfloat16, 64, "scored")[0] == (128, 64, 4, 3)
+    assert _default_config("sm90", torch.bfloat16, 64, "scored")[0] == (128, 128, 8, 3)
+    assert _default_config("sm90", torch.bfloat16, 64, "gathered")[0] == (128, 64, 4, 3)
+    assert _default_config("sm90", torch.float16, 128, "gathered")[0] == (128, 128, 8, 3)
+    # A "gathered" entry that is missing falls back to the "scored" one before the None one.
+    assert _default_config("sm80", torch.bfloat16, 64, "gathered") == _default_config("sm80", None, 0)
     # An unknown head dim falls back to the arch's row.
     assert _default_config("sm90", torch.bfloat16, 32, "dense") == _default_config("sm90", None, 0)
     with pytest.raises(ValueError, match="work"):
         kernels.parse_kernel_options(None, dtype=torch.float16, head_dim=16, q_block=128, kv_block=128,
                                      device=torch.device("cpu"), interpret=True, work="heavy")
+
+
+def test_score_loads_tells_a_gathering_score_mod():
+    """``ModProgram.score_loads`` (the "gathered" config row, and no D=64 register cap): set where
+    the score function reads a captured tensor, whatever the mask reads."""
+    from kernels.mods import compile_mods
+
+    doc = mods.document.from_seed(64, 3, 0)
+    gathers = [mods.alibi.standard(2), mods.relative_position(torch.randn(2, 5)),
+               mods.bias(torch.randn(64, 64), "qk"), mods.chain(mods.tanh_softcap(5.0), mods.alibi.standard(2))]
+    for score_mod in gathers:
+        assert compile_mods(score_mod, None, interpret=True).score_loads, score_mod.name
+    for score_mod, mask_mod in ((mods.tanh_softcap(5.0), None), (mods.tanh_softcap(5.0), doc), (None, doc),
+                                (mods.identity(), mods.causal())):
+        program = compile_mods(score_mod, mask_mod, interpret=True)
+        assert not program.score_loads and program.mask_loads == (mask_mod is doc)
 
 
 def test_float64_is_rejected():
