@@ -1014,7 +1014,7 @@ def test_refined_backward_tiles_only_where_the_rule_was_measured(monkeypatch):
     want = lambda opts=None, arch="sm90", dtype=torch.bfloat16, d=128, work="masked", qb=128, kb=128: (  # noqa: E731
         api._refined_bwd_wanted(opts, arch, dtype, d, work, qb, kb))
     assert want() and want(dtype=torch.float16) and want(d=96) and want(opts={"BLOCK_M": 64, "PRESCALE_QK": True})
-    assert not want(work="scored") and not want(work="dense") and not want(arch="sm80")
+    assert not want(work="scored") and not want(work="gathered") and not want(work="dense") and not want(arch="sm80")
     assert not want(dtype=torch.float32) and not want(d=64) and not want(d=256) and not want(qb=32)
     for key in ("bwd_BLOCK_M1", "BLOCK_N2", "num_warps", "bwd_num_stages", "DKDV_NUM_WARPS", "DKDV_NUM_STAGES"):
         assert not want(opts={key: 4 if "NUM" in key.upper() else 64}), key
