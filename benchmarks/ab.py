@@ -233,8 +233,9 @@ def run_case(label, shape, mask, variants, args, device, time_fn) -> dict:
 
     def bound(module, options):
         def fn(q, k, v):
-            return module.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa,
-                                         kernel_options=options)
+            out = module.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa,
+                                        kernel_options=options, **({"return_lse": True} if args.lse else {}))
+            return out[0] if args.lse else out
         return fn
 
     fns = {name: bound(module, options) if not isinstance(options, _Setting) else
@@ -273,7 +274,7 @@ def _prewarm_one(task) -> tuple:
     """One (case, variant)'s forward and backward, called once on the first input set, in a
     process of its own: the compiles land in Triton's disk cache and nothing is kept. A
     revision loads under the package name the timed run gives it (``load_revision``'s index)."""
-    item, spec, device, dtype, seed, forward_only = task
+    item, spec, device, dtype, seed, forward_only, lse = task
     t0 = time.monotonic()
     try:
         if device == "cpu":
@@ -292,7 +293,9 @@ def _prewarm_one(task) -> tuple:
         score_mod, block_mask = bench.attention_args(mask, shape, device, seed)
         q, k, v, do = bench.input_sets(shape, bench.DTYPES[dtype], device, seed, True)[0]
         out = module.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                    enable_gqa=shape.Hq != shape.Hkv, kernel_options=options)
+                                    enable_gqa=shape.Hq != shape.Hkv, kernel_options=options,
+                                    **({"return_lse": True} if lse else {}))
+        out = out[0] if lse else out
         if not forward_only:
             torch.autograd.grad(out, (q, k, v), do)
         if device == "cuda":
@@ -310,7 +313,7 @@ def prewarm(cases_text: str, specs: list, device: str, args, jobs: int) -> list:
     to raise."""
     from benchmarks import bench
 
-    tasks = [(item, spec, device, args.dtype, args.seed, args.forward_only)
+    tasks = [(item, spec, device, args.dtype, args.seed, args.forward_only, args.lse)
              for item in filter(None, cases_text.split(",")) for spec in specs]
     return bench.run_prewarm(_prewarm_one, tasks, jobs, lambda msg: print(msg, flush=True),
                              lambda task: f"{task[0]} {task[1][0]} {task[1][1]}")
@@ -331,6 +334,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--forward-only", action="store_true", help="no backward timings")
+    p.add_argument("--lse", action="store_true",
+                   help="every call also returns the LSE, as bench.py's ours (the exact mods: the softcap's rational)")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--pace", choices=("host", "gpu"), default="host", help="as bench.py's --pace")
@@ -388,7 +393,8 @@ def _run(cases, variants, args, device, time_fn) -> int:
 
     results = []
     print(f"A/B on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}: {', '.join(v[0] for v in variants)}; "
-          f"{args.rounds} interleaved rounds, median round, {args.pace} pace; speedup against {variants[0][0]}")
+          f"{args.rounds} interleaved rounds, median round, {args.pace} pace{', with the LSE' if args.lse else ''}; "
+          f"speedup against {variants[0][0]}")
     print(f"{'case':30s} {'variant':24s} {'fwd ms':>8s} {'TF/s':>6s} {'x':>6s} {'bwd ms':>8s} {'TF/s':>6s} {'x':>6s}  diffs to the tree (out, dq, dk, dv)")
     t0 = time.monotonic()
     for label, shape, mask in cases:
@@ -412,7 +418,7 @@ def _run(cases, variants, args, device, time_fn) -> int:
                        "options": {v[0]: v[2] for v in variants if v[2] and not isinstance(v[2], _Setting)},
                        "sets": {v[0]: [f"{m}.{a}={val!r}" for m, a, val in v[2].settings_spec]
                                 for v in variants if isinstance(v[2], _Setting)},
-                       "rounds": args.rounds, "device": device,
+                       "rounds": args.rounds, "device": device, "lse": args.lse,
                        "clock_sampler": (list(args.clocks.fields) if args.clocks.available else args.clocks.error)
                        if args.clocks is not None else None,
                        "argv": sys.argv, "seconds": time.monotonic() - t0, "cases": results}, f, indent=1)

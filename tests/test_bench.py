@@ -596,6 +596,30 @@ def test_ab_times_kernel_options_beside_the_defaults(tmp_path):
     assert all(d < 1e-2 for d in small["diffs_out_dq_dk_dv"])
 
 
+def test_ab_lse_times_the_call_that_returns_the_lse(tmp_path):
+    """``ab.py --lse``: every variant's forward also returns the LSE, as bench.py's ``ours``, so a
+    softcap takes the exact mods (the rational tanh), not the rounding's (``api.DTYPE_ROUNDING``).
+    A variant without the rounding then computes the same output bit for bit; without ``--lse``
+    it does not (the backward takes the rounding's mods in both)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("OUT", None)
+    diffs = {}
+    for lse in (True, False):
+        path = tmp_path / f"ab-{lse}.json"
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--device", "cpu", *(["--lse"] if lse else []),
+             "--set", "exact:api.DTYPE_ROUNDING={}", "--cases", "softcap:1k:64", "--rounds", "1",
+             "--forward-only", "--json", str(path)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        assert ("with the LSE" in proc.stdout) == lse, proc.stdout
+        doc = json.loads(path.read_text())
+        assert doc["lse"] is lse
+        diffs[lse] = doc["cases"][0]["variants"][0]["diffs_out_dq_dk_dv"][0]
+    assert diffs[True] == 0.0 and diffs[False] > 0.0, diffs
+
+
 def test_ab_set_holds_its_attributes_through_the_backward():
     """``ab.py --set``'s variant: the attributes are in force while the forward runs and while the
     output's backward runs (each time it runs: the timed backward retains the graph), and as
