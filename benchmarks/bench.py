@@ -1472,6 +1472,22 @@ def format_notes(cases: list) -> str:
 # main
 
 
+def kernels_digest() -> str:
+    """The first 12 hex digits of a SHA-256 over kernels/'s Python sources (name and bytes, sorted):
+    which kernels a run timed, where a checkout's git metadata may not say (a copy of the working
+    tree on a device machine)."""
+    import hashlib
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels")
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(root)):
+        if name.endswith(".py"):
+            h.update(name.encode() + b"\0")
+            with open(os.path.join(root, name), "rb") as f:
+                h.update(f.read() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def environment(device: str, args, argv: list) -> dict:
     import triton
 
@@ -1493,6 +1509,7 @@ def environment(device: str, args, argv: list) -> dict:
         "rep_ms": args.rep_ms,
         "pace": args.pace if device == "cuda" else "host (the CPU dry run times on the host clock)",
         "check_mode": args.check_size,
+        "kernels_digest": kernels_digest(),
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(device)

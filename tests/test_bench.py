@@ -105,6 +105,67 @@ def test_dry_run_json_has_the_environment(dry_run):
     assert doc["not_started"] == [] and doc["summary"]["failed_or_error"] == []
     # --rounds 2 on the CPU, where --max-rounds defaults to --rounds: no extra rounds.
     assert [c["rounds"] for c in doc["cases"]] == [2, 2]
+    assert env["kernels_digest"] == bench.kernels_digest() and len(env["kernels_digest"]) == 12
+
+
+def _write(path, doc):
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def test_bench_merge_makes_one_record_of_several_runs(dry_run, tmp_path, capsys):
+    """``benchmarks/bench_merge.py``: the dry run split into two parts (its training case, its
+    decode case) and merged back gives the run's own summary, the cases in the matrix's order,
+    and the matrix's cases that neither part timed."""
+    from benchmarks import bench_merge
+
+    _, doc = dry_run
+    train, decode = doc["cases"]
+    parts = [_write(tmp_path / "a.json", dict(doc, cases=[decode], summary=None)),
+             _write(tmp_path / "b.json", dict(doc, cases=[train], summary=None))]
+    merged = bench_merge.merge(parts)
+    assert [c["id"] for c in merged["cases"]] == [train["id"], decode["id"]]  # the matrix's run order
+    assert json.loads(json.dumps(merged["summary"])) == doc["summary"]
+    matrix = bench_merge.matrix_ids(doc["environment"])
+    assert merged["matrix_cases"] == len(matrix) and train["id"] in matrix and decode["id"] in matrix
+    assert merged["missing_from_matrix"] == [m for m in matrix if m not in (train["id"], decode["id"])]
+    assert merged["kernels_digests"] == [doc["environment"]["kernels_digest"]]
+    assert bench_merge.main([*parts, "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "2 parts, 2 cases on cpu" in out and f"of the matrix's {len(matrix)} cases" in out
+    assert "peer time / our time" in out and "warning" not in out
+    assert json.loads((tmp_path / "m.json").read_text())["missing_from_matrix"] == merged["missing_from_matrix"]
+    # Parts that timed other kernels are merged with a warning.
+    other = dict(doc, environment=dict(doc["environment"], kernels_digest="0" * 12), cases=[decode])
+    bench_merge.main([_write(tmp_path / "c.json", other), parts[1]])
+    assert "2 different versions of kernels/" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"gpu": "NVIDIA H200"}, "differ in gpu: None against 'NVIDIA H200'"),
+    ({"dtype": "float16"}, "differ in dtype"),
+    ({"pace": "gpu"}, "differ in pace"),
+    (None, "is in"),
+])
+def test_bench_merge_refuses_parts_that_do_not_belong_together(dry_run, tmp_path, change, message):
+    """Parts of other cards, dtypes or paces are refused with the field and both values; a case
+    timed in two parts is refused with both files' names."""
+    from benchmarks import bench_merge
+
+    _, doc = dry_run
+    other = dict(doc, environment=dict(doc["environment"], **change)) if change else doc
+    parts = [_write(tmp_path / "a.json", doc), _write(tmp_path / "b.json", other)]
+    with pytest.raises(SystemExit, match=message):
+        bench_merge.merge(parts)
+
+
+def test_bench_merge_refuses_what_is_not_a_bench_json(tmp_path):
+    from benchmarks import bench_merge
+
+    with pytest.raises(SystemExit, match="not a bench.py JSON"):
+        bench_merge.merge([_write(tmp_path / "x.json", {"cases": []})])
+    with pytest.raises(SystemExit, match="cannot read"):
+        bench_merge.merge([str(tmp_path / "missing.json")])
 
 
 def test_dry_run_json_counts_and_checks(dry_run):
