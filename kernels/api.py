@@ -81,7 +81,7 @@ class Options:
 # two products (``work_kind``): "dense" (no block mask), "masked" (a block
 # mask, so mask_mod runs on partial blocks), "scored" (a score mod) or
 # "gathered" (a score mod that reads a captured tensor: ALiBi's slopes, a bias
-# table; a missing "gathered" entry falls back to the "scored" one). A
+# table). A
 # missing work entry falls back to the ``None`` one, a missing head dim to the
 # arch's ``(arch, None)`` row. Tiles are then shrunk by ``_fit_tile`` to divide
 # the sparse block sizes. The interpreter runs each tile as numpy work, so
@@ -186,10 +186,7 @@ def sm_count(device: torch.device) -> int:
 
 
 def _default_config(arch: str, dtype, head_pad: int, work: Optional[str] = None):
-    keys = [(arch, dtype, head_pad, work), (arch, dtype, head_pad, None), (arch, None)]
-    if work == "gathered":
-        keys.insert(1, (arch, dtype, head_pad, "scored"))
-    for key in keys:
+    for key in ((arch, dtype, head_pad, work), (arch, dtype, head_pad, None), (arch, None)):
         if key in _CONFIGS:
             return _CONFIGS[key]
     raise KeyError(f"no config row for {arch}")
@@ -1162,8 +1159,9 @@ REFINED_BWD_SAVING = 0.05
 # warps, stages), in place of the default row's (D=128: 128 x 128 on 8 warps, one program a
 # multiprocessor, 242 to 255 registers and 229,376 bytes of shared memory; D=64: 128 x 128, or
 # 128 x 64 with a score mod, on 4 warps then; since the forty-first session 128 x 128 on 8 warps
-# capped, which on the H100 ran causal at S=4k 1.6 % faster than these short tiles and sliding
-# window at 16k 1.2 % slower, so the short rows keep them). On its tiles two programs fit a
+# capped (since the forty-second with a score mod too, unless it gathers), which on the H100 ran
+# causal at S=4k 1.6 % faster than these short tiles and sliding window at 16k 1.2 % slower, and
+# softcap and ALiBi at 4k and 1k within 2 % or slower, so the short rows keep them). On its tiles two programs fit a
 # multiprocessor at D=128 (168 registers, 114,688 bytes), so that one's prologue and epilogue, which a short row pays
 # once per few steps, run under the other's loop. Measured on the H100 (docs/PERFORMANCE.md,
 # thirty-second session; ab.py, forward, bench.py's shapes, B*S = 16k, bf16) against the default

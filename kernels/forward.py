@@ -95,8 +95,8 @@ RANGES_FWD_MAXNREG = 128
 # the D=64 document forward at S=16k in 3.41 ms, against 1.50 uncapped (H100, forty-first
 # session), so a caller's tiles of that size go uncapped.
 RANGES_CAP_SCORES = 64
-# The cap of a D=64 forward on 128 x 128 tiles and 8 warps without a score mod (the sm90 D=64
-# row's tiles, kernels.api._CONFIGS): two programs a multiprocessor, where uncapped they take 157
+# The cap of a D=64 forward on 128 x 128 tiles and 8 warps (the sm90 D=64 row's tiles,
+# kernels.api._CONFIGS): two programs a multiprocessor, where uncapped they take 157
 # (no mask) to 247 registers (causal, prefix LM), one. Under it (sm_90, S=16k, benchmarks/codegen.py)
 # no mask spills 4 bytes, causal 108, prefix LM none; capped, the H100 ran those forwards 6 to 8 %
 # faster than the former 4-warp tiles, uncapped 24 to 27 % slower (forty-first session). A score

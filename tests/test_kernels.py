@@ -1500,8 +1500,6 @@ def test_config_rows_by_work_kind():
     assert _default_config("sm90", torch.bfloat16, 64, "scored")[0] == (128, 128, 8, 3)
     assert _default_config("sm90", torch.bfloat16, 64, "gathered")[0] == (128, 64, 4, 3)
     assert _default_config("sm90", torch.float16, 128, "gathered")[0] == (128, 128, 8, 3)
-    # A "gathered" entry that is missing falls back to the "scored" one before the None one.
-    assert _default_config("sm80", torch.bfloat16, 64, "gathered") == _default_config("sm80", None, 0)
     # An unknown head dim falls back to the arch's row.
     assert _default_config("sm90", torch.bfloat16, 32, "dense") == _default_config("sm90", None, 0)
     with pytest.raises(ValueError, match="work"):
