@@ -255,6 +255,85 @@ def build_matrix(args, device: str) -> list:
     return unique
 
 
+# What picks a run's cases; rerun_commands sets these itself and keeps every other option.
+_SELECTION = ("masks", "seqlens", "head_dims", "decode_seqlens", "decode_batches", "decode_only", "no_decode",
+              "quick")
+
+
+def rerun_hint(case_ids: list, argv: list, device: str) -> str:
+    """What to run to time ``case_ids`` (``rerun_commands``), to merge with ``bench_merge.py``."""
+    commands, unknown = rerun_commands(case_ids, argv, device)
+    lines = ["To time them (then merge the JSONs with benchmarks/bench_merge.py):"] if commands else []
+    lines += [f"  {c}" for c in commands]
+    if unknown:
+        lines.append(f"Not in the default matrix, so no command for: {', '.join(unknown)}")
+    return "\n".join(lines)
+
+
+def _length_text(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def rerun_commands(case_ids: list, argv: list, device: str) -> tuple:
+    """bench.py command lines that time exactly ``case_ids`` (ids of the default matrix on
+    ``device``, in its dtype), each with the other options of the run that ``argv`` (bench.py's
+    arguments, without the program) started, less ``--json`` and ``--budget-seconds``. Returns
+    ``(commands, unknown)``: one command per training length and head dim, one per decode
+    length, in the matrix's order, and the ids that are not in the default matrix."""
+    parser = build_parser()
+    try:  # a record's argv may name options of another version of bench.py: keep what parses
+        args = parser.parse_known_args(argv)[0]
+    except SystemExit:
+        args = parser.parse_args([])
+    matrix = build_matrix(parser.parse_args(["--dtype", args.dtype]), device)
+    wanted = set(case_ids)
+    train: dict = {}  # (S, D) -> masks, in the matrix's order
+    decode: dict = {}  # S -> batch sizes
+    for case in matrix:
+        if case.id not in wanted:
+            continue
+        if case.decode:
+            decode.setdefault(case.shape.S, []).append(case.shape.B)
+        else:
+            train.setdefault((case.shape.S, case.shape.D), []).append(case.mask)
+    known = {c.id for c in matrix}
+    unknown = [cid for cid in case_ids if cid not in known]
+
+    kept = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in _SELECTION + ("help", "json", "budget_seconds"):
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        flag = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+        if isinstance(action, argparse._StoreTrueAction):
+            kept.append(flag)
+        else:
+            kept += [flag, ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)]
+
+    def command(selection: list) -> str:
+        return " ".join(["PYTHONPATH=. python3 benchmarks/bench.py"] + [shlex.quote(a) for a in selection + kept])
+
+    # Fold the groups whose products are exact: one mask list at several head dims, then one
+    # (masks, head dims) at several lengths; decode lengths that want the same batch sizes.
+    by_len: dict = {}
+    for (S, D), masks in train.items():
+        by_len.setdefault((S, tuple(masks)), []).append(D)
+    folded: dict = {}
+    for (S, masks), dims in by_len.items():
+        folded.setdefault((masks, tuple(dims)), []).append(S)
+    by_batches: dict = {}
+    for S, batches in decode.items():
+        by_batches.setdefault(tuple(batches), []).append(S)
+    commands = [command(["--masks", ",".join(masks), "--seqlens", ",".join(map(_length_text, lens)),
+                         "--head-dims", ",".join(map(str, dims)), "--no-decode"])
+                for (masks, dims), lens in folded.items()]
+    commands += [command(["--decode-only", "--decode-seqlens", ",".join(map(_length_text, lens)),
+                          "--decode-batches", ",".join(map(str, batches))]) for batches, lens in by_batches.items()]
+    return commands, unknown
+
+
 # --------------------------------------------------------------------------
 # the mods and the block mask, built once per case and shared by every flex
 
@@ -1681,6 +1760,7 @@ def _run_matrix(cases, ctx, args, env, ceilings, json_path, start, log) -> int:
     if not_started:
         more = f", ... ({len(not_started) - 4} more in the JSON)" if len(not_started) > 4 else ""
         print(f"\nNot started (budget): {len(not_started)} cases: {', '.join(not_started[:4])}{more}")
+        print(rerun_hint(not_started, env["argv"][1:], device))
     print(f"\n{len(done)} cases ({env['dtype']}) in {time.monotonic() - start:.0f}s on {env.get('gpu') or 'cpu'}; "
           f"torch {env['torch']}, triton {env['triton']}; JSON: {json_path}")
     return 1 if summary["failed_or_error"] else 0

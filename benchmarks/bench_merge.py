@@ -9,7 +9,8 @@ such parts are refused with the field that differs. A case timed in two parts is
 (name the part to keep by leaving the other out). The cases are put in the matrix's run order
 (``bench.build_matrix``), the summary is computed afresh over all of them (``bench.summarize``:
 geomeans, minimum, document and softcap rows, decode), and the matrix's cases that no part timed
-are listed, so a record says how complete it is. Parts that timed different kernels (bench.py's
+are listed, so a record says how complete it is, with the bench.py commands that would time them
+(``bench.rerun_commands``, with the first part's other options). Parts that timed different kernels (bench.py's
 ``kernels_digest``, a hash of kernels/'s sources) are merged with a warning that names them. The
 merged JSON keeps each part's environment.
 """
@@ -123,6 +124,8 @@ def report(doc: dict) -> str:
     if missing:
         shown = ", ".join(missing[:6]) + (f", ... ({len(missing) - 6} more in the JSON)" if len(missing) > 6 else "")
         lines.append(f"Not in any part: {len(missing)} of the matrix's {doc['matrix_cases']} cases: {shown}")
+        argv = (env.get("argv") or [None])[1:]
+        lines.append(bench.rerun_hint(missing, argv, "cpu" if env.get("device") == "cpu" else "cuda"))
     else:
         lines.append("Every case of the default matrix is in the parts.")
     if len(doc["kernels_digests"]) > 1:

@@ -133,6 +133,9 @@ def test_bench_merge_makes_one_record_of_several_runs(dry_run, tmp_path, capsys)
     assert bench_merge.main([*parts, "--json", str(tmp_path / "m.json")]) == 0
     out = capsys.readouterr().out
     assert "2 parts, 2 cases on cpu" in out and f"of the matrix's {len(matrix)} cases" in out
+    # ... and the commands that would time the missing ones, with the parts' other options.
+    commands, _ = bench.rerun_commands(merged["missing_from_matrix"], doc["environment"]["argv"][1:], "cpu")
+    assert commands and all(c in out for c in commands) and all("--rounds 2" in c for c in commands)
     assert "peer time / our time" in out and "warning" not in out
     assert json.loads((tmp_path / "m.json").read_text())["missing_from_matrix"] == merged["missing_from_matrix"]
     # Parts that timed other kernels are merged with a warning.
@@ -911,3 +914,36 @@ def test_ncu_summary_splits_samples_by_reason_region_and_instruction():
     assert "loop 0               2 instrs  34.0% of samples: wait 100%" in text
     assert text.splitlines()[-2].split()[:2] == ["40.0%", "0x140"]  # the store waited most
     assert ncu_summary.regions(kernels["dq_kernel"])[0][0] == "no loops"
+
+
+def test_rerun_commands_time_exactly_the_cases_asked_for():
+    """``bench.rerun_commands``: for any subset of the default matrix, the printed commands
+    build exactly that subset, each case once, and keep the run's other options but its JSON
+    path and budget. This is what a budget-cut run and ``bench_merge.py`` print for the cases
+    a record lacks."""
+    import random
+    import shlex
+
+    matrix = [c.id for c in bench.build_matrix(_args(), "cuda")]
+    argv = ["--pace", "gpu", "--seqlens", "16k", "--max-rounds", "3", "--prewarm-jobs", "14",
+            "--budget-seconds", "400", "--json", "x.json", "--impls", "ours,torch-compile"]
+    rng = random.Random(0)
+    for _ in range(200):
+        share = rng.choice([0.02, 0.2, 0.6, 1.0])
+        wanted = [cid for cid in matrix if rng.random() < share]
+        commands, unknown = bench.rerun_commands(wanted, argv, "cuda")
+        assert unknown == []
+        got = []
+        for command in commands:
+            words = shlex.split(command)
+            assert words[:3] == ["PYTHONPATH=.", "python3", "benchmarks/bench.py"], command
+            args = _args(*words[3:])
+            assert (args.pace, args.max_rounds, args.prewarm_jobs, args.impls) == ("gpu", 3, 14, "ours,torch-compile")
+            assert args.budget_seconds is None and args.json is None
+            got += [c.id for c in bench.build_matrix(args, "cuda")]
+        assert sorted(got) == sorted(wanted) and len(got) == len(set(got))
+    # The whole matrix folds into one training and one decode command; a case of another dtype
+    # is not in the (bf16) default matrix and is named instead.
+    commands, unknown = bench.rerun_commands(matrix + ["causal-S4096-D128-B4-H16x16-float16"], [], "cuda")
+    assert len(commands) == 2 and unknown == ["causal-S4096-D128-B4-H16x16-float16"]
+    assert "Not in the default matrix" in bench.rerun_hint(unknown, [], "cuda")
