@@ -1121,6 +1121,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _allocated_gib(device: str) -> str:
+    return f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else "n/a"
+
+
 def _free(device: str) -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -1153,6 +1157,8 @@ def run_case(case: Case, ctx: Context) -> dict:
     device, shape, backward = ctx.device, case.shape, not case.decode
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    # What earlier cases left allocated: the oracle check's real-shape try needs the card's memory.
+    held_gib = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
     t0 = time.monotonic()
     score_mod, block_mask = attention_args(case.mask, shape, device, ctx.seed)
     _sync(device)
@@ -1166,7 +1172,7 @@ def run_case(case: Case, ctx: Context) -> dict:
         "mask_mod": getattr(getattr(block_mask, "mask_mod", None), "name", None),
         "block_mask_seconds": mask_s, "density": density,
         "fwd_flops": fwd_flops, "bwd_flops": BACKWARD_FLOP_FACTOR * fwd_flops if backward else None,
-        "kv_bytes": kv_bytes(shape, case.dtype), "results": [],
+        "kv_bytes": kv_bytes(shape, case.dtype), "held_gib_at_start": held_gib, "results": [],
     }
 
     t0 = time.monotonic()
@@ -1187,12 +1193,14 @@ def run_case(case: Case, ctx: Context) -> dict:
                 raise
             del check_inputs
             _free(device)
-            ctx.log(f"[{case.id}] the oracle ran out of memory on the real shapes; checking a reduced case")
+            ctx.log(f"[{case.id}] the oracle ran out of memory on the real shapes (GPU memory allocated "
+                    f"when the case started: {held_gib:.2f} GiB; now {_allocated_gib(device)}); checking a reduced case")
             mode = "reduced"
     record["check_shape"] = asdict(cshape)
     record["oracle_seconds"] = time.monotonic() - t0
+    held = f", {held_gib:.2f} GiB held by earlier cases" if held_gib is not None else ""
     ctx.log(f"[{case.id}] density {density:.4f}, block mask {mask_s:.1f}s, oracle "
-            f"{record['oracle_seconds']:.1f}s on {cshape.label()}{' (reduced)' if reduced else ''}")
+            f"{record['oracle_seconds']:.1f}s on {cshape.label()}{' (reduced)' if reduced else ''}{held}")
 
     sets, ready = None, []  # ready: (impl, result, timed fn) of each implementation that passed
     for impl in ctx.impls:

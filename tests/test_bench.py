@@ -105,6 +105,8 @@ def test_dry_run_json_has_the_environment(dry_run):
     assert doc["not_started"] == [] and doc["summary"]["failed_or_error"] == []
     # --rounds 2 on the CPU, where --max-rounds defaults to --rounds: no extra rounds.
     assert [c["rounds"] for c in doc["cases"]] == [2, 2]
+    # GPU memory left by earlier cases: recorded on CUDA only.
+    assert [c["held_gib_at_start"] for c in doc["cases"]] == [None, None]
     assert env["kernels_digest"] == bench.kernels_digest() and len(env["kernels_digest"]) == 12
 
 
