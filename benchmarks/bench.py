@@ -278,8 +278,9 @@ def rerun_commands(case_ids: list, argv: list, device: str) -> tuple:
     """bench.py command lines that time exactly ``case_ids`` (ids of the default matrix on
     ``device``, in its dtype), each with the other options of the run that ``argv`` (bench.py's
     arguments, without the program) started, less ``--json`` and ``--budget-seconds``. Returns
-    ``(commands, unknown)``: one command per training length and head dim, one per decode
-    length, in the matrix's order, and the ids that are not in the default matrix."""
+    ``(commands, unknown)``: as few commands as give exact products of masks, lengths and head
+    dims (decode: of lengths and batch sizes), in the matrix's order, and the ids that are not
+    in the default matrix."""
     parser = build_parser()
     try:  # a record's argv may name options of another version of bench.py: keep what parses
         args = parser.parse_known_args(argv)[0]

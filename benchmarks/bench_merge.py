@@ -10,9 +10,9 @@ such parts are refused with the field that differs. A case timed in two parts is
 (``bench.build_matrix``), the summary is computed afresh over all of them (``bench.summarize``:
 geomeans, minimum, document and softcap rows, decode), and the matrix's cases that no part timed
 are listed, so a record says how complete it is, with the bench.py commands that would time them
-(``bench.rerun_commands``, with the first part's other options). Parts that timed different kernels (bench.py's
-``kernels_digest``, a hash of kernels/'s sources) are merged with a warning that names them. The
-merged JSON keeps each part's environment.
+(``bench.rerun_commands``, with the first part's other options). Parts that timed different
+kernels (bench.py's ``kernels_digest``, a hash of kernels/'s sources) are merged with a warning
+that names them. The merged JSON keeps each part's environment.
 """
 
 from __future__ import annotations
