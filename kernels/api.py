@@ -123,10 +123,12 @@ class Options:
 # (252 to 255 registers, two programs): none 4.568 against 4.908 at S=16k (7.4 % faster) and
 # 1.212 against 1.294 at 4k, causal 2.370 / 2.552, GQA causal 2.374 / 2.542, prefix LM 2.506 /
 # 2.662, block-sparse 1.200 / 1.268 (16k); on 2 stages 2 to 3 % slower, uncapped 24 to 27 %
-# slower. fp16 takes the same row, untimed. A score mod that reads no captured tensor (a softcap)
+# slower. fp16 takes the same row. A score mod that reads no captured tensor (a softcap)
 # takes it too (forty-second session): capped, the softcap spills 72 bytes (sm_90, S=16k) and ran
 # 9.9 % faster than on 128 x 64 and 4 warps (3.935 against 4.323 ms, ab.py --pace gpu --forward-only,
-# docs/perf/h100-ab-atomic-and-scored-2026-12-07.txt). A score mod that gathers ("gathered") keeps
+# docs/perf/h100-ab-atomic-and-scored-2026-12-07.txt); returning the LSE (the rational tanh) 4.6 %
+# faster in bf16 and in fp16 (4.562 against 4.772 and 4.774 ms, ab.py --lse, forty-third session,
+# docs/perf/h100-ab-lse-softcap-d64-2026-12-07.txt). A score mod that gathers ("gathered") keeps
 # 128 x 64 on 4 warps, uncapped: ALiBi ran as fast on either (3.061 against 3.058 ms, no spills
 # under the cap), but a relative-position table spills 444 / 960 bytes under the cap and a dense
 # bias 148 / 156, and their gathers, pipelined through shared memory, take 245,760 bytes on 128 x

@@ -84,8 +84,10 @@ SIDE_KERNELS = ("dkdv", "dq", None)
 # (5 % faster). The interpreter's tests hold it to the oracle. bench.py's ``ours-dq-atomic``
 # times it beside the default. At D=128 its dK/dV kernel spills (document at S=4k, REFINED_BWD's
 # tiles: 360/412 bytes, 132,384 bytes of shared memory, one program a multiprocessor against two);
-# at D=64 it does not (252 registers, 84,480 bytes: two, as the default's dK/dV kernel), and D=64
-# was never timed (sm_90, benchmarks/codegen.py, forty-first session).
+# at D=64 it does not (252 registers, 84,480 bytes: two, as the default's dK/dV kernel; sm_90,
+# benchmarks/codegen.py, forty-first session). On the H100 (forty-second session, ab.py --pace gpu,
+# docs/perf/h100-ab-atomic-and-scored-2026-12-07.txt) the default backward beat it by 19 to 27 % at
+# D=64 and 19 to 75 % at D=128, with pointers or the TMA reduction below.
 DQ_ATOMIC = False
 # DQ_ATOMIC_TMA: under DQ_ATOMIC, each step's dQ share goes to the float32 dQ through a TMA
 # descriptor's reduction (``tensor_descriptor.atomic_add``: one bulk ``cp.reduce.async`` of the
@@ -95,7 +97,8 @@ DQ_ATOMIC = False
 # adds). sm_90, S=4k (benchmarks/codegen.py --dq-atomic tma): D=64 document 251 registers, no
 # spills, 92,672 bytes (two programs); D=128 on the default 8-warp tiles 255 registers and 0 (no
 # mask) or 12 bytes (causal) of spills where the pointers spill 48 and 76; D=128 document on
-# REFINED_BWD's 4-warp tiles still 204 bytes. Not yet run on a GPU (forty-first session).
+# REFINED_BWD's 4-warp tiles still 204 bytes. On the H100 it passed its GPU test and ran 3 to 12 %
+# faster than the pointer adds, still slower than the default's two kernels (forty-second session).
 DQ_ATOMIC_TMA: Optional[bool] = None
 
 # ptxas's register cap for the dK/dV kernel on the GPU (``maxnreg``; None: none, the default). A
