@@ -7,10 +7,11 @@ PyTorch in float64, differentiable through autograd, so every gradient (q, k,
 v, the LSE's, and those of captured tensors a ``score_mod`` reads) is the
 exact derivative of the forward.
 
-Memory stays bounded: query rows are processed in chunks, each chunk under
-``torch.utils.checkpoint`` so that the backward recomputes one chunk at a time.
-Peak extra memory is a few ``B x Hq x chunk x S`` tensors, never ``L x S`` per
-head.
+Memory stays bounded: query rows are processed in chunks, and a chunk's forward
+keeps none of its tensors for the backward: the backward recomputes one chunk
+at a time and drops that chunk's tensors before it recomputes the next
+(``_Recompute``). Peak extra memory is a few ``B x Hq x chunk x S`` tensors,
+never ``L x S`` per head, whichever gradients a backward asks for.
 
 ``emulate_flex_attention`` runs the same computation the way an honest
 low-precision kernel would (operands rounded to the dtype, float32
@@ -22,10 +23,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from typing import Callable, Optional
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .block_mask import block_membership, validate_block_mask
 
@@ -365,11 +366,11 @@ def _attention(
         )
 
     outs, lses, maxes = [], [], []
-    use_checkpoint = torch.is_grad_enabled()
+    recompute = torch.is_grad_enabled()
     for start in range(0, L, chunk_size):
         q_chunk = q[:, :, start:start + chunk_size]
-        if use_checkpoint:
-            o, lse, mx = checkpoint(run_chunk, q_chunk, k, v, start, use_reentrant=False)
+        if recompute:
+            o, lse, mx = _Recompute(run_chunk, q_chunk, k, v, start).forward()
         else:
             o, lse, mx = run_chunk(q_chunk, k, v, start)
         outs.append(o)
@@ -382,6 +383,84 @@ def _attention(
     if return_max:
         result.append(torch.cat(maxes, dim=2).detach())
     return result[0] if len(result) == 1 else tuple(result)
+
+
+class _Recompute:
+    """One chunk's forward whose saved tensors are recomputed, not kept.
+
+    The forward runs under saved-tensor hooks that keep only an index; the first
+    time a backward unpacks one of the chunk's tensors, the chunk's forward runs
+    again and its saved tensors are held until the backward moves on to another
+    chunk (autograd finishes one chunk's nodes before the next: each chunk's nodes
+    are numbered after the previous chunk's) or ends. So at most one chunk's
+    tensors live at a time.
+
+    ``torch.utils.checkpoint`` (non-reentrant), used before, holds a recomputed
+    tensor until autograd unpacks it or frees the graph. A backward that takes only
+    some gradients never unpacks the tensors of the nodes it skips, so with the graph
+    still referenced every chunk's leftovers stayed: ``grad(out, v)`` after
+    ``grad(lse, q, retain_graph=True)`` held one score-sized tensor per chunk, about
+    ``L x S`` per head, and ran out of the H100's 80 GB at S=16k, H=32, D=64
+    (``properties.check.delta_allowances``, the forty-fourth session's probe).
+    """
+
+    _held = None  # a weak reference to the chunk whose tensors are held
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+        self.versions = [a._version for a in args if isinstance(a, torch.Tensor)]
+        self.metadata = []
+        self.saved = None
+
+    def forward(self):
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            return self.fn(*self.args)
+
+    def _pack(self, t):
+        self.metadata.append((t.shape, t.dtype, t.device))
+        return self, len(self.metadata) - 1
+
+    @staticmethod
+    def _unpack(packed):
+        self, index = packed
+        saved = self.saved
+        if saved is None:
+            saved = self._recompute()
+        return saved[index]
+
+    def _recompute(self):
+        if [a._version for a in self.args if isinstance(a, torch.Tensor)] != self.versions:
+            raise RuntimeError(
+                "Expected the oracle's inputs to be unchanged between its forward and backward, "
+                "but one was modified in place. Clone q, k and v before changing them in place, "
+                "or run the oracle again after the change."
+            )
+        held = _Recompute._held() if _Recompute._held is not None else None
+        if held is not None:
+            held.saved = None
+        saved = []
+
+        def keep(t):
+            saved.append(t.detach() if t.requires_grad else t)
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(keep, lambda _: None):
+            self.fn(*self.args)
+        if [(t.shape, t.dtype, t.device) for t in saved] != self.metadata:
+            raise RuntimeError(
+                f"Expected the recomputed chunk to save the {len(self.metadata)} tensors its forward "
+                f"saved, got {len(saved)} (or other shapes). score_mod and mask_mod must compute "
+                f"the same way on every call: no randomness and no state changed between calls."
+            )
+        self.saved = saved
+        _Recompute._held = weakref.ref(self)
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(self._release)
+        except RuntimeError:  # unpacked outside a backward: held until the next chunk's recompute
+            pass
+        return saved
+
+    def _release(self):
+        self.saved = None
 
 
 def _indices(B, Hq, start, stop, S, device):
