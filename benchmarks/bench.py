@@ -1122,8 +1122,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _allocated_gib(device: str) -> str:
-    return f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else "n/a"
+def _allocated_gib(device: str) -> Optional[float]:
+    """GPU memory allocated by this process, GiB; None on the CPU."""
+    return torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
 
 
 def _free(device: str) -> None:
@@ -1159,7 +1160,7 @@ def run_case(case: Case, ctx: Context) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # What earlier cases left allocated: the oracle check's real-shape try needs the card's memory.
-    held_gib = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
+    held_gib = _allocated_gib(device)
     t0 = time.monotonic()
     score_mod, block_mask = attention_args(case.mask, shape, device, ctx.seed)
     _sync(device)
@@ -1195,7 +1196,7 @@ def run_case(case: Case, ctx: Context) -> dict:
             del check_inputs
             _free(device)
             ctx.log(f"[{case.id}] the oracle ran out of memory on the real shapes (GPU memory allocated "
-                    f"when the case started: {held_gib:.2f} GiB; now {_allocated_gib(device)}); checking a reduced case")
+                    f"when the case started: {held_gib:.2f} GiB; now {_allocated_gib(device):.2f} GiB); checking a reduced case")
             mode = "reduced"
     record["check_shape"] = asdict(cshape)
     record["oracle_seconds"] = time.monotonic() - t0
